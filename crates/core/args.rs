@@ -1,0 +1,117 @@
+//! Command-line syntax (phase one: raw flags). `commands` resolves them.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "imgstore",
+    version,
+    about = "Deduplicating, byte-exact backups of disk images",
+    long_about = "imgstore backs up disk images (raw .img/.bin, .iso, block devices, dd streams) as \
+content-defined chunks in a RocksDB store, deduplicated across every snapshot and image, and restores \
+any snapshot byte-exact (checked against its BLAKE3 digest).",
+    after_help = "Examples:\n  imgstore -r /backup/repo init\n  export IMGSTORE_REPO=/backup/repo\n  imgstore backup /var/lib/libvirt/images/vm.img --tag daily\n  imgstore snapshots\n  imgstore restore latest --name vm.img /tmp/vm-restored.img"
+)]
+pub struct Cli {
+    /// Repository directory.
+    #[arg(
+        short = 'r',
+        long = "repo",
+        env = "IMGSTORE_REPO",
+        global = true,
+        value_name = "PATH"
+    )]
+    pub repo: Option<PathBuf>,
+
+    /// Never show a progress bar (it is shown only when stderr is a terminal).
+    #[arg(long, global = true)]
+    pub no_progress: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create a new repository.
+    #[command(
+        after_help = "Examples:\n  imgstore -r /backup/repo init\n  imgstore -r /backup/big-disks init --chunk-size 256K"
+    )]
+    Init(InitArgs),
+    /// Back up a disk image, block device or stdin as a new snapshot.
+    #[command(
+        after_help = "Examples:\n  imgstore backup disk.img\n  imgstore backup /dev/vg0/vm-root --name vm-root --tag daily\n  dd if=/dev/sdb bs=4M | imgstore backup - --name sdb\n  imgstore backup disk.img --json"
+    )]
+    Backup(BackupArgs),
+    /// List snapshots.
+    #[command(
+        after_help = "Examples:\n  imgstore snapshots\n  imgstore snapshots --name vm-root\n  imgstore snapshots --json | jq '.[0].id'"
+    )]
+    Snapshots(SnapshotsArgs),
+    /// Restore a snapshot to a file, a block device or stdout.
+    #[command(
+        after_help = "SNAPSHOT is a full id, a unique id prefix, or `latest`; with --at TIME it may be \
+omitted.\n\nExamples:\n  imgstore restore 1a2b3c4d restored.img\n  imgstore restore latest --name vm-root /dev/vg0/vm-root\n  \
+imgstore restore --at '2026-11-01 03:00' --name vm-root old.img\n  imgstore restore latest - | sha256sum"
+    )]
+    Restore(RestoreArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct InitArgs {
+    /// Average chunk size (power of two, 4K..4M; min = AVG/4, max = 4×AVG).
+    #[arg(long, value_name = "AVG", default_value = "64K")]
+    pub chunk_size: String,
+    /// zstd compression level for new chunks (1..=19).
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
+    pub compression_level: i32,
+}
+
+#[derive(Args, Debug)]
+pub struct BackupArgs {
+    /// Image file, block device, or - for stdin.
+    pub source: String,
+    /// Name grouping snapshots of the same disk (default: SOURCE's file name; required for stdin).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Tag the snapshot (repeatable).
+    #[arg(long = "tag", value_name = "TAG")]
+    pub tags: Vec<String>,
+    /// Print the result as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct SnapshotsArgs {
+    /// Only snapshots with this name.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Print a JSON array.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// Snapshot id, unique id prefix, or `latest` (omit with --at).
+    #[arg(value_name = "SNAPSHOT")]
+    pub first: String,
+    /// Target: new file path, existing block device, or - for stdout.
+    #[arg(value_name = "TARGET")]
+    pub second: Option<String>,
+    /// Restrict `latest` / --at to snapshots with this name.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// The newest snapshot taken at or before TIME ("2026-11-01", "2026-11-01 03:00:00", RFC 3339).
+    #[arg(long, value_name = "TIME")]
+    pub at: Option<String>,
+    /// Replace an existing regular file.
+    #[arg(long)]
+    pub force: bool,
+    /// Print the result as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}

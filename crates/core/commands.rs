@@ -1,0 +1,255 @@
+//! Phase two: resolve raw arguments into settings and call the engine.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use imgstore_engine::{BackupOptions, Selector, Source, Target};
+use imgstore_format::{ChunkingConfig, Id, RepoConfig, Snapshot};
+use imgstore_store::{Mode, Store};
+use serde_json::json;
+
+use crate::args::{BackupArgs, Cli, Command, InitArgs, RestoreArgs, SnapshotsArgs};
+use crate::progress::Bar;
+use crate::units::{format_time, human_bytes, parse_size, parse_time};
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let repo = cli
+        .repo
+        .clone()
+        .context("no repository given: pass -r/--repo PATH or set IMGSTORE_REPO")?;
+    let progress = !cli.no_progress;
+    match cli.command {
+        Command::Init(a) => init(&repo, a),
+        Command::Backup(a) => backup(&repo, a, progress),
+        Command::Snapshots(a) => snapshots(&repo, a),
+        Command::Restore(a) => restore(&repo, a, progress),
+    }
+}
+
+/// Writes to stdout; a reader that went away (`| head`) ends output quietly.
+fn emit(text: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(e).context("cannot write to stdout")
+        }
+        _ => Ok(()),
+    }
+}
+
+fn note(text: &str) {
+    let _ = writeln!(std::io::stderr(), "{text}");
+}
+
+fn random_id() -> String {
+    let mut b = [0u8; 16];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .is_err()
+    {
+        let seed = format!("{:?}{}", SystemTime::now(), std::process::id());
+        b.copy_from_slice(&blake3::hash(seed.as_bytes()).as_bytes()[..16]);
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn init(repo: &Path, a: InitArgs) -> anyhow::Result<()> {
+    let avg = parse_size(&a.chunk_size)?;
+    let avg = u32::try_from(avg).context("--chunk-size is too large")?;
+    let p = imgstore_chunker::Params::with_avg(avg)
+        .map_err(|e| anyhow::anyhow!("--chunk-size {}: {e}", a.chunk_size))?;
+    let chunking = ChunkingConfig {
+        algorithm: "fastcdc-2020".into(),
+        min: p.min,
+        avg: p.avg,
+        max: p.max,
+        zero_min: p.zero_min,
+    };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let store = Store::init(
+        repo,
+        RepoConfig::new(random_id(), now, chunking, a.compression_level),
+    )?;
+    let c = store.config();
+    note(&format!(
+        "created imgstore repository at {} (chunks {}/{}/{} KiB, regions {} MiB, zstd level {})",
+        repo.display(),
+        c.chunking.min / 1024,
+        c.chunking.avg / 1024,
+        c.chunking.max / 1024,
+        c.region_size >> 20,
+        c.compression.zstd_level
+    ));
+    Ok(())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> {
+    let (source, default_name) = if a.source == "-" {
+        (Source::stdin(), None)
+    } else {
+        let path = PathBuf::from(&a.source);
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        (Source::open(&path)?, name)
+    };
+    let name = match a.name.or(default_name) {
+        Some(n) if !n.is_empty() => n,
+        _ => bail!("a backup from stdin needs a name: pass --name NAME"),
+    };
+    let store = Store::open(
+        repo,
+        Mode::Write {
+            operation: "backup",
+        },
+    )?;
+    let bar = Bar::new(progress);
+    let opts = BackupOptions {
+        name,
+        tags: a.tags,
+        hostname: hostname(),
+    };
+    let r = imgstore_engine::backup(&store, source, &opts, &bar)?;
+    drop(bar);
+    let s = &r.snapshot;
+    let secs = s.stats.duration_ns as f64 / 1e9;
+    if a.json {
+        let mut v = snapshot_json(&r.id, s);
+        v["bytes_read"] = json!(r.bytes_read);
+        emit(&format!("{v}\n"))
+    } else {
+        note(&format!(
+            "backed up {} ({}) in {:.2} s ({}/s): {} chunks, {} new, {} added; {} zeros, {} read",
+            s.name,
+            human_bytes(s.size),
+            secs,
+            human_bytes((s.size as f64 / secs.max(1e-9)) as u64),
+            s.stats.chunks,
+            s.stats.new_chunks,
+            human_bytes(s.stats.new_bytes),
+            human_bytes(s.stats.zero_bytes),
+            human_bytes(r.bytes_read),
+        ));
+        emit(&format!("{}\n", r.id))
+    }
+}
+
+fn snapshot_json(id: &Id, s: &Snapshot) -> serde_json::Value {
+    json!({
+        "id": id.to_hex(),
+        "short_id": id.short(),
+        "name": s.name,
+        "time": format_time(s.time_ns),
+        "time_ns": s.time_ns,
+        "hostname": s.hostname,
+        "source": s.source,
+        "tags": s.tags,
+        "size": s.size,
+        "digest": Id(s.digest).to_hex(),
+        "chunks": s.stats.chunks,
+        "zero_bytes": s.stats.zero_bytes,
+        "new_chunks": s.stats.new_chunks,
+        "new_bytes": s.stats.new_bytes,
+        "seconds": s.stats.duration_ns as f64 / 1e9,
+    })
+}
+
+fn sorted_snapshots(store: &Store, name: Option<&str>) -> anyhow::Result<Vec<(Id, Snapshot)>> {
+    let mut snaps = store.snapshots()?;
+    snaps.retain(|(_, s)| name.is_none_or(|n| s.name == n));
+    snaps.sort_by_key(|(id, s)| (s.time_ns, *id));
+    Ok(snaps)
+}
+
+fn snapshots(repo: &Path, a: SnapshotsArgs) -> anyhow::Result<()> {
+    let store = Store::open(repo, Mode::ReadOnly)?;
+    let snaps = sorted_snapshots(&store, a.name.as_deref())?;
+    if a.json {
+        let v: Vec<_> = snaps.iter().map(|(id, s)| snapshot_json(id, s)).collect();
+        return emit(&format!("{}\n", serde_json::Value::Array(v)));
+    }
+    let name_w = snaps
+        .iter()
+        .map(|(_, s)| s.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    let mut out = format!(
+        "{:<8}  {:<20}  {:<name_w$}  {:>10}  TAGS\n",
+        "ID", "TIME", "NAME", "SIZE"
+    );
+    for (id, s) in &snaps {
+        out.push_str(&format!(
+            "{:<8}  {:<20}  {:<name_w$}  {:>10}  {}\n",
+            id.short(),
+            format_time(s.time_ns),
+            s.name,
+            human_bytes(s.size),
+            s.tags.join(",")
+        ));
+    }
+    out.push_str(&format!("{} snapshots\n", snaps.len()));
+    emit(&out)
+}
+
+fn restore(repo: &Path, a: RestoreArgs, progress: bool) -> anyhow::Result<()> {
+    let (selector, target) = match (&a.at, a.second) {
+        (Some(at), None) => (Selector::At(parse_time(at)?), a.first),
+        (Some(_), Some(_)) => bail!("give either SNAPSHOT or --at TIME, not both"),
+        (None, Some(t)) => (Selector::parse(&a.first)?, t),
+        (None, None) => bail!(
+            "missing TARGET: imgstore restore SNAPSHOT TARGET (a file path, a block device or -)"
+        ),
+    };
+    let store = Store::open(repo, Mode::ReadOnly)?;
+    let snaps = store.snapshots()?;
+    let (id, snap) = imgstore_engine::select(&snaps, &selector, a.name.as_deref())?;
+    let target_label = target.clone();
+    let target = if target == "-" {
+        Target::Stream {
+            label: "stdout".into(),
+            out: Box::new(std::io::stdout()),
+        }
+    } else {
+        Target::resolve(Path::new(&target), a.force)?
+    };
+    let bar = Bar::new(progress && target_label != "-");
+    let r = imgstore_engine::restore(&store, &id, &snap, target, &bar)?;
+    drop(bar);
+    let line = format!(
+        "restored {} ({}, {} taken {}) to {} in {:.2} s: {} data, {} zeros; digest verified",
+        id.short(),
+        snap.name,
+        human_bytes(snap.size),
+        format_time(snap.time_ns),
+        target_label,
+        r.seconds,
+        human_bytes(r.data_bytes),
+        human_bytes(r.zero_bytes),
+    );
+    if a.json && target_label != "-" {
+        let v = json!({
+            "id": id.to_hex(),
+            "name": snap.name,
+            "size": snap.size,
+            "target": target_label,
+            "data_bytes": r.data_bytes,
+            "zero_bytes": r.zero_bytes,
+            "seconds": r.seconds,
+            "digest": Id(snap.digest).to_hex(),
+        });
+        emit(&format!("{v}\n"))
+    } else {
+        note(&line);
+        Ok(())
+    }
+}

@@ -1,0 +1,64 @@
+use std::path::PathBuf;
+
+use imgstore_format::{FormatError, Id};
+use imgstore_store::StoreError;
+
+/// Errors of backup, restore and snapshot selection, carrying their evidence.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("source {}: {why}", path.display())]
+    BadSource { path: PathBuf, why: String },
+    #[error("cannot read source {} at byte {offset}: {source}", path.display())]
+    SourceRead {
+        path: PathBuf,
+        offset: u64,
+        source: std::io::Error,
+    },
+    #[error("source {} changed size during the backup (was {before} bytes, now {after}); no snapshot was written: back up a stable copy (an LVM or qemu snapshot)", path.display())]
+    SourceChanged {
+        path: PathBuf,
+        before: u64,
+        after: u64,
+    },
+    #[error("target {}: {why}", path.display())]
+    BadTarget { path: PathBuf, why: String },
+    #[error("cannot write target {} at byte {offset}: {source}", path.display())]
+    TargetWrite {
+        path: PathBuf,
+        offset: u64,
+        source: std::io::Error,
+    },
+    #[error("output closed after {written} of {size} bytes of snapshot {snapshot}")]
+    OutputClosed {
+        snapshot: String,
+        written: u64,
+        size: u64,
+    },
+    #[error("snapshot {snapshot}: chunk {chunk} at byte {offset} is damaged ({why}); run `imgstore check --read-data`")]
+    ChunkDamaged {
+        snapshot: String,
+        offset: u64,
+        chunk: Id,
+        why: String,
+    },
+    #[error("snapshot {snapshot}: region at byte {offset} is damaged: {source}")]
+    RecipeDamaged {
+        snapshot: String,
+        offset: u64,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("snapshot {snapshot}: restored image digest {got} does not match the recorded {want}")]
+    DigestMismatch {
+        snapshot: String,
+        want: String,
+        got: String,
+    },
+    #[error("{0}")]
+    Select(String),
+    #[error("invalid {what}: {why}")]
+    Invalid { what: &'static str, why: String },
+    #[error("format: {0}")]
+    Format(#[from] FormatError),
+}

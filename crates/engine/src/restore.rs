@@ -1,0 +1,492 @@
+//! Reassembling a snapshot: into a (sparse) file, onto a block device, or
+//! as a stream.
+//!
+//! Regions are independent, so they are restored in parallel: each worker
+//! fetches its region's chunks in one batched lookup, decompresses them,
+//! checks every chunk against its id, writes it at its offset and feeds the
+//! region's bytes to its part of the image digest. Zero extents are holes in
+//! a file target (which was created sparse), real zeros on a device or a
+//! stream. The image digest is compared with the snapshot's at the end; a
+//! file target is written under a temporary name and renamed into place
+//! only then, so a failed restore never leaves a plausible-looking image.
+
+use std::cell::RefCell;
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use imgstore_format::{decode_chunk, Id, RecipeEntry, Snapshot};
+use imgstore_store::{Store, StoreError};
+use rayon::prelude::*;
+
+use crate::digest::{image_digest, region_hasher, update_zeros, RegionHash};
+use crate::{EngineError, Progress};
+
+/// Where a restore writes.
+pub enum Target {
+    /// A regular file, written sparse under a temporary name, then renamed.
+    File { path: PathBuf },
+    /// An existing block device, written in place (zeros written too).
+    Device { path: PathBuf },
+    /// A sequential stream: stdout, a pipe, `/dev/null`.
+    Stream {
+        label: String,
+        out: Box<dyn Write + Send>,
+    },
+}
+
+impl Target {
+    /// Decides what `path` is. An existing regular file is refused unless `force`.
+    pub fn resolve(path: &Path, force: bool) -> Result<Target, EngineError> {
+        let bad = |why: String| EngineError::BadTarget {
+            path: path.to_path_buf(),
+            why,
+        };
+        match std::fs::metadata(path) {
+            Ok(m) if m.is_dir() => Err(bad(
+                "is a directory: give a file path, a block device or -".into(),
+            )),
+            Ok(m) if m.file_type().is_block_device() => Ok(Target::Device {
+                path: path.to_path_buf(),
+            }),
+            Ok(m) if m.is_file() => {
+                if force {
+                    Ok(Target::File {
+                        path: path.to_path_buf(),
+                    })
+                } else {
+                    Err(bad("already exists: pass --force to replace it".into()))
+                }
+            }
+            Ok(_) => {
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(path)
+                    .map_err(|e| bad(crate::source::describe_io(&e)))?;
+                Ok(Target::Stream {
+                    label: path.display().to_string(),
+                    out: Box::new(f),
+                })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let parent = path
+                    .parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."));
+                if !parent.is_dir() {
+                    return Err(bad(format!(
+                        "directory {} does not exist",
+                        parent.display()
+                    )));
+                }
+                Ok(Target::File {
+                    path: path.to_path_buf(),
+                })
+            }
+            Err(e) => Err(bad(crate::source::describe_io(&e))),
+        }
+    }
+}
+
+/// What a restore did.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RestoreReport {
+    /// Bytes of chunk data written.
+    pub data_bytes: u64,
+    /// Bytes of zeros (left as holes in a file, written on a device or stream).
+    pub zero_bytes: u64,
+    pub seconds: f64,
+}
+
+thread_local! {
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+}
+
+struct Ctx<'a> {
+    store: &'a Store,
+    snapshot: &'a Snapshot,
+    label: String,
+    region_ids: Vec<Id>,
+}
+
+/// Where a region's bytes go.
+enum Sink<'a> {
+    /// Positional writes; `write_zeros` false for a sparse file.
+    At {
+        file: &'a File,
+        path: &'a Path,
+        write_zeros: bool,
+    },
+    /// Into a buffer holding the region (for streams).
+    Buf(&'a mut Vec<u8>),
+}
+
+impl Ctx<'_> {
+    fn region_len(&self, index: usize) -> u64 {
+        let rs = self.snapshot.region_size as u64;
+        (self.snapshot.size - index as u64 * rs).min(rs)
+    }
+
+    fn entries(&self, index: usize) -> Result<Vec<RecipeEntry>, EngineError> {
+        let len = self.region_len(index);
+        let offset = index as u64 * self.snapshot.region_size as u64;
+        let rid = self.region_ids[index];
+        if rid == Id::ZERO {
+            return Ok(vec![RecipeEntry {
+                len: len as u32,
+                chunk: None,
+            }]);
+        }
+        let region = self
+            .store
+            .region(&rid)
+            .map_err(|e| EngineError::RecipeDamaged {
+                snapshot: self.label.clone(),
+                offset,
+                source: Box::new(e),
+            })?;
+        if region.len() != len {
+            return Err(EngineError::RecipeDamaged {
+                snapshot: self.label.clone(),
+                offset,
+                source: format!("region {rid} covers {} bytes, expected {len}", region.len())
+                    .into(),
+            });
+        }
+        Ok(region.entries)
+    }
+
+    /// Restores one region into `sink`; returns its digest part and (data, zero) byte counts.
+    fn region(
+        &self,
+        index: usize,
+        mut sink: Sink<'_>,
+    ) -> Result<(RegionHash, u64, u64), EngineError> {
+        let base = index as u64 * self.snapshot.region_size as u64;
+        let entries = self.entries(index)?;
+        let mut ids: Vec<Id> = entries.iter().filter_map(|e| e.chunk).collect();
+        ids.sort();
+        ids.dedup();
+        let frames = self.store.chunk_frames(&ids);
+        let frames = match frames {
+            Ok(f) => f,
+            Err(StoreError::Missing { id, .. }) => {
+                let off = base + offset_of(&entries, &id);
+                return Err(self.damaged(off, id, "missing from the store".into()));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let mut hasher = region_hasher(base);
+        let (mut data_bytes, mut zero_bytes) = (0u64, 0u64);
+        let mut pos = base;
+        let mut buf = Vec::new();
+        if let Sink::Buf(b) = &mut sink {
+            b.clear();
+        }
+        for e in &entries {
+            match e.chunk {
+                None => {
+                    update_zeros(&mut hasher, e.len as u64);
+                    zero_bytes += e.len as u64;
+                    match &mut sink {
+                        Sink::At {
+                            file,
+                            path,
+                            write_zeros: true,
+                        } => write_zeros_at(file, path, pos, e.len as u64)?,
+                        Sink::At { .. } => {}
+                        Sink::Buf(b) => b.resize(b.len() + e.len as usize, 0),
+                    }
+                }
+                Some(id) => {
+                    let frame = &frames[ids.binary_search(&id).expect("id fetched")];
+                    DECOMPRESSOR
+                        .with(|d| {
+                            let mut d = d.borrow_mut();
+                            let d = d.get_or_insert_with(|| {
+                                zstd::bulk::Decompressor::new().expect("zstd context")
+                            });
+                            decode_chunk(frame, d, &mut buf).map(|_| ())
+                        })
+                        .map_err(|err| self.damaged(pos, id, err.to_string()))?;
+                    if buf.len() != e.len as usize || Id::hash(&buf) != id {
+                        return Err(self.damaged(pos, id, "content does not match its id".into()));
+                    }
+                    hasher.update(&buf);
+                    data_bytes += buf.len() as u64;
+                    match &mut sink {
+                        Sink::At { file, path, .. } => {
+                            file.write_all_at(&buf, pos).map_err(|source| {
+                                EngineError::TargetWrite {
+                                    path: path.to_path_buf(),
+                                    offset: pos,
+                                    source,
+                                }
+                            })?
+                        }
+                        Sink::Buf(b) => b.extend_from_slice(&buf),
+                    }
+                }
+            }
+            pos += e.len as u64;
+        }
+        Ok((
+            RegionHash::from_hasher(index as u64, hasher),
+            data_bytes,
+            zero_bytes,
+        ))
+    }
+
+    fn damaged(&self, offset: u64, chunk: Id, why: String) -> EngineError {
+        EngineError::ChunkDamaged {
+            snapshot: self.label.clone(),
+            offset,
+            chunk,
+            why,
+        }
+    }
+}
+
+fn offset_of(entries: &[RecipeEntry], id: &Id) -> u64 {
+    let mut off = 0;
+    for e in entries {
+        if e.chunk.as_ref() == Some(id) {
+            return off;
+        }
+        off += e.len as u64;
+    }
+    0
+}
+
+fn write_zeros_at(file: &File, path: &Path, mut pos: u64, mut len: u64) -> Result<(), EngineError> {
+    static ZEROS: [u8; 256 * 1024] = [0; 256 * 1024];
+    while len > 0 {
+        let n = len.min(ZEROS.len() as u64) as usize;
+        file.write_all_at(&ZEROS[..n], pos)
+            .map_err(|source| EngineError::TargetWrite {
+                path: path.to_path_buf(),
+                offset: pos,
+                source,
+            })?;
+        pos += n as u64;
+        len -= n as u64;
+    }
+    Ok(())
+}
+
+/// Loads the region ids of a snapshot from its index pages.
+pub fn region_ids(store: &Store, snap: &Snapshot, label: &str) -> Result<Vec<Id>, EngineError> {
+    let mut ids = Vec::with_capacity(snap.region_count() as usize);
+    for (i, pid) in snap.pages.iter().enumerate() {
+        let page = store.page(pid).map_err(|e| EngineError::RecipeDamaged {
+            snapshot: label.to_string(),
+            offset: (i * imgstore_format::PAGE_REGIONS) as u64 * snap.region_size as u64,
+            source: Box::new(e),
+        })?;
+        ids.extend(page.regions);
+    }
+    if ids.len() as u64 != snap.region_count() {
+        return Err(EngineError::RecipeDamaged {
+            snapshot: label.to_string(),
+            offset: 0,
+            source: format!(
+                "index names {} regions, image needs {}",
+                ids.len(),
+                snap.region_count()
+            )
+            .into(),
+        });
+    }
+    Ok(ids)
+}
+
+/// Restores snapshot `id` to `target`, verifying every chunk and the image digest.
+pub fn restore(
+    store: &Store,
+    id: &Id,
+    snapshot: &Snapshot,
+    target: Target,
+    progress: &dyn Progress,
+) -> Result<RestoreReport, EngineError> {
+    let started = Instant::now();
+    let label = id.short();
+    let ctx = Ctx {
+        store,
+        snapshot,
+        region_ids: region_ids(store, snapshot, &label)?,
+        label,
+    };
+    progress.start(Some(snapshot.size));
+    let n = ctx.region_ids.len();
+    let positional = |file: &File,
+                      path: &Path,
+                      write_zeros: bool|
+     -> Result<(Vec<RegionHash>, u64, u64), EngineError> {
+        let parts: Vec<(RegionHash, u64, u64)> = (0..n)
+            .into_par_iter()
+            .map(|i| {
+                let r = ctx.region(
+                    i,
+                    Sink::At {
+                        file,
+                        path,
+                        write_zeros,
+                    },
+                )?;
+                progress.advance(ctx.region_len(i));
+                Ok(r)
+            })
+            .collect::<Result<_, EngineError>>()?;
+        let (d, z) = parts.iter().fold((0, 0), |(d, z), p| (d + p.1, z + p.2));
+        Ok((parts.into_iter().map(|p| p.0).collect(), d, z))
+    };
+    let (_, data_bytes, zero_bytes) = match target {
+        Target::File { path } => {
+            let tmp = temp_path(&path);
+            let file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(|e| EngineError::BadTarget {
+                    path: tmp.clone(),
+                    why: crate::source::describe_io(&e),
+                })?;
+            let result: Result<_, EngineError> = (|| {
+                file.set_len(snapshot.size)
+                    .map_err(|source| EngineError::TargetWrite {
+                        path: path.clone(),
+                        offset: 0,
+                        source,
+                    })?;
+                let r = positional(&file, &path, false)?;
+                check_digest(&ctx, snapshot, &r.0)?;
+                file.sync_all().map_err(|source| EngineError::TargetWrite {
+                    path: path.clone(),
+                    offset: snapshot.size,
+                    source,
+                })?;
+                std::fs::rename(&tmp, &path).map_err(|source| EngineError::TargetWrite {
+                    path: path.clone(),
+                    offset: snapshot.size,
+                    source,
+                })?;
+                Ok(r)
+            })();
+            if result.is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            let r = result?;
+            (r.0, r.1, r.2)
+        }
+        Target::Device { path } => {
+            let mut file =
+                OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(|e| EngineError::BadTarget {
+                        path: path.clone(),
+                        why: crate::source::describe_io(&e),
+                    })?;
+            let dev_size =
+                file.seek(SeekFrom::End(0))
+                    .map_err(|source| EngineError::TargetWrite {
+                        path: path.clone(),
+                        offset: 0,
+                        source,
+                    })?;
+            if dev_size < snapshot.size {
+                return Err(EngineError::BadTarget {
+                    path,
+                    why: format!(
+                        "device holds {dev_size} bytes, smaller than the {}-byte image: use a larger device",
+                        snapshot.size
+                    ),
+                });
+            }
+            let r = positional(&file, &path, true)?;
+            check_digest(&ctx, snapshot, &r.0)?;
+            file.sync_all().map_err(|source| EngineError::TargetWrite {
+                path: path.clone(),
+                offset: snapshot.size,
+                source,
+            })?;
+            r
+        }
+        Target::Stream { label, mut out } => {
+            // Regions are rebuilt in parallel a window at a time and written in order.
+            let window = rayon::current_num_threads().max(1) * 2;
+            let mut hashes = Vec::with_capacity(n);
+            let (mut data, mut zeros, mut written) = (0u64, 0u64, 0u64);
+            let mut bufs: Vec<Vec<u8>> = (0..window).map(|_| Vec::new()).collect();
+            for start in (0..n).step_by(window) {
+                let end = (start + window).min(n);
+                let parts: Vec<(RegionHash, u64, u64)> = bufs[..end - start]
+                    .par_iter_mut()
+                    .enumerate()
+                    .map(|(k, b)| ctx.region(start + k, Sink::Buf(b)))
+                    .collect::<Result<_, EngineError>>()?;
+                for (b, p) in bufs.iter().zip(parts) {
+                    if let Err(e) = out.write_all(b) {
+                        if e.kind() == std::io::ErrorKind::BrokenPipe {
+                            return Err(EngineError::OutputClosed {
+                                snapshot: ctx.label.clone(),
+                                written,
+                                size: snapshot.size,
+                            });
+                        }
+                        return Err(EngineError::TargetWrite {
+                            path: PathBuf::from(&label),
+                            offset: written,
+                            source: e,
+                        });
+                    }
+                    written += b.len() as u64;
+                    progress.advance(b.len() as u64);
+                    data += p.1;
+                    zeros += p.2;
+                    hashes.push(p.0);
+                }
+            }
+            out.flush().map_err(|e| EngineError::OutputClosed {
+                snapshot: format!("{} ({e})", ctx.label),
+                written,
+                size: snapshot.size,
+            })?;
+            check_digest(&ctx, snapshot, &hashes)?;
+            (hashes, data, zeros)
+        }
+    };
+    progress.finish();
+    Ok(RestoreReport {
+        data_bytes,
+        zero_bytes,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn check_digest(
+    ctx: &Ctx<'_>,
+    snapshot: &Snapshot,
+    hashes: &[RegionHash],
+) -> Result<(), EngineError> {
+    let got = image_digest(hashes, snapshot.region_size as u64, snapshot.size);
+    if got != snapshot.digest {
+        return Err(EngineError::DigestMismatch {
+            snapshot: ctx.label.clone(),
+            want: Id(snapshot.digest).to_hex(),
+            got: Id(got).to_hex(),
+        });
+    }
+    Ok(())
+}
+
+fn temp_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.imgstore-partial-{}", std::process::id()))
+}

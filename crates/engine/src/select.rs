@@ -1,0 +1,162 @@
+//! Choosing a snapshot from what the user typed.
+
+use imgstore_format::{Id, Snapshot};
+
+use crate::EngineError;
+
+/// How a snapshot is named on the command line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Selector {
+    /// A full id or a unique prefix of one.
+    Id(String),
+    /// The newest snapshot (of `name`, when given).
+    Latest,
+    /// The newest snapshot taken at or before this time (ns since the epoch).
+    At(i64),
+}
+
+impl Selector {
+    /// `latest`, or an id / id prefix.
+    pub fn parse(s: &str) -> Result<Selector, EngineError> {
+        if s == "latest" {
+            return Ok(Selector::Latest);
+        }
+        Id::check_prefix(s).map_err(|e| {
+            EngineError::Select(format!(
+                "{e}: give a snapshot id (or a unique prefix), or `latest`"
+            ))
+        })?;
+        Ok(Selector::Id(s.to_ascii_lowercase()))
+    }
+}
+
+fn names(snaps: &[&(Id, Snapshot)]) -> Vec<String> {
+    let mut n: Vec<String> = snaps.iter().map(|(_, s)| s.name.clone()).collect();
+    n.sort();
+    n.dedup();
+    n
+}
+
+/// Picks one snapshot. `name` restricts the candidates to one image name.
+pub fn select(
+    snaps: &[(Id, Snapshot)],
+    sel: &Selector,
+    name: Option<&str>,
+) -> Result<(Id, Snapshot), EngineError> {
+    let cands: Vec<&(Id, Snapshot)> = snaps
+        .iter()
+        .filter(|(_, s)| name.is_none_or(|n| s.name == n))
+        .collect();
+    let none = |what: String| EngineError::Select(what);
+    match sel {
+        Selector::Id(prefix) => {
+            let hits: Vec<&&(Id, Snapshot)> = cands
+                .iter()
+                .filter(|(id, _)| id.has_prefix(prefix))
+                .collect();
+            match hits.as_slice() {
+                [one] => Ok((**one).clone()),
+                [] => Err(none(format!(
+                    "no snapshot {prefix} in the repository: list them with `imgstore snapshots`"
+                ))),
+                many => Err(none(format!(
+                    "snapshot id {prefix} is ambiguous ({} match: {}): give more characters",
+                    many.len(),
+                    many.iter()
+                        .take(5)
+                        .map(|(id, _)| id.short())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))),
+            }
+        }
+        Selector::Latest | Selector::At(_) => {
+            if name.is_none() {
+                let n = names(&cands);
+                if n.len() > 1 {
+                    return Err(none(format!(
+                        "the repository holds snapshots of several images ({}): choose one with --name",
+                        n.join(", ")
+                    )));
+                }
+            }
+            let limit = match sel {
+                Selector::At(t) => *t,
+                _ => i64::MAX,
+            };
+            cands
+                .iter()
+                .filter(|(_, s)| s.time_ns <= limit)
+                .max_by_key(|(id, s)| (s.time_ns, *id))
+                .map(|c| (*c).clone())
+                .ok_or_else(|| match (sel, name) {
+                    (Selector::At(_), _) => {
+                        none("no snapshot was taken at or before that time".into())
+                    }
+                    (_, Some(n)) => none(format!("no snapshot named {n} in the repository")),
+                    _ => none(
+                        "the repository holds no snapshots yet: run `imgstore backup` first".into(),
+                    ),
+                })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use imgstore_format::SnapshotStats;
+
+    fn snap(name: &str, t: i64) -> (Id, Snapshot) {
+        let s = Snapshot {
+            time_ns: t,
+            name: name.into(),
+            hostname: "h".into(),
+            source: "s".into(),
+            tags: vec![],
+            size: 0,
+            digest: [0; 32],
+            region_size: 1 << 23,
+            pages: vec![],
+            stats: SnapshotStats::default(),
+        };
+        (s.id(), s)
+    }
+
+    #[test]
+    fn latest_at_and_prefixes() {
+        let all = vec![snap("a", 10), snap("a", 20), snap("b", 15)];
+        assert!(select(&all, &Selector::Latest, None).is_err());
+        assert_eq!(
+            select(&all, &Selector::Latest, Some("a"))
+                .unwrap()
+                .1
+                .time_ns,
+            20
+        );
+        assert_eq!(
+            select(&all, &Selector::At(19), Some("a"))
+                .unwrap()
+                .1
+                .time_ns,
+            10
+        );
+        assert!(select(&all, &Selector::At(5), Some("a")).is_err());
+        let full = all[2].0.to_hex();
+        assert_eq!(
+            select(&all, &Selector::parse(&full[..6]).unwrap(), None)
+                .unwrap()
+                .0,
+            all[2].0
+        );
+        assert!(
+            select(&all, &Selector::Id(String::new()), None).is_err(),
+            "empty prefix matches all: ambiguous"
+        );
+        assert!(Selector::parse("xyz").is_err());
+        assert!(
+            select(&all, &Selector::Id("ffffffffffff".into()), None).is_err()
+                || all.iter().any(|s| s.0.has_prefix("ffffffffffff"))
+        );
+    }
+}

@@ -1,0 +1,239 @@
+//! Where a backup reads from: a regular (possibly sparse) file, a block
+//! device, or a stream (stdin, a pipe, a character device).
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+
+use crate::EngineError;
+
+/// The kind of source, which decides how it is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SourceKind {
+    /// A regular file: holes are skipped with `SEEK_DATA`/`SEEK_HOLE`.
+    File,
+    /// A block device: read positionally, every byte.
+    BlockDevice,
+    /// A stream: read sequentially until end of file; size unknown up front.
+    Stream,
+}
+
+enum Inner {
+    Positional(File),
+    Stream(Box<dyn Read + Send>),
+}
+
+/// An open backup source.
+pub struct Source {
+    kind: SourceKind,
+    path: PathBuf,
+    size: Option<u64>,
+    inner: Inner,
+}
+
+/// One region of the image as read from the source.
+pub struct RegionBuf {
+    pub index: u64,
+    pub offset: u64,
+    pub data: Vec<u8>,
+    /// True when the source reported the whole region as a hole (nothing was read).
+    pub all_hole: bool,
+}
+
+impl Source {
+    /// Opens a file, block device or stream path for reading.
+    pub fn open(path: &Path) -> Result<Source, EngineError> {
+        let bad = |why: String| EngineError::BadSource {
+            path: path.to_path_buf(),
+            why,
+        };
+        let meta = std::fs::metadata(path).map_err(|e| bad(describe_io(&e)))?;
+        if meta.is_dir() {
+            return Err(bad(
+                "is a directory: give an image file, a block device or - for stdin".into(),
+            ));
+        }
+        let mut file = File::open(path).map_err(|e| bad(describe_io(&e)))?;
+        let ft = meta.file_type();
+        let (kind, size) = if ft.is_file() {
+            (SourceKind::File, Some(meta.len()))
+        } else if ft.is_block_device() {
+            let size = file
+                .seek(SeekFrom::End(0))
+                .map_err(|e| bad(format!("cannot find its size: {}", describe_io(&e))))?;
+            (SourceKind::BlockDevice, Some(size))
+        } else if ft.is_fifo() || ft.is_char_device() || ft.is_socket() {
+            return Ok(Source {
+                kind: SourceKind::Stream,
+                path: path.to_path_buf(),
+                size: None,
+                inner: Inner::Stream(Box::new(file)),
+            });
+        } else {
+            return Err(bad("is not a file, block device or stream".into()));
+        };
+        Ok(Source {
+            kind,
+            path: path.to_path_buf(),
+            size,
+            inner: Inner::Positional(file),
+        })
+    }
+
+    /// Standard input as a stream source.
+    pub fn stdin() -> Source {
+        Source::from_reader(Path::new("-"), Box::new(std::io::stdin()))
+    }
+
+    /// Any reader as a stream source (its size is found at end of file).
+    pub fn from_reader(label: &Path, r: Box<dyn Read + Send>) -> Source {
+        Source {
+            kind: SourceKind::Stream,
+            path: label.to_path_buf(),
+            size: None,
+            inner: Inner::Stream(r),
+        }
+    }
+
+    pub fn kind(&self) -> SourceKind {
+        self.kind
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The size when known up front (files and devices).
+    pub fn size(&self) -> Option<u64> {
+        self.size
+    }
+
+    /// The current size of a file source (to detect a source that changed).
+    pub(crate) fn current_size(&self) -> Option<u64> {
+        match (&self.inner, self.kind) {
+            (Inner::Positional(f), SourceKind::File) => f.metadata().ok().map(|m| m.len()),
+            _ => self.size,
+        }
+    }
+
+    /// Reads region `index` (of `region_size` bytes) into `buf`; returns the
+    /// region, or `None` past the end. Also returns how many bytes were read
+    /// from the source (holes are not read).
+    pub(crate) fn read_region(
+        &mut self,
+        index: u64,
+        region_size: usize,
+        mut buf: Vec<u8>,
+    ) -> Result<Option<(RegionBuf, u64)>, EngineError> {
+        let offset = index * region_size as u64;
+        let path = self.path.clone();
+        let read_err = |offset: u64, source: std::io::Error| EngineError::SourceRead {
+            path: path.clone(),
+            offset,
+            source,
+        };
+        match &mut self.inner {
+            Inner::Positional(file) => {
+                let size = self.size.unwrap_or(0);
+                if offset >= size {
+                    return Ok(None);
+                }
+                let len = (size - offset).min(region_size as u64) as usize;
+                buf.clear();
+                buf.resize(len, 0);
+                let end = offset + len as u64;
+                let mut read = 0u64;
+                let mut pos = offset;
+                let sparse = self.kind == SourceKind::File;
+                while pos < end {
+                    let (data, hole) = if sparse {
+                        data_extent(file, pos, end)
+                    } else {
+                        (pos, end)
+                    };
+                    if data >= end {
+                        break;
+                    }
+                    let (a, b) = ((data - offset) as usize, (hole - offset) as usize);
+                    file.read_exact_at(&mut buf[a..b], data).map_err(|e| {
+                        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                            EngineError::SourceChanged {
+                                path: self.path.clone(),
+                                before: size,
+                                after: file.metadata().map(|m| m.len()).unwrap_or(0),
+                            }
+                        } else {
+                            read_err(data, e)
+                        }
+                    })?;
+                    read += hole - data;
+                    pos = hole;
+                }
+                Ok(Some((
+                    RegionBuf {
+                        index,
+                        offset,
+                        data: buf,
+                        all_hole: read == 0,
+                    },
+                    read,
+                )))
+            }
+            Inner::Stream(r) => {
+                buf.clear();
+                buf.resize(region_size, 0);
+                let mut filled = 0;
+                while filled < region_size {
+                    match r.read(&mut buf[filled..]) {
+                        Ok(0) => break,
+                        Ok(n) => filled += n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(read_err(offset + filled as u64, e)),
+                    }
+                }
+                if filled == 0 {
+                    return Ok(None);
+                }
+                buf.truncate(filled);
+                Ok(Some((
+                    RegionBuf {
+                        index,
+                        offset,
+                        data: buf,
+                        all_hole: false,
+                    },
+                    filled as u64,
+                )))
+            }
+        }
+    }
+}
+
+/// The next data extent `[data, hole)` at or after `pos`, clipped to `end`;
+/// `data >= end` when the rest is a hole. File systems without
+/// `SEEK_DATA` support report everything as data.
+fn data_extent(file: &File, pos: u64, end: u64) -> (u64, u64) {
+    use rustix::fs::{seek, SeekFrom as S};
+    let data = match seek(file, S::Data(pos)) {
+        Ok(d) => d,
+        Err(rustix::io::Errno::NXIO) => return (end, end),
+        Err(_) => return (pos, end),
+    };
+    if data >= end {
+        return (end, end);
+    }
+    let hole = seek(file, S::Hole(data)).unwrap_or(end).min(end);
+    (data, hole.max(data + 1).min(end))
+}
+
+/// A short, user-facing description of an I/O error.
+pub(crate) fn describe_io(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => "does not exist".into(),
+        std::io::ErrorKind::PermissionDenied => {
+            "permission denied (run as a user that can read it)".into()
+        }
+        _ => e.to_string(),
+    }
+}

@@ -1,0 +1,178 @@
+//! The repository config file (`imgstore.json`), readable before RocksDB opens.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{FormatError, FORMAT_VERSION, MIN_FORMAT_VERSION};
+
+/// Name of the config file at the top of a repository directory.
+pub const CONFIG_FILE: &str = "imgstore.json";
+/// Name of the RocksDB directory inside a repository directory.
+pub const DB_DIR: &str = "db";
+/// Name of the lock file inside a repository directory.
+pub const LOCK_FILE: &str = "lock";
+
+/// Chunking parameters, fixed at `init`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkingConfig {
+    /// Always "fastcdc-2020" in format version 1.
+    pub algorithm: String,
+    pub min: u32,
+    pub avg: u32,
+    pub max: u32,
+    pub zero_min: u32,
+}
+
+/// How chunk payloads are compressed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Compression {
+    /// zstd level used for new chunks (reading accepts any level).
+    pub zstd_level: i32,
+}
+
+/// The contents of `imgstore.json`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepoConfig {
+    /// Always "imgstore".
+    pub format: String,
+    /// The format version the repository was created with.
+    pub version: u32,
+    /// Random 128-bit repository id, hex.
+    pub id: String,
+    /// Creation time, seconds since the Unix epoch.
+    pub created: i64,
+    pub chunking: ChunkingConfig,
+    /// Bytes per region (a power of two, a multiple of 1 KiB, at least 4×max).
+    pub region_size: u32,
+    pub compression: Compression,
+}
+
+impl RepoConfig {
+    /// A config for a new repository.
+    pub fn new(id: String, created: i64, chunking: ChunkingConfig, zstd_level: i32) -> Self {
+        let region_size = (chunking.max as u64 * 4).next_power_of_two().max(8 << 20) as u32;
+        RepoConfig {
+            format: "imgstore".into(),
+            version: FORMAT_VERSION,
+            id,
+            created,
+            chunking,
+            region_size,
+            compression: Compression { zstd_level },
+        }
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut v = serde_json::to_vec_pretty(self).expect("config serializes");
+        v.push(b'\n');
+        v
+    }
+
+    /// Parses and checks a config file: the format marker and version come
+    /// first, so a newer repository is reported as such even when its other
+    /// fields are unknown to this build.
+    pub fn from_json(bytes: &[u8]) -> Result<RepoConfig, FormatError> {
+        let v: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| FormatError::NotRepository {
+                why: format!("not JSON: {e}"),
+            })?;
+        if v.get("format").and_then(|f| f.as_str()) != Some("imgstore") {
+            return Err(FormatError::NotRepository {
+                why: "no \"format\": \"imgstore\" field".into(),
+            });
+        }
+        let version = v.get("version").and_then(|f| f.as_u64()).ok_or_else(|| {
+            FormatError::NotRepository {
+                why: "no version field".into(),
+            }
+        })?;
+        let version = u32::try_from(version).unwrap_or(u32::MAX);
+        if version > FORMAT_VERSION {
+            return Err(FormatError::Newer {
+                found: version,
+                supported: FORMAT_VERSION,
+            });
+        }
+        if version < MIN_FORMAT_VERSION {
+            return Err(FormatError::Older {
+                found: version,
+                oldest: MIN_FORMAT_VERSION,
+            });
+        }
+        let c: RepoConfig = serde_json::from_value(v).map_err(|e| FormatError::Invalid {
+            what: "repository config",
+            why: e.to_string(),
+        })?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    fn validate(&self) -> Result<(), FormatError> {
+        let bad = |why: String| FormatError::Invalid {
+            what: "repository config",
+            why,
+        };
+        if self.chunking.algorithm != "fastcdc-2020" {
+            return Err(bad(format!(
+                "unknown chunking algorithm {}",
+                self.chunking.algorithm
+            )));
+        }
+        let r = self.region_size;
+        if !r.is_power_of_two() || r < 1 << 20 || (r as u64) < self.chunking.max as u64 * 4 {
+            return Err(bad(format!(
+                "region size {r} is not a power of two ≥ 1 MiB and ≥ 4×max chunk"
+            )));
+        }
+        if self.chunking.max as usize > crate::MAX_CHUNK_LEN {
+            return Err(bad(format!(
+                "max chunk {} exceeds {}",
+                self.chunking.max,
+                crate::MAX_CHUNK_LEN
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> RepoConfig {
+        RepoConfig::new(
+            "00".repeat(16),
+            1,
+            ChunkingConfig {
+                algorithm: "fastcdc-2020".into(),
+                min: 16384,
+                avg: 65536,
+                max: 262144,
+                zero_min: 16384,
+            },
+            3,
+        )
+    }
+
+    #[test]
+    fn round_trip_and_region_size() {
+        let c = cfg();
+        assert_eq!(c.region_size, 8 << 20);
+        assert_eq!(RepoConfig::from_json(&c.to_json()).unwrap(), c);
+    }
+
+    #[test]
+    fn newer_version_is_reported_before_unknown_fields() {
+        let j = br#"{"format":"imgstore","version":99,"whatever":[1]}"#;
+        assert_eq!(
+            RepoConfig::from_json(j).unwrap_err(),
+            FormatError::Newer {
+                found: 99,
+                supported: FORMAT_VERSION
+            }
+        );
+        assert!(matches!(
+            RepoConfig::from_json(b"{}").unwrap_err(),
+            FormatError::NotRepository { .. }
+        ));
+    }
+}

@@ -1,0 +1,141 @@
+//! Chunk frames: the value stored for each chunk in the `chunks` column family.
+//!
+//! ```text
+//! offset size field
+//! 0      1    codec: 0 = raw, 1 = zstd
+//! 1      4    raw length (u32 LE): length of the chunk's bytes
+//! 5      ..   payload: the chunk's bytes (raw) or one zstd frame (zstd)
+//! ```
+
+use crate::FormatError;
+
+/// Length of the frame header.
+pub const FRAME_HEADER_LEN: usize = 5;
+
+/// Largest chunk a frame may describe (16 MiB, FastCDC 2020's maximum). A
+/// decoder refuses larger raw lengths before allocating.
+pub const MAX_CHUNK_LEN: usize = 16 << 20;
+
+/// The payload encoding of a chunk frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ChunkCodec {
+    Raw = 0,
+    Zstd = 1,
+}
+
+/// Encodes `data` as a frame, compressing with `compressor` when that saves at
+/// least 1/32 of the bytes (incompressible data is stored raw, so reading it
+/// back costs a copy, not a failed decompression).
+pub fn encode_chunk(data: &[u8], compressor: &mut zstd::bulk::Compressor<'_>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(FRAME_HEADER_LEN + data.len());
+    out.push(ChunkCodec::Zstd as u8);
+    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    let bound = zstd::zstd_safe::compress_bound(data.len());
+    out.resize(FRAME_HEADER_LEN + bound, 0);
+    let compressed = compressor
+        .compress_to_buffer(data, &mut out[FRAME_HEADER_LEN..])
+        .ok()
+        .filter(|&n| n < data.len() - data.len() / 32);
+    match compressed {
+        Some(n) => out.truncate(FRAME_HEADER_LEN + n),
+        None => {
+            out.truncate(FRAME_HEADER_LEN);
+            out[0] = ChunkCodec::Raw as u8;
+            out.extend_from_slice(data);
+        }
+    }
+    out
+}
+
+/// Decodes a frame into `out` (cleared first). Checks the declared length
+/// against [`MAX_CHUNK_LEN`] before allocating and the decoded length against
+/// the declared one after.
+pub fn decode_chunk(
+    frame: &[u8],
+    decompressor: &mut zstd::bulk::Decompressor<'_>,
+    out: &mut Vec<u8>,
+) -> Result<ChunkCodec, FormatError> {
+    const WHAT: &str = "chunk frame";
+    if frame.len() < FRAME_HEADER_LEN {
+        return Err(FormatError::Truncated {
+            what: WHAT,
+            offset: 0,
+            needed: FRAME_HEADER_LEN - frame.len(),
+        });
+    }
+    let raw_len = u32::from_le_bytes(frame[1..5].try_into().unwrap()) as usize;
+    if raw_len > MAX_CHUNK_LEN {
+        return Err(FormatError::Invalid {
+            what: WHAT,
+            why: format!("declared length {raw_len} exceeds {MAX_CHUNK_LEN}"),
+        });
+    }
+    let payload = &frame[FRAME_HEADER_LEN..];
+    out.clear();
+    let codec = match frame[0] {
+        0 => {
+            out.extend_from_slice(payload);
+            ChunkCodec::Raw
+        }
+        1 => {
+            out.reserve(raw_len);
+            decompressor
+                .decompress_to_buffer(payload, out)
+                .map_err(|e| FormatError::Invalid {
+                    what: WHAT,
+                    why: format!("zstd: {e}"),
+                })?;
+            ChunkCodec::Zstd
+        }
+        tag => {
+            return Err(FormatError::BadTag {
+                what: "chunk codec",
+                tag,
+            })
+        }
+    };
+    if out.len() != raw_len {
+        return Err(FormatError::Invalid {
+            what: WHAT,
+            why: format!("decoded {} bytes, header says {raw_len}", out.len()),
+        });
+    }
+    Ok(codec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_compressible_and_random() {
+        let mut c = zstd::bulk::Compressor::new(3).unwrap();
+        let mut d = zstd::bulk::Decompressor::new().unwrap();
+        let text = b"hello disk image ".repeat(4000);
+        let f = encode_chunk(&text, &mut c);
+        assert_eq!(f[0], ChunkCodec::Zstd as u8);
+        assert!(f.len() < text.len() / 10);
+        let mut out = Vec::new();
+        decode_chunk(&f, &mut d, &mut out).unwrap();
+        assert_eq!(out, text);
+
+        let random: Vec<u8> = (0..70_000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        let f = encode_chunk(&random, &mut c);
+        decode_chunk(&f, &mut d, &mut out).unwrap();
+        assert_eq!(out, random);
+    }
+
+    #[test]
+    fn hostile_frames_are_errors() {
+        let mut d = zstd::bulk::Decompressor::new().unwrap();
+        let mut out = Vec::new();
+        assert!(decode_chunk(&[1, 0xff, 0xff, 0xff, 0xff, 0], &mut d, &mut out).is_err());
+        assert!(decode_chunk(&[1, 4, 0, 0, 0, 1, 2, 3], &mut d, &mut out).is_err());
+        assert!(decode_chunk(&[0, 4, 0, 0, 0, 1, 2], &mut d, &mut out).is_err());
+        assert!(decode_chunk(&[7, 0, 0, 0, 0], &mut d, &mut out).is_err());
+        assert!(decode_chunk(&[0, 0], &mut d, &mut out).is_err());
+    }
+}

@@ -1,0 +1,65 @@
+use std::path::PathBuf;
+
+use imgstore_format::{FormatError, Id, ObjectKind};
+
+/// Errors of the chunk store. Each carries the path or object it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{} is not an imgstore repository ({why}): create one with `imgstore init`", path.display())]
+    NotARepository { path: PathBuf, why: String },
+    #[error("{} already exists and is not empty: choose a new path for the repository", path.display())]
+    AlreadyExists { path: PathBuf },
+    #[error("{}: {source}", path.display())]
+    Format { path: PathBuf, source: FormatError },
+    #[error("cannot {op} {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        source: std::io::Error,
+    },
+    #[error("repository is busy: {operation} by pid {pid} (lock {}); wait for it to finish", path.display())]
+    Busy {
+        operation: String,
+        pid: String,
+        path: PathBuf,
+    },
+    #[error("no space left on the device holding {}: free space, then run the backup again (earlier snapshots are intact)", path.display())]
+    NoSpace { path: PathBuf, detail: String },
+    #[error("RocksDB {op} failed in {}: {detail}", path.display())]
+    Db {
+        path: PathBuf,
+        op: &'static str,
+        detail: String,
+    },
+    #[error("{kind:?} {id} is missing from the store")]
+    Missing { kind: ObjectKind, id: Id },
+    #[error("{kind:?} {id} is corrupt: {source}")]
+    Corrupt {
+        kind: ObjectKind,
+        id: Id,
+        source: FormatError,
+    },
+    #[error("snapshot {id} is corrupt: {source}")]
+    CorruptSnapshot { id: Id, source: FormatError },
+    #[error("the repository was opened read-only")]
+    ReadOnly,
+    #[error("invalid store operation: {0}")]
+    Invalid(String),
+}
+
+impl StoreError {
+    pub(crate) fn db(path: &std::path::Path, op: &'static str, e: rocksdb::Error) -> StoreError {
+        let detail = e.into_string();
+        if detail.contains("No space left") || detail.contains("ENOSPC") {
+            return StoreError::NoSpace {
+                path: path.to_path_buf(),
+                detail,
+            };
+        }
+        StoreError::Db {
+            path: path.to_path_buf(),
+            op,
+            detail,
+        }
+    }
+}

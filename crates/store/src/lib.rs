@@ -1,0 +1,673 @@
+//! The chunk store: the only crate that links RocksDB.
+//!
+//! A repository is a directory holding `imgstore.json` (the config, readable
+//! without RocksDB), a `lock` file, and `db/`, a RocksDB database whose column
+//! families and encodings are defined in `imgstore-format` and documented in
+//! `docs/FORMAT.md`.
+//!
+//! # Why this crate owns reference counts
+//!
+//! Every stored object — chunk, region recipe, index page — has a reference
+//! count in the `refs` column family: the number of stored parents naming it
+//! (snapshot → page → region → chunk, with multiplicity). The count is
+//! changed only in the same atomic write batch that adds or removes the
+//! parent, so the invariant "count = number of stored parents" holds after
+//! every batch, and therefore after every crash. Objects whose count is zero
+//! are listed in the `orphans` column family, so garbage collection can find
+//! exactly what is unreferenced without walking what is still live.
+//! Keeping that invariant here, next to the write batches, means no caller
+//! can break it.
+//!
+//! # Durability protocol of a backup
+//!
+//! 1. Region batches (new chunk frames, the region recipe, their counts) are
+//!    written **without the WAL**: chunk data reaches disk once, in blob files
+//!    at flush time, instead of twice.
+//! 2. Before the snapshot commit, all column families are flushed together
+//!    (`atomic_flush`), so the flushed state is a consistent prefix of the
+//!    batches.
+//! 3. The commit — index pages, counts, the snapshot record — is one batch
+//!    written **with the WAL and fsync**. A snapshot is visible only if the
+//!    commit landed, and then everything it references is already durable.
+//!
+//! A crash before step 3 leaves at most orphaned regions (count zero, listed
+//! in `orphans`) and their chunks: never a partial snapshot.
+//!
+//! # Locking
+//!
+//! Writers (`backup`, later `gc`/`forget`) hold an exclusive `flock` on the
+//! `lock` file, which names the operation and pid for the "busy" message.
+//! Readers open RocksDB read-only and take no lock.
+
+mod error;
+mod lock;
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use imgstore_format::{
+    cf, FormatError, Id, ObjectKind, Page, RefCount, Region, RepoConfig, Snapshot, CONFIG_FILE,
+    DB_DIR, FORMAT_VERSION, META_FORMAT_KEY,
+};
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBCompressionType, FlushOptions, Options,
+    WriteBatch, WriteOptions, DB,
+};
+
+pub use error::StoreError;
+pub use lock::Lock;
+
+type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// How to open a repository.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Exclusive writer; `operation` names it in "busy" messages.
+    Write { operation: &'static str },
+    /// Read-only, no lock: may run while a writer works, sees only committed snapshots.
+    ReadOnly,
+}
+
+/// What [`Store::put_region`] added.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PutOutcome {
+    /// The region recipe was not in the store before.
+    pub region_new: bool,
+    /// Chunks written by this call.
+    pub new_chunks: u64,
+    /// Bytes written by this call (chunk frames + recipe).
+    pub new_bytes: u64,
+}
+
+/// Repository-wide totals from the `refs` column family.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub chunks: u64,
+    pub chunk_raw_bytes: u64,
+    pub chunk_stored_bytes: u64,
+    pub regions: u64,
+    pub pages: u64,
+    pub recipe_bytes: u64,
+    pub orphans: u64,
+}
+
+/// An open repository.
+pub struct Store {
+    db: DB,
+    dir: PathBuf,
+    config: RepoConfig,
+    mode: Mode,
+    /// Serialises read-modify-write of reference counts within this process
+    /// (other processes are excluded by the file lock).
+    write: Mutex<()>,
+    _lock: Option<Lock>,
+}
+
+fn db_options(create: bool, cache: &Cache) -> (Options, Vec<ColumnFamilyDescriptor>) {
+    let mut db = Options::default();
+    db.create_if_missing(create);
+    db.create_missing_column_families(create);
+    db.set_atomic_flush(true);
+    db.set_max_background_jobs(2);
+    db.set_keep_log_file_num(2);
+    db.set_max_log_file_size(1 << 20);
+    db.set_max_total_wal_size(64 << 20);
+    db.set_bytes_per_sync(1 << 20);
+    db.set_paranoid_checks(true);
+    db.set_log_level(rocksdb::LogLevel::Warn);
+
+    let table = |bloom: bool| {
+        let mut t = BlockBasedOptions::default();
+        t.set_block_cache(cache);
+        t.set_cache_index_and_filter_blocks(true);
+        if bloom {
+            t.set_bloom_filter(10.0, false);
+        }
+        t
+    };
+    let cfd = |name: &str, f: &dyn Fn(&mut Options)| {
+        let mut o = Options::default();
+        o.set_compression_type(DBCompressionType::None);
+        o.set_level_compaction_dynamic_level_bytes(true);
+        f(&mut o);
+        ColumnFamilyDescriptor::new(name, o)
+    };
+    let cfs = vec![
+        cfd(cf::CHUNKS, &|o| {
+            // Chunk payloads (already zstd-compressed) go to blob files; the
+            // LSM tree holds only 32-byte keys and blob references.
+            o.set_enable_blob_files(true);
+            o.set_min_blob_size(0);
+            o.set_blob_file_size(256 << 20);
+            o.set_blob_compression_type(DBCompressionType::None);
+            o.set_enable_blob_gc(true);
+            o.set_write_buffer_size(32 << 20);
+            o.set_max_write_buffer_number(3);
+            o.set_block_based_table_factory(&table(true));
+        }),
+        cfd(cf::RECIPES, &|o| {
+            o.set_write_buffer_size(16 << 20);
+            o.set_block_based_table_factory(&table(true));
+        }),
+        cfd(cf::REFS, &|o| {
+            o.set_write_buffer_size(16 << 20);
+            o.set_block_based_table_factory(&table(true));
+        }),
+        cfd(cf::ORPHANS, &|o| {
+            o.set_write_buffer_size(4 << 20);
+        }),
+        cfd(cf::SNAPSHOTS, &|o| {
+            o.set_write_buffer_size(4 << 20);
+        }),
+        cfd(cf::META, &|o| {
+            o.set_write_buffer_size(1 << 20);
+        }),
+    ];
+    (db, cfs)
+}
+
+fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        op,
+        source,
+    }
+}
+
+impl Store {
+    /// Creates a new repository at `dir` (which must not exist, or be an
+    /// empty directory) with the given config. The directory is created
+    /// mode 0700 and the config file 0600.
+    pub fn init(dir: &Path, config: RepoConfig) -> Result<Store> {
+        if dir.exists() {
+            let empty = dir.is_dir()
+                && fs::read_dir(dir)
+                    .map_err(io_err(dir, "read"))?
+                    .next()
+                    .is_none();
+            if !empty {
+                return Err(StoreError::AlreadyExists {
+                    path: dir.to_path_buf(),
+                });
+            }
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+                .map_err(io_err(dir, "chmod"))?;
+        } else {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(io_err(dir, "create directory"))?;
+        }
+        let lock = Lock::acquire(dir, "init")?;
+        {
+            let cache = Cache::new_lru_cache(8 << 20);
+            let (opts, cfs) = db_options(true, &cache);
+            let db_path = dir.join(DB_DIR);
+            let db = DB::open_cf_descriptors(&opts, &db_path, cfs)
+                .map_err(|e| StoreError::db(&db_path, "create", e))?;
+            let meta = db.cf_handle(cf::META).expect("meta cf");
+            let mut wo = WriteOptions::default();
+            wo.set_sync(true);
+            let mut b = WriteBatch::default();
+            b.put_cf(&meta, META_FORMAT_KEY, FORMAT_VERSION.to_le_bytes());
+            db.write_opt(b, &wo)
+                .map_err(|e| StoreError::db(&db_path, "write", e))?;
+        }
+        // The config file is written last and atomically: a directory without
+        // it is not a repository, so an interrupted init leaves nothing usable.
+        let path = dir.join(CONFIG_FILE);
+        let tmp = dir.join(format!("{CONFIG_FILE}.tmp"));
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io_err(&tmp, "create"))?;
+        f.write_all(&config.to_json())
+            .map_err(io_err(&tmp, "write"))?;
+        f.sync_all().map_err(io_err(&tmp, "fsync"))?;
+        fs::rename(&tmp, &path).map_err(io_err(&path, "rename"))?;
+        fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(dir, "fsync"))?;
+        drop(lock);
+        Store::open(dir, Mode::Write { operation: "init" })
+    }
+
+    /// Opens an existing repository.
+    pub fn open(dir: &Path, mode: Mode) -> Result<Store> {
+        let cfg_path = dir.join(CONFIG_FILE);
+        let bytes = match fs::read(&cfg_path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StoreError::NotARepository {
+                    path: dir.to_path_buf(),
+                    why: if dir.exists() {
+                        format!("no {CONFIG_FILE} in it")
+                    } else {
+                        "it does not exist".into()
+                    },
+                })
+            }
+            Err(e) => return Err(io_err(&cfg_path, "read")(e)),
+        };
+        let config = RepoConfig::from_json(&bytes).map_err(|source| match source {
+            FormatError::NotRepository { why } => StoreError::NotARepository {
+                path: dir.to_path_buf(),
+                why,
+            },
+            source => StoreError::Format {
+                path: cfg_path.clone(),
+                source,
+            },
+        })?;
+        let lock = match mode {
+            Mode::Write { operation } => Some(Lock::acquire(dir, operation)?),
+            Mode::ReadOnly => None,
+        };
+        let cache = Cache::new_lru_cache(32 << 20);
+        let (opts, cfs) = db_options(false, &cache);
+        let db_path = dir.join(DB_DIR);
+        let db = match mode {
+            Mode::Write { .. } => DB::open_cf_descriptors(&opts, &db_path, cfs),
+            Mode::ReadOnly => DB::open_cf_descriptors_read_only(&opts, &db_path, cfs, false),
+        }
+        .map_err(|e| StoreError::db(&db_path, "open", e))?;
+        let store = Store {
+            db,
+            dir: dir.to_path_buf(),
+            config,
+            mode,
+            write: Mutex::new(()),
+            _lock: lock,
+        };
+        let v = store
+            .db
+            .get_pinned_cf(store.cf(cf::META), META_FORMAT_KEY)
+            .map_err(|e| store.db_err("read", e))?
+            .map(|v| v.to_vec());
+        match v.as_deref().and_then(|b| <[u8; 4]>::try_from(b).ok()) {
+            Some(b) if u32::from_le_bytes(b) == store.config.version => {}
+            other => {
+                return Err(StoreError::Format {
+                    path: db_path,
+                    source: FormatError::Invalid {
+                        what: "database format marker",
+                        why: format!(
+                            "{:?} does not match config version {}",
+                            other.map(u32::from_le_bytes),
+                            store.config.version
+                        ),
+                    },
+                })
+            }
+        }
+        Ok(store)
+    }
+
+    pub fn config(&self) -> &RepoConfig {
+        &self.config
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        // Every column family is created at init and opened every time.
+        self.db.cf_handle(name).expect("column family exists")
+    }
+
+    fn db_err(&self, op: &'static str, e: rocksdb::Error) -> StoreError {
+        StoreError::db(&self.dir.join(DB_DIR), op, e)
+    }
+
+    fn require_write(&self) -> Result<()> {
+        match self.mode {
+            Mode::Write { .. } => Ok(()),
+            Mode::ReadOnly => Err(StoreError::ReadOnly),
+        }
+    }
+
+    /// For each chunk id: is it in the store already?
+    pub fn chunks_known(&self, ids: &[Id]) -> Result<Vec<bool>> {
+        let refs = self.cf(cf::REFS);
+        let keys: Vec<[u8; 33]> = ids.iter().map(|id| ObjectKind::Chunk.key(id)).collect();
+        self.db
+            .batched_multi_get_cf(&refs, keys.iter(), false)
+            .into_iter()
+            .map(|r| r.map(|v| v.is_some()).map_err(|e| self.db_err("read", e)))
+            .collect()
+    }
+
+    /// The stored frame of a chunk.
+    pub fn chunk_frame(&self, id: &Id) -> Result<Vec<u8>> {
+        let chunks = self.cf(cf::CHUNKS);
+        match self.db.get_pinned_cf(&chunks, id.as_bytes()) {
+            Ok(Some(v)) => Ok(v.to_vec()),
+            Ok(None) => Err(StoreError::Missing {
+                kind: ObjectKind::Chunk,
+                id: *id,
+            }),
+            Err(e) => Err(self.db_err("read chunk", e)),
+        }
+    }
+
+    /// Stored frames of several chunks, in order (one batched lookup).
+    pub fn chunk_frames(&self, ids: &[Id]) -> Result<Vec<Vec<u8>>> {
+        let chunks = self.cf(cf::CHUNKS);
+        let mut sorted: Vec<(usize, &Id)> = ids.iter().enumerate().collect();
+        sorted.sort_by_key(|(_, id)| **id);
+        let keys: Vec<&[u8; 32]> = sorted.iter().map(|(_, id)| id.as_bytes()).collect();
+        let vals = self.db.batched_multi_get_cf(&chunks, keys, true);
+        let mut out = vec![Vec::new(); ids.len()];
+        for ((i, id), v) in sorted.into_iter().zip(vals) {
+            match v {
+                Ok(Some(v)) => out[i] = v.to_vec(),
+                Ok(None) => {
+                    return Err(StoreError::Missing {
+                        kind: ObjectKind::Chunk,
+                        id: *id,
+                    })
+                }
+                Err(e) => return Err(self.db_err("read chunk", e)),
+            }
+        }
+        Ok(out)
+    }
+
+    fn record(&self, kind: ObjectKind, id: &Id) -> Result<Vec<u8>> {
+        let recipes = self.cf(cf::RECIPES);
+        match self.db.get_pinned_cf(&recipes, kind.key(id)) {
+            Ok(Some(v)) => Ok(v.to_vec()),
+            Ok(None) => Err(StoreError::Missing { kind, id: *id }),
+            Err(e) => Err(self.db_err("read recipe", e)),
+        }
+    }
+
+    /// A region recipe, decoded.
+    pub fn region(&self, id: &Id) -> Result<Region> {
+        let bytes = self.record(ObjectKind::Region, id)?;
+        Region::decode(&bytes).map_err(|source| StoreError::Corrupt {
+            kind: ObjectKind::Region,
+            id: *id,
+            source,
+        })
+    }
+
+    /// An index page, decoded.
+    pub fn page(&self, id: &Id) -> Result<Page> {
+        let bytes = self.record(ObjectKind::Page, id)?;
+        Page::decode(&bytes).map_err(|source| StoreError::Corrupt {
+            kind: ObjectKind::Page,
+            id: *id,
+            source,
+        })
+    }
+
+    /// Every snapshot, decoded, in key order. A record that does not decode
+    /// or whose key is not its hash is an error naming it.
+    pub fn snapshots(&self) -> Result<Vec<(Id, Snapshot)>> {
+        let snaps = self.cf(cf::SNAPSHOTS);
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(&snaps, rocksdb::IteratorMode::Start) {
+            let (k, v) = item.map_err(|e| self.db_err("list snapshots", e))?;
+            let id = Id::from_slice(&k).ok_or(StoreError::Corrupt {
+                kind: ObjectKind::Page,
+                id: Id::ZERO,
+                source: FormatError::BadKey { len: k.len() },
+            })?;
+            let snap = Snapshot::decode(&v)
+                .map_err(|source| StoreError::CorruptSnapshot { id, source })?;
+            if Id::hash(&v) != id {
+                return Err(StoreError::CorruptSnapshot {
+                    id,
+                    source: FormatError::Invalid {
+                        what: "snapshot record",
+                        why: "its hash does not match its id".into(),
+                    },
+                });
+            }
+            out.push((id, snap));
+        }
+        Ok(out)
+    }
+
+    fn get_refs(&self, keys: &[[u8; 33]]) -> Result<Vec<Option<RefCount>>> {
+        let refs = self.cf(cf::REFS);
+        self.db
+            .batched_multi_get_cf(&refs, keys.iter(), false)
+            .into_iter()
+            .zip(keys)
+            .map(|(r, k)| match r {
+                Ok(None) => Ok(None),
+                Ok(Some(v)) => RefCount::decode(&v).map(Some).map_err(|source| {
+                    let (kind, id) = ObjectKind::parse_key(k).expect("33-byte key");
+                    StoreError::Corrupt { kind, id, source }
+                }),
+                Err(e) => Err(self.db_err("read refs", e)),
+            })
+            .collect()
+    }
+
+    /// Adds `n` references to each existing object in `counts`, in `batch`;
+    /// returns the keys that were absent.
+    fn add_refs(
+        &self,
+        batch: &mut WriteBatch,
+        counts: &HashMap<[u8; 33], u64>,
+    ) -> Result<Vec<[u8; 33]>> {
+        let keys: Vec<[u8; 33]> = counts.keys().copied().collect();
+        let cur = self.get_refs(&keys)?;
+        let (refs, orphans) = (self.cf(cf::REFS), self.cf(cf::ORPHANS));
+        let mut absent = Vec::new();
+        for (k, c) in keys.into_iter().zip(cur) {
+            match c {
+                Some(mut rc) => {
+                    if rc.count == 0 {
+                        batch.delete_cf(&orphans, k);
+                    }
+                    rc.count += counts[&k];
+                    batch.put_cf(&refs, k, rc.encode());
+                }
+                None => absent.push(k),
+            }
+        }
+        Ok(absent)
+    }
+
+    /// Stores a region recipe (if new) with the chunks it references.
+    ///
+    /// `frames` holds the encoded frames of chunks the caller found absent;
+    /// chunks that became present meanwhile are not written again. Written
+    /// without the WAL: it becomes durable at the flush before the next
+    /// [`Store::commit`]. Until a page references it the region is an orphan.
+    pub fn put_region(
+        &self,
+        id: &Id,
+        region: &Region,
+        encoded: &[u8],
+        frames: &HashMap<Id, (Vec<u8>, u32)>,
+    ) -> Result<PutOutcome> {
+        self.require_write()?;
+        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let rkey = ObjectKind::Region.key(id);
+        if self.get_refs(&[rkey])?[0].is_some() {
+            return Ok(PutOutcome::default());
+        }
+        let mut counts: HashMap<[u8; 33], u64> = HashMap::new();
+        for e in &region.entries {
+            if let Some(c) = e.chunk {
+                *counts.entry(ObjectKind::Chunk.key(&c)).or_default() += 1;
+            }
+        }
+        let mut batch = WriteBatch::default();
+        let absent = self.add_refs(&mut batch, &counts)?;
+        let (chunks, refs, recipes, orphans) = (
+            self.cf(cf::CHUNKS),
+            self.cf(cf::REFS),
+            self.cf(cf::RECIPES),
+            self.cf(cf::ORPHANS),
+        );
+        let mut out = PutOutcome {
+            region_new: true,
+            ..Default::default()
+        };
+        for k in absent {
+            let cid = Id::from_slice(&k[1..]).expect("32 bytes");
+            let (frame, raw_len) = frames.get(&cid).ok_or(StoreError::Missing {
+                kind: ObjectKind::Chunk,
+                id: cid,
+            })?;
+            batch.put_cf(&chunks, cid.as_bytes(), frame);
+            let rc = RefCount {
+                count: counts[&k],
+                logical_len: *raw_len,
+                stored_len: frame.len() as u32,
+            };
+            batch.put_cf(&refs, k, rc.encode());
+            out.new_chunks += 1;
+            out.new_bytes += frame.len() as u64;
+        }
+        batch.put_cf(&recipes, rkey, encoded);
+        let rc = RefCount {
+            count: 0,
+            logical_len: encoded.len() as u32,
+            stored_len: encoded.len() as u32,
+        };
+        batch.put_cf(&refs, rkey, rc.encode());
+        batch.put_cf(&orphans, rkey, []);
+        out.new_bytes += encoded.len() as u64;
+        let mut wo = WriteOptions::default();
+        wo.disable_wal(true);
+        self.db
+            .write_opt(batch, &wo)
+            .map_err(|e| self.db_err("write region", e))?;
+        Ok(out)
+    }
+
+    /// Makes a snapshot visible: flushes everything written so far, then
+    /// writes its new index pages, the reference counts and the snapshot
+    /// record in one synced batch. Returns the snapshot id and the bytes the
+    /// pages added.
+    pub fn commit(&self, snapshot: &Snapshot, pages: &[Page]) -> Result<(Id, u64)> {
+        self.require_write()?;
+        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        if pages.len() != snapshot.pages.len() {
+            return Err(StoreError::Invalid(format!(
+                "{} pages given for a snapshot naming {}",
+                pages.len(),
+                snapshot.pages.len()
+            )));
+        }
+        // Step 2 of the protocol: make every earlier WAL-less write durable.
+        let names = cf::ALL;
+        let handles: Vec<_> = names.iter().map(|n| self.cf(n)).collect();
+        let refs: Vec<_> = handles.iter().collect();
+        let mut fo = FlushOptions::default();
+        fo.set_wait(true);
+        self.db
+            .flush_cfs_opt(&refs, &fo)
+            .map_err(|e| self.db_err("flush", e))?;
+
+        let mut batch = WriteBatch::default();
+        let mut page_counts: HashMap<[u8; 33], u64> = HashMap::new();
+        let mut page_by_key: HashMap<[u8; 33], &Page> = HashMap::new();
+        for (pid, page) in snapshot.pages.iter().zip(pages) {
+            let k = ObjectKind::Page.key(pid);
+            *page_counts.entry(k).or_default() += 1;
+            page_by_key.insert(k, page);
+        }
+        let absent = self.add_refs(&mut batch, &page_counts)?;
+        let (recipes, refs_cf) = (self.cf(cf::RECIPES), self.cf(cf::REFS));
+        let mut region_counts: HashMap<[u8; 33], u64> = HashMap::new();
+        let mut added = 0u64;
+        for k in absent {
+            let page = page_by_key[&k];
+            let encoded = page.encode();
+            if Id::hash(&encoded).as_bytes()[..] != k[1..] {
+                return Err(StoreError::Invalid(
+                    "page id does not match its content".into(),
+                ));
+            }
+            for r in &page.regions {
+                if *r != Id::ZERO {
+                    *region_counts.entry(ObjectKind::Region.key(r)).or_default() += 1;
+                }
+            }
+            batch.put_cf(&recipes, k, &encoded);
+            let rc = RefCount {
+                count: page_counts[&k],
+                logical_len: encoded.len() as u32,
+                stored_len: encoded.len() as u32,
+            };
+            batch.put_cf(&refs_cf, k, rc.encode());
+            added += encoded.len() as u64;
+        }
+        let missing = self.add_refs(&mut batch, &region_counts)?;
+        if let Some(k) = missing.first() {
+            let (kind, id) = ObjectKind::parse_key(k).expect("33-byte key");
+            return Err(StoreError::Missing { kind, id });
+        }
+        let encoded = snapshot.encode();
+        let id = Id::hash(&encoded);
+        batch.put_cf(&self.cf(cf::SNAPSHOTS), id.as_bytes(), &encoded);
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db
+            .write_opt(batch, &wo)
+            .map_err(|e| self.db_err("commit snapshot", e))?;
+        Ok((id, added))
+    }
+
+    /// Totals over the `refs` and `orphans` column families (a full scan of
+    /// small keys, not of chunk data).
+    pub fn totals(&self) -> Result<Totals> {
+        let mut t = Totals::default();
+        let refs = self.cf(cf::REFS);
+        for item in self.db.iterator_cf(&refs, rocksdb::IteratorMode::Start) {
+            let (k, v) = item.map_err(|e| self.db_err("scan refs", e))?;
+            let (kind, id) = ObjectKind::parse_key(&k).map_err(|source| StoreError::Corrupt {
+                kind: ObjectKind::Chunk,
+                id: Id::ZERO,
+                source,
+            })?;
+            let rc =
+                RefCount::decode(&v).map_err(|source| StoreError::Corrupt { kind, id, source })?;
+            match kind {
+                ObjectKind::Chunk => {
+                    t.chunks += 1;
+                    t.chunk_raw_bytes += rc.logical_len as u64;
+                    t.chunk_stored_bytes += rc.stored_len as u64;
+                }
+                ObjectKind::Region => {
+                    t.regions += 1;
+                    t.recipe_bytes += rc.stored_len as u64;
+                }
+                ObjectKind::Page => {
+                    t.pages += 1;
+                    t.recipe_bytes += rc.stored_len as u64;
+                }
+            }
+        }
+        let orphans = self.cf(cf::ORPHANS);
+        t.orphans = self
+            .db
+            .iterator_cf(&orphans, rocksdb::IteratorMode::Start)
+            .count() as u64;
+        Ok(t)
+    }
+
+    /// Reference count of one object (None when absent). For tests and `check`.
+    pub fn ref_count(&self, kind: ObjectKind, id: &Id) -> Result<Option<RefCount>> {
+        Ok(self.get_refs(&[kind.key(id)])?[0])
+    }
+}
+
+/// Re-exported so callers can name object kinds without depending on the format crate directly.
+pub use imgstore_format::ObjectKind as Kind;

@@ -1,0 +1,12 @@
+//! The integration suite: one test binary, a module per command, driving the
+//! real `imgstore` binary on real ext4 and ISO images (built here with
+//! `mkfs.ext4 -d`, `debugfs -w` and `xorriso`, no root needed) and the
+//! library on a real RocksDB.
+
+mod util;
+
+mod backup;
+mod errors;
+mod golden;
+mod roundtrip;
+mod snapshots;

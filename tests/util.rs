@@ -1,0 +1,223 @@
+//! Helpers: run the binary, build images, compare files.
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_imgstore");
+
+/// A scratch directory with a repository path inside.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        Env {
+            dir: tempfile::Builder::new()
+                .prefix("imgstore-test")
+                .tempdir_in(scratch())
+                .unwrap(),
+        }
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+    pub fn repo(&self) -> PathBuf {
+        self.path("repo")
+    }
+    /// Runs imgstore with `-r repo` and `args`.
+    pub fn run(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .arg("-r")
+            .arg(self.repo())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run imgstore")
+    }
+    /// Runs and asserts success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            o.status.success(),
+            "imgstore {args:?} failed: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    }
+    /// Runs and asserts a one-line error containing `needle`; returns stderr.
+    pub fn fails(&self, args: &[&str], needle: &str) -> String {
+        let o = self.run(args);
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(
+            !o.status.success(),
+            "imgstore {args:?} should fail; stderr: {err}"
+        );
+        assert!(
+            err.contains(needle),
+            "imgstore {args:?}: expected {needle:?} in {err:?}"
+        );
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "error must be one line: {err:?}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+        err
+    }
+    pub fn init(&self) {
+        self.ok(&["init"]);
+    }
+    /// Backs up `path` with extra args; returns the JSON report.
+    pub fn backup(&self, path: &Path, extra: &[&str]) -> serde_json::Value {
+        let mut args = vec!["backup", path.to_str().unwrap(), "--json"];
+        args.extend_from_slice(extra);
+        serde_json::from_str(&self.ok(&args)).unwrap()
+    }
+}
+
+/// Where test scratch space lives (a real disk file system, so sparse files
+/// and SEEK_DATA behave as in production). `IMGSTORE_TEST_DIR` overrides.
+pub fn scratch() -> PathBuf {
+    std::env::var_os("IMGSTORE_TEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*).
+pub fn seeded(len: usize, mut s: u64) -> Vec<u8> {
+    s |= 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        s ^= s >> 12;
+        s ^= s << 25;
+        s ^= s >> 27;
+        v.extend_from_slice(&s.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// Text-like compressible bytes.
+pub fn texty(len: usize, seed: u64) -> Vec<u8> {
+    let words = [
+        "disk",
+        "image",
+        "block",
+        "sector",
+        "inode",
+        "extent",
+        "journal",
+        "superblock",
+        "\n",
+    ];
+    let r = seeded(len / 4 + 8, seed);
+    let mut out = Vec::with_capacity(len + 16);
+    let mut i = 0;
+    while out.len() < len {
+        out.extend_from_slice(words[r[i % r.len()] as usize % words.len()].as_bytes());
+        out.push(b' ');
+        i += 1;
+    }
+    out.truncate(len);
+    out
+}
+
+/// Fills `dir` with a small tree of files: binaries, text, a large file.
+pub fn populate(dir: &Path, seed: u64) {
+    fs::create_dir_all(dir.join("bin")).unwrap();
+    fs::create_dir_all(dir.join("doc")).unwrap();
+    for i in 0..12u64 {
+        fs::write(
+            dir.join("bin").join(format!("prog{i}")),
+            seeded(40_000 + (i as usize) * 9_000, seed + i),
+        )
+        .unwrap();
+        fs::write(
+            dir.join("doc").join(format!("page{i}.txt")),
+            texty(30_000 + (i as usize) * 5_000, seed * 7 + i),
+        )
+        .unwrap();
+    }
+    fs::write(dir.join("large.bin"), seeded(3 << 20, seed ^ 0xdead)).unwrap();
+}
+
+pub fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+fn sh(cmd: &mut Command) {
+    let o = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        o.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// `mkfs.ext4 -d DIR` into a sparse image of `size_mb` MiB.
+pub fn mkfs_ext4(img: &Path, dir: &Path, size_mb: u64) {
+    let _ = fs::remove_file(img);
+    sh(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-E", "root_owner=0:0", "-d"])
+        .arg(dir)
+        .arg(img)
+        .arg(format!("{size_mb}M")));
+}
+
+/// Changes an ext4 image in place, as a running VM would: writes `files`
+/// (host path → name in the root directory) and removes `remove`.
+pub fn debugfs_edit(img: &Path, files: &[(&Path, &str)], remove: &[&str]) {
+    let mut script = String::new();
+    for (src, name) in files {
+        script.push_str(&format!("write {} {}\n", src.display(), name));
+    }
+    for r in remove {
+        script.push_str(&format!("rm {r}\n"));
+    }
+    let cmds = img.with_extension("debugfs");
+    fs::write(&cmds, script).unwrap();
+    sh(Command::new("debugfs")
+        .arg("-w")
+        .arg("-f")
+        .arg(&cmds)
+        .arg(img));
+}
+
+/// An ISO 9660 image of `dir`.
+pub fn mkiso(iso: &Path, dir: &Path) {
+    sh(Command::new("xorriso")
+        .args(["-as", "mkisofs", "-quiet", "-r", "-V", "TEST", "-o"])
+        .arg(iso)
+        .arg(dir));
+}
+
+/// Asserts two files are byte-identical (comparing in 1 MiB pieces).
+pub fn assert_same(a: &Path, b: &Path) {
+    let (x, y) = (fs::read(a).unwrap(), fs::read(b).unwrap());
+    assert_eq!(
+        x.len(),
+        y.len(),
+        "{} and {} differ in size",
+        a.display(),
+        b.display()
+    );
+    if let Some(pos) = x.iter().zip(&y).position(|(p, q)| p != q) {
+        panic!("{} and {} differ at byte {pos}", a.display(), b.display());
+    }
+}
+
+/// Bytes actually allocated on disk for a file.
+pub fn allocated(p: &Path) -> u64 {
+    fs::metadata(p).unwrap().blocks() * 512
+}
