@@ -6,7 +6,6 @@ use std::fs;
 use std::path::Path;
 
 use imgstore_engine::{BackupOptions, NoProgress, Source, Target};
-use imgstore_format::{ChunkingConfig, RepoConfig};
 use imgstore_store::{Mode, Store};
 use proptest::prelude::*;
 
@@ -58,18 +57,7 @@ fn apply(img: &mut Vec<u8>, op: &Op, seed: u64) {
 
 pub fn test_store(dir: &Path, avg: u32) -> Store {
     let p = imgstore_chunker::Params::with_avg(avg).unwrap();
-    let chunking = ChunkingConfig {
-        algorithm: "fastcdc-2020".into(),
-        min: p.min,
-        avg: p.avg,
-        max: p.max,
-        zero_min: p.zero_min,
-    };
-    Store::init(
-        &dir.join("repo"),
-        RepoConfig::new("00".repeat(16), 0, chunking, 3),
-    )
-    .unwrap()
+    Store::init(&dir.join("repo"), imgstore_engine::new_repo_config(p, 3)).unwrap()
 }
 
 proptest! {

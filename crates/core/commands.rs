@@ -2,11 +2,10 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use imgstore_engine::{BackupOptions, Selector, Source, Target};
-use imgstore_format::{ChunkingConfig, Id, RepoConfig, Snapshot};
+use imgstore_format::{Id, Snapshot};
 use imgstore_store::{Mode, Store};
 use serde_json::json;
 
@@ -43,37 +42,14 @@ fn note(text: &str) {
     let _ = writeln!(std::io::stderr(), "{text}");
 }
 
-fn random_id() -> String {
-    let mut b = [0u8; 16];
-    if std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
-        .is_err()
-    {
-        let seed = format!("{:?}{}", SystemTime::now(), std::process::id());
-        b.copy_from_slice(&blake3::hash(seed.as_bytes()).as_bytes()[..16]);
-    }
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 fn init(repo: &Path, a: InitArgs) -> anyhow::Result<()> {
     let avg = parse_size(&a.chunk_size)?;
     let avg = u32::try_from(avg).context("--chunk-size is too large")?;
     let p = imgstore_chunker::Params::with_avg(avg)
         .map_err(|e| anyhow::anyhow!("--chunk-size {}: {e}", a.chunk_size))?;
-    let chunking = ChunkingConfig {
-        algorithm: "fastcdc-2020".into(),
-        min: p.min,
-        avg: p.avg,
-        max: p.max,
-        zero_min: p.zero_min,
-    };
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
     let store = Store::init(
         repo,
-        RepoConfig::new(random_id(), now, chunking, a.compression_level),
+        imgstore_engine::new_repo_config(p, a.compression_level),
     )?;
     let c = store.config();
     note(&format!(

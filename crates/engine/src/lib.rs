@@ -34,6 +34,41 @@ pub use restore::{region_ids, restore, RestoreReport, Target};
 pub use select::{select, Selector};
 pub use source::{Source, SourceKind};
 
+/// The config of a new repository chunking with `params`: a random id, the
+/// current time, the region size derived from `params.max`.
+pub fn new_repo_config(
+    params: imgstore_chunker::Params,
+    zstd_level: i32,
+) -> imgstore_format::RepoConfig {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let chunking = imgstore_format::ChunkingConfig {
+        algorithm: "fastcdc-2020".into(),
+        min: params.min,
+        avg: params.avg,
+        max: params.max,
+        zero_min: params.zero_min,
+    };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    imgstore_format::RepoConfig::new(random_id(now), now.as_secs() as i64, chunking, zstd_level)
+}
+
+/// 128 random bits as hex, from the kernel's generator (falling back to a
+/// hash of the time and pid where /dev/urandom cannot be read).
+fn random_id(now: std::time::Duration) -> String {
+    use std::io::Read;
+    let mut b = [0u8; 16];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .is_err()
+    {
+        let seed = format!("{now:?}{}", std::process::id());
+        b.copy_from_slice(&blake3::hash(seed.as_bytes()).as_bytes()[..16]);
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
 /// Receives progress of a long operation (called from worker threads).
 pub trait Progress: Sync {
     /// Work begins; `total` bytes when known.

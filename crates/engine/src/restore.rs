@@ -218,13 +218,7 @@ impl Ctx<'_> {
                     data_bytes += buf.len() as u64;
                     match &mut sink {
                         Sink::At { file, path, .. } => {
-                            file.write_all_at(&buf, pos).map_err(|source| {
-                                EngineError::TargetWrite {
-                                    path: path.to_path_buf(),
-                                    offset: pos,
-                                    source,
-                                }
-                            })?
+                            file.write_all_at(&buf, pos).map_err(write_err(path, pos))?
                         }
                         Sink::Buf(b) => b.extend_from_slice(&buf),
                     }
@@ -260,16 +254,20 @@ fn offset_of(entries: &[RecipeEntry], id: &Id) -> u64 {
     0
 }
 
+fn write_err(path: &Path, offset: u64) -> impl FnOnce(std::io::Error) -> EngineError + '_ {
+    move |source| EngineError::TargetWrite {
+        path: path.to_path_buf(),
+        offset,
+        source,
+    }
+}
+
 fn write_zeros_at(file: &File, path: &Path, mut pos: u64, mut len: u64) -> Result<(), EngineError> {
     static ZEROS: [u8; 256 * 1024] = [0; 256 * 1024];
     while len > 0 {
         let n = len.min(ZEROS.len() as u64) as usize;
         file.write_all_at(&ZEROS[..n], pos)
-            .map_err(|source| EngineError::TargetWrite {
-                path: path.to_path_buf(),
-                offset: pos,
-                source,
-            })?;
+            .map_err(write_err(path, pos))?;
         pos += n as u64;
         len -= n as u64;
     }
@@ -355,24 +353,11 @@ pub fn restore(
                     why: crate::source::describe_io(&e),
                 })?;
             let result: Result<_, EngineError> = (|| {
-                file.set_len(snapshot.size)
-                    .map_err(|source| EngineError::TargetWrite {
-                        path: path.clone(),
-                        offset: 0,
-                        source,
-                    })?;
+                file.set_len(snapshot.size).map_err(write_err(&path, 0))?;
                 let r = positional(&file, &path, false)?;
                 check_digest(&ctx, snapshot, &r.0)?;
-                file.sync_all().map_err(|source| EngineError::TargetWrite {
-                    path: path.clone(),
-                    offset: snapshot.size,
-                    source,
-                })?;
-                std::fs::rename(&tmp, &path).map_err(|source| EngineError::TargetWrite {
-                    path: path.clone(),
-                    offset: snapshot.size,
-                    source,
-                })?;
+                file.sync_all().map_err(write_err(&path, snapshot.size))?;
+                std::fs::rename(&tmp, &path).map_err(write_err(&path, snapshot.size))?;
                 Ok(r)
             })();
             if result.is_err() {
@@ -390,13 +375,7 @@ pub fn restore(
                         path: path.clone(),
                         why: crate::source::describe_io(&e),
                     })?;
-            let dev_size =
-                file.seek(SeekFrom::End(0))
-                    .map_err(|source| EngineError::TargetWrite {
-                        path: path.clone(),
-                        offset: 0,
-                        source,
-                    })?;
+            let dev_size = file.seek(SeekFrom::End(0)).map_err(write_err(&path, 0))?;
             if dev_size < snapshot.size {
                 return Err(EngineError::BadTarget {
                     path,
@@ -408,11 +387,7 @@ pub fn restore(
             }
             let r = positional(&file, &path, true)?;
             check_digest(&ctx, snapshot, &r.0)?;
-            file.sync_all().map_err(|source| EngineError::TargetWrite {
-                path: path.clone(),
-                offset: snapshot.size,
-                source,
-            })?;
+            file.sync_all().map_err(write_err(&path, snapshot.size))?;
             r
         }
         Target::Stream { label, mut out } => {
