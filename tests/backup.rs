@@ -172,6 +172,8 @@ fn restore_to_block_device_writes_real_zeros() {
         }
     };
     let res = env.run(&["restore", &id, &dev]);
+    // The device itself is a backup source too (read positionally, whole size).
+    let from_dev = env.run(&["backup", &dev, "--name", "loopdev", "--json"]);
     // A device smaller than the image is refused.
     let small = env.path("small-dev.bin");
     fs::write(&small, vec![0u8; 1 << 20]).unwrap();
@@ -199,6 +201,21 @@ fn restore_to_block_device_writes_real_zeros() {
     );
     assert!(!res2.status.success());
     assert!(String::from_utf8_lossy(&res2.stderr).contains("smaller than"));
+    assert!(
+        from_dev.status.success(),
+        "{}",
+        String::from_utf8_lossy(&from_dev.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&from_dev.stdout).unwrap();
+    assert_eq!(r["size"].as_u64().unwrap(), 4 << 20);
+    let dev_copy = env.path("dev-copy.img");
+    fs::write(&dev_copy, &dev_bytes).unwrap();
+    restore_and_compare(
+        &env,
+        r["id"].as_str().unwrap(),
+        &dev_copy,
+        "dev-restored.img",
+    );
 }
 
 #[test]

@@ -254,6 +254,21 @@ fn offset_of(entries: &[RecipeEntry], id: &Id) -> u64 {
     0
 }
 
+/// A rayon pool with two workers per core, for stages that mix I/O and CPU.
+pub(crate) fn io_pool() -> Result<rayon::ThreadPool, EngineError> {
+    let n = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        * 2;
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build()
+        .map_err(|e| EngineError::Invalid {
+            what: "thread pool",
+            why: e.to_string(),
+        })
+}
+
 fn write_err(path: &Path, offset: u64) -> impl FnOnce(std::io::Error) -> EngineError + '_ {
     move |source| EngineError::TargetWrite {
         path: path.to_path_buf(),
@@ -322,21 +337,26 @@ pub fn restore(
                       path: &Path,
                       write_zeros: bool|
      -> Result<(Vec<RegionHash>, u64, u64), EngineError> {
-        let parts: Vec<(RegionHash, u64, u64)> = (0..n)
-            .into_par_iter()
-            .map(|i| {
-                let r = ctx.region(
-                    i,
-                    Sink::At {
-                        file,
-                        path,
-                        write_zeros,
-                    },
-                )?;
-                progress.advance(ctx.region_len(i));
-                Ok(r)
-            })
-            .collect::<Result<_, EngineError>>()?;
+        // Twice as many workers as cores: while one waits for a blob read
+        // or a write, another decompresses and hashes.
+        let pool = io_pool()?;
+        let parts: Vec<(RegionHash, u64, u64)> = pool.install(|| {
+            (0..n)
+                .into_par_iter()
+                .map(|i| {
+                    let r = ctx.region(
+                        i,
+                        Sink::At {
+                            file,
+                            path,
+                            write_zeros,
+                        },
+                    )?;
+                    progress.advance(ctx.region_len(i));
+                    Ok(r)
+                })
+                .collect::<Result<_, EngineError>>()
+        })?;
         let (d, z) = parts.iter().fold((0, 0), |(d, z), p| (d + p.1, z + p.2));
         Ok((parts.into_iter().map(|p| p.0).collect(), d, z))
     };
