@@ -7,6 +7,7 @@ mod util;
 
 mod backup;
 mod errors;
+mod gc;
 mod golden;
 mod roundtrip;
 mod snapshots;

@@ -57,6 +57,97 @@ omitted.\n\nExamples:\n  imgstore restore 1a2b3c4d restored.img\n  imgstore rest
 imgstore restore --at '2026-11-01 03:00' --name vm-root old.img\n  imgstore restore latest - | sha256sum"
     )]
     Restore(RestoreArgs),
+    /// Remove snapshots, by id or by a retention policy (per --name group).
+    #[command(
+        after_help = "A snapshot kept by any rule is kept; the newest in each bucket (UTC hour, day, \
+ISO week, month, year) is the one kept, as in restic.\n\nExamples:\n  imgstore forget 1a2b3c4d\n  \
+imgstore forget --keep-daily 7 --keep-weekly 4 --keep-monthly 12 --dry-run\n  imgstore forget --name vm-root --keep-last 3 --prune"
+    )]
+    Forget(ForgetArgs),
+    /// Delete every chunk no snapshot references and give the space back.
+    #[command(after_help = "Examples:\n  imgstore gc --dry-run\n  imgstore gc --json")]
+    Gc(GcArgs),
+    /// Protect a snapshot from `forget`.
+    #[command(after_help = "Example:\n  imgstore protect 1a2b3c4d")]
+    Protect(IdArg),
+    /// Allow `forget` to remove a protected snapshot again.
+    #[command(after_help = "Example:\n  imgstore unprotect 1a2b3c4d")]
+    Unprotect(IdArg),
+    /// Sizes and ratios of the repository or of one snapshot.
+    #[command(
+        after_help = "Examples:\n  imgstore stats\n  imgstore stats latest --name vm-root --json"
+    )]
+    Stats(StatsArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ForgetArgs {
+    /// Snapshots to remove (ids or unique prefixes); omit to apply --keep-* rules.
+    pub snapshots: Vec<String>,
+    /// Apply the policy only to snapshots with this name.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Keep the N newest snapshots.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub keep_last: usize,
+    /// Keep the newest snapshot of each of the last N hours.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub keep_hourly: usize,
+    /// Keep the newest snapshot of each of the last N days.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub keep_daily: usize,
+    /// Keep the newest snapshot of each of the last N ISO weeks.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub keep_weekly: usize,
+    /// Keep the newest snapshot of each of the last N months.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub keep_monthly: usize,
+    /// Keep the newest snapshot of each of the last N years.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub keep_yearly: usize,
+    /// Keep snapshots within DURATION of the newest one (e.g. 30d, 2w, 12h).
+    #[arg(long, value_name = "DURATION")]
+    pub keep_within: Option<String>,
+    /// Keep snapshots with this tag (repeatable).
+    #[arg(long, value_name = "TAG")]
+    pub keep_tag: Vec<String>,
+    /// Show what would be removed and why each kept one is kept; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Run `gc` afterwards.
+    #[arg(long)]
+    pub prune: bool,
+    /// Print the decisions as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct GcArgs {
+    /// Report what would be deleted; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the result as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct IdArg {
+    /// Snapshot id or unique prefix.
+    pub snapshot: String,
+}
+
+#[derive(Args, Debug)]
+pub struct StatsArgs {
+    /// A snapshot (id, prefix or `latest`); omit for the whole repository.
+    pub snapshot: Option<String>,
+    /// With `latest`: the image name.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]

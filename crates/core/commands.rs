@@ -24,11 +24,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Backup(a) => backup(&repo, a, progress),
         Command::Snapshots(a) => snapshots(&repo, a),
         Command::Restore(a) => restore(&repo, a, progress),
+        Command::Forget(a) => crate::maintenance::forget(&repo, a),
+        Command::Gc(a) => crate::maintenance::gc(&repo, a),
+        Command::Protect(a) => crate::maintenance::protect(&repo, a, true),
+        Command::Unprotect(a) => crate::maintenance::protect(&repo, a, false),
+        Command::Stats(a) => crate::maintenance::stats(&repo, a),
     }
 }
 
 /// Writes to stdout; a reader that went away (`| head`) ends output quietly.
-fn emit(text: &str) -> anyhow::Result<()> {
+pub(crate) fn emit(text: &str) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
@@ -38,7 +43,7 @@ fn emit(text: &str) -> anyhow::Result<()> {
     }
 }
 
-fn note(text: &str) {
+pub(crate) fn note(text: &str) {
     let _ = writeln!(std::io::stderr(), "{text}");
 }
 

@@ -5,6 +5,7 @@
 
 mod args;
 mod commands;
+mod maintenance;
 mod progress;
 mod units;
 

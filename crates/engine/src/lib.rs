@@ -24,6 +24,7 @@
 mod backup;
 pub mod digest;
 mod error;
+pub mod policy;
 mod restore;
 mod select;
 mod source;

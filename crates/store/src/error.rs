@@ -41,6 +41,10 @@ pub enum StoreError {
     },
     #[error("snapshot {id} is corrupt: {source}")]
     CorruptSnapshot { id: Id, source: FormatError },
+    #[error("snapshot {id} is protected: run `imgstore unprotect {}` first", id.short())]
+    Protected { id: Id },
+    #[error("no snapshot {id} in the repository")]
+    NoSnapshot { id: Id },
     #[error("the repository was opened read-only")]
     ReadOnly,
     #[error("invalid store operation: {0}")]

@@ -40,6 +40,7 @@
 //! Readers open RocksDB read-only and take no lock.
 
 mod error;
+mod gc;
 mod lock;
 
 use std::collections::HashMap;
@@ -59,6 +60,7 @@ use rocksdb::{
 };
 
 pub use error::StoreError;
+pub use gc::{BlobSpace, ForgetOutcome, SweepOutcome, BLOB_GC_RATIO};
 pub use lock::Lock;
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;

@@ -1,0 +1,399 @@
+//! Forgetting snapshots and collecting garbage.
+//!
+//! Forget deletes snapshot records and decrements their pages in one synced
+//! batch; a page whose count reaches zero is listed in `orphans`. The sweep
+//! then works *only* on `orphans`: each orphan is deleted together with the
+//! decrements of its children (children reaching zero become orphans), in
+//! batches that each keep every count exact. Its cost is proportional to
+//! what is freed, never to what stays; a crash between batches leaves a
+//! consistent store and the next sweep carries on where it stopped.
+//!
+//! Space: deleting a chunk key leaves its value in a blob file. A manual
+//! compaction of the `chunks` column family drops the dead references, and a
+//! blob file none of whose blobs is referenced any more is deleted outright —
+//! chunks of one backup are written together, so the chunks only old
+//! snapshots used tend to fill whole blob files. Blob files that mix live and
+//! dead chunks are rewritten (RocksDB blob GC) only when the garbage in
+//! them exceeds [`BLOB_GC_RATIO`] of the blob bytes, so rewriting live data
+//! costs at most about 1/ratio times the garbage it reclaims, amortised.
+
+use std::collections::HashMap;
+
+use imgstore_format::{cf, Id, ObjectKind, Page, RefCount, Region};
+use rocksdb::{BottommostLevelCompaction, CompactOptions, WriteBatch, WriteOptions};
+
+use crate::{Result, Store, StoreError};
+
+/// Garbage share of blob bytes above which gc rewrites mixed blob files.
+pub const BLOB_GC_RATIO: f64 = 0.2;
+
+const PROTECT_PREFIX: &[u8] = b"protect:";
+
+/// What [`Store::forget`] removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ForgetOutcome {
+    pub snapshots: u64,
+    /// Pages no remaining snapshot references (now orphans).
+    pub pages_orphaned: u64,
+}
+
+/// What a sweep deleted (or, dry, would delete).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SweepOutcome {
+    pub chunks: u64,
+    pub regions: u64,
+    pub pages: u64,
+    /// Raw bytes of the deleted chunks.
+    pub chunk_raw_bytes: u64,
+    /// Stored (compressed) bytes of the deleted chunks.
+    pub chunk_stored_bytes: u64,
+    /// Bytes of deleted recipes and pages.
+    pub recipe_bytes: u64,
+}
+
+/// Blob file figures from RocksDB.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlobSpace {
+    pub files_bytes: u64,
+    pub garbage_bytes: u64,
+}
+
+impl Store {
+    fn protect_key(id: &Id) -> Vec<u8> {
+        let mut k = PROTECT_PREFIX.to_vec();
+        k.extend_from_slice(id.as_bytes());
+        k
+    }
+
+    /// Marks a snapshot protected (or not): `forget` refuses protected ones.
+    pub fn set_protected(&self, id: &Id, protected: bool) -> Result<()> {
+        self.require_write()?;
+        let snaps = self.cf(cf::SNAPSHOTS);
+        if self
+            .db
+            .get_pinned_cf(snaps, id.as_bytes())
+            .map_err(|e| self.db_err("read", e))?
+            .is_none()
+        {
+            return Err(StoreError::NoSnapshot { id: *id });
+        }
+        let mut b = WriteBatch::default();
+        if protected {
+            b.put_cf(self.cf(cf::META), Self::protect_key(id), []);
+        } else {
+            b.delete_cf(self.cf(cf::META), Self::protect_key(id));
+        }
+        self.write_synced(b, "protect")
+    }
+
+    /// Ids of protected snapshots.
+    pub fn protected(&self) -> Result<Vec<Id>> {
+        let meta = self.cf(cf::META);
+        let mut out = Vec::new();
+        for item in self.db.prefix_iterator_cf(meta, PROTECT_PREFIX) {
+            let (k, _) = item.map_err(|e| self.db_err("read", e))?;
+            if !k.starts_with(PROTECT_PREFIX) {
+                break;
+            }
+            if let Some(id) = Id::from_slice(&k[PROTECT_PREFIX.len()..]) {
+                out.push(id);
+            }
+        }
+        Ok(out)
+    }
+
+    fn write_synced(&self, batch: WriteBatch, op: &'static str) -> Result<()> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db
+            .write_opt(batch, &wo)
+            .map_err(|e| self.db_err(op, e))
+    }
+
+    /// Removes snapshots, in one synced batch. Refuses (removing nothing)
+    /// when any is protected or missing.
+    pub fn forget(&self, ids: &[Id]) -> Result<ForgetOutcome> {
+        self.require_write()?;
+        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let protected = self.protected()?;
+        let snaps = self.cf(cf::SNAPSHOTS);
+        let mut page_counts: HashMap<[u8; 33], u64> = HashMap::new();
+        let mut batch = WriteBatch::default();
+        let mut unique = ids.to_vec();
+        unique.sort();
+        unique.dedup();
+        for id in &unique {
+            if protected.contains(id) {
+                return Err(StoreError::Protected { id: *id });
+            }
+            let v = self
+                .db
+                .get_pinned_cf(snaps, id.as_bytes())
+                .map_err(|e| self.db_err("read snapshot", e))?
+                .ok_or(StoreError::NoSnapshot { id: *id })?;
+            let snap = imgstore_format::Snapshot::decode(&v)
+                .map_err(|source| StoreError::CorruptSnapshot { id: *id, source })?;
+            for p in &snap.pages {
+                *page_counts.entry(ObjectKind::Page.key(p)).or_default() += 1;
+            }
+            batch.delete_cf(snaps, id.as_bytes());
+        }
+        let orphaned = self.sub_refs(&mut batch, &page_counts)?;
+        self.write_synced(batch, "forget")?;
+        Ok(ForgetOutcome {
+            snapshots: unique.len() as u64,
+            pages_orphaned: orphaned.len() as u64,
+        })
+    }
+
+    /// Subtracts counts in `batch`; objects reaching zero are added to
+    /// `orphans` and returned.
+    fn sub_refs(
+        &self,
+        batch: &mut WriteBatch,
+        counts: &HashMap<[u8; 33], u64>,
+    ) -> Result<Vec<[u8; 33]>> {
+        let keys: Vec<[u8; 33]> = counts.keys().copied().collect();
+        let cur = self.get_refs(&keys)?;
+        let mut zero = Vec::new();
+        for (k, c) in keys.into_iter().zip(cur) {
+            let (kind, id) = ObjectKind::parse_key(&k).expect("33-byte key");
+            let mut rc = c.ok_or(StoreError::Missing { kind, id })?;
+            let n = counts[&k];
+            if rc.count < n {
+                return Err(StoreError::Invalid(format!(
+                    "{kind:?} {id} has {} references, {n} would be removed: run `imgstore check`",
+                    rc.count
+                )));
+            }
+            rc.count -= n;
+            batch.put_cf(self.cf(cf::REFS), k, rc.encode());
+            if rc.count == 0 {
+                batch.put_cf(self.cf(cf::ORPHANS), k, []);
+                zero.push(k);
+            }
+        }
+        Ok(zero)
+    }
+
+    /// Deletes every orphan and, transitively, whatever only orphans
+    /// referenced. With `dry_run`, computes the same totals without writing.
+    pub fn sweep(&self, dry_run: bool, progress: &dyn Fn(&SweepOutcome)) -> Result<SweepOutcome> {
+        if !dry_run {
+            self.require_write()?;
+        }
+        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = SweepOutcome::default();
+        if dry_run {
+            return self.sweep_dry(out);
+        }
+        loop {
+            let orphans: Vec<[u8; 33]> = self
+                .db
+                .iterator_cf(self.cf(cf::ORPHANS), rocksdb::IteratorMode::Start)
+                .take(4096)
+                .map(|r| {
+                    r.map(|(k, _)| <[u8; 33]>::try_from(&k[..]).unwrap_or([0; 33]))
+                        .map_err(|e| self.db_err("scan orphans", e))
+                })
+                .collect::<Result<_>>()?;
+            if orphans.is_empty() {
+                break;
+            }
+            let mut batch = WriteBatch::default();
+            let mut children: HashMap<[u8; 33], u64> = HashMap::new();
+            let rcs = self.get_refs(&orphans)?;
+            for (k, rc) in orphans.iter().zip(rcs) {
+                batch.delete_cf(self.cf(cf::ORPHANS), k);
+                let Ok((kind, id)) = ObjectKind::parse_key(k) else {
+                    continue;
+                };
+                let rc = rc.unwrap_or_default();
+                if rc.count != 0 {
+                    // Referenced again since it was listed: not garbage.
+                    continue;
+                }
+                self.collect_children(kind, &id, &mut children)?;
+                batch.delete_cf(self.cf(cf::REFS), k);
+                match kind {
+                    ObjectKind::Chunk => {
+                        batch.delete_cf(self.cf(cf::CHUNKS), id.as_bytes());
+                        out.chunks += 1;
+                        out.chunk_raw_bytes += rc.logical_len as u64;
+                        out.chunk_stored_bytes += rc.stored_len as u64;
+                    }
+                    ObjectKind::Region | ObjectKind::Page => {
+                        batch.delete_cf(self.cf(cf::RECIPES), k);
+                        if kind == ObjectKind::Region {
+                            out.regions += 1;
+                        } else {
+                            out.pages += 1;
+                        }
+                        out.recipe_bytes += rc.stored_len as u64;
+                    }
+                }
+            }
+            self.sub_refs(&mut batch, &children)?;
+            self.write_synced(batch, "gc")?;
+            progress(&out);
+        }
+        Ok(out)
+    }
+
+    fn collect_children(
+        &self,
+        kind: ObjectKind,
+        id: &Id,
+        into: &mut HashMap<[u8; 33], u64>,
+    ) -> Result<()> {
+        match kind {
+            ObjectKind::Chunk => {}
+            ObjectKind::Region => {
+                let r: Region = match self.region(id) {
+                    Ok(r) => r,
+                    Err(StoreError::Missing { .. }) => return Ok(()),
+                    Err(e) => return Err(e),
+                };
+                for e in r.entries {
+                    if let Some(c) = e.chunk {
+                        *into.entry(ObjectKind::Chunk.key(&c)).or_default() += 1;
+                    }
+                }
+            }
+            ObjectKind::Page => {
+                let p: Page = match self.page(id) {
+                    Ok(p) => p,
+                    Err(StoreError::Missing { .. }) => return Ok(()),
+                    Err(e) => return Err(e),
+                };
+                for r in p.regions.iter().filter(|r| **r != Id::ZERO) {
+                    *into.entry(ObjectKind::Region.key(r)).or_default() += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The dry run: the same walk, with counts kept in memory.
+    fn sweep_dry(&self, mut out: SweepOutcome) -> Result<SweepOutcome> {
+        let mut pending: Vec<[u8; 33]> = self
+            .db
+            .iterator_cf(self.cf(cf::ORPHANS), rocksdb::IteratorMode::Start)
+            .map(|r| {
+                r.map(|(k, _)| <[u8; 33]>::try_from(&k[..]).unwrap_or([0; 33]))
+                    .map_err(|e| self.db_err("scan orphans", e))
+            })
+            .collect::<Result<_>>()?;
+        let mut counts: HashMap<[u8; 33], RefCount> = HashMap::new();
+        while let Some(k) = pending.pop() {
+            let Ok((kind, id)) = ObjectKind::parse_key(&k) else {
+                continue;
+            };
+            let rc = match counts.get(&k) {
+                Some(rc) => *rc,
+                None => self.get_refs(&[k])?[0].unwrap_or_default(),
+            };
+            if rc.count != 0 {
+                continue;
+            }
+            match kind {
+                ObjectKind::Chunk => {
+                    out.chunks += 1;
+                    out.chunk_raw_bytes += rc.logical_len as u64;
+                    out.chunk_stored_bytes += rc.stored_len as u64;
+                }
+                ObjectKind::Region => {
+                    out.regions += 1;
+                    out.recipe_bytes += rc.stored_len as u64;
+                }
+                ObjectKind::Page => {
+                    out.pages += 1;
+                    out.recipe_bytes += rc.stored_len as u64;
+                }
+            }
+            let mut children = HashMap::new();
+            self.collect_children(kind, &id, &mut children)?;
+            for (ck, n) in children {
+                let cur = match counts.get(&ck) {
+                    Some(rc) => *rc,
+                    None => self.get_refs(&[ck])?[0].unwrap_or_default(),
+                };
+                let next = RefCount {
+                    count: cur.count.saturating_sub(n),
+                    ..cur
+                };
+                counts.insert(ck, next);
+                if next.count == 0 {
+                    pending.push(ck);
+                }
+            }
+            counts.insert(
+                k,
+                RefCount {
+                    count: u64::MAX,
+                    ..rc
+                },
+            );
+        }
+        Ok(out)
+    }
+
+    /// Blob file bytes and the garbage in them, from RocksDB's properties.
+    pub fn blob_space(&self) -> Result<BlobSpace> {
+        let chunks = self.cf(cf::CHUNKS);
+        let prop = |name: &str| -> Result<u64> {
+            Ok(self
+                .db
+                .property_int_value_cf(chunks, name)
+                .map_err(|e| self.db_err("read property", e))?
+                .unwrap_or(0))
+        };
+        Ok(BlobSpace {
+            files_bytes: prop("rocksdb.live-blob-file-size")?,
+            garbage_bytes: prop("rocksdb.live-blob-file-garbage-size")?,
+        })
+    }
+
+    /// Gives the space of deleted objects back to the file system: compacts
+    /// every column family (dropping dead keys and references, deleting blob
+    /// files nothing references), then, when garbage in blob files still
+    /// exceeds [`BLOB_GC_RATIO`], rewrites the live blobs out of them.
+    /// Returns whether the blob rewrite ran.
+    pub fn reclaim(&self) -> Result<bool> {
+        self.require_write()?;
+        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let compact = |name: &str| -> Result<()> {
+            let mut co = CompactOptions::default();
+            co.set_bottommost_level_compaction(BottommostLevelCompaction::Force);
+            co.set_exclusive_manual_compaction(true);
+            self.db
+                .compact_range_cf_opt(self.cf(name), None::<&[u8]>, None::<&[u8]>, &co);
+            Ok(())
+        };
+        for name in cf::ALL {
+            compact(name)?;
+        }
+        let space = self.blob_space()?;
+        let rewrite = space.files_bytes > 0
+            && space.garbage_bytes as f64 > BLOB_GC_RATIO * space.files_bytes as f64;
+        if rewrite {
+            let chunks = self.cf(cf::CHUNKS);
+            let set = |v: &[(&str, &str)]| {
+                self.db
+                    .set_options_cf(chunks, v)
+                    .map_err(|e| self.db_err("set options", e))
+            };
+            set(&[
+                ("enable_blob_garbage_collection", "true"),
+                ("blob_garbage_collection_age_cutoff", "1.0"),
+            ])?;
+            let r = compact(cf::CHUNKS);
+            set(&[
+                ("enable_blob_garbage_collection", "false"),
+                ("blob_garbage_collection_age_cutoff", "0.25"),
+            ])?;
+            r?;
+        }
+        Ok(rewrite)
+    }
+}
