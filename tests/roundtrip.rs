@@ -116,7 +116,7 @@ proptest! {
         store.forget(&rest).unwrap();
         store.sweep(false, &|_| {}).unwrap();
         let t = store.totals().unwrap();
-        prop_assert_eq!((t.chunks, t.regions, t.pages, t.orphans), (0, 0, 0, 0));
+        prop_assert_eq!((t.objects.chunks, t.objects.regions, t.objects.pages, t.orphans), (0, 0, 0, 0));
         drop(store);
         // Everything committed is readable by a read-only open.
         let ro = Store::open(&dir.path().join("repo"), Mode::ReadOnly).unwrap();

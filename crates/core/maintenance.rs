@@ -241,19 +241,19 @@ pub fn stats(repo: &Path, a: StatsArgs) -> anyhow::Result<()> {
                 .iter()
                 .map(|(_, s)| s.size - s.stats.zero_bytes.min(s.size))
                 .sum();
-            let stored = t.chunk_stored_bytes + t.recipe_bytes;
+            let stored = t.objects.chunk_stored_bytes + t.objects.recipe_bytes;
             json!({
                 "snapshots": snaps.len(),
                 "logical_bytes": logical,
                 "data_bytes": data,
-                "unique_chunk_bytes": t.chunk_raw_bytes,
+                "unique_chunk_bytes": t.objects.chunk_raw_bytes,
                 "stored_bytes": stored,
-                "chunks": t.chunks,
-                "regions": t.regions,
-                "pages": t.pages,
+                "chunks": t.objects.chunks,
+                "regions": t.objects.regions,
+                "pages": t.objects.pages,
                 "orphans": t.orphans,
-                "dedup_ratio": data as f64 / t.chunk_raw_bytes.max(1) as f64,
-                "compression_ratio": t.chunk_raw_bytes as f64 / t.chunk_stored_bytes.max(1) as f64,
+                "dedup_ratio": data as f64 / t.objects.chunk_raw_bytes.max(1) as f64,
+                "compression_ratio": t.objects.chunk_raw_bytes as f64 / t.objects.chunk_stored_bytes.max(1) as f64,
                 "repository_disk_bytes": disk_usage(store.dir()),
             })
         }

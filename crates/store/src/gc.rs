@@ -38,18 +38,7 @@ pub struct ForgetOutcome {
 }
 
 /// What a sweep deleted (or, dry, would delete).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SweepOutcome {
-    pub chunks: u64,
-    pub regions: u64,
-    pub pages: u64,
-    /// Raw bytes of the deleted chunks.
-    pub chunk_raw_bytes: u64,
-    /// Stored (compressed) bytes of the deleted chunks.
-    pub chunk_stored_bytes: u64,
-    /// Bytes of deleted recipes and pages.
-    pub recipe_bytes: u64,
-}
+pub type SweepOutcome = crate::Tally;
 
 /// Blob file figures from RocksDB.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -215,21 +204,11 @@ impl Store {
                 }
                 self.collect_children(kind, &id, &mut children)?;
                 batch.delete_cf(self.cf(cf::REFS), k);
+                out.add(kind, &rc);
                 match kind {
-                    ObjectKind::Chunk => {
-                        batch.delete_cf(self.cf(cf::CHUNKS), id.as_bytes());
-                        out.chunks += 1;
-                        out.chunk_raw_bytes += rc.logical_len as u64;
-                        out.chunk_stored_bytes += rc.stored_len as u64;
-                    }
+                    ObjectKind::Chunk => batch.delete_cf(self.cf(cf::CHUNKS), id.as_bytes()),
                     ObjectKind::Region | ObjectKind::Page => {
-                        batch.delete_cf(self.cf(cf::RECIPES), k);
-                        if kind == ObjectKind::Region {
-                            out.regions += 1;
-                        } else {
-                            out.pages += 1;
-                        }
-                        out.recipe_bytes += rc.stored_len as u64;
+                        batch.delete_cf(self.cf(cf::RECIPES), k)
                     }
                 }
             }
@@ -296,21 +275,7 @@ impl Store {
             if rc.count != 0 {
                 continue;
             }
-            match kind {
-                ObjectKind::Chunk => {
-                    out.chunks += 1;
-                    out.chunk_raw_bytes += rc.logical_len as u64;
-                    out.chunk_stored_bytes += rc.stored_len as u64;
-                }
-                ObjectKind::Region => {
-                    out.regions += 1;
-                    out.recipe_bytes += rc.stored_len as u64;
-                }
-                ObjectKind::Page => {
-                    out.pages += 1;
-                    out.recipe_bytes += rc.stored_len as u64;
-                }
-            }
+            out.add(kind, &rc);
             let mut children = HashMap::new();
             self.collect_children(kind, &id, &mut children)?;
             for (ck, n) in children {

@@ -85,15 +85,47 @@ pub struct PutOutcome {
     pub new_bytes: u64,
 }
 
-/// Repository-wide totals from the `refs` column family.
+/// Counts and bytes of stored objects: what [`Store::totals`] finds, what a
+/// sweep frees.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Totals {
+pub struct Tally {
     pub chunks: u64,
+    /// Raw bytes of the chunks.
     pub chunk_raw_bytes: u64,
+    /// Stored (frame) bytes of the chunks.
     pub chunk_stored_bytes: u64,
     pub regions: u64,
     pub pages: u64,
+    /// Bytes of region recipes and index pages.
     pub recipe_bytes: u64,
+}
+
+impl Tally {
+    /// Counts one object of `kind` with the sizes its `refs` entry records.
+    pub fn add(&mut self, kind: ObjectKind, rc: &RefCount) {
+        match kind {
+            ObjectKind::Chunk => {
+                self.chunks += 1;
+                self.chunk_raw_bytes += rc.logical_len as u64;
+                self.chunk_stored_bytes += rc.stored_len as u64;
+            }
+            ObjectKind::Region => {
+                self.regions += 1;
+                self.recipe_bytes += rc.stored_len as u64;
+            }
+            ObjectKind::Page => {
+                self.pages += 1;
+                self.recipe_bytes += rc.stored_len as u64;
+            }
+        }
+    }
+}
+
+/// Repository-wide totals from the `refs` and `orphans` column families.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub objects: Tally,
+    /// Objects with reference count zero, waiting for gc.
     pub orphans: u64,
 }
 
@@ -652,21 +684,7 @@ impl Store {
             })?;
             let rc =
                 RefCount::decode(&v).map_err(|source| StoreError::Corrupt { kind, id, source })?;
-            match kind {
-                ObjectKind::Chunk => {
-                    t.chunks += 1;
-                    t.chunk_raw_bytes += rc.logical_len as u64;
-                    t.chunk_stored_bytes += rc.stored_len as u64;
-                }
-                ObjectKind::Region => {
-                    t.regions += 1;
-                    t.recipe_bytes += rc.stored_len as u64;
-                }
-                ObjectKind::Page => {
-                    t.pages += 1;
-                    t.recipe_bytes += rc.stored_len as u64;
-                }
-            }
+            t.objects.add(kind, &rc);
         }
         let orphans = self.cf(cf::ORPHANS);
         t.orphans = self
