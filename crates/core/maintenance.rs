@@ -35,6 +35,19 @@ pub fn disk_usage(dir: &Path) -> u64 {
     total
 }
 
+/// The repository's disk usage, then the repository opened read-only for a
+/// dry run or as the writer `operation` otherwise (usage is measured first:
+/// opening for write preallocates a WAL file).
+fn open_for(repo: &Path, dry_run: bool, operation: &'static str) -> anyhow::Result<(u64, Store)> {
+    let before = disk_usage(repo);
+    let mode = if dry_run {
+        Mode::ReadOnly
+    } else {
+        Mode::Write { operation }
+    };
+    Ok((before, Store::open(repo, mode)?))
+}
+
 fn resolve(store: &Store, s: &str, name: Option<&str>) -> anyhow::Result<Id> {
     let snaps = store.snapshots()?;
     Ok(imgstore_engine::select(&snaps, &Selector::parse(s)?, name)?.0)
@@ -69,17 +82,7 @@ pub fn forget(repo: &Path, a: ForgetArgs) -> anyhow::Result<()> {
         }
         _ => {}
     }
-    let before = disk_usage(repo);
-    let store = Store::open(
-        repo,
-        if a.dry_run {
-            Mode::ReadOnly
-        } else {
-            Mode::Write {
-                operation: "forget",
-            }
-        },
-    )?;
+    let (before, store) = open_for(repo, a.dry_run, "forget")?;
     let snaps = store.snapshots()?;
     let protected = store.protected()?;
     let decisions = if a.snapshots.is_empty() {
@@ -158,15 +161,7 @@ pub fn forget(repo: &Path, a: ForgetArgs) -> anyhow::Result<()> {
 }
 
 pub fn gc(repo: &Path, a: GcArgs) -> anyhow::Result<()> {
-    let before = disk_usage(repo);
-    let store = Store::open(
-        repo,
-        if a.dry_run {
-            Mode::ReadOnly
-        } else {
-            Mode::Write { operation: "gc" }
-        },
-    )?;
+    let (before, store) = open_for(repo, a.dry_run, "gc")?;
     run_gc(&store, before, a.dry_run, a.json)
 }
 

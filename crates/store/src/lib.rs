@@ -384,19 +384,6 @@ impl Store {
             .collect()
     }
 
-    /// The stored frame of a chunk.
-    pub fn chunk_frame(&self, id: &Id) -> Result<Vec<u8>> {
-        let chunks = self.cf(cf::CHUNKS);
-        match self.db.get_pinned_cf(&chunks, id.as_bytes()) {
-            Ok(Some(v)) => Ok(v.to_vec()),
-            Ok(None) => Err(StoreError::Missing {
-                kind: ObjectKind::Chunk,
-                id: *id,
-            }),
-            Err(e) => Err(self.db_err("read chunk", e)),
-        }
-    }
-
     /// Stored frames of several chunks, in order (one batched lookup).
     pub fn chunk_frames(&self, ids: &[Id]) -> Result<Vec<Vec<u8>>> {
         let chunks = self.cf(cf::CHUNKS);
