@@ -173,8 +173,12 @@ fn second_writer_gets_busy_and_readers_still_work() {
         "repository is busy: backup by pid",
     );
     assert!(err.contains(&holder.id().to_string()), "{err}");
-    // Readers work meanwhile.
+    // Readers work meanwhile, and see only committed snapshots.
     assert!(env.ok(&["snapshots"]).contains("1 snapshots"));
+    assert!(env
+        .ok(&["check", "--read-data"])
+        .contains("no problems found"));
+    env.ok(&["verify", "--all"]);
     drop(holder.stdin.take());
     assert!(holder.wait().unwrap().success());
     assert!(env.ok(&["snapshots"]).contains("2 snapshots"));

@@ -9,5 +9,6 @@ mod backup;
 mod errors;
 mod gc;
 mod golden;
+mod integrity;
 mod roundtrip;
 mod snapshots;

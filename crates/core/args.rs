@@ -78,6 +78,46 @@ imgstore forget --keep-daily 7 --keep-weekly 4 --keep-monthly 12 --dry-run\n  im
         after_help = "Examples:\n  imgstore stats\n  imgstore stats latest --name vm-root --json"
     )]
     Stats(StatsArgs),
+    /// Verify the repository: structure and reference counts, optionally every chunk's data.
+    #[command(
+        after_help = "Exit status 0 only when no problem was found. Damaged objects are marked so \
+that the next backup of the same data repairs them.\n\nExamples:\n  imgstore check\n  \
+imgstore check --read-data\n  imgstore check --read-data-subset 10% --json"
+    )]
+    Check(CheckArgs),
+    /// Prove snapshots restorable: rebuild them in memory and compare their digests.
+    #[command(
+        after_help = "Examples:\n  imgstore verify latest --name vm-root\n  imgstore verify --all --json"
+    )]
+    Verify(VerifyArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    /// Also read, decompress and re-hash every stored chunk.
+    #[arg(long, conflicts_with = "read_data_subset")]
+    pub read_data: bool,
+    /// Read a random sample of the chunks: a percentage ("10%") or a fraction ("0.1").
+    #[arg(long, value_name = "N%")]
+    pub read_data_subset: Option<String>,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// Snapshots (ids, unique prefixes or `latest`).
+    pub snapshots: Vec<String>,
+    /// Every snapshot in the repository.
+    #[arg(long, conflicts_with = "snapshots")]
+    pub all: bool,
+    /// With `latest`: the image name.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Print a JSON array, one object per snapshot.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]

@@ -29,6 +29,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Protect(a) => crate::maintenance::protect(&repo, a, true),
         Command::Unprotect(a) => crate::maintenance::protect(&repo, a, false),
         Command::Stats(a) => crate::maintenance::stats(&repo, a),
+        Command::Check(a) => crate::integrity::check(&repo, a, progress),
+        Command::Verify(a) => crate::integrity::verify(&repo, a, progress),
     }
 }
 
@@ -99,13 +101,16 @@ fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> {
         tags: a.tags,
         hostname: hostname(),
     };
+    let damaged = store.damage_pending();
     let r = imgstore_engine::backup(&store, source, &opts, &bar)?;
     drop(bar);
+    let repaired = damaged - store.damage_pending();
     let s = &r.snapshot;
     let secs = s.stats.duration_ns as f64 / 1e9;
     if a.json {
         let mut v = snapshot_json(&r.id, s);
         v["bytes_read"] = json!(r.bytes_read);
+        v["repaired_objects"] = json!(repaired);
         emit(&format!("{v}\n"))
     } else {
         note(&format!(
@@ -120,11 +125,17 @@ fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> {
             human_bytes(s.stats.zero_bytes),
             human_bytes(r.bytes_read),
         ));
+        if repaired > 0 {
+            note(&format!(
+                "repaired {repaired} damaged objects found by an earlier check ({} still marked)",
+                store.damage_pending()
+            ));
+        }
         emit(&format!("{}\n", r.id))
     }
 }
 
-fn snapshot_json(id: &Id, s: &Snapshot) -> serde_json::Value {
+pub(crate) fn snapshot_json(id: &Id, s: &Snapshot) -> serde_json::Value {
     json!({
         "id": id.to_hex(),
         "short_id": id.short(),

@@ -5,6 +5,7 @@
 
 mod args;
 mod commands;
+mod integrity;
 mod maintenance;
 mod progress;
 mod units;
@@ -15,6 +16,9 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // Repository files hold whole disks: readable by their owner only
+    // (RocksDB creates its files with the process umask).
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let cli = args::Cli::parse();
     match commands::run(cli) {
         Ok(()) => ExitCode::SUCCESS,

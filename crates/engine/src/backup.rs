@@ -244,6 +244,7 @@ pub fn backup(
                 path: source.path().to_path_buf(),
                 before,
                 after: if now != before { now } else { size },
+                at: size,
             });
         }
     }

@@ -16,11 +16,12 @@ pub enum EngineError {
         offset: u64,
         source: std::io::Error,
     },
-    #[error("source {} changed size during the backup (was {before} bytes, now {after}); no snapshot was written: back up a stable copy (an LVM or qemu snapshot)", path.display())]
+    #[error("source {} changed size during the backup (was {before} bytes, now {after}; noticed at byte {at}); no snapshot was written: back up a stable copy (an LVM or qemu snapshot)", path.display())]
     SourceChanged {
         path: PathBuf,
         before: u64,
         after: u64,
+        at: u64,
     },
     #[error("target {}: {why}", path.display())]
     BadTarget { path: PathBuf, why: String },

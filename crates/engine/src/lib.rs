@@ -8,6 +8,9 @@
 //! * [`restore()`] rebuilds an image from a snapshot in parallel with
 //!   positional writes, leaving holes in files, verifying every chunk and the
 //!   whole-image BLAKE3 digest.
+//! * [`check()`] proves the repository whole (structure, reference counts,
+//!   optionally every chunk's content) and maps damage to snapshots and
+//!   byte ranges.
 //! * [`select()`] resolves what the user typed (`latest`, an id prefix, a
 //!   time) to one snapshot.
 //!
@@ -22,6 +25,7 @@
 //! The engine never prints: progress goes through the [`Progress`] trait.
 
 mod backup;
+mod check;
 pub mod digest;
 mod error;
 pub mod policy;
@@ -30,6 +34,7 @@ mod select;
 mod source;
 
 pub use backup::{backup, chunker_for, BackupOptions, BackupReport};
+pub use check::{check, CheckReport, DamagedSnapshot, Problem, ReadData};
 pub use error::EngineError;
 pub use restore::{region_ids, restore, RestoreReport, Target};
 pub use select::{select, Selector};

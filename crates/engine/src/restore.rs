@@ -30,6 +30,9 @@ pub enum Target {
     File { path: PathBuf },
     /// An existing block device, written in place (zeros written too).
     Device { path: PathBuf },
+    /// Nowhere: every chunk and the digest are checked, nothing is written
+    /// (`imgstore verify`).
+    Discard,
     /// A sequential stream: stdout, a pipe, `/dev/null`.
     Stream {
         label: String,
@@ -104,6 +107,16 @@ thread_local! {
     static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
 }
 
+/// Runs `f` with this thread's zstd decompression context.
+pub(crate) fn with_decompressor<T>(
+    f: impl FnOnce(&mut zstd::bulk::Decompressor<'static>) -> T,
+) -> T {
+    DECOMPRESSOR.with(|d| {
+        let mut d = d.borrow_mut();
+        f(d.get_or_insert_with(|| zstd::bulk::Decompressor::new().expect("zstd context")))
+    })
+}
+
 struct Ctx<'a> {
     store: &'a Store,
     snapshot: &'a Snapshot,
@@ -121,6 +134,8 @@ enum Sink<'a> {
     },
     /// Into a buffer holding the region (for streams).
     Buf(&'a mut Vec<u8>),
+    /// Nowhere (verification only).
+    Discard,
 }
 
 impl Ctx<'_> {
@@ -176,6 +191,10 @@ impl Ctx<'_> {
                 let off = base + offset_of(&entries, &id);
                 return Err(self.damaged(off, id, "missing from the store".into()));
             }
+            Err(StoreError::Unreadable { id, detail, .. }) => {
+                let off = base + offset_of(&entries, &id);
+                return Err(self.damaged(off, id, format!("unreadable: {detail}")));
+            }
             Err(e) => return Err(e.into()),
         };
         let mut hasher = region_hasher(base);
@@ -196,20 +215,13 @@ impl Ctx<'_> {
                             path,
                             write_zeros: true,
                         } => write_zeros_at(file, path, pos, e.len as u64)?,
-                        Sink::At { .. } => {}
+                        Sink::At { .. } | Sink::Discard => {}
                         Sink::Buf(b) => b.resize(b.len() + e.len as usize, 0),
                     }
                 }
                 Some(id) => {
                     let frame = &frames[ids.binary_search(&id).expect("id fetched")];
-                    DECOMPRESSOR
-                        .with(|d| {
-                            let mut d = d.borrow_mut();
-                            let d = d.get_or_insert_with(|| {
-                                zstd::bulk::Decompressor::new().expect("zstd context")
-                            });
-                            decode_chunk(frame, d, &mut buf).map(|_| ())
-                        })
+                    with_decompressor(|d| decode_chunk(frame, d, &mut buf).map(|_| ()))
                         .map_err(|err| self.damaged(pos, id, err.to_string()))?;
                     if buf.len() != e.len as usize || Id::hash(&buf) != id {
                         return Err(self.damaged(pos, id, "content does not match its id".into()));
@@ -221,6 +233,7 @@ impl Ctx<'_> {
                             file.write_all_at(&buf, pos).map_err(write_err(path, pos))?
                         }
                         Sink::Buf(b) => b.extend_from_slice(&buf),
+                        Sink::Discard => {}
                     }
                 }
             }
@@ -333,8 +346,7 @@ pub fn restore(
     };
     progress.start(Some(snapshot.size));
     let n = ctx.region_ids.len();
-    let positional = |file: &File,
-                      path: &Path,
+    let positional = |at: Option<(&File, &Path)>,
                       write_zeros: bool|
      -> Result<(Vec<RegionHash>, u64, u64), EngineError> {
         // Twice as many workers as cores: while one waits for a blob read
@@ -344,14 +356,15 @@ pub fn restore(
             (0..n)
                 .into_par_iter()
                 .map(|i| {
-                    let r = ctx.region(
-                        i,
-                        Sink::At {
+                    let sink = match at {
+                        Some((file, path)) => Sink::At {
                             file,
                             path,
                             write_zeros,
                         },
-                    )?;
+                        None => Sink::Discard,
+                    };
+                    let r = ctx.region(i, sink)?;
                     progress.advance(ctx.region_len(i));
                     Ok(r)
                 })
@@ -374,7 +387,7 @@ pub fn restore(
                 })?;
             let result: Result<_, EngineError> = (|| {
                 file.set_len(snapshot.size).map_err(write_err(&path, 0))?;
-                let r = positional(&file, &path, false)?;
+                let r = positional(Some((&file, &path)), false)?;
                 check_digest(&ctx, snapshot, &r.0)?;
                 file.sync_all().map_err(write_err(&path, snapshot.size))?;
                 std::fs::rename(&tmp, &path).map_err(write_err(&path, snapshot.size))?;
@@ -405,9 +418,14 @@ pub fn restore(
                     ),
                 });
             }
-            let r = positional(&file, &path, true)?;
+            let r = positional(Some((&file, &path)), true)?;
             check_digest(&ctx, snapshot, &r.0)?;
             file.sync_all().map_err(write_err(&path, snapshot.size))?;
+            r
+        }
+        Target::Discard => {
+            let r = positional(None, false)?;
+            check_digest(&ctx, snapshot, &r.0)?;
             r
         }
         Target::Stream { label, mut out } => {

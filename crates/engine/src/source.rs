@@ -162,6 +162,7 @@ impl Source {
                                 path: self.path.clone(),
                                 before: size,
                                 after: file.metadata().map(|m| m.len()).unwrap_or(0),
+                                at: data,
                             }
                         } else {
                             read_err(data, e)

@@ -175,4 +175,22 @@ mod tests {
             FormatError::NotRepository { .. }
         ));
     }
+
+    proptest::proptest! {
+        #[test]
+        fn hostile_config_files_are_errors(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400)) {
+            let _ = RepoConfig::from_json(&bytes);
+        }
+
+        #[test]
+        fn mutated_config_never_panics(pos in 0usize..1000, val in proptest::prelude::any::<u8>()) {
+            let cfg = RepoConfig::new("00".repeat(16), 0, ChunkingConfig {
+                algorithm: "fastcdc-2020".into(), min: 16384, avg: 65536, max: 262144, zero_min: 16384,
+            }, 3);
+            let mut b = cfg.to_json();
+            let p = pos % b.len();
+            b[p] = val;
+            let _ = RepoConfig::from_json(&b);
+        }
+    }
 }

@@ -138,4 +138,33 @@ mod tests {
         assert!(decode_chunk(&[7, 0, 0, 0, 0], &mut d, &mut out).is_err());
         assert!(decode_chunk(&[0, 0], &mut d, &mut out).is_err());
     }
+
+    proptest::proptest! {
+        // Hostile frames: random bytes and valid frames with one byte
+        // changed decode to an error or to exactly the declared length,
+        // never a panic, never more than MAX_CHUNK_LEN bytes.
+        #[test]
+        fn random_frames_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+            let mut d = zstd::bulk::Decompressor::new().unwrap();
+            let mut out = Vec::new();
+            if decode_chunk(&bytes, &mut d, &mut out).is_ok() {
+                proptest::prop_assert!(out.len() <= MAX_CHUNK_LEN);
+                proptest::prop_assert_eq!(out.len() as u32, u32::from_le_bytes(bytes[1..5].try_into().unwrap()));
+            }
+        }
+
+        #[test]
+        fn mutated_frames_never_panic(pos in 0usize..2000, val in proptest::prelude::any::<u8>(), seed in 0u32..1000) {
+            let mut c = zstd::bulk::Compressor::new(3).unwrap();
+            let mut d = zstd::bulk::Decompressor::new().unwrap();
+            let data: Vec<u8> = (0..20_000u32).map(|i| ((i / 7) ^ seed) as u8).collect();
+            let mut f = encode_chunk(&data, &mut c);
+            let p = pos % f.len();
+            f[p] = val;
+            let mut out = Vec::new();
+            if decode_chunk(&f, &mut d, &mut out).is_ok() {
+                proptest::prop_assert_eq!(out.len() as u32, u32::from_le_bytes(f[1..5].try_into().unwrap()));
+            }
+        }
+    }
 }

@@ -102,3 +102,12 @@ impl ObjectKind {
 /// Key in the `meta` column family holding the format version (u32 LE) the
 /// database was created with; checked against the config file on open.
 pub const META_FORMAT_KEY: &[u8] = b"format";
+
+/// Prefix of `meta` keys marking a protected snapshot: `protect:` + snapshot id (32 bytes).
+pub const META_PROTECT_PREFIX: &[u8] = b"protect:";
+
+/// Prefix of `meta` keys marking a stored object found damaged by `check`
+/// or `verify`: `damaged:` + object key (kind byte + id, 33 bytes); the value
+/// is a UTF-8 description of the damage. A backup that produces the same
+/// object writes it again and deletes the mark in its commit.
+pub const META_DAMAGED_PREFIX: &[u8] = b"damaged:";

@@ -11,6 +11,15 @@ pub enum StoreError {
     AlreadyExists { path: PathBuf },
     #[error("{}: {source}", path.display())]
     Format { path: PathBuf, source: FormatError },
+    #[error("repository {} belongs to uid {owner} but imgstore runs as uid {user}: run it as the owner (or `chown -R` the repository){}", path.display(), if *readable { "" } else { "; it is not readable by this user" })]
+    Owner {
+        path: PathBuf,
+        owner: u32,
+        user: u32,
+        readable: bool,
+    },
+    #[error("the repository database in {} is damaged and cannot be opened ({detail}): restore the repository directory from a copy; `imgstore check` lists what a readable database holds", path.display())]
+    Damaged { path: PathBuf, detail: String },
     #[error("cannot {op} {}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -29,6 +38,12 @@ pub enum StoreError {
     Db {
         path: PathBuf,
         op: &'static str,
+        detail: String,
+    },
+    #[error("{kind:?} {id} cannot be read: {detail}")]
+    Unreadable {
+        kind: ObjectKind,
+        id: Id,
         detail: String,
     },
     #[error("{kind:?} {id} is missing from the store")]
@@ -56,6 +71,12 @@ impl StoreError {
         let detail = e.into_string();
         if detail.contains("No space left") || detail.contains("ENOSPC") {
             return StoreError::NoSpace {
+                path: path.to_path_buf(),
+                detail,
+            };
+        }
+        if op == "open" && detail.contains("Corruption") {
+            return StoreError::Damaged {
                 path: path.to_path_buf(),
                 detail,
             };

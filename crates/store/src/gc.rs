@@ -27,7 +27,7 @@ use crate::{Result, Store, StoreError};
 /// Garbage share of blob bytes above which gc rewrites mixed blob files.
 pub const BLOB_GC_RATIO: f64 = 0.2;
 
-const PROTECT_PREFIX: &[u8] = b"protect:";
+use imgstore_format::META_PROTECT_PREFIX as PROTECT_PREFIX;
 
 /// What [`Store::forget`] removed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -91,7 +91,7 @@ impl Store {
         Ok(out)
     }
 
-    fn write_synced(&self, batch: WriteBatch, op: &'static str) -> Result<()> {
+    pub(crate) fn write_synced(&self, batch: WriteBatch, op: &'static str) -> Result<()> {
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
         self.db

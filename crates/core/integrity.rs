@@ -1,0 +1,282 @@
+//! `check` and `verify`.
+
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use imgstore_engine::{CheckReport, EngineError, ReadData, Selector, Target};
+use imgstore_format::{Id, ObjectKind};
+use imgstore_store::{DamageMark, Mode, Store, StoreError};
+use serde_json::json;
+
+use crate::args::{CheckArgs, VerifyArgs};
+use crate::commands::{emit, note};
+use crate::progress::Bar;
+use crate::units::{format_time, human_bytes};
+
+fn kind_name(k: ObjectKind) -> &'static str {
+    match k {
+        ObjectKind::Chunk => "chunk",
+        ObjectKind::Region => "region",
+        ObjectKind::Page => "page",
+    }
+}
+
+fn parse_fraction(s: &str) -> anyhow::Result<f64> {
+    let bad = || format!("--read-data-subset '{s}' is not a percentage: give e.g. 10% or 0.1");
+    let f = match s.strip_suffix('%') {
+        Some(p) => p.trim().parse::<f64>().with_context(bad)? / 100.0,
+        None => s.trim().parse::<f64>().with_context(bad)?,
+    };
+    if !(f > 0.0 && f <= 1.0) {
+        bail!("{}", bad());
+    }
+    Ok(f)
+}
+
+/// Records damage marks (and clears marks of objects found intact) so that
+/// the next backup of the same data repairs them. The check itself runs
+/// read-only; this needs the writer lock and is skipped, with a note, when
+/// another writer holds it.
+fn record_marks(repo: &Path, marks: &[DamageMark], intact: &[(ObjectKind, Id)]) -> Option<String> {
+    if marks.is_empty() && intact.is_empty() {
+        return None;
+    }
+    let result = Store::open(repo, Mode::Write { operation: "check" }).and_then(|w| {
+        let known: std::collections::HashSet<(ObjectKind, Id)> =
+            w.damage_marks()?.iter().map(|m| (m.kind, m.id)).collect();
+        let new: Vec<DamageMark> = marks
+            .iter()
+            .filter(|m| !known.contains(&(m.kind, m.id)))
+            .cloned()
+            .collect();
+        w.mark_damaged(&new)?;
+        w.clear_damaged(intact)?;
+        Ok(new.len())
+    });
+    Some(match result {
+        Ok(0) if intact.is_empty() => return None,
+        Ok(n) => format!(
+            "marked {n} newly damaged objects for repair (the next backup of the same data rewrites them){}",
+            if intact.is_empty() {
+                String::new()
+            } else {
+                format!("; {} repaired objects unmarked", intact.len())
+            }
+        ),
+        Err(e @ StoreError::Busy { .. }) => {
+            format!("could not mark damaged objects for repair ({e}); run check again later")
+        }
+        Err(e) => format!("could not mark damaged objects for repair: {e}"),
+    })
+}
+
+pub fn check(repo: &Path, a: CheckArgs, progress: bool) -> anyhow::Result<()> {
+    let read = match (&a.read_data_subset, a.read_data) {
+        (Some(s), _) => ReadData::Subset {
+            fraction: parse_fraction(s)?,
+            seed: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0)
+                ^ u64::from(std::process::id()),
+        },
+        (None, true) => ReadData::All,
+        (None, false) => ReadData::None,
+    };
+    let started = std::time::Instant::now();
+    let report = {
+        let store = Store::open(repo, Mode::ReadOnly)?;
+        let bar = Bar::new(progress);
+        imgstore_engine::check(&store, read, &bar)?
+    };
+    let secs = started.elapsed().as_secs_f64();
+    let marks_note = record_marks(repo, &report.damage_marks(), &report.intact_marked);
+    if a.json {
+        emit(&format!("{}\n", report_json(&report, secs)))?;
+    } else {
+        emit(&report_text(&report, secs))?;
+    }
+    if let Some(n) = marks_note {
+        note(&n);
+    }
+    if !report.is_clean() {
+        bail!(
+            "check found {} problems; {} of {} snapshots are damaged (`imgstore check --json` lists the byte ranges)",
+            report.problems.len(),
+            report.damaged_snapshots.len(),
+            report.snapshots
+        );
+    }
+    Ok(())
+}
+
+fn report_text(r: &CheckReport, secs: f64) -> String {
+    const SHOWN: usize = 20;
+    let mut out = String::new();
+    for p in r.problems.iter().take(SHOWN) {
+        out.push_str(&format!(
+            "{}: {}\n",
+            if p.damaged { "damaged" } else { "problem" },
+            p.what
+        ));
+    }
+    if r.problems.len() > SHOWN {
+        out.push_str(&format!(
+            "... and {} more problems (`--json` lists all)\n",
+            r.problems.len() - SHOWN
+        ));
+    }
+    for d in &r.damaged_snapshots {
+        let what = match &d.snapshot {
+            Some(s) => format!("{}, {}", s.name, format_time(s.time_ns)),
+            None => "record unreadable".into(),
+        };
+        let bytes: u64 = d.ranges.iter().map(|r| r.1).sum();
+        let shown: Vec<String> = d
+            .ranges
+            .iter()
+            .take(8)
+            .map(|(o, l)| format!("{o}..{}", o + l))
+            .collect();
+        out.push_str(&format!(
+            "damaged snapshot {} ({what}): {} in {} ranges: {}{}\n",
+            d.id.short(),
+            human_bytes(bytes),
+            d.ranges.len(),
+            shown.join(", "),
+            if d.ranges.len() > 8 { ", ..." } else { "" }
+        ));
+    }
+    out.push_str(&format!(
+        "checked {} snapshots, {} chunks, {} regions, {} pages ({} orphans awaiting gc)",
+        r.snapshots, r.chunks, r.regions, r.pages, r.orphans
+    ));
+    if r.chunks_read > 0 {
+        out.push_str(&format!(
+            "; read and re-hashed {} chunks ({} stored)",
+            r.chunks_read,
+            human_bytes(r.bytes_read)
+        ));
+    }
+    out.push_str(&format!(" in {secs:.2} s\n"));
+    if r.is_clean() {
+        out.push_str("no problems found\n");
+    }
+    out
+}
+
+fn report_json(r: &CheckReport, secs: f64) -> serde_json::Value {
+    json!({
+        "clean": r.is_clean(),
+        "snapshots": r.snapshots,
+        "chunks": r.chunks,
+        "regions": r.regions,
+        "pages": r.pages,
+        "orphans": r.orphans,
+        "chunks_read": r.chunks_read,
+        "bytes_read": r.bytes_read,
+        "seconds": secs,
+        "problems": r.problems.iter().map(|p| json!({
+            "damaged": p.damaged,
+            "kind": p.object.map(|o| kind_name(o.0)),
+            "id": p.object.map(|o| o.1.to_hex()),
+            "what": p.what,
+        })).collect::<Vec<_>>(),
+        "damaged_snapshots": r.damaged_snapshots.iter().map(|d| json!({
+            "id": d.id.to_hex(),
+            "name": d.snapshot.as_ref().map(|s| s.name.clone()),
+            "time": d.snapshot.as_ref().map(|s| format_time(s.time_ns)),
+            "damaged_bytes": d.ranges.iter().map(|r| r.1).sum::<u64>(),
+            "ranges": d.ranges.iter().map(|(o, l)| json!({"offset": o, "length": l})).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+pub fn verify(repo: &Path, a: VerifyArgs, progress: bool) -> anyhow::Result<()> {
+    if a.snapshots.is_empty() && !a.all {
+        bail!("name the snapshots to verify (an id, a prefix or `latest`), or pass --all");
+    }
+    let store = Store::open(repo, Mode::ReadOnly)?;
+    let snaps = store.snapshots()?;
+    let mut chosen = Vec::new();
+    if a.all {
+        let mut all = snaps.clone();
+        all.sort_by_key(|(id, s)| (s.time_ns, *id));
+        chosen = all;
+    } else {
+        for s in &a.snapshots {
+            chosen.push(imgstore_engine::select(
+                &snaps,
+                &Selector::parse(s)?,
+                a.name.as_deref(),
+            )?);
+        }
+    }
+    let mut results = Vec::new();
+    let mut failed = 0;
+    let mut marks = Vec::new();
+    for (id, snap) in &chosen {
+        let bar = Bar::new(progress);
+        let r = imgstore_engine::restore(&store, id, snap, Target::Discard, &bar);
+        drop(bar);
+        let mut v = json!({
+            "id": id.to_hex(),
+            "name": snap.name,
+            "time": format_time(snap.time_ns),
+            "size": snap.size,
+            "digest": Id(snap.digest).to_hex(),
+        });
+        match r {
+            Ok(r) => {
+                v["ok"] = json!(true);
+                v["seconds"] = json!(r.seconds);
+                if !a.json {
+                    note(&format!(
+                        "verified {} ({}, {}, {}) in {:.2} s: digest matches",
+                        id.short(),
+                        snap.name,
+                        format_time(snap.time_ns),
+                        human_bytes(snap.size),
+                        r.seconds
+                    ));
+                }
+            }
+            Err(e) => {
+                failed += 1;
+                if let EngineError::ChunkDamaged { chunk, why, .. } = &e {
+                    marks.push(DamageMark {
+                        kind: ObjectKind::Chunk,
+                        id: *chunk,
+                        why: why.clone(),
+                    });
+                }
+                v["ok"] = json!(false);
+                v["error"] = json!(e.to_string());
+                if chosen.len() == 1 && !a.json {
+                    if let Some(n) = record_marks(repo, &marks, &[]) {
+                        note(&n);
+                    }
+                    return Err(e.into());
+                }
+                if !a.json {
+                    note(&format!("FAILED {}: {e}", id.short()));
+                }
+            }
+        }
+        results.push(v);
+    }
+    drop(store);
+    if a.json {
+        emit(&format!("{}\n", serde_json::Value::Array(results)))?;
+    }
+    if let Some(n) = record_marks(repo, &marks, &[]) {
+        note(&n);
+    }
+    if failed > 0 {
+        bail!(
+            "{failed} of {} snapshots failed verification: run `imgstore check --read-data` for the full extent",
+            chosen.len()
+        );
+    }
+    Ok(())
+}

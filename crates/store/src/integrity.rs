@@ -1,0 +1,182 @@
+//! What `check` and `verify` need from the store, and self-healing.
+//!
+//! The store hands out raw records (the engine interprets them through
+//! `imgstore-format`) and per-object read outcomes, so one damaged object
+//! never hides the state of the others.
+//!
+//! # Healing
+//!
+//! An object found damaged gets a mark in `meta` (`damaged:` + object key).
+//! A writer loads the marks when it opens; while a mark is pending,
+//! [`Store::chunks_known`] answers "unknown" for that chunk, so a backup of
+//! the same data compresses it again and [`Store::put_region`] rewrites it
+//! (and a damaged region recipe or index page it produces) in place of the
+//! damaged copy, without touching reference counts. The commit that makes
+//! the backup durable deletes the marks of what it rewrote. Content
+//! addressing makes this safe: the rewritten object has, by definition, the
+//! bytes every snapshot naming it expects.
+
+use std::collections::HashSet;
+
+use imgstore_format::{cf, Id, ObjectKind, META_DAMAGED_PREFIX};
+use rocksdb::WriteBatch;
+
+use crate::{Result, Store, StoreError};
+
+/// Damage marks this writer may repair, and those it repaired so far.
+#[derive(Default)]
+pub(crate) struct Healing {
+    pub pending: HashSet<[u8; 33]>,
+    pub healed: Vec<[u8; 33]>,
+}
+
+/// A damage mark: which object, and what was found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DamageMark {
+    pub kind: ObjectKind,
+    pub id: Id,
+    pub why: String,
+}
+
+pub(crate) fn damaged_key(key: &[u8; 33]) -> Vec<u8> {
+    let mut k = META_DAMAGED_PREFIX.to_vec();
+    k.extend_from_slice(key);
+    k
+}
+
+impl Store {
+    /// Every damage mark in the repository.
+    pub fn damage_marks(&self) -> Result<Vec<DamageMark>> {
+        let meta = self.cf(cf::META);
+        let mut out = Vec::new();
+        for item in self.db.prefix_iterator_cf(meta, META_DAMAGED_PREFIX) {
+            let (k, v) = item.map_err(|e| self.db_err("read damage marks", e))?;
+            if !k.starts_with(META_DAMAGED_PREFIX) {
+                break;
+            }
+            if let Ok((kind, id)) = ObjectKind::parse_key(&k[META_DAMAGED_PREFIX.len()..]) {
+                out.push(DamageMark {
+                    kind,
+                    id,
+                    why: String::from_utf8_lossy(&v).into_owned(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records damage marks (synced). A later backup of the same data repairs them.
+    pub fn mark_damaged(&self, marks: &[DamageMark]) -> Result<()> {
+        self.require_write()?;
+        let mut b = WriteBatch::default();
+        for m in marks {
+            b.put_cf(
+                self.cf(cf::META),
+                damaged_key(&m.kind.key(&m.id)),
+                m.why.as_bytes(),
+            );
+        }
+        self.write_synced(b, "mark damaged objects")
+    }
+
+    /// Deletes damage marks of objects found intact again (synced).
+    pub fn clear_damaged(&self, objects: &[(ObjectKind, Id)]) -> Result<()> {
+        self.require_write()?;
+        let mut b = WriteBatch::default();
+        for (kind, id) in objects {
+            b.delete_cf(self.cf(cf::META), damaged_key(&kind.key(id)));
+        }
+        self.write_synced(b, "clear damage marks")
+    }
+
+    /// Damage marks this writer has not repaired (yet).
+    pub fn damage_pending(&self) -> usize {
+        self.heal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pending
+            .len()
+    }
+
+    pub(crate) fn load_healing(&self) -> Result<()> {
+        let marks = self.damage_marks()?;
+        let mut h = self.heal.lock().unwrap_or_else(|p| p.into_inner());
+        h.pending = marks.iter().map(|m| m.kind.key(&m.id)).collect();
+        Ok(())
+    }
+
+    /// Whether `key` is a damaged object this writer should write again.
+    pub(crate) fn is_pending_damage(&self, key: &[u8; 33]) -> bool {
+        let h = self.heal.lock().unwrap_or_else(|p| p.into_inner());
+        !h.pending.is_empty() && h.pending.contains(key)
+    }
+
+    /// Notes that `key` was rewritten in a batch about to be written.
+    pub(crate) fn healed(&self, key: [u8; 33]) {
+        let mut h = self.heal.lock().unwrap_or_else(|p| p.into_inner());
+        if h.pending.remove(&key) {
+            h.healed.push(key);
+        }
+    }
+
+    /// Raw snapshot records `(key, value)` in key order, undecoded, so one
+    /// bad record does not hide the others.
+    pub fn snapshot_records(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let snaps = self.cf(cf::SNAPSHOTS);
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(&snaps, rocksdb::IteratorMode::Start) {
+            let (k, v) = item.map_err(|e| self.db_err("scan snapshots", e))?;
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn scan(
+        &self,
+        name: &'static str,
+        op: &'static str,
+        f: &mut dyn FnMut(&[u8], &[u8]),
+    ) -> Result<()> {
+        for item in self
+            .db
+            .iterator_cf(self.cf(name), rocksdb::IteratorMode::Start)
+        {
+            let (k, v) = item.map_err(|e| self.db_err(op, e))?;
+            f(&k, &v);
+        }
+        Ok(())
+    }
+
+    /// Calls `f(key, record)` for every region recipe and index page.
+    pub fn scan_recipes(&self, f: &mut dyn FnMut(&[u8], &[u8])) -> Result<()> {
+        self.scan(cf::RECIPES, "scan recipes", f)
+    }
+
+    /// Calls `f(key, count)` for every reference count entry.
+    pub fn scan_refs(&self, f: &mut dyn FnMut(&[u8], &[u8])) -> Result<()> {
+        self.scan(cf::REFS, "scan reference counts", f)
+    }
+
+    /// Calls `f(key)` for every orphan entry.
+    pub fn scan_orphans(&self, f: &mut dyn FnMut(&[u8])) -> Result<()> {
+        self.scan(cf::ORPHANS, "scan orphans", &mut |k, _| f(k))
+    }
+
+    /// Stored frames of several chunks, each with its own outcome: a frame,
+    /// or why it could not be read (absent, or the database's error).
+    pub fn chunk_frames_each(&self, ids: &[Id]) -> Vec<Result<Vec<u8>, String>> {
+        let chunks = self.cf(cf::CHUNKS);
+        // Checksums on: a corrupt SST block must be an error, not parsed.
+        let ro = rocksdb::ReadOptions::default();
+        let keys: Vec<&[u8; 32]> = ids.iter().map(|id| id.as_bytes()).collect();
+        self.db
+            .batched_multi_get_cf_opt(chunks, keys, false, &ro)
+            .into_iter()
+            .map(|r| match r {
+                Ok(Some(v)) => Ok(v.to_vec()),
+                Ok(None) => Err("missing from the chunk store".to_string()),
+                Err(e) => Err(StoreError::db(&self.dir, "read chunk", e).to_string()),
+            })
+            .collect()
+    }
+}
