@@ -49,8 +49,9 @@ fn bad_repositories() {
     );
     // A repository from a newer imgstore is refused with advice.
     let cfg = env.repo().join("imgstore.json");
-    let text = fs::read_to_string(&cfg).unwrap();
-    fs::write(&cfg, text.replace("\"version\": 1", "\"version\": 99")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_slice(&fs::read(&cfg).unwrap()).unwrap();
+    v["version"] = 99.into();
+    fs::write(&cfg, v.to_string()).unwrap();
     env.fails(&["snapshots"], "upgrade imgstore");
     let no_repo = Command::new(BIN)
         .env_remove("IMGSTORE_REPO")

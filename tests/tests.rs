@@ -9,6 +9,7 @@ mod backup;
 mod errors;
 mod gc;
 mod golden;
+mod incremental;
 mod integrity;
 mod roundtrip;
 mod snapshots;

@@ -42,7 +42,8 @@ pub enum Command {
     Init(InitArgs),
     /// Back up a disk image, block device or stdin as a new snapshot.
     #[command(
-        after_help = "Examples:\n  imgstore backup disk.img\n  imgstore backup /dev/vg0/vm-root --name vm-root --tag daily\n  dd if=/dev/sdb bs=4M | imgstore backup - --name sdb\n  imgstore backup disk.img --json"
+        after_help = "Examples:\n  imgstore backup disk.img\n  imgstore backup /dev/vg0/vm-root --name vm-root --tag daily\n  dd if=/dev/sdb bs=4M | imgstore backup - --name sdb\n  imgstore backup disk.img --json\n  \
+imgstore backup /dev/vg0/vm --base latest --changed dirty-ranges.txt --verify-unchanged 1%"
     )]
     Backup(BackupArgs),
     /// List snapshots.
@@ -85,6 +86,12 @@ that the next backup of the same data repairs them.\n\nExamples:\n  imgstore che
 imgstore check --read-data\n  imgstore check --read-data-subset 10% --json"
     )]
     Check(CheckArgs),
+    /// Byte ranges that differ between two snapshots (from their recipes; reads no data).
+    #[command(
+        after_help = "The text output is `OFFSET LENGTH` lines (with `#` comments), usable as \
+`backup --changed` input.\n\nExamples:\n  imgstore diff 1a2b3c4d 5e6f7a8b\n  imgstore diff 1a2b3c4d latest --name vm-root --json"
+    )]
+    Diff(DiffArgs),
     /// Prove snapshots restorable: rebuild them in memory and compare their digests.
     #[command(
         after_help = "Examples:\n  imgstore verify latest --name vm-root\n  imgstore verify --all --json"
@@ -100,6 +107,20 @@ pub struct CheckArgs {
     /// Read a random sample of the chunks: a percentage ("10%") or a fraction ("0.1").
     #[arg(long, value_name = "N%")]
     pub read_data_subset: Option<String>,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct DiffArgs {
+    /// The older snapshot (id, prefix or `latest`).
+    pub a: String,
+    /// The newer snapshot.
+    pub b: String,
+    /// With `latest`: the image name.
+    #[arg(long)]
+    pub name: Option<String>,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -213,6 +234,15 @@ pub struct BackupArgs {
     /// Print the result as one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// Changed-block backup: take everything not listed in --changed from this snapshot.
+    #[arg(long, value_name = "SNAPSHOT", requires = "changed")]
+    pub base: Option<String>,
+    /// File of `OFFSET LENGTH` lines (bytes; `#` comments; - for stdin) listing what changed since --base.
+    #[arg(long, value_name = "RANGES", requires = "base")]
+    pub changed: Option<String>,
+    /// With --changed: read this share of the unchanged regions too and fail if they differ from --base.
+    #[arg(long, value_name = "N%", requires = "changed")]
+    pub verify_unchanged: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -240,8 +270,11 @@ pub struct RestoreArgs {
     #[arg(long, value_name = "TIME")]
     pub at: Option<String>,
     /// Replace an existing regular file.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "delta")]
     pub force: bool,
+    /// TARGET already holds a version of the image: write only the chunks that differ.
+    #[arg(long)]
+    pub delta: bool,
     /// Print the result as one JSON object.
     #[arg(long)]
     pub json: bool,

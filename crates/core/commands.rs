@@ -9,7 +9,7 @@ use imgstore_format::{Id, Snapshot};
 use imgstore_store::{Mode, Store};
 use serde_json::json;
 
-use crate::args::{BackupArgs, Cli, Command, InitArgs, RestoreArgs, SnapshotsArgs};
+use crate::args::{BackupArgs, Cli, Command, DiffArgs, InitArgs, RestoreArgs, SnapshotsArgs};
 use crate::progress::Bar;
 use crate::units::{format_time, human_bytes, parse_size, parse_time};
 
@@ -29,6 +29,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Protect(a) => crate::maintenance::protect(&repo, a, true),
         Command::Unprotect(a) => crate::maintenance::protect(&repo, a, false),
         Command::Stats(a) => crate::maintenance::stats(&repo, a),
+        Command::Diff(a) => diff(&repo, a),
         Command::Check(a) => crate::integrity::check(&repo, a, progress),
         Command::Verify(a) => crate::integrity::verify(&repo, a, progress),
     }
@@ -102,7 +103,30 @@ fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> {
         hostname: hostname(),
     };
     let damaged = store.damage_pending();
-    let r = imgstore_engine::backup(&store, source, &opts, &bar)?;
+    let changed = match (&a.base, &a.changed) {
+        (Some(base), Some(list)) => {
+            let snaps = store.snapshots()?;
+            let (base_id, base) =
+                imgstore_engine::select(&snaps, &Selector::parse(base)?, Some(&opts.name))
+                    .or_else(|_| imgstore_engine::select(&snaps, &Selector::parse(base)?, None))
+                    .with_context(|| format!("--base {base}"))?;
+            let verify_unchanged = match &a.verify_unchanged {
+                Some(v) => crate::units::parse_fraction(v, "--verify-unchanged")?,
+                None => 0.0,
+            };
+            Some(imgstore_engine::ChangedBlocks {
+                base_id,
+                base,
+                ranges: read_ranges(list)?,
+                verify_unchanged,
+            })
+        }
+        _ => None,
+    };
+    let r = match &changed {
+        Some(c) => imgstore_engine::backup_changed(&store, &source, c, &opts, &bar)?,
+        None => imgstore_engine::backup(&store, source, &opts, &bar)?,
+    };
     drop(bar);
     let repaired = damaged - store.damage_pending();
     let s = &r.snapshot;
@@ -133,6 +157,38 @@ fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> {
         }
         emit(&format!("{}\n", r.id))
     }
+}
+
+/// Reads a change list: `OFFSET LENGTH` per line (decimal or 0x hex; more
+/// fields are ignored, so `nbdinfo --map` output filtered to dirty extents
+/// works), blank lines and `#` comments skipped.
+fn read_ranges(list: &str) -> anyhow::Result<Vec<(u64, u64)>> {
+    let text = if list == "-" {
+        std::io::read_to_string(std::io::stdin())
+            .context("cannot read the change list from stdin")?
+    } else {
+        std::fs::read_to_string(list).with_context(|| format!("cannot read change list {list}"))?
+    };
+    let num = |s: &str| match s.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16).ok(),
+        None => s.parse::<u64>().ok(),
+    };
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut f = line.split_whitespace();
+        match (f.next().and_then(num), f.next().and_then(num)) {
+            (Some(o), Some(l)) => out.push((o, l)),
+            _ => bail!(
+                "change list {list}, line {}: expected `OFFSET LENGTH` in bytes, found {line:?}",
+                n + 1
+            ),
+        }
+    }
+    Ok(out)
 }
 
 pub(crate) fn snapshot_json(id: &Id, s: &Snapshot) -> serde_json::Value {
@@ -205,6 +261,43 @@ fn restore(repo: &Path, a: RestoreArgs, progress: bool) -> anyhow::Result<()> {
     let store = Store::open(repo, Mode::ReadOnly)?;
     let snaps = store.snapshots()?;
     let (id, snap) = imgstore_engine::select(&snaps, &selector, a.name.as_deref())?;
+    if a.delta {
+        if target == "-" {
+            bail!("--delta writes onto an existing file or block device, not stdout");
+        }
+        let bar = Bar::new(progress);
+        let r = imgstore_engine::restore_delta(&store, &id, &snap, Path::new(&target), &bar)?;
+        drop(bar);
+        if a.json {
+            return emit(&format!(
+                "{}\n",
+                json!({
+                    "id": id.to_hex(),
+                    "name": snap.name,
+                    "size": snap.size,
+                    "target": target,
+                    "read_bytes": r.read_bytes,
+                    "written_bytes": r.written_bytes,
+                    "skipped_bytes": r.skipped_bytes,
+                    "zeroed_bytes": r.zeroed_bytes,
+                    "seconds": r.seconds,
+                    "digest": Id(snap.digest).to_hex(),
+                })
+            ));
+        }
+        note(&format!(
+            "delta-restored {} ({}, {}) onto {target} in {:.2} s: read {}, wrote {}, zeroed {}, {} already right; digest verified",
+            id.short(),
+            snap.name,
+            human_bytes(snap.size),
+            r.seconds,
+            human_bytes(r.read_bytes),
+            human_bytes(r.written_bytes),
+            human_bytes(r.zeroed_bytes),
+            human_bytes(r.skipped_bytes),
+        ));
+        return Ok(());
+    }
     let target_label = target.clone();
     let target = if target == "-" {
         Target::Stream {
@@ -244,4 +337,43 @@ fn restore(repo: &Path, a: RestoreArgs, progress: bool) -> anyhow::Result<()> {
         note(&line);
         Ok(())
     }
+}
+
+fn diff(repo: &Path, a: DiffArgs) -> anyhow::Result<()> {
+    let store = Store::open(repo, Mode::ReadOnly)?;
+    let snaps = store.snapshots()?;
+    let (ia, sa) = imgstore_engine::select(&snaps, &Selector::parse(&a.a)?, a.name.as_deref())?;
+    let (ib, sb) = imgstore_engine::select(&snaps, &Selector::parse(&a.b)?, a.name.as_deref())?;
+    let ranges = imgstore_engine::diff(&store, (&ia, &sa), (&ib, &sb))?;
+    let changed: u64 = ranges.iter().map(|r| r.1).sum();
+    if a.json {
+        return emit(&format!(
+            "{}\n",
+            json!({
+                "a": ia.to_hex(),
+                "b": ib.to_hex(),
+                "a_size": sa.size,
+                "b_size": sb.size,
+                "changed_bytes": changed,
+                "ranges": ranges.iter().map(|(o, l)| json!({"offset": o, "length": l})).collect::<Vec<_>>(),
+            })
+        ));
+    }
+    let mut out = format!(
+        "# imgstore diff {} ({}, {}) {} ({}, {})\n# {} ranges, {} differ ({changed} bytes, {:.2}% of {})\n# OFFSET LENGTH\n",
+        ia.short(),
+        sa.name,
+        format_time(sa.time_ns),
+        ib.short(),
+        sb.name,
+        format_time(sb.time_ns),
+        ranges.len(),
+        human_bytes(changed),
+        100.0 * changed as f64 / sb.size.max(sa.size).max(1) as f64,
+        human_bytes(sb.size.max(sa.size)),
+    );
+    for (o, l) in &ranges {
+        out.push_str(&format!("{o} {l}\n"));
+    }
+    emit(&out)
 }

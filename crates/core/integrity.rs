@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use imgstore_engine::{CheckReport, EngineError, ReadData, Selector, Target};
 use imgstore_format::{Id, ObjectKind};
 use imgstore_store::{DamageMark, Mode, Store, StoreError};
@@ -19,18 +19,6 @@ fn kind_name(k: ObjectKind) -> &'static str {
         ObjectKind::Region => "region",
         ObjectKind::Page => "page",
     }
-}
-
-fn parse_fraction(s: &str) -> anyhow::Result<f64> {
-    let bad = || format!("--read-data-subset '{s}' is not a percentage: give e.g. 10% or 0.1");
-    let f = match s.strip_suffix('%') {
-        Some(p) => p.trim().parse::<f64>().with_context(bad)? / 100.0,
-        None => s.trim().parse::<f64>().with_context(bad)?,
-    };
-    if !(f > 0.0 && f <= 1.0) {
-        bail!("{}", bad());
-    }
-    Ok(f)
 }
 
 /// Records damage marks (and clears marks of objects found intact) so that
@@ -73,7 +61,7 @@ fn record_marks(repo: &Path, marks: &[DamageMark], intact: &[(ObjectKind, Id)]) 
 pub fn check(repo: &Path, a: CheckArgs, progress: bool) -> anyhow::Result<()> {
     let read = match (&a.read_data_subset, a.read_data) {
         (Some(s), _) => ReadData::Subset {
-            fraction: parse_fraction(s)?,
+            fraction: crate::units::parse_fraction(s, "--read-data-subset")?,
             seed: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_nanos() as u64)

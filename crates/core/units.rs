@@ -69,6 +69,19 @@ pub fn parse_time(s: &str) -> anyhow::Result<i64> {
     Ok(if fractional { ns } else { ns + 999_999_999 })
 }
 
+/// Parses a share given as a percentage ("10%") or a fraction ("0.1"); `flag` names it in errors.
+pub fn parse_fraction(s: &str, flag: &str) -> anyhow::Result<f64> {
+    let bad = || anyhow::anyhow!("{flag} '{s}' is not a percentage: give e.g. 10% or 0.1");
+    let f = match s.strip_suffix('%') {
+        Some(p) => p.trim().parse::<f64>().map_err(|_| bad())? / 100.0,
+        None => s.trim().parse::<f64>().map_err(|_| bad())?,
+    };
+    if !(f > 0.0 && f <= 1.0) {
+        return Err(bad());
+    }
+    Ok(f)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -249,18 +249,69 @@ pub fn backup(
         }
     }
 
-    let mut results = ctx.results.into_inner().unwrap_or_else(|p| p.into_inner());
+    let results = ctx.results.into_inner().unwrap_or_else(|p| p.into_inner());
+    let c = &ctx.counters;
+    let stats = SnapshotStats {
+        chunks: c.chunks.load(Relaxed),
+        zero_bytes: c.zero_bytes.load(Relaxed),
+        new_chunks: c.new_chunks.load(Relaxed),
+        new_bytes: c.new_bytes.load(Relaxed),
+        duration_ns: 0,
+    };
+    let meta = Meta {
+        time_ns,
+        opts,
+        source: source.path().display().to_string(),
+        size,
+        region_size,
+        started,
+    };
+    let (id, snapshot) = commit_snapshot(store, results, None, stats, meta)?;
+    progress.finish();
+    Ok(BackupReport {
+        id,
+        snapshot,
+        bytes_read,
+    })
+}
+
+/// What a snapshot records besides its regions.
+pub(crate) struct Meta<'a> {
+    pub time_ns: i64,
+    pub opts: &'a BackupOptions,
+    pub source: String,
+    pub size: u64,
+    pub region_size: usize,
+    pub started: Instant,
+}
+
+/// Builds the index pages from per-region results (any order), computes the
+/// image digest (unless given), and commits the snapshot.
+pub(crate) fn commit_snapshot(
+    store: &Store,
+    mut results: Vec<(u64, Id, RegionHash)>,
+    digest: Option<[u8; 32]>,
+    mut stats: SnapshotStats,
+    meta: Meta<'_>,
+) -> Result<(Id, Snapshot), EngineError> {
     results.sort_by_key(|r| r.0);
     debug_assert!(results.iter().enumerate().all(|(i, r)| r.0 == i as u64));
-    let (region_ids, hashes): (Vec<Id>, Vec<RegionHash>) =
-        results.into_iter().map(|(_, id, h)| (id, h)).unzip();
-    let digest = image_digest(&hashes, region_size as u64, size);
-    let pages: Vec<Page> = region_ids
+    let region_size = meta.region_size;
+    let digest = match digest {
+        Some(d) => d,
+        None => {
+            let hashes: Vec<RegionHash> = results.iter().map(|r| r.2.clone()).collect();
+            image_digest(&hashes, region_size as u64, meta.size)
+        }
+    };
+    let pages: Vec<Page> = results
         .chunks(PAGE_REGIONS)
         .map(|c| Page {
-            regions: c.to_vec(),
+            regions: c.iter().map(|r| r.1).collect(),
+            cvs: c.iter().map(|r| r.2.cv()).collect(),
         })
         .collect();
+    drop(results);
     let page_ids: Vec<Id> = pages.iter().map(|p| Id::hash(&p.encode())).collect();
     let mut page_bytes = 0u64;
     let mut seen = std::collections::HashSet::new();
@@ -269,26 +320,246 @@ pub fn backup(
             page_bytes += p.encode().len() as u64;
         }
     }
-    let c = &ctx.counters;
+    stats.new_bytes += page_bytes;
+    stats.duration_ns = meta.started.elapsed().as_nanos() as u64;
     let snapshot = Snapshot {
-        time_ns,
-        name: opts.name.clone(),
-        hostname: opts.hostname.clone(),
-        source: source.path().display().to_string(),
-        tags: opts.tags.clone(),
-        size,
+        time_ns: meta.time_ns,
+        name: meta.opts.name.clone(),
+        hostname: meta.opts.hostname.clone(),
+        source: meta.source,
+        tags: meta.opts.tags.clone(),
+        size: meta.size,
         digest,
         region_size: region_size as u32,
         pages: page_ids,
-        stats: SnapshotStats {
-            chunks: c.chunks.load(Relaxed),
-            zero_bytes: c.zero_bytes.load(Relaxed),
-            new_chunks: c.new_chunks.load(Relaxed),
-            new_bytes: c.new_bytes.load(Relaxed) + page_bytes,
-            duration_ns: started.elapsed().as_nanos() as u64,
-        },
+        stats,
     };
     let (id, _) = store.commit(&snapshot, &pages)?;
+    Ok((id, snapshot))
+}
+
+/// A changed-block backup: which bytes may differ from a base snapshot.
+#[derive(Clone, Debug)]
+pub struct ChangedBlocks {
+    pub base_id: Id,
+    pub base: Snapshot,
+    /// Byte ranges `(offset, length)` that may differ from the base (any
+    /// order, may overlap). Everything else is taken from the base.
+    pub ranges: Vec<(u64, u64)>,
+    /// Share (0..=1) of the regions taken from the base that are read from
+    /// the source anyway and compared with the base's chaining values.
+    pub verify_unchanged: f64,
+}
+
+/// Loads the region ids and chaining values of a snapshot's index.
+fn region_index(store: &Store, snap: &Snapshot, label: &str) -> Result<Vec<[u8; 32]>, EngineError> {
+    let mut cvs = Vec::with_capacity(snap.region_count() as usize);
+    for (i, pid) in snap.pages.iter().enumerate() {
+        let page = store.page(pid).map_err(|e| EngineError::RecipeDamaged {
+            snapshot: label.to_string(),
+            offset: (i * PAGE_REGIONS) as u64 * snap.region_size as u64,
+            source: Box::new(e),
+        })?;
+        cvs.extend(page.cvs);
+    }
+    Ok(cvs)
+}
+
+/// Sorts, merges and clips ranges; refuses ranges past `size`.
+fn normalize(
+    ranges: &[(u64, u64)],
+    size: u64,
+    path: &std::path::Path,
+) -> Result<Vec<(u64, u64)>, EngineError> {
+    let mut v: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    let mut sorted: Vec<(u64, u64)> = ranges.iter().copied().filter(|r| r.1 > 0).collect();
+    sorted.sort();
+    for (o, l) in sorted {
+        let end = o.checked_add(l).filter(|e| *e <= size).ok_or_else(|| EngineError::BadSource {
+            path: path.to_path_buf(),
+            why: format!("changed range {o}+{l} ends beyond its {size} bytes: the change list does not belong to this source"),
+        })?;
+        match v.last_mut() {
+            Some(last) if last.1 >= o => last.1 = last.1.max(end),
+            _ => v.push((o, end)),
+        }
+    }
+    Ok(v)
+}
+
+/// Backs up `source` reading only `changed.ranges` (and the bytes past the
+/// base's end): regions no range touches are taken from the base snapshot
+/// as they are (recipe and chaining value); a region a range touches is
+/// rebuilt from the base, overlaid with the changed bytes read from the
+/// source, and re-chunked whole — so chunk boundaries, and deduplication,
+/// are exactly those of a full backup of the same image.
+pub fn backup_changed(
+    store: &Store,
+    source: &Source,
+    changed: &ChangedBlocks,
+    opts: &BackupOptions,
+    progress: &dyn Progress,
+) -> Result<BackupReport, EngineError> {
+    let started = Instant::now();
+    let time_ns = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0);
+    let path = source.path().to_path_buf();
+    let (Some(size), Some(source)) = (source.size(), source.positional()) else {
+        return Err(EngineError::BadSource {
+            path,
+            why: "is a stream: a changed-block backup reads at offsets, so give a file or block device".into(),
+        });
+    };
+    let rs = store.config().region_size as u64;
+    let base = &changed.base;
+    if base.region_size as u64 != rs {
+        return Err(EngineError::Invalid {
+            what: "base snapshot",
+            why: "its region size differs from the repository's".into(),
+        });
+    }
+    let label = changed.base_id.short();
+    let base_ctx = crate::restore::Ctx::new(store, base, &changed.base_id)?;
+    let base_cvs = region_index(store, base, &label)?;
+    let mut ranges = changed.ranges.clone();
+    if size > base.size {
+        ranges.push((base.size, size - base.size));
+    }
+    let ranges = normalize(&ranges, size, &path)?;
+    let n = size.div_ceil(rs);
+    let base_n = base.region_count();
+    let len_of = |i: u64, total: u64| total.saturating_sub(i * rs).min(rs);
+    let mut touched = vec![false; n as usize];
+    for (o, e) in &ranges {
+        for i in o / rs..e.div_ceil(rs) {
+            touched[i as usize] = true;
+        }
+    }
+    for (i, t) in touched.iter_mut().enumerate() {
+        let i = i as u64;
+        if i >= base_n || len_of(i, size) != len_of(i, base.size) {
+            *t = true;
+        }
+    }
+    progress.start(Some(size));
+
+    // The change list is a claim; sample it against the source.
+    let mut bytes_read = 0u64;
+    if changed.verify_unchanged > 0.0 {
+        let threshold = (changed.verify_unchanged.clamp(0.0, 1.0) * u64::MAX as f64) as u64;
+        let seed = blake3::hash(&time_ns.to_le_bytes());
+        let untouched: Vec<u64> = (0..n).filter(|&i| !touched[i as usize]).collect();
+        let mut sample: Vec<u64> = untouched
+            .iter()
+            .copied()
+            .filter(|i| {
+                let h = blake3::keyed_hash(seed.as_bytes(), &i.to_le_bytes());
+                u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes")) < threshold
+            })
+            .collect();
+        if sample.is_empty() {
+            if let Some(&first) = untouched.first() {
+                sample.push(first);
+            }
+        }
+        let results: Vec<Result<u64, EngineError>> = crate::restore::io_pool()?.install(|| {
+            sample
+                .par_iter()
+                .map(|&i| {
+                    let len = len_of(i, size) as usize;
+                    let mut buf = vec![0u8; len];
+                    source.read_at(&mut buf, i * rs)?;
+                    let mut h = region_hasher(i * rs);
+                    h.update(&buf);
+                    if RegionHash::from_hasher(i, h).cv() != base_cvs[i as usize] {
+                        return Err(EngineError::ChangeListWrong {
+                            path: path.clone(),
+                            offset: i * rs,
+                            len: len as u64,
+                        });
+                    }
+                    Ok(len as u64)
+                })
+                .collect()
+        });
+        for r in results {
+            bytes_read += r?;
+        }
+    }
+
+    let ctx = Ctx {
+        store,
+        chunker: chunker_for(store)?,
+        level: store.config().compression.zstd_level,
+        counters: Counters::default(),
+        results: Mutex::new(Vec::new()),
+        progress,
+    };
+    let touched_ix: Vec<u64> = (0..n).filter(|&i| touched[i as usize]).collect();
+    let read = AtomicU64::new(0);
+    let (base_chunks, base_zeros) = (AtomicU64::new(0), AtomicU64::new(0));
+    crate::restore::io_pool()?.install(|| {
+        touched_ix
+            .par_iter()
+            .try_for_each(|&i| -> Result<(), EngineError> {
+                let offset = i * rs;
+                let len = len_of(i, size) as usize;
+                let mut buf = Vec::with_capacity(rs as usize);
+                if i < base_n {
+                    let (c, z) = base_ctx.region_bytes(i as usize, &mut buf)?;
+                    base_chunks.fetch_add(c, Relaxed);
+                    base_zeros.fetch_add(z, Relaxed);
+                }
+                buf.resize(len, 0);
+                let start = ranges.partition_point(|r| r.1 <= offset);
+                for &(o, e) in ranges[start..]
+                    .iter()
+                    .take_while(|r| r.0 < offset + len as u64)
+                {
+                    let (a, b) = (o.max(offset), e.min(offset + len as u64));
+                    source.read_at(&mut buf[(a - offset) as usize..(b - offset) as usize], a)?;
+                    read.fetch_add(b - a, Relaxed);
+                }
+                ctx.process(&RegionBuf {
+                    index: i,
+                    offset,
+                    data: buf,
+                    all_hole: false,
+                })
+            })
+    })?;
+    bytes_read += read.into_inner();
+    let mut results = ctx.results.into_inner().unwrap_or_else(|p| p.into_inner());
+    for i in (0..n).filter(|&i| !touched[i as usize]) {
+        results.push((
+            i,
+            base_ctx.region_id(i as usize),
+            RegionHash::Cv(base_cvs[i as usize]),
+        ));
+        progress.advance(len_of(i, size));
+    }
+    let digest = (n == 1 && !touched[0]).then_some(base.digest);
+    let c = &ctx.counters;
+    let stats = SnapshotStats {
+        chunks: base.stats.chunks - base_chunks.into_inner().min(base.stats.chunks)
+            + c.chunks.load(Relaxed),
+        zero_bytes: base.stats.zero_bytes - base_zeros.into_inner().min(base.stats.zero_bytes)
+            + c.zero_bytes.load(Relaxed),
+        new_chunks: c.new_chunks.load(Relaxed),
+        new_bytes: c.new_bytes.load(Relaxed),
+        duration_ns: 0,
+    };
+    let meta = Meta {
+        time_ns,
+        opts,
+        source: path.display().to_string(),
+        size,
+        region_size: rs as usize,
+        started,
+    };
+    let (id, snapshot) = commit_snapshot(store, results, digest, stats, meta)?;
     progress.finish();
     Ok(BackupReport {
         id,

@@ -50,7 +50,8 @@ impl RegionHash {
         }
     }
 
-    fn cv(&self) -> ChainingValue {
+    /// The region's subtree chaining value (what index pages record).
+    pub fn cv(&self) -> ChainingValue {
         match self {
             RegionHash::First(h) => h.finalize_non_root(),
             RegionHash::Cv(cv) => *cv,

@@ -23,6 +23,12 @@ pub enum EngineError {
         after: u64,
         at: u64,
     },
+    #[error("source {} differs from the base snapshot in bytes {offset}..{} that the change list says are unchanged: the list is wrong or stale; no snapshot was written (run a full backup)", path.display(), offset + len)]
+    ChangeListWrong {
+        path: PathBuf,
+        offset: u64,
+        len: u64,
+    },
     #[error("target {}: {why}", path.display())]
     BadTarget { path: PathBuf, why: String },
     #[error("cannot write target {} at byte {offset}: {source}", path.display())]

@@ -26,6 +26,7 @@
 
 mod backup;
 mod check;
+mod diff;
 pub mod digest;
 mod error;
 pub mod policy;
@@ -33,10 +34,11 @@ mod restore;
 mod select;
 mod source;
 
-pub use backup::{backup, chunker_for, BackupOptions, BackupReport};
+pub use backup::{backup, backup_changed, chunker_for, BackupOptions, BackupReport, ChangedBlocks};
 pub use check::{check, CheckReport, DamagedSnapshot, Problem, ReadData};
+pub use diff::diff;
 pub use error::EngineError;
-pub use restore::{region_ids, restore, RestoreReport, Target};
+pub use restore::{region_ids, restore, restore_delta, DeltaReport, RestoreReport, Target};
 pub use select::{select, Selector};
 pub use source::{Source, SourceKind};
 

@@ -117,7 +117,7 @@ pub(crate) fn with_decompressor<T>(
     })
 }
 
-struct Ctx<'a> {
+pub(crate) struct Ctx<'a> {
     store: &'a Store,
     snapshot: &'a Snapshot,
     label: String,
@@ -138,13 +138,47 @@ enum Sink<'a> {
     Discard,
 }
 
-impl Ctx<'_> {
+impl<'a> Ctx<'a> {
+    pub(crate) fn new(
+        store: &'a Store,
+        snapshot: &'a Snapshot,
+        id: &Id,
+    ) -> Result<Ctx<'a>, EngineError> {
+        let label = id.short();
+        Ok(Ctx {
+            store,
+            snapshot,
+            region_ids: region_ids(store, snapshot, &label)?,
+            label,
+        })
+    }
+
+    /// Rebuilds region `index` into `buf` (verified chunk by chunk); returns
+    /// its (data chunk count, zero bytes).
+    pub(crate) fn region_bytes(
+        &self,
+        index: usize,
+        buf: &mut Vec<u8>,
+    ) -> Result<(u64, u64), EngineError> {
+        let chunks = self
+            .entries(index)?
+            .iter()
+            .filter(|e| e.chunk.is_some())
+            .count() as u64;
+        let (_, _, zeros) = self.region(index, Sink::Buf(buf))?;
+        Ok((chunks, zeros))
+    }
+
+    pub(crate) fn region_id(&self, index: usize) -> Id {
+        self.region_ids[index]
+    }
+
     fn region_len(&self, index: usize) -> u64 {
         let rs = self.snapshot.region_size as u64;
         (self.snapshot.size - index as u64 * rs).min(rs)
     }
 
-    fn entries(&self, index: usize) -> Result<Vec<RecipeEntry>, EngineError> {
+    pub(crate) fn entries(&self, index: usize) -> Result<Vec<RecipeEntry>, EngineError> {
         let len = self.region_len(index);
         let offset = index as u64 * self.snapshot.region_size as u64;
         let rid = self.region_ids[index];
@@ -502,4 +536,195 @@ fn temp_path(path: &Path) -> PathBuf {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     path.with_file_name(format!(".{name}.imgstore-partial-{}", std::process::id()))
+}
+
+/// What a delta restore did.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DeltaReport {
+    /// Bytes of the target read and compared.
+    pub read_bytes: u64,
+    /// Bytes of chunk data written (chunks that differed).
+    pub written_bytes: u64,
+    /// Bytes already right (not written).
+    pub skipped_bytes: u64,
+    /// Bytes that had to become zeros (holes punched in a file, zeros
+    /// written on a device).
+    pub zeroed_bytes: u64,
+    pub seconds: f64,
+}
+
+/// Restores snapshot `id` onto `path`, an existing file or block device
+/// that holds some version of the image: every chunk-sized extent of the
+/// target is read and hashed, and only extents whose content differs are
+/// written (fetched from the store, verified). A file is first truncated or
+/// extended to the image size. The result is checked against the image
+/// digest. Writes are in place, so an interrupted delta restore leaves a
+/// mixed image — running it again completes it.
+pub fn restore_delta(
+    store: &Store,
+    id: &Id,
+    snapshot: &Snapshot,
+    path: &Path,
+    progress: &dyn Progress,
+) -> Result<DeltaReport, EngineError> {
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    let started = Instant::now();
+    let bad = |why: String| EngineError::BadTarget {
+        path: path.to_path_buf(),
+        why,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| {
+        bad(format!(
+            "{}: --delta writes onto an existing file or block device holding an earlier version",
+            crate::source::describe_io(&e)
+        ))
+    })?;
+    let device = meta.file_type().is_block_device();
+    if !device && !meta.is_file() {
+        return Err(bad(
+            "is neither a regular file nor a block device: --delta needs one holding an earlier version".into(),
+        ));
+    }
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| bad(crate::source::describe_io(&e)))?;
+    if device {
+        let dev_size = file.seek(SeekFrom::End(0)).map_err(write_err(path, 0))?;
+        if dev_size < snapshot.size {
+            return Err(bad(format!(
+                "device holds {dev_size} bytes, smaller than the {}-byte image: use a larger device",
+                snapshot.size
+            )));
+        }
+    } else {
+        file.set_len(snapshot.size).map_err(write_err(path, 0))?;
+    }
+    let ctx = Ctx::new(store, snapshot, id)?;
+    progress.start(Some(snapshot.size));
+    let (read, written, skipped, zeroed) = (
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+    );
+    let file = &file;
+    let hashes: Vec<RegionHash> = io_pool()?.install(|| {
+        (0..ctx.region_ids.len())
+            .into_par_iter()
+            .map(|index| -> Result<RegionHash, EngineError> {
+                let base = index as u64 * snapshot.region_size as u64;
+                let entries = ctx.entries(index)?;
+                let len = ctx.region_len(index) as usize;
+                let mut buf = vec![0u8; len];
+                file.read_exact_at(&mut buf, base)
+                    .map_err(|e| EngineError::TargetWrite {
+                        path: path.to_path_buf(),
+                        offset: base,
+                        source: e,
+                    })?;
+                read.fetch_add(len as u64, Relaxed);
+                // Pass 1: which extents differ.
+                let mut pos = 0usize;
+                let mut need: Vec<(usize, usize, Id)> = Vec::new();
+                let mut zero: Vec<(usize, usize)> = Vec::new();
+                for e in &entries {
+                    let s = &buf[pos..pos + e.len as usize];
+                    match e.chunk {
+                        Some(c) if Id::hash(s) != c => need.push((pos, e.len as usize, c)),
+                        None if !imgstore_chunker::is_zero(s) => {
+                            // Only the non-zero 4 KiB blocks need zeroing.
+                            let mut at = 0;
+                            for blk in s.chunks(imgstore_chunker::BLOCK) {
+                                if !imgstore_chunker::is_zero(blk) {
+                                    match zero.last_mut() {
+                                        Some(z) if z.0 + z.1 == pos + at => z.1 += blk.len(),
+                                        _ => zero.push((pos + at, blk.len())),
+                                    }
+                                } else {
+                                    skipped.fetch_add(blk.len() as u64, Relaxed);
+                                }
+                                at += blk.len();
+                            }
+                        }
+                        _ => {
+                            skipped.fetch_add(e.len as u64, Relaxed);
+                        }
+                    }
+                    pos += e.len as usize;
+                }
+                // Pass 2: fetch, verify and write what differs.
+                if !need.is_empty() {
+                    let mut ids: Vec<Id> = need.iter().map(|n| n.2).collect();
+                    ids.sort();
+                    ids.dedup();
+                    let frames = match store.chunk_frames(&ids) {
+                        Ok(f) => f,
+                        Err(StoreError::Missing { id, .. }) => {
+                            let off = need.iter().find(|n| n.2 == id).map_or(0, |n| n.0);
+                            return Err(ctx.damaged(
+                                base + off as u64,
+                                id,
+                                "missing from the store".into(),
+                            ));
+                        }
+                        Err(StoreError::Unreadable { id, detail, .. }) => {
+                            let off = need.iter().find(|n| n.2 == id).map_or(0, |n| n.0);
+                            return Err(ctx.damaged(
+                                base + off as u64,
+                                id,
+                                format!("unreadable: {detail}"),
+                            ));
+                        }
+                        Err(e) => return Err(e.into()),
+                    };
+                    let mut out = Vec::new();
+                    for &(off, l, c) in &need {
+                        let frame = &frames[ids.binary_search(&c).expect("fetched")];
+                        let at = base + off as u64;
+                        with_decompressor(|d| decode_chunk(frame, d, &mut out).map(|_| ()))
+                            .map_err(|err| ctx.damaged(at, c, err.to_string()))?;
+                        if out.len() != l || Id::hash(&out) != c {
+                            return Err(ctx.damaged(at, c, "content does not match its id".into()));
+                        }
+                        file.write_all_at(&out, at).map_err(write_err(path, at))?;
+                        buf[off..off + l].copy_from_slice(&out);
+                        written.fetch_add(l as u64, Relaxed);
+                    }
+                }
+                for &(off, l) in &zero {
+                    let at = base + off as u64;
+                    let punched = !device
+                        && rustix::fs::fallocate(
+                            file,
+                            rustix::fs::FallocateFlags::PUNCH_HOLE
+                                | rustix::fs::FallocateFlags::KEEP_SIZE,
+                            at,
+                            l as u64,
+                        )
+                        .is_ok();
+                    if !punched {
+                        write_zeros_at(file, path, at, l as u64)?;
+                    }
+                    buf[off..off + l].fill(0);
+                    zeroed.fetch_add(l as u64, Relaxed);
+                }
+                let mut h = region_hasher(base);
+                h.update(&buf);
+                progress.advance(len as u64);
+                Ok(RegionHash::from_hasher(index as u64, h))
+            })
+            .collect::<Result<_, _>>()
+    })?;
+    check_digest(&ctx, snapshot, &hashes)?;
+    file.sync_all().map_err(write_err(path, snapshot.size))?;
+    progress.finish();
+    Ok(DeltaReport {
+        read_bytes: read.into_inner(),
+        written_bytes: written.into_inner(),
+        skipped_bytes: skipped.into_inner(),
+        zeroed_bytes: zeroed.into_inner(),
+        seconds: started.elapsed().as_secs_f64(),
+    })
 }

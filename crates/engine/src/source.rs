@@ -109,6 +109,18 @@ impl Source {
         self.size
     }
 
+    /// Positional access to a file or device source (`None` for a stream).
+    pub(crate) fn positional(&self) -> Option<Positional<'_>> {
+        match &self.inner {
+            Inner::Positional(file) => Some(Positional {
+                file,
+                path: &self.path,
+                size: self.size.unwrap_or(0),
+            }),
+            Inner::Stream(_) => None,
+        }
+    }
+
     /// The current size of a file source (to detect a source that changed).
     pub(crate) fn current_size(&self) -> Option<u64> {
         match (&self.inner, self.kind) {
@@ -236,5 +248,34 @@ pub(crate) fn describe_io(e: &std::io::Error) -> String {
             "permission denied (run as a user that can read it)".into()
         }
         _ => e.to_string(),
+    }
+}
+
+/// Reads at offsets of a file or device source; shareable between threads.
+pub(crate) struct Positional<'a> {
+    file: &'a File,
+    path: &'a Path,
+    size: u64,
+}
+
+impl Positional<'_> {
+    /// Reads exactly `buf.len()` bytes at `offset` (holes read as zeros).
+    pub(crate) fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), EngineError> {
+        self.file.read_exact_at(buf, offset).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                EngineError::SourceChanged {
+                    path: self.path.to_path_buf(),
+                    before: self.size,
+                    after: self.file.metadata().map(|m| m.len()).unwrap_or(0),
+                    at: offset,
+                }
+            } else {
+                EngineError::SourceRead {
+                    path: self.path.to_path_buf(),
+                    offset,
+                    source: e,
+                }
+            }
+        })
     }
 }

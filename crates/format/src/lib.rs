@@ -31,10 +31,13 @@ pub use records::{Page, RecipeEntry, RefCount, Region, Snapshot, SnapshotStats};
 /// Bump it (and add a migration or a reader for the old version, plus a
 /// fixture repository under `tests/fixtures/`) whenever any encoding in this
 /// crate changes. Do not modify the meaning of an existing version.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// The oldest repository format version this build can read.
-pub const MIN_FORMAT_VERSION: u32 = 1;
+///
+/// Version 2 added region chaining values to index pages. Version 1 was
+/// written only by pre-release builds and is not read.
+pub const MIN_FORMAT_VERSION: u32 = 2;
 
 /// Number of region ids in one index page (see [`Page`]). Part of the format.
 pub const PAGE_REGIONS: usize = 1024;

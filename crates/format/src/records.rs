@@ -101,30 +101,43 @@ impl Region {
     }
 }
 
-/// An index page: the ids of up to [`PAGE_REGIONS`] consecutive regions.
+/// An index page: the ids of up to [`PAGE_REGIONS`] consecutive regions,
+/// and each region's BLAKE3 chaining value at its position in the image.
 /// [`Id::ZERO`] stands for an all-zero region. Content-addressed like
 /// regions, so a snapshot whose 8 GiB stretch did not change reuses the
 /// previous snapshot's page.
 ///
+/// The chaining values (`finalize_non_root` of the region's subtree, whose
+/// input offset is its byte offset) let a changed-block backup compute the
+/// new image digest from the regions it re-read plus the base snapshot's
+/// values, without reading unchanged data.
+///
 /// ```text
-/// u8   version = 1
+/// u8   version = 2
 /// u32  region count n (1..=1024)
 /// n ×  32-byte region id
+/// n ×  32-byte chaining value
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Page {
     pub regions: Vec<Id>,
+    /// One per region, same order.
+    pub cvs: Vec<[u8; 32]>,
 }
 
 impl Page {
-    const VERSION: u8 = 1;
+    const VERSION: u8 = 2;
 
     pub fn encode(&self) -> Vec<u8> {
-        let mut w = Writer(Vec::with_capacity(5 + self.regions.len() * 32));
+        debug_assert_eq!(self.regions.len(), self.cvs.len());
+        let mut w = Writer(Vec::with_capacity(5 + self.regions.len() * 64));
         w.u8(Self::VERSION);
         w.u32(self.regions.len() as u32);
         for id in &self.regions {
             w.bytes(id.as_bytes());
+        }
+        for cv in &self.cvs {
+            w.bytes(cv);
         }
         w.0
     }
@@ -138,7 +151,7 @@ impl Page {
                 version: v,
             });
         }
-        let n = r.count(32)?;
+        let n = r.count(64)?;
         if n == 0 || n > PAGE_REGIONS {
             return Err(FormatError::Invalid {
                 what: "index page",
@@ -146,8 +159,11 @@ impl Page {
             });
         }
         let regions = (0..n).map(|_| r.id()).collect::<Result<_, _>>()?;
+        let cvs = (0..n)
+            .map(|_| r.id().map(|id| *id.as_bytes()))
+            .collect::<Result<_, _>>()?;
         r.finish()?;
-        Ok(Page { regions })
+        Ok(Page { regions, cvs })
     }
 }
 
@@ -397,6 +413,7 @@ mod tests {
         assert_eq!(r.len(), 74096);
         let p = Page {
             regions: vec![Id::ZERO, Id([3; 32])],
+            cvs: vec![[1; 32], [2; 32]],
         };
         assert_eq!(Page::decode(&p.encode()).unwrap(), p);
         let c = RefCount {

@@ -103,6 +103,7 @@ fn counts_follow_parents_and_orphans_are_listed() {
 
     let page = Page {
         regions: vec![rid, Id::ZERO, rid],
+        cvs: vec![[0; 32]; 3],
     };
     let size = 2 * (8 << 20) + region.len();
     let (s1, added) = store
@@ -158,6 +159,7 @@ fn counts_follow_parents_and_orphans_are_listed() {
     // A page naming a region that is not stored is refused, nothing committed.
     let bad = Page {
         regions: vec![Id([9; 32])],
+        cvs: vec![[0; 32]],
     };
     let err = store
         .commit(
