@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing imgstore needs on Debian, when missing:
 # clang/libclang (RocksDB's bindings), a C++ compiler, e2fsprogs and xorriso
-# (test images). Safe to run repeatedly; does nothing when all is present.
+# (test images), libnbd-bin and qemu-utils (NBD clients the serve tests
+# drive). Safe to run repeatedly; does nothing when all is present.
 set -euo pipefail
 need=()
 command -v clang >/dev/null 2>&1 || need+=(clang)
@@ -10,7 +11,8 @@ command -v g++ >/dev/null 2>&1 || need+=(g++)
 command -v make >/dev/null 2>&1 || need+=(make)
 command -v mkfs.ext4 >/dev/null 2>&1 || need+=(e2fsprogs)
 command -v xorriso >/dev/null 2>&1 || need+=(xorriso)
-command -v b3sum >/dev/null 2>&1 || true
+command -v nbdinfo >/dev/null 2>&1 || need+=(libnbd-bin)
+command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}" >&2
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo

@@ -12,4 +12,5 @@ mod golden;
 mod incremental;
 mod integrity;
 mod roundtrip;
+mod serve;
 mod snapshots;

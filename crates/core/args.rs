@@ -86,6 +86,14 @@ that the next backup of the same data repairs them.\n\nExamples:\n  imgstore che
 imgstore check --read-data\n  imgstore check --read-data-subset 10% --json"
     )]
     Check(CheckArgs),
+    /// Serve snapshots as read-only NBD exports (nbdinfo, nbdcopy, qemu-img, nbd-client).
+    #[command(
+        after_help = "Export names: a full snapshot id, a unique prefix, or NAME@latest; with one \
+export, the default (empty) name works too.\n\nExamples:\n  imgstore serve latest --name vm-root\n  \
+imgstore serve --all --socket /run/imgstore.sock\n  nbdinfo --map nbd://127.0.0.1/vm-root@latest\n  \
+qemu-img convert -O qcow2 nbd://127.0.0.1/vm-root@latest vm.qcow2"
+    )]
+    Serve(ServeArgs),
     /// Byte ranges that differ between two snapshots (from their recipes; reads no data).
     #[command(
         after_help = "The text output is `OFFSET LENGTH` lines (with `#` comments), usable as \
@@ -110,6 +118,27 @@ pub struct CheckArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Snapshots to export (ids, prefixes or `latest`).
+    pub snapshots: Vec<String>,
+    /// Export every snapshot.
+    #[arg(long, conflicts_with = "snapshots")]
+    pub all: bool,
+    /// With `latest`: the image name.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// TCP address to listen on (loopback by default).
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:10809")]
+    pub listen: String,
+    /// Listen on a Unix socket instead of TCP.
+    #[arg(long, value_name = "PATH", conflicts_with = "listen")]
+    pub socket: Option<std::path::PathBuf>,
+    /// Decompressed-chunk cache, shared among the exports.
+    #[arg(long, value_name = "SIZE", default_value = "64M")]
+    pub cache: String,
 }
 
 #[derive(Args, Debug)]

@@ -8,6 +8,7 @@ mod commands;
 mod integrity;
 mod maintenance;
 mod progress;
+mod serve;
 mod units;
 
 use std::io::Write;

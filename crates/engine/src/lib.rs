@@ -29,6 +29,7 @@ mod check;
 mod diff;
 pub mod digest;
 mod error;
+mod image;
 pub mod policy;
 mod restore;
 mod select;
@@ -38,6 +39,7 @@ pub use backup::{backup, backup_changed, chunker_for, BackupOptions, BackupRepor
 pub use check::{check, CheckReport, DamagedSnapshot, Problem, ReadData};
 pub use diff::diff;
 pub use error::EngineError;
+pub use image::ImageReader;
 pub use restore::{region_ids, restore, restore_delta, DeltaReport, RestoreReport, Target};
 pub use select::{select, Selector};
 pub use source::{Source, SourceKind};

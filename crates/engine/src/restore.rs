@@ -280,7 +280,22 @@ impl<'a> Ctx<'a> {
         ))
     }
 
-    fn damaged(&self, offset: u64, chunk: Id, why: String) -> EngineError {
+    /// Frames of `ids`; a missing or unreadable chunk is reported as damage
+    /// at `offset`.
+    pub(crate) fn fetch(&self, ids: &[Id], offset: u64) -> Result<Vec<Vec<u8>>, EngineError> {
+        match self.store.chunk_frames(ids) {
+            Ok(f) => Ok(f),
+            Err(StoreError::Missing { id, .. }) => {
+                Err(self.damaged(offset, id, "missing from the store".into()))
+            }
+            Err(StoreError::Unreadable { id, detail, .. }) => {
+                Err(self.damaged(offset, id, format!("unreadable: {detail}")))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub(crate) fn damaged(&self, offset: u64, chunk: Id, why: String) -> EngineError {
         EngineError::ChunkDamaged {
             snapshot: self.label.clone(),
             offset,

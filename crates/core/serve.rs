@@ -1,0 +1,183 @@
+//! `serve`: snapshots as read-only NBD exports.
+
+use std::io;
+use std::net::TcpListener;
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use imgstore_engine::{ImageReader, Selector};
+use imgstore_format::{Id, Snapshot};
+use imgstore_nbd::{Export, Exports};
+use imgstore_store::{Mode, Store};
+
+use crate::args::ServeArgs;
+use crate::commands::note;
+use crate::units::{format_time, human_bytes, parse_size};
+
+struct SnapExport<'a>(ImageReader<'a>);
+
+impl Export for SnapExport<'_> {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.0.read_at(offset, buf).map_err(|e| {
+            // Damage is also reported on the server's stderr: a client only sees EIO.
+            note(&format!("imgstore serve: {e}"));
+            io::Error::other(e.to_string())
+        })
+    }
+    fn map(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, bool)>> {
+        self.0
+            .map(offset, len)
+            .map_err(|e| io::Error::other(e.to_string()))
+    }
+}
+
+struct Set<'a> {
+    snaps: &'a [(Id, Snapshot)],
+    exports: Vec<SnapExport<'a>>,
+}
+
+impl Exports for Set<'_> {
+    fn lookup(&self, name: &str) -> Option<&dyn Export> {
+        let i = if name.is_empty() {
+            (self.snaps.len() == 1).then_some(0)?
+        } else if let Some(n) = name.strip_suffix("@latest") {
+            self.snaps
+                .iter()
+                .enumerate()
+                .filter(|(_, (_, s))| s.name == n)
+                .max_by_key(|(_, (id, s))| (s.time_ns, *id))?
+                .0
+        } else {
+            let lower = name.to_ascii_lowercase();
+            let hits: Vec<usize> = self
+                .snaps
+                .iter()
+                .enumerate()
+                .filter(|(_, (id, _))| lower.len() >= 4 && id.to_hex().starts_with(&lower))
+                .map(|(i, _)| i)
+                .collect();
+            (hits.len() == 1).then(|| hits[0])?
+        };
+        Some(&self.exports[i])
+    }
+
+    fn list(&self) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = self
+            .snaps
+            .iter()
+            .map(|(id, s)| {
+                (
+                    id.to_hex(),
+                    format!(
+                        "{} {} {}",
+                        s.name,
+                        format_time(s.time_ns),
+                        human_bytes(s.size)
+                    ),
+                )
+            })
+            .collect();
+        let mut names: Vec<&str> = self.snaps.iter().map(|(_, s)| s.name.as_str()).collect();
+        names.sort();
+        names.dedup();
+        for n in names {
+            out.push((
+                format!("{n}@latest"),
+                format!("newest exported snapshot of {n}"),
+            ));
+        }
+        out
+    }
+}
+
+pub fn serve(repo: &Path, a: ServeArgs) -> anyhow::Result<()> {
+    if a.snapshots.is_empty() && !a.all {
+        bail!("name the snapshots to export (ids, prefixes or `latest`), or pass --all");
+    }
+    let cache = parse_size(&a.cache)? as usize;
+    let store = Store::open(repo, Mode::ReadOnly)?;
+    let all = store.snapshots()?;
+    let mut snaps: Vec<(Id, Snapshot)> = if a.all {
+        all.clone()
+    } else {
+        let mut v = Vec::new();
+        for s in &a.snapshots {
+            v.push(imgstore_engine::select(
+                &all,
+                &Selector::parse(s)?,
+                a.name.as_deref(),
+            )?);
+        }
+        v
+    };
+    snaps.sort_by_key(|(id, s)| (s.time_ns, *id));
+    snaps.dedup_by_key(|(id, _)| *id);
+    if snaps.is_empty() {
+        bail!("the repository holds no snapshots to export");
+    }
+    let per_export = (cache / snaps.len()).max(8 << 20);
+    let exports = snaps
+        .iter()
+        .map(|(id, s)| ImageReader::new(&store, id, s, per_export).map(SnapExport))
+        .collect::<Result<Vec<_>, _>>()?;
+    let set = Set {
+        snaps: &snaps,
+        exports,
+    };
+    let describe = |uri: &str| {
+        note(&format!(
+            "serving {} snapshot(s) read-only at {uri} (export names: full id, unique prefix, NAME@latest); Ctrl-C stops",
+            snaps.len()
+        ));
+        for (id, s) in &snaps {
+            note(&format!(
+                "  {}  {}  {}  {}",
+                id.short(),
+                s.name,
+                format_time(s.time_ns),
+                human_bytes(s.size)
+            ));
+        }
+    };
+    let set = &set;
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        if let Some(path) = &a.socket {
+            if std::fs::symlink_metadata(path).is_ok_and(|m| {
+                use std::os::unix::fs::FileTypeExt;
+                m.file_type().is_socket()
+            }) {
+                // A socket left by an earlier server that was killed.
+                let _ = std::fs::remove_file(path);
+            }
+            let l = UnixListener::bind(path)
+                .with_context(|| format!("cannot listen on socket {}", path.display()))?;
+            describe(&format!("nbd+unix:///?socket={}", path.display()));
+            for conn in l.incoming() {
+                let conn = conn.context("accept")?;
+                scope.spawn(move || {
+                    if let Err(e) = imgstore_nbd::serve_connection(conn, set) {
+                        note(&format!("imgstore serve: client: {e}"));
+                    }
+                });
+            }
+        } else {
+            let l = TcpListener::bind(&a.listen)
+                .with_context(|| format!("cannot listen on {}", a.listen))?;
+            describe(&format!("nbd://{}", a.listen));
+            for conn in l.incoming() {
+                let conn = conn.context("accept")?;
+                let _ = conn.set_nodelay(true);
+                scope.spawn(move || {
+                    if let Err(e) = imgstore_nbd::serve_connection(conn, set) {
+                        note(&format!("imgstore serve: client: {e}"));
+                    }
+                });
+            }
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,234 @@
+//! Random access to a snapshot's image without restoring it: what the NBD
+//! export (and a mount) serve.
+//!
+//! Reads are assembled from region recipes and chunks. Both go through
+//! bounded caches: recipes (small, one per 8 MiB region) and decompressed,
+//! verified chunks (a byte budget), so 4 KiB random reads that fall in the
+//! same chunk decompress it once, and memory stays bounded whatever the
+//! image size. Every chunk is checked against its id before it is cached;
+//! a damaged chunk is an error naming the offset, never wrong bytes.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+
+use imgstore_format::{decode_chunk, Id, Snapshot};
+use imgstore_store::Store;
+
+use crate::restore::{with_decompressor, Ctx};
+use crate::EngineError;
+
+/// A least-recently-used map with a size budget.
+struct Lru<K, V> {
+    map: HashMap<K, (V, u64, usize)>,
+    tick: u64,
+    bytes: usize,
+    budget: usize,
+}
+
+impl<K: Hash + Eq + Copy, V: Clone> Lru<K, V> {
+    fn new(budget: usize) -> Self {
+        Lru {
+            map: HashMap::new(),
+            tick: 0,
+            bytes: 0,
+            budget,
+        }
+    }
+
+    fn get(&mut self, k: &K) -> Option<V> {
+        self.tick += 1;
+        let t = self.tick;
+        self.map.get_mut(k).map(|e| {
+            e.1 = t;
+            e.0.clone()
+        })
+    }
+
+    fn insert(&mut self, k: K, v: V, size: usize) {
+        while self.bytes + size > self.budget && !self.map.is_empty() {
+            let oldest = *self
+                .map
+                .iter()
+                .min_by_key(|(_, e)| e.1)
+                .map(|(k, _)| k)
+                .expect("not empty");
+            if let Some(e) = self.map.remove(&oldest) {
+                self.bytes -= e.2;
+            }
+        }
+        self.tick += 1;
+        if let Some(old) = self.map.insert(k, (v, self.tick, size)) {
+            self.bytes -= old.2;
+        }
+        self.bytes += size;
+    }
+}
+
+/// One extent of a region: `(start within region, length, chunk or zeros)`.
+type Extents = Arc<Vec<(u64, u64, Option<Id>)>>;
+
+/// A snapshot's image, readable at any offset.
+pub struct ImageReader<'a> {
+    ctx: Ctx<'a>,
+    size: u64,
+    region_size: u64,
+    recipes: Mutex<Lru<usize, Extents>>,
+    chunks: Mutex<Lru<Id, Arc<Vec<u8>>>>,
+    decompressed: AtomicU64,
+}
+
+impl<'a> ImageReader<'a> {
+    /// A reader of snapshot `id` keeping at most `cache_bytes` of
+    /// decompressed chunks (plus up to 4,096 region recipes).
+    pub fn new(
+        store: &'a Store,
+        id: &Id,
+        snapshot: &'a Snapshot,
+        cache_bytes: usize,
+    ) -> Result<ImageReader<'a>, EngineError> {
+        Ok(ImageReader {
+            ctx: Ctx::new(store, snapshot, id)?,
+            size: snapshot.size,
+            region_size: snapshot.region_size as u64,
+            recipes: Mutex::new(Lru::new(4096)),
+            chunks: Mutex::new(Lru::new(cache_bytes)),
+            decompressed: AtomicU64::new(0),
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Chunks decompressed so far (each cache miss counts once).
+    pub fn decompressed_chunks(&self) -> u64 {
+        self.decompressed.load(Relaxed)
+    }
+
+    fn extents(&self, region: usize) -> Result<Extents, EngineError> {
+        if let Some(e) = self
+            .recipes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&region)
+        {
+            return Ok(e);
+        }
+        let mut pos = 0;
+        let list: Vec<(u64, u64, Option<Id>)> = self
+            .ctx
+            .entries(region)?
+            .into_iter()
+            .map(|e| {
+                let s = pos;
+                pos += e.len as u64;
+                (s, e.len as u64, e.chunk)
+            })
+            .collect();
+        let list = Arc::new(list);
+        self.recipes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(region, list.clone(), 1);
+        Ok(list)
+    }
+
+    fn chunk(&self, id: Id, offset: u64, len: u64) -> Result<Arc<Vec<u8>>, EngineError> {
+        if let Some(c) = self
+            .chunks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+        {
+            return Ok(c);
+        }
+        let frame = self
+            .ctx
+            .fetch(&[id], offset)?
+            .pop()
+            .expect("one frame per id");
+        let mut out = Vec::new();
+        with_decompressor(|d| decode_chunk(&frame, d, &mut out))
+            .map_err(|e| self.ctx.damaged(offset, id, e.to_string()))?;
+        if out.len() as u64 != len || Id::hash(&out) != id {
+            return Err(self
+                .ctx
+                .damaged(offset, id, "content does not match its id".into()));
+        }
+        self.decompressed.fetch_add(1, Relaxed);
+        let out = Arc::new(out);
+        self.chunks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, out.clone(), len as usize);
+        Ok(out)
+    }
+
+    /// Fills `buf` with the image bytes at `offset` (must lie within the image).
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), EngineError> {
+        let end = offset + buf.len() as u64;
+        if end > self.size {
+            return Err(EngineError::Invalid {
+                what: "read",
+                why: format!(
+                    "{offset}+{} is beyond the {}-byte image",
+                    buf.len(),
+                    self.size
+                ),
+            });
+        }
+        let mut pos = offset;
+        while pos < end {
+            let region = (pos / self.region_size) as usize;
+            let base = region as u64 * self.region_size;
+            let extents = self.extents(region)?;
+            let rel = pos - base;
+            let mut i = extents.partition_point(|e| e.0 + e.1 <= rel);
+            while pos < end && i < extents.len() {
+                let (s, l, c) = extents[i];
+                let from = pos - base - s;
+                let n = (l - from).min(end - pos) as usize;
+                let dst = &mut buf[(pos - offset) as usize..(pos - offset) as usize + n];
+                match c {
+                    None => dst.fill(0),
+                    Some(id) => {
+                        let data = self.chunk(id, base + s, l)?;
+                        dst.copy_from_slice(&data[from as usize..from as usize + n]);
+                    }
+                }
+                pos += n as u64;
+                i += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Allocation map of `[offset, offset + len)`: `(length, is_zero)` runs,
+    /// adjacent runs of the same kind merged. Reads recipes only.
+    pub fn map(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool)>, EngineError> {
+        let end = (offset + len).min(self.size);
+        let mut out: Vec<(u64, bool)> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let region = (pos / self.region_size) as usize;
+            let base = region as u64 * self.region_size;
+            let extents = self.extents(region)?;
+            let rel = pos - base;
+            let mut i = extents.partition_point(|e| e.0 + e.1 <= rel);
+            while pos < end && i < extents.len() {
+                let (s, l, c) = extents[i];
+                let n = (base + s + l).min(end) - pos;
+                let zero = c.is_none();
+                match out.last_mut() {
+                    Some(last) if last.1 == zero => last.0 += n,
+                    _ => out.push((n, zero)),
+                }
+                pos += n;
+                i += 1;
+            }
+        }
+        Ok(out)
+    }
+}

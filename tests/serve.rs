@@ -1,0 +1,236 @@
+//! `serve`: snapshots as NBD exports, driven by real clients (nbdinfo,
+//! nbdcopy, qemu-img); and the image reader's cache through the library.
+
+use std::fs;
+use std::process::{Child, Command, Stdio};
+
+use imgstore_engine::{BackupOptions, ImageReader, NoProgress, Source};
+
+use crate::util::*;
+
+/// Kills the server on drop.
+struct Server(Child);
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start(env: &Env, args: &[&str]) -> (Server, String) {
+    let sock = env.path("nbd.sock");
+    let child = Command::new(BIN)
+        .arg("-r")
+        .arg(env.repo())
+        .arg("serve")
+        .args(args)
+        .arg("--socket")
+        .arg(&sock)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !sock.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "server never listened"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    (Server(child), sock.display().to_string())
+}
+
+fn uri(export: &str, sock: &str) -> String {
+    format!("nbd+unix:///{export}?socket={sock}")
+}
+
+#[test]
+fn nbd_clients_list_map_and_copy_snapshots_byte_exact() {
+    if !have("nbdinfo") || !have("nbdcopy") {
+        eprintln!("SKIP: nbdinfo/nbdcopy (libnbd-bin) not installed");
+        return;
+    }
+    let env = Env::new();
+    env.init();
+    // A sparse image: data, a 3 MiB hole, data, zeros written out, data.
+    let img = env.path("vm.img");
+    let mut data = texty(5 << 20, 901);
+    data.extend(vec![0u8; 3 << 20]);
+    data.extend(seeded(4 << 20, 902));
+    data.extend(vec![0u8; 1 << 20]);
+    data.extend(texty(1 << 20, 903));
+    fs::write(&img, &data).unwrap();
+    let old = env.backup(&img, &["--name", "vm"])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut data2 = data.clone();
+    data2[100..200].fill(7);
+    let img2 = env.path("vm2.img");
+    fs::write(&img2, &data2).unwrap();
+    let new = env.backup(&img2, &["--name", "vm"])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (_server, sock) = start(&env, &["--all"]);
+
+    let list = Command::new("nbdinfo")
+        .arg("--list")
+        .arg(uri("", &sock))
+        .output()
+        .unwrap();
+    let list = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        list.contains(&old) && list.contains(&new) && list.contains("vm@latest"),
+        "{list}"
+    );
+
+    // The map shows the zero extents as holes, from the recipes.
+    let map = Command::new("nbdinfo")
+        .args(["--map", "--totals"])
+        .arg(uri("vm@latest", &sock))
+        .output()
+        .unwrap();
+    assert!(
+        map.status.success(),
+        "{}",
+        String::from_utf8_lossy(&map.stderr)
+    );
+    let map = String::from_utf8_lossy(&map.stdout);
+    let holes: u64 = map
+        .lines()
+        .filter(|l| l.contains("hole"))
+        .map(|l| l.split_whitespace().next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(holes, 4 << 20, "{map}");
+
+    // nbdcopy of each export equals its source; so does qemu-img convert.
+    for (export, src) in [(&new[..12], &img2), (old.as_str(), &img)] {
+        let out = env.path("copy.img");
+        let _ = fs::remove_file(&out);
+        let o = Command::new("nbdcopy")
+            .arg(uri(export, &sock))
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_same(src, &out);
+        // Sparse on the way out too: the holes were not written as data.
+        assert!(
+            allocated(&out) < data.len() as u64 - (3 << 20),
+            "copy is not sparse"
+        );
+    }
+    if have("qemu-img") {
+        let out = env.path("qemu.img");
+        let o = Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw"])
+            .arg(uri("vm@latest", &sock))
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_same(&img2, &out);
+    }
+    // An unknown export is refused.
+    let o = Command::new("nbdinfo")
+        .arg(uri("nosuch", &sock))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("nosuch"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+#[test]
+fn a_damaged_chunk_is_an_io_error_never_wrong_bytes() {
+    if !have("nbdcopy") {
+        eprintln!("SKIP: nbdcopy (libnbd-bin) not installed");
+        return;
+    }
+    let env = Env::new();
+    env.init();
+    let img = env.path("r.img");
+    fs::write(&img, seeded(6 << 20, 911)).unwrap();
+    let id = env.backup(&img, &[])["id"].as_str().unwrap().to_string();
+    let blob = fs::read_dir(env.repo().join("db"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "blob"))
+        .unwrap();
+    let mut b = fs::read(&blob).unwrap();
+    let mid = b.len() / 2;
+    b[mid] ^= 0x10;
+    fs::write(&blob, b).unwrap();
+    let (_server, sock) = start(&env, &[&id]);
+    let out = env.path("copy.img");
+    let o = Command::new("nbdcopy")
+        .arg(uri("", &sock))
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        !o.status.success(),
+        "a damaged snapshot must not copy cleanly"
+    );
+}
+
+#[test]
+fn random_4k_reads_decompress_each_chunk_once() {
+    let dir = tempfile::Builder::new().tempdir_in(scratch()).unwrap();
+    let store = crate::roundtrip::test_store(dir.path(), 64 << 10);
+    let data = [texty(12 << 20, 921), vec![0; 2 << 20], seeded(6 << 20, 922)].concat();
+    let opts = BackupOptions {
+        name: "r".into(),
+        ..Default::default()
+    };
+    let r = imgstore_engine::backup(
+        &store,
+        Source::from_reader(
+            std::path::Path::new("r"),
+            Box::new(std::io::Cursor::new(data.clone())),
+        ),
+        &opts,
+        &NoProgress,
+    )
+    .unwrap();
+    let reader = ImageReader::new(&store, &r.id, &r.snapshot, 64 << 20).unwrap();
+    let rnd = seeded(8 * 3000, 923);
+    let mut buf = vec![0u8; 4096];
+    for i in 0..3000 {
+        let off = u64::from_le_bytes(rnd[i * 8..i * 8 + 8].try_into().unwrap())
+            % (data.len() as u64 - 4096);
+        reader.read_at(off, &mut buf).unwrap();
+        assert_eq!(
+            &buf[..],
+            &data[off as usize..off as usize + 4096],
+            "at {off}"
+        );
+    }
+    // The cache holds every chunk of this image: each was decompressed once.
+    let chunks = r.snapshot.stats.chunks;
+    let n = reader.decompressed_chunks();
+    assert!(
+        n <= chunks && n > chunks / 2,
+        "{n} decompressions for {chunks} chunks"
+    );
+    let before = n;
+    for i in 0..3000 {
+        let off = u64::from_le_bytes(rnd[i * 8..i * 8 + 8].try_into().unwrap())
+            % (data.len() as u64 - 4096);
+        reader.read_at(off, &mut buf).unwrap();
+    }
+    assert_eq!(
+        reader.decompressed_chunks(),
+        before,
+        "repeated reads decompressed again"
+    );
+    // The map reports the zero run.
+    let map = reader.map(0, data.len() as u64).unwrap();
+    let zeros: u64 = map.iter().filter(|m| m.1).map(|m| m.0).sum();
+    assert_eq!(zeros, 2 << 20, "{map:?}");
+}
