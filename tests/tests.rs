@@ -11,6 +11,7 @@ mod gc;
 mod golden;
 mod incremental;
 mod integrity;
+mod mount;
 mod roundtrip;
 mod serve;
 mod snapshots;

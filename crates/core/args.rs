@@ -94,6 +94,10 @@ imgstore serve --all --socket /run/imgstore.sock\n  nbdinfo --map nbd://127.0.0.
 qemu-img convert -O qcow2 nbd://127.0.0.1/vm-root@latest vm.qcow2"
     )]
     Serve(ServeArgs),
+    /// Mount snapshots as image files in a read-only FUSE file system.
+    #[command(after_help = "Examples:\n  imgstore mount /mnt/snapshots\n  \
+mount -o ro,loop /mnt/snapshots/by-name/vm-root/2026-11-25T03:00:00Z.img /mnt/vm\n  fusermount3 -u /mnt/snapshots")]
+    Mount(MountArgs),
     /// Byte ranges that differ between two snapshots (from their recipes; reads no data).
     #[command(
         after_help = "The text output is `OFFSET LENGTH` lines (with `#` comments), usable as \
@@ -118,6 +122,20 @@ pub struct CheckArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct MountArgs {
+    /// An existing empty directory.
+    pub mountpoint: std::path::PathBuf,
+    /// Snapshots to show (ids, prefixes or `latest`); all when omitted.
+    pub snapshots: Vec<String>,
+    /// With `latest`: the image name.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Decompressed-chunk cache, shared among the images.
+    #[arg(long, value_name = "SIZE", default_value = "64M")]
+    pub cache: String,
 }
 
 #[derive(Args, Debug)]

@@ -31,6 +31,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Stats(a) => crate::maintenance::stats(&repo, a),
         Command::Diff(a) => diff(&repo, a),
         Command::Serve(a) => crate::serve::serve(&repo, a),
+        Command::Mount(a) => crate::mount::mount(&repo, a),
         Command::Check(a) => crate::integrity::check(&repo, a, progress),
         Command::Verify(a) => crate::integrity::verify(&repo, a, progress),
     }

@@ -7,6 +7,7 @@ mod args;
 mod commands;
 mod integrity;
 mod maintenance;
+mod mount;
 mod progress;
 mod serve;
 mod units;

@@ -1,0 +1,91 @@
+//! `mount`: snapshots as image files in a read-only FUSE file system.
+
+use std::io;
+use std::path::Path;
+use std::time::{Duration, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use imgstore_engine::{ImageReader, Selector};
+use imgstore_fuse::{Entry, Image};
+use imgstore_store::{Mode, Store};
+
+use crate::args::MountArgs;
+use crate::commands::note;
+use crate::units::{format_time, parse_size};
+
+struct SnapImage(ImageReader<'static>);
+
+impl Image for SnapImage {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.0.read_at(offset, buf).map_err(|e| {
+            note(&format!("imgstore mount: {e}"));
+            io::Error::other(e.to_string())
+        })
+    }
+    fn map(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, bool)>> {
+        self.0
+            .map(offset, len)
+            .map_err(|e| io::Error::other(e.to_string()))
+    }
+}
+
+pub fn mount(repo: &Path, a: MountArgs) -> anyhow::Result<()> {
+    if !Path::new("/dev/fuse").exists() {
+        bail!("/dev/fuse is missing: load the fuse module (modprobe fuse) or use `imgstore serve` (NBD)");
+    }
+    if !a.mountpoint.is_dir() {
+        bail!(
+            "mount point {} is not a directory: create it first",
+            a.mountpoint.display()
+        );
+    }
+    let cache = parse_size(&a.cache)? as usize;
+    // The file system serves until unmounted, for the rest of the process:
+    // the store and snapshot list live as long.
+    let store: &'static Store = Box::leak(Box::new(Store::open(repo, Mode::ReadOnly)?));
+    let all = store.snapshots()?;
+    let mut snaps = if a.snapshots.is_empty() {
+        all.clone()
+    } else {
+        let mut v = Vec::new();
+        for s in &a.snapshots {
+            v.push(imgstore_engine::select(
+                &all,
+                &Selector::parse(s)?,
+                a.name.as_deref(),
+            )?);
+        }
+        v
+    };
+    snaps.sort_by_key(|(id, s)| (s.time_ns, *id));
+    snaps.dedup_by_key(|(id, _)| *id);
+    if snaps.is_empty() {
+        bail!("the repository holds no snapshots to mount");
+    }
+    let snaps: &'static [_] = Vec::leak(snaps);
+    let per = (cache / snaps.len()).max(8 << 20);
+    let mut entries = Vec::new();
+    for (id, s) in snaps {
+        entries.push(Entry {
+            id: id.to_hex(),
+            name: s.name.replace('/', "_"),
+            time_label: format_time(s.time_ns),
+            time: UNIX_EPOCH + Duration::from_nanos(s.time_ns.max(0) as u64),
+            data_bytes: s.size - s.stats.zero_bytes.min(s.size),
+            image: Box::new(SnapImage(ImageReader::new(store, id, s, per)?)),
+        });
+    }
+    note(&format!(
+        "mounted {} snapshot(s) read-only at {} (by-name/NAME/TIME.img, by-id/ID.img); unmount with `fusermount3 -u {}` or Ctrl-C",
+        snaps.len(),
+        a.mountpoint.display(),
+        a.mountpoint.display()
+    ));
+    let uid = rustix::process::geteuid().as_raw();
+    let gid = rustix::process::getegid().as_raw();
+    imgstore_fuse::mount(entries, &a.mountpoint, uid, gid)
+        .with_context(|| format!("cannot mount at {}", a.mountpoint.display()))
+}

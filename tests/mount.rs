@@ -1,0 +1,130 @@
+//! `mount`: snapshots as files in a FUSE file system, read by real tools
+//! (cmp, SEEK_HOLE, a read-only loop mount of the ext4 inside).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::util::*;
+
+fn mounted(p: &Path) -> bool {
+    fs::read_to_string("/proc/mounts")
+        .unwrap()
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(p.to_str().unwrap()))
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+struct Mounted(Child, PathBuf);
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("fusermount3").arg("-u").arg(&self.1).status();
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start(env: &Env, mnt: &Path) -> Mounted {
+    fs::create_dir_all(mnt).unwrap();
+    let child = Command::new(BIN)
+        .arg("-r")
+        .arg(env.repo())
+        .arg("mount")
+        .arg(mnt)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let m = Mounted(child, mnt.to_path_buf());
+    wait_for("the mount", || mnt.join("by-id").is_dir());
+    m
+}
+
+#[test]
+fn mounted_snapshot_files_match_and_the_ext4_inside_mounts() {
+    if !Path::new("/dev/fuse").exists() || !have("fusermount3") || !have("mkfs.ext4") {
+        eprintln!("SKIP: needs /dev/fuse, fusermount3 (fuse3) and e2fsprogs");
+        return;
+    }
+    let env = Env::new();
+    env.init();
+    let tree = env.path("tree");
+    populate(&tree, 11);
+    let img = env.path("disk.img");
+    mkfs_ext4(&img, &tree, 48);
+    let id = env.backup(&img, &["--name", "vm"])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mnt = env.path("mnt");
+    let mut m = start(&env, &mnt);
+
+    let by_id = mnt.join("by-id").join(format!("{id}.img"));
+    assert_same(&img, &by_id);
+    let names: Vec<_> = fs::read_dir(mnt.join("by-name/vm"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(names.len(), 1);
+    assert_same(&img, &names[0]);
+    // SEEK_HOLE / SEEK_DATA report the zero extents.
+    let f = fs::File::open(&by_id).unwrap();
+    let size = f.metadata().unwrap().len();
+    let hole = rustix::fs::seek(&f, rustix::fs::SeekFrom::Hole(0)).unwrap();
+    assert!(hole < size, "no hole reported in a mostly empty ext4 image");
+    let data = rustix::fs::seek(&f, rustix::fs::SeekFrom::Data(hole)).unwrap();
+    assert!(data > hole && data < size);
+    let src = fs::read(&img).unwrap();
+    assert!(src[hole as usize..data as usize].iter().all(|&b| b == 0));
+    // Writes are refused.
+    assert!(fs::OpenOptions::new().write(true).open(&by_id).is_err());
+    // The ext4 inside mounts read-only through a loop device and reads back.
+    let inner = env.path("inner");
+    fs::create_dir_all(&inner).unwrap();
+    let st = Command::new("mount")
+        .args(["-o", "ro,loop"])
+        .arg(&by_id)
+        .arg(&inner)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    if st.success() {
+        let got = fs::read(inner.join("large.bin"));
+        let _ = Command::new("umount").arg(&inner).status();
+        assert_eq!(got.unwrap(), fs::read(tree.join("large.bin")).unwrap());
+    } else {
+        eprintln!("SKIP loop mount part: no loop devices here");
+    }
+    // fusermount3 -u ends the server cleanly (retried while the loop
+    // device detaches asynchronously).
+    drop(f);
+    wait_for("fusermount3 -u", || {
+        Command::new("fusermount3")
+            .arg("-u")
+            .arg(&mnt)
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    });
+    let status = m.0.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(!mounted(&mnt));
+
+    // Ctrl-C (SIGINT) leaves no stale mount behind.
+    let m2 = start(&env, &mnt);
+    assert!(Command::new("kill")
+        .args(["-INT", &m2.0.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    wait_for("the unmount after SIGINT", || !mounted(&mnt));
+}
