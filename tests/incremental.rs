@@ -60,14 +60,9 @@ fn ext4_generations(env: &Env) -> Option<Vec<PathBuf>> {
     Some(gens)
 }
 
-#[test]
-fn changed_block_backup_from_diff_equals_a_full_backup_and_reads_only_the_changes() {
-    let env = Env::new();
-    env.init();
-    let Some(gens) = ext4_generations(&env) else {
-        return;
-    };
-    let ids: Vec<String> = gens
+/// Backs up each image as name `vm`; returns the snapshot ids.
+fn backup_each(env: &Env, images: &[PathBuf]) -> Vec<String> {
+    images
         .iter()
         .map(|g| {
             env.backup(g, &["--name", "vm"])["id"]
@@ -75,7 +70,17 @@ fn changed_block_backup_from_diff_equals_a_full_backup_and_reads_only_the_change
                 .unwrap()
                 .to_string()
         })
-        .collect();
+        .collect()
+}
+
+#[test]
+fn changed_block_backup_from_diff_equals_a_full_backup_and_reads_only_the_changes() {
+    let env = Env::new();
+    env.init();
+    let Some(gens) = ext4_generations(&env) else {
+        return;
+    };
+    let ids = backup_each(&env, &gens);
     for g in 1..gens.len() {
         let (ranges, text) = diff_ranges(&env, &ids[g - 1], &ids[g]);
         let changed: u64 = ranges.iter().map(|r| r.1).sum();
@@ -259,15 +264,7 @@ fn delta_restore_writes_only_what_differs_and_a_rerun_completes_a_broken_target(
     let Some(gens) = ext4_generations(&env) else {
         return;
     };
-    let ids: Vec<String> = gens
-        .iter()
-        .map(|g| {
-            env.backup(g, &["--name", "vm"])["id"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
+    let ids = backup_each(&env, &gens);
     let target = env.path("target.img");
     // Forward (gen 1 → 2) and backward (gen 2 → 0): only differing chunks written.
     fs::copy(&gens[1], &target).unwrap();

@@ -213,6 +213,31 @@ pub(crate) fn snapshot_json(id: &Id, s: &Snapshot) -> serde_json::Value {
     })
 }
 
+/// The snapshots a command names (ids, prefixes, `latest`), or all of them
+/// with `everything`; oldest first, each once.
+pub(crate) fn chosen_snapshots(
+    store: &Store,
+    names: &[String],
+    everything: bool,
+    name: Option<&str>,
+) -> anyhow::Result<Vec<(Id, Snapshot)>> {
+    let all = store.snapshots()?;
+    let mut out = if everything {
+        all
+    } else {
+        names
+            .iter()
+            .map(|s| Ok(imgstore_engine::select(&all, &Selector::parse(s)?, name)?))
+            .collect::<anyhow::Result<Vec<_>>>()?
+    };
+    out.sort_by_key(|(id, s)| (s.time_ns, *id));
+    out.dedup_by_key(|(id, _)| *id);
+    if out.is_empty() {
+        bail!("the repository holds no snapshots");
+    }
+    Ok(out)
+}
+
 fn sorted_snapshots(store: &Store, name: Option<&str>) -> anyhow::Result<Vec<(Id, Snapshot)>> {
     let mut snaps = store.snapshots()?;
     snaps.retain(|(_, s)| name.is_none_or(|n| s.name == n));

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use anyhow::bail;
-use imgstore_engine::{CheckReport, EngineError, ReadData, Selector, Target};
+use imgstore_engine::{CheckReport, EngineError, ReadData, Target};
 use imgstore_format::{Id, ObjectKind};
 use imgstore_store::{DamageMark, Mode, Store, StoreError};
 use serde_json::json;
@@ -185,21 +185,7 @@ pub fn verify(repo: &Path, a: VerifyArgs, progress: bool) -> anyhow::Result<()> 
         bail!("name the snapshots to verify (an id, a prefix or `latest`), or pass --all");
     }
     let store = Store::open(repo, Mode::ReadOnly)?;
-    let snaps = store.snapshots()?;
-    let mut chosen = Vec::new();
-    if a.all {
-        let mut all = snaps.clone();
-        all.sort_by_key(|(id, s)| (s.time_ns, *id));
-        chosen = all;
-    } else {
-        for s in &a.snapshots {
-            chosen.push(imgstore_engine::select(
-                &snaps,
-                &Selector::parse(s)?,
-                a.name.as_deref(),
-            )?);
-        }
-    }
+    let chosen = crate::commands::chosen_snapshots(&store, &a.snapshots, a.all, a.name.as_deref())?;
     let mut results = Vec::new();
     let mut failed = 0;
     let mut marks = Vec::new();

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
-use imgstore_engine::{ImageReader, Selector};
+use imgstore_engine::ImageReader;
 use imgstore_fuse::{Entry, Image};
 use imgstore_store::{Mode, Store};
 
@@ -46,25 +46,12 @@ pub fn mount(repo: &Path, a: MountArgs) -> anyhow::Result<()> {
     // The file system serves until unmounted, for the rest of the process:
     // the store and snapshot list live as long.
     let store: &'static Store = Box::leak(Box::new(Store::open(repo, Mode::ReadOnly)?));
-    let all = store.snapshots()?;
-    let mut snaps = if a.snapshots.is_empty() {
-        all.clone()
-    } else {
-        let mut v = Vec::new();
-        for s in &a.snapshots {
-            v.push(imgstore_engine::select(
-                &all,
-                &Selector::parse(s)?,
-                a.name.as_deref(),
-            )?);
-        }
-        v
-    };
-    snaps.sort_by_key(|(id, s)| (s.time_ns, *id));
-    snaps.dedup_by_key(|(id, _)| *id);
-    if snaps.is_empty() {
-        bail!("the repository holds no snapshots to mount");
-    }
+    let snaps = crate::commands::chosen_snapshots(
+        store,
+        &a.snapshots,
+        a.snapshots.is_empty(),
+        a.name.as_deref(),
+    )?;
     let snaps: &'static [_] = Vec::leak(snaps);
     let per = (cache / snaps.len()).max(8 << 20);
     let mut entries = Vec::new();

@@ -6,7 +6,7 @@ use std::os::unix::net::UnixListener;
 use std::path::Path;
 
 use anyhow::{bail, Context};
-use imgstore_engine::{ImageReader, Selector};
+use imgstore_engine::ImageReader;
 use imgstore_format::{Id, Snapshot};
 use imgstore_nbd::{Export, Exports};
 use imgstore_store::{Mode, Store};
@@ -100,25 +100,7 @@ pub fn serve(repo: &Path, a: ServeArgs) -> anyhow::Result<()> {
     }
     let cache = parse_size(&a.cache)? as usize;
     let store = Store::open(repo, Mode::ReadOnly)?;
-    let all = store.snapshots()?;
-    let mut snaps: Vec<(Id, Snapshot)> = if a.all {
-        all.clone()
-    } else {
-        let mut v = Vec::new();
-        for s in &a.snapshots {
-            v.push(imgstore_engine::select(
-                &all,
-                &Selector::parse(s)?,
-                a.name.as_deref(),
-            )?);
-        }
-        v
-    };
-    snaps.sort_by_key(|(id, s)| (s.time_ns, *id));
-    snaps.dedup_by_key(|(id, _)| *id);
-    if snaps.is_empty() {
-        bail!("the repository holds no snapshots to export");
-    }
+    let snaps = crate::commands::chosen_snapshots(&store, &a.snapshots, a.all, a.name.as_deref())?;
     let per_export = (cache / snaps.len()).max(8 << 20);
     let exports = snaps
         .iter()

@@ -49,6 +49,14 @@ pub struct BackupReport {
     pub bytes_read: u64,
 }
 
+/// The current time in nanoseconds since the epoch (a snapshot's time).
+fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
 /// The chunker a repository's config prescribes.
 pub fn chunker_for(store: &Store) -> Result<Chunker, EngineError> {
     let c = &store.config().chunking;
@@ -183,11 +191,7 @@ pub fn backup(
     opts: &BackupOptions,
     progress: &dyn Progress,
 ) -> Result<BackupReport, EngineError> {
-    let started = Instant::now();
-    let time_ns = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0);
+    let (started, time_ns) = (Instant::now(), now_ns());
     let region_size = store.config().region_size as usize;
     let ctx = Ctx {
         store,
@@ -400,11 +404,7 @@ pub fn backup_changed(
     opts: &BackupOptions,
     progress: &dyn Progress,
 ) -> Result<BackupReport, EngineError> {
-    let started = Instant::now();
-    let time_ns = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0);
+    let (started, time_ns) = (Instant::now(), now_ns());
     let path = source.path().to_path_buf();
     let (Some(size), Some(source)) = (source.size(), source.positional()) else {
         return Err(EngineError::BadSource {

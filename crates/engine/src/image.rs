@@ -166,6 +166,32 @@ impl<'a> ImageReader<'a> {
         Ok(out)
     }
 
+    /// Calls `f(pos, extent_start, extent_len, chunk, n)` for each extent
+    /// piece of `[offset, end)`, in order: `n` bytes at image offset `pos`,
+    /// inside the extent that starts at image offset `extent_start`.
+    fn walk(
+        &self,
+        offset: u64,
+        end: u64,
+        mut f: impl FnMut(u64, u64, u64, Option<Id>, u64) -> Result<(), EngineError>,
+    ) -> Result<(), EngineError> {
+        let mut pos = offset;
+        while pos < end {
+            let region = (pos / self.region_size) as usize;
+            let base = region as u64 * self.region_size;
+            let extents = self.extents(region)?;
+            let mut i = extents.partition_point(|e| e.0 + e.1 <= pos - base);
+            while pos < end && i < extents.len() {
+                let (s, l, c) = extents[i];
+                let n = (base + s + l).min(end) - pos;
+                f(pos, base + s, l, c, n)?;
+                pos += n;
+                i += 1;
+            }
+        }
+        Ok(())
+    }
+
     /// Fills `buf` with the image bytes at `offset` (must lie within the image).
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), EngineError> {
         let end = offset + buf.len() as u64;
@@ -179,56 +205,35 @@ impl<'a> ImageReader<'a> {
                 ),
             });
         }
-        let mut pos = offset;
-        while pos < end {
-            let region = (pos / self.region_size) as usize;
-            let base = region as u64 * self.region_size;
-            let extents = self.extents(region)?;
-            let rel = pos - base;
-            let mut i = extents.partition_point(|e| e.0 + e.1 <= rel);
-            while pos < end && i < extents.len() {
-                let (s, l, c) = extents[i];
-                let from = pos - base - s;
-                let n = (l - from).min(end - pos) as usize;
-                let dst = &mut buf[(pos - offset) as usize..(pos - offset) as usize + n];
-                match c {
-                    None => dst.fill(0),
-                    Some(id) => {
-                        let data = self.chunk(id, base + s, l)?;
-                        dst.copy_from_slice(&data[from as usize..from as usize + n]);
-                    }
+        self.walk(offset, end, |pos, start, len, chunk, n| {
+            let dst = &mut buf[(pos - offset) as usize..(pos - offset + n) as usize];
+            match chunk {
+                None => dst.fill(0),
+                Some(id) => {
+                    let data = self.chunk(id, start, len)?;
+                    let from = (pos - start) as usize;
+                    dst.copy_from_slice(&data[from..from + n as usize]);
                 }
-                pos += n as u64;
-                i += 1;
             }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Allocation map of `[offset, offset + len)`: `(length, is_zero)` runs,
     /// adjacent runs of the same kind merged. Reads recipes only.
     pub fn map(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool)>, EngineError> {
-        let end = (offset + len).min(self.size);
         let mut out: Vec<(u64, bool)> = Vec::new();
-        let mut pos = offset;
-        while pos < end {
-            let region = (pos / self.region_size) as usize;
-            let base = region as u64 * self.region_size;
-            let extents = self.extents(region)?;
-            let rel = pos - base;
-            let mut i = extents.partition_point(|e| e.0 + e.1 <= rel);
-            while pos < end && i < extents.len() {
-                let (s, l, c) = extents[i];
-                let n = (base + s + l).min(end) - pos;
-                let zero = c.is_none();
+        self.walk(
+            offset,
+            (offset + len).min(self.size),
+            |_, _, _, chunk, n| {
                 match out.last_mut() {
-                    Some(last) if last.1 == zero => last.0 += n,
-                    _ => out.push((n, zero)),
+                    Some(last) if last.1 == chunk.is_none() => last.0 += n,
+                    _ => out.push((n, chunk.is_none())),
                 }
-                pos += n;
-                i += 1;
-            }
-        }
+                Ok(())
+            },
+        )?;
         Ok(out)
     }
 }
