@@ -273,13 +273,15 @@ fn kill_9_at_random_points_loses_nothing_and_gc_leaves_a_clean_repository() {
             assert_eq!(snapshot_count(&env), before + 1);
         } else {
             killed += 1;
-            assert_eq!(
-                snapshot_count(&env),
-                before,
-                "partial snapshot after kill at {delay} ms"
+            // Killed before its commit: no snapshot. Killed between the
+            // commit and exit: the whole snapshot, which must verify.
+            let after = snapshot_count(&env);
+            assert!(
+                after == before || after == before + 1,
+                "kill at {delay} ms: {before} -> {after} snapshots"
             );
         }
-        env.ok(&["verify", &first]);
+        env.ok(&["verify", "--all"]);
     }
     eprintln!("kill -9 runs: {killed} killed mid-backup, {finished} completed first");
     assert!(killed > 0);
