@@ -234,3 +234,131 @@ fn random_4k_reads_decompress_each_chunk_once() {
     let zeros: u64 = map.iter().filter(|m| m.1).map(|m| m.0).sum();
     assert_eq!(zeros, 2 << 20, "{map:?}");
 }
+
+#[test]
+fn writable_export_keeps_writes_in_an_overlay_and_backs_them_up() {
+    if !have("qemu-io") || !have("nbdcopy") {
+        eprintln!("SKIP: qemu-io (qemu-utils) and nbdcopy (libnbd-bin) needed");
+        return;
+    }
+    let env = Env::new();
+    env.init();
+    let img = env.path("vm.img");
+    let data = [
+        texty(6 << 20, 931),
+        vec![0u8; 2 << 20],
+        seeded(4 << 20, 932),
+    ]
+    .concat();
+    fs::write(&img, &data).unwrap();
+    let id = env.backup(&img, &["--name", "vm"])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let qemu_io = |sock: &str, cmds: &[&str]| {
+        let mut c = Command::new("qemu-io");
+        c.args(["-f", "raw"]);
+        for x in cmds {
+            c.args(["-c", x]);
+        }
+        c.arg(uri("", sock)).output().unwrap()
+    };
+    // Read-only by default: writes are refused.
+    {
+        let (_server, sock) = start(&env, &[&id]);
+        let o = qemu_io(&sock, &["write -P 0x11 0 4096"]);
+        let out =
+            String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+        assert!(!out.contains("wrote 4096/4096"), "{out}");
+    }
+    let sock_path = env.path("nbd.sock");
+    let _ = fs::remove_file(&sock_path);
+    let overlay = env.path("overlay");
+    let mut expected = data.clone();
+    {
+        let (_server, sock) = start(&env, &[&id, "--writable", overlay.to_str().unwrap()]);
+        let o = qemu_io(
+            &sock,
+            &[
+                "write -P 0x55 1000 70000",
+                "write -z 7340032 1048576",
+                "write -P 0x66 9437184 4096",
+            ],
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        expected[1000..71000].fill(0x55);
+        expected[7 << 20..8 << 20].fill(0);
+        expected[9 << 20..(9 << 20) + 4096].fill(0x66);
+        let view = env.path("view.img");
+        let o = Command::new("nbdcopy")
+            .arg(uri("", &sock))
+            .arg(&view)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            fs::read(&view).unwrap() == expected,
+            "the export's view differs from what was written"
+        );
+    }
+    // The repository was not written: the snapshot still restores the original.
+    let orig = env.path("orig.img");
+    env.ok(&["restore", &id, orig.to_str().unwrap()]);
+    assert_same(&img, &orig);
+    // A restarted server resumes the overlay.
+    let _ = fs::remove_file(&sock_path);
+    {
+        let (_server, sock) = start(&env, &[&id, "--writable", overlay.to_str().unwrap()]);
+        let view = env.path("view2.img");
+        let o = Command::new("nbdcopy")
+            .arg(uri("", &sock))
+            .arg(&view)
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+        assert!(fs::read(&view).unwrap() == expected, "overlay not resumed");
+    }
+    // Keeping the result: a backup of the overlay reads only written blocks.
+    let r: serde_json::Value = serde_json::from_str(&env.ok(&[
+        "backup",
+        "--from-export",
+        overlay.to_str().unwrap(),
+        "--tag",
+        "repaired",
+        "--json",
+    ]))
+    .unwrap();
+    // Written blocks: 1000..71000 → 18 blocks, 1 MiB → 256, 4 KiB → 1.
+    assert_eq!(
+        r["bytes_read"].as_u64().unwrap(),
+        (18 + 256 + 1) * 4096,
+        "{r}"
+    );
+    assert_eq!(r["name"], "vm");
+    let out = env.path("kept.img");
+    env.ok(&["restore", r["id"].as_str().unwrap(), out.to_str().unwrap()]);
+    assert!(fs::read(&out).unwrap() == expected);
+    // An overlay of another snapshot is refused.
+    let other = env.backup(&orig, &["--name", "other", "--tag", "x"]);
+    let _ = fs::remove_file(&sock_path);
+    let o = Command::new(BIN)
+        .arg("-r")
+        .arg(env.repo())
+        .args([
+            "serve",
+            "--name",
+            "vm",
+            "latest",
+            "--writable",
+            overlay.to_str().unwrap(),
+            "--socket",
+        ])
+        .arg(&sock_path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("holds an overlay of snapshot"),
+        "{err} {other}"
+    );
+}

@@ -90,7 +90,9 @@ imgstore check --read-data\n  imgstore check --read-data-subset 10% --json"
     #[command(
         after_help = "Export names: a full snapshot id, a unique prefix, or NAME@latest; with one \
 export, the default (empty) name works too.\n\nExamples:\n  imgstore serve latest --name vm-root\n  \
-imgstore serve --all --socket /run/imgstore.sock\n  nbdinfo --map nbd://127.0.0.1/vm-root@latest\n  \
+imgstore serve --all --socket /run/imgstore.sock\n  \
+imgstore serve latest --name vm-root --writable /var/tmp/vm-overlay   # boot or repair, then:\n  \
+imgstore backup --from-export /var/tmp/vm-overlay --tag repaired\n  nbdinfo --map nbd://127.0.0.1/vm-root@latest\n  \
 qemu-img convert -O qcow2 nbd://127.0.0.1/vm-root@latest vm.qcow2"
     )]
     Serve(ServeArgs),
@@ -157,6 +159,9 @@ pub struct ServeArgs {
     /// Decompressed-chunk cache, shared among the exports.
     #[arg(long, value_name = "SIZE", default_value = "64M")]
     pub cache: String,
+    /// Accept writes into a copy-on-write overlay in DIR (created, or resumed); the store is never written.
+    #[arg(long, value_name = "DIR")]
+    pub writable: Option<std::path::PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -270,8 +275,12 @@ pub struct InitArgs {
 
 #[derive(Args, Debug)]
 pub struct BackupArgs {
-    /// Image file, block device, or - for stdin.
-    pub source: String,
+    /// Image file, block device, or - for stdin (omit with --from-export).
+    #[arg(required_unless_present = "from_export")]
+    pub source: Option<String>,
+    /// Back up the view of a `serve --writable DIR` overlay: its base snapshot plus what was written.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["source", "base", "changed"])]
+    pub from_export: Option<std::path::PathBuf>,
     /// Name grouping snapshots of the same disk (default: SOURCE's file name; required for stdin).
     #[arg(long)]
     pub name: Option<String>,

@@ -81,16 +81,20 @@ fn hostname() -> String {
 }
 
 fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> {
-    let (source, default_name) = if a.source == "-" {
-        (Source::stdin(), None)
-    } else {
-        let path = PathBuf::from(&a.source);
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-        (Source::open(&path)?, name)
-    };
-    let name = match a.name.or(default_name) {
-        Some(n) if !n.is_empty() => n,
-        _ => bail!("a backup from stdin needs a name: pass --name NAME"),
+    let overlay = a
+        .from_export
+        .as_deref()
+        .map(imgstore_engine::overlay_info)
+        .transpose()?;
+    let (source, default_name) = match (&overlay, a.source.as_deref()) {
+        (Some(o), _) => (Source::open(&o.data)?, None),
+        (None, Some("-")) => (Source::stdin(), None),
+        (None, Some(p)) => {
+            let path = PathBuf::from(p);
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+            (Source::open(&path)?, name)
+        }
+        (None, None) => bail!("give SOURCE (a file, block device or -) or --from-export DIR"),
     };
     let store = Store::open(
         repo,
@@ -98,6 +102,31 @@ fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> {
             operation: "backup",
         },
     )?;
+    // An overlay's view is a changed-block backup of its base: only the
+    // blocks written through the export are read.
+    let from_overlay = match &overlay {
+        Some(o) => {
+            let snaps = store.snapshots()?;
+            let Some((_, base)) = snaps.into_iter().find(|(id, _)| *id == o.base) else {
+                bail!(
+                    "the overlay's base snapshot {} is no longer in the repository (forgotten?): its writes cannot be completed into an image",
+                    o.base.short()
+                );
+            };
+            Some(imgstore_engine::ChangedBlocks {
+                base_id: o.base,
+                base,
+                ranges: o.dirty.clone(),
+                verify_unchanged: 0.0,
+            })
+        }
+        None => None,
+    };
+    let default_name = default_name.or(from_overlay.as_ref().map(|c| c.base.name.clone()));
+    let name = match a.name.or(default_name) {
+        Some(n) if !n.is_empty() => n,
+        _ => bail!("a backup from stdin needs a name: pass --name NAME"),
+    };
     let bar = Bar::new(progress);
     let opts = BackupOptions {
         name,
@@ -106,6 +135,7 @@ fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> {
     };
     let damaged = store.damage_pending();
     let changed = match (&a.base, &a.changed) {
+        _ if from_overlay.is_some() => from_overlay,
         (Some(base), Some(list)) => {
             let snaps = store.snapshots()?;
             let (base_id, base) =

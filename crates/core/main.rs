@@ -26,7 +26,18 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             // One line: the error and its causes, outermost first.
-            let mut line = format!("{err:#}");
+            // Library errors already quote their cause in their message;
+            // a cause is appended only when the line does not hold it yet.
+            let mut line = String::new();
+            for cause in err.chain() {
+                let c = cause.to_string();
+                if !line.contains(&c) {
+                    if !line.is_empty() {
+                        line.push_str(": ");
+                    }
+                    line.push_str(&c);
+                }
+            }
             line = line.replace('\n', " ");
             let _ = writeln!(std::io::stderr(), "imgstore: error: {line}");
             ExitCode::FAILURE

@@ -6,7 +6,7 @@ use std::os::unix::net::UnixListener;
 use std::path::Path;
 
 use anyhow::{bail, Context};
-use imgstore_engine::ImageReader;
+use imgstore_engine::{ImageReader, Overlay};
 use imgstore_format::{Id, Snapshot};
 use imgstore_nbd::{Export, Exports};
 use imgstore_store::{Mode, Store};
@@ -15,23 +15,54 @@ use crate::args::ServeArgs;
 use crate::commands::note;
 use crate::units::{format_time, human_bytes, parse_size};
 
-struct SnapExport<'a>(ImageReader<'a>);
+/// A snapshot, read-only or behind a copy-on-write overlay.
+struct SnapExport<'a>(ImageReader<'a>, Option<Overlay>);
+
+/// An engine error as the client sees it (EIO), also reported on the
+/// server's stderr, where the operator sees which chunk or file failed.
+fn eio(e: imgstore_engine::EngineError) -> io::Error {
+    note(&format!("imgstore serve: {e}"));
+    io::Error::other(e.to_string())
+}
 
 impl Export for SnapExport<'_> {
     fn size(&self) -> u64 {
         self.0.size()
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.0.read_at(offset, buf).map_err(|e| {
-            // Damage is also reported on the server's stderr: a client only sees EIO.
-            note(&format!("imgstore serve: {e}"));
-            io::Error::other(e.to_string())
-        })
+        match &self.1 {
+            Some(o) => o.read_at(&self.0, offset, buf),
+            None => self.0.read_at(offset, buf),
+        }
+        .map_err(eio)
     }
     fn map(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, bool)>> {
-        self.0
-            .map(offset, len)
-            .map_err(|e| io::Error::other(e.to_string()))
+        match &self.1 {
+            Some(o) => o.map(&self.0, offset, len),
+            None => self.0.map(offset, len),
+        }
+        .map_err(eio)
+    }
+    fn writable(&self) -> bool {
+        self.1.is_some()
+    }
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        match &self.1 {
+            Some(o) => o.write_at(&self.0, offset, data).map_err(eio),
+            None => Err(io::ErrorKind::PermissionDenied.into()),
+        }
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        match &self.1 {
+            Some(o) => o.write_zeros(&self.0, offset, len).map_err(eio),
+            None => Err(io::ErrorKind::PermissionDenied.into()),
+        }
+    }
+    fn flush(&self) -> io::Result<()> {
+        match &self.1 {
+            Some(o) => o.flush().map_err(eio),
+            None => Ok(()),
+        }
     }
 }
 
@@ -102,18 +133,36 @@ pub fn serve(repo: &Path, a: ServeArgs) -> anyhow::Result<()> {
     let store = Store::open(repo, Mode::ReadOnly)?;
     let snaps = crate::commands::chosen_snapshots(&store, &a.snapshots, a.all, a.name.as_deref())?;
     let per_export = (cache / snaps.len()).max(8 << 20);
-    let exports = snaps
-        .iter()
-        .map(|(id, s)| ImageReader::new(&store, id, s, per_export).map(SnapExport))
-        .collect::<Result<Vec<_>, _>>()?;
+    if a.writable.is_some() && snaps.len() != 1 {
+        bail!("--writable serves exactly one snapshot: name it (e.g. `latest --name vm-root`)");
+    }
+    let mut exports = Vec::new();
+    for (id, s) in &snaps {
+        let overlay = match &a.writable {
+            Some(dir) => Some(Overlay::open(dir, id, s)?),
+            None => None,
+        };
+        exports.push(SnapExport(
+            ImageReader::new(&store, id, s, per_export)?,
+            overlay,
+        ));
+    }
+    if let Some(dir) = &a.writable {
+        note(&format!(
+            "writes go to the overlay in {} (never into the repository); keep them as a snapshot with `imgstore backup --from-export {}`",
+            dir.display(),
+            dir.display()
+        ));
+    }
     let set = Set {
         snaps: &snaps,
         exports,
     };
     let describe = |uri: &str| {
         note(&format!(
-            "serving {} snapshot(s) read-only at {uri} (export names: full id, unique prefix, NAME@latest); Ctrl-C stops",
-            snaps.len()
+            "serving {} snapshot(s) {} at {uri} (export names: full id, unique prefix, NAME@latest); Ctrl-C stops",
+            snaps.len(),
+            if a.writable.is_some() { "writable (copy-on-write)" } else { "read-only" }
         ));
         for (id, s) in &snaps {
             note(&format!(

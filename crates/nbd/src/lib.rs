@@ -13,7 +13,9 @@
 //! * transmission: `READ` (as data and hole chunks once structured replies
 //!   are on, so zero extents are not sent as bytes), `BLOCK_STATUS`
 //!   (holes and zeros from the recipes, no data read), `CACHE`, `FLUSH`,
-//!   `DISC`; writes are refused with `EPERM` (exports are read-only).
+//!   `DISC`; `WRITE`, `WRITE_ZEROES` and `TRIM` go to exports that say they
+//!   are writable (a copy-on-write overlay), and are refused with `EPERM`
+//!   otherwise.
 //!
 //! A library never prints: errors are returned to the caller.
 
@@ -26,6 +28,21 @@ pub trait Export: Sync {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
     /// `(length, is_zero)` runs covering `[offset, offset + len)`.
     fn map(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, bool)>>;
+    /// Whether clients may write (the export then also takes writes,
+    /// zeroing and flushes).
+    fn writable(&self) -> bool {
+        false
+    }
+    fn write_at(&self, _offset: u64, _data: &[u8]) -> io::Result<()> {
+        Err(io::Error::from(io::ErrorKind::PermissionDenied))
+    }
+    fn write_zeroes(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Err(io::Error::from(io::ErrorKind::PermissionDenied))
+    }
+    /// Makes completed writes durable.
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The set of exports a server offers.
@@ -80,11 +97,16 @@ const INFO_BLOCK_SIZE: u16 = 3;
 const TFLAG_HAS_FLAGS: u16 = 1;
 const TFLAG_READ_ONLY: u16 = 2;
 const TFLAG_SEND_FLUSH: u16 = 4;
+const TFLAG_SEND_TRIM: u16 = 1 << 5;
+const TFLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
 const TFLAG_SEND_DF: u16 = 1 << 7;
 const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
 const TFLAG_SEND_CACHE: u16 = 1 << 10;
 
 const CMD_READ: u16 = 0;
+const CMD_WRITE: u16 = 1;
+const CMD_TRIM: u16 = 4;
+const CMD_WRITE_ZEROES: u16 = 6;
 const CMD_DISC: u16 = 2;
 const CMD_FLUSH: u16 = 3;
 const CMD_CACHE: u16 = 5;
@@ -143,13 +165,15 @@ impl<'a, S: Read + Write> Conn<'a, S> {
         self.reply(opt, kind, msg.as_bytes())
     }
 
-    fn flags() -> u16 {
-        TFLAG_HAS_FLAGS
-            | TFLAG_READ_ONLY
-            | TFLAG_SEND_FLUSH
-            | TFLAG_SEND_DF
-            | TFLAG_CAN_MULTI_CONN
-            | TFLAG_SEND_CACHE
+    fn flags(e: &dyn Export) -> u16 {
+        let common = TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_DF | TFLAG_SEND_CACHE;
+        if e.writable() {
+            // One overlay behind every connection, flushed as a whole: safe
+            // for several connections, so multi-conn stays on.
+            common | TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES | TFLAG_CAN_MULTI_CONN
+        } else {
+            common | TFLAG_READ_ONLY | TFLAG_CAN_MULTI_CONN
+        }
     }
 
     /// Option haggling; returns the export to serve, or None when the
@@ -186,7 +210,7 @@ impl<'a, S: Read + Write> Conn<'a, S> {
                     };
                     let mut b = Vec::new();
                     b.extend_from_slice(&e.size().to_be_bytes());
-                    b.extend_from_slice(&Self::flags().to_be_bytes());
+                    b.extend_from_slice(&Self::flags(e).to_be_bytes());
                     if !no_zeroes {
                         b.extend_from_slice(&[0u8; 124]);
                     }
@@ -283,7 +307,7 @@ impl<'a, S: Read + Write> Conn<'a, S> {
                     };
                     let mut b = INFO_EXPORT.to_be_bytes().to_vec();
                     b.extend_from_slice(&e.size().to_be_bytes());
-                    b.extend_from_slice(&Self::flags().to_be_bytes());
+                    b.extend_from_slice(&Self::flags(e).to_be_bytes());
                     self.reply(opt, REP_INFO, &b)?;
                     let mut b = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
                     b.extend_from_slice(&1u32.to_be_bytes());
@@ -345,6 +369,15 @@ impl<'a, S: Read + Write> Conn<'a, S> {
             self.chunk(cookie, REPLY_FLAG_DONE, REPLY_ERROR, &[&p])
         } else {
             self.simple(cookie, errno, &[])
+        }
+    }
+
+    /// Replies to a command without payload: success or EIO.
+    fn done(&mut self, cookie: u64, r: io::Result<()>) -> io::Result<()> {
+        match r {
+            Err(err) => self.fail(cookie, EIO, &err.to_string()),
+            Ok(()) if self.structured => self.chunk(cookie, REPLY_FLAG_DONE, REPLY_NONE, &[]),
+            Ok(()) => self.simple(cookie, 0, &[]),
         }
     }
 
@@ -460,18 +493,29 @@ impl<'a, S: Read + Write> Conn<'a, S> {
                 }
                 CMD_BLOCK_STATUS => self.block_status(e, cookie, flags, offset, len)?,
                 CMD_FLUSH | CMD_CACHE => {
-                    if self.structured {
-                        self.chunk(cookie, REPLY_FLAG_DONE, REPLY_NONE, &[])?
-                    } else {
-                        self.simple(cookie, 0, &[])?
-                    }
+                    let r = if kind == CMD_FLUSH { e.flush() } else { Ok(()) };
+                    self.done(cookie, r)?
                 }
-                1 | 6 => {
-                    // WRITE carries a payload that must be consumed.
-                    if kind == 1 {
-                        io::copy(&mut (&mut self.s).take(len as u64), &mut io::sink())?;
+                CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM => {
+                    if kind == CMD_WRITE && len > MAX_REQUEST {
+                        return Err(NbdError::Protocol(format!("write of {len} bytes")));
                     }
-                    self.fail(cookie, EPERM, "the export is read-only")?
+                    if kind == CMD_WRITE {
+                        buf.resize(len as usize, 0);
+                        self.s.read_exact(&mut buf)?;
+                    }
+                    if !e.writable() {
+                        self.fail(cookie, EPERM, "the export is read-only")?;
+                    } else if !in_range {
+                        self.fail(cookie, EINVAL, "write beyond the end of the export")?;
+                    } else {
+                        let r = match kind {
+                            CMD_WRITE => e.write_at(offset, &buf),
+                            // Trimmed blocks read back as zeros.
+                            _ => e.write_zeroes(offset, len as u64),
+                        };
+                        self.done(cookie, r)?
+                    }
                 }
                 _ => self.fail(cookie, EINVAL, "command not supported")?,
             }
@@ -501,7 +545,10 @@ pub fn serve_connection<S: Read + Write>(stream: S, exports: &dyn Exports) -> Re
     };
     let r = c.transmit(e);
     let _ = c.s.flush();
-    r
+    // What a client wrote is made durable when it leaves, flush or not.
+    let f = e.flush();
+    r?;
+    Ok(f?)
 }
 
 /// Buffers replies and sends them when the server next waits for a
