@@ -243,6 +243,7 @@ pub fn stats(repo: &Path, a: StatsArgs) -> anyhow::Result<()> {
                 "data_bytes": data,
                 "unique_chunk_bytes": t.objects.chunk_raw_bytes,
                 "stored_bytes": stored,
+                "recipe_bytes": t.objects.recipe_bytes,
                 "chunks": t.objects.chunks,
                 "regions": t.objects.regions,
                 "pages": t.objects.pages,

@@ -204,7 +204,7 @@ pub fn backup(
     progress.start(source.size());
     let initial_size = source.size();
 
-    let (tx, rx) = crossbeam_channel::bounded::<RegionBuf>(2);
+    let (tx, rx) = crossbeam_channel::bounded::<RegionBuf>(1);
     let (free_tx, free_rx) = crossbeam_channel::unbounded::<Vec<u8>>();
     let stop = AtomicBool::new(false);
     let (work, read) = std::thread::scope(|s| {

@@ -189,7 +189,7 @@ fn db_options(create: bool, cache: &Cache) -> (Options, Vec<ColumnFamilyDescript
             // Memtables hold chunk values until a flush moves them to a blob
             // file: 16 MiB × 3 bounds that memory (and sizes blob files).
             o.set_write_buffer_size(16 << 20);
-            o.set_max_write_buffer_number(3);
+            o.set_max_write_buffer_number(2);
             o.set_block_based_table_factory(&table(true));
         }),
         cfd(cf::RECIPES, &|o| {
