@@ -60,9 +60,13 @@ fn ext4_generations(env: &Env) -> Option<Vec<PathBuf>> {
     Some(gens)
 }
 
-/// Backs up each image as name `vm`; returns the snapshot ids.
-fn backup_each(env: &Env, images: &[PathBuf]) -> Vec<String> {
-    images
+/// A repository holding the ext4 generations as snapshots of `vm`:
+/// (env, image copies, snapshot ids); None where e2fsprogs is missing.
+fn ext4_repo() -> Option<(Env, Vec<PathBuf>, Vec<String>)> {
+    let env = Env::new();
+    env.init();
+    let gens = ext4_generations(&env)?;
+    let ids = gens
         .iter()
         .map(|g| {
             env.backup(g, &["--name", "vm"])["id"]
@@ -70,17 +74,15 @@ fn backup_each(env: &Env, images: &[PathBuf]) -> Vec<String> {
                 .unwrap()
                 .to_string()
         })
-        .collect()
+        .collect();
+    Some((env, gens, ids))
 }
 
 #[test]
 fn changed_block_backup_from_diff_equals_a_full_backup_and_reads_only_the_changes() {
-    let env = Env::new();
-    env.init();
-    let Some(gens) = ext4_generations(&env) else {
+    let Some((env, gens, ids)) = ext4_repo() else {
         return;
     };
-    let ids = backup_each(&env, &gens);
     for g in 1..gens.len() {
         let (ranges, text) = diff_ranges(&env, &ids[g - 1], &ids[g]);
         let changed: u64 = ranges.iter().map(|r| r.1).sum();
@@ -259,12 +261,9 @@ fn delta(env: &Env, id: &str, target: &Path) -> serde_json::Value {
 
 #[test]
 fn delta_restore_writes_only_what_differs_and_a_rerun_completes_a_broken_target() {
-    let env = Env::new();
-    env.init();
-    let Some(gens) = ext4_generations(&env) else {
+    let Some((env, gens, ids)) = ext4_repo() else {
         return;
     };
-    let ids = backup_each(&env, &gens);
     let target = env.path("target.img");
     // Forward (gen 1 → 2) and backward (gen 2 → 0): only differing chunks written.
     fs::copy(&gens[1], &target).unwrap();

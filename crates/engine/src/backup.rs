@@ -98,6 +98,19 @@ struct Counters {
     image_bytes: AtomicU64,
 }
 
+impl Counters {
+    /// The snapshot statistics these counters add up to (duration set at commit).
+    fn stats(&self) -> SnapshotStats {
+        SnapshotStats {
+            chunks: self.chunks.load(Relaxed),
+            zero_bytes: self.zero_bytes.load(Relaxed),
+            new_chunks: self.new_chunks.load(Relaxed),
+            new_bytes: self.new_bytes.load(Relaxed),
+            duration_ns: 0,
+        }
+    }
+}
+
 struct Ctx<'a> {
     store: &'a Store,
     chunker: Chunker,
@@ -254,14 +267,7 @@ pub fn backup(
     }
 
     let results = ctx.results.into_inner().unwrap_or_else(|p| p.into_inner());
-    let c = &ctx.counters;
-    let stats = SnapshotStats {
-        chunks: c.chunks.load(Relaxed),
-        zero_bytes: c.zero_bytes.load(Relaxed),
-        new_chunks: c.new_chunks.load(Relaxed),
-        new_bytes: c.new_bytes.load(Relaxed),
-        duration_ns: 0,
-    };
+    let stats = ctx.counters.stats();
     let meta = Meta {
         time_ns,
         opts,
@@ -355,20 +361,6 @@ pub struct ChangedBlocks {
     pub verify_unchanged: f64,
 }
 
-/// Loads the region ids and chaining values of a snapshot's index.
-fn region_index(store: &Store, snap: &Snapshot, label: &str) -> Result<Vec<[u8; 32]>, EngineError> {
-    let mut cvs = Vec::with_capacity(snap.region_count() as usize);
-    for (i, pid) in snap.pages.iter().enumerate() {
-        let page = store.page(pid).map_err(|e| EngineError::RecipeDamaged {
-            snapshot: label.to_string(),
-            offset: (i * PAGE_REGIONS) as u64 * snap.region_size as u64,
-            source: Box::new(e),
-        })?;
-        cvs.extend(page.cvs);
-    }
-    Ok(cvs)
-}
-
 /// Sorts, merges and clips ranges; refuses ranges past `size`.
 fn normalize(
     ranges: &[(u64, u64)],
@@ -420,9 +412,7 @@ pub fn backup_changed(
             why: "its region size differs from the repository's".into(),
         });
     }
-    let label = changed.base_id.short();
     let base_ctx = crate::restore::Ctx::new(store, base, &changed.base_id)?;
-    let base_cvs = region_index(store, base, &label)?;
     let mut ranges = changed.ranges.clone();
     if size > base.size {
         ranges.push((base.size, size - base.size));
@@ -473,7 +463,7 @@ pub fn backup_changed(
                     source.read_at(&mut buf, i * rs)?;
                     let mut h = region_hasher(i * rs);
                     h.update(&buf);
-                    if RegionHash::from_hasher(i, h).cv() != base_cvs[i as usize] {
+                    if RegionHash::from_hasher(i, h).cv() != base_ctx.region_cv(i as usize) {
                         return Err(EngineError::ChangeListWrong {
                             path: path.clone(),
                             offset: i * rs,
@@ -536,21 +526,15 @@ pub fn backup_changed(
         results.push((
             i,
             base_ctx.region_id(i as usize),
-            RegionHash::Cv(base_cvs[i as usize]),
+            RegionHash::Cv(base_ctx.region_cv(i as usize)),
         ));
         progress.advance(len_of(i, size));
     }
     let digest = (n == 1 && !touched[0]).then_some(base.digest);
-    let c = &ctx.counters;
-    let stats = SnapshotStats {
-        chunks: base.stats.chunks - base_chunks.into_inner().min(base.stats.chunks)
-            + c.chunks.load(Relaxed),
-        zero_bytes: base.stats.zero_bytes - base_zeros.into_inner().min(base.stats.zero_bytes)
-            + c.zero_bytes.load(Relaxed),
-        new_chunks: c.new_chunks.load(Relaxed),
-        new_bytes: c.new_bytes.load(Relaxed),
-        duration_ns: 0,
-    };
+    // Re-read regions replaced their base counterparts.
+    let mut stats = ctx.counters.stats();
+    stats.chunks += base.stats.chunks - base_chunks.into_inner().min(base.stats.chunks);
+    stats.zero_bytes += base.stats.zero_bytes - base_zeros.into_inner().min(base.stats.zero_bytes);
     let meta = Meta {
         time_ns,
         opts,

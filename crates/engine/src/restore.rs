@@ -122,6 +122,8 @@ pub(crate) struct Ctx<'a> {
     snapshot: &'a Snapshot,
     label: String,
     region_ids: Vec<Id>,
+    /// Region chaining values (what a changed-block backup reuses).
+    region_cvs: Vec<[u8; 32]>,
 }
 
 /// Where a region's bytes go.
@@ -145,12 +147,18 @@ impl<'a> Ctx<'a> {
         id: &Id,
     ) -> Result<Ctx<'a>, EngineError> {
         let label = id.short();
+        let (region_ids, region_cvs) = region_index(store, snapshot, &label)?;
         Ok(Ctx {
             store,
             snapshot,
-            region_ids: region_ids(store, snapshot, &label)?,
+            region_ids,
+            region_cvs,
             label,
         })
+    }
+
+    pub(crate) fn region_cv(&self, index: usize) -> [u8; 32] {
+        self.region_cvs[index]
     }
 
     /// Rebuilds region `index` into `buf` (verified chunk by chunk); returns
@@ -353,7 +361,17 @@ fn write_zeros_at(file: &File, path: &Path, mut pos: u64, mut len: u64) -> Resul
 
 /// Loads the region ids of a snapshot from its index pages.
 pub fn region_ids(store: &Store, snap: &Snapshot, label: &str) -> Result<Vec<Id>, EngineError> {
+    Ok(region_index(store, snap, label)?.0)
+}
+
+/// Loads a snapshot's index: region ids and their chaining values.
+pub(crate) fn region_index(
+    store: &Store,
+    snap: &Snapshot,
+    label: &str,
+) -> Result<(Vec<Id>, Vec<[u8; 32]>), EngineError> {
     let mut ids = Vec::with_capacity(snap.region_count() as usize);
+    let mut cvs = Vec::with_capacity(snap.region_count() as usize);
     for (i, pid) in snap.pages.iter().enumerate() {
         let page = store.page(pid).map_err(|e| EngineError::RecipeDamaged {
             snapshot: label.to_string(),
@@ -361,6 +379,7 @@ pub fn region_ids(store: &Store, snap: &Snapshot, label: &str) -> Result<Vec<Id>
             source: Box::new(e),
         })?;
         ids.extend(page.regions);
+        cvs.extend(page.cvs);
     }
     if ids.len() as u64 != snap.region_count() {
         return Err(EngineError::RecipeDamaged {
@@ -374,7 +393,7 @@ pub fn region_ids(store: &Store, snap: &Snapshot, label: &str) -> Result<Vec<Id>
             .into(),
         });
     }
-    Ok(ids)
+    Ok((ids, cvs))
 }
 
 /// Restores snapshot `id` to `target`, verifying every chunk and the image digest.
@@ -386,13 +405,7 @@ pub fn restore(
     progress: &dyn Progress,
 ) -> Result<RestoreReport, EngineError> {
     let started = Instant::now();
-    let label = id.short();
-    let ctx = Ctx {
-        store,
-        snapshot,
-        region_ids: region_ids(store, snapshot, &label)?,
-        label,
-    };
+    let ctx = Ctx::new(store, snapshot, id)?;
     progress.start(Some(snapshot.size));
     let n = ctx.region_ids.len();
     let positional = |at: Option<(&File, &Path)>,
