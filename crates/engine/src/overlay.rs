@@ -37,6 +37,8 @@ const BITMAP: &str = "dirty.bitmap";
 pub struct Overlay {
     dir: PathBuf,
     data: File,
+    /// Holds an exclusive `flock` on `lock`: one server per overlay.
+    _lock: File,
     size: u64,
     /// One bit per block; the mutex also serialises writes.
     dirty: Mutex<Vec<u64>>,
@@ -169,6 +171,21 @@ impl Overlay {
                 ));
             }
         }
+        let lock = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(dir.join("lock"))
+            .map_err(|e| io(dir, "cannot create the overlay lock", e))?;
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
+            |_| {
+                bad(
+                    dir,
+                    "is in use by another `imgstore serve --writable`: stop it first".into(),
+                )
+            },
+        )?;
         let data = OpenOptions::new()
             .read(true)
             .write(true)
@@ -183,6 +200,7 @@ impl Overlay {
         Ok(Overlay {
             dir: dir.to_path_buf(),
             data,
+            _lock: lock,
             size: base.size,
             dirty: Mutex::new(dirty),
         })
@@ -265,6 +283,25 @@ impl Overlay {
         Ok(())
     }
 
+    /// Runs `(start, end, dirty)` covering `[offset, end)`, block-aligned
+    /// inside; computed under the lock, so reads need not hold it.
+    fn runs(&self, offset: u64, end: u64) -> Vec<(u64, u64, bool)> {
+        let bits = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<(u64, u64, bool)> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let block = pos / OVERLAY_BLOCK;
+            let stop = ((block + 1) * OVERLAY_BLOCK).min(end);
+            let dirty = Self::is_dirty(&bits, block);
+            match out.last_mut() {
+                Some(last) if last.2 == dirty => last.1 = stop,
+                _ => out.push((pos, stop, dirty)),
+            }
+            pos = stop;
+        }
+        out
+    }
+
     /// Reads the overlay's view: written blocks from the overlay, the rest from the base.
     pub fn read_at(
         &self,
@@ -273,27 +310,15 @@ impl Overlay {
         buf: &mut [u8],
     ) -> Result<(), EngineError> {
         self.check_range(offset, buf.len() as u64)?;
-        let bits = self.dirty.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let end = offset + buf.len() as u64;
-        let mut pos = offset;
-        while pos < end {
-            let block = pos / OVERLAY_BLOCK;
-            let dirty = Self::is_dirty(&bits, block);
-            // Extend the run while blocks stay on the same side.
-            let mut next = (block + 1) * OVERLAY_BLOCK;
-            while next < end && Self::is_dirty(&bits, next / OVERLAY_BLOCK) == dirty {
-                next += OVERLAY_BLOCK;
-            }
-            let stop = next.min(end);
-            let dst = &mut buf[(pos - offset) as usize..(stop - offset) as usize];
+        for (start, stop, dirty) in self.runs(offset, offset + buf.len() as u64) {
+            let dst = &mut buf[(start - offset) as usize..(stop - offset) as usize];
             if dirty {
                 self.data
-                    .read_exact_at(dst, pos)
+                    .read_exact_at(dst, start)
                     .map_err(|e| io(&self.dir, "cannot read the overlay", e))?;
             } else {
-                base.read_at(pos, dst)?;
+                base.read_at(start, dst)?;
             }
-            pos = stop;
         }
         Ok(())
     }
@@ -305,17 +330,12 @@ impl Overlay {
         offset: u64,
         len: u64,
     ) -> Result<Vec<(u64, bool)>, EngineError> {
-        let bits = self.dirty.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut out: Vec<(u64, bool)> = Vec::new();
-        let end = (offset + len).min(self.size);
-        let mut pos = offset;
-        while pos < end {
-            let block = pos / OVERLAY_BLOCK;
-            let stop = ((block + 1) * OVERLAY_BLOCK).min(end);
-            let runs = if Self::is_dirty(&bits, block) {
-                vec![(stop - pos, false)]
+        for (start, stop, dirty) in self.runs(offset, (offset + len).min(self.size)) {
+            let runs = if dirty {
+                vec![(stop - start, false)]
             } else {
-                base.map(pos, stop - pos)?
+                base.map(start, stop - start)?
             };
             for (n, zero) in runs {
                 match out.last_mut() {
@@ -323,7 +343,6 @@ impl Overlay {
                     _ => out.push((n, zero)),
                 }
             }
-            pos = stop;
         }
         Ok(out)
     }
