@@ -300,6 +300,25 @@ fn writable_export_keeps_writes_in_an_overlay_and_backs_them_up() {
             fs::read(&view).unwrap() == expected,
             "the export's view differs from what was written"
         );
+        // One server per overlay.
+        let o = Command::new(BIN)
+            .arg("-r")
+            .arg(env.repo())
+            .args([
+                "serve",
+                &id,
+                "--writable",
+                overlay.to_str().unwrap(),
+                "--socket",
+            ])
+            .arg(env.path("second.sock"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains("is in use by another"),
+            "{err}"
+        );
     }
     // The repository was not written: the snapshot still restores the original.
     let orig = env.path("orig.img");
