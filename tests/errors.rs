@@ -243,3 +243,48 @@ fn kill_during_backup_leaves_earlier_snapshots_and_no_partial_one() {
     env.ok(&["restore", &id, out.to_str().unwrap()]);
     assert_same(&big, &out);
 }
+
+#[test]
+fn an_interrupted_restore_leaves_nothing_after_a_retry() {
+    let env = Env::new();
+    env.init();
+    let img = env.path("big.img");
+    fs::write(&img, texty(48 << 20, 77)).unwrap();
+    let id = env.backup(&img, &[])["id"].as_str().unwrap().to_string();
+    let out = env.path("out.img");
+    let partials = || -> Vec<String> {
+        fs::read_dir(env.dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("imgstore-partial"))
+            .collect()
+    };
+    // kill -9 mid-restore: the hidden temp file stays, the target is never created.
+    let mut child = Command::new(BIN)
+        .arg("-r")
+        .arg(env.repo())
+        .args(["restore", &id, out.to_str().unwrap()])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while partials().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        partials().len(),
+        1,
+        "the restore was not interrupted mid-way"
+    );
+    assert!(!out.exists());
+    // A temp file of a live process must survive the retry.
+    let live = env.path(&format!(".out.img.imgstore-partial-{}", std::process::id()));
+    fs::write(&live, b"in use").unwrap();
+    env.ok(&["restore", &id, out.to_str().unwrap()]);
+    assert_same(&img, &out);
+    let left = partials();
+    assert_eq!(left.len(), 1, "stale temp files left: {left:?}");
+    assert!(live.exists());
+}

@@ -437,6 +437,7 @@ pub fn restore(
     };
     let (_, data_bytes, zero_bytes) = match target {
         Target::File { path } => {
+            remove_stale_temps(&path);
             let tmp = temp_path(&path);
             let file = OpenOptions::new()
                 .write(true)
@@ -556,6 +557,33 @@ fn check_digest(
         });
     }
     Ok(())
+}
+
+/// Removes temporary files an interrupted restore to `path` left behind
+/// (`.NAME.imgstore-partial-PID` whose process no longer runs), so retrying
+/// cleans up after a Ctrl-C or a crash.
+fn remove_stale_temps(path: &Path) {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let prefix = format!(".{name}.imgstore-partial-");
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let file = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = file.strip_prefix(&prefix) else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 fn temp_path(path: &Path) -> PathBuf {
