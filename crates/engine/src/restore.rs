@@ -597,7 +597,8 @@ fn temp_path(path: &Path) -> PathBuf {
 /// What a delta restore did.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct DeltaReport {
-    /// Bytes of the target read and compared.
+    /// Bytes of the target read and compared (holes of a sparse file are
+    /// known to be zeros and not read).
     pub read_bytes: u64,
     /// Bytes of chunk data written (chunks that differed).
     pub written_bytes: u64,
@@ -673,14 +674,26 @@ pub fn restore_delta(
                 let base = index as u64 * snapshot.region_size as u64;
                 let entries = ctx.entries(index)?;
                 let len = ctx.region_len(index) as usize;
+                // Holes of a sparse target read as the zeros they are: only
+                // its data extents are read.
                 let mut buf = vec![0u8; len];
-                file.read_exact_at(&mut buf, base)
-                    .map_err(|e| EngineError::TargetWrite {
-                        path: path.to_path_buf(),
-                        offset: base,
-                        source: e,
-                    })?;
-                read.fetch_add(len as u64, Relaxed);
+                let end = base + len as u64;
+                let mut at = base;
+                while at < end {
+                    let (data, hole) = crate::source::data_extent(file, at, end);
+                    if data >= end {
+                        break;
+                    }
+                    let dst = &mut buf[(data - base) as usize..(hole - base) as usize];
+                    file.read_exact_at(dst, data)
+                        .map_err(|e| EngineError::TargetWrite {
+                            path: path.to_path_buf(),
+                            offset: data,
+                            source: e,
+                        })?;
+                    read.fetch_add(hole - data, Relaxed);
+                    at = hole;
+                }
                 // Pass 1: which extents differ.
                 let mut pos = 0usize;
                 let mut need: Vec<(usize, usize, Id)> = Vec::new();

@@ -226,7 +226,7 @@ impl Source {
 /// The next data extent `[data, hole)` at or after `pos`, clipped to `end`;
 /// `data >= end` when the rest is a hole. File systems without
 /// `SEEK_DATA` support report everything as data.
-fn data_extent(file: &File, pos: u64, end: u64) -> (u64, u64) {
+pub(crate) fn data_extent(file: &File, pos: u64, end: u64) -> (u64, u64) {
     use rustix::fs::{seek, SeekFrom as S};
     let data = match seek(file, S::Data(pos)) {
         Ok(d) => d,
