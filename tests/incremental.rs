@@ -210,30 +210,21 @@ fn dirty_range_list_backup_rechunks_exactly_and_a_lying_list_is_caught() {
     assert!(err.contains("no snapshot was written"), "{err}");
     assert_eq!(env.ok(&["snapshots"]), before);
     // Bad lists and sources are one-line errors.
-    fs::write(&list, "12 abc\n").unwrap();
-    env.fails(
-        &[
+    for (content, error) in [
+        ("12 abc\n".to_string(), "line 1: expected `OFFSET LENGTH`"),
+        (format!("{} 10\n", 1u64 << 40), "ends beyond"),
+    ] {
+        fs::write(&list, content).unwrap();
+        let args = [
             "backup",
             img.to_str().unwrap(),
             "--base",
             &id,
             "--changed",
             list.to_str().unwrap(),
-        ],
-        "line 1: expected `OFFSET LENGTH`",
-    );
-    fs::write(&list, format!("{} 10\n", 1u64 << 40)).unwrap();
-    env.fails(
-        &[
-            "backup",
-            img.to_str().unwrap(),
-            "--base",
-            &id,
-            "--changed",
-            list.to_str().unwrap(),
-        ],
-        "ends beyond",
-    );
+        ];
+        env.fails(&args, error);
+    }
     let o = Command::new(BIN)
         .arg("-r")
         .arg(env.repo())

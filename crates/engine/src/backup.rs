@@ -120,7 +120,18 @@ struct Ctx<'a> {
     progress: &'a dyn Progress,
 }
 
-impl Ctx<'_> {
+impl<'a> Ctx<'a> {
+    fn new(store: &'a Store, progress: &'a dyn Progress) -> Result<Ctx<'a>, EngineError> {
+        Ok(Ctx {
+            store,
+            chunker: chunker_for(store)?,
+            level: store.config().compression.zstd_level,
+            counters: Counters::default(),
+            results: Mutex::new(Vec::new()),
+            progress,
+        })
+    }
+
     fn process(&self, rb: &RegionBuf) -> Result<(), EngineError> {
         let data = &rb.data[..];
         let mut hasher = region_hasher(rb.offset);
@@ -206,14 +217,7 @@ pub fn backup(
 ) -> Result<BackupReport, EngineError> {
     let (started, time_ns) = (Instant::now(), now_ns());
     let region_size = store.config().region_size as usize;
-    let ctx = Ctx {
-        store,
-        chunker: chunker_for(store)?,
-        level: store.config().compression.zstd_level,
-        counters: Counters::default(),
-        results: Mutex::new(Vec::new()),
-        progress,
-    };
+    let ctx = Ctx::new(store, progress)?;
     progress.start(source.size());
     let initial_size = source.size();
 
@@ -479,14 +483,7 @@ pub fn backup_changed(
         }
     }
 
-    let ctx = Ctx {
-        store,
-        chunker: chunker_for(store)?,
-        level: store.config().compression.zstd_level,
-        counters: Counters::default(),
-        results: Mutex::new(Vec::new()),
-        progress,
-    };
+    let ctx = Ctx::new(store, progress)?;
     let touched_ix: Vec<u64> = (0..n).filter(|&i| touched[i as usize]).collect();
     let read = AtomicU64::new(0);
     let (base_chunks, base_zeros) = (AtomicU64::new(0), AtomicU64::new(0));
