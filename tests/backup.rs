@@ -33,17 +33,7 @@ fn ext4_generations_deduplicate_and_restore_exactly_and_sparse() {
     gens.push((r0["id"].as_str().unwrap().to_string(), g0));
     // Generations 1 and 2: files written and removed in place.
     for g in 1..3u64 {
-        let f = env.path(&format!("new{g}.bin"));
-        fs::write(&f, seeded(600_000, 100 + g)).unwrap();
-        let t = env.path(&format!("log{g}.txt"));
-        fs::write(&t, texty(200_000, 200 + g)).unwrap();
-        debugfs_edit(
-            &img,
-            &[(&f, &format!("new{g}.bin")), (&t, &format!("log{g}.txt"))],
-            &[&format!("bin/prog{g}")],
-        );
-        let copy = env.path(&format!("gen{g}.img"));
-        fs::copy(&img, &copy).unwrap();
+        let copy = next_generation(&env, &img, g, 600_000, 100, "log", &format!("bin/prog{g}"));
         let r = env.backup(&img, &["--name", "vm", "--tag", &format!("g{g}")]);
         // An in-place change of ~1 MiB adds a small fraction of what is allocated.
         let allocated_bytes = allocated(&img);
@@ -123,9 +113,8 @@ fn stdin_backup_and_stdout_restore() {
     env.init();
     let mut data = seeded(5 << 20, 3);
     data[(1 << 20)..(3 << 20)].fill(0);
-    let mut child = Command::new(BIN)
-        .arg("-r")
-        .arg(env.repo())
+    let mut child = env
+        .command()
         .args(["backup", "-", "--name", "stream", "--json"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -137,9 +126,8 @@ fn stdin_backup_and_stdout_restore() {
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["size"].as_u64().unwrap(), data.len() as u64);
     assert_eq!(r["zero_bytes"].as_u64().unwrap(), 2 << 20);
-    let o = Command::new(BIN)
-        .arg("-r")
-        .arg(env.repo())
+    let o = env
+        .command()
         .args(["restore", "latest", "-"])
         .output()
         .unwrap();

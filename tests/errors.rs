@@ -116,9 +116,8 @@ fn stdout_closed_early_is_an_error_not_a_panic() {
     let img = env.path("big.img");
     fs::write(&img, seeded(24 << 20, 77)).unwrap();
     let id = env.backup(&img, &[])["id"].as_str().unwrap().to_string();
-    let mut child = Command::new(BIN)
-        .arg("-r")
-        .arg(env.repo())
+    let mut child = env
+        .command()
         .args(["restore", &id, "-"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -148,9 +147,8 @@ fn second_writer_gets_busy_and_readers_still_work() {
     fs::write(&img, seeded(100_000, 5)).unwrap();
     env.backup(&img, &[]);
     // A backup from a pipe that stays open holds the write lock.
-    let mut holder = Command::new(BIN)
-        .arg("-r")
-        .arg(env.repo())
+    let mut holder = env
+        .command()
         .args(["backup", "-", "--name", "held"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
@@ -200,9 +198,8 @@ fn kill_during_backup_leaves_earlier_snapshots_and_no_partial_one() {
     };
     for delay_ms in [30u64, 120, 400, 900] {
         let before = count(&env);
-        let mut child = Command::new(BIN)
-            .arg("-r")
-            .arg(env.repo())
+        let mut child = env
+            .command()
             .args(["backup", big.to_str().unwrap()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -260,9 +257,8 @@ fn an_interrupted_restore_leaves_nothing_after_a_retry() {
             .collect()
     };
     // kill -9 mid-restore: the hidden temp file stays, the target is never created.
-    let mut child = Command::new(BIN)
-        .arg("-r")
-        .arg(env.repo())
+    let mut child = env
+        .command()
         .args(["restore", &id, out.to_str().unwrap()])
         .stderr(Stdio::null())
         .spawn()

@@ -151,9 +151,8 @@ fn kill_during_forget_and_gc_loses_nothing() {
                 "--prune".into(),
             ]
         };
-        let mut child = Command::new(BIN)
-            .arg("-r")
-            .arg(env.repo())
+        let mut child = env
+            .command()
             .args(&args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())

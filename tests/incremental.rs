@@ -44,18 +44,15 @@ fn ext4_generations(env: &Env) -> Option<Vec<PathBuf>> {
     let mut gens = vec![env.path("gen0.img")];
     fs::copy(&img, &gens[0]).unwrap();
     for g in 1..3u64 {
-        let f = env.path(&format!("new{g}.bin"));
-        fs::write(&f, seeded(900_000, 300 + g)).unwrap();
-        let t = env.path(&format!("notes{g}.txt"));
-        fs::write(&t, texty(300_000, 400 + g)).unwrap();
-        debugfs_edit(
+        gens.push(next_generation(
+            env,
             &img,
-            &[(&f, &format!("new{g}.bin")), (&t, &format!("notes{g}.txt"))],
-            &[&format!("doc/page{g}.txt")],
-        );
-        let copy = env.path(&format!("gen{g}.img"));
-        fs::copy(&img, &copy).unwrap();
-        gens.push(copy);
+            g,
+            900_000,
+            300,
+            "notes",
+            &format!("doc/page{g}.txt"),
+        ));
     }
     Some(gens)
 }
@@ -225,9 +222,8 @@ fn dirty_range_list_backup_rechunks_exactly_and_a_lying_list_is_caught() {
         ];
         env.fails(&args, error);
     }
-    let o = Command::new(BIN)
-        .arg("-r")
-        .arg(env.repo())
+    let o = env
+        .command()
         .args([
             "backup",
             "-",
@@ -302,9 +298,8 @@ fn delta_restore_writes_only_what_differs_and_a_rerun_completes_a_broken_target(
     assert_same(&gens[2], &target);
     // kill -9 during a delta restore, then a rerun: exact.
     fs::copy(&gens[0], &target).unwrap();
-    let mut child = Command::new(BIN)
-        .arg("-r")
-        .arg(env.repo())
+    let mut child = env
+        .command()
         .args(["restore", &ids[2], target.to_str().unwrap(), "--delta"])
         .stderr(Stdio::null())
         .spawn()

@@ -258,9 +258,8 @@ fn kill_9_at_random_points_loses_nothing_and_gc_leaves_a_clean_repository() {
     for i in 0..14 {
         let delay = u16::from_le_bytes([delays[2 * i], delays[2 * i + 1]]) as u64 % 900;
         let before = snapshot_count(&env);
-        let mut child = Command::new(BIN)
-            .arg("-r")
-            .arg(env.repo())
+        let mut child = env
+            .command()
             .args(["backup", big.to_str().unwrap(), "--tag", &format!("run{i}")])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -410,9 +409,8 @@ fn source_that_shrinks_mid_backup_fails_with_the_offset_and_commits_nothing() {
             f.write_all(&b).unwrap();
         }
     }
-    let child = Command::new(BIN)
-        .arg("-r")
-        .arg(env.repo())
+    let child = env
+        .command()
         .args(["backup", src.to_str().unwrap()])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -34,9 +34,8 @@ impl Drop for Mounted {
 
 fn start(env: &Env, mnt: &Path) -> Mounted {
     fs::create_dir_all(mnt).unwrap();
-    let child = Command::new(BIN)
-        .arg("-r")
-        .arg(env.repo())
+    let child = env
+        .command()
         .arg("mount")
         .arg(mnt)
         .stdout(Stdio::null())

@@ -19,9 +19,8 @@ impl Drop for Server {
 
 fn start(env: &Env, args: &[&str]) -> (Server, String) {
     let sock = env.path("nbd.sock");
-    let child = Command::new(BIN)
-        .arg("-r")
-        .arg(env.repo())
+    let child = env
+        .command()
         .arg("serve")
         .args(args)
         .arg("--socket")
@@ -301,9 +300,8 @@ fn writable_export_keeps_writes_in_an_overlay_and_backs_them_up() {
             "the export's view differs from what was written"
         );
         // One server per overlay.
-        let o = Command::new(BIN)
-            .arg("-r")
-            .arg(env.repo())
+        let o = env
+            .command()
             .args([
                 "serve",
                 &id,
@@ -360,9 +358,8 @@ fn writable_export_keeps_writes_in_an_overlay_and_backs_them_up() {
     // An overlay of another snapshot is refused.
     let other = env.backup(&orig, &["--name", "other", "--tag", "x"]);
     let _ = fs::remove_file(&sock_path);
-    let o = Command::new(BIN)
-        .arg("-r")
-        .arg(env.repo())
+    let o = env
+        .command()
         .args([
             "serve",
             "--name",

@@ -29,11 +29,16 @@ impl Env {
     pub fn repo(&self) -> PathBuf {
         self.path("repo")
     }
+    /// The imgstore binary with `-r repo` set, for tests that spawn it or
+    /// set its stdio themselves.
+    pub fn command(&self) -> Command {
+        let mut c = Command::new(BIN);
+        c.arg("-r").arg(self.repo());
+        c
+    }
     /// Runs imgstore with `-r repo` and `args`.
     pub fn run(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
-            .arg("-r")
-            .arg(self.repo())
+        self.command()
             .args(args)
             .stdin(Stdio::null())
             .output()
@@ -192,6 +197,35 @@ pub fn debugfs_edit(img: &Path, files: &[(&Path, &str)], remove: &[&str]) {
         .arg("-f")
         .arg(&cmds)
         .arg(img));
+}
+
+/// Generation `g` of an ext4 image changed in place: writes `new{g}.bin`
+/// (`bin_len` random bytes) and `{text}{g}.txt` (`bin_len / 3` bytes of
+/// text), removes `remove`, and returns a copy of the image as `gen{g}.img`.
+pub fn next_generation(
+    env: &Env,
+    img: &Path,
+    g: u64,
+    bin_len: usize,
+    seed: u64,
+    text: &str,
+    remove: &str,
+) -> PathBuf {
+    let f = env.path(&format!("new{g}.bin"));
+    fs::write(&f, seeded(bin_len, seed + g)).unwrap();
+    let t = env.path(&format!("{text}{g}.txt"));
+    fs::write(&t, texty(bin_len / 3, seed + 100 + g)).unwrap();
+    debugfs_edit(
+        img,
+        &[
+            (&f, &format!("new{g}.bin")),
+            (&t, &format!("{text}{g}.txt")),
+        ],
+        &[remove],
+    );
+    let copy = env.path(&format!("gen{g}.img"));
+    fs::copy(img, &copy).unwrap();
+    copy
 }
 
 /// An ISO 9660 image of `dir`.
