@@ -17,6 +17,7 @@
 //! bytes every snapshot naming it expects.
 
 use std::collections::HashSet;
+use std::sync::atomic::Ordering::Relaxed;
 
 use imgstore_format::{cf, Id, ObjectKind, META_DAMAGED_PREFIX};
 use rocksdb::WriteBatch;
@@ -102,13 +103,19 @@ impl Store {
         let marks = self.damage_marks()?;
         let mut h = self.heal.lock().unwrap_or_else(|p| p.into_inner());
         h.pending = marks.iter().map(|m| m.kind.key(&m.id)).collect();
+        self.heal_pending.store(!h.pending.is_empty(), Relaxed);
         Ok(())
     }
 
     /// Whether `key` is a damaged object this writer should write again.
+    /// Called for every chunk a backup looks up: without marks (the usual
+    /// case) it answers from an atomic flag, without taking the lock.
     pub(crate) fn is_pending_damage(&self, key: &[u8; 33]) -> bool {
+        if !self.heal_pending.load(Relaxed) {
+            return false;
+        }
         let h = self.heal.lock().unwrap_or_else(|p| p.into_inner());
-        !h.pending.is_empty() && h.pending.contains(key)
+        h.pending.contains(key)
     }
 
     /// Notes that `key` was rewritten in a batch about to be written.
@@ -116,6 +123,7 @@ impl Store {
         let mut h = self.heal.lock().unwrap_or_else(|p| p.into_inner());
         if h.pending.remove(&key) {
             h.healed.push(key);
+            self.heal_pending.store(!h.pending.is_empty(), Relaxed);
         }
     }
 

@@ -142,6 +142,8 @@ pub struct Store {
     write: Mutex<()>,
     /// Damage marks this writer repairs when it produces the same objects.
     heal: Mutex<integrity::Healing>,
+    /// Whether `heal` holds any pending mark (checked without the lock).
+    heal_pending: std::sync::atomic::AtomicBool,
     _lock: Option<Lock>,
 }
 
@@ -347,6 +349,7 @@ impl Store {
             mode,
             write: Mutex::new(()),
             heal: Mutex::new(integrity::Healing::default()),
+            heal_pending: std::sync::atomic::AtomicBool::new(false),
             _lock: lock,
         };
         let v = store
