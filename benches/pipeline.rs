@@ -187,6 +187,19 @@ fn end_to_end(c: &mut Criterion) {
             imgstore_engine::backup(&s, Source::open(&img).unwrap(), &opts, &NoProgress).unwrap()
         })
     });
+    // The nightly case: the image's previous snapshot is the parent, so
+    // unchanged regions are hashed once and not chunked.
+    let with_parent = BackupOptions {
+        name: "bench".into(),
+        parent: Some((first.id, first.snapshot.clone())),
+        ..Default::default()
+    };
+    g.bench_function("backup_known_image_with_parent", |b| {
+        b.iter(|| {
+            imgstore_engine::backup(&s, Source::open(&img).unwrap(), &with_parent, &NoProgress)
+                .unwrap()
+        })
+    });
     let out = dir.path().join("out");
     g.bench_function("restore_sparse_file", |b| {
         b.iter(|| {

@@ -374,3 +374,77 @@ fn delta_restore_onto_a_block_device_writes_only_changed_chunks() {
         "bytes past the image were touched"
     );
 }
+
+#[test]
+fn a_backup_takes_regions_equal_to_its_parent_without_chunking_them_and_stores_the_same_snapshot() {
+    let env = Env::new();
+    env.init();
+    let Some(gens) = ext4_generations(&env) else {
+        return;
+    };
+    let first = env.backup(&gens[0], &["--name", "vm"]);
+    assert_eq!(first["bytes_reused"], 0, "no parent yet: {first}");
+    assert!(first["parent"].is_null());
+    // The default parent is the latest snapshot of the same name.
+    let second = env.backup(&gens[1], &["--name", "vm"]);
+    assert_eq!(second["parent"], first["id"]);
+    let reused = second["bytes_reused"].as_u64().unwrap();
+    let size = second["size"].as_u64().unwrap();
+    assert!(
+        reused > 0 && reused < size,
+        "a generation changed in a few places reuses most but not all regions: {second}"
+    );
+    // The same image without a parent: every region chunked, and exactly
+    // the same snapshot content (same regions, same digest, no new bytes).
+    let full = env.backup(&gens[1], &["--name", "vm", "--no-parent"]);
+    assert_eq!(full["bytes_reused"], 0);
+    assert!(full["parent"].is_null());
+    assert_eq!(full["new_bytes"], 0, "{full}");
+    assert_eq!(full["chunks"], second["chunks"]);
+    assert_eq!(full["zero_bytes"], second["zero_bytes"]);
+    assert_eq!(
+        digest_of(&env, second["id"].as_str().unwrap()),
+        digest_of(&env, full["id"].as_str().unwrap())
+    );
+    let (ranges, _) = diff_ranges(
+        &env,
+        second["id"].as_str().unwrap(),
+        full["id"].as_str().unwrap(),
+    );
+    assert!(
+        ranges.is_empty(),
+        "parent reuse changed the recipe: {ranges:?}"
+    );
+    // An explicit parent of another disk shares nothing at most offsets but
+    // is still correct; the unchanged image then reuses everything.
+    let again = env.backup(
+        &gens[1],
+        &["--name", "vm", "--parent", first["id"].as_str().unwrap()],
+    );
+    assert_eq!(again["parent"], first["id"]);
+    let same = env.backup(&gens[1], &["--name", "vm"]);
+    assert_eq!(same["bytes_reused"].as_u64().unwrap(), size);
+    assert_eq!(same["new_bytes"].as_u64().unwrap(), 0);
+    for (snap, img) in [(&second, &gens[1]), (&same, &gens[1]), (&again, &gens[1])] {
+        let out = env.path("out.img");
+        let _ = fs::remove_file(&out);
+        env.ok(&[
+            "restore",
+            snap["id"].as_str().unwrap(),
+            out.to_str().unwrap(),
+        ]);
+        assert_same(img, &out);
+    }
+    // A parent that does not exist is an error naming the option.
+    env.fails(
+        &[
+            "backup",
+            gens[2].to_str().unwrap(),
+            "--name",
+            "vm",
+            "--parent",
+            "0123abcd",
+        ],
+        "--parent",
+    );
+}

@@ -299,6 +299,12 @@ pub struct BackupArgs {
     /// With --changed: read this share of the unchanged regions too and fail if they differ from --base.
     #[arg(long, value_name = "N%", requires = "changed")]
     pub verify_unchanged: Option<String>,
+    /// Take unchanged regions from this snapshot (default: the latest of the same name).
+    #[arg(long, value_name = "SNAPSHOT", conflicts_with_all = ["no_parent", "base", "from_export"])]
+    pub parent: Option<String>,
+    /// Chunk and hash every region, even those equal to the latest snapshot's.
+    #[arg(long)]
+    pub no_parent: bool,
 }
 
 #[derive(Args, Debug)]

@@ -128,10 +128,27 @@ fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> {
         _ => bail!("a backup from stdin needs a name: pass --name NAME"),
     };
     let bar = Bar::new(progress);
+    // The parent: regions equal to it at the same offset are not chunked.
+    let parent = match (&a.parent, a.no_parent) {
+        (_, true) => None,
+        (Some(p), false) => {
+            let snaps = store.snapshots()?;
+            Some(
+                imgstore_engine::select(&snaps, &Selector::parse(p)?, Some(&name))
+                    .or_else(|_| imgstore_engine::select(&snaps, &Selector::parse(p)?, None))
+                    .with_context(|| format!("--parent {p}"))?,
+            )
+        }
+        (None, false) => {
+            let snaps = store.snapshots()?;
+            imgstore_engine::select(&snaps, &Selector::Latest, Some(&name)).ok()
+        }
+    };
     let opts = BackupOptions {
         name,
         tags: a.tags,
         hostname: hostname(),
+        parent,
     };
     let damaged = store.damage_pending();
     let changed = match (&a.base, &a.changed) {
@@ -166,11 +183,17 @@ fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> {
     if a.json {
         let mut v = snapshot_json(&r.id, s);
         v["bytes_read"] = json!(r.bytes_read);
+        v["bytes_reused"] = json!(r.bytes_reused);
+        let parent = changed
+            .as_ref()
+            .map(|c| c.base_id)
+            .or(opts.parent.as_ref().map(|p| p.0));
+        v["parent"] = json!(parent.map(|p| p.to_string()));
         v["repaired_objects"] = json!(repaired);
         emit(&format!("{v}\n"))
     } else {
         note(&format!(
-            "backed up {} ({}) in {:.2} s ({}/s): {} chunks, {} new, {} added; {} zeros, {} read",
+            "backed up {} ({}) in {:.2} s ({}/s): {} chunks, {} new, {} added; {} zeros, {} read, {} unchanged from the parent",
             s.name,
             human_bytes(s.size),
             secs,
@@ -180,6 +203,7 @@ fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> {
             human_bytes(s.stats.new_bytes),
             human_bytes(s.stats.zero_bytes),
             human_bytes(r.bytes_read),
+            human_bytes(r.bytes_reused),
         ));
         if repaired > 0 {
             note(&format!(

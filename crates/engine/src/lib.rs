@@ -24,6 +24,7 @@
 //!
 //! The engine never prints: progress goes through the [`Progress`] trait.
 
+mod aligned;
 mod backup;
 mod check;
 mod diff;

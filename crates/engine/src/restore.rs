@@ -15,13 +15,17 @@ use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::Instant;
 
-use imgstore_format::{decode_chunk, Id, RecipeEntry, Snapshot};
+use imgstore_format::{decode_chunk, decode_chunk_into, Id, RecipeEntry, Snapshot};
 use imgstore_store::{Store, StoreError};
 use rayon::prelude::*;
 
-use crate::digest::{image_digest, region_hasher, update_zeros, RegionHash};
+use blake3::hazmat::HasherExt;
+
+use crate::aligned::{align_down, align_up, refused, write_direct, AlignedBuf};
+use crate::digest::{image_digest, region_hasher, RegionHash};
 use crate::{EngineError, Progress};
 
 /// Where a restore writes.
@@ -126,18 +130,83 @@ pub(crate) struct Ctx<'a> {
     region_cvs: Vec<[u8; 32]>,
 }
 
-/// Where a region's bytes go.
-enum Sink<'a> {
-    /// Positional writes; `write_zeros` false for a sparse file.
-    At {
-        file: &'a File,
-        path: &'a Path,
-        write_zeros: bool,
-    },
-    /// Into a buffer holding the region (for streams).
-    Buf(&'a mut Vec<u8>),
-    /// Nowhere (verification only).
-    Discard,
+/// Where a restore writes regions: positional writes to a file or device,
+/// direct I/O while the file system allows it.
+pub(crate) struct Out<'a> {
+    file: &'a File,
+    direct: Option<File>,
+    direct_refused: AtomicBool,
+    path: &'a Path,
+    /// Write zero extents too (a device); a sparse file leaves them as holes.
+    write_zeros: bool,
+}
+
+impl<'a> Out<'a> {
+    fn new(file: &'a File, open_path: &Path, path: &'a Path, write_zeros: bool) -> Out<'a> {
+        Out {
+            file,
+            direct: crate::aligned::open_direct(open_path, true),
+            direct_refused: AtomicBool::new(false),
+            path,
+            write_zeros,
+        }
+    }
+
+    /// Writes the region `buf` (restored, verified) at `base`: all of it on
+    /// a device, only its data entries (rounded out to whole 4 KiB blocks,
+    /// which hold zeros around them) on a sparse file.
+    fn write_region(
+        &self,
+        base: u64,
+        entries: &[RecipeEntry],
+        buf: &AlignedBuf,
+    ) -> Result<(), EngineError> {
+        let len = buf.len();
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        if self.write_zeros {
+            runs.push((0, len));
+        } else {
+            let mut pos = 0;
+            for e in entries {
+                let end = pos + e.len as usize;
+                if e.chunk.is_some() {
+                    let (a, b) = (align_down(pos), align_up(end).min(len));
+                    match runs.last_mut() {
+                        Some(last) if last.1 >= a => last.1 = b,
+                        _ => runs.push((a, b)),
+                    }
+                }
+                pos = end;
+            }
+        }
+        let whole = align_down(len);
+        for (a, b) in runs {
+            // Whole blocks go direct; the image's partial last block, or
+            // everything when direct I/O is refused, through the page cache.
+            let mut from = a;
+            if let Some(d) = self.direct.as_ref() {
+                let b0 = b.min(whole);
+                if b0 > a && buf.is_aligned() && !self.direct_refused.load(Relaxed) {
+                    match write_direct(d, &buf[a..b0], base + a as u64) {
+                        Ok(()) => from = b0,
+                        Err(e) if refused(&e) => self.direct_refused.store(true, Relaxed),
+                        Err(e) => return Err(write_err(self.path, base + a as u64)(e)),
+                    }
+                }
+            }
+            if from < b {
+                self.file
+                    .write_all_at(&buf[from..b], base + from as u64)
+                    .map_err(write_err(self.path, base + from as u64))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+thread_local! {
+    /// Each restore worker's region buffer, reused from region to region.
+    static REGION_BUF: RefCell<AlignedBuf> = RefCell::new(AlignedBuf::default());
 }
 
 impl<'a> Ctx<'a> {
@@ -161,19 +230,14 @@ impl<'a> Ctx<'a> {
         self.region_cvs[index]
     }
 
-    /// Rebuilds region `index` into `buf` (verified chunk by chunk); returns
-    /// its (data chunk count, zero bytes).
+    /// Rebuilds region `index` into `buf` (verified); returns its (data
+    /// chunk count, zero bytes).
     pub(crate) fn region_bytes(
         &self,
         index: usize,
-        buf: &mut Vec<u8>,
+        buf: &mut AlignedBuf,
     ) -> Result<(u64, u64), EngineError> {
-        let chunks = self
-            .entries(index)?
-            .iter()
-            .filter(|e| e.chunk.is_some())
-            .count() as u64;
-        let (_, _, zeros) = self.region(index, Sink::Buf(buf))?;
+        let (_, _, zeros, chunks) = self.region(index, buf, None, true)?;
         Ok((chunks, zeros))
     }
 
@@ -181,7 +245,11 @@ impl<'a> Ctx<'a> {
         self.region_ids[index]
     }
 
-    fn region_len(&self, index: usize) -> u64 {
+    pub(crate) fn region_count(&self) -> usize {
+        self.region_ids.len()
+    }
+
+    pub(crate) fn region_len(&self, index: usize) -> u64 {
         let rs = self.snapshot.region_size as u64;
         (self.snapshot.size - index as u64 * rs).min(rs)
     }
@@ -215,19 +283,47 @@ impl<'a> Ctx<'a> {
         Ok(region.entries)
     }
 
-    /// Restores one region into `sink`; returns its digest part and (data, zero) byte counts.
+    /// Restores region `index` into `buf` and, when given, writes it to
+    /// `out`; returns its digest part, (data, zero) byte counts and data
+    /// chunk count. `need_bytes` false lets an all-zero region skip
+    /// filling `buf` when nothing will read it (a sparse file).
+    ///
+    /// The region's bytes are checked with one BLAKE3 pass against the
+    /// chaining value its index page recorded at backup, before anything is
+    /// written: that proves every chunk *and* their assembly. Only when it
+    /// fails are the chunks hashed one by one, to name the damaged one.
     fn region(
         &self,
         index: usize,
-        mut sink: Sink<'_>,
-    ) -> Result<(RegionHash, u64, u64), EngineError> {
+        buf: &mut AlignedBuf,
+        out: Option<&Out<'_>>,
+        need_bytes: bool,
+    ) -> Result<(RegionHash, u64, u64, u64), EngineError> {
         let base = index as u64 * self.snapshot.region_size as u64;
+        let len = self.region_len(index) as usize;
+        if self.region_ids[index] == Id::ZERO && index > 0 {
+            // Nothing stored to be damaged: its chaining value is the one
+            // recorded (the page was checked against its id), and the image
+            // digest still ties it to the others.
+            buf.reset(len);
+            if need_bytes || out.is_some_and(|o| o.write_zeros) {
+                buf.fill(0);
+            }
+            if let Some(o) = out.filter(|o| o.write_zeros) {
+                let zero = [RecipeEntry {
+                    len: len as u32,
+                    chunk: None,
+                }];
+                o.write_region(base, &zero, buf)?;
+            }
+            return Ok((RegionHash::Cv(self.region_cvs[index]), 0, len as u64, 0));
+        }
         let entries = self.entries(index)?;
         let mut ids: Vec<Id> = entries.iter().filter_map(|e| e.chunk).collect();
+        let chunks = ids.len() as u64;
         ids.sort();
         ids.dedup();
-        let frames = self.store.chunk_frames(&ids);
-        let frames = match frames {
+        let frames = match self.store.chunk_frames(&ids) {
             Ok(f) => f,
             Err(StoreError::Missing { id, .. }) => {
                 let off = base + offset_of(&entries, &id);
@@ -239,53 +335,69 @@ impl<'a> Ctx<'a> {
             }
             Err(e) => return Err(e.into()),
         };
-        let mut hasher = region_hasher(base);
+        buf.reset(len);
         let (mut data_bytes, mut zero_bytes) = (0u64, 0u64);
-        let mut pos = base;
-        let mut buf = Vec::new();
-        if let Sink::Buf(b) = &mut sink {
-            b.clear();
-        }
+        let mut pos = 0usize;
         for e in &entries {
+            let end = pos + e.len as usize;
             match e.chunk {
                 None => {
-                    update_zeros(&mut hasher, e.len as u64);
+                    buf[pos..end].fill(0);
                     zero_bytes += e.len as u64;
-                    match &mut sink {
-                        Sink::At {
-                            file,
-                            path,
-                            write_zeros: true,
-                        } => write_zeros_at(file, path, pos, e.len as u64)?,
-                        Sink::At { .. } | Sink::Discard => {}
-                        Sink::Buf(b) => b.resize(b.len() + e.len as usize, 0),
-                    }
                 }
                 Some(id) => {
                     let frame = &frames[ids.binary_search(&id).expect("id fetched")];
-                    with_decompressor(|d| decode_chunk(frame, d, &mut buf).map(|_| ()))
-                        .map_err(|err| self.damaged(pos, id, err.to_string()))?;
-                    if buf.len() != e.len as usize || Id::hash(&buf) != id {
-                        return Err(self.damaged(pos, id, "content does not match its id".into()));
-                    }
-                    hasher.update(&buf);
-                    data_bytes += buf.len() as u64;
-                    match &mut sink {
-                        Sink::At { file, path, .. } => {
-                            file.write_all_at(&buf, pos).map_err(write_err(path, pos))?
-                        }
-                        Sink::Buf(b) => b.extend_from_slice(&buf),
-                        Sink::Discard => {}
-                    }
+                    with_decompressor(|d| decode_chunk_into(frame, d, &mut buf[pos..end]))
+                        .map_err(|err| self.damaged(base + pos as u64, id, err.to_string()))?;
+                    data_bytes += e.len as u64;
                 }
             }
-            pos += e.len as u64;
+            pos = end;
+        }
+        let mut hasher = region_hasher(base);
+        hasher.update(&buf[..]);
+        if hasher.finalize_non_root() != self.region_cvs[index] {
+            return Err(self.locate_damage(index, &entries, buf));
+        }
+        if let Some(o) = out {
+            o.write_region(base, &entries, buf)?;
         }
         Ok((
             RegionHash::from_hasher(index as u64, hasher),
             data_bytes,
             zero_bytes,
+            chunks,
         ))
+    }
+
+    /// Names what made region `index` differ from its recorded chaining
+    /// value: the first chunk whose bytes do not hash to its id, or else the
+    /// recipe itself.
+    fn locate_damage(&self, index: usize, entries: &[RecipeEntry], buf: &[u8]) -> EngineError {
+        let base = index as u64 * self.snapshot.region_size as u64;
+        let mut pos = 0usize;
+        for e in entries {
+            let end = pos + e.len as usize;
+            if let Some(id) = e.chunk {
+                if Id::hash(&buf[pos..end]) != id {
+                    return self.damaged(
+                        base + pos as u64,
+                        id,
+                        "content does not match its id".into(),
+                    );
+                }
+            }
+            pos = end;
+        }
+        EngineError::RecipeDamaged {
+            snapshot: self.label.clone(),
+            offset: base,
+            source: format!(
+                "region {} does not rebuild the bytes its index page recorded",
+                self.region_ids[index]
+            )
+            .into(),
+        }
     }
 
     /// Frames of `ids`; a missing or unreadable chunk is reported as damage
@@ -408,25 +520,15 @@ pub fn restore(
     let ctx = Ctx::new(store, snapshot, id)?;
     progress.start(Some(snapshot.size));
     let n = ctx.region_ids.len();
-    let positional = |at: Option<(&File, &Path)>,
-                      write_zeros: bool|
-     -> Result<(Vec<RegionHash>, u64, u64), EngineError> {
+    let positional = |out: Option<&Out<'_>>| -> Result<(Vec<RegionHash>, u64, u64), EngineError> {
         // Twice as many workers as cores: while one waits for a blob read
         // or a write, another decompresses and hashes.
         let pool = io_pool()?;
-        let parts: Vec<(RegionHash, u64, u64)> = pool.install(|| {
+        let parts: Vec<(RegionHash, u64, u64, u64)> = pool.install(|| {
             (0..n)
                 .into_par_iter()
                 .map(|i| {
-                    let sink = match at {
-                        Some((file, path)) => Sink::At {
-                            file,
-                            path,
-                            write_zeros,
-                        },
-                        None => Sink::Discard,
-                    };
-                    let r = ctx.region(i, sink)?;
+                    let r = REGION_BUF.with(|b| ctx.region(i, &mut b.borrow_mut(), out, false))?;
                     progress.advance(ctx.region_len(i));
                     Ok(r)
                 })
@@ -450,7 +552,7 @@ pub fn restore(
                 })?;
             let result: Result<_, EngineError> = (|| {
                 file.set_len(snapshot.size).map_err(write_err(&path, 0))?;
-                let r = positional(Some((&file, &path)), false)?;
+                let r = positional(Some(&Out::new(&file, &tmp, &path, false)))?;
                 check_digest(&ctx, snapshot, &r.0)?;
                 file.sync_all().map_err(write_err(&path, snapshot.size))?;
                 std::fs::rename(&tmp, &path).map_err(write_err(&path, snapshot.size))?;
@@ -481,13 +583,13 @@ pub fn restore(
                     ),
                 });
             }
-            let r = positional(Some((&file, &path)), true)?;
+            let r = positional(Some(&Out::new(&file, &path, &path, true)))?;
             check_digest(&ctx, snapshot, &r.0)?;
             file.sync_all().map_err(write_err(&path, snapshot.size))?;
             r
         }
         Target::Discard => {
-            let r = positional(None, false)?;
+            let r = positional(None)?;
             check_digest(&ctx, snapshot, &r.0)?;
             r
         }
@@ -496,13 +598,13 @@ pub fn restore(
             let window = rayon::current_num_threads().max(1) * 2;
             let mut hashes = Vec::with_capacity(n);
             let (mut data, mut zeros, mut written) = (0u64, 0u64, 0u64);
-            let mut bufs: Vec<Vec<u8>> = (0..window).map(|_| Vec::new()).collect();
+            let mut bufs: Vec<AlignedBuf> = (0..window).map(|_| AlignedBuf::default()).collect();
             for start in (0..n).step_by(window) {
                 let end = (start + window).min(n);
-                let parts: Vec<(RegionHash, u64, u64)> = bufs[..end - start]
+                let parts: Vec<(RegionHash, u64, u64, u64)> = bufs[..end - start]
                     .par_iter_mut()
                     .enumerate()
-                    .map(|(k, b)| ctx.region(start + k, Sink::Buf(b)))
+                    .map(|(k, b)| ctx.region(start + k, b, None, true))
                     .collect::<Result<_, EngineError>>()?;
                 for (b, p) in bufs.iter().zip(parts) {
                     if let Err(e) = out.write_all(b) {

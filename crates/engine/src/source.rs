@@ -5,7 +5,9 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
+use crate::aligned::{align_down, align_up, open_direct, read_direct, refused, AlignedBuf};
 use crate::EngineError;
 
 /// The kind of source, which decides how it is read.
@@ -20,7 +22,9 @@ pub enum SourceKind {
 }
 
 enum Inner {
-    Positional(File),
+    /// A file or device; regions are read through the second, `O_DIRECT`
+    /// handle while the file system allows it (see `aligned`).
+    Positional(File, Option<File>),
     Stream(Box<dyn Read + Send>),
 }
 
@@ -30,13 +34,15 @@ pub struct Source {
     path: PathBuf,
     size: Option<u64>,
     inner: Inner,
+    /// Set when the file system refused a direct read: buffered from then on.
+    direct_refused: AtomicBool,
 }
 
 /// One region of the image as read from the source.
 pub struct RegionBuf {
     pub index: u64,
     pub offset: u64,
-    pub data: Vec<u8>,
+    pub data: AlignedBuf,
     /// True when the source reported the whole region as a hole (nothing was read).
     pub all_hole: bool,
 }
@@ -69,6 +75,7 @@ impl Source {
                 path: path.to_path_buf(),
                 size: None,
                 inner: Inner::Stream(Box::new(file)),
+                direct_refused: AtomicBool::new(false),
             });
         } else {
             return Err(bad("is not a file, block device or stream".into()));
@@ -77,7 +84,8 @@ impl Source {
             kind,
             path: path.to_path_buf(),
             size,
-            inner: Inner::Positional(file),
+            inner: Inner::Positional(file, open_direct(path, false)),
+            direct_refused: AtomicBool::new(false),
         })
     }
 
@@ -93,6 +101,7 @@ impl Source {
             path: label.to_path_buf(),
             size: None,
             inner: Inner::Stream(r),
+            direct_refused: AtomicBool::new(false),
         }
     }
 
@@ -112,8 +121,11 @@ impl Source {
     /// Positional access to a file or device source (`None` for a stream).
     pub(crate) fn positional(&self) -> Option<Positional<'_>> {
         match &self.inner {
-            Inner::Positional(file) => Some(Positional {
+            Inner::Positional(file, direct) => Some(Positional {
                 file,
+                direct: direct.as_ref(),
+                direct_refused: &self.direct_refused,
+                sparse: self.kind == SourceKind::File,
                 path: &self.path,
                 size: self.size.unwrap_or(0),
             }),
@@ -124,7 +136,7 @@ impl Source {
     /// The current size of a file source (to detect a source that changed).
     pub(crate) fn current_size(&self) -> Option<u64> {
         match (&self.inner, self.kind) {
-            (Inner::Positional(f), SourceKind::File) => f.metadata().ok().map(|m| m.len()),
+            (Inner::Positional(f, _), SourceKind::File) => f.metadata().ok().map(|m| m.len()),
             _ => self.size,
         }
     }
@@ -136,7 +148,7 @@ impl Source {
         &mut self,
         index: u64,
         region_size: usize,
-        mut buf: Vec<u8>,
+        mut buf: AlignedBuf,
     ) -> Result<Option<(RegionBuf, u64)>, EngineError> {
         let offset = index * region_size as u64;
         let path = self.path.clone();
@@ -145,57 +157,13 @@ impl Source {
             offset,
             source,
         };
+        if let Some(p) = self.positional() {
+            return p.read_region(index, region_size, buf);
+        }
         match &mut self.inner {
-            Inner::Positional(file) => {
-                let size = self.size.unwrap_or(0);
-                if offset >= size {
-                    return Ok(None);
-                }
-                let len = (size - offset).min(region_size as u64) as usize;
-                buf.clear();
-                buf.resize(len, 0);
-                let end = offset + len as u64;
-                let mut read = 0u64;
-                let mut pos = offset;
-                let sparse = self.kind == SourceKind::File;
-                while pos < end {
-                    let (data, hole) = if sparse {
-                        data_extent(file, pos, end)
-                    } else {
-                        (pos, end)
-                    };
-                    if data >= end {
-                        break;
-                    }
-                    let (a, b) = ((data - offset) as usize, (hole - offset) as usize);
-                    file.read_exact_at(&mut buf[a..b], data).map_err(|e| {
-                        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                            EngineError::SourceChanged {
-                                path: self.path.clone(),
-                                before: size,
-                                after: file.metadata().map(|m| m.len()).unwrap_or(0),
-                                at: data,
-                            }
-                        } else {
-                            read_err(data, e)
-                        }
-                    })?;
-                    read += hole - data;
-                    pos = hole;
-                }
-                Ok(Some((
-                    RegionBuf {
-                        index,
-                        offset,
-                        data: buf,
-                        all_hole: read == 0,
-                    },
-                    read,
-                )))
-            }
+            Inner::Positional(..) => unreachable!("handled above"),
             Inner::Stream(r) => {
-                buf.clear();
-                buf.resize(region_size, 0);
+                buf.reset(region_size);
                 let mut filled = 0;
                 while filled < region_size {
                     match r.read(&mut buf[filled..]) {
@@ -208,7 +176,7 @@ impl Source {
                 if filled == 0 {
                     return Ok(None);
                 }
-                buf.truncate(filled);
+                buf.reset(filled);
                 Ok(Some((
                     RegionBuf {
                         index,
@@ -254,11 +222,101 @@ pub(crate) fn describe_io(e: &std::io::Error) -> String {
 /// Reads at offsets of a file or device source; shareable between threads.
 pub(crate) struct Positional<'a> {
     file: &'a File,
+    direct: Option<&'a File>,
+    direct_refused: &'a AtomicBool,
+    /// A regular file: holes are found with `SEEK_DATA` and not read.
+    sparse: bool,
     path: &'a Path,
     size: u64,
 }
 
 impl Positional<'_> {
+    /// Reads region `index` (of `region_size` bytes) into `buf`, holes as
+    /// zeros without reading them; `None` past the end. Also returns how
+    /// many bytes were read from the source. Several threads may read
+    /// regions at once (that is what keeps a fast disk busy).
+    pub(crate) fn read_region(
+        &self,
+        index: u64,
+        region_size: usize,
+        mut buf: AlignedBuf,
+    ) -> Result<Option<(RegionBuf, u64)>, EngineError> {
+        let offset = index * region_size as u64;
+        let size = self.size;
+        if offset >= size {
+            return Ok(None);
+        }
+        let len = (size - offset).min(region_size as u64) as usize;
+        buf.reset(len);
+        let direct = self
+            .direct
+            .filter(|_| buf.is_aligned() && !self.direct_refused.load(Relaxed));
+        let end = offset + len as u64;
+        let mut read = 0u64;
+        let mut pos = offset;
+        // Bytes of `buf` before `filled` hold the image; holes are zeroed
+        // here rather than the whole buffer up front.
+        let mut filled = 0usize;
+        let changed = |at: u64| EngineError::SourceChanged {
+            path: self.path.to_path_buf(),
+            before: size,
+            after: self.file.metadata().map(|m| m.len()).unwrap_or(0),
+            at,
+        };
+        let read_err = |at: u64, source: std::io::Error| EngineError::SourceRead {
+            path: self.path.to_path_buf(),
+            offset: at,
+            source,
+        };
+        while pos < end {
+            let (data, hole) = if self.sparse {
+                data_extent(self.file, pos, end)
+            } else {
+                (pos, end)
+            };
+            if data >= end {
+                break;
+            }
+            let (a, b) = ((data - offset) as usize, (hole - offset) as usize);
+            buf[filled..a].fill(0);
+            let mut done = false;
+            if let Some(d) = direct.filter(|_| !self.direct_refused.load(Relaxed)) {
+                // Region offsets are aligned; round the extent out to whole
+                // blocks (what lies around it is hole, or image bytes read
+                // again).
+                let (a0, b0) = (align_down(a), align_up(b));
+                match read_direct(d, buf.io_mut(a0, b0), offset + a0 as u64) {
+                    Ok(n) if a0 + n >= b => done = true,
+                    Ok(n) => return Err(changed(offset + (a0 + n) as u64)),
+                    Err(e) if refused(&e) => self.direct_refused.store(true, Relaxed),
+                    Err(e) => return Err(read_err(data, e)),
+                }
+            }
+            if !done {
+                self.file.read_exact_at(&mut buf[a..b], data).map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                        changed(data)
+                    } else {
+                        read_err(data, e)
+                    }
+                })?;
+            }
+            filled = b;
+            read += hole - data;
+            pos = hole;
+        }
+        buf[filled..].fill(0);
+        Ok(Some((
+            RegionBuf {
+                index,
+                offset,
+                data: buf,
+                all_hole: read == 0,
+            },
+            read,
+        )))
+    }
+
     /// Reads exactly `buf.len()` bytes at `offset` (holes read as zeros).
     pub(crate) fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), EngineError> {
         self.file.read_exact_at(buf, offset).map_err(|e| {

@@ -104,6 +104,60 @@ pub fn decode_chunk(
     Ok(codec)
 }
 
+/// Decodes a chunk frame straight into `out`, which must be exactly the
+/// chunk's length (the recipe says it): no intermediate buffer, so a
+/// restore decompresses into the region it writes.
+pub fn decode_chunk_into(
+    frame: &[u8],
+    decompressor: &mut zstd::bulk::Decompressor<'_>,
+    out: &mut [u8],
+) -> Result<ChunkCodec, FormatError> {
+    const WHAT: &str = "chunk frame";
+    if frame.len() < FRAME_HEADER_LEN {
+        return Err(FormatError::Truncated {
+            what: WHAT,
+            offset: 0,
+            needed: FRAME_HEADER_LEN - frame.len(),
+        });
+    }
+    let raw_len = u32::from_le_bytes(frame[1..5].try_into().expect("4 bytes")) as usize;
+    if raw_len != out.len() {
+        return Err(FormatError::Invalid {
+            what: WHAT,
+            why: format!("header says {raw_len} bytes, the recipe {}", out.len()),
+        });
+    }
+    let payload = &frame[FRAME_HEADER_LEN..];
+    match frame[0] {
+        0 if payload.len() == raw_len => {
+            out.copy_from_slice(payload);
+            Ok(ChunkCodec::Raw)
+        }
+        0 => Err(FormatError::Invalid {
+            what: WHAT,
+            why: format!(
+                "raw payload of {} bytes, header says {raw_len}",
+                payload.len()
+            ),
+        }),
+        1 => match decompressor.decompress_to_buffer(payload, out) {
+            Ok(n) if n == raw_len => Ok(ChunkCodec::Zstd),
+            Ok(n) => Err(FormatError::Invalid {
+                what: WHAT,
+                why: format!("decoded {n} bytes, header says {raw_len}"),
+            }),
+            Err(e) => Err(FormatError::Invalid {
+                what: WHAT,
+                why: format!("zstd: {e}"),
+            }),
+        },
+        tag => Err(FormatError::BadTag {
+            what: "chunk codec",
+            tag,
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,6 +180,27 @@ mod tests {
         let f = encode_chunk(&random, &mut c);
         decode_chunk(&f, &mut d, &mut out).unwrap();
         assert_eq!(out, random);
+    }
+
+    #[test]
+    fn decode_into_matches_decode_and_checks_length() {
+        let mut c = zstd::bulk::Compressor::new(3).unwrap();
+        let mut d = zstd::bulk::Decompressor::new().unwrap();
+        let text = b"region bytes ".repeat(3000);
+        let raw: Vec<u8> = (0..5000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        for data in [&text[..], &raw[..]] {
+            let f = encode_chunk(data, &mut c);
+            let mut out = vec![0u8; data.len()];
+            decode_chunk_into(&f, &mut d, &mut out).unwrap();
+            assert_eq!(out, data);
+            let mut short = vec![0u8; data.len() - 1];
+            assert!(decode_chunk_into(&f, &mut d, &mut short).is_err());
+        }
+        assert!(decode_chunk_into(&[0, 4, 0, 0, 0, 1, 2], &mut d, &mut [0; 4]).is_err());
+        assert!(decode_chunk_into(&[1, 4, 0, 0, 0, 1, 2, 3], &mut d, &mut [0; 4]).is_err());
+        assert!(decode_chunk_into(&[9, 4, 0, 0, 0], &mut d, &mut [0; 4]).is_err());
     }
 
     #[test]

@@ -22,7 +22,9 @@ mod records;
 
 pub use codec::FormatError;
 pub use config::{ChunkingConfig, Compression, RepoConfig, CONFIG_FILE, DB_DIR, LOCK_FILE};
-pub use frame::{decode_chunk, encode_chunk, ChunkCodec, FRAME_HEADER_LEN, MAX_CHUNK_LEN};
+pub use frame::{
+    decode_chunk, decode_chunk_into, encode_chunk, ChunkCodec, FRAME_HEADER_LEN, MAX_CHUNK_LEN,
+};
 pub use id::{Id, IdParseError};
 pub use records::{Page, RecipeEntry, RefCount, Region, Snapshot, SnapshotStats};
 

@@ -453,9 +453,20 @@ impl Store {
         Ok(out)
     }
 
+    /// A region recipe or index page as stored, checked against its id
+    /// (they are small: hashing costs microseconds, and a backup reusing a
+    /// parent's regions must trust exactly what the parent recorded).
     fn record(&self, kind: ObjectKind, id: &Id) -> Result<Vec<u8>> {
         let recipes = self.cf(cf::RECIPES);
         match self.db.get_pinned_cf(&recipes, kind.key(id)) {
+            Ok(Some(v)) if Id::hash(&v) != *id => Err(StoreError::Corrupt {
+                kind,
+                id: *id,
+                source: imgstore_format::FormatError::Invalid {
+                    what: "stored record",
+                    why: "its content does not hash to its id".into(),
+                },
+            }),
             Ok(Some(v)) => Ok(v.to_vec()),
             Ok(None) => Err(StoreError::Missing { kind, id: *id }),
             Err(e) => Err(self.db_err("read recipe", e)),
