@@ -386,7 +386,7 @@ fn a_backup_takes_regions_equal_to_its_parent_without_chunking_them_and_stores_t
     assert_eq!(first["bytes_reused"], 0, "no parent yet: {first}");
     assert!(first["parent"].is_null());
     // The default parent is the latest snapshot of the same name.
-    let second = env.backup(&gens[1], &["--name", "vm"]);
+    let second = env.backup(&gens[1], &["--name", "vm", "--direct-io"]);
     assert_eq!(second["parent"], first["id"]);
     let reused = second["bytes_reused"].as_u64().unwrap();
     let size = second["size"].as_u64().unwrap();

@@ -84,7 +84,8 @@ proptest! {
             fs::write(&path, &img).unwrap();
             // Alternate file sources (hole-aware) and streams.
             let source = if g % 2 == 0 {
-                Source::open(&path).unwrap()
+                // Half of the file sources read with O_DIRECT.
+                Source::open(&path).unwrap().with_direct_io(g % 4 == 0)
             } else {
                 Source::from_reader(Path::new("-"), Box::new(fs::File::open(&path).unwrap()))
             };

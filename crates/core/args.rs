@@ -305,6 +305,9 @@ pub struct BackupArgs {
     /// Chunk and hash every region, even those equal to the latest snapshot's.
     #[arg(long)]
     pub no_parent: bool,
+    /// Read the source with O_DIRECT: less CPU and no page-cache eviction, no readahead.
+    #[arg(long)]
+    pub direct_io: bool,
 }
 
 #[derive(Args, Debug)]

@@ -92,7 +92,7 @@ fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> {
         (None, Some(p)) => {
             let path = PathBuf::from(p);
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-            (Source::open(&path)?, name)
+            (Source::open(&path)?.with_direct_io(a.direct_io), name)
         }
         (None, None) => bail!("give SOURCE (a file, block device or -) or --from-export DIR"),
     };

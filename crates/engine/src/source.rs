@@ -84,9 +84,26 @@ impl Source {
             kind,
             path: path.to_path_buf(),
             size,
-            inner: Inner::Positional(file, open_direct(path, false)),
+            inner: Inner::Positional(file, None),
             direct_refused: AtomicBool::new(false),
         })
+    }
+
+    /// Reads regions with direct I/O (`O_DIRECT`) instead of through the
+    /// page cache: less CPU on machines where page-cache copies are
+    /// expensive, and a backup of many disks does not evict what the host
+    /// caches — but no readahead, and data already cached is read again
+    /// from the disk. Falls back to buffered reads where the file system
+    /// refuses. No effect on streams.
+    pub fn with_direct_io(mut self, on: bool) -> Source {
+        if let Inner::Positional(_, direct) = &mut self.inner {
+            *direct = if on {
+                open_direct(&self.path, false)
+            } else {
+                None
+            };
+        }
+        self
     }
 
     /// Standard input as a stream source.
