@@ -15,6 +15,7 @@ use std::fs::{File, OpenOptions};
 use std::io::ErrorKind;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 /// Alignment of buffers, offsets and lengths for direct I/O.
 pub(crate) const ALIGN: usize = 4096;
@@ -65,11 +66,6 @@ impl AlignedBuf {
         self.len = len;
     }
 
-    /// Whether the start is aligned for direct I/O.
-    pub(crate) fn is_aligned(&self) -> bool {
-        (self.vec.as_ptr() as usize + self.start) % ALIGN == 0
-    }
-
     /// Bytes `a..b` of the buffer, where `b` may reach past the length up to
     /// the next multiple of [`ALIGN`].
     pub(crate) fn io_mut(&mut self, a: usize, b: usize) -> &mut [u8] {
@@ -90,22 +86,50 @@ impl std::ops::DerefMut for AlignedBuf {
     }
 }
 
-/// Opens `path` a second time with `O_DIRECT`, for reading (`write` false)
-/// or writing; `None` when the file system does not support it.
-pub(crate) fn open_direct(path: &Path, write: bool) -> Option<File> {
-    OpenOptions::new()
-        .read(!write)
-        .write(write)
-        .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
-        .open(path)
-        .ok()
+/// A second handle on a file, opened with `O_DIRECT`, given up for good
+/// the first time the file system refuses a direct request (`EINVAL`:
+/// tmpfs on older kernels, some network file systems, unusual block
+/// sizes); its user then does that request, and all later ones, buffered.
+#[derive(Default)]
+pub(crate) struct Direct {
+    file: Option<File>,
+    refused: AtomicBool,
 }
 
-/// Whether an error means "direct I/O is not possible here" (as opposed to
-/// a real I/O error), so the caller should retry buffered.
-pub(crate) fn refused(e: &std::io::Error) -> bool {
-    e.kind() == ErrorKind::InvalidInput
-        || e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error())
+impl Direct {
+    /// Opens `path` for reading (`write` false) or writing; a file system
+    /// that refuses at open gives a handle that is never used.
+    pub(crate) fn open(path: &Path, write: bool) -> Direct {
+        let file = OpenOptions::new()
+            .read(!write)
+            .write(write)
+            .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+            .open(path)
+            .ok();
+        Direct {
+            file,
+            refused: AtomicBool::new(false),
+        }
+    }
+
+    /// The direct handle, while direct I/O works and `buf` is aligned.
+    pub(crate) fn usable(&self, buf: &[u8]) -> Option<&File> {
+        self.file
+            .as_ref()
+            .filter(|_| buf.as_ptr() as usize % ALIGN == 0 && !self.refused.load(Relaxed))
+    }
+
+    /// Whether the error of a direct request means "not possible here"
+    /// (then direct I/O is off from now on, and the caller retries
+    /// buffered) rather than a real I/O error.
+    pub(crate) fn refuses(&self, e: &std::io::Error) -> bool {
+        let refusal = e.kind() == ErrorKind::InvalidInput
+            || e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error());
+        if refusal {
+            self.refused.store(true, Relaxed);
+        }
+        refusal
+    }
 }
 
 /// Reads into `buf` (aligned start and length) from `pos` (aligned) with a
@@ -153,7 +177,7 @@ mod tests {
         let mut b = AlignedBuf::default();
         for len in [0, 1, 4095, 4096, 4097, 8 << 20, 100, (8 << 20) + 1] {
             b.reset(len);
-            assert!(b.is_aligned(), "len {len}");
+            assert_eq!(b.as_ptr() as usize % ALIGN, 0, "len {len}");
             assert_eq!(b.len(), len);
             assert_eq!(b.io_mut(0, align_up(len)).len(), align_up(len));
         }
@@ -167,9 +191,10 @@ mod tests {
         std::fs::write(&path, vec![7u8; 10_000]).unwrap();
         let mut b = AlignedBuf::default();
         b.reset(10_000);
-        match open_direct(&path, false) {
-            // File systems without O_DIRECT (tmpfs) refuse at open.
-            None => {}
+        let direct = Direct::open(&path, false);
+        match direct.usable(&b) {
+            // File systems without O_DIRECT refuse at open.
+            None => assert!(direct.file.is_none()),
             Some(f) => {
                 let n = read_direct(&f, b.io_mut(0, align_up(10_000)), 0).unwrap();
                 assert_eq!(n, 10_000);

@@ -15,7 +15,6 @@ use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::Instant;
 
 use imgstore_format::{decode_chunk, decode_chunk_into, Id, RecipeEntry, Snapshot};
@@ -24,7 +23,7 @@ use rayon::prelude::*;
 
 use blake3::hazmat::HasherExt;
 
-use crate::aligned::{align_down, align_up, refused, write_direct, AlignedBuf};
+use crate::aligned::{align_down, align_up, write_direct, AlignedBuf, Direct};
 use crate::digest::{image_digest, region_hasher, RegionHash};
 use crate::{EngineError, Progress};
 
@@ -134,8 +133,7 @@ pub(crate) struct Ctx<'a> {
 /// direct I/O while the file system allows it.
 pub(crate) struct Out<'a> {
     file: &'a File,
-    direct: Option<File>,
-    direct_refused: AtomicBool,
+    direct: Direct,
     path: &'a Path,
     /// Write zero extents too (a device); a sparse file leaves them as holes.
     write_zeros: bool,
@@ -145,8 +143,7 @@ impl<'a> Out<'a> {
     fn new(file: &'a File, open_path: &Path, path: &'a Path, write_zeros: bool) -> Out<'a> {
         Out {
             file,
-            direct: crate::aligned::open_direct(open_path, true),
-            direct_refused: AtomicBool::new(false),
+            direct: Direct::open(open_path, true),
             path,
             write_zeros,
         }
@@ -184,14 +181,12 @@ impl<'a> Out<'a> {
             // Whole blocks go direct; the image's partial last block, or
             // everything when direct I/O is refused, through the page cache.
             let mut from = a;
-            if let Some(d) = self.direct.as_ref() {
-                let b0 = b.min(whole);
-                if b0 > a && buf.is_aligned() && !self.direct_refused.load(Relaxed) {
-                    match write_direct(d, &buf[a..b0], base + a as u64) {
-                        Ok(()) => from = b0,
-                        Err(e) if refused(&e) => self.direct_refused.store(true, Relaxed),
-                        Err(e) => return Err(write_err(self.path, base + a as u64)(e)),
-                    }
+            let b0 = b.min(whole);
+            if let Some(d) = self.direct.usable(buf).filter(|_| b0 > a) {
+                match write_direct(d, &buf[a..b0], base + a as u64) {
+                    Ok(()) => from = b0,
+                    Err(e) if self.direct.refuses(&e) => {}
+                    Err(e) => return Err(write_err(self.path, base + a as u64)(e)),
                 }
             }
             if from < b {

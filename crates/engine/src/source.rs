@@ -5,9 +5,8 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
-use crate::aligned::{align_down, align_up, open_direct, read_direct, refused, AlignedBuf};
+use crate::aligned::{align_down, align_up, read_direct, AlignedBuf, Direct};
 use crate::EngineError;
 
 /// The kind of source, which decides how it is read.
@@ -22,9 +21,9 @@ pub enum SourceKind {
 }
 
 enum Inner {
-    /// A file or device; regions are read through the second, `O_DIRECT`
-    /// handle while the file system allows it (see `aligned`).
-    Positional(File, Option<File>),
+    /// A file or device; with direct I/O on, regions are read through the
+    /// second, `O_DIRECT` handle while the file system allows it.
+    Positional(File, Direct),
     Stream(Box<dyn Read + Send>),
 }
 
@@ -34,8 +33,6 @@ pub struct Source {
     path: PathBuf,
     size: Option<u64>,
     inner: Inner,
-    /// Set when the file system refused a direct read: buffered from then on.
-    direct_refused: AtomicBool,
 }
 
 /// One region of the image as read from the source.
@@ -75,7 +72,6 @@ impl Source {
                 path: path.to_path_buf(),
                 size: None,
                 inner: Inner::Stream(Box::new(file)),
-                direct_refused: AtomicBool::new(false),
             });
         } else {
             return Err(bad("is not a file, block device or stream".into()));
@@ -84,8 +80,7 @@ impl Source {
             kind,
             path: path.to_path_buf(),
             size,
-            inner: Inner::Positional(file, None),
-            direct_refused: AtomicBool::new(false),
+            inner: Inner::Positional(file, Direct::default()),
         })
     }
 
@@ -98,9 +93,9 @@ impl Source {
     pub fn with_direct_io(mut self, on: bool) -> Source {
         if let Inner::Positional(_, direct) = &mut self.inner {
             *direct = if on {
-                open_direct(&self.path, false)
+                Direct::open(&self.path, false)
             } else {
-                None
+                Direct::default()
             };
         }
         self
@@ -118,7 +113,6 @@ impl Source {
             path: label.to_path_buf(),
             size: None,
             inner: Inner::Stream(r),
-            direct_refused: AtomicBool::new(false),
         }
     }
 
@@ -140,8 +134,7 @@ impl Source {
         match &self.inner {
             Inner::Positional(file, direct) => Some(Positional {
                 file,
-                direct: direct.as_ref(),
-                direct_refused: &self.direct_refused,
+                direct,
                 sparse: self.kind == SourceKind::File,
                 path: &self.path,
                 size: self.size.unwrap_or(0),
@@ -239,8 +232,7 @@ pub(crate) fn describe_io(e: &std::io::Error) -> String {
 /// Reads at offsets of a file or device source; shareable between threads.
 pub(crate) struct Positional<'a> {
     file: &'a File,
-    direct: Option<&'a File>,
-    direct_refused: &'a AtomicBool,
+    direct: &'a Direct,
     /// A regular file: holes are found with `SEEK_DATA` and not read.
     sparse: bool,
     path: &'a Path,
@@ -265,9 +257,6 @@ impl Positional<'_> {
         }
         let len = (size - offset).min(region_size as u64) as usize;
         buf.reset(len);
-        let direct = self
-            .direct
-            .filter(|_| buf.is_aligned() && !self.direct_refused.load(Relaxed));
         let end = offset + len as u64;
         let mut read = 0u64;
         let mut pos = offset;
@@ -297,7 +286,7 @@ impl Positional<'_> {
             let (a, b) = ((data - offset) as usize, (hole - offset) as usize);
             buf[filled..a].fill(0);
             let mut done = false;
-            if let Some(d) = direct.filter(|_| !self.direct_refused.load(Relaxed)) {
+            if let Some(d) = self.direct.usable(&buf) {
                 // Region offsets are aligned; round the extent out to whole
                 // blocks (what lies around it is hole, or image bytes read
                 // again).
@@ -305,7 +294,7 @@ impl Positional<'_> {
                 match read_direct(d, buf.io_mut(a0, b0), offset + a0 as u64) {
                     Ok(n) if a0 + n >= b => done = true,
                     Ok(n) => return Err(changed(offset + (a0 + n) as u64)),
-                    Err(e) if refused(&e) => self.direct_refused.store(true, Relaxed),
+                    Err(e) if self.direct.refuses(&e) => {}
                     Err(e) => return Err(read_err(data, e)),
                 }
             }

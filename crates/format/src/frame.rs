@@ -48,15 +48,9 @@ pub fn encode_chunk(data: &[u8], compressor: &mut zstd::bulk::Compressor<'_>) ->
     out
 }
 
-/// Decodes a frame into `out` (cleared first). Checks the declared length
-/// against [`MAX_CHUNK_LEN`] before allocating and the decoded length against
-/// the declared one after.
-pub fn decode_chunk(
-    frame: &[u8],
-    decompressor: &mut zstd::bulk::Decompressor<'_>,
-    out: &mut Vec<u8>,
-) -> Result<ChunkCodec, FormatError> {
-    const WHAT: &str = "chunk frame";
+/// A frame's codec tag, declared length (checked against
+/// [`MAX_CHUNK_LEN`]) and payload.
+fn header(frame: &[u8]) -> Result<(u8, usize, &[u8]), FormatError> {
     if frame.len() < FRAME_HEADER_LEN {
         return Err(FormatError::Truncated {
             what: WHAT,
@@ -64,44 +58,30 @@ pub fn decode_chunk(
             needed: FRAME_HEADER_LEN - frame.len(),
         });
     }
-    let raw_len = u32::from_le_bytes(frame[1..5].try_into().unwrap()) as usize;
+    let raw_len = u32::from_le_bytes(frame[1..5].try_into().expect("4 bytes")) as usize;
     if raw_len > MAX_CHUNK_LEN {
         return Err(FormatError::Invalid {
             what: WHAT,
             why: format!("declared length {raw_len} exceeds {MAX_CHUNK_LEN}"),
         });
     }
-    let payload = &frame[FRAME_HEADER_LEN..];
+    Ok((frame[0], raw_len, &frame[FRAME_HEADER_LEN..]))
+}
+
+const WHAT: &str = "chunk frame";
+
+/// Decodes a frame into `out` (replacing its contents). Checks the declared
+/// length against [`MAX_CHUNK_LEN`] before allocating and the decoded length
+/// against the declared one after.
+pub fn decode_chunk(
+    frame: &[u8],
+    decompressor: &mut zstd::bulk::Decompressor<'_>,
+    out: &mut Vec<u8>,
+) -> Result<ChunkCodec, FormatError> {
+    let (_, raw_len, _) = header(frame)?;
     out.clear();
-    let codec = match frame[0] {
-        0 => {
-            out.extend_from_slice(payload);
-            ChunkCodec::Raw
-        }
-        1 => {
-            out.reserve(raw_len);
-            decompressor
-                .decompress_to_buffer(payload, out)
-                .map_err(|e| FormatError::Invalid {
-                    what: WHAT,
-                    why: format!("zstd: {e}"),
-                })?;
-            ChunkCodec::Zstd
-        }
-        tag => {
-            return Err(FormatError::BadTag {
-                what: "chunk codec",
-                tag,
-            })
-        }
-    };
-    if out.len() != raw_len {
-        return Err(FormatError::Invalid {
-            what: WHAT,
-            why: format!("decoded {} bytes, header says {raw_len}", out.len()),
-        });
-    }
-    Ok(codec)
+    out.resize(raw_len, 0);
+    decode_chunk_into(frame, decompressor, out)
 }
 
 /// Decodes a chunk frame straight into `out`, which must be exactly the
@@ -112,23 +92,14 @@ pub fn decode_chunk_into(
     decompressor: &mut zstd::bulk::Decompressor<'_>,
     out: &mut [u8],
 ) -> Result<ChunkCodec, FormatError> {
-    const WHAT: &str = "chunk frame";
-    if frame.len() < FRAME_HEADER_LEN {
-        return Err(FormatError::Truncated {
-            what: WHAT,
-            offset: 0,
-            needed: FRAME_HEADER_LEN - frame.len(),
-        });
-    }
-    let raw_len = u32::from_le_bytes(frame[1..5].try_into().expect("4 bytes")) as usize;
+    let (tag, raw_len, payload) = header(frame)?;
     if raw_len != out.len() {
         return Err(FormatError::Invalid {
             what: WHAT,
             why: format!("header says {raw_len} bytes, the recipe {}", out.len()),
         });
     }
-    let payload = &frame[FRAME_HEADER_LEN..];
-    match frame[0] {
+    match tag {
         0 if payload.len() == raw_len => {
             out.copy_from_slice(payload);
             Ok(ChunkCodec::Raw)
