@@ -196,7 +196,7 @@ mod tests {
             // File systems without O_DIRECT refuse at open.
             None => assert!(direct.file.is_none()),
             Some(f) => {
-                let n = read_direct(&f, b.io_mut(0, align_up(10_000)), 0).unwrap();
+                let n = read_direct(f, b.io_mut(0, align_up(10_000)), 0).unwrap();
                 assert_eq!(n, 10_000);
                 assert!(b.iter().all(|&x| x == 7));
             }
