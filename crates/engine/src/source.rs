@@ -160,44 +160,40 @@ impl Source {
         region_size: usize,
         mut buf: AlignedBuf,
     ) -> Result<Option<(RegionBuf, u64)>, EngineError> {
-        let offset = index * region_size as u64;
-        let path = self.path.clone();
-        let read_err = |offset: u64, source: std::io::Error| EngineError::SourceRead {
-            path: path.clone(),
-            offset,
-            source,
-        };
-        if let Some(p) = self.positional() {
+        let Inner::Stream(r) = &mut self.inner else {
+            let p = self.positional().expect("a file or device source");
             return p.read_region(index, region_size, buf);
-        }
-        match &mut self.inner {
-            Inner::Positional(..) => unreachable!("handled above"),
-            Inner::Stream(r) => {
-                buf.reset(region_size);
-                let mut filled = 0;
-                while filled < region_size {
-                    match r.read(&mut buf[filled..]) {
-                        Ok(0) => break,
-                        Ok(n) => filled += n,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(e) => return Err(read_err(offset + filled as u64, e)),
-                    }
+        };
+        let offset = index * region_size as u64;
+        buf.reset(region_size);
+        let mut filled = 0;
+        while filled < region_size {
+            match r.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(source) => {
+                    return Err(EngineError::SourceRead {
+                        path: self.path.clone(),
+                        offset: offset + filled as u64,
+                        source,
+                    })
                 }
-                if filled == 0 {
-                    return Ok(None);
-                }
-                buf.reset(filled);
-                Ok(Some((
-                    RegionBuf {
-                        index,
-                        offset,
-                        data: buf,
-                        all_hole: false,
-                    },
-                    filled as u64,
-                )))
             }
         }
+        if filled == 0 {
+            return Ok(None);
+        }
+        buf.reset(filled);
+        Ok(Some((
+            RegionBuf {
+                index,
+                offset,
+                data: buf,
+                all_hole: false,
+            },
+            filled as u64,
+        )))
     }
 }
 
