@@ -119,6 +119,11 @@ impl Direct {
             .filter(|_| buf.as_ptr() as usize % ALIGN == 0 && !self.refused.load(Relaxed))
     }
 
+    /// Whether reads and writes go direct (open worked, not refused yet).
+    pub(crate) fn is_on(&self) -> bool {
+        self.file.is_some() && !self.refused.load(Relaxed)
+    }
+
     /// Whether the error of a direct request means "not possible here"
     /// (then direct I/O is off from now on, and the caller retries
     /// buffered) rather than a real I/O error.

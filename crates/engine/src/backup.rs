@@ -4,9 +4,9 @@
 //!  files, devices: one thread per core, each taking the next region index
 //!  streams: one reader thread feeding rayon workers through a channel
 //!
-//!  region i: SEEK_DATA, direct read  →  region chaining value (image digest)
-//!  into a reused aligned buffer          equal to the parent's? reuse its region
-//!                                        else zero scan + FastCDC → BLAKE3 ids →
+//!  region i: SEEK_DATA, read into a    →  region chaining value (image digest)
+//!  reused aligned buffer (the next       equal to the parent's? reuse its region
+//!  128 MiB advised to the kernel)       else zero scan + FastCDC → BLAKE3 ids →
 //!                                        look up (bloom + multi_get) → zstd only
 //!                                        unknown chunks → put_region (WAL-less)
 //!                                   ... then commit: flush, pages + snapshot, fsync
@@ -327,9 +327,13 @@ pub fn backup(
     })
 }
 
+/// How much of a file or device source is asked to be read ahead.
+const PREFETCH_BYTES: u64 = 128 << 20;
+
 /// Reads and processes the regions of a file or device: one thread per
-/// core, each taking the next region, reading it (direct I/O) and
-/// processing it, so reads overlap other threads' work and regions are
+/// core, each taking the next region, reading it (buffered, the kernel
+/// asked to read the next 128 MiB meanwhile; direct with `--direct-io`)
+/// and processing it, so reads overlap other threads' work and regions are
 /// read roughly in order.
 fn read_parallel(
     ctx: &Ctx<'_>,
@@ -343,6 +347,16 @@ fn read_parallel(
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2);
+    // Regions advised to the kernel ahead of the one being read (see
+    // `Positional::prefetch`), 128 MiB of them: the page cache holds them,
+    // not the heap. On the workload (cold cache) a window of 16 × 8 MiB
+    // made backups of disk-3 after disk-2 0.92–0.95 s instead of 1.12–1.15
+    // s, and the first backup of disk-0 2.48–2.55 s instead of 2.74–2.76 s
+    // (medians of 5 and 3); 2, 4 and 8 regions gained less, 32 no more.
+    let ahead = (PREFETCH_BYTES / region_size as u64).max(1);
+    for i in 0..ahead {
+        pos.prefetch(i, region_size);
+    }
     let next = AtomicU64::new(0);
     let read = AtomicU64::new(0);
     let stop = AtomicBool::new(false);
@@ -353,6 +367,7 @@ fn read_parallel(
                     let mut buf = AlignedBuf::default();
                     while !stop.load(Relaxed) {
                         let index = next.fetch_add(1, Relaxed);
+                        pos.prefetch(index + ahead, region_size);
                         let Some((rb, n)) = pos.read_region(index, region_size, buf)? else {
                             break;
                         };

