@@ -597,7 +597,15 @@ impl Store {
                 *counts.entry(ObjectKind::Chunk.key(&c)).or_default() += 1;
             }
         }
-        let mut batch = WriteBatch::default();
+        // Sized once for everything it may hold (new chunks' frames, their
+        // keys and counts, the recipe): a batch grown by doubling copied
+        // each multi-MiB frame buffer again and faulted fresh pages in, under
+        // the write lock.
+        let capacity = frames.values().map(|(f, _)| f.len() + 96).sum::<usize>()
+            + counts.len() * 96
+            + encoded.len()
+            + 256;
+        let mut batch = WriteBatch::with_capacity_bytes(capacity);
         let absent = self.add_refs(&mut batch, &counts)?;
         let (chunks, refs, recipes, orphans) = (
             self.cf(cf::CHUNKS),
