@@ -255,7 +255,6 @@ impl Positional<'_> {
         buf.reset(len);
         let end = offset + len as u64;
         let mut read = 0u64;
-        let mut pos = offset;
         // Bytes of `buf` before `filled` hold the image; holes are zeroed
         // here rather than the whole buffer up front.
         let mut filled = 0usize;
@@ -270,15 +269,7 @@ impl Positional<'_> {
             offset: at,
             source,
         };
-        while pos < end {
-            let (data, hole) = if self.sparse {
-                data_extent(self.file, pos, end)
-            } else {
-                (pos, end)
-            };
-            if data >= end {
-                break;
-            }
+        for (data, hole) in self.data_extents(offset, end) {
             let (a, b) = ((data - offset) as usize, (hole - offset) as usize);
             buf[filled..a].fill(0);
             let mut done = false;
@@ -305,7 +296,6 @@ impl Positional<'_> {
             }
             filled = b;
             read += hole - data;
-            pos = hole;
         }
         buf[filled..].fill(0);
         Ok(Some((
@@ -332,16 +322,7 @@ impl Positional<'_> {
             return;
         }
         let end = (offset + region_size as u64).min(self.size);
-        let mut pos = offset;
-        while pos < end {
-            let (data, hole) = if self.sparse {
-                data_extent(self.file, pos, end)
-            } else {
-                (pos, end)
-            };
-            if data >= end {
-                break;
-            }
+        for (data, hole) in self.data_extents(offset, end) {
             // Advice is only advice: an error changes nothing but speed.
             let _ = rustix::fs::fadvise(
                 self.file,
@@ -349,8 +330,25 @@ impl Positional<'_> {
                 std::num::NonZeroU64::new(hole - data),
                 rustix::fs::Advice::WillNeed,
             );
-            pos = hole;
         }
+    }
+
+    /// The data extents `[data, hole)` of `[from, end)`: found with
+    /// `SEEK_DATA` in a regular file, all of it on a device.
+    fn data_extents(&self, from: u64, end: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let mut pos = from;
+        std::iter::from_fn(move || {
+            if pos >= end {
+                return None;
+            }
+            let (data, hole) = if self.sparse {
+                data_extent(self.file, pos, end)
+            } else {
+                (pos, end)
+            };
+            pos = hole;
+            (data < end).then_some((data, hole))
+        })
     }
 
     /// Reads exactly `buf.len()` bytes at `offset` (holes read as zeros).
