@@ -448,3 +448,56 @@ fn a_backup_takes_regions_equal_to_its_parent_without_chunking_them_and_stores_t
         "--parent",
     );
 }
+
+#[test]
+fn holes_the_parent_also_had_keep_their_chaining_values_and_the_digest_stays_blake3_of_the_image() {
+    // A sparse 40 MiB disk: data in regions 0 and 3, regions 1, 2 and 4
+    // wholly holes. With a parent, an all-hole region takes the parent's
+    // recorded chaining value instead of hashing 8 MiB of zeros; the
+    // snapshot must be the one a backup without parent makes, and its
+    // digest BLAKE3 of the image.
+    const MIB: u64 = 1 << 20;
+    let env = Env::new();
+    env.init();
+    let img = env.path("sparse.img");
+    let f = fs::File::create(&img).unwrap();
+    f.set_len(40 * MIB).unwrap();
+    f.write_all_at(&seeded(4 * MIB as usize, 1), 0).unwrap();
+    f.write_all_at(&texty(6 * MIB as usize, 2), 24 * MIB)
+        .unwrap();
+    drop(f);
+    let first = env.backup(&img, &["--name", "sparse"]);
+    assert_eq!(first["bytes_read"].as_u64().unwrap(), 10 * MIB, "{first}");
+    // Change region 3 only; the holes stay.
+    let f = fs::OpenOptions::new().write(true).open(&img).unwrap();
+    f.write_all_at(&seeded(64 << 10, 3), 25 * MIB).unwrap();
+    drop(f);
+    let second = env.backup(&img, &["--name", "sparse"]);
+    assert_eq!(second["parent"], first["id"]);
+    assert_eq!(
+        second["bytes_reused"].as_u64().unwrap(),
+        8 * MIB,
+        "{second}"
+    );
+    let full = env.backup(&img, &["--name", "sparse", "--no-parent"]);
+    let b3 = blake3::hash(&fs::read(&img).unwrap()).to_hex().to_string();
+    for s in [&second, &full] {
+        assert_eq!(digest_of(&env, s["id"].as_str().unwrap()), b3, "{s}");
+    }
+    assert_eq!(second["zero_bytes"], full["zero_bytes"]);
+    assert_eq!(second["chunks"], full["chunks"]);
+    let (ranges, _) = diff_ranges(
+        &env,
+        second["id"].as_str().unwrap(),
+        full["id"].as_str().unwrap(),
+    );
+    assert!(ranges.is_empty(), "{ranges:?}");
+    let out = env.path("out.img");
+    env.ok(&[
+        "restore",
+        second["id"].as_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
+    assert_same(&img, &out);
+    assert!(allocated(&out) < 12 * MIB, "holes stay holes");
+}
