@@ -161,7 +161,8 @@ impl<'a> Ctx<'a> {
         if i >= p.region_count() || p.region_len(i) != len as u64 {
             return Ok(false);
         }
-        if hasher.finalize_non_root() != p.region_cv(i) {
+        let cv = hasher.finalize_non_root();
+        if cv != p.region_cv(i) {
             return Ok(false);
         }
         let entries = p.entries(i)?;
@@ -173,18 +174,27 @@ impl<'a> Ctx<'a> {
             .sum();
         self.counters.chunks.fetch_add(chunks, Relaxed);
         self.counters.zero_bytes.fetch_add(zeros, Relaxed);
-        self.counters.image_bytes.fetch_add(len as u64, Relaxed);
         self.counters.reused_bytes.fetch_add(len as u64, Relaxed);
+        // The value just compared is the region's share of the digest; only
+        // the first region keeps its hasher (it may be the root).
+        let hash = if index == 0 {
+            RegionHash::First(Box::new(hasher.clone()))
+        } else {
+            RegionHash::Cv(cv)
+        };
+        self.done(index, len, p.region_id(i), hash);
+        Ok(true)
+    }
+
+    /// Records region `index` (`len` bytes of the image) as `rid` with its
+    /// share of the digest.
+    fn done(&self, index: u64, len: usize, rid: Id, hash: RegionHash) {
+        self.counters.image_bytes.fetch_add(len as u64, Relaxed);
         self.results
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push((
-                index,
-                p.region_id(i),
-                RegionHash::from_hasher(index, hasher.clone()),
-            ));
+            .push((index, rid, hash));
         self.progress.advance(len as u64);
-        Ok(true)
     }
 
     /// The chaining value of an all-zero region `index` of `len` bytes,
@@ -212,14 +222,7 @@ impl<'a> Ctx<'a> {
                 self.counters
                     .zero_bytes
                     .fetch_add(data.len() as u64, Relaxed);
-                self.counters
-                    .image_bytes
-                    .fetch_add(data.len() as u64, Relaxed);
-                self.results
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push((rb.index, Id::ZERO, RegionHash::Cv(cv)));
-                self.progress.advance(data.len() as u64);
+                self.done(rb.index, data.len(), Id::ZERO, RegionHash::Cv(cv));
                 return Ok(());
             }
             update_zeros(&mut hasher, data.len() as u64);
@@ -283,14 +286,12 @@ impl<'a> Ctx<'a> {
             self.counters.new_bytes.fetch_add(out.new_bytes, Relaxed);
             rid
         };
-        self.counters
-            .image_bytes
-            .fetch_add(data.len() as u64, Relaxed);
-        self.results
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((rb.index, rid, RegionHash::from_hasher(rb.index, hasher)));
-        self.progress.advance(data.len() as u64);
+        self.done(
+            rb.index,
+            data.len(),
+            rid,
+            RegionHash::from_hasher(rb.index, hasher),
+        );
         Ok(())
     }
 }
