@@ -1,15 +1,17 @@
 //! Buffers and file access for direct I/O (`O_DIRECT`).
 //!
-//! Why: on the machines imgstore is measured on (virtualised ext4), copying
-//! between the page cache and user memory runs at about 1.2 GB/s of kernel
-//! CPU time, while the disk delivers 3+ GB/s to a direct read: a cold 2 GiB
-//! image reads in 3.2 s buffered and 0.6 s direct (`dd bs=8M`, with and
-//! without `iflag=direct`). Backups read whole regions once and never again,
-//! and restores write them once, so the page cache only costs. Direct I/O
-//! needs the buffer, the file offset and the length aligned to the device's
-//! logical block size; [`ALIGN`] (4 KiB) covers 512-byte and 4 KiB devices.
-//! Whoever uses it falls back to buffered I/O when the file system refuses
-//! (`EINVAL`: tmpfs, some network file systems, unusual block sizes).
+//! Why: a restore writes each region once and never reads it back, so the
+//! page cache only costs there — a copy of every byte and an `fsync` with
+//! everything still to write; restores write regions direct. A backup
+//! reads through the page cache by default (with read-ahead, see
+//! `Positional::prefetch`): direct reads cut its system time by more than
+//! half, but with one request per thread in flight they were no faster cold
+//! and read a cached image from the disk again (docs/BENCHMARKS.md), so
+//! they are opt-in (`backup --direct-io`). Direct I/O needs the buffer, the
+//! file offset and the length aligned to the device's logical block size;
+//! [`ALIGN`] (4 KiB) covers 512-byte and 4 KiB devices. Whoever uses it
+//! falls back to buffered I/O when the file system refuses (`EINVAL`:
+//! tmpfs, some network file systems, unusual block sizes).
 
 use std::fs::{File, OpenOptions};
 use std::io::ErrorKind;
