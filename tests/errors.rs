@@ -184,6 +184,41 @@ fn second_writer_gets_busy_and_readers_still_work() {
 }
 
 #[test]
+fn readers_during_a_stream_of_backups_never_fail() {
+    // Readers take no lock: a reader that opens the database while a
+    // writer flushes or compacts finds files listed a moment ago deleted.
+    // Before readers retried such opens, about 1 in 40 `snapshots` here
+    // failed, some saying the repository was damaged.
+    let env = Env::new();
+    env.init();
+    let img = env.path("a.img");
+    fs::write(&img, seeded(3 << 20, 9)).unwrap();
+    env.backup(&img, &["--name", "s"]);
+    let writer = {
+        let mut c = env.command();
+        c.arg("backup").arg(&img).args(["--name", "s"]);
+        std::thread::spawn(move || {
+            for _ in 0..30 {
+                assert!(c.output().unwrap().status.success());
+            }
+        })
+    };
+    let mut reads = 0;
+    while !writer.is_finished() {
+        let out = env.run(&["snapshots"]);
+        assert!(
+            out.status.success(),
+            "a reader failed during a backup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        reads += 1;
+    }
+    writer.join().unwrap();
+    assert!(reads > 10, "only {reads} reads overlapped the backups");
+    assert!(env.ok(&["snapshots"]).contains("31 snapshots"));
+}
+
+#[test]
 fn kill_during_backup_leaves_earlier_snapshots_and_no_partial_one() {
     let env = Env::new();
     env.init();

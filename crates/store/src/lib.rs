@@ -223,6 +223,31 @@ fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -
     }
 }
 
+/// Opens the database read-only while a writer may be running (readers do
+/// not take the repository lock). A read-only open lists the live files and
+/// then opens them; a writer that flushes meanwhile deletes the WAL file it
+/// no longer needs, and the open fails with "No such file or directory"
+/// (seen in CI: a `snapshots` during a held backup), or compacts SST files
+/// away, which RocksDB reports as corruption. Such a failure is retried on
+/// a fresh listing; anything else, or a file still missing after a second,
+/// is the error.
+fn open_read_only(
+    path: &Path,
+    options: impl Fn() -> (Options, Vec<ColumnFamilyDescriptor>),
+) -> std::result::Result<DB, rocksdb::Error> {
+    let mut attempt = 0;
+    loop {
+        let (opts, cfs) = options();
+        match DB::open_cf_descriptors_read_only(&opts, path, cfs, false) {
+            Err(e) if attempt < 20 && e.as_ref().contains("No such file or directory") => {
+                attempt += 1;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            r => return r,
+        }
+    }
+}
+
 impl Store {
     /// Creates a new repository at `dir` (which must not exist, or be an
     /// empty directory) with the given config. The directory is created
@@ -335,19 +360,22 @@ impl Store {
             Mode::ReadOnly => None,
         };
         let cache = Cache::new_lru_cache(32 << 20);
-        let (mut opts, cfs) = db_options(false, &cache);
-        if mode == Mode::ReadOnly {
-            // Readers (restore, verify, check, serve) mostly read blob files
-            // in the order backups wrote them: let the kernel read ahead
-            // (RocksDB's default advises "random", which turns it off). A
-            // cold restore of the workload's 2 GiB image: 1.32–1.45 s with
-            // the default, 1.09 s without.
-            opts.set_advise_random_on_open(false);
-        }
         let db_path = dir.join(DB_DIR);
         let db = match mode {
-            Mode::Write { .. } => DB::open_cf_descriptors(&opts, &db_path, cfs),
-            Mode::ReadOnly => DB::open_cf_descriptors_read_only(&opts, &db_path, cfs, false),
+            Mode::Write { .. } => {
+                let (opts, cfs) = db_options(false, &cache);
+                DB::open_cf_descriptors(&opts, &db_path, cfs)
+            }
+            Mode::ReadOnly => open_read_only(&db_path, || {
+                let (mut opts, cfs) = db_options(false, &cache);
+                // Readers (restore, verify, check, serve) mostly read blob
+                // files in the order backups wrote them: let the kernel read
+                // ahead (RocksDB's default advises "random", which turns it
+                // off). A cold restore of the workload's 2 GiB image:
+                // 1.32–1.45 s with the default, 1.09 s without.
+                opts.set_advise_random_on_open(false);
+                (opts, cfs)
+            }),
         }
         .map_err(|e| StoreError::db(&db_path, "open", e))?;
         let store = Store {
