@@ -7,6 +7,7 @@ mod util;
 
 mod backup;
 mod errors;
+mod fixture;
 mod gc;
 mod golden;
 mod incremental;

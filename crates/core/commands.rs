@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use imgstore_engine::{BackupOptions, Selector, Source, Target};
+use imgstore_engine::{BackupOptions, ParentChoice, Selector, Source, Target};
 use imgstore_format::{Id, Snapshot};
 use imgstore_store::{Mode, Store};
 use serde_json::json;
@@ -129,21 +129,12 @@ fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> {
     };
     let bar = Bar::new(progress);
     // The parent: regions equal to it at the same offset are not chunked.
-    let parent = match (&a.parent, a.no_parent) {
-        (_, true) => None,
-        (Some(p), false) => {
-            let snaps = store.snapshots()?;
-            Some(
-                imgstore_engine::select(&snaps, &Selector::parse(p)?, Some(&name))
-                    .or_else(|_| imgstore_engine::select(&snaps, &Selector::parse(p)?, None))
-                    .with_context(|| format!("--parent {p}"))?,
-            )
-        }
-        (None, false) => {
-            let snaps = store.snapshots()?;
-            imgstore_engine::select(&snaps, &Selector::Latest, Some(&name)).ok()
-        }
+    let choice = match (&a.parent, a.no_parent) {
+        (_, true) => ParentChoice::None,
+        (Some(p), false) => ParentChoice::Named(p.clone()),
+        (None, false) => ParentChoice::Latest,
     };
+    let parent = imgstore_engine::parent_for(&store.snapshots()?, &name, &choice)?;
     let opts = BackupOptions {
         name,
         tags: a.tags,
@@ -154,10 +145,8 @@ fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> {
     let changed = match (&a.base, &a.changed) {
         _ if from_overlay.is_some() => from_overlay,
         (Some(base), Some(list)) => {
-            let snaps = store.snapshots()?;
             let (base_id, base) =
-                imgstore_engine::select(&snaps, &Selector::parse(base)?, Some(&opts.name))
-                    .or_else(|_| imgstore_engine::select(&snaps, &Selector::parse(base)?, None))
+                imgstore_engine::select_for_image(&store.snapshots()?, base, &opts.name)
                     .with_context(|| format!("--base {base}"))?;
             let verify_unchanged = match &a.verify_unchanged {
                 Some(v) => crate::units::parse_fraction(v, "--verify-unchanged")?,

@@ -3,9 +3,10 @@
 use std::path::Path;
 
 use anyhow::bail;
-use imgstore_engine::{CheckReport, EngineError, ReadData, Target};
+use imgstore_engine::{CheckReport, ReadData, Target};
 use imgstore_format::{Id, ObjectKind};
-use imgstore_store::{DamageMark, Mode, Store, StoreError};
+use imgstore_repo::DamageMark;
+use imgstore_store::{Mode, Store, StoreError};
 use serde_json::json;
 
 use crate::args::{CheckArgs, VerifyArgs};
@@ -29,18 +30,9 @@ fn record_marks(repo: &Path, marks: &[DamageMark], intact: &[(ObjectKind, Id)]) 
     if marks.is_empty() && intact.is_empty() {
         return None;
     }
-    let result = Store::open(repo, Mode::Write { operation: "check" }).and_then(|w| {
-        let known: std::collections::HashSet<(ObjectKind, Id)> =
-            w.damage_marks()?.iter().map(|m| (m.kind, m.id)).collect();
-        let new: Vec<DamageMark> = marks
-            .iter()
-            .filter(|m| !known.contains(&(m.kind, m.id)))
-            .cloned()
-            .collect();
-        w.mark_damaged(&new)?;
-        w.clear_damaged(intact)?;
-        Ok(new.len())
-    });
+    let result = Store::open(repo, Mode::Write { operation: "check" })
+        .map_err(imgstore_engine::EngineError::from)
+        .and_then(|w| imgstore_engine::record_damage(&w, marks, intact));
     Some(match result {
         Ok(0) if intact.is_empty() => return None,
         Ok(n) => format!(
@@ -51,7 +43,7 @@ fn record_marks(repo: &Path, marks: &[DamageMark], intact: &[(ObjectKind, Id)]) 
                 format!("; {} repaired objects unmarked", intact.len())
             }
         ),
-        Err(e @ StoreError::Busy { .. }) => {
+        Err(e @ imgstore_engine::EngineError::Repo(StoreError::Busy { .. })) => {
             format!("could not mark damaged objects for repair ({e}); run check again later")
         }
         Err(e) => format!("could not mark damaged objects for repair: {e}"),
@@ -217,13 +209,7 @@ pub fn verify(repo: &Path, a: VerifyArgs, progress: bool) -> anyhow::Result<()> 
             }
             Err(e) => {
                 failed += 1;
-                if let EngineError::ChunkDamaged { chunk, why, .. } = &e {
-                    marks.push(DamageMark {
-                        kind: ObjectKind::Chunk,
-                        id: *chunk,
-                        why: why.clone(),
-                    });
-                }
+                marks.extend(e.damage_mark());
                 v["ok"] = json!(false);
                 v["error"] = json!(e.to_string());
                 if chosen.len() == 1 && !a.json {

@@ -4,36 +4,16 @@ use std::collections::HashSet;
 use std::path::Path;
 
 use anyhow::{bail, Context};
-use imgstore_engine::policy::{self, Policy};
-use imgstore_engine::Selector;
-use imgstore_format::Id;
-use imgstore_store::{Kind, Mode, Store};
+use imgstore_engine::policy::Policy;
+use imgstore_engine::{ForgetRequest, Selector, SnapshotReader};
+use imgstore_format::{Id, ObjectKind};
+use imgstore_repo::Repository;
+use imgstore_store::{disk_usage, Mode, Store};
 use serde_json::json;
 
 use crate::args::{ForgetArgs, GcArgs, IdArg, StatsArgs};
 use crate::commands::{emit, note};
 use crate::units::{format_time, human_bytes};
-
-/// Bytes the repository directory occupies on disk (what `du` reports).
-pub fn disk_usage(dir: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let mut total = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            let Ok(m) = e.metadata() else { continue };
-            if m.is_dir() {
-                stack.push(e.path());
-            } else {
-                total += m.blocks() * 512;
-            }
-        }
-    }
-    total
-}
 
 /// The repository's disk usage, then the repository opened read-only for a
 /// dry run or as the writer `operation` otherwise (usage is measured first:
@@ -83,40 +63,13 @@ pub fn forget(repo: &Path, a: ForgetArgs) -> anyhow::Result<()> {
         _ => {}
     }
     let (before, store) = open_for(repo, a.dry_run, "forget")?;
-    let snaps = store.snapshots()?;
-    let protected = store.protected()?;
-    let decisions = if a.snapshots.is_empty() {
-        let group: Vec<_> = snaps
-            .iter()
-            .filter(|(_, s)| a.name.as_deref().is_none_or(|n| s.name == n))
-            .cloned()
-            .collect();
-        policy::apply(&group, &policy, &protected)
+    let request = if a.snapshots.is_empty() {
+        ForgetRequest::Policy(policy)
     } else {
-        let mut remove = HashSet::new();
-        for s in &a.snapshots {
-            let id = imgstore_engine::select(&snaps, &Selector::parse(s)?, a.name.as_deref())?.0;
-            if protected.contains(&id) {
-                bail!(
-                    "snapshot {} is protected: run `imgstore unprotect {}` first",
-                    id.short(),
-                    id.short()
-                );
-            }
-            remove.insert(id);
-        }
-        snaps
-            .iter()
-            .filter(|(id, _)| remove.contains(id))
-            .map(|(id, s)| policy::Decision {
-                id: *id,
-                name: s.name.clone(),
-                time_ns: s.time_ns,
-                keep: false,
-                reasons: vec![],
-            })
-            .collect()
+        ForgetRequest::Snapshots(a.snapshots.clone())
     };
+    let plan = imgstore_engine::plan_forget(&store, &request, a.name.as_deref())?;
+    let decisions = &plan.decisions;
     let remove: Vec<Id> = decisions.iter().filter(|d| !d.keep).map(|d| d.id).collect();
     if a.json {
         let v: Vec<_> = decisions
@@ -126,7 +79,7 @@ pub fn forget(repo: &Path, a: ForgetArgs) -> anyhow::Result<()> {
         emit(&format!("{}\n", serde_json::Value::Array(v)))?;
     } else {
         let mut out = String::new();
-        for d in &decisions {
+        for d in decisions {
             out.push_str(&format!(
                 "{:<6}  {}  {}  {}  {}\n",
                 if d.keep { "keep" } else { "remove" },
@@ -151,9 +104,7 @@ pub fn forget(repo: &Path, a: ForgetArgs) -> anyhow::Result<()> {
     if a.dry_run {
         return Ok(());
     }
-    if !remove.is_empty() {
-        store.forget(&remove)?;
-    }
+    imgstore_engine::forget(&store, &plan)?;
     if a.prune {
         run_gc(&store, before, false, a.json)?;
     }
@@ -169,8 +120,8 @@ pub fn gc(repo: &Path, a: GcArgs) -> anyhow::Result<()> {
 /// before it was opened (opening for write preallocates a WAL file).
 fn run_gc(store: &Store, before: u64, dry_run: bool, json_out: bool) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
-    let swept = store.sweep(dry_run, &|_| {})?;
-    let rewrote = if dry_run { false } else { store.reclaim()? };
+    let outcome = store.gc(dry_run)?;
+    let (swept, rewrote) = (outcome.removed, outcome.rewrote);
     let after = if dry_run {
         before
     } else {
@@ -256,20 +207,29 @@ pub fn stats(repo: &Path, a: StatsArgs) -> anyhow::Result<()> {
         Some(s) => {
             let (id, snap) =
                 imgstore_engine::select(&snaps, &Selector::parse(s)?, a.name.as_deref())?;
-            let regions = imgstore_engine::region_ids(&store, &snap, &id.short())?;
+            let reader = SnapshotReader::open(&store, &id, &snap)?;
+            let regions = reader.region_ids();
             let mut chunks = HashSet::new();
             let mut seen = HashSet::new();
-            for r in regions.iter().filter(|r| **r != Id::ZERO) {
-                if seen.insert(*r) {
-                    chunks.extend(store.region(r)?.entries.into_iter().filter_map(|e| e.chunk));
+            let unique: Vec<Id> = regions
+                .iter()
+                .filter(|r| **r != Id::ZERO && seen.insert(**r))
+                .copied()
+                .collect();
+            for batch in unique.chunks(256) {
+                for r in store.regions(batch)? {
+                    chunks.extend(r.entries.into_iter().filter_map(|e| e.chunk));
                 }
             }
+            let chunks: Vec<Id> = chunks.into_iter().collect();
             let (mut raw, mut stored) = (0u64, 0u64);
-            for c in &chunks {
-                if let Some(rc) = store.ref_count(Kind::Chunk, c)? {
-                    raw += rc.logical_len as u64;
-                    stored += rc.stored_len as u64;
-                }
+            for rc in store
+                .ref_counts(ObjectKind::Chunk, &chunks)?
+                .into_iter()
+                .flatten()
+            {
+                raw += rc.logical_len as u64;
+                stored += rc.stored_len as u64;
             }
             let data = snap.size - snap.stats.zero_bytes.min(snap.size);
             json!({

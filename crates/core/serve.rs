@@ -73,25 +73,14 @@ struct Set<'a> {
 
 impl Exports for Set<'_> {
     fn lookup(&self, name: &str) -> Option<&dyn Export> {
+        // Export names resolve like every other snapshot name (an id or a
+        // unique prefix, NAME@latest), among the exported snapshots.
         let i = if name.is_empty() {
             (self.snaps.len() == 1).then_some(0)?
-        } else if let Some(n) = name.strip_suffix("@latest") {
-            self.snaps
-                .iter()
-                .enumerate()
-                .filter(|(_, (_, s))| s.name == n)
-                .max_by_key(|(_, (id, s))| (s.time_ns, *id))?
-                .0
         } else {
-            let lower = name.to_ascii_lowercase();
-            let hits: Vec<usize> = self
-                .snaps
-                .iter()
-                .enumerate()
-                .filter(|(_, (id, _))| lower.len() >= 4 && id.to_hex().starts_with(&lower))
-                .map(|(i, _)| i)
-                .collect();
-            (hits.len() == 1).then(|| hits[0])?
+            let (sel, image) = imgstore_engine::parse_export_name(name).ok()?;
+            let (id, _) = imgstore_engine::select(self.snaps, &sel, image.as_deref()).ok()?;
+            self.snaps.iter().position(|(i, _)| *i == id)?
         };
         Some(&self.exports[i])
     }

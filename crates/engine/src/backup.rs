@@ -16,7 +16,6 @@
 //! the channel's for streams), whatever the image size; per-region results
 //! kept until the commit are 32-byte ids and chaining values.
 
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
@@ -24,13 +23,14 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use imgstore_chunker::{Chunker, Extent, Kind, Params};
 use imgstore_format::{
-    encode_chunk, Id, Page, RecipeEntry, Region, Snapshot, SnapshotStats, PAGE_REGIONS,
+    FrameCodec, Id, ObjectKind, Page, RecipeEntry, Region, Snapshot, SnapshotStats, PAGE_REGIONS,
 };
-use imgstore_store::{Kind as ObjectKind, Store};
+use imgstore_repo::Repository;
 use rayon::prelude::*;
 
 use crate::aligned::AlignedBuf;
 use crate::digest::{image_digest, region_hasher, update_zeros, RegionHash};
+use crate::snapshot::SnapshotReader;
 use crate::source::{RegionBuf, Source};
 use crate::{EngineError, Progress};
 
@@ -66,8 +66,8 @@ fn now_ns() -> i64 {
 }
 
 /// The chunker a repository's config prescribes.
-pub fn chunker_for(store: &Store) -> Result<Chunker, EngineError> {
-    let c = &store.config().chunking;
+pub fn chunker_for(repo: &dyn Repository) -> Result<Chunker, EngineError> {
+    let c = &repo.config().chunking;
     Chunker::new(Params {
         min: c.min,
         avg: c.avg,
@@ -80,21 +80,8 @@ pub fn chunker_for(store: &Store) -> Result<Chunker, EngineError> {
     })
 }
 
-thread_local! {
-    static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
-}
-
 fn compress(data: &[u8], level: i32) -> Vec<u8> {
-    COMPRESSOR.with(|c| {
-        let mut c = c.borrow_mut();
-        if c.as_ref().map(|(l, _)| *l) != Some(level) {
-            *c = Some((
-                level,
-                zstd::bulk::Compressor::new(level).expect("valid zstd level"),
-            ));
-        }
-        encode_chunk(data, &mut c.as_mut().expect("set above").1)
-    })
+    FrameCodec::with_thread(|c| c.encode(data, level))
 }
 
 #[derive(Default)]
@@ -121,9 +108,9 @@ impl Counters {
 }
 
 struct Ctx<'a> {
-    store: &'a Store,
+    repo: &'a dyn Repository,
     /// The parent's region index, when regions may be reused from it.
-    parent: Option<crate::restore::Ctx<'a>>,
+    parent: Option<SnapshotReader<'a>>,
     chunker: Chunker,
     level: i32,
     counters: Counters,
@@ -132,12 +119,12 @@ struct Ctx<'a> {
 }
 
 impl<'a> Ctx<'a> {
-    fn new(store: &'a Store, progress: &'a dyn Progress) -> Result<Ctx<'a>, EngineError> {
+    fn new(repo: &'a dyn Repository, progress: &'a dyn Progress) -> Result<Ctx<'a>, EngineError> {
         Ok(Ctx {
-            store,
+            repo,
             parent: None,
-            chunker: chunker_for(store)?,
-            level: store.config().compression.zstd_level,
+            chunker: chunker_for(repo)?,
+            level: repo.config().compression.zstd_level,
             counters: Counters::default(),
             results: Mutex::new(Vec::new()),
             progress,
@@ -151,7 +138,7 @@ impl<'a> Ctx<'a> {
     /// pages were checked against their ids when loaded.
     fn reuse(
         &self,
-        p: &crate::restore::Ctx<'_>,
+        p: &SnapshotReader<'_>,
         index: u64,
         len: usize,
         hasher: &blake3::Hasher,
@@ -274,14 +261,14 @@ impl<'a> Ctx<'a> {
             let encoded = region.encode();
             let rid = Id::hash(&encoded);
             // Only chunks the store does not have are compressed.
-            let known = self.store.chunks_known(&data_ids)?;
+            let known = self.repo.chunks_known(&data_ids)?;
             let mut frames = HashMap::new();
             for ((id, bytes), known) in data_ids.iter().zip(&data_slices).zip(known) {
                 if !known && !frames.contains_key(id) {
                     frames.insert(*id, (compress(bytes, self.level), bytes.len() as u32));
                 }
             }
-            let out = self.store.put_region(&rid, &region, &encoded, &frames)?;
+            let out = self.repo.put_region(&rid, &region, &encoded, &frames)?;
             self.counters.new_chunks.fetch_add(out.new_chunks, Relaxed);
             self.counters.new_bytes.fetch_add(out.new_bytes, Relaxed);
             rid
@@ -301,19 +288,19 @@ impl<'a> Ctx<'a> {
 /// Nothing is visible until the final commit: an error or a crash at any
 /// point before it leaves the repository's snapshots exactly as they were.
 pub fn backup(
-    store: &Store,
+    repo: &dyn Repository,
     mut source: Source,
     opts: &BackupOptions,
     progress: &dyn Progress,
 ) -> Result<BackupReport, EngineError> {
     let (started, time_ns) = (Instant::now(), now_ns());
-    let region_size = store.config().region_size as usize;
-    let mut ctx = Ctx::new(store, progress)?;
+    let region_size = repo.config().region_size as usize;
+    let mut ctx = Ctx::new(repo, progress)?;
     // Damaged objects are rewritten by backing the same data up again, so
     // while any are marked every region is processed in full.
     if let Some((pid, parent)) = &opts.parent {
-        if parent.region_size as usize == region_size && store.damage_pending() == 0 {
-            ctx.parent = Some(crate::restore::Ctx::new(store, parent, pid)?);
+        if parent.region_size as usize == region_size && repo.damage_pending() == 0 {
+            ctx.parent = Some(SnapshotReader::open(repo, pid, parent)?);
         }
     }
     progress.start(source.size());
@@ -348,7 +335,7 @@ pub fn backup(
         started,
     };
     let bytes_reused = ctx.counters.reused_bytes.load(Relaxed);
-    let (id, snapshot) = commit_snapshot(store, results, None, stats, meta)?;
+    let (id, snapshot) = commit_snapshot(repo, results, None, stats, meta)?;
     progress.finish();
     Ok(BackupReport {
         id,
@@ -487,7 +474,7 @@ pub(crate) struct Meta<'a> {
 /// Builds the index pages from per-region results (any order), computes the
 /// image digest (unless given), and commits the snapshot.
 pub(crate) fn commit_snapshot(
-    store: &Store,
+    repo: &dyn Repository,
     mut results: Vec<(u64, Id, RegionHash)>,
     digest: Option<[u8; 32]>,
     mut stats: SnapshotStats,
@@ -514,8 +501,9 @@ pub(crate) fn commit_snapshot(
     let page_ids: Vec<Id> = pages.iter().map(|p| Id::hash(&p.encode())).collect();
     let mut page_bytes = 0u64;
     let mut seen = std::collections::HashSet::new();
-    for (pid, p) in page_ids.iter().zip(&pages) {
-        if seen.insert(*pid) && store.ref_count(ObjectKind::Page, pid)?.is_none() {
+    let known = repo.ref_counts(ObjectKind::Page, &page_ids)?;
+    for ((pid, p), known) in page_ids.iter().zip(&pages).zip(known) {
+        if seen.insert(*pid) && known.is_none() {
             page_bytes += p.encode().len() as u64;
         }
     }
@@ -533,7 +521,7 @@ pub(crate) fn commit_snapshot(
         pages: page_ids,
         stats,
     };
-    let (id, _) = store.commit(&snapshot, &pages)?;
+    let (id, _) = repo.commit(&snapshot, &pages)?;
     Ok((id, snapshot))
 }
 
@@ -579,7 +567,7 @@ fn normalize(
 /// source, and re-chunked whole — so chunk boundaries, and deduplication,
 /// are exactly those of a full backup of the same image.
 pub fn backup_changed(
-    store: &Store,
+    repo: &dyn Repository,
     source: &Source,
     changed: &ChangedBlocks,
     opts: &BackupOptions,
@@ -593,7 +581,7 @@ pub fn backup_changed(
             why: "is a stream: a changed-block backup reads at offsets, so give a file or block device".into(),
         });
     };
-    let rs = store.config().region_size as u64;
+    let rs = repo.config().region_size as u64;
     let base = &changed.base;
     if base.region_size as u64 != rs {
         return Err(EngineError::Invalid {
@@ -601,7 +589,7 @@ pub fn backup_changed(
             why: "its region size differs from the repository's".into(),
         });
     }
-    let base_ctx = crate::restore::Ctx::new(store, base, &changed.base_id)?;
+    let base_ctx = SnapshotReader::open(repo, &changed.base_id, base)?;
     let mut ranges = changed.ranges.clone();
     if size > base.size {
         ranges.push((base.size, size - base.size));
@@ -668,7 +656,7 @@ pub fn backup_changed(
         }
     }
 
-    let ctx = Ctx::new(store, progress)?;
+    let ctx = Ctx::new(repo, progress)?;
     let touched_ix: Vec<u64> = (0..n).filter(|&i| touched[i as usize]).collect();
     let read = AtomicU64::new(0);
     let (base_chunks, base_zeros) = (AtomicU64::new(0), AtomicU64::new(0));
@@ -732,7 +720,7 @@ pub fn backup_changed(
         region_size: rs as usize,
         started,
     };
-    let (id, snapshot) = commit_snapshot(store, results, digest, stats, meta)?;
+    let (id, snapshot) = commit_snapshot(repo, results, digest, stats, meta)?;
     progress.finish();
     Ok(BackupReport {
         id,

@@ -21,10 +21,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 
-use imgstore_format::{
-    decode_chunk, Id, ObjectKind, Page, RefCount, Region, Snapshot, PAGE_REGIONS,
-};
-use imgstore_store::{DamageMark, Store};
+use imgstore_format::{FrameCodec, Id, ObjectKind, Page, RefCount, Region, Snapshot, PAGE_REGIONS};
+use imgstore_repo::{DamageMark, Repository};
 use rayon::prelude::*;
 
 use crate::{EngineError, Progress};
@@ -148,7 +146,7 @@ impl Walk {
 
 /// Checks `store`; `progress` counts chunk bytes read.
 pub fn check(
-    store: &Store,
+    store: &dyn Repository,
     read_data: ReadData,
     progress: &dyn Progress,
 ) -> Result<CheckReport, EngineError> {
@@ -366,12 +364,18 @@ pub fn check(
         pool.install(|| {
             selected.par_chunks(64).for_each(|batch| {
                 let ids: Vec<Id> = batch.iter().map(|c| c.0).collect();
-                let frames = store.chunk_frames_each(&ids);
+                let frames = match store.chunk_frames(&ids) {
+                    Ok(f) => f
+                        .into_iter()
+                        .map(|r| r.map_err(|e| e.to_string()))
+                        .collect(),
+                    Err(e) => vec![Err(format!("cannot be read: {e}")); ids.len()],
+                };
                 let mut buf = Vec::new();
                 for ((id, len), frame) in batch.iter().zip(frames) {
                     let verdict = frame.and_then(|f| {
                         bytes.fetch_add(f.len() as u64, Relaxed);
-                        crate::restore::with_decompressor(|d| decode_chunk(&f, d, &mut buf))
+                        FrameCodec::with_thread(|c| c.decode(&f, &mut buf))
                             .map_err(|e| format!("does not decode ({e})"))?;
                         if buf.len() != *len as usize {
                             return Err(format!(
@@ -501,7 +505,7 @@ pub fn check(
 /// For regions that name a damaged chunk: the affected ranges within the
 /// region. One more pass over the recipes, only when chunks are damaged.
 fn region_damage(
-    store: &Store,
+    store: &dyn Repository,
     damaged: &HashMap<[u8; 33], String>,
 ) -> Result<HashMap<Id, Vec<(u64, u64)>>, EngineError> {
     let mut out: HashMap<Id, Vec<(u64, u64)>> = HashMap::new();

@@ -9,20 +9,23 @@
 //! list for `backup --changed` must guarantee.
 
 use imgstore_format::{Id, RecipeEntry, Snapshot};
-use imgstore_store::Store;
+use imgstore_repo::Repository;
 use rayon::prelude::*;
 
-use crate::restore::Ctx;
+use crate::snapshot::SnapshotReader;
 use crate::EngineError;
 
 /// Differing byte ranges `(offset, length)`, merged and in order, in the
 /// coordinates of the larger image.
 pub fn diff(
-    store: &Store,
+    repo: &dyn Repository,
     a: (&Id, &Snapshot),
     b: (&Id, &Snapshot),
 ) -> Result<Vec<(u64, u64)>, EngineError> {
-    let (ca, cb) = (Ctx::new(store, a.1, a.0)?, Ctx::new(store, b.1, b.0)?);
+    let (ca, cb) = (
+        SnapshotReader::open(repo, a.0, a.1)?,
+        SnapshotReader::open(repo, b.0, b.1)?,
+    );
     if a.1.region_size != b.1.region_size {
         return Ok(vec![(0, a.1.size.max(b.1.size))]);
     }

@@ -1,13 +1,13 @@
 use std::path::PathBuf;
 
-use imgstore_format::{FormatError, Id};
-use imgstore_store::StoreError;
+use imgstore_format::{FormatError, Id, ObjectKind};
+use imgstore_repo::{DamageMark, RepoError};
 
 /// Errors of backup, restore and snapshot selection, carrying their evidence.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Repo(#[from] RepoError),
     #[error("source {}: {why}", path.display())]
     BadSource { path: PathBuf, why: String },
     #[error("cannot read source {} at byte {offset}: {source}", path.display())]
@@ -68,4 +68,20 @@ pub enum EngineError {
     Invalid { what: &'static str, why: String },
     #[error("format: {0}")]
     Format(#[from] FormatError),
+}
+
+impl EngineError {
+    /// The damage mark this error is evidence of (a chunk found missing,
+    /// unreadable or altered), for the repository to record so the next
+    /// backup of the same data repairs it.
+    pub fn damage_mark(&self) -> Option<DamageMark> {
+        match self {
+            EngineError::ChunkDamaged { chunk, why, .. } => Some(DamageMark {
+                kind: ObjectKind::Chunk,
+                id: *chunk,
+                why: why.clone(),
+            }),
+            _ => None,
+        }
+    }
 }

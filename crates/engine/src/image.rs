@@ -13,10 +13,10 @@ use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
-use imgstore_format::{decode_chunk, Id, Snapshot};
-use imgstore_store::Store;
+use imgstore_format::{Id, Snapshot};
+use imgstore_repo::Repository;
 
-use crate::restore::{with_decompressor, Ctx};
+use crate::snapshot::SnapshotReader;
 use crate::EngineError;
 
 /// A least-recently-used map with a size budget.
@@ -71,7 +71,7 @@ type Extents = Arc<Vec<(u64, u64, Option<Id>)>>;
 
 /// A snapshot's image, readable at any offset.
 pub struct ImageReader<'a> {
-    ctx: Ctx<'a>,
+    reader: SnapshotReader<'a>,
     size: u64,
     region_size: u64,
     recipes: Mutex<Lru<usize, Extents>>,
@@ -83,13 +83,13 @@ impl<'a> ImageReader<'a> {
     /// A reader of snapshot `id` keeping at most `cache_bytes` of
     /// decompressed chunks (plus up to 4,096 region recipes).
     pub fn new(
-        store: &'a Store,
+        repo: &'a dyn Repository,
         id: &Id,
         snapshot: &'a Snapshot,
         cache_bytes: usize,
     ) -> Result<ImageReader<'a>, EngineError> {
         Ok(ImageReader {
-            ctx: Ctx::new(store, snapshot, id)?,
+            reader: SnapshotReader::open(repo, id, snapshot)?,
             size: snapshot.size,
             region_size: snapshot.region_size as u64,
             recipes: Mutex::new(Lru::new(4096)),
@@ -118,7 +118,7 @@ impl<'a> ImageReader<'a> {
         }
         let mut pos = 0;
         let list: Vec<(u64, u64, Option<Id>)> = self
-            .ctx
+            .reader
             .entries(region)?
             .into_iter()
             .map(|e| {
@@ -144,19 +144,7 @@ impl<'a> ImageReader<'a> {
         {
             return Ok(c);
         }
-        let frame = self
-            .ctx
-            .fetch(&[id], offset)?
-            .pop()
-            .expect("one frame per id");
-        let mut out = Vec::new();
-        with_decompressor(|d| decode_chunk(&frame, d, &mut out))
-            .map_err(|e| self.ctx.damaged(offset, id, e.to_string()))?;
-        if out.len() as u64 != len || Id::hash(&out) != id {
-            return Err(self
-                .ctx
-                .damaged(offset, id, "content does not match its id".into()));
-        }
+        let out = self.reader.chunk(id, offset, len)?;
         self.decompressed.fetch_add(1, Relaxed);
         let out = Arc::new(out);
         self.chunks

@@ -12,7 +12,17 @@
 //!   optionally every chunk's content) and maps damage to snapshots and
 //!   byte ranges.
 //! * [`select()`] resolves what the user typed (`latest`, an id prefix, a
-//!   time) to one snapshot.
+//!   time, an NBD export name) to one snapshot; [`parent_for`] picks a
+//!   backup's parent.
+//! * [`plan_forget`] then [`forget()`] apply retention; [`record_damage`]
+//!   keeps what check and verify found for healing.
+//!
+//! The engine reaches storage only through [`imgstore_repo::Repository`]:
+//! it never links RocksDB and runs unchanged on the local store, on the
+//! in-memory repository of its unit tests, and on the remote and
+//! object-store implementations `docs/REMOTE.md` describes. One snapshot
+//! is read through one [`SnapshotReader`], whatever the caller does with
+//! the bytes.
 //!
 //! Why the unit of work is a *region* (8 MiB by default, aligned): regions
 //! are what make the work parallel (each is chunked independently, chunk
@@ -30,21 +40,27 @@ mod check;
 mod diff;
 pub mod digest;
 mod error;
+mod forget;
 mod image;
 mod overlay;
 pub mod policy;
 mod restore;
 mod select;
+mod snapshot;
 mod source;
+#[cfg(test)]
+mod tests;
 
 pub use backup::{backup, backup_changed, chunker_for, BackupOptions, BackupReport, ChangedBlocks};
 pub use check::{check, CheckReport, DamagedSnapshot, Problem, ReadData};
 pub use diff::diff;
 pub use error::EngineError;
+pub use forget::{forget, plan_forget, record_damage, ForgetPlan, ForgetRequest};
 pub use image::ImageReader;
 pub use overlay::{overlay_info, Overlay, OverlayInfo, OVERLAY_BLOCK};
-pub use restore::{region_ids, restore, restore_delta, DeltaReport, RestoreReport, Target};
-pub use select::{select, Selector};
+pub use restore::{restore, restore_delta, DeltaReport, RestoreReport, Target};
+pub use select::{parent_for, parse_export_name, select, select_for_image, ParentChoice, Selector};
+pub use snapshot::SnapshotReader;
 pub use source::{Source, SourceKind};
 
 /// The config of a new repository chunking with `params`: a random id, the

@@ -22,14 +22,13 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use imgstore_format::{Id, Snapshot};
+use imgstore_format::{Id, OverlayRecord, Snapshot, OVERLAY_FILE as META};
 
 use crate::{EngineError, ImageReader};
 
 /// Overlay block size: the unit of copy-on-write.
 pub const OVERLAY_BLOCK: u64 = 4096;
 
-const META: &str = "overlay.json";
 const DATA: &str = "data.img";
 const BITMAP: &str = "dirty.bitmap";
 
@@ -112,21 +111,8 @@ pub fn overlay_info(dir: &Path) -> Result<OverlayInfo, EngineError> {
             format!("is not an imgstore overlay ({META}: {e}); make one with `imgstore serve SNAPSHOT --writable DIR`"),
         )
     })?;
-    let field = |k: &str| -> Option<String> {
-        let at = text.find(&format!("\"{k}\""))?;
-        let rest = text[at + k.len() + 2..]
-            .trim_start()
-            .strip_prefix(':')?
-            .trim_start();
-        let end = rest.find([',', '}', '\n'])?;
-        Some(rest[..end].trim().trim_matches('"').to_string())
-    };
-    let (Some(base), Some(size)) = (
-        field("base").and_then(|h| Id::from_hex(&h).ok()),
-        field("size").and_then(|s| s.parse::<u64>().ok()),
-    ) else {
-        return Err(bad(dir, format!("{META} lacks a valid base id or size")));
-    };
+    let OverlayRecord { base, size } = OverlayRecord::from_json(text.as_bytes())
+        .map_err(|e| bad(dir, format!("{META}: {e}: the overlay is damaged")))?;
     let bits = read_bitmap(dir, size.div_ceil(OVERLAY_BLOCK))?;
     Ok(OverlayInfo {
         base,
@@ -144,18 +130,18 @@ impl Overlay {
         if fresh {
             fs::create_dir_all(dir)
                 .map_err(|e| io(dir, "cannot create the overlay directory", e))?;
-            let meta = format!(
-                "{{\n  \"format\": \"imgstore-overlay\",\n  \"version\": 1,\n  \"base\": \"{}\",\n  \"size\": {}\n}}\n",
-                base_id.to_hex(),
-                base.size
-            );
+            let meta = OverlayRecord {
+                base: *base_id,
+                size: base.size,
+            }
+            .to_json();
             let mut f = OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .mode(0o600)
                 .open(dir.join(META))
                 .map_err(|e| io(dir, "cannot create the overlay record", e))?;
-            f.write_all(meta.as_bytes())
+            f.write_all(&meta)
                 .and_then(|_| f.sync_all())
                 .map_err(|e| io(dir, "cannot write the overlay record", e))?;
         } else {

@@ -17,14 +17,13 @@ use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use imgstore_format::{decode_chunk, decode_chunk_into, Id, RecipeEntry, Snapshot};
-use imgstore_store::{Store, StoreError};
+use imgstore_format::{Id, RecipeEntry, Snapshot};
+use imgstore_repo::Repository;
 use rayon::prelude::*;
-
-use blake3::hazmat::HasherExt;
 
 use crate::aligned::{align_down, align_up, write_direct, AlignedBuf, Direct};
 use crate::digest::{image_digest, region_hasher, RegionHash};
+use crate::snapshot::SnapshotReader;
 use crate::{EngineError, Progress};
 
 /// Where a restore writes.
@@ -106,29 +105,6 @@ pub struct RestoreReport {
     pub seconds: f64,
 }
 
-thread_local! {
-    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
-}
-
-/// Runs `f` with this thread's zstd decompression context.
-pub(crate) fn with_decompressor<T>(
-    f: impl FnOnce(&mut zstd::bulk::Decompressor<'static>) -> T,
-) -> T {
-    DECOMPRESSOR.with(|d| {
-        let mut d = d.borrow_mut();
-        f(d.get_or_insert_with(|| zstd::bulk::Decompressor::new().expect("zstd context")))
-    })
-}
-
-pub(crate) struct Ctx<'a> {
-    store: &'a Store,
-    snapshot: &'a Snapshot,
-    label: String,
-    region_ids: Vec<Id>,
-    /// Region chaining values (what a changed-block backup reuses).
-    region_cvs: Vec<[u8; 32]>,
-}
-
 /// Where a restore writes regions: positional writes to a file or device,
 /// direct I/O while the file system allows it.
 pub(crate) struct Out<'a> {
@@ -204,231 +180,21 @@ thread_local! {
     static REGION_BUF: RefCell<AlignedBuf> = RefCell::new(AlignedBuf::default());
 }
 
-impl<'a> Ctx<'a> {
-    pub(crate) fn new(
-        store: &'a Store,
-        snapshot: &'a Snapshot,
-        id: &Id,
-    ) -> Result<Ctx<'a>, EngineError> {
-        let label = id.short();
-        let (region_ids, region_cvs) = region_index(store, snapshot, &label)?;
-        Ok(Ctx {
-            store,
-            snapshot,
-            region_ids,
-            region_cvs,
-            label,
-        })
+/// Rebuilds region `index` (verified) into `buf` and, when given, writes
+/// it to `out`; returns its digest part, (data, zero) byte counts.
+fn restore_region(
+    reader: &SnapshotReader<'_>,
+    index: usize,
+    buf: &mut AlignedBuf,
+    out: Option<&Out<'_>>,
+    need_bytes: bool,
+) -> Result<(RegionHash, u64, u64), EngineError> {
+    let write_zeros = out.is_some_and(|o| o.write_zeros);
+    let r = reader.rebuild(index, buf, need_bytes || write_zeros)?;
+    if let Some(o) = out {
+        o.write_region(index as u64 * reader.region_size(), &r.entries, buf)?;
     }
-
-    pub(crate) fn region_cv(&self, index: usize) -> [u8; 32] {
-        self.region_cvs[index]
-    }
-
-    /// Rebuilds region `index` into `buf` (verified); returns its (data
-    /// chunk count, zero bytes).
-    pub(crate) fn region_bytes(
-        &self,
-        index: usize,
-        buf: &mut AlignedBuf,
-    ) -> Result<(u64, u64), EngineError> {
-        let (_, _, zeros, chunks) = self.region(index, buf, None, true)?;
-        Ok((chunks, zeros))
-    }
-
-    pub(crate) fn region_id(&self, index: usize) -> Id {
-        self.region_ids[index]
-    }
-
-    pub(crate) fn region_count(&self) -> usize {
-        self.region_ids.len()
-    }
-
-    pub(crate) fn region_len(&self, index: usize) -> u64 {
-        let rs = self.snapshot.region_size as u64;
-        (self.snapshot.size - index as u64 * rs).min(rs)
-    }
-
-    pub(crate) fn entries(&self, index: usize) -> Result<Vec<RecipeEntry>, EngineError> {
-        let len = self.region_len(index);
-        let offset = index as u64 * self.snapshot.region_size as u64;
-        let rid = self.region_ids[index];
-        if rid == Id::ZERO {
-            return Ok(vec![RecipeEntry {
-                len: len as u32,
-                chunk: None,
-            }]);
-        }
-        let region = self
-            .store
-            .region(&rid)
-            .map_err(|e| EngineError::RecipeDamaged {
-                snapshot: self.label.clone(),
-                offset,
-                source: Box::new(e),
-            })?;
-        if region.len() != len {
-            return Err(EngineError::RecipeDamaged {
-                snapshot: self.label.clone(),
-                offset,
-                source: format!("region {rid} covers {} bytes, expected {len}", region.len())
-                    .into(),
-            });
-        }
-        Ok(region.entries)
-    }
-
-    /// Restores region `index` into `buf` and, when given, writes it to
-    /// `out`; returns its digest part, (data, zero) byte counts and data
-    /// chunk count. `need_bytes` false lets an all-zero region skip
-    /// filling `buf` when nothing will read it (a sparse file).
-    ///
-    /// The region's bytes are checked with one BLAKE3 pass against the
-    /// chaining value its index page recorded at backup, before anything is
-    /// written: that proves every chunk *and* their assembly. Only when it
-    /// fails are the chunks hashed one by one, to name the damaged one.
-    fn region(
-        &self,
-        index: usize,
-        buf: &mut AlignedBuf,
-        out: Option<&Out<'_>>,
-        need_bytes: bool,
-    ) -> Result<(RegionHash, u64, u64, u64), EngineError> {
-        let base = index as u64 * self.snapshot.region_size as u64;
-        let len = self.region_len(index) as usize;
-        if self.region_ids[index] == Id::ZERO && index > 0 {
-            // Nothing stored to be damaged: its chaining value is the one
-            // recorded (the page was checked against its id), and the image
-            // digest still ties it to the others.
-            buf.reset(len);
-            if need_bytes || out.is_some_and(|o| o.write_zeros) {
-                buf.fill(0);
-            }
-            if let Some(o) = out.filter(|o| o.write_zeros) {
-                let zero = [RecipeEntry {
-                    len: len as u32,
-                    chunk: None,
-                }];
-                o.write_region(base, &zero, buf)?;
-            }
-            return Ok((RegionHash::Cv(self.region_cvs[index]), 0, len as u64, 0));
-        }
-        let entries = self.entries(index)?;
-        let mut ids: Vec<Id> = entries.iter().filter_map(|e| e.chunk).collect();
-        let chunks = ids.len() as u64;
-        ids.sort();
-        ids.dedup();
-        let frames = match self.store.chunk_frames(&ids) {
-            Ok(f) => f,
-            Err(StoreError::Missing { id, .. }) => {
-                let off = base + offset_of(&entries, &id);
-                return Err(self.damaged(off, id, "missing from the store".into()));
-            }
-            Err(StoreError::Unreadable { id, detail, .. }) => {
-                let off = base + offset_of(&entries, &id);
-                return Err(self.damaged(off, id, format!("unreadable: {detail}")));
-            }
-            Err(e) => return Err(e.into()),
-        };
-        buf.reset(len);
-        let (mut data_bytes, mut zero_bytes) = (0u64, 0u64);
-        let mut pos = 0usize;
-        for e in &entries {
-            let end = pos + e.len as usize;
-            match e.chunk {
-                None => {
-                    buf[pos..end].fill(0);
-                    zero_bytes += e.len as u64;
-                }
-                Some(id) => {
-                    let frame = &frames[ids.binary_search(&id).expect("id fetched")];
-                    with_decompressor(|d| decode_chunk_into(frame, d, &mut buf[pos..end]))
-                        .map_err(|err| self.damaged(base + pos as u64, id, err.to_string()))?;
-                    data_bytes += e.len as u64;
-                }
-            }
-            pos = end;
-        }
-        let mut hasher = region_hasher(base);
-        hasher.update(&buf[..]);
-        if hasher.finalize_non_root() != self.region_cvs[index] {
-            return Err(self.locate_damage(index, &entries, buf));
-        }
-        if let Some(o) = out {
-            o.write_region(base, &entries, buf)?;
-        }
-        Ok((
-            RegionHash::from_hasher(index as u64, hasher),
-            data_bytes,
-            zero_bytes,
-            chunks,
-        ))
-    }
-
-    /// Names what made region `index` differ from its recorded chaining
-    /// value: the first chunk whose bytes do not hash to its id, or else the
-    /// recipe itself.
-    fn locate_damage(&self, index: usize, entries: &[RecipeEntry], buf: &[u8]) -> EngineError {
-        let base = index as u64 * self.snapshot.region_size as u64;
-        let mut pos = 0usize;
-        for e in entries {
-            let end = pos + e.len as usize;
-            if let Some(id) = e.chunk {
-                if Id::hash(&buf[pos..end]) != id {
-                    return self.damaged(
-                        base + pos as u64,
-                        id,
-                        "content does not match its id".into(),
-                    );
-                }
-            }
-            pos = end;
-        }
-        EngineError::RecipeDamaged {
-            snapshot: self.label.clone(),
-            offset: base,
-            source: format!(
-                "region {} does not rebuild the bytes its index page recorded",
-                self.region_ids[index]
-            )
-            .into(),
-        }
-    }
-
-    /// Frames of `ids`; a missing or unreadable chunk is reported as damage
-    /// at `offset`.
-    pub(crate) fn fetch(&self, ids: &[Id], offset: u64) -> Result<Vec<Vec<u8>>, EngineError> {
-        match self.store.chunk_frames(ids) {
-            Ok(f) => Ok(f),
-            Err(StoreError::Missing { id, .. }) => {
-                Err(self.damaged(offset, id, "missing from the store".into()))
-            }
-            Err(StoreError::Unreadable { id, detail, .. }) => {
-                Err(self.damaged(offset, id, format!("unreadable: {detail}")))
-            }
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    pub(crate) fn damaged(&self, offset: u64, chunk: Id, why: String) -> EngineError {
-        EngineError::ChunkDamaged {
-            snapshot: self.label.clone(),
-            offset,
-            chunk,
-            why,
-        }
-    }
-}
-
-fn offset_of(entries: &[RecipeEntry], id: &Id) -> u64 {
-    let mut off = 0;
-    for e in entries {
-        if e.chunk.as_ref() == Some(id) {
-            return off;
-        }
-        off += e.len as u64;
-    }
-    0
+    Ok((r.hash, r.data_bytes, r.zero_bytes))
 }
 
 /// A rayon pool with two workers per core, for stages that mix I/O and CPU.
@@ -471,67 +237,31 @@ fn write_zeros_at(file: &File, path: &Path, mut pos: u64, mut len: u64) -> Resul
     Ok(())
 }
 
-/// Loads the region ids of a snapshot from its index pages.
-pub fn region_ids(store: &Store, snap: &Snapshot, label: &str) -> Result<Vec<Id>, EngineError> {
-    Ok(region_index(store, snap, label)?.0)
-}
-
-/// Loads a snapshot's index: region ids and their chaining values.
-pub(crate) fn region_index(
-    store: &Store,
-    snap: &Snapshot,
-    label: &str,
-) -> Result<(Vec<Id>, Vec<[u8; 32]>), EngineError> {
-    let mut ids = Vec::with_capacity(snap.region_count() as usize);
-    let mut cvs = Vec::with_capacity(snap.region_count() as usize);
-    for (i, pid) in snap.pages.iter().enumerate() {
-        let page = store.page(pid).map_err(|e| EngineError::RecipeDamaged {
-            snapshot: label.to_string(),
-            offset: (i * imgstore_format::PAGE_REGIONS) as u64 * snap.region_size as u64,
-            source: Box::new(e),
-        })?;
-        ids.extend(page.regions);
-        cvs.extend(page.cvs);
-    }
-    if ids.len() as u64 != snap.region_count() {
-        return Err(EngineError::RecipeDamaged {
-            snapshot: label.to_string(),
-            offset: 0,
-            source: format!(
-                "index names {} regions, image needs {}",
-                ids.len(),
-                snap.region_count()
-            )
-            .into(),
-        });
-    }
-    Ok((ids, cvs))
-}
-
 /// Restores snapshot `id` to `target`, verifying every chunk and the image digest.
 pub fn restore(
-    store: &Store,
+    repo: &dyn Repository,
     id: &Id,
     snapshot: &Snapshot,
     target: Target,
     progress: &dyn Progress,
 ) -> Result<RestoreReport, EngineError> {
     let started = Instant::now();
-    let ctx = Ctx::new(store, snapshot, id)?;
+    let reader = SnapshotReader::open(repo, id, snapshot)?;
     progress.start(Some(snapshot.size));
-    let n = ctx.region_ids.len();
+    let n = reader.region_count();
     let positional = |out: Option<&Out<'_>>| -> Result<(Vec<RegionHash>, u64, u64), EngineError> {
         // Three workers per core: while some wait for a blob read or a
         // direct write, others decompress and hash (2 per core: 1.71–1.85 s
         // for the workload's disk-0, 3: 1.52–1.67 s, 4: no better and
         // +23 MiB).
         let pool = pool(3)?;
-        let parts: Vec<(RegionHash, u64, u64, u64)> = pool.install(|| {
+        let parts: Vec<(RegionHash, u64, u64)> = pool.install(|| {
             (0..n)
                 .into_par_iter()
                 .map(|i| {
-                    let r = REGION_BUF.with(|b| ctx.region(i, &mut b.borrow_mut(), out, false))?;
-                    progress.advance(ctx.region_len(i));
+                    let r = REGION_BUF
+                        .with(|b| restore_region(&reader, i, &mut b.borrow_mut(), out, false))?;
+                    progress.advance(reader.region_len(i));
                     Ok(r)
                 })
                 .collect::<Result<_, EngineError>>()
@@ -555,7 +285,7 @@ pub fn restore(
             let result: Result<_, EngineError> = (|| {
                 file.set_len(snapshot.size).map_err(write_err(&path, 0))?;
                 let r = positional(Some(&Out::new(&file, &tmp, &path, false)))?;
-                check_digest(&ctx, snapshot, &r.0)?;
+                check_digest(&reader, &r.0)?;
                 file.sync_all().map_err(write_err(&path, snapshot.size))?;
                 std::fs::rename(&tmp, &path).map_err(write_err(&path, snapshot.size))?;
                 Ok(r)
@@ -586,13 +316,13 @@ pub fn restore(
                 });
             }
             let r = positional(Some(&Out::new(&file, &path, &path, true)))?;
-            check_digest(&ctx, snapshot, &r.0)?;
+            check_digest(&reader, &r.0)?;
             file.sync_all().map_err(write_err(&path, snapshot.size))?;
             r
         }
         Target::Discard => {
             let r = positional(None)?;
-            check_digest(&ctx, snapshot, &r.0)?;
+            check_digest(&reader, &r.0)?;
             r
         }
         Target::Stream { label, mut out } => {
@@ -603,16 +333,16 @@ pub fn restore(
             let mut bufs: Vec<AlignedBuf> = (0..window).map(|_| AlignedBuf::default()).collect();
             for start in (0..n).step_by(window) {
                 let end = (start + window).min(n);
-                let parts: Vec<(RegionHash, u64, u64, u64)> = bufs[..end - start]
+                let parts: Vec<(RegionHash, u64, u64)> = bufs[..end - start]
                     .par_iter_mut()
                     .enumerate()
-                    .map(|(k, b)| ctx.region(start + k, b, None, true))
+                    .map(|(k, b)| restore_region(&reader, start + k, b, None, true))
                     .collect::<Result<_, EngineError>>()?;
                 for (b, p) in bufs.iter().zip(parts) {
                     if let Err(e) = out.write_all(b) {
                         if e.kind() == std::io::ErrorKind::BrokenPipe {
                             return Err(EngineError::OutputClosed {
-                                snapshot: ctx.label.clone(),
+                                snapshot: reader.label().to_string(),
                                 written,
                                 size: snapshot.size,
                             });
@@ -631,11 +361,11 @@ pub fn restore(
                 }
             }
             out.flush().map_err(|e| EngineError::OutputClosed {
-                snapshot: format!("{} ({e})", ctx.label),
+                snapshot: format!("{} ({e})", reader.label()),
                 written,
                 size: snapshot.size,
             })?;
-            check_digest(&ctx, snapshot, &hashes)?;
+            check_digest(&reader, &hashes)?;
             (hashes, data, zeros)
         }
     };
@@ -647,15 +377,12 @@ pub fn restore(
     })
 }
 
-fn check_digest(
-    ctx: &Ctx<'_>,
-    snapshot: &Snapshot,
-    hashes: &[RegionHash],
-) -> Result<(), EngineError> {
+fn check_digest(reader: &SnapshotReader<'_>, hashes: &[RegionHash]) -> Result<(), EngineError> {
+    let snapshot = reader.snapshot();
     let got = image_digest(hashes, snapshot.region_size as u64, snapshot.size);
     if got != snapshot.digest {
         return Err(EngineError::DigestMismatch {
-            snapshot: ctx.label.clone(),
+            snapshot: reader.label().to_string(),
             want: Id(snapshot.digest).to_hex(),
             got: Id(got).to_hex(),
         });
@@ -722,7 +449,7 @@ pub struct DeltaReport {
 /// digest. Writes are in place, so an interrupted delta restore leaves a
 /// mixed image — running it again completes it.
 pub fn restore_delta(
-    store: &Store,
+    repo: &dyn Repository,
     id: &Id,
     snapshot: &Snapshot,
     path: &Path,
@@ -762,7 +489,7 @@ pub fn restore_delta(
     } else {
         file.set_len(snapshot.size).map_err(write_err(path, 0))?;
     }
-    let ctx = Ctx::new(store, snapshot, id)?;
+    let reader = SnapshotReader::open(repo, id, snapshot)?;
     progress.start(Some(snapshot.size));
     let (read, written, skipped, zeroed) = (
         AtomicU64::new(0),
@@ -772,12 +499,12 @@ pub fn restore_delta(
     );
     let file = &file;
     let hashes: Vec<RegionHash> = io_pool()?.install(|| {
-        (0..ctx.region_ids.len())
+        (0..reader.region_count())
             .into_par_iter()
             .map(|index| -> Result<RegionHash, EngineError> {
                 let base = index as u64 * snapshot.region_size as u64;
-                let entries = ctx.entries(index)?;
-                let len = ctx.region_len(index) as usize;
+                let entries = reader.entries(index)?;
+                let len = reader.region_len(index) as usize;
                 // Holes of a sparse target read as the zeros they are: only
                 // its data extents are read.
                 let mut buf = vec![0u8; len];
@@ -832,35 +559,13 @@ pub fn restore_delta(
                     let mut ids: Vec<Id> = need.iter().map(|n| n.2).collect();
                     ids.sort();
                     ids.dedup();
-                    let frames = match store.chunk_frames(&ids) {
-                        Ok(f) => f,
-                        Err(StoreError::Missing { id, .. }) => {
-                            let off = need.iter().find(|n| n.2 == id).map_or(0, |n| n.0);
-                            return Err(ctx.damaged(
-                                base + off as u64,
-                                id,
-                                "missing from the store".into(),
-                            ));
-                        }
-                        Err(StoreError::Unreadable { id, detail, .. }) => {
-                            let off = need.iter().find(|n| n.2 == id).map_or(0, |n| n.0);
-                            return Err(ctx.damaged(
-                                base + off as u64,
-                                id,
-                                format!("unreadable: {detail}"),
-                            ));
-                        }
-                        Err(e) => return Err(e.into()),
-                    };
-                    let mut out = Vec::new();
+                    let frames = reader.frames(&ids, |id| {
+                        base + need.iter().find(|n| n.2 == *id).map_or(0, |n| n.0) as u64
+                    })?;
                     for &(off, l, c) in &need {
                         let frame = &frames[ids.binary_search(&c).expect("fetched")];
                         let at = base + off as u64;
-                        with_decompressor(|d| decode_chunk(frame, d, &mut out).map(|_| ()))
-                            .map_err(|err| ctx.damaged(at, c, err.to_string()))?;
-                        if out.len() != l || Id::hash(&out) != c {
-                            return Err(ctx.damaged(at, c, "content does not match its id".into()));
-                        }
+                        let out = reader.decode_verified(frame, c, at, l as u64)?;
                         file.write_all_at(&out, at).map_err(write_err(path, at))?;
                         buf[off..off + l].copy_from_slice(&out);
                         written.fetch_add(l as u64, Relaxed);
@@ -890,7 +595,7 @@ pub fn restore_delta(
             })
             .collect::<Result<_, _>>()
     })?;
-    check_digest(&ctx, snapshot, &hashes)?;
+    check_digest(&reader, &hashes)?;
     file.sync_all().map_err(write_err(path, snapshot.size))?;
     progress.finish();
     Ok(DeltaReport {

@@ -102,6 +102,55 @@ pub fn select(
     }
 }
 
+/// How a backup chooses its parent (the snapshot whose unchanged regions
+/// it reuses without chunking them).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ParentChoice {
+    /// The newest snapshot of the same name, when there is one.
+    Latest,
+    /// What the user named (`--parent`): looked up among snapshots of the
+    /// same name first, then among all.
+    Named(String),
+    /// None (`--no-parent`): every region is chunked.
+    None,
+}
+
+/// Picks the snapshot named `what` for a backup of image `name`: among
+/// snapshots of that name first (so `latest` means its newest), then among
+/// all (an id of another image's snapshot is allowed).
+pub fn select_for_image(
+    snaps: &[(Id, Snapshot)],
+    what: &str,
+    name: &str,
+) -> Result<(Id, Snapshot), EngineError> {
+    let sel = Selector::parse(what)?;
+    select(snaps, &sel, Some(name)).or_else(|_| select(snaps, &sel, None))
+}
+
+/// The parent of a backup of image `name`.
+pub fn parent_for(
+    snaps: &[(Id, Snapshot)],
+    name: &str,
+    choice: &ParentChoice,
+) -> Result<Option<(Id, Snapshot)>, EngineError> {
+    match choice {
+        ParentChoice::None => Ok(None),
+        ParentChoice::Latest => Ok(select(snaps, &Selector::Latest, Some(name)).ok()),
+        ParentChoice::Named(p) => select_for_image(snaps, p, name)
+            .map(Some)
+            .map_err(|e| EngineError::Select(format!("--parent {p}: {e}"))),
+    }
+}
+
+/// Splits an export name as NBD clients send it: `NAME@latest` is the
+/// newest snapshot of NAME; anything else an id or unique prefix.
+pub fn parse_export_name(export: &str) -> Result<(Selector, Option<String>), EngineError> {
+    match export.strip_suffix("@latest") {
+        Some(name) if !name.is_empty() => Ok((Selector::Latest, Some(name.to_string()))),
+        _ => Ok((Selector::parse(export)?, None)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,5 +207,34 @@ mod tests {
             select(&all, &Selector::Id("ffffffffffff".into()), None).is_err()
                 || all.iter().any(|s| s.0.has_prefix("ffffffffffff"))
         );
+    }
+
+    #[test]
+    fn parents_and_export_names() {
+        let all = vec![snap("a", 10), snap("a", 20), snap("b", 15)];
+        let latest_a = parent_for(&all, "a", &ParentChoice::Latest)
+            .unwrap()
+            .unwrap();
+        assert_eq!(latest_a.1.time_ns, 20);
+        assert!(parent_for(&all, "c", &ParentChoice::Latest)
+            .unwrap()
+            .is_none());
+        assert!(parent_for(&all, "a", &ParentChoice::None)
+            .unwrap()
+            .is_none());
+        // Another image's snapshot by id is allowed; `latest` is this image's.
+        let b = all[2].0.to_hex();
+        let named = parent_for(&all, "a", &ParentChoice::Named(b[..8].into())).unwrap();
+        assert_eq!(named.unwrap().0, all[2].0);
+        let latest = parent_for(&all, "b", &ParentChoice::Named("latest".into())).unwrap();
+        assert_eq!(latest.unwrap().1.time_ns, 15);
+        assert!(parent_for(&all, "a", &ParentChoice::Named("zz".into())).is_err());
+
+        let (sel, name) = parse_export_name("a@latest").unwrap();
+        assert_eq!((sel, name.as_deref()), (Selector::Latest, Some("a")));
+        let (sel, name) = parse_export_name(&b[..10]).unwrap();
+        assert_eq!((sel, name), (Selector::Id(b[..10].into()), None));
+        assert!(parse_export_name("@latest").is_err());
+        assert!(parse_export_name("not-hex").is_err());
     }
 }

@@ -129,6 +129,67 @@ pub fn decode_chunk_into(
     }
 }
 
+/// A chunk codec owning its zstd contexts: what the engine compresses and
+/// decompresses chunks with, so that only this crate depends on zstd and
+/// the frame layout and its compressor live together.
+///
+/// Contexts are costly to create (a compressor at level 3 holds about
+/// 1 MiB), so each worker thread keeps one ([`FrameCodec::with_thread`]).
+pub struct FrameCodec {
+    compressor: Option<(i32, zstd::bulk::Compressor<'static>)>,
+    decompressor: Option<zstd::bulk::Decompressor<'static>>,
+}
+
+impl FrameCodec {
+    /// A codec without contexts yet (they are made on first use).
+    pub const fn new() -> FrameCodec {
+        FrameCodec {
+            compressor: None,
+            decompressor: None,
+        }
+    }
+
+    /// Runs `f` with this thread's codec.
+    pub fn with_thread<T>(f: impl FnOnce(&mut FrameCodec) -> T) -> T {
+        thread_local! {
+            static CODEC: std::cell::RefCell<FrameCodec> = const { std::cell::RefCell::new(FrameCodec::new()) };
+        }
+        CODEC.with(|c| f(&mut c.borrow_mut()))
+    }
+
+    /// Encodes `data` as a frame at zstd `level` (see [`encode_chunk`]).
+    pub fn encode(&mut self, data: &[u8], level: i32) -> Vec<u8> {
+        if self.compressor.as_ref().map(|(l, _)| *l) != Some(level) {
+            let c = zstd::bulk::Compressor::new(level)
+                .or_else(|_| zstd::bulk::Compressor::new(zstd::DEFAULT_COMPRESSION_LEVEL))
+                .expect("zstd compression context");
+            self.compressor = Some((level, c));
+        }
+        encode_chunk(data, &mut self.compressor.as_mut().expect("set above").1)
+    }
+
+    fn decompressor(&mut self) -> &mut zstd::bulk::Decompressor<'static> {
+        self.decompressor
+            .get_or_insert_with(|| zstd::bulk::Decompressor::new().expect("zstd context"))
+    }
+
+    /// Decodes a frame into `out` (see [`decode_chunk`]).
+    pub fn decode(&mut self, frame: &[u8], out: &mut Vec<u8>) -> Result<ChunkCodec, FormatError> {
+        decode_chunk(frame, self.decompressor(), out)
+    }
+
+    /// Decodes a frame into `out`, exactly the chunk's length (see [`decode_chunk_into`]).
+    pub fn decode_into(&mut self, frame: &[u8], out: &mut [u8]) -> Result<ChunkCodec, FormatError> {
+        decode_chunk_into(frame, self.decompressor(), out)
+    }
+}
+
+impl Default for FrameCodec {
+    fn default() -> Self {
+        FrameCodec::new()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

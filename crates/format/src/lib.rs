@@ -18,14 +18,18 @@ mod codec;
 mod config;
 mod frame;
 mod id;
+pub mod meta;
+mod overlay;
 mod records;
 
 pub use codec::FormatError;
 pub use config::{ChunkingConfig, Compression, RepoConfig, CONFIG_FILE, DB_DIR, LOCK_FILE};
 pub use frame::{
-    decode_chunk, decode_chunk_into, encode_chunk, ChunkCodec, FRAME_HEADER_LEN, MAX_CHUNK_LEN,
+    decode_chunk, decode_chunk_into, encode_chunk, ChunkCodec, FrameCodec, FRAME_HEADER_LEN,
+    MAX_CHUNK_LEN,
 };
 pub use id::{Id, IdParseError};
+pub use overlay::{OverlayRecord, OVERLAY_FILE, OVERLAY_VERSION};
 pub use records::{Page, RecipeEntry, RefCount, Region, Snapshot, SnapshotStats};
 
 /// The repository format version this build writes.

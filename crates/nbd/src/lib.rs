@@ -1,4 +1,6 @@
-//! A read-only Network Block Device server (fixed newstyle protocol).
+//! A Network Block Device server (fixed newstyle protocol): read-only
+//! exports, and writable ones whose writes the export itself keeps (the
+//! binary sends them to a copy-on-write overlay, never the repository).
 //!
 //! Why a crate of its own: the protocol knows nothing of snapshots or
 //! storage. It serves anything that implements [`Export`] — here, a

@@ -1,90 +1,29 @@
-use std::path::PathBuf;
+//! The store's errors are the repository interface's ([`RepoError`]); this
+//! module turns RocksDB's into them.
 
-use imgstore_format::{FormatError, Id, ObjectKind};
+pub use imgstore_repo::RepoError as StoreError;
 
-/// Errors of the chunk store. Each carries the path or object it is about.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("{} is not an imgstore repository ({why}): create one with `imgstore init`", path.display())]
-    NotARepository { path: PathBuf, why: String },
-    #[error("{} already exists and is not empty: choose a new path for the repository", path.display())]
-    AlreadyExists { path: PathBuf },
-    #[error("{}: {source}", path.display())]
-    Format { path: PathBuf, source: FormatError },
-    #[error("repository {} belongs to uid {owner} but imgstore runs as uid {user}: run it as the owner (or `chown -R` the repository){}", path.display(), if *readable { "" } else { "; it is not readable by this user" })]
-    Owner {
-        path: PathBuf,
-        owner: u32,
-        user: u32,
-        readable: bool,
-    },
-    #[error("the repository database in {} is damaged and cannot be opened ({detail}): restore the repository directory from a copy; `imgstore check` lists what a readable database holds", path.display())]
-    Damaged { path: PathBuf, detail: String },
-    #[error("cannot {op} {}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        op: &'static str,
-        source: std::io::Error,
-    },
-    #[error("repository is busy: {operation} by pid {pid} (lock {}); wait for it to finish", path.display())]
-    Busy {
-        operation: String,
-        pid: String,
-        path: PathBuf,
-    },
-    #[error("no space left on the device holding {}: free space, then run the backup again (earlier snapshots are intact)", path.display())]
-    NoSpace { path: PathBuf, detail: String },
-    #[error("RocksDB {op} failed in {}: {detail}", path.display())]
-    Db {
-        path: PathBuf,
-        op: &'static str,
-        detail: String,
-    },
-    #[error("{kind:?} {id} cannot be read: {detail}")]
-    Unreadable {
-        kind: ObjectKind,
-        id: Id,
-        detail: String,
-    },
-    #[error("{kind:?} {id} is missing from the store")]
-    Missing { kind: ObjectKind, id: Id },
-    #[error("{kind:?} {id} is corrupt: {source}")]
-    Corrupt {
-        kind: ObjectKind,
-        id: Id,
-        source: FormatError,
-    },
-    #[error("snapshot {id} is corrupt: {source}")]
-    CorruptSnapshot { id: Id, source: FormatError },
-    #[error("snapshot {id} is protected: run `imgstore unprotect {}` first", id.short())]
-    Protected { id: Id },
-    #[error("no snapshot {id} in the repository")]
-    NoSnapshot { id: Id },
-    #[error("the repository was opened read-only")]
-    ReadOnly,
-    #[error("invalid store operation: {0}")]
-    Invalid(String),
-}
-
-impl StoreError {
-    pub(crate) fn db(path: &std::path::Path, op: &'static str, e: rocksdb::Error) -> StoreError {
-        let detail = e.into_string();
-        if detail.contains("No space left") || detail.contains("ENOSPC") {
-            return StoreError::NoSpace {
-                path: path.to_path_buf(),
-                detail,
-            };
-        }
-        if op == "open" && detail.contains("Corruption") {
-            return StoreError::Damaged {
-                path: path.to_path_buf(),
-                detail,
-            };
-        }
-        StoreError::Db {
+/// A RocksDB failure as a repository error: running out of space and a
+/// database that cannot be opened because it is corrupt get their own
+/// variants (they tell the user different things to do).
+pub(crate) fn db(path: &std::path::Path, op: &'static str, e: rocksdb::Error) -> StoreError {
+    let detail = e.into_string();
+    if detail.contains("No space left") || detail.contains("ENOSPC") {
+        return StoreError::NoSpace {
             path: path.to_path_buf(),
-            op,
             detail,
-        }
+        };
+    }
+    if op == "open" && detail.contains("Corruption") {
+        return StoreError::Damaged {
+            path: path.to_path_buf(),
+            detail,
+        };
+    }
+    StoreError::Backend {
+        engine: "RocksDB",
+        path: path.to_path_buf(),
+        op,
+        detail,
     }
 }

@@ -22,20 +22,12 @@ use std::collections::HashMap;
 use imgstore_format::{cf, Id, ObjectKind, Page, RefCount, Region};
 use rocksdb::{BottommostLevelCompaction, CompactOptions, WriteBatch, WriteOptions};
 
-use crate::{Result, Store, StoreError};
+use crate::{ForgetOutcome, Result, Store, StoreError};
 
 /// Garbage share of blob bytes above which gc rewrites mixed blob files.
 pub const BLOB_GC_RATIO: f64 = 0.2;
 
 use imgstore_format::META_PROTECT_PREFIX as PROTECT_PREFIX;
-
-/// What [`Store::forget`] removed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ForgetOutcome {
-    pub snapshots: u64,
-    /// Pages no remaining snapshot references (now orphans).
-    pub pages_orphaned: u64,
-}
 
 /// What a sweep deleted (or, dry, would delete).
 pub type SweepOutcome = crate::Tally;
@@ -48,12 +40,6 @@ pub struct BlobSpace {
 }
 
 impl Store {
-    fn protect_key(id: &Id) -> Vec<u8> {
-        let mut k = PROTECT_PREFIX.to_vec();
-        k.extend_from_slice(id.as_bytes());
-        k
-    }
-
     /// Marks a snapshot protected (or not): `forget` refuses protected ones.
     pub fn set_protected(&self, id: &Id, protected: bool) -> Result<()> {
         self.require_write()?;
@@ -68,9 +54,13 @@ impl Store {
         }
         let mut b = WriteBatch::default();
         if protected {
-            b.put_cf(self.cf(cf::META), Self::protect_key(id), []);
+            b.put_cf(
+                self.cf(cf::META),
+                imgstore_format::meta::protect_key(id),
+                [],
+            );
         } else {
-            b.delete_cf(self.cf(cf::META), Self::protect_key(id));
+            b.delete_cf(self.cf(cf::META), imgstore_format::meta::protect_key(id));
         }
         self.write_synced(b, "protect")
     }
@@ -81,11 +71,15 @@ impl Store {
         let mut out = Vec::new();
         for item in self.db.prefix_iterator_cf(meta, PROTECT_PREFIX) {
             let (k, _) = item.map_err(|e| self.db_err("read", e))?;
-            if !k.starts_with(PROTECT_PREFIX) {
-                break;
-            }
-            if let Some(id) = Id::from_slice(&k[PROTECT_PREFIX.len()..]) {
-                out.push(id);
+            match imgstore_format::meta::parse_protect_key(&k) {
+                Ok(Some(id)) => out.push(id),
+                Ok(None) => break,
+                Err(source) => {
+                    return Err(StoreError::Format {
+                        path: self.dir.join(imgstore_format::DB_DIR),
+                        source,
+                    })
+                }
             }
         }
         Ok(out)

@@ -22,7 +22,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use imgstore_format::{cf, Id, ObjectKind, META_DAMAGED_PREFIX};
 use rocksdb::WriteBatch;
 
-use crate::{Result, Store, StoreError};
+use crate::{DamageMark, Result, Store};
 
 /// Damage marks this writer may repair, and those it repaired so far.
 #[derive(Default)]
@@ -31,18 +31,9 @@ pub(crate) struct Healing {
     pub healed: Vec<[u8; 33]>,
 }
 
-/// A damage mark: which object, and what was found.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DamageMark {
-    pub kind: ObjectKind,
-    pub id: Id,
-    pub why: String,
-}
-
 pub(crate) fn damaged_key(key: &[u8; 33]) -> Vec<u8> {
-    let mut k = META_DAMAGED_PREFIX.to_vec();
-    k.extend_from_slice(key);
-    k
+    let (kind, id) = ObjectKind::parse_key(key).expect("33-byte object key");
+    imgstore_format::meta::damaged_key(kind, &id)
 }
 
 impl Store {
@@ -52,15 +43,12 @@ impl Store {
         let mut out = Vec::new();
         for item in self.db.prefix_iterator_cf(meta, META_DAMAGED_PREFIX) {
             let (k, v) = item.map_err(|e| self.db_err("read damage marks", e))?;
-            if !k.starts_with(META_DAMAGED_PREFIX) {
-                break;
-            }
-            if let Ok((kind, id)) = ObjectKind::parse_key(&k[META_DAMAGED_PREFIX.len()..]) {
-                out.push(DamageMark {
-                    kind,
-                    id,
-                    why: String::from_utf8_lossy(&v).into_owned(),
-                });
+            match imgstore_format::meta::parse_damage_mark(&k, &v) {
+                Ok(Some((kind, id, why))) => out.push(DamageMark { kind, id, why }),
+                Ok(None) => break,
+                // A malformed mark cannot name what to repair; check
+                // reports the objects themselves.
+                Err(_) => continue,
             }
         }
         Ok(out)
@@ -73,7 +61,7 @@ impl Store {
         for m in marks {
             b.put_cf(
                 self.cf(cf::META),
-                damaged_key(&m.kind.key(&m.id)),
+                imgstore_format::meta::damaged_key(m.kind, &m.id),
                 m.why.as_bytes(),
             );
         }
@@ -85,7 +73,10 @@ impl Store {
         self.require_write()?;
         let mut b = WriteBatch::default();
         for (kind, id) in objects {
-            b.delete_cf(self.cf(cf::META), damaged_key(&kind.key(id)));
+            b.delete_cf(
+                self.cf(cf::META),
+                imgstore_format::meta::damaged_key(*kind, id),
+            );
         }
         self.write_synced(b, "clear damage marks")
     }
@@ -168,23 +159,5 @@ impl Store {
     /// Calls `f(key)` for every orphan entry.
     pub fn scan_orphans(&self, f: &mut dyn FnMut(&[u8])) -> Result<()> {
         self.scan(cf::ORPHANS, "scan orphans", &mut |k, _| f(k))
-    }
-
-    /// Stored frames of several chunks, each with its own outcome: a frame,
-    /// or why it could not be read (absent, or the database's error).
-    pub fn chunk_frames_each(&self, ids: &[Id]) -> Vec<Result<Vec<u8>, String>> {
-        let chunks = self.cf(cf::CHUNKS);
-        // Checksums on: a corrupt SST block must be an error, not parsed.
-        let ro = rocksdb::ReadOptions::default();
-        let keys: Vec<&[u8; 32]> = ids.iter().map(|id| id.as_bytes()).collect();
-        self.db
-            .batched_multi_get_cf_opt(chunks, keys, false, &ro)
-            .into_iter()
-            .map(|r| match r {
-                Ok(Some(v)) => Ok(v.to_vec()),
-                Ok(None) => Err("missing from the chunk store".to_string()),
-                Err(e) => Err(StoreError::db(&self.dir, "read chunk", e).to_string()),
-            })
-            .collect()
     }
 }

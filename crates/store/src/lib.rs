@@ -43,6 +43,7 @@ mod error;
 mod gc;
 mod integrity;
 mod lock;
+mod repository;
 
 use std::collections::HashMap;
 use std::fs;
@@ -61,8 +62,8 @@ use rocksdb::{
 };
 
 pub use error::StoreError;
-pub use gc::{BlobSpace, ForgetOutcome, SweepOutcome, BLOB_GC_RATIO};
-pub use integrity::DamageMark;
+pub use gc::{BlobSpace, SweepOutcome, BLOB_GC_RATIO};
+pub use imgstore_repo::{DamageMark, ForgetOutcome, PutOutcome, Tally, Totals};
 pub use lock::Lock;
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -74,61 +75,6 @@ pub enum Mode {
     Write { operation: &'static str },
     /// Read-only, no lock: may run while a writer works, sees only committed snapshots.
     ReadOnly,
-}
-
-/// What [`Store::put_region`] added.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PutOutcome {
-    /// The region recipe was not in the store before.
-    pub region_new: bool,
-    /// Chunks written by this call.
-    pub new_chunks: u64,
-    /// Bytes written by this call (chunk frames + recipe).
-    pub new_bytes: u64,
-}
-
-/// Counts and bytes of stored objects: what [`Store::totals`] finds, what a
-/// sweep frees.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Tally {
-    pub chunks: u64,
-    /// Raw bytes of the chunks.
-    pub chunk_raw_bytes: u64,
-    /// Stored (frame) bytes of the chunks.
-    pub chunk_stored_bytes: u64,
-    pub regions: u64,
-    pub pages: u64,
-    /// Bytes of region recipes and index pages.
-    pub recipe_bytes: u64,
-}
-
-impl Tally {
-    /// Counts one object of `kind` with the sizes its `refs` entry records.
-    pub fn add(&mut self, kind: ObjectKind, rc: &RefCount) {
-        match kind {
-            ObjectKind::Chunk => {
-                self.chunks += 1;
-                self.chunk_raw_bytes += rc.logical_len as u64;
-                self.chunk_stored_bytes += rc.stored_len as u64;
-            }
-            ObjectKind::Region => {
-                self.regions += 1;
-                self.recipe_bytes += rc.stored_len as u64;
-            }
-            ObjectKind::Page => {
-                self.pages += 1;
-                self.recipe_bytes += rc.stored_len as u64;
-            }
-        }
-    }
-}
-
-/// Repository-wide totals from the `refs` and `orphans` column families.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Totals {
-    pub objects: Tally,
-    /// Objects with reference count zero, waiting for gc.
-    pub orphans: u64,
 }
 
 /// An open repository.
@@ -279,14 +225,14 @@ impl Store {
             let (opts, cfs) = db_options(true, &cache);
             let db_path = dir.join(DB_DIR);
             let db = DB::open_cf_descriptors(&opts, &db_path, cfs)
-                .map_err(|e| StoreError::db(&db_path, "create", e))?;
+                .map_err(|e| crate::error::db(&db_path, "create", e))?;
             let meta = db.cf_handle(cf::META).expect("meta cf");
             let mut wo = WriteOptions::default();
             wo.set_sync(true);
             let mut b = WriteBatch::default();
             b.put_cf(&meta, META_FORMAT_KEY, FORMAT_VERSION.to_le_bytes());
             db.write_opt(b, &wo)
-                .map_err(|e| StoreError::db(&db_path, "write", e))?;
+                .map_err(|e| crate::error::db(&db_path, "write", e))?;
         }
         // The config file is written last and atomically: a directory without
         // it is not a repository, so an interrupted init leaves nothing usable.
@@ -377,7 +323,7 @@ impl Store {
                 (opts, cfs)
             }),
         }
-        .map_err(|e| StoreError::db(&db_path, "open", e))?;
+        .map_err(|e| crate::error::db(&db_path, "open", e))?;
         let store = Store {
             db,
             dir: dir.to_path_buf(),
@@ -429,7 +375,7 @@ impl Store {
     }
 
     fn db_err(&self, op: &'static str, e: rocksdb::Error) -> StoreError {
-        StoreError::db(&self.dir.join(DB_DIR), op, e)
+        crate::error::db(&self.dir.join(DB_DIR), op, e)
     }
 
     fn require_write(&self) -> Result<()> {
@@ -455,8 +401,11 @@ impl Store {
             .collect()
     }
 
-    /// Stored frames of several chunks, in order (one batched lookup).
-    pub fn chunk_frames(&self, ids: &[Id]) -> Result<Vec<Vec<u8>>> {
+    /// Stored frames of several chunks, in order, each with its own
+    /// outcome (one batched lookup, keys sorted so RocksDB reads blob files
+    /// in order).
+    pub fn chunk_frames(&self, ids: &[Id]) -> Vec<imgstore_repo::ChunkRead> {
+        use imgstore_repo::ChunkFault;
         let chunks = self.cf(cf::CHUNKS);
         let mut sorted: Vec<(usize, &Id)> = ids.iter().enumerate().collect();
         sorted.sort_by_key(|(_, id)| **id);
@@ -467,26 +416,17 @@ impl Store {
         // RocksDB (found by the random-corruption test).
         let ro = rocksdb::ReadOptions::default();
         let vals = self.db.batched_multi_get_cf_opt(chunks, keys, true, &ro);
-        let mut out = vec![Vec::new(); ids.len()];
-        for ((i, id), v) in sorted.into_iter().zip(vals) {
-            match v {
-                Ok(Some(v)) => out[i] = v.to_vec(),
-                Ok(None) => {
-                    return Err(StoreError::Missing {
-                        kind: ObjectKind::Chunk,
-                        id: *id,
-                    })
-                }
-                Err(e) => {
-                    return Err(StoreError::Unreadable {
-                        kind: ObjectKind::Chunk,
-                        id: *id,
-                        detail: e.into_string(),
-                    })
-                }
-            }
+        let mut out: Vec<imgstore_repo::ChunkRead> = vec![Err(ChunkFault::Missing); ids.len()];
+        for ((i, _), v) in sorted.into_iter().zip(vals) {
+            out[i] = match v {
+                Ok(Some(v)) => Ok(v.to_vec()),
+                Ok(None) => Err(ChunkFault::Missing),
+                Err(e) => Err(ChunkFault::Unreadable(
+                    crate::error::db(&self.dir, "read chunk", e).to_string(),
+                )),
+            };
         }
-        Ok(out)
+        out
     }
 
     /// A region recipe or index page as stored, checked against its id
@@ -557,7 +497,7 @@ impl Store {
         Ok(out)
     }
 
-    fn get_refs(&self, keys: &[[u8; 33]]) -> Result<Vec<Option<RefCount>>> {
+    pub(crate) fn get_refs(&self, keys: &[[u8; 33]]) -> Result<Vec<Option<RefCount>>> {
         let refs = self.cf(cf::REFS);
         self.db
             .batched_multi_get_cf(&refs, keys.iter(), false)
@@ -835,3 +775,25 @@ impl Store {
 
 /// Re-exported so callers can name object kinds without depending on the format crate directly.
 pub use imgstore_format::ObjectKind as Kind;
+
+/// Bytes a directory tree occupies on disk (what `du` reports): allocated
+/// blocks, so a sparse or preallocated file counts what it really holds.
+pub fn disk_usage(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let Ok(m) = e.metadata() else { continue };
+            if m.is_dir() {
+                stack.push(e.path());
+            } else {
+                total += m.blocks() * 512;
+            }
+        }
+    }
+    total
+}

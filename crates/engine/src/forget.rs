@@ -1,0 +1,121 @@
+//! Retention: which snapshots to forget (the plan), then forgetting them
+//! (the execution), as two steps so that `--dry-run` shows exactly what
+//! the real run does and the CLI only renders the plan.
+
+use std::collections::HashSet;
+
+use imgstore_format::{Id, ObjectKind};
+use imgstore_repo::{DamageMark, ForgetOutcome, RepoError, Repository};
+
+use crate::policy::{self, Decision, Policy};
+use crate::{select, EngineError, Selector};
+
+/// What to forget.
+#[derive(Clone, Debug)]
+pub enum ForgetRequest {
+    /// These snapshots (ids, prefixes, `latest`).
+    Snapshots(Vec<String>),
+    /// Everything the retention policy does not keep.
+    Policy(Policy),
+}
+
+/// The decision for every snapshot considered, in time order.
+#[derive(Clone, Debug, Default)]
+pub struct ForgetPlan {
+    pub decisions: Vec<Decision>,
+}
+
+impl ForgetPlan {
+    /// Ids the plan removes.
+    pub fn remove(&self) -> Vec<Id> {
+        self.decisions
+            .iter()
+            .filter(|d| !d.keep)
+            .map(|d| d.id)
+            .collect()
+    }
+}
+
+/// Plans a forget over snapshots of image `name` (all images when `None`;
+/// a policy then applies per image name). Protected snapshots are always
+/// kept by a policy and refused when named.
+pub fn plan_forget(
+    repo: &dyn Repository,
+    request: &ForgetRequest,
+    name: Option<&str>,
+) -> Result<ForgetPlan, EngineError> {
+    let snaps = repo.snapshots()?;
+    let protected = repo.protected()?;
+    let decisions = match request {
+        ForgetRequest::Policy(p) => {
+            let group: Vec<_> = snaps
+                .iter()
+                .filter(|(_, s)| name.is_none_or(|n| s.name == n))
+                .cloned()
+                .collect();
+            policy::apply(&group, p, &protected)
+        }
+        ForgetRequest::Snapshots(named) => {
+            let mut remove = HashSet::new();
+            for s in named {
+                let id = select(&snaps, &Selector::parse(s)?, name)?.0;
+                if protected.contains(&id) {
+                    return Err(RepoError::Protected { id }.into());
+                }
+                remove.insert(id);
+            }
+            let mut d: Vec<Decision> = snaps
+                .iter()
+                .filter(|(id, _)| remove.contains(id))
+                .map(|(id, s)| Decision {
+                    id: *id,
+                    name: s.name.clone(),
+                    time_ns: s.time_ns,
+                    keep: false,
+                    reasons: vec![],
+                })
+                .collect();
+            d.sort_by_key(|d| (d.time_ns, d.id));
+            d
+        }
+    };
+    Ok(ForgetPlan { decisions })
+}
+
+/// Carries out a plan: its snapshots are removed at once (or none is, when
+/// one became protected or vanished meanwhile).
+pub fn forget(repo: &dyn Repository, plan: &ForgetPlan) -> Result<ForgetOutcome, EngineError> {
+    let remove = plan.remove();
+    if remove.is_empty() {
+        return Ok(ForgetOutcome::default());
+    }
+    Ok(repo.forget(&remove)?)
+}
+
+/// Records what `check` or `verify` found: new damage marks (so the next
+/// backup of the same data rewrites those objects) and the removal of marks
+/// on objects found intact. Returns how many marks were new.
+pub fn record_damage(
+    repo: &dyn Repository,
+    marks: &[DamageMark],
+    intact: &[(ObjectKind, Id)],
+) -> Result<usize, EngineError> {
+    let known: HashSet<(ObjectKind, Id)> = repo
+        .damage_marks()?
+        .iter()
+        .map(|m| (m.kind, m.id))
+        .collect();
+    let mut seen = HashSet::new();
+    let new: Vec<DamageMark> = marks
+        .iter()
+        .filter(|m| !known.contains(&(m.kind, m.id)) && seen.insert((m.kind, m.id)))
+        .cloned()
+        .collect();
+    if !new.is_empty() {
+        repo.mark_damaged(&new)?;
+    }
+    if !intact.is_empty() {
+        repo.clear_damaged(intact)?;
+    }
+    Ok(new.len())
+}

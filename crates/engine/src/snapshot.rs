@@ -1,0 +1,368 @@
+//! Reading one snapshot: its index, its regions as verified bytes, its
+//! chunks — with the mapping from "missing" or "unreadable" to "damaged at
+//! this offset of this snapshot" written once, here.
+//!
+//! Restore, verify, delta restore, changed-block backup (which rebuilds the
+//! regions a change touches from the base), the parent a backup reuses
+//! regions from, `diff`, and [`crate::ImageReader`] (NBD and FUSE) all read
+//! through a [`SnapshotReader`]. They differ in where bytes go, not in how
+//! they are fetched and proven.
+//!
+//! What is proven: index pages and recipes are checked against their ids by
+//! the repository; a rebuilt region is checked with one BLAKE3 pass against
+//! the chaining value its index page recorded at backup, which covers every
+//! chunk *and* their assembly; a single chunk fetched on its own (delta
+//! restore, random reads) is checked against its id.
+
+use imgstore_format::{FrameCodec, Id, RecipeEntry, Snapshot, PAGE_REGIONS};
+use imgstore_repo::{ChunkFault, Repository};
+
+use blake3::hazmat::HasherExt;
+
+use crate::aligned::AlignedBuf;
+use crate::digest::{region_hasher, RegionHash};
+use crate::EngineError;
+
+/// A snapshot opened for reading: its region index loaded.
+pub struct SnapshotReader<'a> {
+    repo: &'a dyn Repository,
+    snapshot: &'a Snapshot,
+    label: String,
+    region_ids: Vec<Id>,
+    /// Region chaining values recorded at backup.
+    region_cvs: Vec<[u8; 32]>,
+}
+
+/// A region rebuilt by [`SnapshotReader::rebuild`].
+pub(crate) struct Rebuilt {
+    /// Its share of the image digest.
+    pub hash: RegionHash,
+    /// Its recipe (one zero entry for an all-zero region).
+    pub entries: Vec<RecipeEntry>,
+    pub data_bytes: u64,
+    pub zero_bytes: u64,
+    /// Data chunks it names (with repeats).
+    pub chunks: u64,
+}
+
+impl<'a> SnapshotReader<'a> {
+    /// Opens snapshot `id` (`snapshot` is its record): loads its index pages.
+    pub fn open(
+        repo: &'a dyn Repository,
+        id: &Id,
+        snapshot: &'a Snapshot,
+    ) -> Result<SnapshotReader<'a>, EngineError> {
+        let label = id.short();
+        let mut region_ids = Vec::with_capacity(snapshot.region_count() as usize);
+        let mut region_cvs = Vec::with_capacity(snapshot.region_count() as usize);
+        // Pages are fetched a batch at a time (one call for 64 pages, i.e.
+        // 512 GiB of image at 8 MiB regions).
+        for (b, batch) in snapshot.pages.chunks(64).enumerate() {
+            let pages = repo.pages(batch).map_err(|e| {
+                let first = e_page_index(&e, batch).unwrap_or(0) + b * 64;
+                EngineError::RecipeDamaged {
+                    snapshot: label.clone(),
+                    offset: (first * PAGE_REGIONS) as u64 * snapshot.region_size as u64,
+                    source: Box::new(e),
+                }
+            })?;
+            for page in pages {
+                region_ids.extend(page.regions);
+                region_cvs.extend(page.cvs);
+            }
+        }
+        if region_ids.len() as u64 != snapshot.region_count() {
+            return Err(EngineError::RecipeDamaged {
+                snapshot: label,
+                offset: 0,
+                source: format!(
+                    "index names {} regions, image needs {}",
+                    region_ids.len(),
+                    snapshot.region_count()
+                )
+                .into(),
+            });
+        }
+        Ok(SnapshotReader {
+            repo,
+            snapshot,
+            label,
+            region_ids,
+            region_cvs,
+        })
+    }
+
+    /// The snapshot record.
+    pub fn snapshot(&self) -> &'a Snapshot {
+        self.snapshot
+    }
+
+    /// The short id used in messages.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// The repository it reads from.
+    pub fn repo(&self) -> &'a dyn Repository {
+        self.repo
+    }
+
+    /// Region ids in image order (`Id::ZERO` for an all-zero region).
+    pub fn region_ids(&self) -> &[Id] {
+        &self.region_ids
+    }
+
+    pub fn region_count(&self) -> usize {
+        self.region_ids.len()
+    }
+
+    pub fn region_id(&self, index: usize) -> Id {
+        self.region_ids[index]
+    }
+
+    /// The chaining value recorded for region `index`.
+    pub fn region_cv(&self, index: usize) -> [u8; 32] {
+        self.region_cvs[index]
+    }
+
+    /// Region size of the snapshot.
+    pub fn region_size(&self) -> u64 {
+        self.snapshot.region_size as u64
+    }
+
+    pub fn region_len(&self, index: usize) -> u64 {
+        let rs = self.region_size();
+        (self.snapshot.size - index as u64 * rs).min(rs)
+    }
+
+    /// The recipe of region `index`, checked to cover the region's length.
+    pub fn entries(&self, index: usize) -> Result<Vec<RecipeEntry>, EngineError> {
+        let len = self.region_len(index);
+        let offset = index as u64 * self.region_size();
+        let rid = self.region_ids[index];
+        if rid == Id::ZERO {
+            return Ok(vec![RecipeEntry {
+                len: len as u32,
+                chunk: None,
+            }]);
+        }
+        let region = self
+            .repo
+            .regions(&[rid])
+            .map_err(|e| EngineError::RecipeDamaged {
+                snapshot: self.label.clone(),
+                offset,
+                source: Box::new(e),
+            })?
+            .pop()
+            .expect("one region per id");
+        if region.len() != len {
+            return Err(EngineError::RecipeDamaged {
+                snapshot: self.label.clone(),
+                offset,
+                source: format!("region {rid} covers {} bytes, expected {len}", region.len())
+                    .into(),
+            });
+        }
+        Ok(region.entries)
+    }
+
+    /// Stored frames of `ids` (in order); a missing or unreadable chunk is
+    /// damage at the image offset `offset_of` gives for it.
+    pub fn frames(
+        &self,
+        ids: &[Id],
+        offset_of: impl Fn(&Id) -> u64,
+    ) -> Result<Vec<Vec<u8>>, EngineError> {
+        let reads = self.repo.chunk_frames(ids)?;
+        reads
+            .into_iter()
+            .zip(ids)
+            .map(|(r, id)| {
+                r.map_err(|fault| {
+                    let why = match fault {
+                        ChunkFault::Missing => "missing from the store".to_string(),
+                        ChunkFault::Unreadable(d) => format!("unreadable: {d}"),
+                    };
+                    self.damaged(offset_of(id), *id, why)
+                })
+            })
+            .collect()
+    }
+
+    /// Chunk `id` of `len` bytes at image offset `offset`, fetched, decoded
+    /// and checked against its id.
+    pub fn chunk(&self, id: Id, offset: u64, len: u64) -> Result<Vec<u8>, EngineError> {
+        let frame = self.frames(&[id], |_| offset)?.pop().expect("one frame");
+        self.decode_verified(&frame, id, offset, len)
+    }
+
+    /// Decodes `frame` of chunk `id` (`len` bytes at `offset`) and checks
+    /// it against its id.
+    pub fn decode_verified(
+        &self,
+        frame: &[u8],
+        id: Id,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, EngineError> {
+        let mut out = Vec::new();
+        FrameCodec::with_thread(|c| c.decode(frame, &mut out))
+            .map_err(|e| self.damaged(offset, id, e.to_string()))?;
+        if out.len() as u64 != len || Id::hash(&out) != id {
+            return Err(self.damaged(offset, id, "content does not match its id".into()));
+        }
+        Ok(out)
+    }
+
+    /// Rebuilds region `index` into `buf` (verified); returns its (data
+    /// chunk count, zero bytes).
+    pub(crate) fn region_bytes(
+        &self,
+        index: usize,
+        buf: &mut AlignedBuf,
+    ) -> Result<(u64, u64), EngineError> {
+        let r = self.rebuild(index, buf, true)?;
+        Ok((r.chunks, r.zero_bytes))
+    }
+
+    /// Rebuilds region `index` into `buf` and proves it: one BLAKE3 pass
+    /// against the recorded chaining value (only when that fails are the
+    /// chunks hashed one by one, to name the damaged one). `need_bytes`
+    /// false lets an all-zero region skip filling `buf` when nothing will
+    /// read it (a sparse file target).
+    pub(crate) fn rebuild(
+        &self,
+        index: usize,
+        buf: &mut AlignedBuf,
+        need_bytes: bool,
+    ) -> Result<Rebuilt, EngineError> {
+        let base = index as u64 * self.region_size();
+        let len = self.region_len(index) as usize;
+        if self.region_ids[index] == Id::ZERO && index > 0 {
+            // Nothing stored to be damaged: its chaining value is the one
+            // recorded (the page was checked against its id), and the image
+            // digest still ties it to the others.
+            buf.reset(len);
+            if need_bytes {
+                buf.fill(0);
+            }
+            return Ok(Rebuilt {
+                hash: RegionHash::Cv(self.region_cvs[index]),
+                entries: vec![RecipeEntry {
+                    len: len as u32,
+                    chunk: None,
+                }],
+                data_bytes: 0,
+                zero_bytes: len as u64,
+                chunks: 0,
+            });
+        }
+        let entries = self.entries(index)?;
+        let mut ids: Vec<Id> = entries.iter().filter_map(|e| e.chunk).collect();
+        let chunks = ids.len() as u64;
+        ids.sort();
+        ids.dedup();
+        let frames = self.frames(&ids, |id| base + offset_of(&entries, id))?;
+        buf.reset(len);
+        let (mut data_bytes, mut zero_bytes) = (0u64, 0u64);
+        let mut pos = 0usize;
+        FrameCodec::with_thread(|codec| -> Result<(), EngineError> {
+            for e in &entries {
+                let end = pos + e.len as usize;
+                match e.chunk {
+                    None => {
+                        buf[pos..end].fill(0);
+                        zero_bytes += e.len as u64;
+                    }
+                    Some(id) => {
+                        let frame = &frames[ids.binary_search(&id).expect("id fetched")];
+                        codec
+                            .decode_into(frame, &mut buf[pos..end])
+                            .map_err(|err| self.damaged(base + pos as u64, id, err.to_string()))?;
+                        data_bytes += e.len as u64;
+                    }
+                }
+                pos = end;
+            }
+            Ok(())
+        })?;
+        let mut hasher = region_hasher(base);
+        hasher.update(&buf[..]);
+        if hasher.finalize_non_root() != self.region_cvs[index] {
+            return Err(self.locate_damage(index, &entries, buf));
+        }
+        Ok(Rebuilt {
+            hash: RegionHash::from_hasher(index as u64, hasher),
+            entries,
+            data_bytes,
+            zero_bytes,
+            chunks,
+        })
+    }
+
+    /// Names what made region `index` differ from its recorded chaining
+    /// value: the first chunk whose bytes do not hash to its id, or else the
+    /// recipe itself.
+    fn locate_damage(&self, index: usize, entries: &[RecipeEntry], buf: &[u8]) -> EngineError {
+        let base = index as u64 * self.region_size();
+        let mut pos = 0usize;
+        for e in entries {
+            let end = pos + e.len as usize;
+            if let Some(id) = e.chunk {
+                if Id::hash(&buf[pos..end]) != id {
+                    return self.damaged(
+                        base + pos as u64,
+                        id,
+                        "content does not match its id".into(),
+                    );
+                }
+            }
+            pos = end;
+        }
+        EngineError::RecipeDamaged {
+            snapshot: self.label.clone(),
+            offset: base,
+            source: format!(
+                "region {} does not rebuild the bytes its index page recorded",
+                self.region_ids[index]
+            )
+            .into(),
+        }
+    }
+
+    /// The error for chunk `chunk` found damaged at image offset `offset`.
+    pub fn damaged(&self, offset: u64, chunk: Id, why: String) -> EngineError {
+        EngineError::ChunkDamaged {
+            snapshot: self.label.clone(),
+            offset,
+            chunk,
+            why,
+        }
+    }
+}
+
+/// Which page of `batch` a repository error names (for the offset in the
+/// message).
+fn e_page_index(e: &imgstore_repo::RepoError, batch: &[Id]) -> Option<usize> {
+    use imgstore_repo::RepoError;
+    let id = match e {
+        RepoError::Missing { id, .. }
+        | RepoError::Corrupt { id, .. }
+        | RepoError::Unreadable { id, .. } => id,
+        _ => return None,
+    };
+    batch.iter().position(|p| p == id)
+}
+
+/// Offset within a region of the first entry naming `id`.
+fn offset_of(entries: &[RecipeEntry], id: &Id) -> u64 {
+    let mut off = 0;
+    for e in entries {
+        if e.chunk.as_ref() == Some(id) {
+            return off;
+        }
+        off += e.len as u64;
+    }
+    0
+}

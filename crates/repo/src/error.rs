@@ -1,0 +1,72 @@
+use std::path::PathBuf;
+
+use imgstore_format::{FormatError, Id, ObjectKind};
+
+/// Errors of a repository implementation. Each carries the path, object or
+/// operation it is about, so the binary can print one line that says what
+/// to do.
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    #[error("{} is not an imgstore repository ({why}): create one with `imgstore init`", path.display())]
+    NotARepository { path: PathBuf, why: String },
+    #[error("{} already exists and is not empty: choose a new path for the repository", path.display())]
+    AlreadyExists { path: PathBuf },
+    #[error("{}: {source}", path.display())]
+    Format { path: PathBuf, source: FormatError },
+    #[error("repository {} belongs to uid {owner} but imgstore runs as uid {user}: run it as the owner (or `chown -R` the repository){}", path.display(), if *readable { "" } else { "; it is not readable by this user" })]
+    Owner {
+        path: PathBuf,
+        owner: u32,
+        user: u32,
+        readable: bool,
+    },
+    #[error("the repository database in {} is damaged and cannot be opened ({detail}): restore the repository directory from a copy; `imgstore check` lists what a readable database holds", path.display())]
+    Damaged { path: PathBuf, detail: String },
+    #[error("cannot {op} {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        source: std::io::Error,
+    },
+    #[error("repository is busy: {operation} by pid {pid} (lock {}); wait for it to finish", path.display())]
+    Busy {
+        operation: String,
+        pid: String,
+        path: PathBuf,
+    },
+    #[error("no space left on the device holding {}: free space, then run the backup again (earlier snapshots are intact)", path.display())]
+    NoSpace { path: PathBuf, detail: String },
+    /// The storage engine behind an implementation failed (RocksDB for the
+    /// local store).
+    #[error("{engine} {op} failed in {}: {detail}", path.display())]
+    Backend {
+        engine: &'static str,
+        path: PathBuf,
+        op: &'static str,
+        detail: String,
+    },
+    #[error("{kind:?} {id} cannot be read: {detail}")]
+    Unreadable {
+        kind: ObjectKind,
+        id: Id,
+        detail: String,
+    },
+    #[error("{kind:?} {id} is missing from the store")]
+    Missing { kind: ObjectKind, id: Id },
+    #[error("{kind:?} {id} is corrupt: {source}")]
+    Corrupt {
+        kind: ObjectKind,
+        id: Id,
+        source: FormatError,
+    },
+    #[error("snapshot {id} is corrupt: {source}")]
+    CorruptSnapshot { id: Id, source: FormatError },
+    #[error("snapshot {id} is protected: run `imgstore unprotect {}` first", id.short())]
+    Protected { id: Id },
+    #[error("no snapshot {id} in the repository")]
+    NoSnapshot { id: Id },
+    #[error("the repository was opened read-only")]
+    ReadOnly,
+    #[error("invalid store operation: {0}")]
+    Invalid(String),
+}

@@ -1,0 +1,284 @@
+//! The storage seam: what the engine needs from a repository, and nothing
+//! about how it is kept.
+//!
+//! The engine (backup, restore, check, diff, the NBD and FUSE readers)
+//! reaches storage only through [`Repository`]. Implementations:
+//!
+//! * `imgstore_store::Store` — the local RocksDB repository (the only crate
+//!   that links RocksDB);
+//! * [`MemRepo`] — everything in memory, with the same reference-count,
+//!   orphan, healing and gc rules, so the pipelines can be unit-tested
+//!   without a database and with damage injected on purpose;
+//! * later a remote client and an object-store backend (`docs/REMOTE.md`).
+//!
+//! # Why the interface is shaped this way
+//!
+//! Every call that touches chunks takes a batch ([`Repository::chunks_known`],
+//! [`Repository::chunk_frames`]) and the unit of writing is a whole region
+//! ([`Repository::put_region`]) with only the chunks the repository lacks:
+//! a remote implementation pays one round trip per 8 MiB region, never one
+//! per chunk. Nothing is shared by memory: every argument and result is
+//! plain owned data (ids, encoded records, frames) that could cross a wire
+//! as it is. The stored encodings are those of `imgstore-format`, so an
+//! implementation moves bytes and keeps counts; it never interprets
+//! chunk contents.
+//!
+//! # Invariants every implementation keeps
+//!
+//! * Content addressing: a recipe, page or snapshot record is stored under
+//!   the BLAKE3 hash of its encoding, a chunk under the hash of its bytes.
+//! * Reference counts: each stored object's count equals the number of
+//!   stored parents naming it (snapshot → page → region → chunk, with
+//!   multiplicity), after every call; objects with count zero are
+//!   *orphans*, and only [`Repository::gc`] deletes them.
+//! * Atomic snapshots: after [`Repository::commit`] returns, the snapshot
+//!   and everything it names are durable; before, the snapshot is not
+//!   visible. A failure in between leaves only orphans.
+//! * Healing: a chunk, recipe or page with a damage mark counts as unknown
+//!   to [`Repository::chunks_known`], and a later `put_region`/`commit`
+//!   that produces it rewrites it and clears the mark.
+
+mod error;
+mod mem;
+
+use std::collections::HashMap;
+
+use imgstore_format::{Id, ObjectKind, Page, RefCount, Region, RepoConfig, Snapshot};
+
+pub use error::RepoError;
+pub use mem::MemRepo;
+
+/// Result of a repository call.
+pub type Result<T, E = RepoError> = std::result::Result<T, E>;
+
+/// One chunk's stored frame, or why it cannot be had.
+pub type ChunkRead = std::result::Result<Vec<u8>, ChunkFault>;
+
+/// Why a chunk's frame could not be read. The engine maps both to
+/// "damaged" with the snapshot offset; a transport failure is an `Err` of
+/// the whole call instead.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChunkFault {
+    /// The repository has no such chunk.
+    Missing,
+    /// The repository has it but cannot read it (a checksum error, I/O).
+    Unreadable(String),
+}
+
+impl std::fmt::Display for ChunkFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ChunkFault::Missing => f.write_str("missing from the store"),
+            ChunkFault::Unreadable(d) => write!(f, "unreadable: {d}"),
+        }
+    }
+}
+
+/// New chunk frames for [`Repository::put_region`]: id → (frame, raw length).
+pub type Frames = HashMap<Id, (Vec<u8>, u32)>;
+
+/// What [`Repository::put_region`] added.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PutOutcome {
+    /// The region recipe was not in the store before.
+    pub region_new: bool,
+    /// Chunks written by this call.
+    pub new_chunks: u64,
+    /// Bytes written by this call (chunk frames + recipe).
+    pub new_bytes: u64,
+}
+
+/// Counts and bytes of stored objects: what [`Repository::totals`] finds,
+/// what a gc frees.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tally {
+    pub chunks: u64,
+    /// Raw bytes of the chunks.
+    pub chunk_raw_bytes: u64,
+    /// Stored (frame) bytes of the chunks.
+    pub chunk_stored_bytes: u64,
+    pub regions: u64,
+    pub pages: u64,
+    /// Bytes of region recipes and index pages.
+    pub recipe_bytes: u64,
+}
+
+impl Tally {
+    /// Counts one object of `kind` with the sizes its reference entry records.
+    pub fn add(&mut self, kind: ObjectKind, rc: &RefCount) {
+        match kind {
+            ObjectKind::Chunk => {
+                self.chunks += 1;
+                self.chunk_raw_bytes += rc.logical_len as u64;
+                self.chunk_stored_bytes += rc.stored_len as u64;
+            }
+            ObjectKind::Region => {
+                self.regions += 1;
+                self.recipe_bytes += rc.stored_len as u64;
+            }
+            ObjectKind::Page => {
+                self.pages += 1;
+                self.recipe_bytes += rc.stored_len as u64;
+            }
+        }
+    }
+}
+
+/// Repository-wide totals.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub objects: Tally,
+    /// Objects with reference count zero, waiting for gc.
+    pub orphans: u64,
+}
+
+/// What [`Repository::forget`] removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ForgetOutcome {
+    pub snapshots: u64,
+    /// Pages no remaining snapshot references (now orphans).
+    pub pages_orphaned: u64,
+}
+
+/// What [`Repository::gc`] deleted (or, dry, would delete).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GcOutcome {
+    pub removed: Tally,
+    /// Whether live data was rewritten to give space back (the local store
+    /// rewrites blob files whose garbage passed its threshold).
+    pub rewrote: bool,
+}
+
+/// A damage mark: which object, and what was found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DamageMark {
+    pub kind: ObjectKind,
+    pub id: Id,
+    pub why: String,
+}
+
+/// Everything the engine stores or reads. See the crate docs for the
+/// invariants; every method is safe to call from several threads.
+pub trait Repository: Send + Sync {
+    /// The repository's config (chunking, compression, region size).
+    fn config(&self) -> &RepoConfig;
+
+    /// Where the repository lives, for messages (a path or a URL).
+    fn location(&self) -> String;
+
+    // --- reading ---
+
+    /// Every snapshot, decoded and checked against its id. A record that
+    /// does not decode is an error naming it ([`Repository::snapshot_records`]
+    /// gives them undecoded).
+    fn snapshots(&self) -> Result<Vec<(Id, Snapshot)>>;
+
+    /// Index pages, decoded and checked against their ids, in order.
+    fn pages(&self, ids: &[Id]) -> Result<Vec<Page>>;
+
+    /// Region recipes, decoded and checked against their ids, in order.
+    fn regions(&self, ids: &[Id]) -> Result<Vec<Region>>;
+
+    /// Stored frames of chunks, in order, each with its own outcome. An
+    /// `Err` of the call is a failure of the repository, not of a chunk.
+    fn chunk_frames(&self, ids: &[Id]) -> Result<Vec<ChunkRead>>;
+
+    /// Reference entries of objects of one kind (None when absent).
+    fn ref_counts(&self, kind: ObjectKind, ids: &[Id]) -> Result<Vec<Option<RefCount>>>;
+
+    /// Repository-wide totals.
+    fn totals(&self) -> Result<Totals>;
+
+    /// Bytes the repository occupies on its storage, when it can tell.
+    fn storage_bytes(&self) -> Option<u64>;
+
+    // --- writing a snapshot ---
+
+    /// For each chunk id: is it stored (and not marked damaged)?
+    fn chunks_known(&self, ids: &[Id]) -> Result<Vec<bool>>;
+
+    /// Stores a region recipe (`encoded`, whose hash is `id`) with the
+    /// chunks it references; `frames` holds those the caller found
+    /// unknown. Until a committed page names it the region is an orphan.
+    fn put_region(
+        &self,
+        id: &Id,
+        region: &Region,
+        encoded: &[u8],
+        frames: &Frames,
+    ) -> Result<PutOutcome>;
+
+    /// Makes a snapshot visible with its index pages (in the order its
+    /// record names them), atomically and durably. Returns the snapshot
+    /// id and the bytes new pages added.
+    fn commit(&self, snapshot: &Snapshot, pages: &[Page]) -> Result<(Id, u64)>;
+
+    // --- retention ---
+
+    /// Removes snapshots at once; refuses, removing nothing, when any is
+    /// protected or absent.
+    fn forget(&self, ids: &[Id]) -> Result<ForgetOutcome>;
+
+    /// Marks a snapshot protected (or not): `forget` refuses protected ones.
+    fn set_protected(&self, id: &Id, protected: bool) -> Result<()>;
+
+    /// Ids of protected snapshots.
+    fn protected(&self) -> Result<Vec<Id>>;
+
+    /// Deletes every orphan and, transitively, what only orphans named;
+    /// with `dry_run`, computes the same figures and deletes nothing.
+    fn gc(&self, dry_run: bool) -> Result<GcOutcome>;
+
+    // --- integrity ---
+
+    /// Every damage mark.
+    fn damage_marks(&self) -> Result<Vec<DamageMark>>;
+
+    /// Records damage marks durably; a later backup of the same data repairs them.
+    fn mark_damaged(&self, marks: &[DamageMark]) -> Result<()>;
+
+    /// Deletes the marks of objects found intact again.
+    fn clear_damaged(&self, objects: &[(ObjectKind, Id)]) -> Result<()>;
+
+    /// Damage marks this writer has not repaired (yet).
+    fn damage_pending(&self) -> usize;
+
+    /// Raw snapshot records `(key, value)`, undecoded, so `check` can report
+    /// each bad one without it hiding the others.
+    fn snapshot_records(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
+
+    /// Calls `f(key, record)` for every stored region recipe and index page
+    /// (key = kind byte + id).
+    fn scan_recipes(&self, f: &mut dyn FnMut(&[u8], &[u8])) -> Result<()>;
+
+    /// Calls `f(key, encoded count)` for every reference entry.
+    fn scan_refs(&self, f: &mut dyn FnMut(&[u8], &[u8])) -> Result<()>;
+
+    /// Calls `f(key)` for every orphan entry.
+    fn scan_orphans(&self, f: &mut dyn FnMut(&[u8])) -> Result<()>;
+}
+
+/// Decodes a stored record checked against its id: shared by
+/// implementations so that each checks the same way.
+pub fn decode_checked<T>(
+    kind: ObjectKind,
+    id: &Id,
+    bytes: &[u8],
+    decode: impl FnOnce(&[u8]) -> std::result::Result<T, imgstore_format::FormatError>,
+) -> Result<T> {
+    if Id::hash(bytes) != *id {
+        return Err(RepoError::Corrupt {
+            kind,
+            id: *id,
+            source: imgstore_format::FormatError::Invalid {
+                what: "stored record",
+                why: "its content does not hash to its id".into(),
+            },
+        });
+    }
+    decode(bytes).map_err(|source| RepoError::Corrupt {
+        kind,
+        id: *id,
+        source,
+    })
+}

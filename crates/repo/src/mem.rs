@@ -1,0 +1,601 @@
+//! A repository held in memory, with the local store's rules.
+//!
+//! Why it exists: the engine's pipelines (backup, restore, delta restore,
+//! check) can be driven in unit tests without RocksDB, and damage can be
+//! injected exactly ([`MemRepo::corrupt_chunk`], [`MemRepo::remove_chunk`])
+//! to prove that each pipeline reports it instead of returning wrong bytes.
+//! It keeps reference counts, orphans, protection, damage marks and healing
+//! the way the local store does, so a test that passes here exercises the
+//! same contract.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Mutex;
+
+use imgstore_format::{Id, ObjectKind, Page, RefCount, Region, RepoConfig, Snapshot};
+
+use crate::{
+    decode_checked, ChunkFault, ChunkRead, DamageMark, ForgetOutcome, Frames, GcOutcome,
+    PutOutcome, RepoError, Repository, Result, Tally, Totals,
+};
+
+type Key = [u8; 33];
+
+#[derive(Default)]
+struct State {
+    chunks: HashMap<Id, Vec<u8>>,
+    recipes: BTreeMap<Key, Vec<u8>>,
+    refs: BTreeMap<Key, RefCount>,
+    orphans: BTreeSet<Key>,
+    snapshots: BTreeMap<Id, Vec<u8>>,
+    protected: BTreeSet<Id>,
+    damaged: BTreeMap<Key, String>,
+    /// Marks not repaired by this handle yet (loaded at creation, like a
+    /// writer of the local store loads them at open).
+    pending: BTreeSet<Key>,
+    /// Chunks whose reads fail as "unreadable" (injected).
+    unreadable: BTreeSet<Id>,
+}
+
+/// An in-memory [`Repository`].
+pub struct MemRepo {
+    config: RepoConfig,
+    state: Mutex<State>,
+}
+
+impl MemRepo {
+    /// An empty repository with `config`.
+    pub fn new(config: RepoConfig) -> MemRepo {
+        MemRepo {
+            config,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Flips a byte in the middle of a chunk's stored frame. Returns false
+    /// when the chunk is absent.
+    pub fn corrupt_chunk(&self, id: &Id) -> bool {
+        let mut s = self.state();
+        match s.chunks.get_mut(id) {
+            Some(f) => {
+                let i = f.len() / 2;
+                f[i] ^= 0x5a;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Deletes a chunk's frame, leaving its reference entry (as a lost
+    /// file would). Returns false when the chunk is absent.
+    pub fn remove_chunk(&self, id: &Id) -> bool {
+        self.state().chunks.remove(id).is_some()
+    }
+
+    /// Makes reads of a chunk fail as the storage would on a checksum error.
+    pub fn make_unreadable(&self, id: &Id) {
+        self.state().unreadable.insert(*id);
+    }
+
+    /// Undoes [`MemRepo::make_unreadable`] for every chunk.
+    pub fn clear_injected(&self) {
+        self.state().unreadable.clear();
+    }
+
+    /// Ids of every stored chunk frame, sorted.
+    pub fn chunk_ids(&self) -> Vec<Id> {
+        let mut v: Vec<Id> = self.state().chunks.keys().copied().collect();
+        v.sort();
+        v
+    }
+
+    /// A copy of this repository as a new writer would open it: damage
+    /// marks pending again.
+    pub fn reopen(&self) -> MemRepo {
+        let s = self.state();
+        MemRepo {
+            config: self.config.clone(),
+            state: Mutex::new(State {
+                chunks: s.chunks.clone(),
+                recipes: s.recipes.clone(),
+                refs: s.refs.clone(),
+                orphans: s.orphans.clone(),
+                snapshots: s.snapshots.clone(),
+                protected: s.protected.clone(),
+                damaged: s.damaged.clone(),
+                pending: s.damaged.keys().copied().collect(),
+                unreadable: s.unreadable.clone(),
+            }),
+        }
+    }
+}
+
+impl State {
+    fn record(&self, kind: ObjectKind, id: &Id) -> Result<&[u8]> {
+        self.recipes
+            .get(&kind.key(id))
+            .map(Vec::as_slice)
+            .ok_or(RepoError::Missing { kind, id: *id })
+    }
+
+    fn add_refs(&mut self, counts: &HashMap<Key, u64>) -> Vec<Key> {
+        let mut absent = Vec::new();
+        for (k, n) in counts {
+            match self.refs.get_mut(k) {
+                Some(rc) => {
+                    if rc.count == 0 {
+                        self.orphans.remove(k);
+                    }
+                    rc.count += n;
+                }
+                None => absent.push(*k),
+            }
+        }
+        absent
+    }
+
+    fn sub_refs(&mut self, counts: &HashMap<Key, u64>) -> Result<u64> {
+        // Checked first so that a refusal changes nothing.
+        for (k, n) in counts {
+            let (kind, id) = ObjectKind::parse_key(k).expect("33-byte key");
+            let rc = self.refs.get(k).ok_or(RepoError::Missing { kind, id })?;
+            if rc.count < *n {
+                return Err(RepoError::Invalid(format!(
+                    "{kind:?} {id} has {} references, {n} would be removed",
+                    rc.count
+                )));
+            }
+        }
+        let mut zero = 0;
+        for (k, n) in counts {
+            let rc = self.refs.get_mut(k).expect("checked");
+            rc.count -= n;
+            if rc.count == 0 {
+                self.orphans.insert(*k);
+                zero += 1;
+            }
+        }
+        Ok(zero)
+    }
+
+    fn healed(&mut self, k: &Key) {
+        if self.pending.remove(k) {
+            self.damaged.remove(k);
+        }
+    }
+
+    fn children(&self, kind: ObjectKind, id: &Id) -> HashMap<Key, u64> {
+        let mut out = HashMap::new();
+        let Ok(bytes) = self.record(kind, id) else {
+            return out;
+        };
+        match kind {
+            ObjectKind::Chunk => {}
+            ObjectKind::Region => {
+                if let Ok(r) = Region::decode(bytes) {
+                    for c in r.entries.iter().filter_map(|e| e.chunk) {
+                        *out.entry(ObjectKind::Chunk.key(&c)).or_default() += 1;
+                    }
+                }
+            }
+            ObjectKind::Page => {
+                if let Ok(p) = Page::decode(bytes) {
+                    for r in p.regions.iter().filter(|r| **r != Id::ZERO) {
+                        *out.entry(ObjectKind::Region.key(r)).or_default() += 1;
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Repository for MemRepo {
+    fn config(&self) -> &RepoConfig {
+        &self.config
+    }
+
+    fn location(&self) -> String {
+        "memory".into()
+    }
+
+    fn snapshots(&self) -> Result<Vec<(Id, Snapshot)>> {
+        let s = self.state();
+        s.snapshots
+            .iter()
+            .map(|(id, v)| {
+                if Id::hash(v) != *id {
+                    return Err(RepoError::CorruptSnapshot {
+                        id: *id,
+                        source: imgstore_format::FormatError::Invalid {
+                            what: "snapshot record",
+                            why: "its hash does not match its id".into(),
+                        },
+                    });
+                }
+                Snapshot::decode(v)
+                    .map(|snap| (*id, snap))
+                    .map_err(|source| RepoError::CorruptSnapshot { id: *id, source })
+            })
+            .collect()
+    }
+
+    fn pages(&self, ids: &[Id]) -> Result<Vec<Page>> {
+        let s = self.state();
+        ids.iter()
+            .map(|id| {
+                let b = s.record(ObjectKind::Page, id)?;
+                decode_checked(ObjectKind::Page, id, b, Page::decode)
+            })
+            .collect()
+    }
+
+    fn regions(&self, ids: &[Id]) -> Result<Vec<Region>> {
+        let s = self.state();
+        ids.iter()
+            .map(|id| {
+                let b = s.record(ObjectKind::Region, id)?;
+                decode_checked(ObjectKind::Region, id, b, Region::decode)
+            })
+            .collect()
+    }
+
+    fn chunk_frames(&self, ids: &[Id]) -> Result<Vec<ChunkRead>> {
+        let s = self.state();
+        Ok(ids
+            .iter()
+            .map(|id| {
+                if s.unreadable.contains(id) {
+                    return Err(ChunkFault::Unreadable("injected read error".into()));
+                }
+                s.chunks.get(id).cloned().ok_or(ChunkFault::Missing)
+            })
+            .collect())
+    }
+
+    fn ref_counts(&self, kind: ObjectKind, ids: &[Id]) -> Result<Vec<Option<RefCount>>> {
+        let s = self.state();
+        Ok(ids
+            .iter()
+            .map(|id| s.refs.get(&kind.key(id)).copied())
+            .collect())
+    }
+
+    fn totals(&self) -> Result<Totals> {
+        let s = self.state();
+        let mut t = Totals::default();
+        for (k, rc) in &s.refs {
+            let (kind, _) = ObjectKind::parse_key(k).expect("33-byte key");
+            t.objects.add(kind, rc);
+        }
+        t.orphans = s.orphans.len() as u64;
+        Ok(t)
+    }
+
+    fn storage_bytes(&self) -> Option<u64> {
+        let s = self.state();
+        Some(
+            s.chunks.values().map(|v| v.len() as u64).sum::<u64>()
+                + s.recipes.values().map(|v| v.len() as u64).sum::<u64>()
+                + s.snapshots.values().map(|v| v.len() as u64).sum::<u64>(),
+        )
+    }
+
+    fn chunks_known(&self, ids: &[Id]) -> Result<Vec<bool>> {
+        let s = self.state();
+        Ok(ids
+            .iter()
+            .map(|id| {
+                let k = ObjectKind::Chunk.key(id);
+                s.refs.contains_key(&k) && !s.pending.contains(&k)
+            })
+            .collect())
+    }
+
+    fn put_region(
+        &self,
+        id: &Id,
+        region: &Region,
+        encoded: &[u8],
+        frames: &Frames,
+    ) -> Result<PutOutcome> {
+        if Id::hash(encoded) != *id {
+            return Err(RepoError::Invalid(
+                "region id does not match its content".into(),
+            ));
+        }
+        let mut s = self.state();
+        let rkey = ObjectKind::Region.key(id);
+        if s.refs.contains_key(&rkey) {
+            // Stored already: only rewrite what is marked damaged.
+            if s.pending.contains(&rkey) {
+                s.recipes.insert(rkey, encoded.to_vec());
+                s.healed(&rkey);
+            }
+            for (cid, (frame, _)) in frames {
+                let k = ObjectKind::Chunk.key(cid);
+                if s.pending.contains(&k) {
+                    s.chunks.insert(*cid, frame.clone());
+                    s.unreadable.remove(cid);
+                    s.healed(&k);
+                }
+            }
+            return Ok(PutOutcome::default());
+        }
+        let mut counts: HashMap<Key, u64> = HashMap::new();
+        for c in region.entries.iter().filter_map(|e| e.chunk) {
+            *counts.entry(ObjectKind::Chunk.key(&c)).or_default() += 1;
+        }
+        // Every absent chunk must come with its frame before anything changes.
+        for k in counts.keys() {
+            if !s.refs.contains_key(k) {
+                let cid = Id::from_slice(&k[1..]).expect("32 bytes");
+                if !frames.contains_key(&cid) {
+                    return Err(RepoError::Missing {
+                        kind: ObjectKind::Chunk,
+                        id: cid,
+                    });
+                }
+            }
+        }
+        let absent = s.add_refs(&counts);
+        let mut out = PutOutcome {
+            region_new: true,
+            ..Default::default()
+        };
+        for k in absent {
+            let cid = Id::from_slice(&k[1..]).expect("32 bytes");
+            let (frame, raw) = &frames[&cid];
+            s.chunks.insert(cid, frame.clone());
+            s.refs.insert(
+                k,
+                RefCount {
+                    count: counts[&k],
+                    logical_len: *raw,
+                    stored_len: frame.len() as u32,
+                },
+            );
+            out.new_chunks += 1;
+            out.new_bytes += frame.len() as u64;
+        }
+        for (cid, (frame, _)) in frames {
+            let k = ObjectKind::Chunk.key(cid);
+            if counts.contains_key(&k) && s.pending.contains(&k) {
+                s.chunks.insert(*cid, frame.clone());
+                s.unreadable.remove(cid);
+                s.healed(&k);
+            }
+        }
+        s.recipes.insert(rkey, encoded.to_vec());
+        s.refs.insert(
+            rkey,
+            RefCount {
+                count: 0,
+                logical_len: encoded.len() as u32,
+                stored_len: encoded.len() as u32,
+            },
+        );
+        s.orphans.insert(rkey);
+        out.new_bytes += encoded.len() as u64;
+        Ok(out)
+    }
+
+    fn commit(&self, snapshot: &Snapshot, pages: &[Page]) -> Result<(Id, u64)> {
+        if pages.len() != snapshot.pages.len() {
+            return Err(RepoError::Invalid(format!(
+                "{} pages given for a snapshot naming {}",
+                pages.len(),
+                snapshot.pages.len()
+            )));
+        }
+        let mut s = self.state();
+        let mut page_counts: HashMap<Key, u64> = HashMap::new();
+        let mut by_key: HashMap<Key, &Page> = HashMap::new();
+        for (pid, page) in snapshot.pages.iter().zip(pages) {
+            if Id::hash(&page.encode()) != *pid {
+                return Err(RepoError::Invalid(
+                    "page id does not match its content".into(),
+                ));
+            }
+            let k = ObjectKind::Page.key(pid);
+            *page_counts.entry(k).or_default() += 1;
+            by_key.insert(k, page);
+        }
+        // Regions the new pages name must exist before anything changes.
+        let mut region_counts: HashMap<Key, u64> = HashMap::new();
+        for (k, page) in &by_key {
+            if s.refs.contains_key(k) {
+                continue;
+            }
+            for r in page.regions.iter().filter(|r| **r != Id::ZERO) {
+                *region_counts.entry(ObjectKind::Region.key(r)).or_default() += 1;
+            }
+        }
+        if let Some(k) = region_counts.keys().find(|k| !s.refs.contains_key(*k)) {
+            let (kind, id) = ObjectKind::parse_key(k).expect("33-byte key");
+            return Err(RepoError::Missing { kind, id });
+        }
+        let absent = s.add_refs(&page_counts);
+        let mut added = 0u64;
+        for k in absent {
+            let encoded = by_key[&k].encode();
+            added += encoded.len() as u64;
+            s.refs.insert(
+                k,
+                RefCount {
+                    count: page_counts[&k],
+                    logical_len: encoded.len() as u32,
+                    stored_len: encoded.len() as u32,
+                },
+            );
+            s.recipes.insert(k, encoded);
+        }
+        for (k, page) in &by_key {
+            if s.pending.contains(k) {
+                s.recipes.insert(*k, page.encode());
+                s.healed(k);
+            }
+        }
+        s.add_refs(&region_counts);
+        let encoded = snapshot.encode();
+        let id = Id::hash(&encoded);
+        s.snapshots.insert(id, encoded);
+        Ok((id, added))
+    }
+
+    fn forget(&self, ids: &[Id]) -> Result<ForgetOutcome> {
+        let mut s = self.state();
+        let mut unique = ids.to_vec();
+        unique.sort();
+        unique.dedup();
+        let mut page_counts: HashMap<Key, u64> = HashMap::new();
+        for id in &unique {
+            if s.protected.contains(id) {
+                return Err(RepoError::Protected { id: *id });
+            }
+            let v = s
+                .snapshots
+                .get(id)
+                .ok_or(RepoError::NoSnapshot { id: *id })?;
+            let snap = Snapshot::decode(v)
+                .map_err(|source| RepoError::CorruptSnapshot { id: *id, source })?;
+            for p in &snap.pages {
+                *page_counts.entry(ObjectKind::Page.key(p)).or_default() += 1;
+            }
+        }
+        let orphaned = s.sub_refs(&page_counts)?;
+        for id in &unique {
+            s.snapshots.remove(id);
+        }
+        Ok(ForgetOutcome {
+            snapshots: unique.len() as u64,
+            pages_orphaned: orphaned,
+        })
+    }
+
+    fn set_protected(&self, id: &Id, protected: bool) -> Result<()> {
+        let mut s = self.state();
+        if !s.snapshots.contains_key(id) {
+            return Err(RepoError::NoSnapshot { id: *id });
+        }
+        if protected {
+            s.protected.insert(*id);
+        } else {
+            s.protected.remove(id);
+        }
+        Ok(())
+    }
+
+    fn protected(&self) -> Result<Vec<Id>> {
+        Ok(self.state().protected.iter().copied().collect())
+    }
+
+    fn gc(&self, dry_run: bool) -> Result<GcOutcome> {
+        let mut guard = self.state();
+        // A dry run works on a copy of the counts.
+        let mut copy;
+        let s: &mut State = if dry_run {
+            copy = State {
+                recipes: guard.recipes.clone(),
+                refs: guard.refs.clone(),
+                orphans: guard.orphans.clone(),
+                ..State::default()
+            };
+            &mut copy
+        } else {
+            &mut guard
+        };
+        let mut removed = Tally::default();
+        while let Some(k) = s.orphans.pop_first() {
+            let Some(rc) = s.refs.get(&k).copied() else {
+                continue;
+            };
+            if rc.count != 0 {
+                continue;
+            }
+            let (kind, id) = ObjectKind::parse_key(&k).expect("33-byte key");
+            let children = s.children(kind, &id);
+            s.refs.remove(&k);
+            s.recipes.remove(&k);
+            s.chunks.remove(&id);
+            s.damaged.remove(&k);
+            removed.add(kind, &rc);
+            s.sub_refs(&children)?;
+        }
+        Ok(GcOutcome {
+            removed,
+            rewrote: false,
+        })
+    }
+
+    fn damage_marks(&self) -> Result<Vec<DamageMark>> {
+        Ok(self
+            .state()
+            .damaged
+            .iter()
+            .map(|(k, why)| {
+                let (kind, id) = ObjectKind::parse_key(k).expect("33-byte key");
+                DamageMark {
+                    kind,
+                    id,
+                    why: why.clone(),
+                }
+            })
+            .collect())
+    }
+
+    fn mark_damaged(&self, marks: &[DamageMark]) -> Result<()> {
+        let mut s = self.state();
+        for m in marks {
+            s.damaged.insert(m.kind.key(&m.id), m.why.clone());
+        }
+        Ok(())
+    }
+
+    fn clear_damaged(&self, objects: &[(ObjectKind, Id)]) -> Result<()> {
+        let mut s = self.state();
+        for (kind, id) in objects {
+            let k = kind.key(id);
+            s.damaged.remove(&k);
+            s.pending.remove(&k);
+        }
+        Ok(())
+    }
+
+    fn damage_pending(&self) -> usize {
+        self.state().pending.len()
+    }
+
+    fn snapshot_records(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        Ok(self
+            .state()
+            .snapshots
+            .iter()
+            .map(|(k, v)| (k.as_bytes().to_vec(), v.clone()))
+            .collect())
+    }
+
+    fn scan_recipes(&self, f: &mut dyn FnMut(&[u8], &[u8])) -> Result<()> {
+        for (k, v) in &self.state().recipes {
+            f(k, v);
+        }
+        Ok(())
+    }
+
+    fn scan_refs(&self, f: &mut dyn FnMut(&[u8], &[u8])) -> Result<()> {
+        for (k, rc) in &self.state().refs {
+            f(k, &rc.encode());
+        }
+        Ok(())
+    }
+
+    fn scan_orphans(&self, f: &mut dyn FnMut(&[u8])) -> Result<()> {
+        for k in &self.state().orphans {
+            f(k);
+        }
+        Ok(())
+    }
+}

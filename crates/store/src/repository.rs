@@ -1,0 +1,115 @@
+//! The local store as a [`Repository`]: the engine's only way in.
+
+use imgstore_format::{Id, ObjectKind, Page, RefCount, Region, RepoConfig, Snapshot};
+use imgstore_repo::{
+    ChunkRead, DamageMark, ForgetOutcome, Frames, GcOutcome, PutOutcome, Repository, Result, Totals,
+};
+
+use crate::Store;
+
+impl Repository for Store {
+    fn config(&self) -> &RepoConfig {
+        Store::config(self)
+    }
+
+    fn location(&self) -> String {
+        self.dir().display().to_string()
+    }
+
+    fn snapshots(&self) -> Result<Vec<(Id, Snapshot)>> {
+        Store::snapshots(self)
+    }
+
+    fn pages(&self, ids: &[Id]) -> Result<Vec<Page>> {
+        ids.iter().map(|id| self.page(id)).collect()
+    }
+
+    fn regions(&self, ids: &[Id]) -> Result<Vec<Region>> {
+        ids.iter().map(|id| self.region(id)).collect()
+    }
+
+    fn chunk_frames(&self, ids: &[Id]) -> Result<Vec<ChunkRead>> {
+        Ok(Store::chunk_frames(self, ids))
+    }
+
+    fn ref_counts(&self, kind: ObjectKind, ids: &[Id]) -> Result<Vec<Option<RefCount>>> {
+        let keys: Vec<[u8; 33]> = ids.iter().map(|id| kind.key(id)).collect();
+        self.get_refs(&keys)
+    }
+
+    fn totals(&self) -> Result<Totals> {
+        Store::totals(self)
+    }
+
+    fn storage_bytes(&self) -> Option<u64> {
+        Some(crate::disk_usage(self.dir()))
+    }
+
+    fn chunks_known(&self, ids: &[Id]) -> Result<Vec<bool>> {
+        Store::chunks_known(self, ids)
+    }
+
+    fn put_region(
+        &self,
+        id: &Id,
+        region: &Region,
+        encoded: &[u8],
+        frames: &Frames,
+    ) -> Result<PutOutcome> {
+        Store::put_region(self, id, region, encoded, frames)
+    }
+
+    fn commit(&self, snapshot: &Snapshot, pages: &[Page]) -> Result<(Id, u64)> {
+        Store::commit(self, snapshot, pages)
+    }
+
+    fn forget(&self, ids: &[Id]) -> Result<ForgetOutcome> {
+        Store::forget(self, ids)
+    }
+
+    fn set_protected(&self, id: &Id, protected: bool) -> Result<()> {
+        Store::set_protected(self, id, protected)
+    }
+
+    fn protected(&self) -> Result<Vec<Id>> {
+        Store::protected(self)
+    }
+
+    fn gc(&self, dry_run: bool) -> Result<GcOutcome> {
+        let removed = self.sweep(dry_run, &|_| {})?;
+        let rewrote = if dry_run { false } else { self.reclaim()? };
+        Ok(GcOutcome { removed, rewrote })
+    }
+
+    fn damage_marks(&self) -> Result<Vec<DamageMark>> {
+        Store::damage_marks(self)
+    }
+
+    fn mark_damaged(&self, marks: &[DamageMark]) -> Result<()> {
+        Store::mark_damaged(self, marks)
+    }
+
+    fn clear_damaged(&self, objects: &[(ObjectKind, Id)]) -> Result<()> {
+        Store::clear_damaged(self, objects)
+    }
+
+    fn damage_pending(&self) -> usize {
+        Store::damage_pending(self)
+    }
+
+    fn snapshot_records(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        Store::snapshot_records(self)
+    }
+
+    fn scan_recipes(&self, f: &mut dyn FnMut(&[u8], &[u8])) -> Result<()> {
+        Store::scan_recipes(self, f)
+    }
+
+    fn scan_refs(&self, f: &mut dyn FnMut(&[u8], &[u8])) -> Result<()> {
+        Store::scan_refs(self, f)
+    }
+
+    fn scan_orphans(&self, f: &mut dyn FnMut(&[u8])) -> Result<()> {
+        Store::scan_orphans(self, f)
+    }
+}
