@@ -90,6 +90,22 @@ fn restore_to_vec(repo: &dyn Repository, id: &Id, snap: &Snapshot) -> Result<Vec
     Ok(v)
 }
 
+/// Asserts `result` is damage of `chunk` at image offset `offset`; returns why.
+fn damage_at<T: std::fmt::Debug>(result: Result<T, EngineError>, chunk: Id, offset: u64) -> String {
+    match result {
+        Err(EngineError::ChunkDamaged {
+            chunk: c,
+            offset: o,
+            why,
+            ..
+        }) => {
+            assert_eq!((c, o), (chunk, offset), "{why}");
+            why
+        }
+        other => panic!("expected damage of {chunk} at {offset}, got {other:?}"),
+    }
+}
+
 /// The first data chunk of a snapshot and its image offset.
 fn first_chunk(repo: &dyn Repository, snap: &Snapshot, id: &Id) -> (Id, u64) {
     let r = crate::SnapshotReader::open(repo, id, snap).unwrap();
@@ -145,14 +161,7 @@ fn altered_chunk_is_damage_never_wrong_bytes_and_heals() {
     let (chunk, offset) = first_chunk(&repo, &r.snapshot, &r.id);
     assert!(repo.corrupt_chunk(&chunk));
 
-    match restore_to_vec(&repo, &r.id, &r.snapshot) {
-        Err(EngineError::ChunkDamaged {
-            chunk: c,
-            offset: o,
-            ..
-        }) => assert_eq!((c, o), (chunk, offset)),
-        other => panic!("expected damage at {offset}, got {other:?}"),
-    }
+    damage_at(restore_to_vec(&repo, &r.id, &r.snapshot), chunk, offset);
 
     let report = check(&repo, ReadData::All, &NoProgress).unwrap();
     assert!(!report.is_clean());
@@ -189,33 +198,13 @@ fn missing_and_unreadable_chunks_name_their_offset() {
     let (chunk, offset) = first_chunk(&repo, &r.snapshot, &r.id);
 
     repo.make_unreadable(&chunk);
-    match restore_to_vec(&repo, &r.id, &r.snapshot) {
-        Err(EngineError::ChunkDamaged {
-            chunk: c,
-            offset: o,
-            why,
-            ..
-        }) => {
-            assert_eq!((c, o), (chunk, offset));
-            assert!(why.starts_with("unreadable"), "{why}");
-        }
-        other => panic!("expected unreadable chunk, got {other:?}"),
-    }
+    let why = damage_at(restore_to_vec(&repo, &r.id, &r.snapshot), chunk, offset);
+    assert!(why.starts_with("unreadable"), "{why}");
 
     assert!(repo.remove_chunk(&chunk));
     let repo = repo.reopen_readable();
-    match restore_to_vec(&repo, &r.id, &r.snapshot) {
-        Err(EngineError::ChunkDamaged {
-            chunk: c,
-            offset: o,
-            why,
-            ..
-        }) => {
-            assert_eq!((c, o), (chunk, offset));
-            assert!(why.contains("missing"), "{why}");
-        }
-        other => panic!("expected missing chunk, got {other:?}"),
-    }
+    let why = damage_at(restore_to_vec(&repo, &r.id, &r.snapshot), chunk, offset);
+    assert!(why.contains("missing"), "{why}");
     let report = check(&repo, ReadData::All, &NoProgress).unwrap();
     assert_eq!(report.damage_marks().len(), 1);
     assert!(
