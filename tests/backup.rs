@@ -159,7 +159,12 @@ fn restore_to_block_device_writes_real_zeros() {
             return;
         }
     };
-    let res = env.run(&["restore", &id, &dev]);
+    // Without --force a device is not touched.
+    let refused = env.run(&["restore", &id, &dev]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("pass --force"));
+    assert!(fs::read(&backing).unwrap().iter().all(|&b| b == 0xff));
+    let res = env.run(&["restore", &id, &dev, "--force"]);
     // The device itself is a backup source too (read positionally, whole size).
     let from_dev = env.run(&["backup", &dev, "--name", "loopdev", "--json"]);
     // A device smaller than the image is refused.
@@ -171,7 +176,7 @@ fn restore_to_block_device_writes_real_zeros() {
         .output()
         .unwrap();
     let dev2 = String::from_utf8(lo2.stdout).unwrap().trim().to_string();
-    let res2 = env.run(&["restore", &id, &dev2]);
+    let res2 = env.run(&["restore", &id, &dev2, "--force"]);
     let _ = Command::new("losetup").args(["-d", &dev, &dev2]).status();
     assert!(
         res.status.success(),
@@ -212,7 +217,10 @@ fn empty_image_round_trips() {
     env.init();
     let img = env.path("empty.img");
     fs::write(&img, b"").unwrap();
-    let r = env.backup(&img, &[]);
+    // Empty is usually a failed pipeline: refused unless asked for.
+    env.fails(&["backup", img.to_str().unwrap()], "--allow-empty");
+    assert!(env.ok(&["snapshots"]).contains("0 snapshots"));
+    let r = env.backup(&img, &["--allow-empty"]);
     assert_eq!(r["size"], 0);
     assert_eq!(
         r["digest"].as_str().unwrap(),

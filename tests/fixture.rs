@@ -77,7 +77,9 @@ fn format2_repository_opens_restores_and_checks() {
     env.ok(&["verify", "--all"]);
     // diff works from the old recipes: it covers the rewritten 64 KiB (at
     // chunk granularity) and nothing far from it.
-    let diff = env.ok(&["diff", gen1, gen2]);
+    let out = env.run(&["diff", gen1, gen2]);
+    assert_eq!(out.status.code(), Some(1), "they differ, as diff(1) says");
+    let diff = String::from_utf8(out.stdout).unwrap();
     let ranges: Vec<(u64, u64)> = diff
         .lines()
         .filter(|l| !l.starts_with('#'))

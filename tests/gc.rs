@@ -93,7 +93,7 @@ fn protect_dry_run_and_explicit_forget() {
     // A dry run changes nothing and says why each kept one is kept.
     let dry = env.ok(&["forget", "--keep-last", "1", "--dry-run"]);
     assert!(dry.contains("protected"), "{dry}");
-    assert!(dry.contains("1 snapshots would be removed"), "{dry}");
+    assert!(dry.contains("1 snapshot would be removed"), "{dry}");
     assert_eq!(snapshot_ids(&env).len(), 3);
     let gc_dry: serde_json::Value =
         serde_json::from_str(&env.ok(&["gc", "--dry-run", "--json"])).unwrap();

@@ -8,15 +8,32 @@ use std::process::{Command, Stdio};
 
 use crate::util::*;
 
+/// `diff` output and ranges; its exit status is checked like `diff(1)`'s:
+/// 0 when nothing differs, 1 when something does.
 fn diff_ranges(env: &Env, a: &str, b: &str) -> (Vec<(u64, u64)>, String) {
-    let v: serde_json::Value = serde_json::from_str(&env.ok(&["diff", a, b, "--json"])).unwrap();
-    let ranges = v["ranges"]
+    let run = |args: &[&str]| {
+        let o = env.run(args);
+        let out = String::from_utf8(o.stdout).unwrap();
+        (
+            o.status.code(),
+            out,
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    let (code, json, err) = run(&["diff", a, b, "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {err}"));
+    let ranges: Vec<(u64, u64)> = v["ranges"]
         .as_array()
         .unwrap()
         .iter()
         .map(|r| (r["offset"].as_u64().unwrap(), r["length"].as_u64().unwrap()))
         .collect();
-    (ranges, env.ok(&["diff", a, b]))
+    let want = if ranges.is_empty() { 0 } else { 1 };
+    assert_eq!(code, Some(want), "diff exit status: {err}");
+    assert!(err.is_empty(), "{err}");
+    let (code, text, _) = run(&["diff", a, b]);
+    assert_eq!(code, Some(want));
+    (ranges, text)
 }
 
 fn digest_of(env: &Env, id: &str) -> String {
@@ -357,7 +374,13 @@ fn delta_restore_onto_a_block_device_writes_only_changed_chunks() {
             return;
         }
     };
-    let o = env.run(&["restore", &id, &dev, "--delta", "--json"]);
+    // A device is overwritten only with --force.
+    let refused = env.run(&["restore", &id, &dev, "--delta"]);
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("pass --force"),
+        "{refused:?}"
+    );
+    let o = env.run(&["restore", &id, &dev, "--delta", "--force", "--json"]);
     let _ = Command::new("losetup").args(["-d", &dev]).status();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();

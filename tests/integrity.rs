@@ -72,7 +72,7 @@ fn flipped_chunk_is_found_refused_mapped_and_healed_by_the_next_backup() {
 
     let (ok, v, err) = check(&env, &["--read-data"]);
     assert!(!ok, "check must fail on a flipped chunk: {v}");
-    assert!(err.contains("1 of 2 snapshots are damaged"), "{err}");
+    assert!(err.contains("1 of 2 snapshots damaged"), "{err}");
     let damaged = v["damaged_snapshots"].as_array().unwrap();
     assert_eq!(damaged.len(), 1, "{v}");
     assert_eq!(damaged[0]["id"], id_a.as_str());
@@ -197,7 +197,7 @@ fn random_corruption_is_detected_or_harmless_never_wrong_data() {
             let o = trial.run(&["restore", id, out.to_str().unwrap()]);
             let err = String::from_utf8_lossy(&o.stderr);
             assert!(
-                !err.contains("panicked") && matches!(o.status.code(), Some(0 | 1)),
+                !err.contains("panicked") && matches!(o.status.code(), Some(0 | 1 | 3 | 5)),
                 "flip in {}: {:?} {err}",
                 file.display(),
                 o.status
@@ -528,7 +528,7 @@ fn repository_is_private_and_foreign_ownership_is_a_clear_error() {
     let err = env.fails(&["backup", img.to_str().unwrap()], "belongs to uid 65534");
     assert!(err.contains("runs as uid 0"), "{err}");
     assert!(
-        env.ok(&["snapshots"]).contains("1 snapshots"),
+        env.ok(&["snapshots"]).contains("1 snapshot\n"),
         "reading stays allowed"
     );
 }

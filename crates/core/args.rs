@@ -29,6 +29,27 @@ pub struct Cli {
     #[arg(long, global = true)]
     pub no_progress: bool,
 
+    /// Print errors only (no summaries, notes or progress).
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+
+    /// Say more: the parent chosen, what each step took.
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
+
+    /// When another writer holds the repository, wait for it (up to
+    /// DURATION, 10m when given bare) instead of failing: backup, forget,
+    /// gc, protect, unprotect, tag.
+    #[arg(
+        long,
+        global = true,
+        value_name = "DURATION",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "10m"
+    )]
+    pub wait: Option<String>,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -69,11 +90,29 @@ imgstore forget --keep-daily 7 --keep-weekly 4 --keep-monthly 12 --dry-run\n  im
     #[command(after_help = "Examples:\n  imgstore gc --dry-run\n  imgstore gc --json")]
     Gc(GcArgs),
     /// Protect a snapshot from `forget`.
-    #[command(after_help = "Example:\n  imgstore protect 1a2b3c4d")]
+    #[command(
+        after_help = "Examples:\n  imgstore protect 1a2b3c4d\n  imgstore protect latest --name vm-root"
+    )]
     Protect(IdArg),
     /// Allow `forget` to remove a protected snapshot again.
     #[command(after_help = "Example:\n  imgstore unprotect 1a2b3c4d")]
     Unprotect(IdArg),
+    /// Add, remove or replace the tags of snapshots (their ids change: a
+    /// snapshot's id is the hash of its record).
+    #[command(
+        after_help = "Examples:\n  imgstore tag latest --name vm-root --add pre-upgrade\n  imgstore tag 1a2b3c4d --remove daily\n  imgstore tag 1a2b3c4d --set monthly"
+    )]
+    Tag(TagArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    #[command(
+        after_help = "Examples:\n  imgstore completions bash > /etc/bash_completion.d/imgstore\n  imgstore completions zsh > \"${fpath[1]}/_imgstore\"\n  imgstore completions fish > ~/.config/fish/completions/imgstore.fish"
+    )]
+    Completions(CompletionsArgs),
+    /// Write man pages: imgstore(1) to stdout, or one per command into DIR.
+    #[command(
+        after_help = "Examples:\n  imgstore man | man -l -\n  imgstore man --dir /usr/local/share/man/man1"
+    )]
+    Man(ManArgs),
     /// Sizes and ratios of the repository or of one snapshot.
     #[command(
         after_help = "Examples:\n  imgstore stats\n  imgstore stats latest --name vm-root --json"
@@ -200,6 +239,12 @@ pub struct ForgetArgs {
     /// Apply the policy only to snapshots with this name.
     #[arg(long)]
     pub name: Option<String>,
+    /// Apply the policy only to snapshots taken on this host (repeatable: any of them).
+    #[arg(long, value_name = "HOST")]
+    pub host: Vec<String>,
+    /// Apply the policy only to snapshots carrying this tag (repeatable: all of them).
+    #[arg(long, value_name = "TAG")]
+    pub tag: Vec<String>,
     /// Keep the N newest snapshots.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub keep_last: usize,
@@ -247,8 +292,43 @@ pub struct GcArgs {
 
 #[derive(Args, Debug)]
 pub struct IdArg {
-    /// Snapshot id or unique prefix.
+    /// Snapshot id, unique prefix, or `latest`.
     pub snapshot: String,
+    /// With `latest`: the image name.
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct TagArgs {
+    /// Snapshots (ids, prefixes or `latest`).
+    #[arg(required = true)]
+    pub snapshots: Vec<String>,
+    /// With `latest`: the image name.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Add this tag (repeatable).
+    #[arg(long, value_name = "TAG")]
+    pub add: Vec<String>,
+    /// Remove this tag (repeatable).
+    #[arg(long, value_name = "TAG")]
+    pub remove: Vec<String>,
+    /// Replace all tags by these (repeatable; `--set ''` is not allowed: use --remove).
+    #[arg(long, value_name = "TAG")]
+    pub set: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct CompletionsArgs {
+    /// The shell.
+    pub shell: clap_complete::Shell,
+}
+
+#[derive(Args, Debug)]
+pub struct ManArgs {
+    /// Write imgstore.1 and imgstore-COMMAND.1 into this directory.
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -275,9 +355,19 @@ pub struct InitArgs {
 
 #[derive(Args, Debug)]
 pub struct BackupArgs {
-    /// Image file, block device, or - for stdin (omit with --from-export).
-    #[arg(required_unless_present = "from_export")]
+    /// Image file, block device, or - for stdin (omit with --from-export or --stdin-from-command).
+    #[arg(required_unless_present_any = ["from_export", "stdin_from_command"])]
     pub source: Option<String>,
+    /// Back up what COMMAND writes to its stdout; a non-zero exit status
+    /// fails the backup (no snapshot). Needs --name.
+    #[arg(long, requires = "name", conflicts_with_all = ["source", "from_export", "base"])]
+    pub stdin_from_command: bool,
+    /// The command for --stdin-from-command, after `--`.
+    #[arg(last = true, value_name = "COMMAND", requires = "stdin_from_command")]
+    pub command: Vec<String>,
+    /// Keep a 0-byte image as a snapshot (an empty source is refused otherwise).
+    #[arg(long)]
+    pub allow_empty: bool,
     /// Back up the view of a `serve --writable DIR` overlay: its base snapshot plus what was written.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["source", "base", "changed"])]
     pub from_export: Option<std::path::PathBuf>,
@@ -290,6 +380,9 @@ pub struct BackupArgs {
     /// Print the result as one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// With --json: also print a status line (JSON) about once a second while it runs.
+    #[arg(long, requires = "json")]
+    pub json_status: bool,
     /// Changed-block backup: take everything not listed in --changed from this snapshot.
     #[arg(long, value_name = "SNAPSHOT", requires = "changed")]
     pub base: Option<String>,
@@ -315,6 +408,12 @@ pub struct SnapshotsArgs {
     /// Only snapshots with this name.
     #[arg(long)]
     pub name: Option<String>,
+    /// Only snapshots taken on this host (repeatable: any of them).
+    #[arg(long, value_name = "HOST")]
+    pub host: Vec<String>,
+    /// Only snapshots carrying this tag (repeatable: all of them).
+    #[arg(long, value_name = "TAG")]
+    pub tag: Vec<String>,
     /// Print a JSON array.
     #[arg(long)]
     pub json: bool,
@@ -331,11 +430,11 @@ pub struct RestoreArgs {
     /// Restrict `latest` / --at to snapshots with this name.
     #[arg(long)]
     pub name: Option<String>,
-    /// The newest snapshot taken at or before TIME ("2026-11-01", "2026-11-01 03:00:00", RFC 3339).
+    /// The newest snapshot taken at or before TIME, in UTC; a date means the end of that day ("2026-11-01" = up to 23:59:59), "2026-11-01 03:00" the end of that minute, "2026-11-01 03:00:00" that second.
     #[arg(long, value_name = "TIME")]
     pub at: Option<String>,
-    /// Replace an existing regular file.
-    #[arg(long, conflicts_with = "delta")]
+    /// Overwrite an existing regular file or block device (refused without it).
+    #[arg(long)]
     pub force: bool,
     /// TARGET already holds a version of the image: write only the chunks that differ.
     #[arg(long)]

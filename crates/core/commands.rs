@@ -3,22 +3,74 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use imgstore_engine::{BackupOptions, ParentChoice, Selector, Source, Target};
 use imgstore_format::{Id, Snapshot};
 use imgstore_store::{Mode, Store};
 use serde_json::json;
 
 use crate::args::{BackupArgs, Cli, Command, DiffArgs, InitArgs, RestoreArgs, SnapshotsArgs};
+use crate::exit;
 use crate::progress::Bar;
-use crate::units::{format_time, human_bytes, parse_size, parse_time};
+use crate::units::{format_time, human_bytes, parse_size, parse_time, plural};
+
+/// Flags every command shares.
+pub(crate) struct Settings {
+    pub quiet: bool,
+    pub verbose: bool,
+    /// How long a writer waits for the repository lock.
+    pub wait: std::time::Duration,
+}
+
+static SETTINGS: std::sync::OnceLock<Settings> = std::sync::OnceLock::new();
+
+pub(crate) fn settings() -> &'static Settings {
+    SETTINGS.get_or_init(|| Settings {
+        quiet: false,
+        verbose: false,
+        wait: std::time::Duration::ZERO,
+    })
+}
+
+/// Opens the repository as the writer `operation`, waiting for the lock
+/// as long as `--wait` says.
+pub(crate) fn open_writer(repo: &Path, operation: &'static str) -> anyhow::Result<Store> {
+    Ok(Store::open_waiting(
+        repo,
+        Mode::Write { operation },
+        settings().wait,
+    )?)
+}
+
+/// Checks a `--name` the user gave against the name grammar.
+pub(crate) fn check_name(name: Option<&str>) -> anyhow::Result<()> {
+    if let Some(n) = name {
+        imgstore_engine::check_name(n)?;
+    }
+    Ok(())
+}
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    let repo = cli
-        .repo
-        .clone()
-        .context("no repository given: pass -r/--repo PATH or set IMGSTORE_REPO")?;
-    let progress = !cli.no_progress;
+    let wait = match &cli.wait {
+        Some(w) => humantime::parse_duration(w).map_err(|_| {
+            exit::usage(format!("--wait={w} is not a duration (e.g. 30s, 10m, 2h)"))
+        })?,
+        None => std::time::Duration::ZERO,
+    };
+    let _ = SETTINGS.set(Settings {
+        quiet: cli.quiet,
+        verbose: cli.verbose,
+        wait,
+    });
+    let progress = !cli.no_progress && !cli.quiet;
+    match cli.command {
+        Command::Completions(a) => return crate::packaging::completions(a),
+        Command::Man(a) => return crate::packaging::man(a),
+        _ => {}
+    }
+    let repo = cli.repo.clone().ok_or_else(|| {
+        exit::usage("no repository given: pass -r/--repo PATH or set IMGSTORE_REPO")
+    })?;
     match cli.command {
         Command::Init(a) => init(&repo, a),
         Command::Backup(a) => backup(&repo, a, progress),
@@ -34,6 +86,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Mount(a) => crate::mount::mount(&repo, a),
         Command::Check(a) => crate::integrity::check(&repo, a, progress),
         Command::Verify(a) => crate::integrity::verify(&repo, a, progress),
+        Command::Tag(a) => crate::maintenance::tag(&repo, a),
+        Command::Completions(_) | Command::Man(_) => unreachable!("handled above"),
     }
 }
 
@@ -48,8 +102,18 @@ pub(crate) fn emit(text: &str) -> anyhow::Result<()> {
     }
 }
 
+/// A summary or note on stderr (not with --quiet).
 pub(crate) fn note(text: &str) {
-    let _ = writeln!(std::io::stderr(), "{text}");
+    if !settings().quiet {
+        let _ = writeln!(std::io::stderr(), "{text}");
+    }
+}
+
+/// A detail on stderr, only with --verbose.
+pub(crate) fn detail(text: &str) {
+    if settings().verbose {
+        let _ = writeln!(std::io::stderr(), "{text}");
+    }
 }
 
 fn init(repo: &Path, a: InitArgs) -> anyhow::Result<()> {
@@ -81,37 +145,46 @@ fn hostname() -> String {
 }
 
 fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> {
+    check_name(a.name.as_deref())?;
+    for t in &a.tags {
+        imgstore_engine::check_tag(t)?;
+    }
     let overlay = a
         .from_export
         .as_deref()
         .map(imgstore_engine::overlay_info)
         .transpose()?;
+    let mut child = None;
     let (source, default_name) = match (&overlay, a.source.as_deref()) {
         (Some(o), _) => (Source::open(&o.data)?, None),
+        _ if a.stdin_from_command => {
+            let (src, c) = crate::source_command::spawn(&a.command)?;
+            child = Some(c);
+            (src, None)
+        }
         (None, Some("-")) => (Source::stdin(), None),
         (None, Some(p)) => {
             let path = PathBuf::from(p);
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
             (Source::open(&path)?.with_direct_io(a.direct_io), name)
         }
-        (None, None) => bail!("give SOURCE (a file, block device or -) or --from-export DIR"),
+        (None, None) => {
+            return Err(exit::usage(
+                "give SOURCE (a file, block device or -), --from-export DIR or --stdin-from-command -- COMMAND",
+            ))
+        }
     };
-    let store = Store::open(
-        repo,
-        Mode::Write {
-            operation: "backup",
-        },
-    )?;
+    let store = open_writer(repo, "backup")?;
     // An overlay's view is a changed-block backup of its base: only the
     // blocks written through the export are read.
     let from_overlay = match &overlay {
         Some(o) => {
             let snaps = store.snapshots()?;
             let Some((_, base)) = snaps.into_iter().find(|(id, _)| *id == o.base) else {
-                bail!(
+                return Err(exit::not_found(format!(
                     "the overlay's base snapshot {} is no longer in the repository (forgotten?): its writes cannot be completed into an image",
                     o.base.short()
-                );
+                )));
             };
             Some(imgstore_engine::ChangedBlocks {
                 base_id: o.base,
@@ -125,9 +198,16 @@ fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> {
     let default_name = default_name.or(from_overlay.as_ref().map(|c| c.base.name.clone()));
     let name = match a.name.or(default_name) {
         Some(n) if !n.is_empty() => n,
-        _ => bail!("a backup from stdin needs a name: pass --name NAME"),
+        _ => {
+            return Err(exit::usage(
+                "a backup from stdin needs a name: pass --name NAME",
+            ))
+        }
     };
-    let bar = Bar::new(progress);
+    imgstore_engine::check_name(&name)
+        .context("the image name defaults to the source's file name: pass --name NAME")?;
+    let status = a.json_status.then(crate::progress::JsonStatus::new);
+    let bar = Bar::new(progress && status.is_none());
     // The parent: regions equal to it at the same offset are not chunked.
     let choice = match (&a.parent, a.no_parent) {
         (_, true) => ParentChoice::None,
@@ -135,11 +215,20 @@ fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> {
         (None, false) => ParentChoice::Latest,
     };
     let parent = imgstore_engine::parent_for(&store.snapshots()?, &name, &choice)?;
+    if let Some((id, p)) = &parent {
+        detail(&format!(
+            "parent: {} ({}, {})",
+            id.short(),
+            p.name,
+            format_time(p.time_ns)
+        ));
+    }
     let opts = BackupOptions {
         name,
         tags: a.tags,
         hostname: hostname(),
         parent,
+        allow_empty: a.allow_empty,
     };
     let damaged = store.damage_pending();
     let changed = match (&a.base, &a.changed) {
@@ -161,16 +250,29 @@ fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> {
         }
         _ => None,
     };
-    let r = match &changed {
-        Some(c) => imgstore_engine::backup_changed(&store, &source, c, &opts, &bar)?,
-        None => imgstore_engine::backup(&store, source, &opts, &bar)?,
+    let progress: &dyn imgstore_engine::Progress = match &status {
+        Some(s) => s,
+        None => &bar,
     };
+    let result = match &changed {
+        Some(c) => imgstore_engine::backup_changed(&store, &source, c, &opts, progress),
+        None => imgstore_engine::backup(&store, source, &opts, progress),
+    };
+    if let Some(c) = child {
+        // The command's exit status was checked at end of stream; a backup
+        // that stopped early does not leave it running.
+        crate::source_command::reap(c);
+    }
+    let r = result?;
     drop(bar);
     let repaired = damaged - store.damage_pending();
     let s = &r.snapshot;
     let secs = s.stats.duration_ns as f64 / 1e9;
     if a.json {
         let mut v = snapshot_json(&r.id, s);
+        if status.is_some() {
+            v["message_type"] = json!("summary");
+        }
         v["bytes_read"] = json!(r.bytes_read);
         v["bytes_reused"] = json!(r.bytes_reused);
         let parent = changed
@@ -196,7 +298,8 @@ fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> {
         ));
         if repaired > 0 {
             note(&format!(
-                "repaired {repaired} damaged objects found by an earlier check ({} still marked)",
+                "repaired {} found by an earlier check ({} still marked)",
+                plural(repaired as u64, "damaged object"),
                 store.damage_pending()
             ));
         }
@@ -227,17 +330,24 @@ fn read_ranges(list: &str) -> anyhow::Result<Vec<(u64, u64)>> {
         let mut f = line.split_whitespace();
         match (f.next().and_then(num), f.next().and_then(num)) {
             (Some(o), Some(l)) => out.push((o, l)),
-            _ => bail!(
+            _ => {
+                return Err(exit::usage(format!(
                 "change list {list}, line {}: expected `OFFSET LENGTH` in bytes, found {line:?}",
                 n + 1
-            ),
+            )))
+            }
         }
     }
     Ok(out)
 }
 
+/// Version of every JSON object imgstore prints (docs/JSON.md); raised
+/// when a field changes meaning or goes away, not when one is added.
+pub(crate) const JSON_SCHEMA: u32 = 1;
+
 pub(crate) fn snapshot_json(id: &Id, s: &Snapshot) -> serde_json::Value {
     json!({
+        "schema_version": JSON_SCHEMA,
         "id": id.to_hex(),
         "short_id": id.short(),
         "name": s.name,
@@ -264,6 +374,7 @@ pub(crate) fn chosen_snapshots(
     everything: bool,
     name: Option<&str>,
 ) -> anyhow::Result<Vec<(Id, Snapshot)>> {
+    check_name(name)?;
     let all = store.snapshots()?;
     let mut out = if everything {
         all
@@ -276,67 +387,97 @@ pub(crate) fn chosen_snapshots(
     out.sort_by_key(|(id, s)| (s.time_ns, *id));
     out.dedup_by_key(|(id, _)| *id);
     if out.is_empty() {
-        bail!("the repository holds no snapshots");
+        return Err(exit::not_found("the repository holds no snapshots"));
     }
     Ok(out)
 }
 
-fn sorted_snapshots(store: &Store, name: Option<&str>) -> anyhow::Result<Vec<(Id, Snapshot)>> {
-    let mut snaps = store.snapshots()?;
-    snaps.retain(|(_, s)| name.is_none_or(|n| s.name == n));
-    snaps.sort_by_key(|(id, s)| (s.time_ns, *id));
-    Ok(snaps)
-}
-
 fn snapshots(repo: &Path, a: SnapshotsArgs) -> anyhow::Result<()> {
+    check_name(a.name.as_deref())?;
     let store = Store::open(repo, Mode::ReadOnly)?;
-    let snaps = sorted_snapshots(&store, a.name.as_deref())?;
+    let filter = imgstore_engine::SnapshotFilter {
+        name: a.name.clone(),
+        hosts: a.host.clone(),
+        tags: a.tag.clone(),
+    };
+    let mut snaps = store.snapshots()?;
+    snaps.retain(|(_, s)| filter.matches(s));
+    snaps.sort_by_key(|(id, s)| (s.time_ns, *id));
+    let protected: std::collections::HashSet<Id> = store.protected()?.into_iter().collect();
+    let parents: std::collections::HashMap<Id, Id> = store.parents()?.into_iter().collect();
     if a.json {
-        let v: Vec<_> = snaps.iter().map(|(id, s)| snapshot_json(id, s)).collect();
+        let v: Vec<_> = snaps
+            .iter()
+            .map(|(id, s)| {
+                let mut v = snapshot_json(id, s);
+                v["protected"] = json!(protected.contains(id));
+                v["parent"] = json!(parents.get(id).map(|p| p.to_hex()));
+                v
+            })
+            .collect();
         return emit(&format!("{}\n", serde_json::Value::Array(v)));
     }
-    let name_w = snaps
-        .iter()
-        .map(|(_, s)| s.name.len())
-        .max()
-        .unwrap_or(4)
-        .max(4);
+    let width = |f: &dyn Fn(&Snapshot) -> usize, min: usize| {
+        snaps.iter().map(|(_, s)| f(s)).max().unwrap_or(0).max(min)
+    };
+    let name_w = width(&|s| s.name.len(), 4);
+    let host_w = width(&|s| s.hostname.len(), 4);
     let mut out = format!(
-        "{:<8}  {:<20}  {:<name_w$}  {:>10}  TAGS\n",
-        "ID", "TIME", "NAME", "SIZE"
+        "{:<8}  {:<20}  {:<name_w$}  {:<host_w$}  {:>10}  {:<8}  {:<9}  TAGS\n",
+        "ID", "TIME", "NAME", "HOST", "SIZE", "PARENT", "PROTECTED"
     );
     for (id, s) in &snaps {
         out.push_str(&format!(
-            "{:<8}  {:<20}  {:<name_w$}  {:>10}  {}\n",
+            "{:<8}  {:<20}  {:<name_w$}  {:<host_w$}  {:>10}  {:<8}  {:<9}  {}\n",
             id.short(),
             format_time(s.time_ns),
             s.name,
+            s.hostname,
             human_bytes(s.size),
+            parents
+                .get(id)
+                .map(|p| p.short())
+                .unwrap_or_else(|| "-".into()),
+            if protected.contains(id) { "yes" } else { "no" },
             s.tags.join(",")
         ));
     }
-    out.push_str(&format!("{} snapshots\n", snaps.len()));
+    out.push_str(&format!("{}\n", plural(snaps.len() as u64, "snapshot")));
     emit(&out)
 }
 
 fn restore(repo: &Path, a: RestoreArgs, progress: bool) -> anyhow::Result<()> {
+    check_name(a.name.as_deref())?;
     let (selector, target) = match (&a.at, a.second) {
-        (Some(at), None) => (Selector::At(parse_time(at)?), a.first),
-        (Some(_), Some(_)) => bail!("give either SNAPSHOT or --at TIME, not both"),
-        (None, Some(t)) => (Selector::parse(&a.first)?, t),
-        (None, None) => bail!(
-            "missing TARGET: imgstore restore SNAPSHOT TARGET (a file path, a block device or -)"
+        (Some(at), None) => (
+            Selector::At(parse_time(at).map_err(|e| exit::usage(e.to_string()))?),
+            a.first,
         ),
+        (Some(_), Some(_)) => {
+            return Err(exit::usage("give either SNAPSHOT or --at TIME, not both"))
+        }
+        (None, Some(t)) => (Selector::parse(&a.first)?, t),
+        (None, None) => return Err(exit::usage(
+            "missing TARGET: imgstore restore SNAPSHOT TARGET (a file path, a block device or -)",
+        )),
     };
+    if target == "-" && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        return Err(exit::usage(
+            "stdout is a terminal: redirect it (`> image.img`, `| qemu-img ...`) or give a file or device as TARGET",
+        ));
+    }
     let store = Store::open(repo, Mode::ReadOnly)?;
     let snaps = store.snapshots()?;
     let (id, snap) = imgstore_engine::select(&snaps, &selector, a.name.as_deref())?;
     if a.delta {
         if target == "-" {
-            bail!("--delta writes onto an existing file or block device, not stdout");
+            return Err(exit::usage(
+                "--delta writes onto an existing file or block device, not stdout",
+            ));
         }
         let bar = Bar::new(progress);
-        let r = imgstore_engine::restore_delta(&store, &id, &snap, Path::new(&target), &bar)?;
+        let r =
+            imgstore_engine::restore_delta(&store, &id, &snap, Path::new(&target), a.force, &bar)?;
         drop(bar);
         if a.json {
             return emit(&format!(
@@ -409,17 +550,35 @@ fn restore(repo: &Path, a: RestoreArgs, progress: bool) -> anyhow::Result<()> {
     }
 }
 
+/// `diff` exits like `diff(1)`: 0 when the snapshots are equal, 1 when
+/// they differ, 2 (or a more specific code) on trouble.
 fn diff(repo: &Path, a: DiffArgs) -> anyhow::Result<()> {
+    let r = diff_inner(repo, a);
+    match r {
+        Ok(true) => Err(exit::Quiet(exit::FAILURE).into()),
+        Ok(false) => Ok(()),
+        Err(e) if exit::code_of(&e) == exit::FAILURE => Err(e.context(exit::Coded {
+            code: exit::USAGE,
+            msg: "diff".into(),
+        })),
+        Err(e) => Err(e),
+    }
+}
+
+fn diff_inner(repo: &Path, a: DiffArgs) -> anyhow::Result<bool> {
+    check_name(a.name.as_deref())?;
     let store = Store::open(repo, Mode::ReadOnly)?;
     let snaps = store.snapshots()?;
     let (ia, sa) = imgstore_engine::select(&snaps, &Selector::parse(&a.a)?, a.name.as_deref())?;
     let (ib, sb) = imgstore_engine::select(&snaps, &Selector::parse(&a.b)?, a.name.as_deref())?;
     let ranges = imgstore_engine::diff(&store, (&ia, &sa), (&ib, &sb))?;
     let changed: u64 = ranges.iter().map(|r| r.1).sum();
+    let differ = !ranges.is_empty();
     if a.json {
-        return emit(&format!(
+        emit(&format!(
             "{}\n",
             json!({
+                "schema_version": JSON_SCHEMA,
                 "a": ia.to_hex(),
                 "b": ib.to_hex(),
                 "a_size": sa.size,
@@ -427,17 +586,18 @@ fn diff(repo: &Path, a: DiffArgs) -> anyhow::Result<()> {
                 "changed_bytes": changed,
                 "ranges": ranges.iter().map(|(o, l)| json!({"offset": o, "length": l})).collect::<Vec<_>>(),
             })
-        ));
+        ))?;
+        return Ok(differ);
     }
     let mut out = format!(
-        "# imgstore diff {} ({}, {}) {} ({}, {})\n# {} ranges, {} differ ({changed} bytes, {:.2}% of {})\n# OFFSET LENGTH\n",
+        "# imgstore diff {} ({}, {}) {} ({}, {})\n# {}, {} differ ({changed} bytes, {:.2}% of {})\n# OFFSET LENGTH\n",
         ia.short(),
         sa.name,
         format_time(sa.time_ns),
         ib.short(),
         sb.name,
         format_time(sb.time_ns),
-        ranges.len(),
+        plural(ranges.len() as u64, "range"),
         human_bytes(changed),
         100.0 * changed as f64 / sb.size.max(sa.size).max(1) as f64,
         human_bytes(sb.size.max(sa.size)),
@@ -445,5 +605,6 @@ fn diff(repo: &Path, a: DiffArgs) -> anyhow::Result<()> {
     for (o, l) in &ranges {
         out.push_str(&format!("{o} {l}\n"));
     }
-    emit(&out)
+    emit(&out)?;
+    Ok(differ)
 }

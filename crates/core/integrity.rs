@@ -2,7 +2,6 @@
 
 use std::path::Path;
 
-use anyhow::bail;
 use imgstore_engine::{CheckReport, ReadData, Target};
 use imgstore_format::{Id, ObjectKind};
 use imgstore_repo::DamageMark;
@@ -12,7 +11,7 @@ use serde_json::json;
 use crate::args::{CheckArgs, VerifyArgs};
 use crate::commands::{emit, note};
 use crate::progress::Bar;
-use crate::units::{format_time, human_bytes};
+use crate::units::{format_time, human_bytes, plural};
 
 fn kind_name(k: ObjectKind) -> &'static str {
     match k {
@@ -36,11 +35,15 @@ fn record_marks(repo: &Path, marks: &[DamageMark], intact: &[(ObjectKind, Id)]) 
     Some(match result {
         Ok(0) if intact.is_empty() => return None,
         Ok(n) => format!(
-            "marked {n} newly damaged objects for repair (the next backup of the same data rewrites them){}",
+            "marked {} for repair (the next backup of the same data rewrites them){}",
+            plural(n as u64, "newly damaged object"),
             if intact.is_empty() {
                 String::new()
             } else {
-                format!("; {} repaired objects unmarked", intact.len())
+                format!(
+                    "; {} unmarked",
+                    plural(intact.len() as u64, "repaired object")
+                )
             }
         ),
         Err(e @ imgstore_engine::EngineError::Repo(StoreError::Busy { .. })) => {
@@ -80,12 +83,12 @@ pub fn check(repo: &Path, a: CheckArgs, progress: bool) -> anyhow::Result<()> {
         note(&n);
     }
     if !report.is_clean() {
-        bail!(
-            "check found {} problems; {} of {} snapshots are damaged (`imgstore check --json` lists the byte ranges)",
-            report.problems.len(),
+        return Err(crate::exit::damaged(format!(
+            "check found {}; {} of {} damaged (`imgstore check --json` lists the byte ranges)",
+            plural(report.problems.len() as u64, "problem"),
             report.damaged_snapshots.len(),
-            report.snapshots
-        );
+            plural(report.snapshots, "snapshot")
+        )));
     }
     Ok(())
 }
@@ -128,13 +131,17 @@ fn report_text(r: &CheckReport, secs: f64) -> String {
         ));
     }
     out.push_str(&format!(
-        "checked {} snapshots, {} chunks, {} regions, {} pages ({} orphans awaiting gc)",
-        r.snapshots, r.chunks, r.regions, r.pages, r.orphans
+        "checked {}, {}, {}, {} ({} awaiting gc)",
+        plural(r.snapshots, "snapshot"),
+        plural(r.chunks, "chunk"),
+        plural(r.regions, "region"),
+        plural(r.pages, "page"),
+        plural(r.orphans, "orphan")
     ));
     if r.chunks_read > 0 {
         out.push_str(&format!(
-            "; read and re-hashed {} chunks ({} stored)",
-            r.chunks_read,
+            "; read and re-hashed {} ({} stored)",
+            plural(r.chunks_read, "chunk"),
             human_bytes(r.bytes_read)
         ));
     }
@@ -147,6 +154,7 @@ fn report_text(r: &CheckReport, secs: f64) -> String {
 
 fn report_json(r: &CheckReport, secs: f64) -> serde_json::Value {
     json!({
+        "schema_version": crate::commands::JSON_SCHEMA,
         "clean": r.is_clean(),
         "snapshots": r.snapshots,
         "chunks": r.chunks,
@@ -174,7 +182,9 @@ fn report_json(r: &CheckReport, secs: f64) -> serde_json::Value {
 
 pub fn verify(repo: &Path, a: VerifyArgs, progress: bool) -> anyhow::Result<()> {
     if a.snapshots.is_empty() && !a.all {
-        bail!("name the snapshots to verify (an id, a prefix or `latest`), or pass --all");
+        return Err(crate::exit::usage(
+            "name the snapshots to verify (an id, a prefix or `latest`), or pass --all",
+        ));
     }
     let store = Store::open(repo, Mode::ReadOnly)?;
     let chosen = crate::commands::chosen_snapshots(&store, &a.snapshots, a.all, a.name.as_deref())?;
@@ -186,6 +196,7 @@ pub fn verify(repo: &Path, a: VerifyArgs, progress: bool) -> anyhow::Result<()> 
         let r = imgstore_engine::restore(&store, id, snap, Target::Discard, &bar);
         drop(bar);
         let mut v = json!({
+            "schema_version": crate::commands::JSON_SCHEMA,
             "id": id.to_hex(),
             "name": snap.name,
             "time": format_time(snap.time_ns),
@@ -233,10 +244,10 @@ pub fn verify(repo: &Path, a: VerifyArgs, progress: bool) -> anyhow::Result<()> 
         note(&n);
     }
     if failed > 0 {
-        bail!(
-            "{failed} of {} snapshots failed verification: run `imgstore check --read-data` for the full extent",
-            chosen.len()
-        );
+        return Err(crate::exit::damaged(format!(
+            "{failed} of {} failed verification: run `imgstore check --read-data` for the full extent",
+            plural(chosen.len() as u64, "snapshot")
+        )));
     }
     Ok(())
 }

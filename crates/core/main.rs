@@ -5,11 +5,14 @@
 
 mod args;
 mod commands;
+mod exit;
 mod integrity;
 mod maintenance;
 mod mount;
+mod packaging;
 mod progress;
 mod serve;
+mod source_command;
 mod units;
 
 use std::io::Write;
@@ -45,10 +48,17 @@ fn main() -> ExitCode {
     // Repository files hold whole disks: readable by their owner only
     // (RocksDB creates its files with the process umask).
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
-    let cli = args::Cli::parse();
+    let cli = match args::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return parse_error(e),
+    };
     match commands::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
+            let code = exit::code_of(&err);
+            if err.downcast_ref::<exit::Quiet>().is_some() || code == exit::PIPE_CLOSED {
+                return ExitCode::from(code);
+            }
             // One line: the error and its causes, outermost first.
             // Library errors already quote their cause in their message;
             // a cause is appended only when the line does not hold it yet.
@@ -64,7 +74,47 @@ fn main() -> ExitCode {
             }
             line = line.replace('\n', " ");
             let _ = writeln!(std::io::stderr(), "imgstore: error: {line}");
-            ExitCode::FAILURE
+            ExitCode::from(code)
         }
     }
+}
+
+/// A command line clap refused, as one line in the same style as every
+/// other error (exit 2); help and version go to stdout as usual.
+fn parse_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = e.print();
+            return ExitCode::from(exit::USAGE);
+        }
+        _ => {}
+    }
+    let text = e.render().to_string();
+    let mut parts: Vec<String> = Vec::new();
+    for l in text.lines().map(str::trim) {
+        if let Some(m) = l.strip_prefix("error: ") {
+            parts.push(m.to_string());
+        } else if let Some(t) = l.strip_prefix("tip: ") {
+            parts.push(t.to_string());
+        }
+    }
+    if parts.is_empty() {
+        parts.push(
+            text.lines()
+                .next()
+                .unwrap_or("invalid arguments")
+                .to_string(),
+        );
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "imgstore: error: {} (see `imgstore --help`)",
+        parts.join("; ")
+    );
+    ExitCode::from(exit::USAGE)
 }

@@ -3,7 +3,6 @@
 use std::collections::HashSet;
 use std::path::Path;
 
-use anyhow::{bail, Context};
 use imgstore_engine::policy::Policy;
 use imgstore_engine::{ForgetRequest, Selector, SnapshotReader};
 use imgstore_format::{Id, ObjectKind};
@@ -11,9 +10,9 @@ use imgstore_repo::Repository;
 use imgstore_store::{disk_usage, Mode, Store};
 use serde_json::json;
 
-use crate::args::{ForgetArgs, GcArgs, IdArg, StatsArgs};
+use crate::args::{ForgetArgs, GcArgs, IdArg, StatsArgs, TagArgs};
 use crate::commands::{emit, note};
-use crate::units::{format_time, human_bytes};
+use crate::units::{format_time, human_bytes, plural};
 
 /// The repository's disk usage, then the repository opened read-only for a
 /// dry run or as the writer `operation` otherwise (usage is measured first:
@@ -25,10 +24,15 @@ fn open_for(repo: &Path, dry_run: bool, operation: &'static str) -> anyhow::Resu
     } else {
         Mode::Write { operation }
     };
-    Ok((before, Store::open(repo, mode)?))
+    let store = match mode {
+        Mode::ReadOnly => Store::open(repo, mode)?,
+        Mode::Write { operation } => crate::commands::open_writer(repo, operation)?,
+    };
+    Ok((before, store))
 }
 
 fn resolve(store: &Store, s: &str, name: Option<&str>) -> anyhow::Result<Id> {
+    crate::commands::check_name(name)?;
     let snaps = store.snapshots()?;
     Ok(imgstore_engine::select(&snaps, &Selector::parse(s)?, name)?.0)
 }
@@ -40,8 +44,10 @@ pub fn forget(repo: &Path, a: ForgetArgs) -> anyhow::Result<()> {
         .map(|d| {
             humantime::parse_duration(d)
                 .map(|d| d.as_nanos() as i64)
-                .with_context(|| {
-                    format!("--keep-within '{d}' is not a duration (e.g. 30d, 2w, 12h)")
+                .map_err(|_| {
+                    crate::exit::usage(format!(
+                        "--keep-within '{d}' is not a duration (e.g. 30d, 2w, 12h)"
+                    ))
                 })
         })
         .transpose()?;
@@ -56,9 +62,15 @@ pub fn forget(repo: &Path, a: ForgetArgs) -> anyhow::Result<()> {
         tags: a.keep_tag.clone(),
     };
     match (a.snapshots.is_empty(), policy.is_empty()) {
-        (false, false) => bail!("give snapshot ids or --keep-* rules, not both"),
+        (false, false) => {
+            return Err(crate::exit::usage(
+                "give snapshot ids or --keep-* rules, not both",
+            ))
+        }
         (true, true) => {
-            bail!("nothing to forget: name snapshots, or give --keep-* rules (e.g. --keep-daily 7)")
+            return Err(crate::exit::usage(
+                "nothing to forget: name snapshots, or give --keep-* rules (e.g. --keep-daily 7)",
+            ))
         }
         _ => {}
     }
@@ -68,7 +80,13 @@ pub fn forget(repo: &Path, a: ForgetArgs) -> anyhow::Result<()> {
     } else {
         ForgetRequest::Snapshots(a.snapshots.clone())
     };
-    let plan = imgstore_engine::plan_forget(&store, &request, a.name.as_deref())?;
+    crate::commands::check_name(a.name.as_deref())?;
+    let filter = imgstore_engine::SnapshotFilter {
+        name: a.name.clone(),
+        hosts: a.host.clone(),
+        tags: a.tag.clone(),
+    };
+    let plan = imgstore_engine::plan_forget(&store, &request, &filter)?;
     let decisions = &plan.decisions;
     let remove: Vec<Id> = decisions.iter().filter(|d| !d.keep).map(|d| d.id).collect();
     if a.json {
@@ -90,8 +108,8 @@ pub fn forget(repo: &Path, a: ForgetArgs) -> anyhow::Result<()> {
             ));
         }
         out.push_str(&format!(
-            "{} snapshots {}, {} kept\n",
-            remove.len(),
+            "{} {}, {} kept\n",
+            plural(remove.len() as u64, "snapshot"),
             if a.dry_run {
                 "would be removed"
             } else {
@@ -106,32 +124,39 @@ pub fn forget(repo: &Path, a: ForgetArgs) -> anyhow::Result<()> {
     }
     imgstore_engine::forget(&store, &plan)?;
     if a.prune {
-        run_gc(&store, before, false, a.json)?;
+        run_gc(store, repo, before, false, a.json)?;
     }
     Ok(())
 }
 
 pub fn gc(repo: &Path, a: GcArgs) -> anyhow::Result<()> {
     let (before, store) = open_for(repo, a.dry_run, "gc")?;
-    run_gc(&store, before, a.dry_run, a.json)
+    run_gc(store, repo, before, a.dry_run, a.json)
 }
 
 /// Sweeps and reclaims; `before` is the repository's disk usage measured
-/// before it was opened (opening for write preallocates a WAL file).
-fn run_gc(store: &Store, before: u64, dry_run: bool, json_out: bool) -> anyhow::Result<()> {
+/// before it was opened (opening for write preallocates a WAL file). The
+/// size after is measured once the store is closed: RocksDB deletes the
+/// files compaction made obsolete by then, so the figure is space really
+/// returned to the file system.
+fn run_gc(
+    store: Store,
+    repo: &Path,
+    before: u64,
+    dry_run: bool,
+    json_out: bool,
+) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let outcome = store.gc(dry_run)?;
     let (swept, rewrote) = (outcome.removed, outcome.rewrote);
-    let after = if dry_run {
-        before
-    } else {
-        disk_usage(store.dir())
-    };
+    drop(store);
+    let after = if dry_run { before } else { disk_usage(repo) };
     let secs = started.elapsed().as_secs_f64();
     if json_out {
         return emit(&format!(
             "{}\n",
             json!({
+                "schema_version": crate::commands::JSON_SCHEMA,
                 "dry_run": dry_run,
                 "chunks_removed": swept.chunks,
                 "regions_removed": swept.regions,
@@ -146,12 +171,12 @@ fn run_gc(store: &Store, before: u64, dry_run: bool, json_out: bool) -> anyhow::
         ));
     }
     note(&format!(
-        "{} {} chunks ({} stored), {} regions, {} pages; repository {} -> {} in {:.2} s",
+        "{} {} ({} stored), {}, {}; repository {} -> {} in {:.2} s",
         if dry_run { "would remove" } else { "removed" },
-        swept.chunks,
+        plural(swept.chunks, "chunk"),
         human_bytes(swept.chunk_stored_bytes),
-        swept.regions,
-        swept.pages,
+        plural(swept.regions, "region"),
+        plural(swept.pages, "page"),
         human_bytes(before),
         human_bytes(after),
         secs
@@ -160,13 +185,8 @@ fn run_gc(store: &Store, before: u64, dry_run: bool, json_out: bool) -> anyhow::
 }
 
 pub fn protect(repo: &Path, a: IdArg, on: bool) -> anyhow::Result<()> {
-    let store = Store::open(
-        repo,
-        Mode::Write {
-            operation: if on { "protect" } else { "unprotect" },
-        },
-    )?;
-    let id = resolve(&store, &a.snapshot, None)?;
+    let store = crate::commands::open_writer(repo, if on { "protect" } else { "unprotect" })?;
+    let id = resolve(&store, &a.snapshot, a.name.as_deref())?;
     store.set_protected(&id, on)?;
     note(&format!(
         "snapshot {} {}",
@@ -189,6 +209,7 @@ pub fn stats(repo: &Path, a: StatsArgs) -> anyhow::Result<()> {
                 .sum();
             let stored = t.objects.chunk_stored_bytes + t.objects.recipe_bytes;
             json!({
+                "schema_version": crate::commands::JSON_SCHEMA,
                 "snapshots": snaps.len(),
                 "logical_bytes": logical,
                 "data_bytes": data,
@@ -233,6 +254,7 @@ pub fn stats(repo: &Path, a: StatsArgs) -> anyhow::Result<()> {
             }
             let data = snap.size - snap.stats.zero_bytes.min(snap.size);
             json!({
+                "schema_version": crate::commands::JSON_SCHEMA,
                 "id": id.to_hex(),
                 "name": snap.name,
                 "logical_bytes": snap.size,
@@ -250,14 +272,74 @@ pub fn stats(repo: &Path, a: StatsArgs) -> anyhow::Result<()> {
     if a.json {
         return emit(&format!("{v}\n"));
     }
+    emit(&stats_text(&v))
+}
+
+/// `stats` for people: labelled lines, sizes in binary units with exact
+/// bytes, ratios as "N.NN×".
+fn stats_text(v: &serde_json::Value) -> String {
+    const LABELS: &[(&str, &str)] = &[
+        ("id", "Snapshot"),
+        ("name", "Name"),
+        ("snapshots", "Snapshots"),
+        ("logical_bytes", "Image bytes (all snapshots)"),
+        ("data_bytes", "Data (non-zero) bytes"),
+        ("zero_bytes", "Zero bytes"),
+        ("chunks", "Chunks"),
+        ("unique_chunks", "Unique chunks"),
+        ("unique_chunk_bytes", "Unique chunk bytes"),
+        ("stored_bytes", "Stored bytes"),
+        ("recipe_bytes", "Metadata bytes"),
+        ("regions", "Region recipes"),
+        ("pages", "Index pages"),
+        ("orphans", "Awaiting gc"),
+        ("dedup_ratio", "Deduplication"),
+        ("compression_ratio", "Compression"),
+        ("repository_disk_bytes", "Repository on disk"),
+    ];
     let mut out = String::new();
-    for (k, val) in v.as_object().expect("object") {
-        let shown = match (k.ends_with("_bytes"), val.as_u64(), val.as_f64()) {
-            (true, Some(n), _) => format!("{} ({n})", human_bytes(n)),
-            (false, None, Some(f)) => format!("{f:.2}"),
-            _ => val.to_string().trim_matches('"').to_string(),
+    for (k, label) in LABELS {
+        let Some(val) = v.get(*k) else { continue };
+        let shown = match (k.ends_with("_bytes"), k.ends_with("_ratio"), val) {
+            (true, _, serde_json::Value::Number(n)) => {
+                let n = n.as_u64().unwrap_or(0);
+                format!("{} ({n} bytes)", human_bytes(n))
+            }
+            (_, true, serde_json::Value::Number(f)) => {
+                format!("{:.2}×", f.as_f64().unwrap_or(0.0))
+            }
+            (_, _, serde_json::Value::String(t)) => t.clone(),
+            (_, _, other) => other.to_string(),
         };
-        out.push_str(&format!("{k:<22} {shown}\n"));
+        out.push_str(&format!("{:<28} {shown}\n", format!("{label}:")));
     }
-    emit(&out)
+    out
+}
+
+pub fn tag(repo: &Path, a: TagArgs) -> anyhow::Result<()> {
+    if a.add.is_empty() && a.remove.is_empty() && a.set.is_empty() {
+        return Err(crate::exit::usage(
+            "nothing to change: give --add TAG, --remove TAG or --set TAG",
+        ));
+    }
+    let store = crate::commands::open_writer(repo, "tag")?;
+    let chosen = crate::commands::chosen_snapshots(&store, &a.snapshots, false, a.name.as_deref())?;
+    let set = (!a.set.is_empty()).then_some(a.set.as_slice());
+    let mut changed = 0u64;
+    for (id, _) in &chosen {
+        let new = imgstore_engine::retag(&store, id, set, &a.add, &a.remove)?;
+        if new != *id {
+            changed += 1;
+            crate::commands::detail(&format!("snapshot {} is now {}", id.short(), new.short()));
+            emit(&format!("{}\n", new.to_hex()))?;
+        } else {
+            emit(&format!("{}\n", id.to_hex()))?;
+        }
+    }
+    note(&format!(
+        "retagged {} of {} (a snapshot's id changes with its tags)",
+        plural(changed, "snapshot"),
+        chosen.len()
+    ));
+    Ok(())
 }

@@ -4,7 +4,7 @@ use std::io;
 use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use imgstore_engine::ImageReader;
 use imgstore_fuse::{Entry, Image};
 use imgstore_store::{Mode, Store};
@@ -34,13 +34,23 @@ impl Image for SnapImage {
 
 pub fn mount(repo: &Path, a: MountArgs) -> anyhow::Result<()> {
     if !Path::new("/dev/fuse").exists() {
-        bail!("/dev/fuse is missing: load the fuse module (modprobe fuse) or use `imgstore serve` (NBD)");
+        return Err(crate::exit::usage("/dev/fuse is missing: load the fuse module (modprobe fuse) or use `imgstore serve` (NBD)"));
     }
     if !a.mountpoint.is_dir() {
-        bail!(
+        return Err(crate::exit::usage(format!(
             "mount point {} is not a directory: create it first",
             a.mountpoint.display()
-        );
+        )));
+    }
+    let empty = std::fs::read_dir(&a.mountpoint)
+        .with_context(|| format!("cannot read mount point {}", a.mountpoint.display()))?
+        .next()
+        .is_none();
+    if !empty {
+        return Err(crate::exit::usage(format!(
+            "mount point {} is not empty: mount on an empty directory (its files would be hidden)",
+            a.mountpoint.display()
+        )));
     }
     let cache = parse_size(&a.cache)? as usize;
     // The file system serves until unmounted, for the rest of the process:
@@ -54,20 +64,35 @@ pub fn mount(repo: &Path, a: MountArgs) -> anyhow::Result<()> {
     )?;
     let snaps: &'static [_] = Vec::leak(snaps);
     let per = (cache / snaps.len()).max(8 << 20);
+    // Two snapshots of one name taken in the same second get their short
+    // ids appended, so every snapshot has its own file.
+    let mut seen: std::collections::HashMap<(&str, String), usize> =
+        std::collections::HashMap::new();
+    for (_, s) in snaps.iter() {
+        *seen
+            .entry((s.name.as_str(), format_time(s.time_ns)))
+            .or_default() += 1;
+    }
     let mut entries = Vec::new();
     for (id, s) in snaps {
+        let time = format_time(s.time_ns);
+        let time_label = if seen[&(s.name.as_str(), time.clone())] > 1 {
+            format!("{time}-{}", id.short())
+        } else {
+            time
+        };
         entries.push(Entry {
             id: id.to_hex(),
-            name: s.name.replace('/', "_"),
-            time_label: format_time(s.time_ns),
+            name: s.name.clone(),
+            time_label,
             time: UNIX_EPOCH + Duration::from_nanos(s.time_ns.max(0) as u64),
             data_bytes: s.size - s.stats.zero_bytes.min(s.size),
             image: Box::new(SnapImage(ImageReader::new(store, id, s, per)?)),
         });
     }
     note(&format!(
-        "mounted {} snapshot(s) read-only at {} (by-name/NAME/TIME.img, by-id/ID.img); unmount with `fusermount3 -u {}` or Ctrl-C",
-        snaps.len(),
+        "mounted {} read-only at {} (by-name/NAME/TIME.img, by-id/ID.img); unmount with `fusermount3 -u {}` or Ctrl-C",
+        crate::units::plural(snaps.len() as u64, "snapshot"),
         a.mountpoint.display(),
         a.mountpoint.display()
     ));

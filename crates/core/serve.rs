@@ -5,7 +5,7 @@ use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use imgstore_engine::{ImageReader, Overlay};
 use imgstore_format::{Id, Snapshot};
 use imgstore_nbd::{Export, Exports};
@@ -116,14 +116,18 @@ impl Exports for Set<'_> {
 
 pub fn serve(repo: &Path, a: ServeArgs) -> anyhow::Result<()> {
     if a.snapshots.is_empty() && !a.all {
-        bail!("name the snapshots to export (ids, prefixes or `latest`), or pass --all");
+        return Err(crate::exit::usage(
+            "name the snapshots to export (ids, prefixes or `latest`), or pass --all",
+        ));
     }
     let cache = parse_size(&a.cache)? as usize;
     let store = Store::open(repo, Mode::ReadOnly)?;
     let snaps = crate::commands::chosen_snapshots(&store, &a.snapshots, a.all, a.name.as_deref())?;
     let per_export = (cache / snaps.len()).max(8 << 20);
     if a.writable.is_some() && snaps.len() != 1 {
-        bail!("--writable serves exactly one snapshot: name it (e.g. `latest --name vm-root`)");
+        return Err(crate::exit::usage(
+            "--writable serves exactly one snapshot: name it (e.g. `latest --name vm-root`)",
+        ));
     }
     let mut exports = Vec::new();
     for (id, s) in &snaps {
@@ -149,8 +153,8 @@ pub fn serve(repo: &Path, a: ServeArgs) -> anyhow::Result<()> {
     };
     let describe = |uri: &str| {
         note(&format!(
-            "serving {} snapshot(s) {} at {uri} (export names: full id, unique prefix, NAME@latest); Ctrl-C stops",
-            snaps.len(),
+            "serving {} {} at {uri} (export names: full id, unique prefix, NAME@latest); Ctrl-C stops",
+            crate::units::plural(snaps.len() as u64, "snapshot"),
             if a.writable.is_some() { "writable (copy-on-write)" } else { "read-only" }
         ));
         for (id, s) in &snaps {

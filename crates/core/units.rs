@@ -104,3 +104,12 @@ mod tests {
         assert!(parse_time("yesterday").is_err());
     }
 }
+
+/// "1 snapshot", "2 snapshots": a count with its noun in the right number.
+pub fn plural(n: u64, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}

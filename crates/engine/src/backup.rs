@@ -44,6 +44,9 @@ pub struct BackupOptions {
     /// chaining value equals the parent's at the same offset is taken from
     /// it without being chunked, hashed per chunk or looked up.
     pub parent: Option<(Id, Snapshot)>,
+    /// Keep a 0-byte image as a snapshot (refused otherwise: an empty
+    /// stream is usually a failed pipeline, not an empty disk).
+    pub allow_empty: bool,
 }
 
 /// The result of a backup.
@@ -324,6 +327,11 @@ pub fn backup(
         }
     }
 
+    if size == 0 && !opts.allow_empty {
+        return Err(EngineError::EmptySource {
+            path: source.path().to_path_buf(),
+        });
+    }
     let results = ctx.results.into_inner().unwrap_or_else(|p| p.into_inner());
     let stats = ctx.counters.stats();
     let meta = Meta {
@@ -333,6 +341,7 @@ pub fn backup(
         size,
         region_size,
         started,
+        parent: opts.parent.as_ref().map(|p| p.0),
     };
     let bytes_reused = ctx.counters.reused_bytes.load(Relaxed);
     let (id, snapshot) = commit_snapshot(repo, results, None, stats, meta)?;
@@ -469,6 +478,8 @@ pub(crate) struct Meta<'a> {
     pub size: u64,
     pub region_size: usize,
     pub started: Instant,
+    /// The snapshot this one was made against (recorded for display).
+    pub parent: Option<Id>,
 }
 
 /// Builds the index pages from per-region results (any order), computes the
@@ -521,7 +532,7 @@ pub(crate) fn commit_snapshot(
         pages: page_ids,
         stats,
     };
-    let (id, _) = repo.commit(&snapshot, &pages)?;
+    let (id, _) = repo.commit(&snapshot, &pages, meta.parent.as_ref())?;
     Ok((id, snapshot))
 }
 
@@ -719,6 +730,7 @@ pub fn backup_changed(
         size,
         region_size: rs as usize,
         started,
+        parent: Some(changed.base_id),
     };
     let (id, snapshot) = commit_snapshot(repo, results, digest, stats, meta)?;
     progress.finish();

@@ -29,6 +29,8 @@ pub enum EngineError {
         offset: u64,
         len: u64,
     },
+    #[error("source {} is empty (0 bytes); no snapshot was written: check the command that feeds it, or pass --allow-empty to keep an empty image", path.display())]
+    EmptySource { path: PathBuf },
     #[error("target {}: {why}", path.display())]
     BadTarget { path: PathBuf, why: String },
     #[error("cannot write target {} at byte {offset}: {source}", path.display())]

@@ -8,7 +8,7 @@ use imgstore_format::{Id, ObjectKind};
 use imgstore_repo::{DamageMark, ForgetOutcome, RepoError, Repository};
 
 use crate::policy::{self, Decision, Policy};
-use crate::{select, EngineError, Selector};
+use crate::{select, EngineError, Selector, SnapshotFilter};
 
 /// What to forget.
 #[derive(Clone, Debug)]
@@ -36,21 +36,23 @@ impl ForgetPlan {
     }
 }
 
-/// Plans a forget over snapshots of image `name` (all images when `None`;
-/// a policy then applies per image name). Protected snapshots are always
-/// kept by a policy and refused when named.
+/// Plans a forget over the snapshots `filter` matches (a policy applies per
+/// image name; named snapshots are looked up among those of
+/// `filter.name`). Protected snapshots are always kept by a policy and
+/// refused when named.
 pub fn plan_forget(
     repo: &dyn Repository,
     request: &ForgetRequest,
-    name: Option<&str>,
+    filter: &SnapshotFilter,
 ) -> Result<ForgetPlan, EngineError> {
+    let name = filter.name.as_deref();
     let snaps = repo.snapshots()?;
     let protected = repo.protected()?;
     let decisions = match request {
         ForgetRequest::Policy(p) => {
             let group: Vec<_> = snaps
                 .iter()
-                .filter(|(_, s)| name.is_none_or(|n| s.name == n))
+                .filter(|(_, s)| filter.matches(s))
                 .cloned()
                 .collect();
             policy::apply(&group, p, &protected)
@@ -118,4 +120,38 @@ pub fn record_damage(
         repo.clear_damaged(intact)?;
     }
     Ok(new.len())
+}
+
+/// Changes the tags of snapshot `id`: `set` replaces them all (when given),
+/// then `add` and `remove` apply. Tags follow the name grammar. The record
+/// is replaced (a snapshot's id is the hash of its record, so the id
+/// changes); returns the new id, or the old one when nothing changed.
+pub fn retag(
+    repo: &dyn Repository,
+    id: &Id,
+    set: Option<&[String]>,
+    add: &[String],
+    remove: &[String],
+) -> Result<Id, EngineError> {
+    for t in set.unwrap_or(&[]).iter().chain(add).chain(remove) {
+        crate::check_tag(t)?;
+    }
+    let snaps = repo.snapshots()?;
+    let (_, snap) = snaps
+        .iter()
+        .find(|(i, _)| i == id)
+        .ok_or(RepoError::NoSnapshot { id: *id })?;
+    let mut tags: Vec<String> = set.map(<[String]>::to_vec).unwrap_or(snap.tags.clone());
+    for t in add {
+        if !tags.contains(t) {
+            tags.push(t.clone());
+        }
+    }
+    tags.retain(|t| !remove.contains(t));
+    if tags == snap.tags {
+        return Ok(*id);
+    }
+    let mut new = snap.clone();
+    new.tags = tags;
+    Ok(repo.replace_snapshot(id, &new)?)
 }

@@ -42,6 +42,7 @@ pub mod digest;
 mod error;
 mod forget;
 mod image;
+mod names;
 mod overlay;
 pub mod policy;
 mod restore;
@@ -55,11 +56,14 @@ pub use backup::{backup, backup_changed, chunker_for, BackupOptions, BackupRepor
 pub use check::{check, CheckReport, DamagedSnapshot, Problem, ReadData};
 pub use diff::diff;
 pub use error::EngineError;
-pub use forget::{forget, plan_forget, record_damage, ForgetPlan, ForgetRequest};
+pub use forget::{forget, plan_forget, record_damage, retag, ForgetPlan, ForgetRequest};
 pub use image::ImageReader;
+pub use names::{check_name, check_tag, NAME_MAX};
 pub use overlay::{overlay_info, Overlay, OverlayInfo, OVERLAY_BLOCK};
 pub use restore::{restore, restore_delta, DeltaReport, RestoreReport, Target};
-pub use select::{parent_for, parse_export_name, select, select_for_image, ParentChoice, Selector};
+pub use select::{
+    parent_for, parse_export_name, select, select_for_image, ParentChoice, Selector, SnapshotFilter,
+};
 pub use snapshot::SnapshotReader;
 pub use source::{Source, SourceKind};
 

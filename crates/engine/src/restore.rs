@@ -43,7 +43,8 @@ pub enum Target {
 }
 
 impl Target {
-    /// Decides what `path` is. An existing regular file is refused unless `force`.
+    /// Decides what `path` is. An existing regular file or a block device
+    /// is refused unless `force`: both are overwritten.
     pub fn resolve(path: &Path, force: bool) -> Result<Target, EngineError> {
         let bad = |why: String| EngineError::BadTarget {
             path: path.to_path_buf(),
@@ -53,9 +54,17 @@ impl Target {
             Ok(m) if m.is_dir() => Err(bad(
                 "is a directory: give a file path, a block device or -".into(),
             )),
-            Ok(m) if m.file_type().is_block_device() => Ok(Target::Device {
-                path: path.to_path_buf(),
-            }),
+            Ok(m) if m.file_type().is_block_device() => {
+                if force {
+                    Ok(Target::Device {
+                        path: path.to_path_buf(),
+                    })
+                } else {
+                    Err(bad(
+                        "is a block device: everything on it would be overwritten; pass --force to restore onto it".into(),
+                    ))
+                }
+            }
             Ok(m) if m.is_file() => {
                 if force {
                     Ok(Target::File {
@@ -279,8 +288,15 @@ pub fn restore(
                 .mode(0o600)
                 .open(&tmp)
                 .map_err(|e| EngineError::BadTarget {
-                    path: tmp.clone(),
-                    why: crate::source::describe_io(&e),
+                    path: path.clone(),
+                    why: format!(
+                        "cannot create it in {}: {}",
+                        path.parent()
+                            .filter(|p| !p.as_os_str().is_empty())
+                            .unwrap_or(Path::new("."))
+                            .display(),
+                        crate::source::describe_io(&e)
+                    ),
                 })?;
             let result: Result<_, EngineError> = (|| {
                 file.set_len(snapshot.size).map_err(write_err(&path, 0))?;
@@ -297,14 +313,7 @@ pub fn restore(
             (r.0, r.1, r.2)
         }
         Target::Device { path } => {
-            let mut file =
-                OpenOptions::new()
-                    .write(true)
-                    .open(&path)
-                    .map_err(|e| EngineError::BadTarget {
-                        path: path.clone(),
-                        why: crate::source::describe_io(&e),
-                    })?;
+            let mut file = open_device_exclusive(&path, false)?;
             let dev_size = file.seek(SeekFrom::End(0)).map_err(write_err(&path, 0))?;
             if dev_size < snapshot.size {
                 return Err(EngineError::BadTarget {
@@ -390,6 +399,68 @@ fn check_digest(reader: &SnapshotReader<'_>, hashes: &[RegionHash]) -> Result<()
     Ok(())
 }
 
+/// Opens block device `path` for writing (and reading, for a delta
+/// restore) with `O_EXCL`, which the kernel refuses while the device is
+/// mounted or held by another exclusive user (a mounted partition, LVM,
+/// RAID, a VM). The refusal names the mount points it can find.
+fn open_device_exclusive(path: &Path, read: bool) -> Result<File, EngineError> {
+    let bad = |why: String| EngineError::BadTarget {
+        path: path.to_path_buf(),
+        why,
+    };
+    OpenOptions::new()
+        .read(read)
+        .write(true)
+        .custom_flags(rustix::fs::OFlags::EXCL.bits() as i32)
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() != Some(rustix::io::Errno::BUSY.raw_os_error()) {
+                return bad(crate::source::describe_io(&e));
+            }
+            let mounts = mounts_of(path);
+            if mounts.is_empty() {
+                bad("is in use (held by a mount of one of its partitions, LVM, RAID or another program): release it first".into())
+            } else {
+                bad(format!(
+                    "is mounted at {}: unmount it first",
+                    mounts.join(", ")
+                ))
+            }
+        })
+}
+
+/// Mount points of block device `path` or of its partitions, from
+/// `/proc/self/mountinfo` and `/sys/dev/block`.
+fn mounts_of(path: &Path) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return Vec::new();
+    };
+    let rdev = meta.rdev();
+    let dev = format!("{}:{}", rustix::fs::major(rdev), rustix::fs::minor(rdev));
+    let sys = |d: &str| std::fs::canonicalize(format!("/sys/dev/block/{d}")).ok();
+    let ours = sys(&dev);
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for line in info.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        let (Some(d), Some(mp)) = (f.get(2), f.get(4)) else {
+            continue;
+        };
+        let hit = *d == dev
+            || match (&ours, sys(d)) {
+                (Some(o), Some(p)) => p.parent() == Some(o.as_path()),
+                _ => false,
+            };
+        if hit {
+            out.push(mp.replace("\\040", " "));
+        }
+    }
+    out
+}
+
 /// Removes temporary files an interrupted restore to `path` left behind
 /// (`.NAME.imgstore-partial-PID` whose process no longer runs), so retrying
 /// cleans up after a Ctrl-C or a crash.
@@ -453,6 +524,7 @@ pub fn restore_delta(
     id: &Id,
     snapshot: &Snapshot,
     path: &Path,
+    force: bool,
     progress: &dyn Progress,
 ) -> Result<DeltaReport, EngineError> {
     use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -473,11 +545,20 @@ pub fn restore_delta(
             "is neither a regular file nor a block device: --delta needs one holding an earlier version".into(),
         ));
     }
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(|e| bad(crate::source::describe_io(&e)))?;
+    if device && !force {
+        return Err(bad(
+            "is a block device: the blocks that differ would be overwritten; pass --force to restore onto it".into(),
+        ));
+    }
+    let mut file = if device {
+        open_device_exclusive(path, true)?
+    } else {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| bad(crate::source::describe_io(&e)))?
+    };
     if device {
         let dev_size = file.seek(SeekFrom::End(0)).map_err(write_err(path, 0))?;
         if dev_size < snapshot.size {

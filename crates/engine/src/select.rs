@@ -102,6 +102,24 @@ pub fn select(
     }
 }
 
+/// Which snapshots a listing or a retention policy considers: all given
+/// criteria must hold (a snapshot must carry every tag given; any of the
+/// hosts given).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SnapshotFilter {
+    pub name: Option<String>,
+    pub hosts: Vec<String>,
+    pub tags: Vec<String>,
+}
+
+impl SnapshotFilter {
+    pub fn matches(&self, s: &Snapshot) -> bool {
+        self.name.as_deref().is_none_or(|n| s.name == n)
+            && (self.hosts.is_empty() || self.hosts.contains(&s.hostname))
+            && self.tags.iter().all(|t| s.tags.contains(t))
+    }
+}
+
 /// How a backup chooses its parent (the snapshot whose unchanged regions
 /// it reuses without chunking them).
 #[derive(Clone, Debug, PartialEq, Eq)]

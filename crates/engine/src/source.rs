@@ -1,5 +1,5 @@
 //! Where a backup reads from: a regular (possibly sparse) file, a block
-//! device, or a stream (stdin, a pipe, a character device).
+//! device, or a stream (stdin, or the output of a command).
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -57,8 +57,22 @@ impl Source {
                 "is a directory: give an image file, a block device or - for stdin".into(),
             ));
         }
-        let mut file = File::open(path).map_err(|e| bad(describe_io(&e)))?;
         let ft = meta.file_type();
+        // Checked before opening: opening a FIFO without a writer blocks
+        // for ever, and a character device such as /dev/zero never ends.
+        if ft.is_fifo() || ft.is_char_device() || ft.is_socket() {
+            let what = if ft.is_fifo() {
+                "a FIFO"
+            } else if ft.is_socket() {
+                "a socket"
+            } else {
+                "a character device"
+            };
+            return Err(bad(format!(
+                "is {what}: imgstore backs up files and block devices by path; feed a stream on stdin (`... | imgstore backup - --name NAME`) or with --stdin-from-command"
+            )));
+        }
+        let mut file = File::open(path).map_err(|e| bad(describe_io(&e)))?;
         let (kind, size) = if ft.is_file() {
             (SourceKind::File, Some(meta.len()))
         } else if ft.is_block_device() {
@@ -66,13 +80,6 @@ impl Source {
                 .seek(SeekFrom::End(0))
                 .map_err(|e| bad(format!("cannot find its size: {}", describe_io(&e))))?;
             (SourceKind::BlockDevice, Some(size))
-        } else if ft.is_fifo() || ft.is_char_device() || ft.is_socket() {
-            return Ok(Source {
-                kind: SourceKind::Stream,
-                path: path.to_path_buf(),
-                size: None,
-                inner: Inner::Stream(Box::new(file)),
-            });
         } else {
             return Err(bad("is not a file, block device or stream".into()));
         };

@@ -62,6 +62,7 @@ fn back_up(repo: &dyn Repository, data: &[u8], parent: Option<&BackupReport>) ->
         tags: vec![],
         hostname: "test".into(),
         parent: parent.map(|p| (p.id, p.snapshot.clone())),
+        allow_empty: false,
     };
     backup(repo, src, &opts, &NoProgress).unwrap()
 }
@@ -245,7 +246,7 @@ fn delta_restore_writes_only_what_differs_and_refuses_damage() {
     let r2 = back_up(&repo, &gen2, Some(&r1));
 
     let path = temp_file("delta", &gen1);
-    let rep = restore_delta(&repo, &r2.id, &r2.snapshot, &path, &NoProgress).unwrap();
+    let rep = restore_delta(&repo, &r2.id, &r2.snapshot, &path, false, &NoProgress).unwrap();
     assert_eq!(std::fs::read(&path).unwrap(), gen2);
     assert!(
         rep.written_bytes > 0 && rep.written_bytes < 2 * MIB as u64,
@@ -272,7 +273,7 @@ fn delta_restore_writes_only_what_differs_and_refuses_damage() {
         found.expect("a chunk over the changed range")
     };
     assert!(repo.corrupt_chunk(&chunk));
-    let err = restore_delta(&repo, &r1.id, &r1.snapshot, &path, &NoProgress).unwrap_err();
+    let err = restore_delta(&repo, &r1.id, &r1.snapshot, &path, false, &NoProgress).unwrap_err();
     assert!(
         matches!(err, EngineError::ChunkDamaged { chunk: c, .. } if c == chunk),
         "{err:?}"
@@ -337,9 +338,18 @@ fn forget_plan_then_gc_frees_only_what_is_unreferenced() {
         ..Default::default()
     };
     // A policy keeps protected snapshots; naming one is refused.
-    let plan = plan_forget(&repo, &ForgetRequest::Policy(keep_none.clone()), Some("vm")).unwrap();
+    let vm = crate::SnapshotFilter {
+        name: Some("vm".into()),
+        ..Default::default()
+    };
+    let plan = plan_forget(&repo, &ForgetRequest::Policy(keep_none.clone()), &vm).unwrap();
     assert_eq!(plan.remove(), vec![r1.id]);
-    assert!(plan_forget(&repo, &ForgetRequest::Snapshots(vec![r2.id.to_hex()]), None).is_err());
+    assert!(plan_forget(
+        &repo,
+        &ForgetRequest::Snapshots(vec![r2.id.to_hex()]),
+        &Default::default()
+    )
+    .is_err());
 
     let before = repo.totals().unwrap();
     forget(&repo, &plan).unwrap();
@@ -365,4 +375,75 @@ fn forget_plan_then_gc_frees_only_what_is_unreferenced() {
     );
     assert_eq!(restore_to_vec(&repo, &r2.id, &r2.snapshot).unwrap(), gen2);
     assert!(check(&repo, ReadData::All, &NoProgress).unwrap().is_clean());
+}
+
+#[test]
+fn empty_sources_are_refused_unless_allowed() {
+    let repo = repo();
+    let src = || Source::from_reader(Path::new("-"), Box::new(std::io::empty()));
+    let mut opts = BackupOptions {
+        name: "vm".into(),
+        ..Default::default()
+    };
+    let err = backup(&repo, src(), &opts, &NoProgress).unwrap_err();
+    assert!(matches!(err, EngineError::EmptySource { .. }), "{err}");
+    assert!(repo.snapshots().unwrap().is_empty(), "no snapshot written");
+    opts.allow_empty = true;
+    let r = backup(&repo, src(), &opts, &NoProgress).unwrap();
+    assert_eq!(r.snapshot.size, 0);
+    assert_eq!(
+        restore_to_vec(&repo, &r.id, &r.snapshot).unwrap(),
+        Vec::<u8>::new()
+    );
+}
+
+#[test]
+fn retag_replaces_the_record_and_filters_select_by_host_and_tag() {
+    let repo = repo();
+    let gen = image(9 * MIB, 8);
+    let r1 = back_up(&repo, &gen, None);
+    let r2 = back_up(&repo, &gen, Some(&r1));
+    assert_eq!(repo.parents().unwrap(), vec![(r2.id, r1.id)]);
+    repo.set_protected(&r1.id, true).unwrap();
+
+    let new = crate::retag(&repo, &r1.id, None, &["keep".into()], &[]).unwrap();
+    assert_ne!(new, r1.id, "the id is the hash of the record");
+    let snaps = repo.snapshots().unwrap();
+    let tagged = &snaps.iter().find(|s| s.0 == new).unwrap().1;
+    assert_eq!(tagged.tags, vec!["keep".to_string()]);
+    assert_eq!(tagged.pages, r1.snapshot.pages);
+    assert_eq!(repo.protected().unwrap(), vec![new], "protection follows");
+    assert_eq!(
+        repo.parents().unwrap(),
+        vec![(r2.id, new)],
+        "children follow"
+    );
+    assert_eq!(restore_to_vec(&repo, &new, tagged).unwrap(), gen);
+    assert!(crate::retag(&repo, &new, None, &["bad tag".into()], &[]).is_err());
+    assert_eq!(
+        crate::retag(&repo, &new, None, &["keep".into()], &[]).unwrap(),
+        new
+    );
+
+    let f = crate::SnapshotFilter {
+        tags: vec!["keep".into()],
+        ..Default::default()
+    };
+    let kept: Vec<Id> = snaps
+        .iter()
+        .filter(|s| f.matches(&s.1))
+        .map(|s| s.0)
+        .collect();
+    assert_eq!(kept, vec![new]);
+    let other_host = crate::SnapshotFilter {
+        hosts: vec!["elsewhere".into()],
+        ..Default::default()
+    };
+    assert!(!snaps.iter().any(|s| other_host.matches(&s.1)));
+    let this_host = crate::SnapshotFilter {
+        hosts: vec!["test".into(), "elsewhere".into()],
+        ..Default::default()
+    };
+    assert_eq!(snaps.iter().filter(|s| this_host.matches(&s.1)).count(), 2);
+    check(&repo, ReadData::All, &NoProgress).unwrap();
 }

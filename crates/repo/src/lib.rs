@@ -209,9 +209,20 @@ pub trait Repository: Send + Sync {
     ) -> Result<PutOutcome>;
 
     /// Makes a snapshot visible with its index pages (in the order its
-    /// record names them), atomically and durably. Returns the snapshot
-    /// id and the bytes new pages added.
-    fn commit(&self, snapshot: &Snapshot, pages: &[Page]) -> Result<(Id, u64)>;
+    /// record names them) and, when given, the id of its parent (recorded
+    /// for display; it holds no reference), atomically and durably.
+    /// Returns the snapshot id and the bytes new pages added.
+    fn commit(&self, snapshot: &Snapshot, pages: &[Page], parent: Option<&Id>)
+        -> Result<(Id, u64)>;
+
+    /// Every recorded (snapshot, parent) pair.
+    fn parents(&self) -> Result<Vec<(Id, Id)>>;
+
+    /// Replaces snapshot `old` by `new`, a record naming the same pages
+    /// (new tags, say), atomically: its protection and parent entries move
+    /// with it, and snapshots whose parent was `old` now name the new id.
+    /// Returns the new id.
+    fn replace_snapshot(&self, old: &Id, new: &Snapshot) -> Result<Id>;
 
     // --- retention ---
 

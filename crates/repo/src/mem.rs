@@ -28,6 +28,7 @@ struct State {
     orphans: BTreeSet<Key>,
     snapshots: BTreeMap<Id, Vec<u8>>,
     protected: BTreeSet<Id>,
+    parents: BTreeMap<Id, Id>,
     damaged: BTreeMap<Key, String>,
     /// Marks not repaired by this handle yet (loaded at creation, like a
     /// writer of the local store loads them at open).
@@ -105,6 +106,7 @@ impl MemRepo {
                 orphans: s.orphans.clone(),
                 snapshots: s.snapshots.clone(),
                 protected: s.protected.clone(),
+                parents: s.parents.clone(),
                 damaged: s.damaged.clone(),
                 pending: s.damaged.keys().copied().collect(),
                 unreadable: s.unreadable.clone(),
@@ -383,7 +385,12 @@ impl Repository for MemRepo {
         Ok(out)
     }
 
-    fn commit(&self, snapshot: &Snapshot, pages: &[Page]) -> Result<(Id, u64)> {
+    fn commit(
+        &self,
+        snapshot: &Snapshot,
+        pages: &[Page],
+        parent: Option<&Id>,
+    ) -> Result<(Id, u64)> {
         if pages.len() != snapshot.pages.len() {
             return Err(RepoError::Invalid(format!(
                 "{} pages given for a snapshot naming {}",
@@ -443,7 +450,48 @@ impl Repository for MemRepo {
         let encoded = snapshot.encode();
         let id = Id::hash(&encoded);
         s.snapshots.insert(id, encoded);
+        if let Some(p) = parent {
+            s.parents.insert(id, *p);
+        }
         Ok((id, added))
+    }
+
+    fn parents(&self) -> Result<Vec<(Id, Id)>> {
+        Ok(self.state().parents.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+
+    fn replace_snapshot(&self, old: &Id, new: &Snapshot) -> Result<Id> {
+        let mut s = self.state();
+        let v = s
+            .snapshots
+            .get(old)
+            .ok_or(RepoError::NoSnapshot { id: *old })?;
+        let prev = Snapshot::decode(v)
+            .map_err(|source| RepoError::CorruptSnapshot { id: *old, source })?;
+        if prev.pages != new.pages {
+            return Err(RepoError::Invalid(
+                "a replacement snapshot must name the same pages".into(),
+            ));
+        }
+        let encoded = new.encode();
+        let id = Id::hash(&encoded);
+        if id == *old {
+            return Ok(id);
+        }
+        s.snapshots.remove(old);
+        s.snapshots.insert(id, encoded);
+        if s.protected.remove(old) {
+            s.protected.insert(id);
+        }
+        if let Some(p) = s.parents.remove(old) {
+            s.parents.insert(id, p);
+        }
+        for p in s.parents.values_mut() {
+            if p == old {
+                *p = id;
+            }
+        }
+        Ok(id)
     }
 
     fn forget(&self, ids: &[Id]) -> Result<ForgetOutcome> {
@@ -469,6 +517,7 @@ impl Repository for MemRepo {
         let orphaned = s.sub_refs(&page_counts)?;
         for id in &unique {
             s.snapshots.remove(id);
+            s.parents.remove(id);
         }
         Ok(ForgetOutcome {
             snapshots: unique.len() as u64,

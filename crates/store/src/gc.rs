@@ -85,6 +85,71 @@ impl Store {
         Ok(out)
     }
 
+    /// Every recorded (snapshot, parent) pair.
+    pub fn parents(&self) -> Result<Vec<(Id, Id)>> {
+        let meta = self.cf(cf::META);
+        let prefix = imgstore_format::meta::PARENT_PREFIX;
+        let mut out = Vec::new();
+        for item in self.db.prefix_iterator_cf(meta, prefix) {
+            let (k, v) = item.map_err(|e| self.db_err("read", e))?;
+            match imgstore_format::meta::parse_parent(&k, &v) {
+                Ok(Some(pair)) => out.push(pair),
+                Ok(None) => break,
+                Err(source) => {
+                    return Err(StoreError::Format {
+                        path: self.dir.join(imgstore_format::DB_DIR),
+                        source,
+                    })
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Replaces snapshot `old` by `new` (same pages) in one synced batch;
+    /// protection and parent entries follow it.
+    pub fn replace_snapshot(&self, old: &Id, new: &imgstore_format::Snapshot) -> Result<Id> {
+        use imgstore_format::meta::{parent_key, protect_key};
+        self.require_write()?;
+        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let snaps = self.cf(cf::SNAPSHOTS);
+        let v = self
+            .db
+            .get_pinned_cf(snaps, old.as_bytes())
+            .map_err(|e| self.db_err("read snapshot", e))?
+            .ok_or(StoreError::NoSnapshot { id: *old })?;
+        let prev = imgstore_format::Snapshot::decode(&v)
+            .map_err(|source| StoreError::CorruptSnapshot { id: *old, source })?;
+        if prev.pages != new.pages {
+            return Err(StoreError::Invalid(
+                "a replacement snapshot must name the same pages".into(),
+            ));
+        }
+        let encoded = new.encode();
+        let id = Id::hash(&encoded);
+        if id == *old {
+            return Ok(id);
+        }
+        let meta = self.cf(cf::META);
+        let mut b = WriteBatch::default();
+        b.delete_cf(snaps, old.as_bytes());
+        b.put_cf(snaps, id.as_bytes(), &encoded);
+        if self.protected()?.contains(old) {
+            b.delete_cf(meta, protect_key(old));
+            b.put_cf(meta, protect_key(&id), []);
+        }
+        for (child, parent) in self.parents()? {
+            if child == *old {
+                b.delete_cf(meta, parent_key(old));
+                b.put_cf(meta, parent_key(&id), parent.as_bytes());
+            } else if parent == *old {
+                b.put_cf(meta, parent_key(&child), id.as_bytes());
+            }
+        }
+        self.write_synced(b, "replace snapshot")?;
+        Ok(id)
+    }
+
     pub(crate) fn write_synced(&self, batch: WriteBatch, op: &'static str) -> Result<()> {
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
@@ -120,6 +185,7 @@ impl Store {
                 *page_counts.entry(ObjectKind::Page.key(p)).or_default() += 1;
             }
             batch.delete_cf(snaps, id.as_bytes());
+            batch.delete_cf(self.cf(cf::META), imgstore_format::meta::parent_key(id));
         }
         let orphaned = self.sub_refs(&mut batch, &page_counts)?;
         self.write_synced(batch, "forget")?;

@@ -255,6 +255,24 @@ impl Store {
         Store::open(dir, Mode::Write { operation: "init" })
     }
 
+    /// Opens an existing repository; a writer that finds the lock held
+    /// retries until `wait` has passed (restic's `--retry-lock`, borg's
+    /// `--lock-wait`), polling at most every 2 s, then reports it busy.
+    pub fn open_waiting(dir: &Path, mode: Mode, wait: std::time::Duration) -> Result<Store> {
+        let deadline = std::time::Instant::now() + wait;
+        let mut pause = std::time::Duration::from_millis(100);
+        loop {
+            match Store::open(dir, mode) {
+                Err(StoreError::Busy { .. }) if std::time::Instant::now() < deadline => {
+                    let left = deadline.saturating_duration_since(std::time::Instant::now());
+                    std::thread::sleep(pause.min(left));
+                    pause = (pause * 2).min(std::time::Duration::from_secs(2));
+                }
+                r => return r,
+            }
+        }
+    }
+
     /// Opens an existing repository.
     pub fn open(dir: &Path, mode: Mode) -> Result<Store> {
         let cfg_path = dir.join(CONFIG_FILE);
@@ -659,7 +677,12 @@ impl Store {
     /// writes its new index pages, the reference counts and the snapshot
     /// record in one synced batch. Returns the snapshot id and the bytes the
     /// pages added.
-    pub fn commit(&self, snapshot: &Snapshot, pages: &[Page]) -> Result<(Id, u64)> {
+    pub fn commit(
+        &self,
+        snapshot: &Snapshot,
+        pages: &[Page],
+        parent: Option<&Id>,
+    ) -> Result<(Id, u64)> {
         self.require_write()?;
         let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
         if pages.len() != snapshot.pages.len() {
@@ -735,6 +758,13 @@ impl Store {
         let encoded = snapshot.encode();
         let id = Id::hash(&encoded);
         batch.put_cf(&self.cf(cf::SNAPSHOTS), id.as_bytes(), &encoded);
+        if let Some(p) = parent {
+            batch.put_cf(
+                self.cf(cf::META),
+                imgstore_format::meta::parent_key(&id),
+                p.as_bytes(),
+            );
+        }
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
         self.db

@@ -59,8 +59,21 @@ impl Repository for Store {
         Store::put_region(self, id, region, encoded, frames)
     }
 
-    fn commit(&self, snapshot: &Snapshot, pages: &[Page]) -> Result<(Id, u64)> {
-        Store::commit(self, snapshot, pages)
+    fn commit(
+        &self,
+        snapshot: &Snapshot,
+        pages: &[Page],
+        parent: Option<&Id>,
+    ) -> Result<(Id, u64)> {
+        Store::commit(self, snapshot, pages, parent)
+    }
+
+    fn parents(&self) -> Result<Vec<(Id, Id)>> {
+        Store::parents(self)
+    }
+
+    fn replace_snapshot(&self, old: &Id, new: &Snapshot) -> Result<Id> {
+        Store::replace_snapshot(self, old, new)
     }
 
     fn forget(&self, ids: &[Id]) -> Result<ForgetOutcome> {

@@ -125,10 +125,10 @@ fn first_half(repo: &dyn Repository) -> Vec<String> {
         cvs: vec![[2; 32]],
     };
     let (s1, a1) = repo
-        .commit(&snapshot(std::slice::from_ref(&p1), 2, 1), &[p1])
+        .commit(&snapshot(std::slice::from_ref(&p1), 2, 1), &[p1], None)
         .unwrap();
     let (s2, a2) = repo
-        .commit(&snapshot(std::slice::from_ref(&p2), 1, 2), &[p2])
+        .commit(&snapshot(std::slice::from_ref(&p2), 1, 2), &[p2], Some(&s1))
         .unwrap();
     seen.push(format!("commit {a1} {a2}"));
     seen.push(format!("totals {:?}", repo.totals().unwrap()));
@@ -140,7 +140,24 @@ fn first_half(repo: &dyn Repository) -> Vec<String> {
     assert_eq!(snaps.iter().map(|s| s.0).collect::<Vec<_>>().len(), 2);
     assert_eq!(repo.regions(&[r1]).unwrap()[0], reg1);
 
+    assert_eq!(repo.parents().unwrap(), vec![(s2, s1)]);
+    // Retagging replaces the record; protection and parent follow it.
     repo.set_protected(&s2, true).unwrap();
+    let mut tagged = repo
+        .snapshots()
+        .unwrap()
+        .into_iter()
+        .find(|s| s.0 == s2)
+        .unwrap()
+        .1;
+    tagged.tags = vec!["kept".into()];
+    let s2 = repo.replace_snapshot(&s2, &tagged).unwrap();
+    assert_eq!(repo.protected().unwrap(), vec![s2]);
+    assert_eq!(repo.parents().unwrap(), vec![(s2, s1)]);
+    let mut other = tagged.clone();
+    other.pages.clear();
+    assert!(repo.replace_snapshot(&s2, &other).is_err());
+
     assert!(matches!(
         repo.forget(&[s2]),
         Err(RepoError::Protected { .. })
@@ -150,6 +167,7 @@ fn first_half(repo: &dyn Repository) -> Vec<String> {
         Err(RepoError::NoSnapshot { .. })
     ));
     seen.push(format!("forget {:?}", repo.forget(&[s1]).unwrap()));
+    seen.push(format!("parents {:?}", repo.parents().unwrap()));
     let dry = repo.gc(true).unwrap();
     let real = repo.gc(false).unwrap();
     assert_eq!(dry.removed, real.removed);
@@ -181,7 +199,7 @@ fn second_half(w: &dyn Repository) -> Vec<String> {
         regions: vec![r2],
         cvs: vec![[3; 32]],
     };
-    w.commit(&snapshot(std::slice::from_ref(&p3), 1, 3), &[p3])
+    w.commit(&snapshot(std::slice::from_ref(&p3), 1, 3), &[p3], None)
         .unwrap();
     assert_eq!(w.damage_pending(), 0);
     seen.push(format!("marks {:?}", w.damage_marks().unwrap()));

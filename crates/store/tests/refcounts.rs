@@ -110,6 +110,7 @@ fn counts_follow_parents_and_orphans_are_listed() {
         .commit(
             &snapshot(std::slice::from_ref(&page), size, 1),
             std::slice::from_ref(&page),
+            None,
         )
         .unwrap();
     assert!(added > 0);
@@ -127,6 +128,7 @@ fn counts_follow_parents_and_orphans_are_listed() {
         .commit(
             &snapshot(std::slice::from_ref(&page), size, 2),
             std::slice::from_ref(&page),
+            None,
         )
         .unwrap();
     assert_eq!(added2, 0, "an existing page is not stored again");
@@ -165,6 +167,7 @@ fn counts_follow_parents_and_orphans_are_listed() {
         .commit(
             &snapshot(std::slice::from_ref(&bad), 100, 3),
             std::slice::from_ref(&bad),
+            None,
         )
         .unwrap_err();
     assert!(
