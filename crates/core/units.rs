@@ -82,6 +82,15 @@ pub fn parse_fraction(s: &str, flag: &str) -> anyhow::Result<f64> {
     Ok(f)
 }
 
+/// "1 snapshot", "2 snapshots": a count with its noun in the right number.
+pub fn plural(n: u64, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,14 +111,5 @@ mod tests {
             "2026-11-01T03:00:00Z"
         );
         assert!(parse_time("yesterday").is_err());
-    }
-}
-
-/// "1 snapshot", "2 snapshots": a count with its noun in the right number.
-pub fn plural(n: u64, noun: &str) -> String {
-    if n == 1 {
-        format!("1 {noun}")
-    } else {
-        format!("{n} {noun}s")
     }
 }
