@@ -14,6 +14,9 @@ command -v xorriso >/dev/null 2>&1 || need+=(xorriso)
 command -v nbdinfo >/dev/null 2>&1 || need+=(libnbd-bin)
 command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
 command -v fusermount3 >/dev/null 2>&1 || need+=(fuse3)
+command -v groff >/dev/null 2>&1 || need+=(groff-base)
+command -v script >/dev/null 2>&1 || need+=(bsdutils)
+command -v losetup >/dev/null 2>&1 || need+=(mount)
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}" >&2
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo

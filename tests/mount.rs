@@ -127,3 +127,61 @@ fn mounted_snapshot_files_match_and_the_ext4_inside_mounts() {
         .success());
     wait_for("the unmount after SIGINT", || !mounted(&mnt));
 }
+
+#[test]
+fn same_second_snapshots_get_distinct_files_and_a_full_directory_is_refused() {
+    if !Path::new("/dev/fuse").exists() || !have("fusermount3") {
+        eprintln!("SKIP: needs /dev/fuse and fusermount3 (fuse3)");
+        return;
+    }
+    let env = Env::new();
+    env.init();
+    let img = env.path("d.img");
+    let mut ids = Vec::new();
+    // Backups of a tiny image take milliseconds: several land in one
+    // second (the loop stops once two share a second's file name).
+    let mut same_second = false;
+    for seed in 0..20u64 {
+        fs::write(&img, seeded(50_000, seed)).unwrap();
+        let r = env.backup(&img, &["--name", "vm"]);
+        ids.push(r["id"].as_str().unwrap().to_string());
+        let times: Vec<String> =
+            serde_json::from_str::<serde_json::Value>(&env.ok(&["snapshots", "--json"]))
+                .unwrap()
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["time"].as_str().unwrap().to_string())
+                .collect();
+        let mut dedup = times.clone();
+        dedup.dedup();
+        if dedup.len() < times.len() {
+            same_second = true;
+            break;
+        }
+    }
+    assert!(same_second, "no two backups in one second");
+
+    // A non-empty mount point is refused (its files would be hidden).
+    let full = env.path("full");
+    fs::create_dir_all(&full).unwrap();
+    fs::write(full.join("keep.txt"), b"x").unwrap();
+    env.fails(&["mount", full.to_str().unwrap()], "is not empty");
+
+    let mnt = env.path("mnt");
+    let _m = start(&env, &mnt);
+    let files: Vec<String> = fs::read_dir(mnt.join("by-name/vm"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(files.len(), ids.len(), "one file per snapshot: {files:?}");
+    for id in &ids {
+        assert!(mnt.join("by-id").join(format!("{id}.img")).exists());
+    }
+    assert!(
+        files
+            .iter()
+            .any(|f| ids.iter().any(|id| f.contains(&id[..8]))),
+        "the same-second ones carry their short ids: {files:?}"
+    );
+}

@@ -6,6 +6,7 @@
 mod util;
 
 mod backup;
+mod conventions;
 mod errors;
 mod fixture;
 mod gc;

@@ -12,7 +12,13 @@ use clap::{Args, Parser, Subcommand};
     long_about = "imgstore backs up disk images (raw .img/.bin, .iso, block devices, dd streams) as \
 content-defined chunks in a RocksDB store, deduplicated across every snapshot and image, and restores \
 any snapshot byte-exact (checked against its BLAKE3 digest).",
-    after_help = "Examples:\n  imgstore -r /backup/repo init\n  export IMGSTORE_REPO=/backup/repo\n  imgstore backup /var/lib/libvirt/images/vm.img --tag daily\n  imgstore snapshots\n  imgstore restore latest --name vm.img /tmp/vm-restored.img"
+    after_help = "Examples:\n  imgstore -r /backup/repo init\n  export IMGSTORE_REPO=/backup/repo\n  imgstore backup /var/lib/libvirt/images/vm.img --tag daily\n  imgstore snapshots\n  imgstore restore latest --name vm.img /tmp/vm-restored.img",
+    after_long_help = "Examples:\n  imgstore -r /backup/repo init\n  export IMGSTORE_REPO=/backup/repo\n  imgstore backup /var/lib/libvirt/images/vm.img --tag daily\n  imgstore snapshots\n  imgstore restore latest --name vm.img /tmp/vm-restored.img\n\n\
+Exit status:\n  0    success (diff: the snapshots are equal)\n  1    failure not listed below (diff: they differ)\n  2    bad arguments or usage (diff: trouble)\n  \
+3    no repository at the path, or not an imgstore repository\n  4    repository busy: another writer holds the lock (see --wait)\n  \
+5    damaged or wrong data found (check, verify, a restore that met damage)\n  6    snapshot not found, ambiguous, or several images and no --name\n  \
+141  stdout closed by its reader (restore - | head)\n\n\
+Names (--name) and tags: 1-128 letters, digits, '.', '_', '+', '-', starting with a letter, digit or '_'."
 )]
 pub struct Cli {
     /// Repository directory.
@@ -345,7 +351,7 @@ pub struct StatsArgs {
 
 #[derive(Args, Debug)]
 pub struct InitArgs {
-    /// Average chunk size (power of two, 4K..4M; min = AVG/4, max = 4×AVG).
+    /// Average chunk size (power of two, 4K..4M; min = AVG/4, max = 4 x AVG).
     #[arg(long, value_name = "AVG", default_value = "64K")]
     pub chunk_size: String,
     /// zstd compression level for new chunks (1..=19).

@@ -483,6 +483,7 @@ fn restore(repo: &Path, a: RestoreArgs, progress: bool) -> anyhow::Result<()> {
             return emit(&format!(
                 "{}\n",
                 json!({
+                    "schema_version": JSON_SCHEMA,
                     "id": id.to_hex(),
                     "name": snap.name,
                     "size": snap.size,
@@ -534,6 +535,7 @@ fn restore(repo: &Path, a: RestoreArgs, progress: bool) -> anyhow::Result<()> {
     );
     if a.json && target_label != "-" {
         let v = json!({
+            "schema_version": JSON_SCHEMA,
             "id": id.to_hex(),
             "name": snap.name,
             "size": snap.size,

@@ -92,7 +92,7 @@ pub fn forget(repo: &Path, a: ForgetArgs) -> anyhow::Result<()> {
     if a.json {
         let v: Vec<_> = decisions
             .iter()
-            .map(|d| json!({"id": d.id.to_hex(), "name": d.name, "time": format_time(d.time_ns), "keep": d.keep, "reasons": d.reasons}))
+            .map(|d| json!({"schema_version": crate::commands::JSON_SCHEMA, "id": d.id.to_hex(), "name": d.name, "time": format_time(d.time_ns), "keep": d.keep, "reasons": d.reasons}))
             .collect();
         emit(&format!("{}\n", serde_json::Value::Array(v)))?;
     } else {
