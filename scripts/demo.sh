@@ -43,7 +43,9 @@ du -sh "$WORK/repo"
 
 echo "== what changed between the generations (from recipes), and a changed-block backup reading only that"
 second=$("$BIN" snapshots --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[1]["id"])')
-"$BIN" diff "$first" "$second" > "$WORK/changes.txt"
+# diff exits like diff(1): 1 means the snapshots differ.
+rc=0; "$BIN" diff "$first" "$second" > "$WORK/changes.txt" || rc=$?
+[ "$rc" -eq 1 ] || { echo "diff: expected exit 1 (they differ), got $rc" >&2; exit 1; }
 sed -n 2p "$WORK/changes.txt"
 "$BIN" backup "$WORK/disk.img" --name disk --base "$first" --changed "$WORK/changes.txt" --tag changed-block
 
