@@ -31,7 +31,7 @@ use rayon::prelude::*;
 use crate::aligned::AlignedBuf;
 use crate::digest::{image_digest, region_hasher, update_zeros, RegionHash};
 use crate::snapshot::SnapshotReader;
-use crate::source::{RegionBuf, Source};
+use crate::source::{RegionBuf, Source, SourceKind};
 use crate::{EngineError, Progress};
 
 /// What a backup records besides the image.
@@ -119,6 +119,11 @@ struct Ctx<'a> {
     counters: Counters,
     results: Mutex<Vec<(u64, Id, RegionHash)>>,
     progress: &'a dyn Progress,
+    /// Cached chaining values of all-zero regions, by index (see
+    /// `Repository::zero_cvs`); empty when not loaded.
+    zero_cvs: Vec<Option<[u8; 32]>>,
+    /// Values this backup computed that the cache lacked.
+    new_zero_cvs: Mutex<Vec<(u64, [u8; 32])>>,
 }
 
 impl<'a> Ctx<'a> {
@@ -131,6 +136,8 @@ impl<'a> Ctx<'a> {
             counters: Counters::default(),
             results: Mutex::new(Vec::new()),
             progress,
+            zero_cvs: Vec::new(),
+            new_zero_cvs: Mutex::new(Vec::new()),
         })
     }
 
@@ -203,12 +210,41 @@ impl<'a> Ctx<'a> {
             .then(|| p.region_cv(i))
     }
 
+    /// Remembers the chaining value of all-zero region `index` (hashed in
+    /// `hasher`) for the repository's cache, when it is cacheable and the
+    /// cache was loaded without it.
+    fn note_zero_cv(&self, index: u64, len: usize, hasher: &blake3::Hasher) {
+        use blake3::hazmat::HasherExt;
+        let full = len as u64 == self.repo.config().region_size as u64;
+        let missing = matches!(self.zero_cvs.get(index as usize), Some(None));
+        if index > 0 && full && missing {
+            self.new_zero_cvs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((index, hasher.finalize_non_root()));
+        }
+    }
+
+    /// The chaining value of all-zero region `index` of `len` bytes from
+    /// the repository's cache (full-size regions after the first only: the
+    /// value depends on the region's length and the first may be the root).
+    fn cached_zero_cv(&self, index: u64, len: usize) -> Option<[u8; 32]> {
+        let full = len as u64 == self.repo.config().region_size as u64;
+        if index == 0 || !full {
+            return None;
+        }
+        *self.zero_cvs.get(index as usize)?
+    }
+
     fn process(&self, rb: &RegionBuf) -> Result<(), EngineError> {
         let data = &rb.data[..];
         let mut hasher = region_hasher(rb.offset);
         let mut extents = Vec::new();
         if rb.all_hole {
-            if let Some(cv) = self.parent_zero_cv(rb.index, data.len()) {
+            let known = self
+                .parent_zero_cv(rb.index, data.len())
+                .or_else(|| self.cached_zero_cv(rb.index, data.len()));
+            if let Some(cv) = known {
                 self.counters
                     .zero_bytes
                     .fetch_add(data.len() as u64, Relaxed);
@@ -216,11 +252,29 @@ impl<'a> Ctx<'a> {
                 return Ok(());
             }
             update_zeros(&mut hasher, data.len() as u64);
+            self.note_zero_cv(rb.index, data.len(), &hasher);
             extents.push(Extent {
                 offset: 0,
                 len: data.len(),
                 kind: Kind::Zero,
             });
+        } else if let Some(cv) = self
+            .cached_zero_cv(rb.index, data.len())
+            .filter(|_| imgstore_chunker::is_zero(data))
+        {
+            // Zeros read from a device (which reports no holes): the same
+            // value, and no hashing. Where the parent has the same zero
+            // region, it counts as reused, as it would through `reuse`.
+            self.counters
+                .zero_bytes
+                .fetch_add(data.len() as u64, Relaxed);
+            if self.parent_zero_cv(rb.index, data.len()) == Some(cv) {
+                self.counters
+                    .reused_bytes
+                    .fetch_add(data.len() as u64, Relaxed);
+            }
+            self.done(rb.index, data.len(), Id::ZERO, RegionHash::Cv(cv));
+            return Ok(());
         } else {
             hasher.update(data);
             if let Some(p) = &self.parent {
@@ -259,6 +313,7 @@ impl<'a> Ctx<'a> {
             .fetch_add(data_ids.len() as u64, Relaxed);
         let region = Region { entries };
         let rid = if region.is_all_zero() {
+            self.note_zero_cv(rb.index, data.len(), &hasher);
             Id::ZERO
         } else {
             let encoded = region.encode();
@@ -306,6 +361,12 @@ pub fn backup(
             ctx.parent = Some(SnapshotReader::open(repo, pid, parent)?);
         }
     }
+    // Holes of a file or device take their chaining values from the cache
+    // (4 MiB of them per TiB of image).
+    if let (Some(size), SourceKind::File | SourceKind::BlockDevice) = (source.size(), source.kind())
+    {
+        ctx.zero_cvs = repo.zero_cvs(region_size as u32, size.div_ceil(region_size as u64))?;
+    }
     progress.start(source.size());
     let initial_size = source.size();
 
@@ -332,6 +393,11 @@ pub fn backup(
             path: source.path().to_path_buf(),
         });
     }
+    let new_zero_cvs = ctx
+        .new_zero_cvs
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner());
+    repo.put_zero_cvs(region_size as u32, &new_zero_cvs)?;
     let results = ctx.results.into_inner().unwrap_or_else(|p| p.into_inner());
     let stats = ctx.counters.stats();
     let meta = Meta {

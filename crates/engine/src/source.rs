@@ -40,7 +40,9 @@ pub struct RegionBuf {
     pub index: u64,
     pub offset: u64,
     pub data: AlignedBuf,
-    /// True when the source reported the whole region as a hole (nothing was read).
+    /// True when the source reported the whole region as a hole (nothing was
+    /// read). `data` then has the region's length but its bytes are not
+    /// filled: they are zeros by definition, and must not be read.
     pub all_hole: bool,
 }
 
@@ -304,7 +306,13 @@ impl Positional<'_> {
             filled = b;
             read += hole - data;
         }
-        buf[filled..].fill(0);
+        // An all-hole region's bytes are known to be zeros and nobody reads
+        // them (see `RegionBuf::all_hole`): zero-filling 8 MiB per hole was
+        // most of a first backup of a thin image once hole chaining values
+        // come from the cache (1 TiB virtual, 1 GiB data: 98 s).
+        if read > 0 {
+            buf[filled..].fill(0);
+        }
         Ok(Some((
             RegionBuf {
                 index,

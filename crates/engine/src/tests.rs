@@ -447,3 +447,64 @@ fn retag_replaces_the_record_and_filters_select_by_host_and_tag() {
     assert_eq!(snaps.iter().filter(|s| this_host.matches(&s.1)).count(), 2);
     check(&repo, ReadData::All, &NoProgress).unwrap();
 }
+
+/// A sparse file of `regions` 8 MiB regions with 64 KiB of data at the
+/// start of each region listed in `data_at`; the rest are holes.
+fn thin_file(
+    name: &str,
+    regions: u64,
+    data_at: &[u64],
+    seed: u64,
+) -> (std::path::PathBuf, Vec<u8>) {
+    let size = regions * 8 * MIB as u64;
+    let path = temp_file(name, &[]);
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.set_len(size).unwrap();
+    let mut whole = vec![0u8; size as usize];
+    for (k, &r) in data_at.iter().enumerate() {
+        let d = image(64 * 1024, seed + k as u64);
+        let off = r * 8 * MIB as u64;
+        std::os::unix::fs::FileExt::write_all_at(&f, &d, off).unwrap();
+        whole[off as usize..off as usize + d.len()].copy_from_slice(&d);
+    }
+    (path, whole)
+}
+
+#[test]
+fn zero_region_values_are_cached_for_every_later_first_backup() {
+    let repo = repo();
+    let rs = repo.config().region_size;
+    let opts = |name: &str| BackupOptions {
+        name: name.into(),
+        ..Default::default()
+    };
+    // A first backup computes the holes' values and caches them.
+    let (a, a_bytes) = thin_file("zero-a", 6, &[0, 3], 1);
+    let ra = backup(&repo, Source::open(&a).unwrap(), &opts("a"), &NoProgress).unwrap();
+    assert_eq!(ra.snapshot.digest, *blake3::hash(&a_bytes).as_bytes());
+    let cached = repo.zero_cvs(rs, 6).unwrap();
+    let holes: Vec<usize> = (0..6).filter(|i| cached[*i].is_some()).collect();
+    assert_eq!(holes, vec![1, 2, 4, 5], "full hole regions after the first");
+
+    // Another image's first backup (no parent) takes them from the cache
+    // and still has the b3sum digest.
+    let (b, b_bytes) = thin_file("zero-b", 6, &[1, 5], 7);
+    let rb = backup(&repo, Source::open(&b).unwrap(), &opts("b"), &NoProgress).unwrap();
+    assert_eq!(rb.snapshot.digest, *blake3::hash(&b_bytes).as_bytes());
+    assert_eq!(
+        restore_to_vec(&repo, &rb.id, &rb.snapshot).unwrap(),
+        b_bytes
+    );
+    // Region 0 of b is a hole: never cached (it may be the root).
+    assert!(repo.zero_cvs(rs, 1).unwrap()[0].is_none());
+
+    // The cache is what supplies them: a wrong entry shows in the digest
+    // (which is why the entries live under RocksDB's checksums).
+    repo.put_zero_cvs(rs, &[(2, [0xaa; 32])]).unwrap();
+    let (c, c_bytes) = thin_file("zero-c", 6, &[0], 9);
+    let rc = backup(&repo, Source::open(&c).unwrap(), &opts("c"), &NoProgress).unwrap();
+    assert_ne!(rc.snapshot.digest, *blake3::hash(&c_bytes).as_bytes());
+    for p in [a, b, c] {
+        let _ = std::fs::remove_dir_all(p.parent().unwrap());
+    }
+}

@@ -215,6 +215,14 @@ pub trait Repository: Send + Sync {
     fn commit(&self, snapshot: &Snapshot, pages: &[Page], parent: Option<&Id>)
         -> Result<(Id, u64)>;
 
+    /// Cached chaining values of all-zero regions of `region_size` with
+    /// indices `0..count` (None where not cached). They depend only on the
+    /// region size and index, so every image's first backup can share them.
+    fn zero_cvs(&self, region_size: u32, count: u64) -> Result<Vec<Option<[u8; 32]>>>;
+
+    /// Adds chaining values of all-zero regions to the cache.
+    fn put_zero_cvs(&self, region_size: u32, cvs: &[(u64, [u8; 32])]) -> Result<()>;
+
     /// Every recorded (snapshot, parent) pair.
     fn parents(&self) -> Result<Vec<(Id, Id)>>;
 

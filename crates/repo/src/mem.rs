@@ -29,6 +29,7 @@ struct State {
     snapshots: BTreeMap<Id, Vec<u8>>,
     protected: BTreeSet<Id>,
     parents: BTreeMap<Id, Id>,
+    zero_cvs: BTreeMap<(u32, u64), [u8; 32]>,
     damaged: BTreeMap<Key, String>,
     /// Marks not repaired by this handle yet (loaded at creation, like a
     /// writer of the local store loads them at open).
@@ -107,6 +108,7 @@ impl MemRepo {
                 snapshots: s.snapshots.clone(),
                 protected: s.protected.clone(),
                 parents: s.parents.clone(),
+                zero_cvs: s.zero_cvs.clone(),
                 damaged: s.damaged.clone(),
                 pending: s.damaged.keys().copied().collect(),
                 unreadable: s.unreadable.clone(),
@@ -454,6 +456,21 @@ impl Repository for MemRepo {
             s.parents.insert(id, *p);
         }
         Ok((id, added))
+    }
+
+    fn zero_cvs(&self, region_size: u32, count: u64) -> Result<Vec<Option<[u8; 32]>>> {
+        let s = self.state();
+        Ok((0..count)
+            .map(|i| s.zero_cvs.get(&(region_size, i)).copied())
+            .collect())
+    }
+
+    fn put_zero_cvs(&self, region_size: u32, cvs: &[(u64, [u8; 32])]) -> Result<()> {
+        let mut s = self.state();
+        for (i, cv) in cvs {
+            s.zero_cvs.insert((region_size, *i), *cv);
+        }
+        Ok(())
     }
 
     fn parents(&self) -> Result<Vec<(Id, Id)>> {

@@ -85,6 +85,48 @@ impl Store {
         Ok(out)
     }
 
+    /// Cached all-zero region chaining values `0..count` for `region_size`
+    /// (one ordered scan of their keys).
+    pub fn zero_cvs(&self, region_size: u32, count: u64) -> Result<Vec<Option<[u8; 32]>>> {
+        use imgstore_format::meta::{parse_zero_cv, zero_cv_prefix};
+        let mut out = vec![None; count as usize];
+        let prefix = zero_cv_prefix(region_size);
+        for item in self.db.prefix_iterator_cf(self.cf(cf::META), &prefix) {
+            let (k, v) = item.map_err(|e| self.db_err("read", e))?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            match parse_zero_cv(&k, &v) {
+                Ok(Some((_, i, cv))) if i < count => out[i as usize] = Some(cv),
+                Ok(Some(_)) => break,
+                Ok(None) => break,
+                // A malformed entry is only a cache miss.
+                Err(_) => continue,
+            }
+        }
+        Ok(out)
+    }
+
+    /// Adds cached all-zero region chaining values (not synced: a lost
+    /// entry is computed again).
+    pub fn put_zero_cvs(&self, region_size: u32, cvs: &[(u64, [u8; 32])]) -> Result<()> {
+        self.require_write()?;
+        if cvs.is_empty() {
+            return Ok(());
+        }
+        let mut b = WriteBatch::default();
+        for (i, cv) in cvs {
+            b.put_cf(
+                self.cf(cf::META),
+                imgstore_format::meta::zero_cv_key(region_size, *i),
+                cv,
+            );
+        }
+        self.db
+            .write(b)
+            .map_err(|e| self.db_err("write zero chaining values", e))
+    }
+
     /// Every recorded (snapshot, parent) pair.
     pub fn parents(&self) -> Result<Vec<(Id, Id)>> {
         let meta = self.cf(cf::META);

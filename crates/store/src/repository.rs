@@ -68,6 +68,14 @@ impl Repository for Store {
         Store::commit(self, snapshot, pages, parent)
     }
 
+    fn zero_cvs(&self, region_size: u32, count: u64) -> Result<Vec<Option<[u8; 32]>>> {
+        Store::zero_cvs(self, region_size, count)
+    }
+
+    fn put_zero_cvs(&self, region_size: u32, cvs: &[(u64, [u8; 32])]) -> Result<()> {
+        Store::put_zero_cvs(self, region_size, cvs)
+    }
+
     fn parents(&self) -> Result<Vec<(Id, Id)>> {
         Store::parents(self)
     }

@@ -168,6 +168,15 @@ fn first_half(repo: &dyn Repository) -> Vec<String> {
     ));
     seen.push(format!("forget {:?}", repo.forget(&[s1]).unwrap()));
     seen.push(format!("parents {:?}", repo.parents().unwrap()));
+    // The zero chaining value cache: entries in index order, misses as None.
+    repo.put_zero_cvs(8 << 20, &[(3, [3; 32]), (1, [1; 32])])
+        .unwrap();
+    repo.put_zero_cvs(4 << 20, &[(2, [9; 32])]).unwrap();
+    seen.push(format!("zero {:?}", repo.zero_cvs(8 << 20, 5).unwrap()));
+    assert_eq!(
+        repo.zero_cvs(8 << 20, 2).unwrap(),
+        vec![None, Some([1; 32])]
+    );
     let dry = repo.gc(true).unwrap();
     let real = repo.gc(false).unwrap();
     assert_eq!(dry.removed, real.removed);
