@@ -273,6 +273,13 @@ fn exit_codes_are_distinct_and_documented() {
         assert!(err.starts_with("imgstore: error: "), "{err}");
         assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     }
+    // The missing argument and the command's help are named.
+    let o = env.run(&["restore"]);
+    assert!(
+        stderr(&o).contains("<SNAPSHOT>") && stderr(&o).contains("imgstore restore --help"),
+        "{}",
+        stderr(&o)
+    );
     env.init();
     // 2 again: init over an existing repository is a usage mistake.
     assert_eq!(code(&env.run(&["init"])), Some(2));

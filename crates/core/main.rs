@@ -95,12 +95,33 @@ fn parse_error(e: clap::Error) -> ExitCode {
         _ => {}
     }
     let text = e.render().to_string();
+    // clap's message: "error: WHAT" (with the offending arguments on the
+    // indented lines after it), an optional "tip: ...", then "Usage: ...".
     let mut parts: Vec<String> = Vec::new();
-    for l in text.lines().map(str::trim) {
+    let mut command = "imgstore".to_string();
+    let mut in_error = false;
+    for raw in text.lines() {
+        let l = raw.trim();
         if let Some(m) = l.strip_prefix("error: ") {
-            parts.push(m.to_string());
+            parts.push(m.trim_end_matches(':').to_string());
+            in_error = true;
         } else if let Some(t) = l.strip_prefix("tip: ") {
             parts.push(t.to_string());
+            in_error = false;
+        } else if let Some(u) = l.strip_prefix("Usage: ") {
+            command = u
+                .split_whitespace()
+                .take_while(|w| !w.starts_with(['[', '<', '-']))
+                .collect::<Vec<_>>()
+                .join(" ");
+            in_error = false;
+        } else if l.is_empty() {
+            in_error = false;
+        } else if in_error && raw.starts_with(' ') {
+            if let Some(last) = parts.last_mut() {
+                last.push_str(if last.ends_with(':') { " " } else { ": " });
+                last.push_str(l);
+            }
         }
     }
     if parts.is_empty() {
@@ -113,7 +134,7 @@ fn parse_error(e: clap::Error) -> ExitCode {
     }
     let _ = writeln!(
         std::io::stderr(),
-        "imgstore: error: {} (see `imgstore --help`)",
+        "imgstore: error: {} (see `{command} --help`)",
         parts.join("; ")
     );
     ExitCode::from(exit::USAGE)
