@@ -211,6 +211,25 @@ fn stdin_from_command_exit_status_decides() {
     let list: serde_json::Value =
         serde_json::from_str(&env.ok(&["snapshots", "--json", "--name", "dumped"])).unwrap();
     assert_eq!(list.as_array().unwrap().len(), 1);
+    // A backup that fails before reading stops the command (it would
+    // otherwise run on, or block, unseen).
+    let started = Instant::now();
+    let early = env.run(&[
+        "backup",
+        "--stdin-from-command",
+        "--name",
+        "dumped",
+        "--parent",
+        "abcdef123456",
+        "--",
+        "sleep",
+        "30",
+    ]);
+    assert_eq!(code(&early), Some(6), "{}", stderr(&early));
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the command was waited for"
+    );
     // Without a command after `--`: a usage error.
     let none = env.run(&["backup", "--stdin-from-command", "--name", "x"]);
     assert_eq!(code(&none), Some(2), "{}", stderr(&none));

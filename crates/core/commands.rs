@@ -154,6 +154,13 @@ fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> {
         .as_deref()
         .map(imgstore_engine::overlay_info)
         .transpose()?;
+    // A command is started only once the repository is ours: a busy or
+    // missing repository must not leave it running.
+    let early_store = if a.stdin_from_command {
+        Some(open_writer(repo, "backup")?)
+    } else {
+        None
+    };
     let mut child = None;
     let (source, default_name) = match (&overlay, a.source.as_deref()) {
         (Some(o), _) => (Source::open(&o.data)?, None),
@@ -174,7 +181,10 @@ fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> {
             ))
         }
     };
-    let store = open_writer(repo, "backup")?;
+    let store = match early_store {
+        Some(s) => s,
+        None => open_writer(repo, "backup")?,
+    };
     // An overlay's view is a changed-block backup of its base: only the
     // blocks written through the export are read.
     let from_overlay = match &overlay {
@@ -258,11 +268,9 @@ fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> {
         Some(c) => imgstore_engine::backup_changed(&store, &source, c, &opts, progress),
         None => imgstore_engine::backup(&store, source, &opts, progress),
     };
-    if let Some(c) = child {
-        // The command's exit status was checked at end of stream; a backup
-        // that stopped early does not leave it running.
-        crate::source_command::reap(c);
-    }
+    // The command's exit status was checked at end of stream; a backup
+    // that stopped early does not leave it running.
+    drop(child);
     let r = result?;
     drop(bar);
     let repaired = damaged - store.damage_pending();

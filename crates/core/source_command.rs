@@ -38,7 +38,7 @@ impl Read for CommandOutput {
     }
 }
 
-/// A handle to the running command, to stop it if the backup ends early.
+/// The running command; dropping it stops and collects the process.
 pub struct Running(std::sync::Arc<std::sync::Mutex<Child>>);
 
 /// Starts `argv` with its stdout piped into a stream source.
@@ -71,11 +71,13 @@ pub fn spawn(argv: &[String]) -> anyhow::Result<(Source, Running)> {
 }
 
 /// Stops the command if it still runs (the backup failed or stopped
-/// reading) and collects it.
-pub fn reap(r: Running) {
-    let mut c = r.0.lock().unwrap_or_else(|p| p.into_inner());
-    if let Ok(None) = c.try_wait() {
-        let _ = c.kill();
+/// reading) and collects it, whichever way the backup ends.
+impl Drop for Running {
+    fn drop(&mut self) {
+        let mut c = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Ok(None) = c.try_wait() {
+            let _ = c.kill();
+        }
+        let _ = c.wait();
     }
-    let _ = c.wait();
 }
