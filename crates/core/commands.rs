@@ -283,6 +283,7 @@ fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> {
         }
         v["bytes_read"] = json!(r.bytes_read);
         v["bytes_reused"] = json!(r.bytes_reused);
+        v["zero_bytes_cached"] = json!(r.zero_bytes_cached);
         let parent = changed
             .as_ref()
             .map(|c| c.base_id)

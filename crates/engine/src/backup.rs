@@ -58,6 +58,9 @@ pub struct BackupReport {
     pub bytes_read: u64,
     /// Bytes of the image in regions taken unchanged from the parent.
     pub bytes_reused: u64,
+    /// Bytes of all-zero regions whose chaining value came from the
+    /// repository's cache instead of being hashed.
+    pub zero_bytes_cached: u64,
 }
 
 /// The current time in nanoseconds since the epoch (a snapshot's time).
@@ -95,6 +98,7 @@ struct Counters {
     new_bytes: AtomicU64,
     image_bytes: AtomicU64,
     reused_bytes: AtomicU64,
+    zero_cached_bytes: AtomicU64,
 }
 
 impl Counters {
@@ -241,9 +245,13 @@ impl<'a> Ctx<'a> {
         let mut hasher = region_hasher(rb.offset);
         let mut extents = Vec::new();
         if rb.all_hole {
-            let known = self
-                .parent_zero_cv(rb.index, data.len())
-                .or_else(|| self.cached_zero_cv(rb.index, data.len()));
+            let known = self.parent_zero_cv(rb.index, data.len()).or_else(|| {
+                let cv = self.cached_zero_cv(rb.index, data.len())?;
+                self.counters
+                    .zero_cached_bytes
+                    .fetch_add(data.len() as u64, Relaxed);
+                Some(cv)
+            });
             if let Some(cv) = known {
                 self.counters
                     .zero_bytes
@@ -267,6 +275,9 @@ impl<'a> Ctx<'a> {
             // region, it counts as reused, as it would through `reuse`.
             self.counters
                 .zero_bytes
+                .fetch_add(data.len() as u64, Relaxed);
+            self.counters
+                .zero_cached_bytes
                 .fetch_add(data.len() as u64, Relaxed);
             if self.parent_zero_cv(rb.index, data.len()) == Some(cv) {
                 self.counters
@@ -366,6 +377,7 @@ pub fn backup(
     if let (Some(size), SourceKind::File | SourceKind::BlockDevice) = (source.size(), source.kind())
     {
         ctx.zero_cvs = repo.zero_cvs(region_size as u32, size.div_ceil(region_size as u64))?;
+        distrust_unless_sample_holds(&mut ctx.zero_cvs, region_size as u64);
     }
     progress.start(source.size());
     let initial_size = source.size();
@@ -410,6 +422,7 @@ pub fn backup(
         parent: opts.parent.as_ref().map(|p| p.0),
     };
     let bytes_reused = ctx.counters.reused_bytes.load(Relaxed);
+    let zero_bytes_cached = ctx.counters.zero_cached_bytes.load(Relaxed);
     let (id, snapshot) = commit_snapshot(repo, results, None, stats, meta)?;
     progress.finish();
     Ok(BackupReport {
@@ -417,7 +430,31 @@ pub fn backup(
         snapshot,
         bytes_read,
         bytes_reused,
+        zero_bytes_cached,
     })
+}
+
+/// Recomputes up to 64 cached zero chaining values spread over the table
+/// (about 2 ms each) before any is used; if one is wrong the whole table is
+/// dropped, so every value is computed again and the cache rewritten. A
+/// wrong value would otherwise give the snapshot a digest that no restore
+/// can match.
+fn distrust_unless_sample_holds(table: &mut [Option<[u8; 32]>], region_size: u64) {
+    use blake3::hazmat::HasherExt;
+    let cached: Vec<usize> = (0..table.len()).filter(|&i| table[i].is_some()).collect();
+    if cached.is_empty() {
+        return;
+    }
+    let step = cached.len().div_ceil(64);
+    let sample: Vec<usize> = cached.iter().step_by(step).copied().collect();
+    let holds = sample.par_iter().all(|&i| {
+        let mut h = region_hasher(i as u64 * region_size);
+        update_zeros(&mut h, region_size);
+        Some(h.finalize_non_root()) == table[i]
+    });
+    if !holds {
+        table.fill(None);
+    }
 }
 
 /// How much of a file or device source is asked to be read ahead.
@@ -805,5 +842,6 @@ pub fn backup_changed(
         snapshot,
         bytes_read,
         bytes_reused,
+        zero_bytes_cached: 0,
     })
 }

@@ -491,6 +491,11 @@ fn zero_region_values_are_cached_for_every_later_first_backup() {
     let (b, b_bytes) = thin_file("zero-b", 6, &[1, 5], 7);
     let rb = backup(&repo, Source::open(&b).unwrap(), &opts("b"), &NoProgress).unwrap();
     assert_eq!(rb.snapshot.digest, *blake3::hash(&b_bytes).as_bytes());
+    // b's holes 2 and 4 were cached by a; its hole 3 (data in a) is
+    // computed and cached now, its hole 0 never is.
+    assert_eq!(rb.zero_bytes_cached, 2 * 8 * MIB as u64);
+    assert!(repo.zero_cvs(rs, 6).unwrap()[3].is_some());
+    assert_eq!(ra.zero_bytes_cached, 0, "a's were computed");
     assert_eq!(
         restore_to_vec(&repo, &rb.id, &rb.snapshot).unwrap(),
         b_bytes
@@ -498,12 +503,14 @@ fn zero_region_values_are_cached_for_every_later_first_backup() {
     // Region 0 of b is a hole: never cached (it may be the root).
     assert!(repo.zero_cvs(rs, 1).unwrap()[0].is_none());
 
-    // The cache is what supplies them: a wrong entry shows in the digest
-    // (which is why the entries live under RocksDB's checksums).
+    // A wrong entry is caught by the sample recomputed before use: the
+    // table is distrusted, the digest stays right and the entry is rewritten.
     repo.put_zero_cvs(rs, &[(2, [0xaa; 32])]).unwrap();
     let (c, c_bytes) = thin_file("zero-c", 6, &[0], 9);
     let rc = backup(&repo, Source::open(&c).unwrap(), &opts("c"), &NoProgress).unwrap();
-    assert_ne!(rc.snapshot.digest, *blake3::hash(&c_bytes).as_bytes());
+    assert_eq!(rc.snapshot.digest, *blake3::hash(&c_bytes).as_bytes());
+    assert_eq!(rc.zero_bytes_cached, 0, "the whole table was distrusted");
+    assert_eq!(repo.zero_cvs(rs, 6).unwrap()[2], cached[2], "rewritten");
     for p in [a, b, c] {
         let _ = std::fs::remove_dir_all(p.parent().unwrap());
     }
