@@ -67,21 +67,12 @@ impl Store {
 
     /// Ids of protected snapshots.
     pub fn protected(&self) -> Result<Vec<Id>> {
-        let meta = self.cf(cf::META);
         let mut out = Vec::new();
-        for item in self.db.prefix_iterator_cf(meta, PROTECT_PREFIX) {
-            let (k, _) = item.map_err(|e| self.db_err("read", e))?;
-            match imgstore_format::meta::parse_protect_key(&k) {
-                Ok(Some(id)) => out.push(id),
-                Ok(None) => break,
-                Err(source) => {
-                    return Err(StoreError::Format {
-                        path: self.dir.join(imgstore_format::DB_DIR),
-                        source,
-                    })
-                }
-            }
-        }
+        self.scan_meta(PROTECT_PREFIX, "read protection marks", |k, _| {
+            let id = imgstore_format::meta::parse_protect_key(k).map_err(|e| self.meta_err(e))?;
+            out.extend(id);
+            Ok(true)
+        })?;
         Ok(out)
     }
 
@@ -90,20 +81,22 @@ impl Store {
     pub fn zero_cvs(&self, region_size: u32, count: u64) -> Result<Vec<Option<[u8; 32]>>> {
         use imgstore_format::meta::{parse_zero_cv, zero_cv_prefix};
         let mut out = vec![None; count as usize];
-        let prefix = zero_cv_prefix(region_size);
-        for item in self.db.prefix_iterator_cf(self.cf(cf::META), &prefix) {
-            let (k, v) = item.map_err(|e| self.db_err("read", e))?;
-            if !k.starts_with(&prefix) {
-                break;
-            }
-            match parse_zero_cv(&k, &v) {
-                Ok(Some((_, i, cv))) if i < count => out[i as usize] = Some(cv),
-                Ok(Some(_)) => break,
-                Ok(None) => break,
-                // A malformed entry is only a cache miss.
-                Err(_) => continue,
-            }
-        }
+        self.scan_meta(
+            &zero_cv_prefix(region_size),
+            "read zero chaining values",
+            |k, v| {
+                Ok(match parse_zero_cv(k, v) {
+                    Ok(Some((_, i, cv))) if i < count => {
+                        out[i as usize] = Some(cv);
+                        true
+                    }
+                    // Indices come in order: the rest are past the image.
+                    Ok(_) => false,
+                    // A malformed entry is only a cache miss.
+                    Err(_) => true,
+                })
+            },
+        )?;
         Ok(out)
     }
 
@@ -129,23 +122,43 @@ impl Store {
 
     /// Every recorded (snapshot, parent) pair.
     pub fn parents(&self) -> Result<Vec<(Id, Id)>> {
-        let meta = self.cf(cf::META);
-        let prefix = imgstore_format::meta::PARENT_PREFIX;
         let mut out = Vec::new();
-        for item in self.db.prefix_iterator_cf(meta, prefix) {
-            let (k, v) = item.map_err(|e| self.db_err("read", e))?;
-            match imgstore_format::meta::parse_parent(&k, &v) {
-                Ok(Some(pair)) => out.push(pair),
-                Ok(None) => break,
-                Err(source) => {
-                    return Err(StoreError::Format {
-                        path: self.dir.join(imgstore_format::DB_DIR),
-                        source,
-                    })
-                }
+        self.scan_meta(
+            imgstore_format::meta::PARENT_PREFIX,
+            "read parents",
+            |k, v| {
+                let pair =
+                    imgstore_format::meta::parse_parent(k, v).map_err(|e| self.meta_err(e))?;
+                out.extend(pair);
+                Ok(true)
+            },
+        )?;
+        Ok(out)
+    }
+
+    /// Calls `f(key, value)` for the `meta` entries whose keys start with
+    /// `prefix`, in key order, until it returns false.
+    pub(crate) fn scan_meta(
+        &self,
+        prefix: &[u8],
+        op: &'static str,
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<bool>,
+    ) -> Result<()> {
+        for item in self.db.prefix_iterator_cf(self.cf(cf::META), prefix) {
+            let (k, v) = item.map_err(|e| self.db_err(op, e))?;
+            if !k.starts_with(prefix) || !f(&k, &v)? {
+                break;
             }
         }
-        Ok(out)
+        Ok(())
+    }
+
+    /// A `meta` entry that does not decode.
+    fn meta_err(&self, source: imgstore_format::FormatError) -> StoreError {
+        StoreError::Format {
+            path: self.dir.join(imgstore_format::DB_DIR),
+            source,
+        }
     }
 
     /// Replaces snapshot `old` by `new` (same pages) in one synced batch;

@@ -39,18 +39,15 @@ pub(crate) fn damaged_key(key: &[u8; 33]) -> Vec<u8> {
 impl Store {
     /// Every damage mark in the repository.
     pub fn damage_marks(&self) -> Result<Vec<DamageMark>> {
-        let meta = self.cf(cf::META);
         let mut out = Vec::new();
-        for item in self.db.prefix_iterator_cf(meta, META_DAMAGED_PREFIX) {
-            let (k, v) = item.map_err(|e| self.db_err("read damage marks", e))?;
-            match imgstore_format::meta::parse_damage_mark(&k, &v) {
-                Ok(Some((kind, id, why))) => out.push(DamageMark { kind, id, why }),
-                Ok(None) => break,
-                // A malformed mark cannot name what to repair; check
-                // reports the objects themselves.
-                Err(_) => continue,
+        self.scan_meta(META_DAMAGED_PREFIX, "read damage marks", |k, v| {
+            // A malformed mark cannot name what to repair; check reports
+            // the objects themselves.
+            if let Ok(Some((kind, id, why))) = imgstore_format::meta::parse_damage_mark(k, v) {
+                out.push(DamageMark { kind, id, why });
             }
-        }
+            Ok(true)
+        })?;
         Ok(out)
     }
 
