@@ -277,6 +277,23 @@ pub trait Repository: Send + Sync {
     fn scan_orphans(&self, f: &mut dyn FnMut(&[u8])) -> Result<()>;
 }
 
+/// Checks a [`Repository::replace_snapshot`] request against the stored
+/// record `old_record` of snapshot `old`: the replacement must name the same
+/// pages (so no reference count changes). Returns the replacement's
+/// encoding and id. Shared by implementations so each refuses the same way.
+pub fn replacement(old: &Id, old_record: &[u8], new: &Snapshot) -> Result<(Vec<u8>, Id)> {
+    let prev = Snapshot::decode(old_record)
+        .map_err(|source| RepoError::CorruptSnapshot { id: *old, source })?;
+    if prev.pages != new.pages {
+        return Err(RepoError::Invalid(
+            "a replacement snapshot must name the same pages".into(),
+        ));
+    }
+    let encoded = new.encode();
+    let id = Id::hash(&encoded);
+    Ok((encoded, id))
+}
+
 /// Decodes a stored record checked against its id: shared by
 /// implementations so that each checks the same way.
 pub fn decode_checked<T>(

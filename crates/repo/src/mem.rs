@@ -483,15 +483,7 @@ impl Repository for MemRepo {
             .snapshots
             .get(old)
             .ok_or(RepoError::NoSnapshot { id: *old })?;
-        let prev = Snapshot::decode(v)
-            .map_err(|source| RepoError::CorruptSnapshot { id: *old, source })?;
-        if prev.pages != new.pages {
-            return Err(RepoError::Invalid(
-                "a replacement snapshot must name the same pages".into(),
-            ));
-        }
-        let encoded = new.encode();
-        let id = Id::hash(&encoded);
+        let (encoded, id) = crate::replacement(old, v, new)?;
         if id == *old {
             return Ok(id);
         }

@@ -173,15 +173,7 @@ impl Store {
             .get_pinned_cf(snaps, old.as_bytes())
             .map_err(|e| self.db_err("read snapshot", e))?
             .ok_or(StoreError::NoSnapshot { id: *old })?;
-        let prev = imgstore_format::Snapshot::decode(&v)
-            .map_err(|source| StoreError::CorruptSnapshot { id: *old, source })?;
-        if prev.pages != new.pages {
-            return Err(StoreError::Invalid(
-                "a replacement snapshot must name the same pages".into(),
-            ));
-        }
-        let encoded = new.encode();
-        let id = Id::hash(&encoded);
+        let (encoded, id) = imgstore_repo::replacement(old, &v, new)?;
         if id == *old {
             return Ok(id);
         }
