@@ -82,6 +82,19 @@ impl MemRepo {
         self.state().unreadable.insert(*id);
     }
 
+    /// Recipes or pages, each checked against its id and decoded.
+    fn records<T>(
+        &self,
+        kind: ObjectKind,
+        ids: &[Id],
+        decode: impl Fn(&[u8]) -> std::result::Result<T, imgstore_format::FormatError>,
+    ) -> Result<Vec<T>> {
+        let s = self.state();
+        ids.iter()
+            .map(|id| decode_checked(kind, id, s.record(kind, id)?, &decode))
+            .collect()
+    }
+
     /// Undoes [`MemRepo::make_unreadable`] for every chunk.
     pub fn clear_injected(&self) {
         self.state().unreadable.clear();
@@ -228,23 +241,11 @@ impl Repository for MemRepo {
     }
 
     fn pages(&self, ids: &[Id]) -> Result<Vec<Page>> {
-        let s = self.state();
-        ids.iter()
-            .map(|id| {
-                let b = s.record(ObjectKind::Page, id)?;
-                decode_checked(ObjectKind::Page, id, b, Page::decode)
-            })
-            .collect()
+        self.records(ObjectKind::Page, ids, Page::decode)
     }
 
     fn regions(&self, ids: &[Id]) -> Result<Vec<Region>> {
-        let s = self.state();
-        ids.iter()
-            .map(|id| {
-                let b = s.record(ObjectKind::Region, id)?;
-                decode_checked(ObjectKind::Region, id, b, Region::decode)
-            })
-            .collect()
+        self.records(ObjectKind::Region, ids, Region::decode)
     }
 
     fn chunk_frames(&self, ids: &[Id]) -> Result<Vec<ChunkRead>> {

@@ -450,18 +450,15 @@ impl Store {
     /// A region recipe or index page as stored, checked against its id
     /// (they are small: hashing costs microseconds, and a backup reusing a
     /// parent's regions must trust exactly what the parent recorded).
-    fn record(&self, kind: ObjectKind, id: &Id) -> Result<Vec<u8>> {
+    fn record<T>(
+        &self,
+        kind: ObjectKind,
+        id: &Id,
+        decode: impl FnOnce(&[u8]) -> std::result::Result<T, FormatError>,
+    ) -> Result<T> {
         let recipes = self.cf(cf::RECIPES);
         match self.db.get_pinned_cf(&recipes, kind.key(id)) {
-            Ok(Some(v)) if Id::hash(&v) != *id => Err(StoreError::Corrupt {
-                kind,
-                id: *id,
-                source: imgstore_format::FormatError::Invalid {
-                    what: "stored record",
-                    why: "its content does not hash to its id".into(),
-                },
-            }),
-            Ok(Some(v)) => Ok(v.to_vec()),
+            Ok(Some(v)) => imgstore_repo::decode_checked(kind, id, &v, decode),
             Ok(None) => Err(StoreError::Missing { kind, id: *id }),
             Err(e) => Err(self.db_err("read recipe", e)),
         }
@@ -469,22 +466,12 @@ impl Store {
 
     /// A region recipe, decoded.
     pub fn region(&self, id: &Id) -> Result<Region> {
-        let bytes = self.record(ObjectKind::Region, id)?;
-        Region::decode(&bytes).map_err(|source| StoreError::Corrupt {
-            kind: ObjectKind::Region,
-            id: *id,
-            source,
-        })
+        self.record(ObjectKind::Region, id, Region::decode)
     }
 
     /// An index page, decoded.
     pub fn page(&self, id: &Id) -> Result<Page> {
-        let bytes = self.record(ObjectKind::Page, id)?;
-        Page::decode(&bytes).map_err(|source| StoreError::Corrupt {
-            kind: ObjectKind::Page,
-            id: *id,
-            source,
-        })
+        self.record(ObjectKind::Page, id, Page::decode)
     }
 
     /// Every snapshot, decoded, in key order. A record that does not decode
