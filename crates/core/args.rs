@@ -21,7 +21,7 @@ Exit status:\n  0    success (diff: the snapshots are equal)\n  1    failure not
 Names (--name) and tags: 1-128 letters, digits, '.', '_', '+', '-', starting with a letter, digit or '_'."
 )]
 pub struct Cli {
-    /// Repository directory.
+    /// Repository: a directory, or a server's URL (imgstores://HOST[:PORT]/).
     #[arg(
         short = 'r',
         long = "repo",
@@ -55,6 +55,31 @@ pub struct Cli {
         default_missing_value = "10m"
     )]
     pub wait: Option<String>,
+
+    /// For a server repository: a file holding the token (IMGSTORE_TOKEN
+    /// is read when this is not given; never pass a token as an argument).
+    #[arg(long, global = true, env = "IMGSTORE_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+
+    /// For a server repository: the SHA-256 fingerprint of its certificate
+    /// (`imgstore server --fingerprint` prints it on the server).
+    #[arg(
+        long,
+        global = true,
+        env = "IMGSTORE_SERVER_FINGERPRINT",
+        value_name = "SHA256:HEX"
+    )]
+    pub server_fingerprint: Option<String>,
+
+    /// For a server repository: trust certificates signed by these CAs (PEM)
+    /// instead of pinning a fingerprint.
+    #[arg(long, global = true, env = "IMGSTORE_SERVER_CA", value_name = "FILE")]
+    pub server_ca: Option<PathBuf>,
+
+    /// For a server repository: how long to keep retrying requests while the
+    /// server cannot be reached before giving up.
+    #[arg(long, global = true, value_name = "DURATION", default_value = "2m")]
+    pub retry_for: String,
 
     #[command(subcommand)]
     pub command: Command,
@@ -156,6 +181,82 @@ mount -o ro,loop /mnt/snapshots/by-name/vm-root/2026-11-25T03:00:00Z.img /mnt/vm
         after_help = "Examples:\n  imgstore verify latest --name vm-root\n  imgstore verify --all --json"
     )]
     Verify(VerifyArgs),
+    /// Serve this repository (-r DIR) to other hosts over HTTPS.
+    #[command(
+        after_help = "The server is the repository's one writer: any number of hosts back up, restore, \
+check and gc at once. TLS is on by default with a certificate generated into DIR/server/tls at first \
+start; clients pin its fingerprint. Tokens (`imgstore token add`) carry a role and namespaces; the \
+config file (TOML) names namespaces and listen address.\n\nExamples:\n  imgstore -r /srv/imgstore server\n  \
+imgstore -r /srv/imgstore server --fingerprint\n  imgstore -r /srv/imgstore server --config /etc/imgstore/server.toml\n\n\
+Clients:\n  export IMGSTORE_TOKEN_FILE=/etc/imgstore/token IMGSTORE_SERVER_FINGERPRINT=SHA256:...\n  \
+imgstore -r imgstores://backup.example:8420/ backup /dev/vg0/web01-root --name web01-root"
+    )]
+    Server(ServerArgs),
+    /// Manage the tokens of this repository's server (-r DIR, on the server).
+    #[command(
+        after_help = "Examples:\n  imgstore -r /srv/imgstore token add web01 --role backup --namespace web01\n  \
+imgstore -r /srv/imgstore token add ops --role admin --output /root/ops.token\n  imgstore -r /srv/imgstore token list\n  \
+imgstore -r /srv/imgstore token remove web01"
+    )]
+    Token(TokenArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ServerArgs {
+    /// Config file (TOML); default DIR/server/config.toml when it exists.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on (overrides the config; default 0.0.0.0:8420).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Option<String>,
+    /// Print the certificate's fingerprint (creating the certificate if
+    /// needed) and exit.
+    #[arg(long)]
+    pub fingerprint: bool,
+    /// Plain HTTP without TLS: only on a loopback address, for tests of the
+    /// protocol itself.
+    #[arg(long)]
+    pub insecure_no_tls: bool,
+    /// Log format on stderr.
+    #[arg(long, value_parser = ["json", "text"], default_value = "json")]
+    pub log_format: String,
+}
+
+#[derive(Args, Debug)]
+pub struct TokenArgs {
+    #[command(subcommand)]
+    pub action: TokenAction,
+    /// The token file (default: the config's `tokens`, else DIR/server/tokens.json).
+    #[arg(long, value_name = "FILE", global = true)]
+    pub tokens: Option<PathBuf>,
+    /// The server config, to find the token file and check namespaces.
+    #[arg(long, value_name = "FILE", global = true)]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenAction {
+    /// Create a token and print it once (stdout, or --output FILE).
+    Add {
+        /// A name for the token (the host or person it is for).
+        name: String,
+        /// backup (append-only), restore (read) or admin (everything).
+        #[arg(long, value_parser = ["backup", "restore", "admin"])]
+        role: String,
+        /// Namespaces the token may use (from the config's [namespaces]); repeatable.
+        #[arg(long = "namespace", value_name = "NS")]
+        namespaces: Vec<String>,
+        /// Write the token to FILE (mode 0600) instead of stdout.
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+    /// List tokens (names, roles, namespaces; never secrets).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a token: the server refuses it from its next request.
+    Remove { name: String },
 }
 
 #[derive(Args, Debug)]

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use imgstore_engine::{BackupOptions, ParentChoice, Selector, Source, Target};
 use imgstore_format::{Id, Snapshot};
-use imgstore_store::{Mode, Store};
+use imgstore_store::Store;
 use serde_json::json;
 
 use crate::args::{BackupArgs, Cli, Command, DiffArgs, InitArgs, RestoreArgs, SnapshotsArgs};
@@ -20,6 +20,12 @@ pub(crate) struct Settings {
     pub verbose: bool,
     /// How long a writer waits for the repository lock.
     pub wait: std::time::Duration,
+    /// For a server repository: where the token is, whom to trust, how
+    /// long to retry.
+    pub token_file: Option<PathBuf>,
+    pub server_fingerprint: Option<String>,
+    pub server_ca: Option<PathBuf>,
+    pub retry_for: std::time::Duration,
 }
 
 static SETTINGS: std::sync::OnceLock<Settings> = std::sync::OnceLock::new();
@@ -29,18 +35,14 @@ pub(crate) fn settings() -> &'static Settings {
         quiet: false,
         verbose: false,
         wait: std::time::Duration::ZERO,
+        token_file: None,
+        server_fingerprint: None,
+        server_ca: None,
+        retry_for: std::time::Duration::from_secs(120),
     })
 }
 
-/// Opens the repository as the writer `operation`, waiting for the lock
-/// as long as `--wait` says.
-pub(crate) fn open_writer(repo: &Path, operation: &'static str) -> anyhow::Result<Store> {
-    Ok(Store::open_waiting(
-        repo,
-        Mode::Write { operation },
-        settings().wait,
-    )?)
-}
+pub(crate) use crate::open::{open_read, open_writer};
 
 /// Checks a `--name` the user gave against the name grammar.
 pub(crate) fn check_name(name: Option<&str>) -> anyhow::Result<()> {
@@ -57,10 +59,20 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         })?,
         None => std::time::Duration::ZERO,
     };
+    let retry_for = humantime::parse_duration(&cli.retry_for).map_err(|_| {
+        exit::usage(format!(
+            "--retry-for {} is not a duration (e.g. 30s, 2m)",
+            cli.retry_for
+        ))
+    })?;
     let _ = SETTINGS.set(Settings {
         quiet: cli.quiet,
         verbose: cli.verbose,
         wait,
+        token_file: cli.token_file.clone(),
+        server_fingerprint: cli.server_fingerprint.clone(),
+        server_ca: cli.server_ca.clone(),
+        retry_for,
     });
     let progress = !cli.no_progress && !cli.quiet;
     match cli.command {
@@ -87,6 +99,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Check(a) => crate::integrity::check(&repo, a, progress),
         Command::Verify(a) => crate::integrity::verify(&repo, a, progress),
         Command::Tag(a) => crate::maintenance::tag(&repo, a),
+        Command::Server(a) => crate::server::server(&repo, a),
+        Command::Token(a) => crate::server::token(&repo, a),
         Command::Completions(_) | Command::Man(_) => unreachable!("handled above"),
     }
 }
@@ -117,6 +131,11 @@ pub(crate) fn detail(text: &str) {
 }
 
 fn init(repo: &Path, a: InitArgs) -> anyhow::Result<()> {
+    if let Some(url) = crate::open::remote_url(repo) {
+        return Err(exit::usage(format!(
+            "{url}: a server's repository is created on the server: `imgstore -r DIR init` there, then `imgstore -r DIR server`"
+        )));
+    }
     let avg = parse_size(&a.chunk_size)?;
     let avg = u32::try_from(avg).context("--chunk-size is too large")?;
     let p = imgstore_chunker::Params::with_avg(avg)
@@ -216,6 +235,7 @@ fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> {
     };
     imgstore_engine::check_name(&name)
         .context("the image name defaults to the source's file name: pass --name NAME")?;
+    store.begin_backup(&name)?;
     let status = a.json_status.then(crate::progress::JsonStatus::new);
     let bar = Bar::new(progress && status.is_none());
     // The parent: regions equal to it at the same offset are not chunked.
@@ -224,7 +244,7 @@ fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> {
         (Some(p), false) => ParentChoice::Named(p.clone()),
         (None, false) => ParentChoice::Latest,
     };
-    let parent = imgstore_engine::parent_for(&store.snapshots()?, &name, &choice)?;
+    let parent = imgstore_engine::parent_for(&*store.snapshots()?, &name, &choice)?;
     if let Some((id, p)) = &parent {
         detail(&format!(
             "parent: {} ({}, {})",
@@ -245,7 +265,7 @@ fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> {
         _ if from_overlay.is_some() => from_overlay,
         (Some(base), Some(list)) => {
             let (base_id, base) =
-                imgstore_engine::select_for_image(&store.snapshots()?, base, &opts.name)
+                imgstore_engine::select_for_image(&*store.snapshots()?, base, &opts.name)
                     .with_context(|| format!("--base {base}"))?;
             let verify_unchanged = match &a.verify_unchanged {
                 Some(v) => crate::units::parse_fraction(v, "--verify-unchanged")?,
@@ -265,8 +285,8 @@ fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> {
         None => &bar,
     };
     let result = match &changed {
-        Some(c) => imgstore_engine::backup_changed(&store, &source, c, &opts, progress),
-        None => imgstore_engine::backup(&store, source, &opts, progress),
+        Some(c) => imgstore_engine::backup_changed(&*store, &source, c, &opts, progress),
+        None => imgstore_engine::backup(&*store, source, &opts, progress),
     };
     // The command's exit status was checked at end of stream; a backup
     // that stopped early does not leave it running.
@@ -378,7 +398,7 @@ pub(crate) fn snapshot_json(id: &Id, s: &Snapshot) -> serde_json::Value {
 /// The snapshots a command names (ids, prefixes, `latest`), or all of them
 /// with `everything`; oldest first, each once.
 pub(crate) fn chosen_snapshots(
-    store: &Store,
+    store: &dyn imgstore_repo::Repository,
     names: &[String],
     everything: bool,
     name: Option<&str>,
@@ -403,7 +423,7 @@ pub(crate) fn chosen_snapshots(
 
 fn snapshots(repo: &Path, a: SnapshotsArgs) -> anyhow::Result<()> {
     check_name(a.name.as_deref())?;
-    let store = Store::open(repo, Mode::ReadOnly)?;
+    let store = open_read(repo)?;
     let filter = imgstore_engine::SnapshotFilter {
         name: a.name.clone(),
         hosts: a.host.clone(),
@@ -475,7 +495,7 @@ fn restore(repo: &Path, a: RestoreArgs, progress: bool) -> anyhow::Result<()> {
             "stdout is a terminal: redirect it (`> image.img`, `| qemu-img ...`) or give a file or device as TARGET",
         ));
     }
-    let store = Store::open(repo, Mode::ReadOnly)?;
+    let store = open_read(repo)?;
     let snaps = store.snapshots()?;
     let (id, snap) = imgstore_engine::select(&snaps, &selector, a.name.as_deref())?;
     if a.delta {
@@ -486,7 +506,7 @@ fn restore(repo: &Path, a: RestoreArgs, progress: bool) -> anyhow::Result<()> {
         }
         let bar = Bar::new(progress);
         let r =
-            imgstore_engine::restore_delta(&store, &id, &snap, Path::new(&target), a.force, &bar)?;
+            imgstore_engine::restore_delta(&*store, &id, &snap, Path::new(&target), a.force, &bar)?;
         drop(bar);
         if a.json {
             return emit(&format!(
@@ -529,7 +549,7 @@ fn restore(repo: &Path, a: RestoreArgs, progress: bool) -> anyhow::Result<()> {
         Target::resolve(Path::new(&target), a.force)?
     };
     let bar = Bar::new(progress && target_label != "-");
-    let r = imgstore_engine::restore(&store, &id, &snap, target, &bar)?;
+    let r = imgstore_engine::restore(&*store, &id, &snap, target, &bar)?;
     drop(bar);
     let line = format!(
         "restored {} ({}, {} taken {}) to {} in {:.2} s: {} data, {} zeros; digest verified",
@@ -578,11 +598,11 @@ fn diff(repo: &Path, a: DiffArgs) -> anyhow::Result<()> {
 
 fn diff_inner(repo: &Path, a: DiffArgs) -> anyhow::Result<bool> {
     check_name(a.name.as_deref())?;
-    let store = Store::open(repo, Mode::ReadOnly)?;
+    let store = open_read(repo)?;
     let snaps = store.snapshots()?;
     let (ia, sa) = imgstore_engine::select(&snaps, &Selector::parse(&a.a)?, a.name.as_deref())?;
     let (ib, sb) = imgstore_engine::select(&snaps, &Selector::parse(&a.b)?, a.name.as_deref())?;
-    let ranges = imgstore_engine::diff(&store, (&ia, &sa), (&ib, &sb))?;
+    let ranges = imgstore_engine::diff(&*store, (&ia, &sa), (&ib, &sb))?;
     let changed: u64 = ranges.iter().map(|r| r.1).sum();
     let differ = !ranges.is_empty();
     if a.json {

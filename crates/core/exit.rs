@@ -9,6 +9,7 @@
 //! | 4 | repository busy: another writer holds its lock |
 //! | 5 | damaged or wrong data found (`check`, `verify`, a restore that met damage) |
 //! | 6 | snapshot not found (or ambiguous, or several images and no `--name`) |
+//! | 7 | the server could not be reached, or refused the token or operation |
 //! | 141 | stdout closed by its reader (`restore - \| head`): ends quietly |
 
 use imgstore_engine::EngineError;
@@ -20,6 +21,7 @@ pub const NO_REPOSITORY: u8 = 3;
 pub const BUSY: u8 = 4;
 pub const DAMAGED: u8 = 5;
 pub const NOT_FOUND: u8 = 6;
+pub const REMOTE: u8 = 7;
 pub const PIPE_CLOSED: u8 = 141;
 
 /// An error the binary raises itself, with the exit code it means.
@@ -71,6 +73,7 @@ fn repo_code(e: &RepoError) -> u8 {
         | RepoError::Missing { .. }
         | RepoError::Unreadable { .. } => DAMAGED,
         RepoError::NoSnapshot { .. } => NOT_FOUND,
+        RepoError::Unreachable { .. } | RepoError::Denied { .. } => REMOTE,
         _ => FAILURE,
     }
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 use imgstore_engine::{CheckReport, ReadData, Target};
 use imgstore_format::{Id, ObjectKind};
 use imgstore_repo::DamageMark;
-use imgstore_store::{Mode, Store, StoreError};
+use imgstore_store::StoreError;
 use serde_json::json;
 
 use crate::args::{CheckArgs, VerifyArgs};
@@ -29,9 +29,8 @@ fn record_marks(repo: &Path, marks: &[DamageMark], intact: &[(ObjectKind, Id)]) 
     if marks.is_empty() && intact.is_empty() {
         return None;
     }
-    let result = Store::open(repo, Mode::Write { operation: "check" })
-        .map_err(imgstore_engine::EngineError::from)
-        .and_then(|w| imgstore_engine::record_damage(&w, marks, intact));
+    let result = crate::open::open_writer_now(repo, "check")
+        .and_then(|w| imgstore_engine::record_damage(&*w, marks, intact));
     Some(match result {
         Ok(0) if intact.is_empty() => return None,
         Ok(n) => format!(
@@ -68,9 +67,9 @@ pub fn check(repo: &Path, a: CheckArgs, progress: bool) -> anyhow::Result<()> {
     };
     let started = std::time::Instant::now();
     let report = {
-        let store = Store::open(repo, Mode::ReadOnly)?;
+        let store = crate::commands::open_read(repo)?;
         let bar = Bar::new(progress);
-        imgstore_engine::check(&store, read, &bar)?
+        imgstore_engine::check(&*store, read, &bar)?
     };
     let secs = started.elapsed().as_secs_f64();
     let marks_note = record_marks(repo, &report.damage_marks(), &report.intact_marked);
@@ -186,14 +185,15 @@ pub fn verify(repo: &Path, a: VerifyArgs, progress: bool) -> anyhow::Result<()> 
             "name the snapshots to verify (an id, a prefix or `latest`), or pass --all",
         ));
     }
-    let store = Store::open(repo, Mode::ReadOnly)?;
-    let chosen = crate::commands::chosen_snapshots(&store, &a.snapshots, a.all, a.name.as_deref())?;
+    let store = crate::commands::open_read(repo)?;
+    let chosen =
+        crate::commands::chosen_snapshots(&*store, &a.snapshots, a.all, a.name.as_deref())?;
     let mut results = Vec::new();
     let mut failed = 0;
     let mut marks = Vec::new();
     for (id, snap) in &chosen {
         let bar = Bar::new(progress);
-        let r = imgstore_engine::restore(&store, id, snap, Target::Discard, &bar);
+        let r = imgstore_engine::restore(&*store, id, snap, Target::Discard, &bar);
         drop(bar);
         let mut v = json!({
             "schema_version": crate::commands::JSON_SCHEMA,

@@ -9,9 +9,11 @@ mod exit;
 mod integrity;
 mod maintenance;
 mod mount;
+mod open;
 mod packaging;
 mod progress;
 mod serve;
+mod server;
 mod source_command;
 mod units;
 

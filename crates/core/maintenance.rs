@@ -3,11 +3,11 @@
 use std::collections::HashSet;
 use std::path::Path;
 
+use crate::open::Repo;
 use imgstore_engine::policy::Policy;
 use imgstore_engine::{ForgetRequest, Selector, SnapshotReader};
 use imgstore_format::{Id, ObjectKind};
 use imgstore_repo::Repository;
-use imgstore_store::{disk_usage, Mode, Store};
 use serde_json::json;
 
 use crate::args::{ForgetArgs, GcArgs, IdArg, StatsArgs, TagArgs};
@@ -17,21 +17,21 @@ use crate::units::{format_time, human_bytes, plural};
 /// The repository's disk usage, then the repository opened read-only for a
 /// dry run or as the writer `operation` otherwise (usage is measured first:
 /// opening for write preallocates a WAL file).
-fn open_for(repo: &Path, dry_run: bool, operation: &'static str) -> anyhow::Result<(u64, Store)> {
-    let before = disk_usage(repo);
-    let mode = if dry_run {
-        Mode::ReadOnly
+fn open_for(repo: &Path, dry_run: bool, operation: &'static str) -> anyhow::Result<(u64, Repo)> {
+    let before = match crate::open::remote_url(repo) {
+        Some(_) => None,
+        None => Some(imgstore_store::disk_usage(repo)),
+    };
+    let store = if dry_run {
+        crate::commands::open_read(repo)?
     } else {
-        Mode::Write { operation }
+        crate::commands::open_writer(repo, operation)?
     };
-    let store = match mode {
-        Mode::ReadOnly => Store::open(repo, mode)?,
-        Mode::Write { operation } => crate::commands::open_writer(repo, operation)?,
-    };
+    let before = before.unwrap_or_else(|| store.disk_usage());
     Ok((before, store))
 }
 
-fn resolve(store: &Store, s: &str, name: Option<&str>) -> anyhow::Result<Id> {
+fn resolve(store: &dyn Repository, s: &str, name: Option<&str>) -> anyhow::Result<Id> {
     crate::commands::check_name(name)?;
     let snaps = store.snapshots()?;
     Ok(imgstore_engine::select(&snaps, &Selector::parse(s)?, name)?.0)
@@ -86,9 +86,14 @@ pub fn forget(repo: &Path, a: ForgetArgs) -> anyhow::Result<()> {
         hosts: a.host.clone(),
         tags: a.tag.clone(),
     };
-    let plan = imgstore_engine::plan_forget(&store, &request, &filter)?;
+    let plan = imgstore_engine::plan_forget(&*store, &request, &filter)?;
     let decisions = &plan.decisions;
     let remove: Vec<Id> = decisions.iter().filter(|d| !d.keep).map(|d| d.id).collect();
+    // Removed first, reported after: a refusal (a protected snapshot, a
+    // server's append-only token) must not print "removed".
+    if !a.dry_run {
+        imgstore_engine::forget(&*store, &plan)?;
+    }
     if a.json {
         let v: Vec<_> = decisions
             .iter()
@@ -122,7 +127,6 @@ pub fn forget(repo: &Path, a: ForgetArgs) -> anyhow::Result<()> {
     if a.dry_run {
         return Ok(());
     }
-    imgstore_engine::forget(&store, &plan)?;
     if a.prune {
         run_gc(store, repo, before, false, a.json)?;
     }
@@ -140,7 +144,7 @@ pub fn gc(repo: &Path, a: GcArgs) -> anyhow::Result<()> {
 /// files compaction made obsolete by then, so the figure is space really
 /// returned to the file system.
 fn run_gc(
-    store: Store,
+    store: Repo,
     repo: &Path,
     before: u64,
     dry_run: bool,
@@ -149,8 +153,14 @@ fn run_gc(
     let started = std::time::Instant::now();
     let outcome = store.gc(dry_run)?;
     let (swept, rewrote) = (outcome.removed, outcome.rewrote);
-    drop(store);
-    let after = if dry_run { before } else { disk_usage(repo) };
+    let after = match (&store, dry_run) {
+        (_, true) => before,
+        (Repo::Remote(_), false) => store.disk_usage(),
+        (Repo::Local(_), false) => {
+            drop(store);
+            imgstore_store::disk_usage(repo)
+        }
+    };
     let secs = started.elapsed().as_secs_f64();
     if json_out {
         return emit(&format!(
@@ -186,7 +196,7 @@ fn run_gc(
 
 pub fn protect(repo: &Path, a: IdArg, on: bool) -> anyhow::Result<()> {
     let store = crate::commands::open_writer(repo, if on { "protect" } else { "unprotect" })?;
-    let id = resolve(&store, &a.snapshot, a.name.as_deref())?;
+    let id = resolve(&*store, &a.snapshot, a.name.as_deref())?;
     store.set_protected(&id, on)?;
     note(&format!(
         "snapshot {} {}",
@@ -197,7 +207,7 @@ pub fn protect(repo: &Path, a: IdArg, on: bool) -> anyhow::Result<()> {
 }
 
 pub fn stats(repo: &Path, a: StatsArgs) -> anyhow::Result<()> {
-    let store = Store::open(repo, Mode::ReadOnly)?;
+    let store = crate::commands::open_read(repo)?;
     let snaps = store.snapshots()?;
     let v = match &a.snapshot {
         None => {
@@ -222,13 +232,13 @@ pub fn stats(repo: &Path, a: StatsArgs) -> anyhow::Result<()> {
                 "orphans": t.orphans,
                 "dedup_ratio": data as f64 / t.objects.chunk_raw_bytes.max(1) as f64,
                 "compression_ratio": t.objects.chunk_raw_bytes as f64 / t.objects.chunk_stored_bytes.max(1) as f64,
-                "repository_disk_bytes": disk_usage(store.dir()),
+                "repository_disk_bytes": store.disk_usage(),
             })
         }
         Some(s) => {
             let (id, snap) =
                 imgstore_engine::select(&snaps, &Selector::parse(s)?, a.name.as_deref())?;
-            let reader = SnapshotReader::open(&store, &id, &snap)?;
+            let reader = SnapshotReader::open(&*store, &id, &snap)?;
             let regions = reader.region_ids();
             let mut chunks = HashSet::new();
             let mut seen = HashSet::new();
@@ -323,11 +333,12 @@ pub fn tag(repo: &Path, a: TagArgs) -> anyhow::Result<()> {
         ));
     }
     let store = crate::commands::open_writer(repo, "tag")?;
-    let chosen = crate::commands::chosen_snapshots(&store, &a.snapshots, false, a.name.as_deref())?;
+    let chosen =
+        crate::commands::chosen_snapshots(&*store, &a.snapshots, false, a.name.as_deref())?;
     let set = (!a.set.is_empty()).then_some(a.set.as_slice());
     let mut changed = 0u64;
     for (id, _) in &chosen {
-        let new = imgstore_engine::retag(&store, id, set, &a.add, &a.remove)?;
+        let new = imgstore_engine::retag(&*store, id, set, &a.add, &a.remove)?;
         if new != *id {
             changed += 1;
             crate::commands::detail(&format!("snapshot {} is now {}", id.short(), new.short()));

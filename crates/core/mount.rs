@@ -7,7 +7,6 @@ use std::time::{Duration, UNIX_EPOCH};
 use anyhow::Context;
 use imgstore_engine::ImageReader;
 use imgstore_fuse::{Entry, Image};
-use imgstore_store::{Mode, Store};
 
 use crate::args::MountArgs;
 use crate::commands::note;
@@ -55,9 +54,9 @@ pub fn mount(repo: &Path, a: MountArgs) -> anyhow::Result<()> {
     let cache = parse_size(&a.cache)? as usize;
     // The file system serves until unmounted, for the rest of the process:
     // the store and snapshot list live as long.
-    let store: &'static Store = Box::leak(Box::new(Store::open(repo, Mode::ReadOnly)?));
+    let store: &'static crate::open::Repo = Box::leak(Box::new(crate::commands::open_read(repo)?));
     let snaps = crate::commands::chosen_snapshots(
-        store,
+        &**store,
         &a.snapshots,
         a.snapshots.is_empty(),
         a.name.as_deref(),
@@ -87,7 +86,7 @@ pub fn mount(repo: &Path, a: MountArgs) -> anyhow::Result<()> {
             time_label,
             time: UNIX_EPOCH + Duration::from_nanos(s.time_ns.max(0) as u64),
             data_bytes: s.size - s.stats.zero_bytes.min(s.size),
-            image: Box::new(SnapImage(ImageReader::new(store, id, s, per)?)),
+            image: Box::new(SnapImage(ImageReader::new(&**store, id, s, per)?)),
         });
     }
     note(&format!(

@@ -9,7 +9,6 @@ use anyhow::Context;
 use imgstore_engine::{ImageReader, Overlay};
 use imgstore_format::{Id, Snapshot};
 use imgstore_nbd::{Export, Exports};
-use imgstore_store::{Mode, Store};
 
 use crate::args::ServeArgs;
 use crate::commands::note;
@@ -121,8 +120,8 @@ pub fn serve(repo: &Path, a: ServeArgs) -> anyhow::Result<()> {
         ));
     }
     let cache = parse_size(&a.cache)? as usize;
-    let store = Store::open(repo, Mode::ReadOnly)?;
-    let snaps = crate::commands::chosen_snapshots(&store, &a.snapshots, a.all, a.name.as_deref())?;
+    let store = crate::commands::open_read(repo)?;
+    let snaps = crate::commands::chosen_snapshots(&*store, &a.snapshots, a.all, a.name.as_deref())?;
     let per_export = (cache / snaps.len()).max(8 << 20);
     if a.writable.is_some() && snaps.len() != 1 {
         return Err(crate::exit::usage(
@@ -136,7 +135,7 @@ pub fn serve(repo: &Path, a: ServeArgs) -> anyhow::Result<()> {
             None => None,
         };
         exports.push(SnapExport(
-            ImageReader::new(&store, id, s, per_export)?,
+            ImageReader::new(&*store, id, s, per_export)?,
             overlay,
         ));
     }

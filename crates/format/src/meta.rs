@@ -8,7 +8,15 @@
 //! zerocv:<region size, u32 LE><region index, u64 BE>
 //!                                      value: the BLAKE3 chaining value (32 bytes)
 //!                                      of an all-zero region of that size at that index
+//! ns:<name length, u8><namespace name><kind byte><object id, 32>
+//!                                      value: empty; the object was written or
+//!                                      committed under that server namespace
 //! ```
+//!
+//! `ns:` entries are written only by `imgstore server` (issue #14): they let
+//! it answer "is this chunk stored?" and "give me this object" to a client
+//! only for objects of the client's own namespaces, so a shared index is no
+//! oracle for data a client does not have. A local repository has none.
 //!
 //! `zerocv:` entries are a cache of values that depend only on the region
 //! size and index (BLAKE3 mixes each 1 KiB chunk's counter into its hash,
@@ -127,6 +135,34 @@ pub fn parse_damage_mark(
     Ok(Some((kind, id, why.to_string())))
 }
 
+/// Prefix of `meta` keys marking objects of a server namespace.
+pub const NS_PREFIX: &[u8] = b"ns:";
+
+/// Longest namespace name (it is length-prefixed by one byte).
+pub const NS_NAME_MAX: usize = 64;
+
+/// The key prefix of every object marked for namespace `name`.
+pub fn ns_prefix(name: &str) -> Result<Vec<u8>, FormatError> {
+    let len = name.len();
+    if len == 0 || len > NS_NAME_MAX {
+        return Err(FormatError::Invalid {
+            what: "namespace name",
+            why: format!("{len} bytes; it must have 1 to {NS_NAME_MAX}"),
+        });
+    }
+    let mut k = NS_PREFIX.to_vec();
+    k.push(len as u8);
+    k.extend_from_slice(name.as_bytes());
+    Ok(k)
+}
+
+/// The key marking object `key` (kind byte + id) as one of namespace `name`'s.
+pub fn ns_key(name: &str, key: &[u8; 33]) -> Result<Vec<u8>, FormatError> {
+    let mut k = ns_prefix(name)?;
+    k.extend_from_slice(key);
+    Ok(k)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,5 +207,12 @@ mod tests {
         );
         assert!(parse_zero_cv(&k, &[5; 31]).is_err());
         assert!(parse_zero_cv(b"zerocv:abc", &[5; 32]).is_err());
+
+        let k = ns_key("web01", &ObjectKind::Chunk.key(&id)).unwrap();
+        assert_eq!(&k[..9], b"ns:\x05web01");
+        assert_eq!(k[9], b'C');
+        assert_eq!(&k[10..], &[7; 32]);
+        assert!(ns_prefix("").is_err());
+        assert!(ns_prefix(&"x".repeat(65)).is_err());
     }
 }

@@ -69,4 +69,15 @@ pub enum RepoError {
     ReadOnly,
     #[error("invalid store operation: {0}")]
     Invalid(String),
+    /// The server could not be reached (after retries), or the TLS
+    /// handshake failed.
+    #[error("cannot reach {url}: {detail}")]
+    Unreachable { url: String, detail: String },
+    /// The server refused the credentials or the operation.
+    #[error("{url} refused the request: {detail}")]
+    Denied { url: String, detail: String },
+    /// The server answered with an error or an answer that breaks the
+    /// protocol.
+    #[error("{url}: {detail}")]
+    Remote { url: String, detail: String },
 }

@@ -278,24 +278,52 @@ impl Store {
         if !dry_run {
             self.require_write()?;
         }
-        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = SweepOutcome::default();
         if dry_run {
+            let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
             return self.sweep_dry(out);
         }
+        // Orphans pinned by a live server session stay listed; the scan
+        // resumes after the last key it saw so it never meets them twice.
+        let mut after: Option<[u8; 33]> = None;
+        let mut deleted_in_pass = false;
+        let namespaces = self.ns_names()?;
         loop {
-            let orphans: Vec<[u8; 33]> = self
+            // The write mutex is held per batch, not for the whole sweep:
+            // backups in the same process (a server) go on between batches.
+            let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+            let mode = match &after {
+                None => rocksdb::IteratorMode::Start,
+                Some(k) => rocksdb::IteratorMode::From(k, rocksdb::Direction::Forward),
+            };
+            let listed: Vec<[u8; 33]> = self
                 .db
-                .iterator_cf(self.cf(cf::ORPHANS), rocksdb::IteratorMode::Start)
-                .take(4096)
+                .iterator_cf(self.cf(cf::ORPHANS), mode)
                 .map(|r| {
                     r.map(|(k, _)| <[u8; 33]>::try_from(&k[..]).unwrap_or([0; 33]))
                         .map_err(|e| self.db_err("scan orphans", e))
                 })
+                .filter(|r| !matches!((r, &after), (Ok(k), Some(a)) if k == a))
+                .take(4096)
                 .collect::<Result<_>>()?;
-            if orphans.is_empty() {
+            let Some(last) = listed.last().copied() else {
+                // Children orphaned during this pass may sort before where
+                // it stood: another pass, until one deletes nothing.
+                if deleted_in_pass {
+                    (after, deleted_in_pass) = (None, false);
+                    continue;
+                }
                 break;
-            }
+            };
+            after = Some(last);
+            let orphans: Vec<[u8; 33]> = {
+                let pins = self.pins.lock().unwrap_or_else(|p| p.into_inner());
+                if pins.is_empty() {
+                    listed
+                } else {
+                    listed.into_iter().filter(|k| !pins.contains(k)).collect()
+                }
+            };
             let mut batch = WriteBatch::default();
             let mut children: HashMap<[u8; 33], u64> = HashMap::new();
             let rcs = self.get_refs(&orphans)?;
@@ -310,6 +338,12 @@ impl Store {
                     continue;
                 }
                 self.collect_children(kind, &id, &mut children)?;
+                deleted_in_pass = true;
+                for ns in &namespaces {
+                    if let Ok(nk) = imgstore_format::meta::ns_key(ns, k) {
+                        batch.delete_cf(self.cf(cf::META), nk);
+                    }
+                }
                 batch.delete_cf(self.cf(cf::REFS), k);
                 out.add(kind, &rc);
                 match kind {

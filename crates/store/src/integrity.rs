@@ -22,7 +22,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use imgstore_format::{cf, Id, ObjectKind, META_DAMAGED_PREFIX};
 use rocksdb::WriteBatch;
 
-use crate::{DamageMark, Result, Store};
+use crate::{DamageMark, Result, Store, StoreError};
 
 /// Damage marks this writer may repair, and those it repaired so far.
 #[derive(Default)]
@@ -141,6 +141,46 @@ impl Store {
             f(&k, &v);
         }
         Ok(())
+    }
+
+    /// One page of a scan of column family `what` (`snapshots`, `recipes`,
+    /// `refs` or `orphans`): entries after key `after`, until `max_entries`
+    /// or `max_bytes`. Returns the entries and whether more follow — how a
+    /// server hands `check` the store without holding it all in memory.
+    pub fn scan_page(
+        &self,
+        what: &str,
+        after: Option<&[u8]>,
+        max_entries: usize,
+        max_bytes: usize,
+    ) -> Result<(Vec<(Vec<u8>, Vec<u8>)>, bool)> {
+        let name = match what {
+            "snapshots" => cf::SNAPSHOTS,
+            "recipes" => cf::RECIPES,
+            "refs" => cf::REFS,
+            "orphans" => cf::ORPHANS,
+            other => return Err(StoreError::Invalid(format!("no scan of {other:?}"))),
+        };
+        let mode = match after {
+            None => rocksdb::IteratorMode::Start,
+            Some(k) => rocksdb::IteratorMode::From(k, rocksdb::Direction::Forward),
+        };
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for item in self.db.iterator_cf(self.cf(name), mode) {
+            let (k, v) = item.map_err(|e| self.db_err("scan", e))?;
+            if after == Some(&k[..]) {
+                continue;
+            }
+            if out.len() >= max_entries
+                || (bytes + k.len() + v.len() > max_bytes && !out.is_empty())
+            {
+                return Ok((out, true));
+            }
+            bytes += k.len() + v.len();
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok((out, false))
     }
 
     /// Calls `f(key, record)` for every region recipe and index page.

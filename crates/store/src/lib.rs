@@ -44,6 +44,7 @@ mod gc;
 mod integrity;
 mod lock;
 mod repository;
+mod sessions;
 
 use std::collections::HashMap;
 use std::fs;
@@ -65,6 +66,7 @@ pub use error::StoreError;
 pub use gc::{BlobSpace, SweepOutcome, BLOB_GC_RATIO};
 pub use imgstore_repo::{DamageMark, ForgetOutcome, PutOutcome, Tally, Totals};
 pub use lock::Lock;
+pub use sessions::Scope;
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
 
@@ -90,6 +92,8 @@ pub struct Store {
     heal: Mutex<integrity::Healing>,
     /// Whether `heal` holds any pending mark (checked without the lock).
     heal_pending: std::sync::atomic::AtomicBool,
+    /// Objects live server sessions rely on: gc leaves them.
+    pins: Mutex<sessions::Pins>,
     _lock: Option<Lock>,
 }
 
@@ -350,6 +354,7 @@ impl Store {
             write: Mutex::new(()),
             heal: Mutex::new(integrity::Healing::default()),
             heal_pending: std::sync::atomic::AtomicBool::new(false),
+            pins: Mutex::new(sessions::Pins::default()),
             _lock: lock,
         };
         let v = store
@@ -558,17 +563,36 @@ impl Store {
         encoded: &[u8],
         frames: &HashMap<Id, (Vec<u8>, u32)>,
     ) -> Result<PutOutcome> {
+        self.put_region_in(None, id, region, encoded, frames)
+    }
+
+    /// [`Store::put_region`] for a server session: the region is pinned
+    /// until the session ends and, with a namespace, marked for it with its
+    /// chunks.
+    pub fn put_region_in(
+        &self,
+        scope: Option<&Scope>,
+        id: &Id,
+        region: &Region,
+        encoded: &[u8],
+        frames: &HashMap<Id, (Vec<u8>, u32)>,
+    ) -> Result<PutOutcome> {
         self.require_write()?;
         let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let rkey = ObjectKind::Region.key(id);
-        if self.get_refs(&[rkey])?[0].is_some() {
-            return self.heal_region(&rkey, encoded, frames);
-        }
         let mut counts: HashMap<[u8; 33], u64> = HashMap::new();
         for e in &region.entries {
             if let Some(c) = e.chunk {
                 *counts.entry(ObjectKind::Chunk.key(&c)).or_default() += 1;
             }
+        }
+        if self.get_refs(&[rkey])?[0].is_some() {
+            let out = self.heal_region(&rkey, encoded, frames, scope, &counts)?;
+            if let Some(s) = scope {
+                let chunks: Vec<[u8; 33]> = counts.keys().copied().collect();
+                self.after_session_region(s, rkey, &chunks);
+            }
+            return Ok(out);
         }
         // Sized once for everything it may hold (new chunks' frames, their
         // keys and counts, the recipe): a batch grown by doubling copied
@@ -622,11 +646,18 @@ impl Store {
         batch.put_cf(&refs, rkey, rc.encode());
         batch.put_cf(&orphans, rkey, []);
         out.new_bytes += encoded.len() as u64;
+        if let Some(ns) = scope.and_then(|s| s.namespace.as_deref()) {
+            self.mark_ns(&mut batch, ns, counts.keys().chain([&rkey]))?;
+        }
         let mut wo = WriteOptions::default();
         wo.disable_wal(true);
         self.db
             .write_opt(batch, &wo)
             .map_err(|e| self.db_err("write region", e))?;
+        if let Some(s) = scope {
+            let chunks: Vec<[u8; 33]> = counts.keys().copied().collect();
+            self.after_session_region(s, rkey, &chunks);
+        }
         Ok(out)
     }
 
@@ -637,8 +668,15 @@ impl Store {
         rkey: &[u8; 33],
         encoded: &[u8],
         frames: &HashMap<Id, (Vec<u8>, u32)>,
+        scope: Option<&Scope>,
+        counts: &HashMap<[u8; 33], u64>,
     ) -> Result<PutOutcome> {
         let mut batch = WriteBatch::default();
+        if let Some(ns) = scope.and_then(|s| s.namespace.as_deref()) {
+            // The same region written under another namespace: this one
+            // sent (or was told it had) every chunk, so it may see them.
+            self.mark_ns(&mut batch, ns, counts.keys().chain([rkey]))?;
+        }
         if self.is_pending_damage(rkey) {
             batch.put_cf(self.cf(cf::RECIPES), rkey, encoded);
             self.healed(*rkey);
@@ -670,8 +708,32 @@ impl Store {
         pages: &[Page],
         parent: Option<&Id>,
     ) -> Result<(Id, u64)> {
+        self.commit_in(None, snapshot, pages, parent)
+    }
+
+    /// [`Store::commit`] for a server session: with a namespace, the pages
+    /// and the regions they name are marked for it.
+    pub fn commit_in(
+        &self,
+        scope: Option<&Scope>,
+        snapshot: &Snapshot,
+        pages: &[Page],
+        parent: Option<&Id>,
+    ) -> Result<(Id, u64)> {
         self.require_write()?;
         let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        // Committing the same record twice (a client retrying a commit
+        // whose answer it lost) changes nothing: counting its pages again
+        // would break "count = number of stored parents".
+        let record_id = Id::hash(&snapshot.encode());
+        if self
+            .db
+            .get_pinned_cf(self.cf(cf::SNAPSHOTS), record_id.as_bytes())
+            .map_err(|e| self.db_err("read snapshot", e))?
+            .is_some()
+        {
+            return Ok((record_id, 0));
+        }
         if pages.len() != snapshot.pages.len() {
             return Err(StoreError::Invalid(format!(
                 "{} pages given for a snapshot naming {}",
@@ -741,6 +803,18 @@ impl Store {
         if let Some(k) = missing.first() {
             let (kind, id) = ObjectKind::parse_key(k).expect("33-byte key");
             return Err(StoreError::Missing { kind, id });
+        }
+        if let Some(ns) = scope.and_then(|s| s.namespace.as_deref()) {
+            let mut keys: Vec<[u8; 33]> = page_by_key.keys().copied().collect();
+            for page in pages {
+                keys.extend(
+                    page.regions
+                        .iter()
+                        .filter(|r| **r != Id::ZERO)
+                        .map(|r| ObjectKind::Region.key(r)),
+                );
+            }
+            self.mark_ns(&mut batch, ns, keys.iter())?;
         }
         let encoded = snapshot.encode();
         let id = Id::hash(&encoded);

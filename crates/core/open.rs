@@ -1,0 +1,110 @@
+//! Opening a repository named by `-r`: a local directory (the RocksDB
+//! store) or a server URL (`imgstores://HOST[:PORT]/`). Commands get a
+//! [`Repo`] and use it as a `dyn Repository`; only what is local by nature
+//! (disk usage, the writer lock) looks at which one it is.
+
+use std::path::Path;
+
+use anyhow::Context;
+use imgstore_remote::{RemoteOptions, RemoteRepo};
+use imgstore_repo::Repository;
+use imgstore_store::{Mode, Store};
+
+use crate::commands::settings;
+
+pub(crate) enum Repo {
+    Local(Store),
+    Remote(RemoteRepo),
+}
+
+impl std::ops::Deref for Repo {
+    type Target = dyn Repository;
+    fn deref(&self) -> &(dyn Repository + 'static) {
+        match self {
+            Repo::Local(s) => s,
+            Repo::Remote(r) => r,
+        }
+    }
+}
+
+impl Repo {
+    /// Bytes the repository occupies (on this machine, or on the server).
+    pub fn disk_usage(&self) -> u64 {
+        match self {
+            Repo::Local(s) => imgstore_store::disk_usage(s.dir()),
+            Repo::Remote(r) => r.storage_bytes().unwrap_or(0),
+        }
+    }
+
+    /// Opens the server session a backup of `image` runs in (nothing for a
+    /// local repository, whose lock already makes this process the writer).
+    pub fn begin_backup(&self, image: &str) -> anyhow::Result<()> {
+        if let Repo::Remote(r) = self {
+            r.begin_session(image)?;
+        }
+        Ok(())
+    }
+}
+
+/// The server URL `repo` names, if it names one.
+pub(crate) fn remote_url(repo: &Path) -> Option<&str> {
+    repo.to_str().filter(|s| imgstore_remote::is_remote(s))
+}
+
+fn connect(url: &str) -> anyhow::Result<RemoteRepo> {
+    let s = settings();
+    let token = match (&s.token_file, std::env::var("IMGSTORE_TOKEN")) {
+        (Some(f), _) => std::fs::read_to_string(f)
+            .with_context(|| format!("cannot read the token file {}", f.display()))?
+            .trim()
+            .to_string(),
+        (None, Ok(t)) if !t.trim().is_empty() => t.trim().to_string(),
+        _ => {
+            return Err(crate::exit::usage(format!(
+                "{url} needs a token: set IMGSTORE_TOKEN or pass --token-file FILE"
+            )))
+        }
+    };
+    Ok(RemoteRepo::connect(RemoteOptions {
+        url: url.to_string(),
+        token,
+        fingerprint: s.server_fingerprint.clone(),
+        ca_file: s.server_ca.clone(),
+        retry_for: s.retry_for,
+    })?)
+}
+
+/// Opens for reading: a local store read-only (no lock), or the server.
+pub(crate) fn open_read(repo: &Path) -> anyhow::Result<Repo> {
+    match remote_url(repo) {
+        Some(url) => Ok(Repo::Remote(connect(url)?)),
+        None => Ok(Repo::Local(Store::open(repo, Mode::ReadOnly)?)),
+    }
+}
+
+/// Opens as the writer `operation`: a local store with its lock (waiting
+/// as long as `--wait` says), or the server (which serialises writers).
+pub(crate) fn open_writer(repo: &Path, operation: &'static str) -> anyhow::Result<Repo> {
+    match remote_url(repo) {
+        Some(url) => Ok(Repo::Remote(connect(url)?)),
+        None => Ok(Repo::Local(Store::open_waiting(
+            repo,
+            Mode::Write { operation },
+            settings().wait,
+        )?)),
+    }
+}
+
+/// Opens as the writer `operation` without waiting for a local lock (a
+/// side step such as recording damage marks, skipped when busy).
+pub(crate) fn open_writer_now(
+    repo: &Path,
+    operation: &'static str,
+) -> Result<Repo, imgstore_engine::EngineError> {
+    match remote_url(repo) {
+        Some(url) => connect(url).map(Repo::Remote).map_err(|e| {
+            imgstore_engine::EngineError::Repo(imgstore_repo::RepoError::Invalid(e.to_string()))
+        }),
+        None => Ok(Repo::Local(Store::open(repo, Mode::Write { operation })?)),
+    }
+}

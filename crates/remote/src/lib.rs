@@ -1,0 +1,739 @@
+//! A repository served by `imgstore server`, as a [`Repository`].
+//!
+//! The engine runs unchanged against it: each trait call becomes one or a
+//! few HTTPS requests (batched to the protocol's limits), so a backup
+//! chunks, hashes and compresses here and sends only the chunks the server
+//! lacks for this client's namespace.
+//!
+//! # Why these choices
+//!
+//! * **reqwest (blocking) on hyper and rustls**: the trait is synchronous
+//!   and called from rayon workers; reqwest's blocking client multiplexes
+//!   their requests over HTTP/2 connections on its own runtime.
+//! * **Pinning**: a self-hosted server usually has a self-signed
+//!   certificate, so the client pins its SHA-256 fingerprint (or trusts a
+//!   CA file); there is no fallback to "accept anything".
+//! * **Retries**: idempotent calls (everything is content-addressed) are
+//!   retried with exponential backoff on connection failures and 502/503/
+//!   504, within a bounded time; a commit whose answer was lost is retried
+//!   only after asking whether the snapshot exists (the server also treats
+//!   a repeated commit as a no-op).
+
+mod tls;
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use imgstore_format::{Id, ObjectKind, Page, RefCount, Region, RepoConfig, Snapshot};
+use imgstore_protocol as proto;
+use imgstore_protocol::{limits, ErrorBody};
+use imgstore_repo::{
+    decode_checked, ChunkRead, DamageMark, ForgetOutcome, Frames, GcOutcome, PutOutcome, RepoError,
+    Repository, Result, Totals,
+};
+
+pub use proto::Role;
+
+/// How to reach and trust a server.
+#[derive(Clone, Debug)]
+pub struct RemoteOptions {
+    /// `imgstores://HOST[:PORT]/` (TLS) or `imgstore://HOST[:PORT]/` (plain
+    /// HTTP, for a server run with `--insecure-no-tls` on loopback).
+    pub url: String,
+    /// The bearer token (from `IMGSTORE_TOKEN` or `--token-file`).
+    pub token: String,
+    /// The server certificate's SHA-256 fingerprint to pin.
+    pub fingerprint: Option<String>,
+    /// A PEM file of CA certificates to trust instead.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// How long to keep retrying a failing request.
+    pub retry_for: Duration,
+}
+
+/// Is `location` a server URL (rather than a local path)?
+pub fn is_remote(location: &str) -> bool {
+    location.starts_with("imgstores://") || location.starts_with("imgstore://")
+}
+
+/// The HTTP base URL of a server location, or why it is not one.
+pub fn base_url(location: &str) -> std::result::Result<(String, bool), String> {
+    let (tls, rest) = if let Some(r) = location.strip_prefix("imgstores://") {
+        (true, r)
+    } else if let Some(r) = location.strip_prefix("imgstore://") {
+        (false, r)
+    } else {
+        return Err(format!("{location} is not an imgstores:// URL"));
+    };
+    let host = rest.trim_end_matches('/');
+    if host.is_empty() || host.contains('/') || host.contains('@') || host.contains('?') {
+        return Err(format!(
+            "{location}: expected imgstores://HOST[:PORT]/ (one repository per server)"
+        ));
+    }
+    let has_port = match host.rfind(':') {
+        Some(i) => !host.ends_with(']') && host[i + 1..].chars().all(|c| c.is_ascii_digit()),
+        None => false,
+    };
+    let host = if has_port {
+        host.to_string()
+    } else {
+        format!("{host}:{}", proto::DEFAULT_PORT)
+    };
+    Ok((
+        format!("{}://{host}", if tls { "https" } else { "http" }),
+        tls,
+    ))
+}
+
+/// A repository on an `imgstore server`.
+pub struct RemoteRepo {
+    conn: Conn,
+    hello: proto::Hello,
+}
+
+/// The connection: where, with which token, in which session.
+pub struct Conn {
+    location: String,
+    base: String,
+    client: reqwest::blocking::Client,
+    token: String,
+    session: Mutex<Option<String>>,
+    retry_for: Duration,
+}
+
+impl std::ops::Deref for RemoteRepo {
+    type Target = Conn;
+    fn deref(&self) -> &Conn {
+        &self.conn
+    }
+}
+
+enum Body {
+    None,
+    Bytes(Vec<u8>),
+    Json(serde_json::Value),
+}
+
+impl RemoteRepo {
+    /// Connects, checks the protocol version and the token.
+    pub fn connect(opts: RemoteOptions) -> Result<RemoteRepo> {
+        let (base, use_tls) = base_url(&opts.url).map_err(RepoError::Invalid)?;
+        let mut builder = reqwest::blocking::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(600))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .user_agent(concat!("imgstore/", env!("CARGO_PKG_VERSION")));
+        if use_tls {
+            let config = tls::client_config(&opts).map_err(|detail| RepoError::Unreachable {
+                url: opts.url.clone(),
+                detail,
+            })?;
+            builder = builder.use_preconfigured_tls(config);
+        }
+        let client = builder.build().map_err(|e| RepoError::Unreachable {
+            url: opts.url.clone(),
+            detail: e.to_string(),
+        })?;
+        let conn = Conn {
+            location: opts.url.clone(),
+            base,
+            client,
+            token: opts.token.trim().to_string(),
+            session: Mutex::new(None),
+            retry_for: opts.retry_for,
+        };
+        let body = conn.call(reqwest::Method::GET, "/v1/hello", Body::None, false)?;
+        let hello: proto::Hello = conn.json(&body)?;
+        if hello.protocol != proto::VERSION {
+            return Err(RepoError::Remote {
+                url: conn.location.clone(),
+                detail: format!(
+                    "the server speaks protocol {}, this imgstore {}: use matching versions",
+                    hello.protocol,
+                    proto::VERSION
+                ),
+            });
+        }
+        Ok(RemoteRepo { conn, hello })
+    }
+
+    /// The role and namespaces of this client's token.
+    pub fn role(&self) -> (Role, &[String]) {
+        (self.hello.role, &self.hello.namespaces)
+    }
+
+    /// Opens the write session a backup of `image` runs in: the server pins
+    /// what the backup relies on until it commits.
+    pub fn begin_session(&self, image: &str) -> Result<()> {
+        let body = self.call(
+            reqwest::Method::POST,
+            "/v1/sessions",
+            Body::Json(
+                serde_json::to_value(proto::SessionRequest {
+                    image: image.into(),
+                })
+                .expect("json"),
+            ),
+            true,
+        )?;
+        let reply: proto::SessionReply = self.json(&body)?;
+        *self.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(reply.session);
+        Ok(())
+    }
+
+    /// Ends the session (its uncommitted uploads become garbage for gc).
+    pub fn end_session(&self) {
+        let s = self
+            .session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(s) = s {
+            let _ = self.call(
+                reqwest::Method::DELETE,
+                &format!("/v1/sessions/{s}"),
+                Body::None,
+                false,
+            );
+        }
+    }
+}
+
+impl Conn {
+    fn json<T: serde::de::DeserializeOwned>(&self, body: &[u8]) -> Result<T> {
+        serde_json::from_slice(body).map_err(|e| self.broken(format!("unexpected answer: {e}")))
+    }
+
+    fn broken(&self, detail: String) -> RepoError {
+        RepoError::Remote {
+            url: self.location.clone(),
+            detail,
+        }
+    }
+
+    fn malformed(&self, e: proto::Malformed) -> RepoError {
+        self.broken(e.to_string())
+    }
+
+    /// One request with retries. `idempotent` calls are retried on
+    /// transport failures and 502/503/504 until `retry_for` has passed.
+    fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Body,
+        idempotent: bool,
+    ) -> Result<Vec<u8>> {
+        let started = Instant::now();
+        let mut delay = Duration::from_millis(100);
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let mut req = self
+                .client
+                .request(method.clone(), format!("{}{path}", self.base))
+                .bearer_auth(&self.token);
+            if let Some(s) = self
+                .session
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+            {
+                req = req.header(proto::SESSION_HEADER, s.as_str());
+            }
+            req = match &body {
+                Body::None => req,
+                Body::Bytes(b) => req
+                    .header("content-type", "application/octet-stream")
+                    .body(b.clone()),
+                Body::Json(v) => req
+                    .header("content-type", "application/json")
+                    .body(serde_json::to_vec(v).expect("json")),
+            };
+            let failure = match req.send() {
+                Ok(resp) => {
+                    let status = resp.status();
+                    match resp.bytes() {
+                        Ok(bytes) if status.is_success() => return Ok(bytes.to_vec()),
+                        Ok(bytes) => {
+                            let transient = matches!(status.as_u16(), 502..=504 | 429);
+                            let err = self.error_from(status.as_u16(), &bytes);
+                            if !transient {
+                                return Err(err);
+                            }
+                            err
+                        }
+                        Err(e) => RepoError::Unreachable {
+                            url: self.location.clone(),
+                            detail: chain(&e),
+                        },
+                    }
+                }
+                Err(e) => RepoError::Unreachable {
+                    url: self.location.clone(),
+                    detail: chain(&e),
+                },
+            };
+            if !idempotent || started.elapsed() + delay > self.retry_for || attempt >= 64 {
+                return Err(failure);
+            }
+            // Jitter from the clock's low bits: clients that lost the same
+            // server do not come back in lockstep.
+            let jitter = Duration::from_millis(u64::from(started.elapsed().subsec_nanos() % 100));
+            std::thread::sleep(delay + jitter);
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    fn error_from(&self, status: u16, body: &[u8]) -> RepoError {
+        let url = self.location.clone();
+        let Ok(e) = serde_json::from_slice::<ErrorBody>(body) else {
+            let text = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
+            return RepoError::Remote {
+                url,
+                detail: format!("HTTP {status}: {}", text.trim()),
+            };
+        };
+        let id = e.id.as_deref().and_then(|h| Id::from_hex(h).ok());
+        let kind = e.kind.as_deref().and_then(|k| proto::parse_kind(k).ok());
+        match (e.code.as_str(), kind, id) {
+            ("missing", Some(kind), Some(id)) => RepoError::Missing { kind, id },
+            ("no_snapshot", _, Some(id)) => RepoError::NoSnapshot { id },
+            ("protected", _, Some(id)) => RepoError::Protected { id },
+            ("corrupt", Some(kind), Some(id)) => RepoError::Corrupt {
+                kind,
+                id,
+                source: imgstore_format::FormatError::Invalid {
+                    what: "stored object",
+                    why: e.message,
+                },
+            },
+            ("corrupt", None, Some(id)) => RepoError::CorruptSnapshot {
+                id,
+                source: imgstore_format::FormatError::Invalid {
+                    what: "snapshot record",
+                    why: e.message,
+                },
+            },
+            ("invalid", _, _) => RepoError::Invalid(e.message),
+            ("unauthorized" | "forbidden", _, _) => RepoError::Denied {
+                url,
+                detail: e.message,
+            },
+            ("no_space", _, _) => RepoError::NoSpace {
+                path: url.into(),
+                detail: e.message,
+            },
+            _ => RepoError::Remote {
+                url,
+                detail: e.message,
+            },
+        }
+    }
+
+    fn post_ids(&self, path: &str, ids: &[Id]) -> Result<Vec<u8>> {
+        self.call(
+            reqwest::Method::POST,
+            path,
+            Body::Bytes(proto::encode_ids(ids)),
+            true,
+        )
+    }
+
+    fn records(&self, kind: ObjectKind, ids: &[Id]) -> Result<Vec<Vec<u8>>> {
+        let path = match kind {
+            ObjectKind::Page => "/v1/pages",
+            _ => "/v1/regions",
+        };
+        let mut out = Vec::with_capacity(ids.len());
+        for batch in ids.chunks(256) {
+            let body = self.post_ids(path, batch)?;
+            out.extend(proto::decode_records(&body, batch.len()).map_err(|e| self.malformed(e))?);
+        }
+        Ok(out)
+    }
+
+    fn scan(&self, what: proto::ScanWhat, f: &mut dyn FnMut(&[u8], &[u8])) -> Result<()> {
+        let mut after: Option<String> = None;
+        for _ in 0..u32::MAX {
+            let req = proto::ScanRequest {
+                what,
+                after: after.clone(),
+            };
+            let body = self.call(
+                reqwest::Method::POST,
+                "/v1/scan",
+                Body::Json(serde_json::to_value(req).expect("json")),
+                true,
+            )?;
+            let (more, entries) = proto::decode_scan(&body).map_err(|e| self.malformed(e))?;
+            for (k, v) in &entries {
+                f(k, v);
+            }
+            match (more, entries.last()) {
+                (true, Some((k, _))) => {
+                    after = Some(k.iter().map(|b| format!("{b:02x}")).collect())
+                }
+                _ => return Ok(()),
+            }
+        }
+        Ok(())
+    }
+
+    fn snapshot_list(&self) -> Result<Vec<(Id, Vec<u8>)>> {
+        let body = self.call(reqwest::Method::GET, "/v1/snapshots", Body::None, true)?;
+        proto::decode_snapshots(&body).map_err(|e| self.malformed(e))
+    }
+}
+
+/// An error with its causes, on one line (reqwest hides the interesting
+/// part — refused, reset, certificate — in the source chain).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+impl Drop for RemoteRepo {
+    fn drop(&mut self) {
+        self.end_session();
+    }
+}
+
+impl Repository for RemoteRepo {
+    fn config(&self) -> &RepoConfig {
+        &self.hello.config
+    }
+
+    fn location(&self) -> String {
+        self.location.clone()
+    }
+
+    fn snapshots(&self) -> Result<Vec<(Id, Snapshot)>> {
+        self.snapshot_list()?
+            .into_iter()
+            .map(|(id, rec)| {
+                if Id::hash(&rec) != id {
+                    return Err(RepoError::CorruptSnapshot {
+                        id,
+                        source: imgstore_format::FormatError::Invalid {
+                            what: "snapshot record",
+                            why: "its hash does not match its id".into(),
+                        },
+                    });
+                }
+                let s = Snapshot::decode(&rec)
+                    .map_err(|source| RepoError::CorruptSnapshot { id, source })?;
+                Ok((id, s))
+            })
+            .collect()
+    }
+
+    fn pages(&self, ids: &[Id]) -> Result<Vec<Page>> {
+        let recs = self.records(ObjectKind::Page, ids)?;
+        ids.iter()
+            .zip(recs)
+            .map(|(id, r)| decode_checked(ObjectKind::Page, id, &r, Page::decode))
+            .collect()
+    }
+
+    fn regions(&self, ids: &[Id]) -> Result<Vec<Region>> {
+        let recs = self.records(ObjectKind::Region, ids)?;
+        ids.iter()
+            .zip(recs)
+            .map(|(id, r)| decode_checked(ObjectKind::Region, id, &r, Region::decode))
+            .collect()
+    }
+
+    fn chunk_frames(&self, ids: &[Id]) -> Result<Vec<ChunkRead>> {
+        let mut out = Vec::with_capacity(ids.len());
+        for batch in ids.chunks(512) {
+            let body = self.post_ids("/v1/chunks/get", batch)?;
+            out.extend(proto::decode_frames(&body, batch.len()).map_err(|e| self.malformed(e))?);
+        }
+        Ok(out)
+    }
+
+    fn ref_counts(&self, kind: ObjectKind, ids: &[Id]) -> Result<Vec<Option<RefCount>>> {
+        let mut out = Vec::with_capacity(ids.len());
+        for batch in ids.chunks(limits::IDS_PER_CALL) {
+            let body = self.post_ids(&format!("/v1/refs/{}", proto::kind_letter(kind)), batch)?;
+            for r in proto::decode_refs(&body, batch.len()).map_err(|e| self.malformed(e))? {
+                out.push(match r {
+                    Some(v) => Some(
+                        RefCount::decode(&v)
+                            .map_err(|e| self.broken(format!("reference entry: {e}")))?,
+                    ),
+                    None => None,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    fn totals(&self) -> Result<Totals> {
+        let body = self.call(reqwest::Method::GET, "/v1/totals", Body::None, true)?;
+        let t: proto::WireTotals = self.json(&body)?;
+        Ok(Totals {
+            objects: t.objects.into(),
+            orphans: t.orphans,
+        })
+    }
+
+    fn storage_bytes(&self) -> Option<u64> {
+        let body = self
+            .call(reqwest::Method::GET, "/v1/totals", Body::None, true)
+            .ok()?;
+        self.json::<proto::WireTotals>(&body)
+            .ok()
+            .map(|t| t.storage_bytes)
+    }
+
+    fn chunks_known(&self, ids: &[Id]) -> Result<Vec<bool>> {
+        let mut out = Vec::with_capacity(ids.len());
+        for batch in ids.chunks(limits::IDS_PER_CALL) {
+            let body = self.post_ids("/v1/chunks/known", batch)?;
+            out.extend(proto::decode_known(&body, batch.len()).map_err(|e| self.malformed(e))?);
+        }
+        Ok(out)
+    }
+
+    fn put_region(
+        &self,
+        id: &Id,
+        _region: &Region,
+        encoded: &[u8],
+        frames: &Frames,
+    ) -> Result<PutOutcome> {
+        let body = proto::encode_put_region(
+            encoded,
+            frames.iter().map(|(cid, (frame, raw))| proto::NewFrame {
+                id: *cid,
+                raw_len: *raw,
+                frame,
+            }),
+        );
+        let reply = self.call(
+            reqwest::Method::PUT,
+            &format!("/v1/regions/{}", id.to_hex()),
+            Body::Bytes(body),
+            true,
+        )?;
+        Ok(self.json::<proto::WirePut>(&reply)?.into())
+    }
+
+    fn commit(
+        &self,
+        snapshot: &Snapshot,
+        pages: &[Page],
+        parent: Option<&Id>,
+    ) -> Result<(Id, u64)> {
+        let record = snapshot.encode();
+        let id = Id::hash(&record);
+        let encoded: Vec<Vec<u8>> = pages.iter().map(Page::encode).collect();
+        let body = proto::encode_commit(&record, parent, &encoded);
+        match self.call(
+            reqwest::Method::POST,
+            "/v1/commit",
+            Body::Bytes(body.clone()),
+            false,
+        ) {
+            Ok(reply) => {
+                let c: proto::Committed = self.json(&reply)?;
+                Ok((id, c.added_bytes))
+            }
+            Err(RepoError::Unreachable { .. }) => {
+                // The answer was lost: did the commit land? (The server
+                // treats a repeated commit as a no-op, so retrying is safe.)
+                let reply =
+                    self.call(reqwest::Method::POST, "/v1/commit", Body::Bytes(body), true)?;
+                let c: proto::Committed = self.json(&reply)?;
+                Ok((id, c.added_bytes))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn zero_cvs(&self, region_size: u32, count: u64) -> Result<Vec<Option<[u8; 32]>>> {
+        let mut out = Vec::with_capacity(count.min(1 << 24) as usize);
+        let mut start = 0u64;
+        while start < count {
+            let n = (count - start).min(limits::ZERO_CVS as u64);
+            let ask = serde_json::json!({"region_size": region_size, "start": start, "count": n});
+            let body = self.call(
+                reqwest::Method::POST,
+                "/v1/zero-cvs/get",
+                Body::Json(ask),
+                true,
+            )?;
+            out.extend(proto::decode_zero_cvs(&body, n as usize).map_err(|e| self.malformed(e))?);
+            start += n;
+        }
+        Ok(out)
+    }
+
+    fn put_zero_cvs(&self, region_size: u32, cvs: &[(u64, [u8; 32])]) -> Result<()> {
+        for batch in cvs.chunks(limits::ZERO_CVS) {
+            self.call(
+                reqwest::Method::POST,
+                "/v1/zero-cvs",
+                Body::Bytes(proto::encode_put_zero_cvs(region_size, batch)),
+                true,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn parents(&self) -> Result<Vec<(Id, Id)>> {
+        let body = self.call(reqwest::Method::GET, "/v1/parents", Body::None, true)?;
+        proto::decode_pairs(&body).map_err(|e| self.malformed(e))
+    }
+
+    fn replace_snapshot(&self, old: &Id, new: &Snapshot) -> Result<Id> {
+        let body = self.call(
+            reqwest::Method::POST,
+            &format!("/v1/snapshots/{}/replace", old.to_hex()),
+            Body::Bytes(new.encode()),
+            true,
+        )?;
+        let c: proto::Committed = self.json(&body)?;
+        Id::from_hex(&c.id).map_err(|e| self.broken(e.0))
+    }
+
+    fn forget(&self, ids: &[Id]) -> Result<ForgetOutcome> {
+        let body = self.call(
+            reqwest::Method::POST,
+            "/v1/forget",
+            Body::Bytes(proto::encode_ids(ids)),
+            false,
+        )?;
+        Ok(self.json::<proto::WireForget>(&body)?.into())
+    }
+
+    fn set_protected(&self, id: &Id, protected: bool) -> Result<()> {
+        let req = proto::ProtectRequest {
+            id: id.to_hex(),
+            protected,
+        };
+        self.call(
+            reqwest::Method::POST,
+            "/v1/protect",
+            Body::Json(serde_json::to_value(req).expect("json")),
+            true,
+        )?;
+        Ok(())
+    }
+
+    fn protected(&self) -> Result<Vec<Id>> {
+        let body = self.call(reqwest::Method::GET, "/v1/protected", Body::None, true)?;
+        proto::decode_ids(&body, limits::SNAPSHOTS).map_err(|e| self.malformed(e))
+    }
+
+    fn gc(&self, dry_run: bool) -> Result<GcOutcome> {
+        let body = self.call(
+            reqwest::Method::POST,
+            "/v1/gc",
+            Body::Json(serde_json::json!({ "dry_run": dry_run })),
+            true,
+        )?;
+        Ok(self.json::<proto::WireGc>(&body)?.into())
+    }
+
+    fn damage_marks(&self) -> Result<Vec<DamageMark>> {
+        let body = self.call(reqwest::Method::GET, "/v1/damage", Body::None, true)?;
+        let marks: Vec<proto::WireMark> = self.json(&body)?;
+        marks
+            .iter()
+            .map(|m| m.parse().map_err(|e| self.malformed(e)))
+            .collect()
+    }
+
+    fn mark_damaged(&self, marks: &[DamageMark]) -> Result<()> {
+        let wire: Vec<proto::WireMark> = marks.iter().map(proto::WireMark::from).collect();
+        self.call(
+            reqwest::Method::POST,
+            "/v1/damage",
+            Body::Json(serde_json::to_value(wire).expect("json")),
+            true,
+        )?;
+        Ok(())
+    }
+
+    fn clear_damaged(&self, objects: &[(ObjectKind, Id)]) -> Result<()> {
+        let wire: Vec<proto::WireObject> = objects
+            .iter()
+            .map(|(k, id)| proto::WireObject {
+                kind: proto::kind_letter(*k).into(),
+                id: id.to_hex(),
+            })
+            .collect();
+        self.call(
+            reqwest::Method::POST,
+            "/v1/damage/clear",
+            Body::Json(serde_json::to_value(wire).expect("json")),
+            true,
+        )?;
+        Ok(())
+    }
+
+    fn damage_pending(&self) -> usize {
+        0
+    }
+
+    fn snapshot_records(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut out = Vec::new();
+        self.scan(proto::ScanWhat::Snapshots, &mut |k, v| {
+            out.push((k.to_vec(), v.to_vec()))
+        })?;
+        Ok(out)
+    }
+
+    fn scan_recipes(&self, f: &mut dyn FnMut(&[u8], &[u8])) -> Result<()> {
+        self.scan(proto::ScanWhat::Recipes, f)
+    }
+
+    fn scan_refs(&self, f: &mut dyn FnMut(&[u8], &[u8])) -> Result<()> {
+        self.scan(proto::ScanWhat::Refs, f)
+    }
+
+    fn scan_orphans(&self, f: &mut dyn FnMut(&[u8])) -> Result<()> {
+        self.scan(proto::ScanWhat::Orphans, &mut |k, _| f(k))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert_eq!(
+            base_url("imgstores://h/").unwrap(),
+            ("https://h:8420".into(), true)
+        );
+        assert_eq!(
+            base_url("imgstores://h:9000").unwrap(),
+            ("https://h:9000".into(), true)
+        );
+        assert_eq!(
+            base_url("imgstore://127.0.0.1:1/").unwrap(),
+            ("http://127.0.0.1:1".into(), false)
+        );
+        assert_eq!(
+            base_url("imgstores://[::1]").unwrap(),
+            ("https://[::1]:8420".into(), true)
+        );
+        assert!(base_url("imgstores://h/extra/path").is_err());
+        assert!(base_url("imgstores://user@h/").is_err());
+        assert!(base_url("/local/path").is_err());
+        assert!(is_remote("imgstores://x") && !is_remote("./imgstores"));
+    }
+}
