@@ -16,4 +16,5 @@ mod integrity;
 mod mount;
 mod roundtrip;
 mod serve;
+mod server;
 mod snapshots;

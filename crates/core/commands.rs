@@ -244,7 +244,7 @@ fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> {
         (Some(p), false) => ParentChoice::Named(p.clone()),
         (None, false) => ParentChoice::Latest,
     };
-    let parent = imgstore_engine::parent_for(&*store.snapshots()?, &name, &choice)?;
+    let parent = imgstore_engine::parent_for(&store.snapshots()?, &name, &choice)?;
     if let Some((id, p)) = &parent {
         detail(&format!(
             "parent: {} ({}, {})",
@@ -265,7 +265,7 @@ fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> {
         _ if from_overlay.is_some() => from_overlay,
         (Some(base), Some(list)) => {
             let (base_id, base) =
-                imgstore_engine::select_for_image(&*store.snapshots()?, base, &opts.name)
+                imgstore_engine::select_for_image(&store.snapshots()?, base, &opts.name)
                     .with_context(|| format!("--base {base}"))?;
             let verify_unchanged = match &a.verify_unchanged {
                 Some(v) => crate::units::parse_fraction(v, "--verify-unchanged")?,

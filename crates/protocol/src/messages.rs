@@ -199,6 +199,7 @@ pub fn decode_refs(body: &[u8], expected: usize) -> Result<Vec<Option<Vec<u8>>>,
 // ---------- writing ----------
 
 /// A new chunk in a `put_region`: its id, raw length and stored frame.
+#[derive(Clone, Copy)]
 pub struct NewFrame<'a> {
     pub id: Id,
     pub raw_len: u32,

@@ -402,6 +402,12 @@ impl Repository for MemRepo {
             )));
         }
         let mut s = self.state();
+        // A repeated commit (a client retrying one whose answer it lost)
+        // changes nothing, as in the store.
+        let record_id = Id::hash(&snapshot.encode());
+        if s.snapshots.contains_key(&record_id) {
+            return Ok((record_id, 0));
+        }
         let mut page_counts: HashMap<Key, u64> = HashMap::new();
         let mut by_key: HashMap<Key, &Page> = HashMap::new();
         for (pid, page) in snapshot.pages.iter().zip(pages) {

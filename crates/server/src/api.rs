@@ -495,12 +495,30 @@ async fn put_region(
             }
             map.insert(f.id, (f.frame.to_vec(), f.raw_len));
         }
-        let out = app
+        // Outside the caller's namespace nothing may show through: the
+        // answer is what a private repository would say (every frame sent
+        // is new, the region is new unless this namespace had it), whatever
+        // other namespaces stored.
+        let private = match (&scope.namespace, scope.global) {
+            (Some(ns), false) => Some(!app.store.ns_marked(ns, &[ObjectKind::Region.key(&id)])?[0]),
+            _ => None,
+        };
+        let sent_bytes: u64 = map.values().map(|(f, _)| f.len() as u64).sum();
+        let sent = map.len() as u64;
+        let stored = app
             .store
             .put_region_in(Some(&scope), &id, &region, recipe, &map)?;
+        let out = match private {
+            Some(region_new) => imgstore_repo::PutOutcome {
+                region_new,
+                new_chunks: sent,
+                new_bytes: sent_bytes + if region_new { recipe.len() as u64 } else { 0 },
+            },
+            None => stored,
+        };
+        Metrics::add(&app.metrics.chunks_new, stored.new_chunks);
+        Metrics::add(&app.metrics.chunk_bytes_new, stored.new_bytes);
         Metrics::add(&app.metrics.regions_put, 1);
-        Metrics::add(&app.metrics.chunks_new, out.new_chunks);
-        Metrics::add(&app.metrics.chunk_bytes_new, out.new_bytes);
         Ok(Json(proto::WirePut::from(out)).into_response())
     })
     .await

@@ -24,6 +24,9 @@ use rocksdb::WriteBatch;
 
 use crate::{DamageMark, Result, Store, StoreError};
 
+/// A raw key and value of a column family.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
 /// Damage marks this writer may repair, and those it repaired so far.
 #[derive(Default)]
 pub(crate) struct Healing {
@@ -153,7 +156,7 @@ impl Store {
         after: Option<&[u8]>,
         max_entries: usize,
         max_bytes: usize,
-    ) -> Result<(Vec<(Vec<u8>, Vec<u8>)>, bool)> {
+    ) -> Result<(Vec<KeyValue>, bool)> {
         let name = match what {
             "snapshots" => cf::SNAPSHOTS,
             "recipes" => cf::RECIPES,

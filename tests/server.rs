@@ -1,0 +1,947 @@
+//! `imgstore server`: real server processes on loopback TLS, driven by the
+//! real binary as client — round trips of every command, roles and
+//! namespaces, concurrent writers with gc, kill -9, a faulty network
+//! (an in-test TCP proxy that adds latency and cuts connections), and
+//! hostile requests.
+
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::util::*;
+
+const CONFIG: &str = "[namespaces]\nweb = [\"web-*\"]\ndb = [\"db-*\"]\n";
+
+/// A running `imgstore server`; killed (SIGKILL) on drop.
+struct Served {
+    child: Child,
+    addr: String,
+    fp: String,
+    log: PathBuf,
+}
+
+impl Served {
+    /// Starts the server of `env`'s repository on `listen` (port 0: any).
+    fn start(env: &Env, listen: &str) -> Served {
+        let log = env.path(&format!("server-{}.log", listen.replace([':', '.'], "_")));
+        let mut child = env
+            .command()
+            .args(["server", "--listen", listen])
+            .stdout(Stdio::piped())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let words: Vec<&str> = line.split_whitespace().collect();
+        assert!(
+            words.len() == 5 && words[0] == "listening",
+            "server did not start: {line:?} {}",
+            fs::read_to_string(&log).unwrap_or_default()
+        );
+        Served {
+            child,
+            addr: words[2].to_string(),
+            fp: words[4].to_string(),
+            log,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("imgstores://{}/", self.addr)
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn assert_no_panic(&self) {
+        let log = fs::read_to_string(&self.log).unwrap_or_default();
+        assert!(!log.contains("panicked"), "server log: {log}");
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A repository with the namespace config and one token per role.
+fn setup(env: &Env) -> Served {
+    env.init();
+    fs::create_dir_all(env.repo().join("server")).unwrap();
+    fs::write(env.repo().join("server/config.toml"), CONFIG).unwrap();
+    for (name, role, ns) in [
+        ("admin", "admin", None),
+        ("web-backup", "backup", Some("web")),
+        ("web-restore", "restore", Some("web")),
+        ("db-backup", "backup", Some("db")),
+    ] {
+        let out = env.path(&format!("{name}.token"));
+        let mut args = vec![
+            "token",
+            "add",
+            name,
+            "--role",
+            role,
+            "--output",
+            out.to_str().unwrap(),
+        ];
+        if let Some(ns) = ns {
+            args.extend(["--namespace", ns]);
+        }
+        env.ok(&args);
+    }
+    Served::start(env, "127.0.0.1:0")
+}
+
+/// The imgstore binary as a client of `url` with token `token`.
+struct Client {
+    url: String,
+    fp: String,
+    token: PathBuf,
+}
+
+impl Client {
+    fn new(env: &Env, s: &Served, token: &str) -> Client {
+        Client {
+            url: s.url(),
+            fp: s.fp.clone(),
+            token: env.path(&format!("{token}.token")),
+        }
+    }
+
+    fn via(&self, url: String) -> Client {
+        Client {
+            url,
+            fp: self.fp.clone(),
+            token: self.token.clone(),
+        }
+    }
+
+    fn command(&self) -> Command {
+        let mut c = Command::new(BIN);
+        c.arg("-r")
+            .arg(&self.url)
+            .arg("--token-file")
+            .arg(&self.token)
+            .env("IMGSTORE_SERVER_FINGERPRINT", &self.fp)
+            .env_remove("IMGSTORE_TOKEN")
+            .env_remove("IMGSTORE_REPO");
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.command()
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            o.status.success(),
+            "imgstore {args:?} against {} failed: {}{}",
+            self.url,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    }
+
+    /// Fails with exit `code` and a one-line error containing `needle`.
+    fn fails(&self, args: &[&str], code: i32, needle: &str) {
+        let o = self.run(args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(code), "imgstore {args:?}: {err}");
+        assert!(
+            err.contains(needle),
+            "imgstore {args:?}: {needle:?} not in {err:?}"
+        );
+        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");
+    }
+
+    fn backup(&self, path: &Path, extra: &[&str]) -> serde_json::Value {
+        let mut args = vec!["backup", path.to_str().unwrap(), "--json"];
+        args.extend_from_slice(extra);
+        serde_json::from_str(&self.ok(&args)).unwrap()
+    }
+
+    fn snapshots(&self) -> Vec<serde_json::Value> {
+        serde_json::from_str(&self.ok(&["snapshots", "--json"])).unwrap()
+    }
+}
+
+fn id_of(report: &serde_json::Value) -> String {
+    report["id"].as_str().unwrap().to_string()
+}
+
+/// An ext4 image of a populated tree and two later generations.
+fn ext4_generations(env: &Env) -> Vec<PathBuf> {
+    let tree = env.path("tree");
+    populate(&tree, 5);
+    let img = env.path("disk.img");
+    mkfs_ext4(&img, &tree, 48);
+    let gen0 = env.path("gen0.img");
+    fs::copy(&img, &gen0).unwrap();
+    let gen1 = next_generation(env, &img, 1, 700_000, 40, "notes", "bin/prog3");
+    let gen2 = next_generation(env, &img, 2, 500_000, 41, "log", "doc/page2.txt");
+    vec![gen0, gen1, gen2]
+}
+
+#[test]
+fn every_command_round_trips_through_the_server() {
+    if !have("mkfs.ext4") || !have("xorriso") {
+        eprintln!("SKIP: needs e2fsprogs and xorriso");
+        return;
+    }
+    let env = Env::new();
+    let s = setup(&env);
+    let admin = Client::new(&env, &s, "admin");
+    let gens = ext4_generations(&env);
+    let mut ids = Vec::new();
+    for g in &gens {
+        let r = admin.backup(g, &["--name", "web-disk"]);
+        ids.push(id_of(&r));
+    }
+    let r1 = admin.ok(&["snapshots", "--json", "--name", "web-disk"]);
+    let list: Vec<serde_json::Value> = serde_json::from_str(&r1).unwrap();
+    assert_eq!(list.len(), 3);
+    // Incremental: generation 2 reused regions of generation 1.
+    let stats2: serde_json::Value =
+        serde_json::from_str(&admin.ok(&["stats", &ids[2], "--json"])).unwrap();
+    assert!(stats2.is_object());
+
+    // An ISO from stdin.
+    let iso_tree = env.path("isotree");
+    populate(&iso_tree, 9);
+    let iso = env.path("cd.iso");
+    mkiso(&iso, &iso_tree);
+    let o = admin
+        .command()
+        .args(["backup", "-", "--name", "web-cd", "--json"])
+        .stdin(fs::File::open(&iso).unwrap())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // Restores: file, by id, stdout, delta onto the previous generation.
+    let out = env.path("out.img");
+    admin.ok(&[
+        "restore",
+        "latest",
+        "--name",
+        "web-disk",
+        out.to_str().unwrap(),
+    ]);
+    assert_same(&out, &gens[2]);
+    let out0 = env.path("out0.img");
+    admin.ok(&["restore", &ids[0], out0.to_str().unwrap()]);
+    assert_same(&out0, &gens[0]);
+    let o = admin.run(&["restore", "latest", "--name", "web-cd", "-"]);
+    assert!(o.status.success());
+    assert_eq!(o.stdout, fs::read(&iso).unwrap());
+    let delta = env.path("delta.img");
+    fs::copy(&gens[1], &delta).unwrap();
+    admin.ok(&["restore", &ids[2], "--delta", delta.to_str().unwrap()]);
+    assert_same(&delta, &gens[2]);
+
+    // diff (1: they differ), usable as --changed input for a backup whose
+    // digest must equal the full backup's.
+    let o = admin.run(&["diff", &ids[1], &ids[2]]);
+    assert_eq!(o.status.code(), Some(1));
+    let ranges = env.path("ranges.txt");
+    fs::write(&ranges, &o.stdout).unwrap();
+    let changed = admin.backup(
+        &gens[2],
+        &[
+            "--name",
+            "web-disk",
+            "--base",
+            &ids[1],
+            "--changed",
+            ranges.to_str().unwrap(),
+        ],
+    );
+    let full = admin.ok(&["snapshots", "--json", "--name", "web-disk"]);
+    let full: Vec<serde_json::Value> = serde_json::from_str(&full).unwrap();
+    let digest_of = |id: &str| {
+        full.iter()
+            .find(|s| s["id"] == id)
+            .map(|s| s["digest"].clone())
+            .unwrap()
+    };
+    assert_eq!(digest_of(&id_of(&changed)), digest_of(&ids[2]));
+
+    admin.ok(&["verify", "--all"]);
+    admin.ok(&["check", "--read-data"]);
+
+    // Tags, protection, retention, gc.
+    admin.ok(&["tag", &ids[0], "--add", "keep-me"]);
+    let tagged = admin.snapshots();
+    let old0 = tagged
+        .iter()
+        .find(|s| s["tags"].as_array().is_some_and(|t| !t.is_empty()))
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .unwrap();
+    admin.ok(&["protect", &old0]);
+    admin.fails(&["forget", &old0], 1, "protected");
+    admin.ok(&["unprotect", &old0]);
+    let before = admin.snapshots().len();
+    admin.ok(&["forget", &old0, "--prune"]);
+    assert_eq!(admin.snapshots().len(), before - 1);
+    admin.ok(&["gc"]);
+    admin.ok(&["check", "--read-data"]);
+    let out1 = env.path("out1.img");
+    admin.ok(&["restore", &ids[1], out1.to_str().unwrap()]);
+    assert_same(&out1, &gens[1]);
+
+    // NBD and FUSE of a remote snapshot, with the real clients.
+    if have("nbdcopy") {
+        let sock = env.path("nbd.sock");
+        let mut nbd = admin
+            .command()
+            .args(["serve", &ids[2], "--socket", sock.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !sock.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let copy = env.path("nbd-copy.img");
+        let st = Command::new("nbdcopy")
+            .arg(format!("nbd+unix:///?socket={}", sock.display()))
+            .arg(&copy)
+            .status()
+            .unwrap();
+        let _ = nbd.kill();
+        let _ = nbd.wait();
+        assert!(st.success());
+        assert_same(&copy, &gens[2]);
+    }
+    if Path::new("/dev/fuse").exists() && have("fusermount3") {
+        let mnt = env.path("mnt");
+        fs::create_dir_all(&mnt).unwrap();
+        let mut m = admin
+            .command()
+            .args(["mount", mnt.to_str().unwrap(), &ids[2]])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !mnt.join("by-id").is_dir() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let file = fs::read_dir(mnt.join("by-id"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        let same = fs::read(&file).unwrap() == fs::read(&gens[2]).unwrap();
+        let _ = Command::new("fusermount3").arg("-u").arg(&mnt).status();
+        let _ = m.kill();
+        let _ = m.wait();
+        assert!(
+            same,
+            "the FUSE file of a remote snapshot differs from the image"
+        );
+    }
+    // A server's repository is created on the server.
+    admin.fails(&["init"], 2, "created on the server");
+    s.assert_no_panic();
+}
+
+#[test]
+fn roles_and_namespaces_bound_what_a_token_can_do_and_learn() {
+    let env = Env::new();
+    let s = setup(&env);
+    let web = Client::new(&env, &s, "web-backup");
+    let web_ro = Client::new(&env, &s, "web-restore");
+    let db = Client::new(&env, &s, "db-backup");
+    let admin = Client::new(&env, &s, "admin");
+    let img = env.path("web-1.img");
+    fs::write(&img, seeded(6 << 20, 77)).unwrap();
+    let r = web.backup(&img, &[]);
+    let id = id_of(&r);
+
+    // Append-only: no forget, gc, protect, retag, and nothing changes.
+    web.fails(&["forget", &id], 7, "may not forget");
+    web.fails(&["gc"], 7, "may not collect garbage");
+    web.fails(&["protect", &id], 7, "may not protect");
+    web.fails(&["tag", &id, "--add", "x"], 7, "may not change snapshots");
+    assert_eq!(admin.snapshots().len(), 1);
+    // Only its own namespace's image names.
+    let other = env.path("db-1.img");
+    fs::copy(&img, &other).unwrap();
+    web.fails(
+        &["backup", other.to_str().unwrap()],
+        7,
+        "not in the namespaces",
+    );
+
+    // Another namespace sees nothing of web's snapshots...
+    assert!(db.snapshots().is_empty());
+    db.fails(
+        &["restore", &id, env.path("x.img").to_str().unwrap()],
+        6,
+        "",
+    );
+    // ...and learns nothing from uploading the same data: it is told
+    // every chunk is new and sends them all, while the repository stores
+    // them once.
+    let before: serde_json::Value = serde_json::from_str(&admin.ok(&["stats", "--json"])).unwrap();
+    let r2 = db.backup(&other, &[]);
+    assert_eq!(
+        r2["new_chunks"], r2["chunks"],
+        "db was told what web stored: {r2}"
+    );
+    let after: serde_json::Value = serde_json::from_str(&admin.ok(&["stats", "--json"])).unwrap();
+    assert_eq!(before["unique_chunk_bytes"], after["unique_chunk_bytes"]);
+    // web's second backup of the same data deduplicates within web.
+    let r3 = web.backup(&img, &["--no-parent"]);
+    assert_eq!(r3["new_chunks"], 0, "{r3}");
+
+    // A restore token reads its namespace, writes nothing.
+    let out = env.path("out.img");
+    web_ro.ok(&["restore", &id, out.to_str().unwrap()]);
+    assert_same(&out, &img);
+    web_ro.fails(
+        &["backup", img.to_str().unwrap()],
+        7,
+        "may not write backups",
+    );
+
+    // Credentials.
+    let mut bogus = web.via(web.url.clone());
+    bogus.token = env.path("bogus.token");
+    fs::write(&bogus.token, "imgs_0000").unwrap();
+    bogus.fails(&["snapshots"], 7, "does not accept this token");
+    let mut wrong_fp = web.via(web.url.clone());
+    wrong_fp.fp = format!("SHA256:{}", "ab".repeat(32));
+    wrong_fp.fails(&["snapshots"], 7, "fingerprint");
+    env.ok(&["token", "remove", "web-restore"]);
+    web_ro.fails(&["snapshots"], 7, "does not accept this token");
+    s.assert_no_panic();
+}
+
+/// Four hosts back up at once while an admin runs gc and verify in a loop.
+#[test]
+fn four_clients_back_up_at_once_while_gc_and_verify_run() {
+    let env = Env::new();
+    let s = setup(&env);
+    let admin = Client::new(&env, &s, "admin");
+    // Garbage for gc to chew on while the backups run.
+    let junk = env.path("web-junk.img");
+    fs::write(&junk, seeded(8 << 20, 1)).unwrap();
+    let j = admin.backup(&junk, &[]);
+    admin.ok(&["forget", &id_of(&j)]);
+
+    let imgs: Vec<PathBuf> = (0..4)
+        .map(|i| {
+            let p = env.path(&format!("web-host{i}.img"));
+            // Half shared with the others, half its own.
+            let mut data = seeded(6 << 20, 500);
+            data.extend(seeded(6 << 20, 600 + i));
+            fs::write(&p, data).unwrap();
+            p
+        })
+        .collect();
+    for round in 0..2 {
+        if round == 1 {
+            for (i, p) in imgs.iter().enumerate() {
+                let mut data = fs::read(p).unwrap();
+                let at = (i + 1) << 20;
+                data[at..at + 300_000].copy_from_slice(&seeded(300_000, 900 + i as u64));
+                fs::write(p, data).unwrap();
+            }
+        }
+        let done = Arc::new(AtomicBool::new(false));
+        let maint = {
+            let done = done.clone();
+            let admin = admin.via(admin.url.clone());
+            std::thread::spawn(move || {
+                let mut runs = 0;
+                while !done.load(SeqCst) && runs < 200 {
+                    admin.ok(&["gc"]);
+                    if !admin.snapshots().is_empty() {
+                        admin.ok(&["verify", "--all"]);
+                    }
+                    runs += 1;
+                }
+                runs
+            })
+        };
+        let kids: Vec<Child> = imgs
+            .iter()
+            .map(|p| {
+                Client::new(&env, &s, "web-backup")
+                    .command()
+                    .args(["backup", p.to_str().unwrap(), "-q"])
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for k in kids {
+            let o = k.wait_with_output().unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        }
+        done.store(true, SeqCst);
+        assert!(maint.join().unwrap() >= 1);
+    }
+    admin.ok(&["gc"]);
+    for p in &imgs {
+        let out = env.path("out.img");
+        let name = p.file_name().unwrap().to_str().unwrap();
+        admin.ok(&[
+            "restore",
+            "latest",
+            "--name",
+            name,
+            "--force",
+            out.to_str().unwrap(),
+        ]);
+        assert_same(&out, p);
+    }
+    assert_eq!(admin.snapshots().len(), 8);
+    admin.ok(&["check", "--read-data"]);
+    s.assert_no_panic();
+}
+
+/// kill -9 of the server during concurrent backups and gc, several times:
+/// every snapshot it lists afterwards restores exact, and check is clean.
+#[test]
+fn kill_9_of_the_server_loses_no_committed_snapshot() {
+    let env = Env::new();
+    let mut s = setup(&env);
+    let addr = s.addr.clone();
+    let admin = Client::new(&env, &s, "admin");
+    let mut sources: std::collections::HashMap<String, Vec<u8>> = Default::default();
+    let delays = seeded(64, 4242);
+    for round in 0..5u64 {
+        let mut kids = Vec::new();
+        for h in 0..3u64 {
+            let name = format!("web-r{round}h{h}.img");
+            let data = [seeded(5 << 20, 7000 + h), seeded(5 << 20, 100 * round + h)].concat();
+            let p = env.path(&name);
+            fs::write(&p, &data).unwrap();
+            sources.insert(name, data);
+            kids.push(
+                admin
+                    .command()
+                    .args(["--retry-for", "1s", "backup", p.to_str().unwrap(), "-q"])
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            );
+        }
+        let gc = admin
+            .command()
+            .args(["--retry-for", "1s", "gc", "-q"])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        kids.push(gc);
+        std::thread::sleep(Duration::from_millis(
+            50 + u64::from(delays[round as usize]) * 4,
+        ));
+        s.kill9();
+        for mut k in kids {
+            let _ = k.wait();
+        }
+        s = Served::start(&env, &addr);
+        assert_eq!(s.fp, admin.fp, "the certificate survives restarts");
+        for snap in admin.snapshots() {
+            let name = snap["name"].as_str().unwrap();
+            let out = env.path("out.img");
+            admin.ok(&[
+                "restore",
+                snap["id"].as_str().unwrap(),
+                "--force",
+                out.to_str().unwrap(),
+            ]);
+            assert!(
+                fs::read(&out).unwrap() == sources[name],
+                "{name} restored wrong"
+            );
+        }
+        admin.ok(&["check"]);
+    }
+    admin.ok(&["gc"]);
+    admin.ok(&["check", "--read-data"]);
+    s.assert_no_panic();
+}
+
+/// A TCP proxy between client and server: adds latency to every read and,
+/// when told, cuts every connection and refuses new ones for a while.
+struct Proxy {
+    port: u16,
+    cut_until_ms: Arc<AtomicU64>,
+    epoch: Instant,
+    cuts: Arc<AtomicU64>,
+}
+
+impl Proxy {
+    fn start(upstream: String, delay: Duration) -> Proxy {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let cut_until_ms = Arc::new(AtomicU64::new(0));
+        let cuts = Arc::new(AtomicU64::new(0));
+        let epoch = Instant::now();
+        let (cu, gen) = (cut_until_ms.clone(), cuts.clone());
+        std::thread::spawn(move || {
+            for c in l.incoming().take(10_000) {
+                let Ok(c) = c else { continue };
+                if epoch.elapsed().as_millis() as u64 <= cu.load(SeqCst) {
+                    drop(c);
+                    continue;
+                }
+                let Ok(up) = TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                let born = gen.load(SeqCst);
+                for (mut from, mut to) in
+                    [(c.try_clone().unwrap(), up.try_clone().unwrap()), (up, c)]
+                {
+                    let gen = gen.clone();
+                    std::thread::spawn(move || {
+                        from.set_read_timeout(Some(Duration::from_millis(50)))
+                            .unwrap();
+                        let mut buf = vec![0u8; 64 << 10];
+                        let deadline = Instant::now() + Duration::from_secs(600);
+                        while Instant::now() < deadline && gen.load(SeqCst) == born {
+                            match from.read(&mut buf) {
+                                Ok(0) => break,
+                                Ok(n) => {
+                                    std::thread::sleep(delay);
+                                    if to.write_all(&buf[..n]).is_err() {
+                                        break;
+                                    }
+                                }
+                                Err(e)
+                                    if e.kind() == std::io::ErrorKind::WouldBlock
+                                        || e.kind() == std::io::ErrorKind::TimedOut => {}
+                                Err(_) => break,
+                            }
+                        }
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Proxy {
+            port,
+            cut_until_ms,
+            epoch,
+            cuts,
+        }
+    }
+
+    /// Cuts every open connection and refuses new ones for `d`.
+    fn cut(&self, d: Duration) {
+        let until = (self.epoch.elapsed() + d).as_millis() as u64;
+        self.cut_until_ms.store(until, SeqCst);
+        self.cuts.fetch_add(1, SeqCst);
+    }
+
+    fn url(&self) -> String {
+        format!("imgstores://127.0.0.1:{}/", self.port)
+    }
+}
+
+#[test]
+fn a_bad_network_is_survived_or_refused_clearly() {
+    let env = Env::new();
+    let s = setup(&env);
+    let proxy = Proxy::start(s.addr.clone(), Duration::from_millis(20));
+    let admin = Client::new(&env, &s, "admin").via(proxy.url());
+    let img = env.path("web-net.img");
+    let data = [seeded(12 << 20, 31), vec![0u8; 4 << 20], texty(8 << 20, 32)].concat();
+    fs::write(&img, &data).unwrap();
+
+    // A backup whose link is cut twice for 2 s completes, resuming.
+    let mut k = admin
+        .command()
+        .args([
+            "--retry-for",
+            "60s",
+            "backup",
+            img.to_str().unwrap(),
+            "--json",
+            "-q",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    proxy.cut(Duration::from_secs(2));
+    std::thread::sleep(Duration::from_millis(2600));
+    proxy.cut(Duration::from_secs(2));
+    let o = {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            if k.try_wait().unwrap().is_some() || Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = k.kill();
+        k.wait_with_output().unwrap()
+    };
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = env.path("out.img");
+    admin.ok(&[
+        "restore",
+        "latest",
+        "--name",
+        "web-net.img",
+        out.to_str().unwrap(),
+    ]);
+    assert_same(&out, &img);
+
+    // Restores cut at several points: exact, or a clear failure.
+    for (i, at) in [150u64, 500, 900].iter().enumerate() {
+        let out = env.path(&format!("cut{i}.img"));
+        let retry = if i == 2 { "1s" } else { "60s" };
+        let k = admin
+            .command()
+            .args([
+                "--retry-for",
+                retry,
+                "restore",
+                "latest",
+                "--name",
+                "web-net.img",
+                out.to_str().unwrap(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(*at));
+        proxy.cut(Duration::from_secs(3));
+        let o = k.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        match o.status.code() {
+            Some(0) => assert_same(&out, &img),
+            Some(7) => assert_eq!(err.trim_end().lines().count(), 1, "{err}"),
+            c => panic!("restore cut at {at} ms: exit {c:?}: {err}"),
+        }
+        if i < 2 {
+            assert_eq!(
+                o.status.code(),
+                Some(0),
+                "a 3 s cut within a 60 s retry window must not fail: {err}"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(3200));
+    }
+    let direct = Client::new(&env, &s, "admin");
+    direct.ok(&["gc"]);
+    direct.ok(&["check", "--read-data"]);
+    assert_eq!(direct.snapshots().len(), 1, "no partial snapshot");
+    s.assert_no_panic();
+}
+
+/// curl against the server: an error for every malformed or hostile
+/// request, never a panic; the server serves normally afterwards.
+#[test]
+fn hostile_requests_get_errors_not_panics() {
+    if !have("curl") {
+        eprintln!("SKIP: needs curl");
+        return;
+    }
+    let env = Env::new();
+    let s = setup(&env);
+    let admin_token = fs::read_to_string(env.path("admin.token")).unwrap();
+    let web_token = fs::read_to_string(env.path("web-backup.token")).unwrap();
+    let base = format!("https://{}", s.addr);
+    let curl = |method: &str,
+                path: &str,
+                token: Option<&str>,
+                body: Option<&Path>,
+                extra: &[&str]|
+     -> u16 {
+        let mut c = Command::new("curl");
+        c.args([
+            "-sk",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "60",
+            "-X",
+            method,
+        ]);
+        if let Some(t) = token {
+            c.arg("-H")
+                .arg(format!("Authorization: Bearer {}", t.trim()));
+        }
+        if let Some(b) = body {
+            c.arg("--data-binary").arg(format!("@{}", b.display()));
+        }
+        c.args(extra).arg(format!("{base}{path}"));
+        let o = c.output().unwrap();
+        String::from_utf8_lossy(&o.stdout).parse().unwrap_or(0)
+    };
+    let body = |name: &str, bytes: &[u8]| {
+        let p = env.path(name);
+        fs::write(&p, bytes).unwrap();
+        p
+    };
+    let admin = Some(admin_token.as_str());
+    assert_eq!(curl("GET", "/v1/health", None, None, &[]), 200);
+    assert_eq!(curl("GET", "/v1/snapshots", None, None, &[]), 401);
+    assert_eq!(
+        curl("GET", "/v1/snapshots", Some("imgs_nope"), None, &[]),
+        401
+    );
+    assert_eq!(curl("GET", "/v2/snapshots", admin, None, &[]), 404);
+    // A count of 2^32-1 ids in a 12-byte body.
+    let huge = body("huge", &[0xff, 0xff, 0xff, 0xff, 1, 2, 3, 4, 5, 6, 7, 8]);
+    assert_eq!(curl("POST", "/v1/chunks/get", admin, Some(&huge), &[]), 400);
+    assert_eq!(curl("POST", "/v1/pages", admin, Some(&huge), &[]), 400);
+    // Session calls without a session; a session for another namespace.
+    assert_eq!(
+        curl("POST", "/v1/chunks/known", admin, Some(&huge), &[]),
+        400
+    );
+    let sess = body("sess.json", br#"{"image":"db-x"}"#);
+    assert_eq!(
+        curl(
+            "POST",
+            "/v1/sessions",
+            Some(&web_token),
+            Some(&sess),
+            &["-H", "content-type: application/json"]
+        ),
+        403
+    );
+    let bad_json = body("bad.json", b"{\"image\": 7");
+    let code = curl(
+        "POST",
+        "/v1/sessions",
+        admin,
+        Some(&bad_json),
+        &["-H", "content-type: application/json"],
+    );
+    assert!(code == 400 || code == 422, "bad JSON: {code}");
+    // A body past the region limit is refused before it is held.
+    let big = env.path("big");
+    fs::File::create(&big).unwrap().set_len(81 << 20).unwrap();
+    let code = curl(
+        "PUT",
+        &format!("/v1/regions/{}", "00".repeat(32)),
+        admin,
+        Some(&big),
+        &[],
+    );
+    // 413, or the connection closed by the server before curl finished
+    // sending (curl then reports 000).
+    assert!(code == 413 || code == 0, "oversized body: {code}");
+    // A region whose recipe does not hash to the id in the path, and one
+    // whose frame does not hash to its chunk id.
+    let mut admin_cmd = Command::new("curl");
+    let o = admin_cmd
+        .args([
+            "-sk",
+            "-H",
+            &format!("Authorization: Bearer {}", admin_token.trim()),
+            "-H",
+            "content-type: application/json",
+            "--data",
+            r#"{"image":"web-x"}"#,
+        ])
+        .arg(format!("{base}/v1/sessions"))
+        .output()
+        .unwrap();
+    let reply: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let session = reply["session"].as_str().unwrap().to_string();
+    let sess_hdr = format!("imgstore-session: {session}");
+    let chunk = seeded(5000, 3);
+    let cid = imgstore_format::Id::hash(&chunk);
+    let region = imgstore_format::Region {
+        entries: vec![imgstore_format::RecipeEntry {
+            len: 5000,
+            chunk: Some(cid),
+        }],
+    };
+    let recipe = region.encode();
+    let rid = imgstore_format::Id::hash(&recipe).to_hex();
+    let wrong_frame = imgstore_format::FrameCodec::with_thread(|c| c.encode(&seeded(5000, 4), 3));
+    let put = imgstore_protocol::encode_put_region(
+        &recipe,
+        [imgstore_protocol::NewFrame {
+            id: cid,
+            raw_len: 5000,
+            frame: &wrong_frame,
+        }]
+        .into_iter(),
+    );
+    let put = body("put", &put);
+    assert_eq!(
+        curl(
+            "PUT",
+            &format!("/v1/regions/{}", "11".repeat(32)),
+            admin,
+            Some(&put),
+            &["-H", &sess_hdr]
+        ),
+        400
+    );
+    assert_eq!(
+        curl(
+            "PUT",
+            &format!("/v1/regions/{rid}"),
+            admin,
+            Some(&put),
+            &["-H", &sess_hdr]
+        ),
+        400
+    );
+    // Random bytes at every binary endpoint.
+    for (i, path) in [
+        "/v1/chunks/known",
+        "/v1/commit",
+        "/v1/forget",
+        "/v1/refs/C",
+        "/v1/zero-cvs",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let junk = body(&format!("junk{i}"), &seeded(777, 50 + i as u64));
+        let code = curl("POST", path, admin, Some(&junk), &["-H", &sess_hdr]);
+        assert!((400..500).contains(&code), "{path}: {code}");
+    }
+    assert_eq!(curl("GET", "/v1/health", None, None, &[]), 200);
+    // Still serving, and nothing was committed.
+    let client = Client::new(&env, &s, "admin");
+    assert!(client.snapshots().is_empty());
+    client.ok(&["check"]);
+    let img = env.path("web-after.img");
+    fs::write(&img, seeded(1 << 20, 5)).unwrap();
+    client.backup(&img, &[]);
+    // Plain HTTP only on loopback.
+    let o = env.run(&["server", "--insecure-no-tls", "--listen", "0.0.0.0:0"]);
+    assert_eq!(o.status.code(), Some(2));
+    s.assert_no_panic();
+}
