@@ -21,7 +21,7 @@ Exit status:\n  0    success (diff: the snapshots are equal)\n  1    failure not
 Names (--name) and tags: 1-128 letters, digits, '.', '_', '+', '-', starting with a letter, digit or '_'."
 )]
 pub struct Cli {
-    /// Repository: a directory, or a server's URL (imgstores://HOST[:PORT]/).
+    /// Repository: a directory, or a server's URL (imgstores://HOST:PORT/).
     #[arg(
         short = 'r',
         long = "repo",
@@ -243,7 +243,7 @@ pub enum TokenAction {
         /// backup (append-only), restore (read) or admin (everything).
         #[arg(long, value_parser = ["backup", "restore", "admin"])]
         role: String,
-        /// Namespaces the token may use (from the config's [namespaces]); repeatable.
+        /// Namespaces the token may use (from the server config's namespaces table); repeatable.
         #[arg(long = "namespace", value_name = "NS")]
         namespaces: Vec<String>,
         /// Write the token to FILE (mode 0600) instead of stdout.
