@@ -2,7 +2,7 @@
 # Installs what building and testing imgstore needs on Debian, when missing:
 # clang/libclang (RocksDB's bindings), a C++ compiler, e2fsprogs and xorriso
 # (test images), libnbd-bin and qemu-utils (NBD clients the serve tests
-# drive). Safe to run repeatedly; does nothing when all is present.
+# drive), curl (hostile requests to the server). Safe to run repeatedly; does nothing when all is present.
 set -euo pipefail
 need=()
 command -v clang >/dev/null 2>&1 || need+=(clang)
@@ -17,6 +17,7 @@ command -v fusermount3 >/dev/null 2>&1 || need+=(fuse3)
 command -v groff >/dev/null 2>&1 || need+=(groff-base)
 command -v script >/dev/null 2>&1 || need+=(bsdutils)
 command -v losetup >/dev/null 2>&1 || need+=(mount)
+command -v curl >/dev/null 2>&1 || need+=(curl)
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}" >&2
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
