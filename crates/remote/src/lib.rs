@@ -253,8 +253,8 @@ impl Conn {
             let failure = match req.send() {
                 Ok(resp) => {
                     let status = resp.status();
-                    match resp.bytes() {
-                        Ok(bytes) if status.is_success() => return Ok(bytes.to_vec()),
+                    match read_bounded(resp) {
+                        Ok(bytes) if status.is_success() => return Ok(bytes),
                         Ok(bytes) => {
                             let transient = matches!(status.as_u16(), 502..=504 | 429);
                             let err = self.error_from(status.as_u16(), &bytes);
@@ -384,6 +384,27 @@ impl Conn {
         let body = self.call(reqwest::Method::GET, "/v1/snapshots", Body::None, true)?;
         proto::decode_snapshots(&body).map_err(|e| self.malformed(e))
     }
+}
+
+/// Largest answer the client accepts: a server (or whatever answers in
+/// its place) cannot make it allocate more.
+const ANSWER_LIMIT: u64 = limits::FRAMES_REPLY_BYTES as u64 + (1 << 20);
+
+fn read_bounded(resp: reqwest::blocking::Response) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    if resp.content_length().is_some_and(|n| n > ANSWER_LIMIT) {
+        return Err(std::io::Error::other(
+            "the answer passes the protocol's size limit",
+        ));
+    }
+    let mut out = Vec::new();
+    resp.take(ANSWER_LIMIT + 1).read_to_end(&mut out)?;
+    if out.len() as u64 > ANSWER_LIMIT {
+        return Err(std::io::Error::other(
+            "the answer passes the protocol's size limit",
+        ));
+    }
+    Ok(out)
 }
 
 /// An error with its causes, on one line (reqwest hides the interesting
