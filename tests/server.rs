@@ -945,3 +945,97 @@ fn hostile_requests_get_errors_not_panics() {
     assert_eq!(o.status.code(), Some(2));
     s.assert_no_panic();
 }
+
+/// `copy`: a local repository replicated to the server and back, sending
+/// only what the destination lacks; damage is never copied.
+#[test]
+fn copy_replicates_snapshots_between_a_local_repository_and_the_server() {
+    let env = Env::new();
+    let s = setup(&env);
+    let local = Env::new();
+    local.init();
+    let img = local.path("web-vm.img");
+    let mut data = [seeded(16 << 20, 3), vec![0u8; 4 << 20], texty(4 << 20, 4)].concat();
+    fs::write(&img, &data).unwrap();
+    let g0 = id_of(&local.backup(&img, &[]));
+    data[5 << 20..(5 << 20) + 200_000].copy_from_slice(&seeded(200_000, 9));
+    fs::write(&img, &data).unwrap();
+    let g1 = id_of(&local.backup(&img, &[]));
+
+    // Local → server, with a backup token of the image's namespace.
+    let web = Client::new(&env, &s, "web-backup");
+    let local_repo = local.repo();
+    let copy = |c: &Client, extra: &[&str]| -> Vec<serde_json::Value> {
+        let mut args = vec!["copy", "--from", local_repo.to_str().unwrap(), "--json"];
+        args.extend_from_slice(extra);
+        serde_json::from_str(&c.ok(&args)).unwrap()
+    };
+    let first = copy(&web, &[&g0]);
+    assert_eq!(first[0]["copied"], true);
+    let all = copy(&web, &[]);
+    assert_eq!(all.len(), 2);
+    assert_eq!(all[0]["copied"], false, "g0 is there already: {all:?}");
+    assert_eq!(all[1]["id"], g1.as_str());
+    // Only the changed region's new chunks cross: a fraction of the image.
+    let sent = all[1]["chunk_bytes_sent"].as_u64().unwrap();
+    assert!(sent > 0 && sent < 2 << 20, "{all:?}");
+    assert_eq!(all[1]["regions_sent"], 1, "{all:?}");
+    let again = copy(&web, &[]);
+    assert!(again.iter().all(|v| v["copied"] == false));
+    let out = env.path("from-server.img");
+    web.ok(&["restore", &g1, out.to_str().unwrap()]);
+    assert_same(&out, &img);
+    let listed = web.snapshots();
+    let g1_row = listed.iter().find(|v| v["id"] == g1.as_str()).unwrap();
+    assert_eq!(g1_row["parent"], g0.as_str(), "the parent link is copied");
+
+    // Server → a fresh local repository, with the source's own credentials.
+    let back = Env::new();
+    back.init();
+    let o = back
+        .command()
+        .args(["copy", "--from", &s.url(), "--name", "web-vm.img"])
+        .arg("--from-token-file")
+        .arg(env.path("web-restore.token"))
+        .env("IMGSTORE_FROM_SERVER_FINGERPRINT", &s.fp)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out2 = back.path("back.img");
+    back.ok(&["restore", &g0, out2.to_str().unwrap()]);
+    let want0: Vec<u8> = [seeded(16 << 20, 3), vec![0u8; 4 << 20], texty(4 << 20, 4)].concat();
+    assert!(fs::read(&out2).unwrap() == want0);
+    back.ok(&["check", "--read-data"]);
+
+    // A damaged chunk in the source: the copy fails naming it, and the
+    // destination gets no snapshot.
+    let dmg = Env::new();
+    dmg.init();
+    let img2 = dmg.path("web-dmg.img");
+    fs::write(&img2, seeded(12 << 20, 55)).unwrap();
+    let gid = id_of(&dmg.backup(&img2, &[]));
+    let blob = fs::read_dir(dmg.repo().join("db"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "blob"))
+        .unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&blob)
+            .unwrap();
+        let len = f.metadata().unwrap().len();
+        let mut b = [0u8];
+        f.read_exact_at(&mut b, len / 2).unwrap();
+        b[0] ^= 0x20;
+        f.write_all_at(&b, len / 2).unwrap();
+    }
+    let o = web.run(&["copy", "--from", dmg.repo().to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(5), "{err}");
+    assert!(err.contains("damaged") && err.contains(&gid[..8]), "{err}");
+    assert!(web.snapshots().iter().all(|v| v["id"] != gid.as_str()));
+    s.assert_no_panic();
+}

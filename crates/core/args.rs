@@ -181,6 +181,18 @@ mount -o ro,loop /mnt/snapshots/by-name/vm-root/2026-11-25T03:00:00Z.img /mnt/vm
         after_help = "Examples:\n  imgstore verify latest --name vm-root\n  imgstore verify --all --json"
     )]
     Verify(VerifyArgs),
+    /// Copy snapshots from another repository (a directory or a server) into this one.
+    #[command(
+        after_help = "Only what this repository lacks is sent: regions it holds cost one lookup, \
+chunks it holds are not sent. Every chunk copied is checked against its id first, so damage is never \
+copied. Snapshots keep their ids; ones already here are skipped, so running the same copy again \
+(a nightly sync) sends only new snapshots. Protection marks are not copied.\n\nExamples:\n  \
+imgstore -r imgstores://backup.example:8420/ copy --from /var/backups/imgstore\n  \
+imgstore -r imgstores://backup.example:8420/ copy --from /var/backups/imgstore latest --name web01-root\n  \
+imgstore -r /var/restore-repo copy --from imgstores://backup.example:8420/ --from-token-file /root/ops.token \\\n      \
+--from-server-fingerprint SHA256:... --name web01-root"
+    )]
+    Copy(CopyArgs),
     /// Serve this repository (-r DIR) to other hosts over HTTPS.
     #[command(
         after_help = "The server is the repository's one writer: any number of hosts back up, restore, \
@@ -199,6 +211,35 @@ imgstore -r /srv/imgstore token add ops --role admin --output /root/ops.token\n 
 imgstore -r /srv/imgstore token remove web01"
     )]
     Token(TokenArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CopyArgs {
+    /// The repository to copy from: a directory or imgstores://HOST:PORT/.
+    #[arg(long, value_name = "REPO")]
+    pub from: PathBuf,
+    /// Snapshots to copy (ids, prefixes, `latest`); none: every snapshot
+    /// (of --name's image when given).
+    pub snapshots: Vec<String>,
+    /// Only snapshots of this image.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// For a server source: a file holding its token (else IMGSTORE_FROM_TOKEN).
+    #[arg(long, env = "IMGSTORE_FROM_TOKEN_FILE", value_name = "FILE")]
+    pub from_token_file: Option<PathBuf>,
+    /// For a server source: its certificate's SHA-256 fingerprint.
+    #[arg(
+        long,
+        env = "IMGSTORE_FROM_SERVER_FINGERPRINT",
+        value_name = "SHA256:HEX"
+    )]
+    pub from_server_fingerprint: Option<String>,
+    /// For a server source: trust certificates signed by these CAs.
+    #[arg(long, value_name = "FILE")]
+    pub from_server_ca: Option<PathBuf>,
+    /// Print one JSON object per snapshot (an array).
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]

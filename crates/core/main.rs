@@ -5,6 +5,7 @@
 
 mod args;
 mod commands;
+mod copy;
 mod exit;
 mod integrity;
 mod maintenance;

@@ -53,7 +53,28 @@ pub(crate) fn remote_url(repo: &Path) -> Option<&str> {
 
 fn connect(url: &str) -> anyhow::Result<RemoteRepo> {
     let s = settings();
-    let token = match (&s.token_file, std::env::var("IMGSTORE_TOKEN")) {
+    connect_with(
+        url,
+        &Credentials {
+            token_file: s.token_file.clone(),
+            token_env: "IMGSTORE_TOKEN",
+            fingerprint: s.server_fingerprint.clone(),
+            ca_file: s.server_ca.clone(),
+        },
+    )
+}
+
+/// How to authenticate to a server and whom to trust.
+pub(crate) struct Credentials {
+    pub token_file: Option<std::path::PathBuf>,
+    /// The environment variable holding the token when no file is given.
+    pub token_env: &'static str,
+    pub fingerprint: Option<String>,
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
+pub(crate) fn connect_with(url: &str, c: &Credentials) -> anyhow::Result<RemoteRepo> {
+    let token = match (&c.token_file, std::env::var(c.token_env)) {
         (Some(f), _) => std::fs::read_to_string(f)
             .with_context(|| format!("cannot read the token file {}", f.display()))?
             .trim()
@@ -61,16 +82,17 @@ fn connect(url: &str) -> anyhow::Result<RemoteRepo> {
         (None, Ok(t)) if !t.trim().is_empty() => t.trim().to_string(),
         _ => {
             return Err(crate::exit::usage(format!(
-                "{url} needs a token: set IMGSTORE_TOKEN or pass --token-file FILE"
+                "{url} needs a token: set {} or pass a token file",
+                c.token_env
             )))
         }
     };
     Ok(RemoteRepo::connect(RemoteOptions {
         url: url.to_string(),
         token,
-        fingerprint: s.server_fingerprint.clone(),
-        ca_file: s.server_ca.clone(),
-        retry_for: s.retry_for,
+        fingerprint: c.fingerprint.clone(),
+        ca_file: c.ca_file.clone(),
+        retry_for: settings().retry_for,
     })?)
 }
 

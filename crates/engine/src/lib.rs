@@ -37,6 +37,7 @@
 mod aligned;
 mod backup;
 mod check;
+mod copy;
 mod diff;
 pub mod digest;
 mod error;
@@ -54,6 +55,7 @@ mod tests;
 
 pub use backup::{backup, backup_changed, chunker_for, BackupOptions, BackupReport, ChangedBlocks};
 pub use check::{check, CheckReport, DamagedSnapshot, Problem, ReadData};
+pub use copy::{copy_snapshot, CopyReport};
 pub use diff::diff;
 pub use error::EngineError;
 pub use forget::{forget, plan_forget, record_damage, retag, ForgetPlan, ForgetRequest};

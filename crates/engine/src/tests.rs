@@ -515,3 +515,37 @@ fn zero_region_values_are_cached_for_every_later_first_backup() {
         let _ = std::fs::remove_dir_all(p.parent().unwrap());
     }
 }
+
+#[test]
+fn copy_sends_only_what_the_destination_lacks_and_never_copies_damage() {
+    let src = repo();
+    let g0 = image(20 * MIB, 21);
+    let mut g1 = g0.clone();
+    g1[3 * MIB..3 * MIB + 100_000].copy_from_slice(&image(100_000, 22));
+    let r0 = back_up(&src, &g0, None);
+    let r1 = back_up(&src, &g1, Some(&r0));
+    let dst = repo();
+    let c0 = crate::copy_snapshot(&src, &dst, &r0.id, &r0.snapshot, None, &NoProgress).unwrap();
+    assert_eq!(c0.id, r0.id, "a copy keeps its id");
+    assert_eq!(c0.regions_sent, c0.regions);
+    let c1 =
+        crate::copy_snapshot(&src, &dst, &r1.id, &r1.snapshot, Some(&r0.id), &NoProgress).unwrap();
+    assert_eq!(c1.regions_sent, 1, "{c1:?}");
+    assert!(
+        c1.chunks_sent > 0 && c1.chunks_sent < c0.chunks_sent / 4,
+        "{c1:?}"
+    );
+    assert_eq!(restore_to_vec(&dst, &r1.id, &r1.snapshot).unwrap(), g1);
+    assert_eq!(dst.parents().unwrap(), vec![(r1.id, r0.id)]);
+    let report = check(&dst, ReadData::All, &NoProgress).unwrap();
+    assert!(report.is_clean(), "{:?}", report.problems);
+
+    // An altered chunk in the source: the copy fails at its offset, and
+    // the destination gets no snapshot.
+    let (chunk, offset) = first_chunk(&src, &r0.snapshot, &r0.id);
+    src.corrupt_chunk(&chunk);
+    let fresh = repo();
+    let err = crate::copy_snapshot(&src, &fresh, &r0.id, &r0.snapshot, None, &NoProgress);
+    damage_at(err, chunk, offset);
+    assert!(fresh.snapshots().unwrap().is_empty());
+}

@@ -165,6 +165,7 @@ impl RemoteRepo {
     /// Opens the write session a backup of `image` runs in: the server pins
     /// what the backup relies on until it commits.
     pub fn begin_session(&self, image: &str) -> Result<()> {
+        self.end_session();
         let body = self.call(
             reqwest::Method::POST,
             "/v1/sessions",
