@@ -7,14 +7,21 @@
 //! same chunk decompress it once, and memory stays bounded whatever the
 //! image size. Every chunk is checked against its id before it is cached;
 //! a damaged chunk is an error naming the offset, never wrong bytes.
+//!
+//! Sequential reads (a `cp` from the FUSE file, `nbdcopy`, `qemu-img
+//! convert`) load a whole region's missing chunks at once: one batched
+//! fetch, decompressed and verified on all cores. Chunk by chunk, a
+//! sequential reader kept one core busy and waited on one small fetch per
+//! chunk (cp from FUSE took 3.1× a verify of the same snapshot).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 use imgstore_format::{Id, Snapshot};
 use imgstore_repo::Repository;
+use rayon::prelude::*;
 
 use crate::snapshot::SnapshotReader;
 use crate::EngineError;
@@ -44,6 +51,10 @@ impl<K: Hash + Eq + Copy, V: Clone> Lru<K, V> {
             e.1 = t;
             e.0.clone()
         })
+    }
+
+    fn contains(&self, k: &K) -> bool {
+        self.map.contains_key(k)
     }
 
     fn insert(&mut self, k: K, v: V, size: usize) {
@@ -77,7 +88,16 @@ pub struct ImageReader<'a> {
     recipes: Mutex<Lru<usize, Extents>>,
     chunks: Mutex<Lru<Id, Arc<Vec<u8>>>>,
     decompressed: AtomicU64,
+    /// Where the last read ended, to tell sequential reading.
+    last_end: AtomicU64,
+    /// Whether whole regions fit the chunk cache twice over.
+    region_loads: bool,
 }
+
+/// A read starting within this distance of where the last one ended counts
+/// as sequential (readers keep several requests in flight, so they arrive
+/// slightly out of order).
+const SEQUENTIAL_SLACK: u64 = 8 << 20;
 
 impl<'a> ImageReader<'a> {
     /// A reader of snapshot `id` keeping at most `cache_bytes` of
@@ -95,6 +115,8 @@ impl<'a> ImageReader<'a> {
             recipes: Mutex::new(Lru::new(4096)),
             chunks: Mutex::new(Lru::new(cache_bytes)),
             decompressed: AtomicU64::new(0),
+            last_end: AtomicU64::new(u64::MAX),
+            region_loads: cache_bytes as u64 >= 2 * snapshot.region_size as u64,
         })
     }
 
@@ -154,6 +176,42 @@ impl<'a> ImageReader<'a> {
         Ok(out)
     }
 
+    /// Loads every chunk of region `region` not cached yet: one batched
+    /// fetch, then decompressed and verified in parallel.
+    fn load_region(&self, region: usize) -> Result<(), EngineError> {
+        let extents = self.extents(region)?;
+        let base = region as u64 * self.region_size;
+        let mut want: Vec<(Id, u64, u64)> = Vec::new();
+        {
+            let cache = self.chunks.lock().unwrap_or_else(|p| p.into_inner());
+            let mut seen = HashSet::new();
+            for (s, l, c) in extents.iter() {
+                if let Some(id) = c {
+                    if !cache.contains(id) && seen.insert(*id) {
+                        want.push((*id, base + s, *l));
+                    }
+                }
+            }
+        }
+        if want.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<Id> = want.iter().map(|w| w.0).collect();
+        let at: HashMap<Id, u64> = want.iter().map(|w| (w.0, w.1)).collect();
+        let frames = self.reader.frames(&ids, |id| at[id])?;
+        let decoded: Vec<Vec<u8>> = want
+            .par_iter()
+            .zip(frames.par_iter())
+            .map(|((id, off, len), frame)| self.reader.decode_verified(frame, *id, *off, *len))
+            .collect::<Result<_, EngineError>>()?;
+        self.decompressed.fetch_add(decoded.len() as u64, Relaxed);
+        let mut cache = self.chunks.lock().unwrap_or_else(|p| p.into_inner());
+        for ((id, _, len), data) in want.into_iter().zip(decoded) {
+            cache.insert(id, Arc::new(data), len as usize);
+        }
+        Ok(())
+    }
+
     /// Calls `f(pos, extent_start, extent_len, chunk, n)` for each extent
     /// piece of `[offset, end)`, in order: `n` bytes at image offset `pos`,
     /// inside the extent that starts at image offset `extent_start`.
@@ -192,6 +250,17 @@ impl<'a> ImageReader<'a> {
                     self.size
                 ),
             });
+        }
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let last = self.last_end.swap(end, Relaxed);
+        if self.region_loads && last != u64::MAX && offset.abs_diff(last) <= SEQUENTIAL_SLACK {
+            let first = (offset / self.region_size) as usize;
+            let lastr = ((end - 1) / self.region_size) as usize;
+            for region in first..=lastr {
+                self.load_region(region)?;
+            }
         }
         self.walk(offset, end, |pos, start, len, chunk, n| {
             let dst = &mut buf[(pos - offset) as usize..(pos - offset + n) as usize];

@@ -549,3 +549,37 @@ fn copy_sends_only_what_the_destination_lacks_and_never_copies_damage() {
     damage_at(err, chunk, offset);
     assert!(fresh.snapshots().unwrap().is_empty());
 }
+
+#[test]
+fn sequential_image_reads_load_whole_regions_and_still_refuse_damage() {
+    let repo = repo();
+    let data = image(20 * MIB, 31);
+    let r = back_up(&repo, &data, None);
+    let reader = crate::ImageReader::new(&repo, &r.id, &r.snapshot, 64 * MIB).unwrap();
+    let mut out = vec![0u8; data.len()];
+    for (i, piece) in out.chunks_mut(128 * 1024).enumerate() {
+        reader.read_at((i * 128 * 1024) as u64, piece).unwrap();
+    }
+    assert!(out == data, "sequential reads differ from the image");
+    let unique: std::collections::HashSet<Id> = {
+        let sr = crate::SnapshotReader::open(&repo, &r.id, &r.snapshot).unwrap();
+        (0..sr.region_count())
+            .flat_map(|i| sr.entries(i).unwrap())
+            .filter_map(|e| e.chunk)
+            .collect()
+    };
+    assert_eq!(reader.decompressed_chunks(), unique.len() as u64);
+
+    let (chunk, offset) = first_chunk(&repo, &r.snapshot, &r.id);
+    repo.corrupt_chunk(&chunk);
+    let fresh = crate::ImageReader::new(&repo, &r.id, &r.snapshot, 64 * MIB).unwrap();
+    let mut buf = vec![0u8; 128 * 1024];
+    let mut result = Ok(());
+    for i in 0..(data.len() / buf.len()) {
+        result = fresh.read_at((i * buf.len()) as u64, &mut buf);
+        if result.is_err() {
+            break;
+        }
+    }
+    damage_at(result, chunk, offset);
+}
