@@ -16,39 +16,9 @@ use imgstore_format::Id;
 
 use crate::{CryptoError, Keys};
 
-/// First byte of a sealed chunk frame (a plain frame starts with its codec
-/// byte, 0 or 1).
-pub const SEALED_CHUNK_MAGIC: u8 = 0xE1;
-/// First byte of a sealed record (plain records start with version 1).
-pub const SEALED_RECORD_MAGIC: u8 = 0xE2;
-
-const NONCE: usize = 24;
-const TAG: usize = 16;
-
-/// What a sealed record holds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RecordKind {
-    Region,
-    Page,
-    Snapshot,
-}
-
-impl RecordKind {
-    fn byte(self) -> u8 {
-        match self {
-            RecordKind::Region => b'R',
-            RecordKind::Page => b'P',
-            RecordKind::Snapshot => b'S',
-        }
-    }
-    fn name(self) -> &'static str {
-        match self {
-            RecordKind::Region => "sealed region recipe",
-            RecordKind::Page => "sealed index page",
-            RecordKind::Snapshot => "sealed snapshot record",
-        }
-    }
-}
+pub use imgstore_format::sealed::{
+    RecordKind, SEALED_CHUNK_MAGIC, SEALED_RECORD_MAGIC, SEAL_NONCE as NONCE, SEAL_TAG as TAG,
+};
 
 fn chunk_ad(id: &Id) -> [u8; 33] {
     let mut ad = [0u8; 33];
@@ -144,36 +114,32 @@ impl Keys {
                     aad: &sealed[..header_len],
                 },
             )
-            .map_err(|_| CryptoError::Forged { what: kind.name() })
+            .map_err(|_| CryptoError::Forged {
+                what: sealed_name(kind),
+            })
     }
 }
 
-/// Header length and child count of a sealed record of `kind`.
 fn parse(kind: RecordKind, sealed: &[u8]) -> Result<(usize, usize), CryptoError> {
-    let bad = |why: String| CryptoError::Malformed {
+    imgstore_format::sealed::sealed_header(kind, sealed).map_err(|e| CryptoError::Malformed {
         what: kind.name(),
-        why,
-    };
-    if sealed.len() < 6 || sealed[0] != SEALED_RECORD_MAGIC {
-        return Err(bad("no sealed-record header".into()));
-    }
-    if sealed[1] != kind.byte() {
-        return Err(bad(format!("it holds kind {:?}", sealed[1] as char)));
-    }
-    let n = u32::from_le_bytes(sealed[2..6].try_into().expect("4")) as usize;
-    let header = n
-        .checked_mul(32)
-        .and_then(|b| b.checked_add(6))
-        .filter(|h| h + NONCE + TAG <= sealed.len())
-        .ok_or_else(|| bad(format!("{n} children do not fit in {} bytes", sealed.len())))?;
-    Ok((header, n))
+        why: e.to_string(),
+    })
 }
 
-/// The ids a sealed record names, readable without the key (for
-/// reference counting and garbage collection by a store that has none).
+/// The ids a sealed record names, readable without the key.
 pub fn record_children(kind: RecordKind, sealed: &[u8]) -> Result<Vec<Id>, CryptoError> {
-    let (_, n) = parse(kind, sealed)?;
-    Ok((0..n)
-        .map(|i| Id(sealed[6 + i * 32..6 + (i + 1) * 32].try_into().expect("32")))
-        .collect())
+    parse(kind, sealed)?;
+    imgstore_format::sealed::record_children(kind, sealed).map_err(|e| CryptoError::Malformed {
+        what: kind.name(),
+        why: e.to_string(),
+    })
+}
+
+fn sealed_name(kind: RecordKind) -> &'static str {
+    match kind {
+        RecordKind::Region => "sealed region recipe",
+        RecordKind::Page => "sealed index page",
+        RecordKind::Snapshot => "sealed snapshot record",
+    }
 }

@@ -21,6 +21,7 @@ mod id;
 pub mod meta;
 mod overlay;
 mod records;
+pub mod sealed;
 
 pub use codec::FormatError;
 pub use config::{ChunkingConfig, Compression, RepoConfig, CONFIG_FILE, DB_DIR, LOCK_FILE};

@@ -25,6 +25,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use imgstore_format::sealed::{record_children, RecordKind};
 use imgstore_format::{cf, meta, Id, ObjectKind};
 use rocksdb::WriteBatch;
 
@@ -209,16 +210,22 @@ impl Store {
         self.require_write()?;
         let mut keys: HashSet<[u8; 33]> = HashSet::new();
         let mut regions: HashSet<Id> = HashSet::new();
+        let children = |kind: ObjectKind, rk: RecordKind, id: &Id| -> Result<Vec<Id>> {
+            let bytes = self.raw_records(kind, &[*id])?.pop().expect("one record");
+            record_children(rk, &bytes).map_err(|source| StoreError::Corrupt {
+                kind,
+                id: *id,
+                source,
+            })
+        };
         for p in pages {
             keys.insert(ObjectKind::Page.key(p));
-            regions.extend(self.page(p)?.regions.into_iter().filter(|r| *r != Id::ZERO));
+            regions.extend(children(ObjectKind::Page, RecordKind::Page, p)?);
         }
         for r in &regions {
             keys.insert(ObjectKind::Region.key(r));
-            for e in self.region(r)?.entries {
-                if let Some(c) = e.chunk {
-                    keys.insert(ObjectKind::Chunk.key(&c));
-                }
+            for c in children(ObjectKind::Region, RecordKind::Region, r)? {
+                keys.insert(ObjectKind::Chunk.key(&c));
             }
         }
         let mut batch = WriteBatch::default();
