@@ -41,7 +41,9 @@ mod slots;
 
 pub use keys::{Keys, MasterKey};
 pub use seal::{record_children, RecordKind, SEALED_CHUNK_MAGIC, SEALED_RECORD_MAGIC};
-pub use slots::{open_any, KdfParams, KeySlot, Secret, SlotKind};
+pub use slots::{
+    new_key_file, open_any, rewrap, KdfParams, KeySlot, Secret, SlotExt, SlotKind, DEFAULT_KDF,
+};
 
 /// Why a key or a sealed object could not be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -11,58 +11,21 @@ use crate::{hex, unhex, CryptoError, MasterKey};
 
 const CTX_KEY_FILE: &str = "imgstore 2026-11 key file slot";
 
-/// argon2id parameters, stored in each passphrase slot.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct KdfParams {
-    /// Memory in KiB.
-    pub m_kib: u32,
-    /// Passes.
-    pub t: u32,
-    /// Lanes.
-    pub p: u32,
-}
+pub use imgstore_format::{KdfParams, KeySlot, SlotKind};
 
-impl KdfParams {
-    /// The default: 64 MiB, 3 passes, 1 lane (OWASP's argon2id guidance is
-    /// at least 19 MiB with 2 passes; about 0.3 s on one core here).
-    pub const DEFAULT: KdfParams = KdfParams {
-        m_kib: 64 * 1024,
-        t: 3,
-        p: 1,
-    };
-}
-
-/// How a slot is opened.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SlotKind {
-    Passphrase,
-    KeyFile,
-}
+/// The default argon2id parameters: 64 MiB, 3 passes, 1 lane (OWASP's
+/// argon2id guidance is at least 19 MiB with 2 passes).
+pub const DEFAULT_KDF: KdfParams = KdfParams {
+    m_kib: 64 * 1024,
+    t: 3,
+    p: 1,
+};
 
 /// What opens a slot.
 pub enum Secret<'a> {
     Passphrase(&'a [u8]),
     /// The key file's contents.
     KeyFile(&'a [u8]),
-}
-
-/// One key slot, as stored in `imgstore.json`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KeySlot {
-    /// A short random id, for `key list` and `key remove`.
-    pub id: String,
-    pub kind: SlotKind,
-    /// argon2id parameters (passphrase slots).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kdf: Option<KdfParams>,
-    /// Salt, hex (16 bytes).
-    pub salt: String,
-    /// Nonce (24) and XChaCha20-Poly1305 of the master key (32 + 16), hex.
-    pub wrapped: String,
-    /// Creation time, seconds since the Unix epoch.
-    pub created: i64,
 }
 
 fn wrapping_key(
@@ -101,9 +64,15 @@ fn wrapping_key(
     Ok(key)
 }
 
-impl KeySlot {
+/// Creating and opening key slots.
+pub trait SlotExt: Sized {
+    fn new(master: &MasterKey, secret: &Secret<'_>, kdf: KdfParams, created: i64) -> Result<Self, CryptoError>;
+    fn open(&self, secret: &Secret<'_>) -> Result<MasterKey, CryptoError>;
+}
+
+impl SlotExt for KeySlot {
     /// A new slot wrapping `master` for `secret`.
-    pub fn new(
+    fn new(
         master: &MasterKey,
         secret: &Secret<'_>,
         kdf: KdfParams,
@@ -112,10 +81,16 @@ impl KeySlot {
         let salt: [u8; 16] = crate::random()?;
         let nonce: [u8; 24] = crate::random()?;
         let id: [u8; 4] = crate::random()?;
-        Self::with(master, secret, kdf, created, &salt, &nonce, &hex(&id))
+        slot_with(master, secret, kdf, created, &salt, &nonce, &hex(&id))
     }
 
-    pub(crate) fn with(
+    /// The master key, if `secret` opens this slot.
+    fn open(&self, secret: &Secret<'_>) -> Result<MasterKey, CryptoError> {
+        open_slot(self, secret)
+    }
+}
+
+pub(crate) fn slot_with(
         master: &MasterKey,
         secret: &Secret<'_>,
         kdf: KdfParams,
@@ -150,25 +125,24 @@ impl KeySlot {
         })
     }
 
-    /// The master key, if `secret` opens this slot.
-    pub fn open(&self, secret: &Secret<'_>) -> Result<MasterKey, CryptoError> {
+fn open_slot(slot: &KeySlot, secret: &Secret<'_>) -> Result<MasterKey, CryptoError> {
         let bad = |why: &str| CryptoError::Malformed {
             what: "key slot",
             why: why.into(),
         };
-        let salt = unhex(&self.salt).ok_or_else(|| bad("salt is not hex"))?;
-        let wrapped = unhex(&self.wrapped).ok_or_else(|| bad("wrapped key is not hex"))?;
+        let salt = unhex(&slot.salt).ok_or_else(|| bad("salt is not hex"))?;
+        let wrapped = unhex(&slot.wrapped).ok_or_else(|| bad("wrapped key is not hex"))?;
         if wrapped.len() != 24 + 32 + 16 {
             return Err(bad("wrapped key has the wrong length"));
         }
-        let key = wrapping_key(self.kind, self.kdf, &salt, secret)?;
+        let key = wrapping_key(slot.kind, slot.kdf, &salt, secret)?;
         let plain = Zeroizing::new(
             XChaCha20Poly1305::new(&(*key).into())
                 .decrypt(
                     XNonce::from_slice(&wrapped[..24]),
                     Payload {
                         msg: &wrapped[24..],
-                        aad: slot_ad(self.kind, &self.id).as_bytes(),
+                        aad: slot_ad(slot.kind, &slot.id).as_bytes(),
                     },
                 )
                 .map_err(|_| CryptoError::WrongSecret)?,
@@ -179,7 +153,6 @@ impl KeySlot {
                 .map_err(|_| bad("unwrapped key is not 32 bytes"))?,
         ))
     }
-}
 
 fn slot_ad(kind: SlotKind, id: &str) -> String {
     format!("imgstore key slot {kind:?} {id}")
@@ -195,4 +168,24 @@ pub fn open_any(slots: &[KeySlot], secret: &Secret<'_>) -> Result<MasterKey, Cry
         }
     }
     Err(CryptoError::WrongSecret)
+}
+
+/// A slot for `secret` under a given id (a changed passphrase keeps its
+/// slot's id).
+pub fn rewrap(
+    master: &MasterKey,
+    secret: &Secret<'_>,
+    kdf: KdfParams,
+    created: i64,
+    id: &str,
+) -> Result<KeySlot, CryptoError> {
+    let salt: [u8; 16] = crate::random()?;
+    let nonce: [u8; 24] = crate::random()?;
+    slot_with(master, secret, kdf, created, &salt, &nonce, id)
+}
+
+/// The contents of a new key file: 256 random bits, hex, a newline.
+pub fn new_key_file() -> Result<Vec<u8>, CryptoError> {
+    let k: [u8; 32] = crate::random()?;
+    Ok(format!("{}\n", hex(&k)).into_bytes())
 }

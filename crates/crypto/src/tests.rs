@@ -5,7 +5,7 @@
 
 use imgstore_format::Id;
 
-use crate::slots::KeySlot;
+use crate::slots::slot_with;
 use crate::*;
 
 fn master() -> MasterKey {
@@ -65,7 +65,7 @@ fn sealing_is_pinned() {
 
 #[test]
 fn key_slots_are_pinned_and_open_only_with_their_secret() {
-    let pass = KeySlot::with(
+    let pass = slot_with(
         &master(),
         &Secret::Passphrase(b"correct horse"),
         SMALL,
@@ -79,10 +79,10 @@ fn key_slots_are_pinned_and_open_only_with_their_secret() {
         pass.wrapped,
         "0404040404040404040404040404040404040404040404044bf47939788a1677d8fcf660ad05e71fc33bfe5b47a66ff05edeb516e093016e064b924daa275e539bcb116bb5ff5cd8"
     );
-    let file = KeySlot::with(
+    let file = slot_with(
         &master(),
         &Secret::KeyFile(b"key file bytes"),
-        KdfParams::DEFAULT,
+        DEFAULT_KDF,
         0,
         &[5; 16],
         &[6; 24],
