@@ -83,11 +83,21 @@ pub struct Cli {
     /// For an encrypted repository: a file holding the passphrase
     /// (IMGSTORE_PASSWORD is read when no other source is given; else a
     /// prompt on the terminal).
-    #[arg(long, global = true, env = "IMGSTORE_PASSWORD_FILE", value_name = "FILE")]
+    #[arg(
+        long,
+        global = true,
+        env = "IMGSTORE_PASSWORD_FILE",
+        value_name = "FILE"
+    )]
     pub password_file: Option<PathBuf>,
 
     /// For an encrypted repository: a shell command printing the passphrase.
-    #[arg(long, global = true, env = "IMGSTORE_PASSWORD_COMMAND", value_name = "COMMAND")]
+    #[arg(
+        long,
+        global = true,
+        env = "IMGSTORE_PASSWORD_COMMAND",
+        value_name = "COMMAND"
+    )]
     pub password_command: Option<String>,
 
     /// For a server repository: how long to keep retrying requests while the

@@ -161,7 +161,11 @@ fn init(repo: &Path, a: InitArgs) -> anyhow::Result<()> {
     let c = store.config();
     note(&format!(
         "created {}imgstore repository at {} (chunks {}/{}/{} KiB, regions {} MiB, zstd level {})",
-        if c.encryption.is_some() { "an encrypted " } else { "" },
+        if c.encryption.is_some() {
+            "an encrypted "
+        } else {
+            ""
+        },
         repo.display(),
         c.chunking.min / 1024,
         c.chunking.avg / 1024,

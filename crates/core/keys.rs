@@ -30,7 +30,8 @@ fn read_secret(what: &str, confirm: bool) -> anyhow::Result<Source> {
         return Ok(Source::KeyFile(f.clone()));
     }
     if let Some(f) = &s.password_file {
-        let mut v = std::fs::read(f).with_context(|| format!("cannot read the password file {}", f.display()))?;
+        let mut v = std::fs::read(f)
+            .with_context(|| format!("cannot read the password file {}", f.display()))?;
         while v.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
             v.pop();
         }
@@ -45,7 +46,10 @@ fn read_secret(what: &str, confirm: bool) -> anyhow::Result<Source> {
             .output()
             .context("cannot run --password-command")?;
         if !out.status.success() {
-            return Err(exit::usage(format!("--password-command failed ({})", out.status)));
+            return Err(exit::usage(format!(
+                "--password-command failed ({})",
+                out.status
+            )));
         }
         let mut v = out.stdout;
         while v.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
@@ -75,7 +79,8 @@ fn with_secret<T>(src: &Source, f: impl FnOnce(&Secret<'_>) -> T) -> anyhow::Res
     match src {
         Source::KeyFile(p) => {
             let bytes = Zeroizing::new(
-                std::fs::read(p).with_context(|| format!("cannot read the key file {}", p.display()))?,
+                std::fs::read(p)
+                    .with_context(|| format!("cannot read the key file {}", p.display()))?,
             );
             Ok(f(&Secret::KeyFile(&bytes)))
         }
@@ -95,9 +100,8 @@ pub(crate) fn codec_for(config: &RepoConfig, location: &str) -> anyhow::Result<C
 
 fn unlock(slots: &[KeySlot], location: &str) -> anyhow::Result<MasterKey> {
     let src = read_secret(location, false)?;
-    with_secret(&src, |s| open_any(slots, s))?.map_err(|e| {
-        exit::usage(format!("{location}: {e}: nothing was read or changed"))
-    })
+    with_secret(&src, |s| open_any(slots, s))?
+        .map_err(|e| exit::usage(format!("{location}: {e}: nothing was read or changed")))
 }
 
 fn now() -> i64 {
@@ -123,7 +127,8 @@ fn save_config(repo: &Path, config: &RepoConfig) -> anyhow::Result<()> {
     use std::io::Write;
     let path = config_path(repo);
     let tmp = path.with_extension("json.tmp");
-    let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    let mut f =
+        std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
     f.write_all(&config.to_json())?;
     f.sync_all()?;
     std::fs::rename(&tmp, &path).with_context(|| format!("cannot replace {}", path.display()))?;
@@ -143,7 +148,9 @@ pub fn key(repo: &Path, a: KeyArgs) -> anyhow::Result<()> {
     let mut config = RepoConfig::from_json(&bytes)?;
     let location = repo.display().to_string();
     let Some(enc) = config.encryption.clone() else {
-        return Err(exit::usage(format!("{location} is not encrypted: it has no keys")));
+        return Err(exit::usage(format!(
+            "{location} is not encrypted: it has no keys"
+        )));
     };
     match a.action {
         KeyAction::List => {
@@ -173,7 +180,9 @@ pub fn key(repo: &Path, a: KeyArgs) -> anyhow::Result<()> {
                         .create_new(true)
                         .mode(0o600)
                         .open(&path)
-                        .with_context(|| format!("cannot create {} (it must not exist)", path.display()))?;
+                        .with_context(|| {
+                            format!("cannot create {} (it must not exist)", path.display())
+                        })?;
                     f.write_all(&secret)?;
                     f.sync_all()?;
                     KeySlot::new(&master, &Secret::KeyFile(&secret), DEFAULT_KDF, now())?
@@ -197,10 +206,14 @@ pub fn key(repo: &Path, a: KeyArgs) -> anyhow::Result<()> {
             let before = enc.slots.len();
             enc.slots.retain(|s| s.id != id);
             if enc.slots.len() == before {
-                return Err(exit::usage(format!("no key slot {id} (`imgstore key list`)")));
+                return Err(exit::usage(format!(
+                    "no key slot {id} (`imgstore key list`)"
+                )));
             }
             if enc.slots.is_empty() {
-                return Err(exit::usage("that is the last key slot: add another first, or the data is lost"));
+                return Err(exit::usage(
+                    "that is the last key slot: add another first, or the data is lost",
+                ));
             }
             config.encryption = Some(enc);
             save_config(repo, &config)?;
@@ -210,7 +223,9 @@ pub fn key(repo: &Path, a: KeyArgs) -> anyhow::Result<()> {
             let master = unlock(&enc.slots, &location)?;
             let mut enc = enc;
             let Some(i) = enc.slots.iter().position(|s| s.id == id) else {
-                return Err(exit::usage(format!("no key slot {id} (`imgstore key list`)")));
+                return Err(exit::usage(format!(
+                    "no key slot {id} (`imgstore key list`)"
+                )));
             };
             let src = new_passphrase()?;
             // Re-wrapped under the same id (the id is bound into the slot).

@@ -4,7 +4,6 @@
 use argon2::{Algorithm, Argon2, Params, Version};
 use chacha20poly1305::aead::{Aead, Payload};
 use chacha20poly1305::{KeyInit, XChaCha20Poly1305, XNonce};
-use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use crate::{hex, unhex, CryptoError, MasterKey};
@@ -66,7 +65,12 @@ fn wrapping_key(
 
 /// Creating and opening key slots.
 pub trait SlotExt: Sized {
-    fn new(master: &MasterKey, secret: &Secret<'_>, kdf: KdfParams, created: i64) -> Result<Self, CryptoError>;
+    fn new(
+        master: &MasterKey,
+        secret: &Secret<'_>,
+        kdf: KdfParams,
+        created: i64,
+    ) -> Result<Self, CryptoError>;
     fn open(&self, secret: &Secret<'_>) -> Result<MasterKey, CryptoError>;
 }
 
@@ -91,68 +95,68 @@ impl SlotExt for KeySlot {
 }
 
 pub(crate) fn slot_with(
-        master: &MasterKey,
-        secret: &Secret<'_>,
-        kdf: KdfParams,
-        created: i64,
-        salt: &[u8; 16],
-        nonce: &[u8; 24],
-        id: &str,
-    ) -> Result<KeySlot, CryptoError> {
-        let (kind, kdf) = match secret {
-            Secret::Passphrase(_) => (SlotKind::Passphrase, Some(kdf)),
-            Secret::KeyFile(_) => (SlotKind::KeyFile, None),
-        };
-        let key = wrapping_key(kind, kdf, salt, secret)?;
-        let ct = XChaCha20Poly1305::new(&(*key).into())
-            .encrypt(
-                XNonce::from_slice(nonce),
-                Payload {
-                    msg: &master.0,
-                    aad: slot_ad(kind, id).as_bytes(),
-                },
-            )
-            .expect("encrypts");
-        let mut wrapped = nonce.to_vec();
-        wrapped.extend_from_slice(&ct);
-        Ok(KeySlot {
-            id: id.to_string(),
-            kind,
-            kdf,
-            salt: hex(salt),
-            wrapped: hex(&wrapped),
-            created,
-        })
-    }
+    master: &MasterKey,
+    secret: &Secret<'_>,
+    kdf: KdfParams,
+    created: i64,
+    salt: &[u8; 16],
+    nonce: &[u8; 24],
+    id: &str,
+) -> Result<KeySlot, CryptoError> {
+    let (kind, kdf) = match secret {
+        Secret::Passphrase(_) => (SlotKind::Passphrase, Some(kdf)),
+        Secret::KeyFile(_) => (SlotKind::KeyFile, None),
+    };
+    let key = wrapping_key(kind, kdf, salt, secret)?;
+    let ct = XChaCha20Poly1305::new(&(*key).into())
+        .encrypt(
+            XNonce::from_slice(nonce),
+            Payload {
+                msg: &master.0,
+                aad: slot_ad(kind, id).as_bytes(),
+            },
+        )
+        .expect("encrypts");
+    let mut wrapped = nonce.to_vec();
+    wrapped.extend_from_slice(&ct);
+    Ok(KeySlot {
+        id: id.to_string(),
+        kind,
+        kdf,
+        salt: hex(salt),
+        wrapped: hex(&wrapped),
+        created,
+    })
+}
 
 fn open_slot(slot: &KeySlot, secret: &Secret<'_>) -> Result<MasterKey, CryptoError> {
-        let bad = |why: &str| CryptoError::Malformed {
-            what: "key slot",
-            why: why.into(),
-        };
-        let salt = unhex(&slot.salt).ok_or_else(|| bad("salt is not hex"))?;
-        let wrapped = unhex(&slot.wrapped).ok_or_else(|| bad("wrapped key is not hex"))?;
-        if wrapped.len() != 24 + 32 + 16 {
-            return Err(bad("wrapped key has the wrong length"));
-        }
-        let key = wrapping_key(slot.kind, slot.kdf, &salt, secret)?;
-        let plain = Zeroizing::new(
-            XChaCha20Poly1305::new(&(*key).into())
-                .decrypt(
-                    XNonce::from_slice(&wrapped[..24]),
-                    Payload {
-                        msg: &wrapped[24..],
-                        aad: slot_ad(slot.kind, &slot.id).as_bytes(),
-                    },
-                )
-                .map_err(|_| CryptoError::WrongSecret)?,
-        );
-        Ok(MasterKey(
-            plain[..]
-                .try_into()
-                .map_err(|_| bad("unwrapped key is not 32 bytes"))?,
-        ))
+    let bad = |why: &str| CryptoError::Malformed {
+        what: "key slot",
+        why: why.into(),
+    };
+    let salt = unhex(&slot.salt).ok_or_else(|| bad("salt is not hex"))?;
+    let wrapped = unhex(&slot.wrapped).ok_or_else(|| bad("wrapped key is not hex"))?;
+    if wrapped.len() != 24 + 32 + 16 {
+        return Err(bad("wrapped key has the wrong length"));
     }
+    let key = wrapping_key(slot.kind, slot.kdf, &salt, secret)?;
+    let plain = Zeroizing::new(
+        XChaCha20Poly1305::new(&(*key).into())
+            .decrypt(
+                XNonce::from_slice(&wrapped[..24]),
+                Payload {
+                    msg: &wrapped[24..],
+                    aad: slot_ad(slot.kind, &slot.id).as_bytes(),
+                },
+            )
+            .map_err(|_| CryptoError::WrongSecret)?,
+    );
+    Ok(MasterKey(
+        plain[..]
+            .try_into()
+            .map_err(|_| bad("unwrapped key is not 32 bytes"))?,
+    ))
+}
 
 fn slot_ad(kind: SlotKind, id: &str) -> String {
     format!("imgstore key slot {kind:?} {id}")

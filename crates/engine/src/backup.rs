@@ -22,10 +22,10 @@ use std::sync::Mutex;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use imgstore_chunker::{Chunker, Extent, Kind, Params};
+use imgstore_format::sealed::RecordKind;
 use imgstore_format::{
     FrameCodec, Id, ObjectKind, Page, RecipeEntry, Region, Snapshot, SnapshotStats, PAGE_REGIONS,
 };
-use imgstore_format::sealed::RecordKind;
 use imgstore_repo::Repository;
 use rayon::prelude::*;
 
@@ -621,7 +621,12 @@ pub(crate) fn commit_snapshot(
     let (page_ids, stored_pages): (Vec<Id>, Vec<Vec<u8>>) = pages
         .iter()
         .map(|p| {
-            let regions: Vec<Id> = p.regions.iter().copied().filter(|r| *r != Id::ZERO).collect();
+            let regions: Vec<Id> = p
+                .regions
+                .iter()
+                .copied()
+                .filter(|r| *r != Id::ZERO)
+                .collect();
             codec.store_record(RecordKind::Page, p.encode(), &regions)
         })
         .unzip();

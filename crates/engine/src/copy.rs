@@ -50,9 +50,10 @@ pub fn copy_snapshot(
     if !same_keys(src.codec(), dst.codec()) {
         return Err(EngineError::Invalid {
             what: "copy",
-            why: "the two repositories do not share a key (or one is encrypted and the other not): \
+            why:
+                "the two repositories do not share a key (or one is encrypted and the other not): \
                   their chunk ids differ, so snapshots cannot be copied between them"
-                .into(),
+                    .into(),
         });
     }
     let reader = SnapshotReader::open(src, id, snapshot)?;
@@ -170,7 +171,9 @@ pub fn copy_snapshot(
 fn same_keys(a: &Codec, b: &Codec) -> bool {
     match (a, b) {
         (Codec::Plain, Codec::Plain) => true,
-        (Codec::Sealed(x), Codec::Sealed(y)) => x.chunk_id(b"imgstore key check") == y.chunk_id(b"imgstore key check"),
+        (Codec::Sealed(x), Codec::Sealed(y)) => {
+            x.chunk_id(b"imgstore key check") == y.chunk_id(b"imgstore key check")
+        }
         _ => false,
     }
 }

@@ -246,7 +246,7 @@ mod tests {
             RepoConfig::from_json(j).unwrap_err(),
             FormatError::Newer {
                 found: 99,
-                supported: FORMAT_VERSION
+                supported: ENCRYPTED_FORMAT_VERSION
             }
         );
         assert!(matches!(

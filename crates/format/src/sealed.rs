@@ -87,7 +87,11 @@ pub fn record_children(kind: RecordKind, bytes: &[u8]) -> Result<Vec<Id>, Format
     if is_sealed_record(bytes) {
         let (_, n) = sealed_header(kind, bytes)?;
         return Ok((0..n)
-            .map(|i| Id(bytes[6 + i * 32..6 + (i + 1) * 32].try_into().expect("32 bytes")))
+            .map(|i| {
+                Id(bytes[6 + i * 32..6 + (i + 1) * 32]
+                    .try_into()
+                    .expect("32 bytes"))
+            })
             .collect());
     }
     Ok(match kind {
@@ -114,18 +118,39 @@ mod tests {
         let a = Id([1; 32]);
         let region = Region {
             entries: vec![
-                crate::RecipeEntry { len: 5, chunk: Some(a) },
-                crate::RecipeEntry { len: 5, chunk: None },
-                crate::RecipeEntry { len: 5, chunk: Some(a) },
+                crate::RecipeEntry {
+                    len: 5,
+                    chunk: Some(a),
+                },
+                crate::RecipeEntry {
+                    len: 5,
+                    chunk: None,
+                },
+                crate::RecipeEntry {
+                    len: 5,
+                    chunk: Some(a),
+                },
             ],
         };
-        assert_eq!(record_children(RecordKind::Region, &region.encode()).unwrap(), vec![a, a]);
+        assert_eq!(
+            record_children(RecordKind::Region, &region.encode()).unwrap(),
+            vec![a, a]
+        );
         let mut sealed = vec![SEALED_RECORD_MAGIC, b'P', 1, 0, 0, 0];
         sealed.extend_from_slice(&[7; 32]);
         sealed.extend_from_slice(&[0; SEAL_NONCE + SEAL_TAG]);
-        assert_eq!(record_children(RecordKind::Page, &sealed).unwrap(), vec![Id([7; 32])]);
-        assert!(record_children(RecordKind::Region, &sealed).is_err(), "kind checked");
+        assert_eq!(
+            record_children(RecordKind::Page, &sealed).unwrap(),
+            vec![Id([7; 32])]
+        );
+        assert!(
+            record_children(RecordKind::Region, &sealed).is_err(),
+            "kind checked"
+        );
         sealed[2] = 200;
-        assert!(record_children(RecordKind::Page, &sealed).is_err(), "count bounded");
+        assert!(
+            record_children(RecordKind::Page, &sealed).is_err(),
+            "count bounded"
+        );
     }
 }

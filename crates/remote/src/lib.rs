@@ -28,8 +28,8 @@ use imgstore_format::{Id, ObjectKind, RefCount, RepoConfig, Snapshot};
 use imgstore_protocol as proto;
 use imgstore_protocol::{limits, ErrorBody};
 use imgstore_repo::{
-    ChunkRead, DamageMark, ForgetOutcome, Frames, GcOutcome, PutOutcome, RepoError,
-    Repository, Result, Totals,
+    ChunkRead, DamageMark, ForgetOutcome, Frames, GcOutcome, PutOutcome, RepoError, Repository,
+    Result, Totals,
 };
 
 pub use proto::Role;

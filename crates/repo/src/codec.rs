@@ -81,15 +81,27 @@ impl Codec {
 
     /// The frame of chunk `id` from its stored form; a sealed one that
     /// fails authentication is an error naming why.
-    pub fn open_chunk<'a>(&self, id: &Id, stored: &'a [u8]) -> std::result::Result<Cow<'a, [u8]>, String> {
+    pub fn open_chunk<'a>(
+        &self,
+        id: &Id,
+        stored: &'a [u8],
+    ) -> std::result::Result<Cow<'a, [u8]>, String> {
         match self {
             Codec::Plain => Ok(Cow::Borrowed(stored)),
-            Codec::Sealed(k) => k.open_chunk(id, stored).map(Cow::Owned).map_err(|e| e.to_string()),
+            Codec::Sealed(k) => k
+                .open_chunk(id, stored)
+                .map(Cow::Owned)
+                .map_err(|e| e.to_string()),
         }
     }
 
     /// The stored form and id of a record encoding naming `children`.
-    pub fn store_record(&self, kind: RecordKind, encoding: Vec<u8>, children: &[Id]) -> (Id, Vec<u8>) {
+    pub fn store_record(
+        &self,
+        kind: RecordKind,
+        encoding: Vec<u8>,
+        children: &[Id],
+    ) -> (Id, Vec<u8>) {
         let stored = match self {
             Codec::Plain => encoding,
             Codec::Sealed(k) => k.seal_record(kind, &encoding, children),
@@ -99,9 +111,18 @@ impl Codec {
 
     /// The encoding of a stored record, checked against its id (and
     /// authenticated when sealed).
-    pub fn open_record<'a>(&self, kind: RecordKind, id: &Id, stored: &'a [u8]) -> Result<Cow<'a, [u8]>> {
+    pub fn open_record<'a>(
+        &self,
+        kind: RecordKind,
+        id: &Id,
+        stored: &'a [u8],
+    ) -> Result<Cow<'a, [u8]>> {
         if Id::hash(stored) != *id {
-            return Err(corrupt(kind, id, "its content does not hash to its id".into()));
+            return Err(corrupt(
+                kind,
+                id,
+                "its content does not hash to its id".into(),
+            ));
         }
         match (self, imgstore_format::sealed::is_sealed_record(stored)) {
             (Codec::Plain, false) => Ok(Cow::Borrowed(stored)),

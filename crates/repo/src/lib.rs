@@ -235,8 +235,7 @@ pub trait Repository: Send + Sync {
     /// when given, the id of its parent (recorded for display; it holds no
     /// reference), atomically and durably. Returns the snapshot id and the
     /// bytes new pages added.
-    fn commit(&self, snapshot: &[u8], pages: &[Vec<u8>], parent: Option<&Id>)
-        -> Result<(Id, u64)>;
+    fn commit(&self, snapshot: &[u8], pages: &[Vec<u8>], parent: Option<&Id>) -> Result<(Id, u64)>;
 
     /// Cached chaining values of all-zero regions of `region_size` with
     /// indices `0..count` (None where not cached). They depend only on the

@@ -114,6 +114,13 @@ impl MemRepo {
         v
     }
 
+    /// [`MemRepo::reopen`] with another codec (another key, or none).
+    pub fn reopen_with_codec(&self, codec: Codec) -> MemRepo {
+        let mut r = self.reopen();
+        r.codec = codec;
+        r
+    }
+
     /// A copy of this repository as a new writer would open it: damage
     /// marks pending again.
     pub fn reopen(&self) -> MemRepo {
@@ -308,13 +315,12 @@ impl Repository for MemRepo {
             return Ok(PutOutcome::default());
         }
         let mut counts: HashMap<Key, u64> = HashMap::new();
-        let chunks = record_children(RecordKind::Region, encoded).map_err(|source| {
-            RepoError::Corrupt {
+        let chunks =
+            record_children(RecordKind::Region, encoded).map_err(|source| RepoError::Corrupt {
                 kind: ObjectKind::Region,
                 id: *id,
                 source,
-            }
-        })?;
+            })?;
         for c in chunks {
             *counts.entry(ObjectKind::Chunk.key(&c)).or_default() += 1;
         }
@@ -372,12 +378,7 @@ impl Repository for MemRepo {
         Ok(out)
     }
 
-    fn commit(
-        &self,
-        snapshot: &[u8],
-        pages: &[Vec<u8>],
-        parent: Option<&Id>,
-    ) -> Result<(Id, u64)> {
+    fn commit(&self, snapshot: &[u8], pages: &[Vec<u8>], parent: Option<&Id>) -> Result<(Id, u64)> {
         let id = Id::hash(snapshot);
         let named = record_children(RecordKind::Snapshot, snapshot)
             .map_err(|source| RepoError::CorruptSnapshot { id, source })?;
@@ -407,13 +408,12 @@ impl Repository for MemRepo {
                 kind: ObjectKind::Page,
                 id: pid,
             })?;
-            let regions = record_children(RecordKind::Page, bytes).map_err(|source| {
-                RepoError::Corrupt {
+            let regions =
+                record_children(RecordKind::Page, bytes).map_err(|source| RepoError::Corrupt {
                     kind: ObjectKind::Page,
                     id: pid,
                     source,
-                }
-            })?;
+                })?;
             for r in regions {
                 *region_counts.entry(ObjectKind::Region.key(&r)).or_default() += 1;
             }

@@ -310,23 +310,7 @@ async fn hello(State(app): State<Shared>, headers: HeaderMap) -> ApiResult {
 
 async fn snapshots(State(app): State<Shared>, headers: HeaderMap) -> ApiResult {
     let c = caller(&app, &headers)?;
-    blocking(move || {
-        let mut out = Vec::new();
-        for (k, v) in app.store.snapshot_records()? {
-            let Some(id) = Id::from_slice(&k) else {
-                continue;
-            };
-            let shown = match Snapshot::decode(&v) {
-                Ok(s) => c.sees(&app.config, &s.name),
-                Err(_) => c.is_admin(),
-            };
-            if shown {
-                out.push((id, v));
-            }
-        }
-        Ok(binary(proto::encode_snapshots(&out)))
-    })
-    .await
+    blocking(move || Ok(binary(proto::encode_snapshots(&seen(&app, &c)?)))).await
 }
 
 async fn records(app: Shared, headers: HeaderMap, body: Bytes, kind: ObjectKind) -> ApiResult {
@@ -462,7 +446,9 @@ async fn put_region(
     blocking(move || {
         let (recipe, frames) = proto::decode_put_region(&body)?;
         if Id::hash(recipe) != id {
-            return Err(ApiError::bad(format!("region {id}: the recipe does not hash to its id")));
+            return Err(ApiError::bad(format!(
+                "region {id}: the recipe does not hash to its id"
+            )));
         }
         let named: HashSet<Id> = record_children(RecordKind::Region, recipe)
             .map_err(|e| ApiError::bad(format!("region {id}: {e}")))?
@@ -505,9 +491,7 @@ async fn put_region(
         };
         let sent_bytes: u64 = map.values().map(|(f, _)| f.len() as u64).sum();
         let sent = map.len() as u64;
-        let stored = app
-            .store
-            .put_region_in(Some(&scope), &id, recipe, &map)?;
+        let stored = app.store.put_region_in(Some(&scope), &id, recipe, &map)?;
         let out = match private {
             Some(region_new) => imgstore_repo::PutOutcome {
                 region_new,
@@ -558,11 +542,7 @@ async fn commit(State(app): State<Shared>, headers: HeaderMap, body: Bytes) -> A
         if let Some(p) = &parent {
             // The parent is display-only, but must be a snapshot this
             // caller sees (no linking into another namespace's history).
-            let visible_parent = app
-                .store
-                .snapshots()?
-                .iter()
-                .any(|(id, s)| id == p && c.sees(&app.config, &s.name));
+            let visible_parent = seen_ids(&app, &c)?.contains(p);
             if !visible_parent {
                 return Err(ApiError::bad(format!(
                     "parent {p} is not a snapshot you can see"
@@ -634,13 +614,35 @@ async fn put_zero_cvs(State(app): State<Shared>, headers: HeaderMap, body: Bytes
 
 /// Ids of the snapshots this caller sees.
 fn seen_ids(app: &App, c: &Caller) -> ApiResult<HashSet<Id>> {
-    Ok(app
-        .store
-        .snapshots()?
-        .into_iter()
-        .filter(|(_, s)| c.sees(&app.config, &s.name))
-        .map(|(id, _)| id)
-        .collect())
+    Ok(seen(app, c)?.into_iter().map(|(id, _)| id).collect())
+}
+
+/// The snapshot records this caller may see: plain ones by their image
+/// name, sealed ones (whose names the server cannot read) by the namespace
+/// their session committed them under.
+fn seen(app: &App, c: &Caller) -> ApiResult<Vec<(Id, Vec<u8>)>> {
+    let mut out = Vec::new();
+    for (k, v) in app.store.snapshot_records()? {
+        let Some(id) = Id::from_slice(&k) else {
+            continue;
+        };
+        let shown = if c.is_admin() {
+            true
+        } else if is_sealed_record(&v) {
+            let key = imgstore_store::snapshot_ns_key(&id);
+            let mut any = false;
+            for ns in &c.namespaces {
+                any |= app.store.ns_marked(ns, &[key])?[0];
+            }
+            any
+        } else {
+            Snapshot::decode(&v).is_ok_and(|s| c.sees(&app.config, &s.name))
+        };
+        if shown {
+            out.push((id, v));
+        }
+    }
+    Ok(out)
 }
 
 async fn parents(State(app): State<Shared>, headers: HeaderMap) -> ApiResult {

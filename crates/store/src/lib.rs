@@ -67,7 +67,7 @@ pub use error::StoreError;
 pub use gc::{BlobSpace, SweepOutcome, BLOB_GC_RATIO};
 pub use imgstore_repo::{DamageMark, ForgetOutcome, PutOutcome, Tally, Totals};
 pub use lock::Lock;
-pub use sessions::Scope;
+pub use sessions::{snapshot_ns_key, Scope};
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
 
@@ -597,13 +597,12 @@ impl Store {
                 "region id does not match its content".into(),
             ));
         }
-        let chunks = record_children(RecordKind::Region, encoded).map_err(|source| {
-            StoreError::Corrupt {
+        let chunks =
+            record_children(RecordKind::Region, encoded).map_err(|source| StoreError::Corrupt {
                 kind: ObjectKind::Region,
                 id: *id,
                 source,
-            }
-        })?;
+            })?;
         let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let rkey = ObjectKind::Region.key(id);
         let mut counts: HashMap<[u8; 33], u64> = HashMap::new();
@@ -829,6 +828,7 @@ impl Store {
         }
         if let Some(ns) = scope.and_then(|s| s.namespace.as_deref()) {
             let mut keys: Vec<[u8; 33]> = page_counts.keys().copied().collect();
+            keys.push(sessions::snapshot_ns_key(&id));
             for page in by_key.values() {
                 if let Ok(regions) = record_children(RecordKind::Page, page) {
                     keys.extend(regions.iter().map(|r| ObjectKind::Region.key(r)));

@@ -42,6 +42,15 @@ pub struct Scope {
     pub global: bool,
 }
 
+/// The namespace-mark key of snapshot `id` (kind byte `S`): how a server
+/// lists a sealed snapshot, whose name it cannot read, to its namespace.
+pub fn snapshot_ns_key(id: &Id) -> [u8; 33] {
+    let mut k = [0u8; 33];
+    k[0] = b'S';
+    k[1..].copy_from_slice(id.as_bytes());
+    k
+}
+
 /// Pinned object keys per session.
 #[derive(Default)]
 pub(crate) struct Pins {
