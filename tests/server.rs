@@ -1075,7 +1075,7 @@ fn an_encrypted_repository_through_the_server_holds_no_plaintext() {
         }
         env.ok(&args);
     }
-    let s = Served::start(&env, "127.0.0.1:0");
+    let mut s = Served::start(&env, "127.0.0.1:0");
     let web = Client::new(&env, &s, "web-backup");
     let img = env.path("web-secret.img");
     let marker = b"SERVER-MUST-NOT-SEE-THIS-9d2e";

@@ -699,12 +699,14 @@ impl Repository for RemoteRepo {
         0
     }
 
+    // The records this token may see (all of them for an admin, damaged
+    // ones included): what `check` and `copy` read.
     fn snapshot_records(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        let mut out = Vec::new();
-        self.scan(proto::ScanWhat::Snapshots, &mut |k, v| {
-            out.push((k.to_vec(), v.to_vec()))
-        })?;
-        Ok(out)
+        Ok(self
+            .snapshot_list()?
+            .into_iter()
+            .map(|(id, rec)| (id.as_bytes().to_vec(), rec))
+            .collect())
     }
 
     fn scan_recipes(&self, f: &mut dyn FnMut(&[u8], &[u8])) -> Result<()> {

@@ -56,7 +56,7 @@ use std::sync::Mutex;
 use imgstore_format::sealed::{record_children, RecordKind};
 use imgstore_format::{
     cf, FormatError, Id, ObjectKind, Page, RefCount, Region, RepoConfig, Snapshot, CONFIG_FILE,
-    DB_DIR, FORMAT_VERSION, META_FORMAT_KEY,
+    DB_DIR, META_FORMAT_KEY,
 };
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBCompressionType, FlushOptions, Options,
@@ -238,7 +238,9 @@ impl Store {
             let mut wo = WriteOptions::default();
             wo.set_sync(true);
             let mut b = WriteBatch::default();
-            b.put_cf(&meta, META_FORMAT_KEY, FORMAT_VERSION.to_le_bytes());
+            // The config's version: 2 for a plain repository, 3 for an
+            // encrypted one (the config says which).
+            b.put_cf(&meta, META_FORMAT_KEY, config.version.to_le_bytes());
             db.write_opt(b, &wo)
                 .map_err(|e| crate::error::db(&db_path, "write", e))?;
         }

@@ -91,13 +91,13 @@ fn first_half(repo: &dyn Repository) -> Vec<String> {
     let f = Fixture::new();
     let mut seen = Vec::new();
     let (r1, reg1, enc1) = f.region(&[0, 1]);
-    let (r2, reg2, enc2) = f.region(&[1, 2]);
+    let (r2, _reg2, enc2) = f.region(&[1, 2]);
     assert_eq!(repo.chunks_known(&f.ids).unwrap(), vec![false; 4]);
     let o1 = repo.put_region(&r1, &enc1, &f.frames(&[0, 1])).unwrap();
     let o2 = repo.put_region(&r2, &enc2, &f.frames(&[2])).unwrap();
     seen.push(format!("put {o1:?} {o2:?}"));
     // A chunk neither known nor supplied is refused, storing nothing.
-    let (r3, reg3, enc3) = f.region(&[3]);
+    let (r3, _reg3, enc3) = f.region(&[3]);
     let err = repo.put_region(&r3, &enc3, &HashMap::new()).unwrap_err();
     assert!(
         matches!(
@@ -204,7 +204,7 @@ fn first_half(repo: &dyn Repository) -> Vec<String> {
 fn second_half(w: &dyn Repository) -> Vec<String> {
     let f = Fixture::new();
     let mut seen = Vec::new();
-    let (r2, reg2, enc2) = f.region(&[1, 2]);
+    let (r2, _reg2, enc2) = f.region(&[1, 2]);
     assert_eq!(w.damage_pending(), 1);
     assert_eq!(w.chunks_known(&[f.ids[2]]).unwrap(), vec![false]);
     w.put_region(&r2, &enc2, &f.frames(&[2])).unwrap();

@@ -89,7 +89,7 @@ fn scope(session: u64, ns: Option<&str>, global: bool) -> Scope {
 /// A snapshot of chunks 0 and 1, forgotten: its objects are garbage once
 /// gc reaches them. Returns the chunk ids.
 fn forgotten_snapshot(s: &Store) -> Vec<Id> {
-    let (r, reg, enc) = region(&[0, 1]);
+    let (r, _reg, enc) = region(&[0, 1]);
     s.put_region(&r, &enc, &frames(&[0, 1])).unwrap();
     let (sn, pages) = snap(&[r], 1);
     let (id, _) = commit_plain(s, &sn, &pages, None).unwrap();
@@ -111,7 +111,7 @@ fn gc_leaves_what_a_live_session_was_told_is_stored() {
         (1, 1, 0)
     );
     // The session now names them without sending them: accepted.
-    let (r2, reg2, enc2) = region(&[1, 0]);
+    let (r2, _reg2, enc2) = region(&[1, 0]);
     s.put_region_in(Some(&sc), &r2, &enc2, &HashMap::new())
         .unwrap();
     // Its region is pinned until the commit, its chunks held by the region.
@@ -139,7 +139,7 @@ fn without_a_pin_the_same_race_fails_cleanly() {
     // Asked outside a session: nothing pinned.
     assert_eq!(s.chunks_known(&ids).unwrap(), vec![true, true]);
     Repository::gc(&s, false).unwrap();
-    let (r2, reg2, enc2) = region(&[1, 0]);
+    let (r2, _reg2, enc2) = region(&[1, 0]);
     let err = s
         .put_region_in(Some(&scope(8, None, true)), &r2, &enc2, &HashMap::new())
         .unwrap_err();
@@ -161,7 +161,7 @@ fn a_session_region_survives_gc_until_the_session_ends() {
     let dir = tempfile::tempdir().unwrap();
     let s = store(dir.path());
     let sc = scope(9, None, true);
-    let (r, reg, enc) = region(&[3]);
+    let (r, _reg, enc) = region(&[3]);
     s.put_region_in(Some(&sc), &r, &enc, &frames(&[3])).unwrap();
     let out = Repository::gc(&s, false).unwrap();
     assert_eq!(out.removed.regions, 0, "pinned region deleted");
@@ -175,7 +175,7 @@ fn namespaces_see_only_their_own_chunks() {
     let dir = tempfile::tempdir().unwrap();
     let s = store(dir.path());
     let a = scope(1, Some("a"), false);
-    let (r, reg, enc) = region(&[4, 5]);
+    let (r, _reg, enc) = region(&[4, 5]);
     s.put_region_in(Some(&a), &r, &enc, &frames(&[4, 5]))
         .unwrap();
     let (sn, pages) = snap(&[r], 3);
@@ -215,7 +215,7 @@ fn namespaces_see_only_their_own_chunks() {
 fn a_repeated_commit_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let s = store(dir.path());
-    let (r, reg, enc) = region(&[6]);
+    let (r, _reg, enc) = region(&[6]);
     s.put_region(&r, &enc, &frames(&[6])).unwrap();
     let (sn, pages) = snap(&[r], 4);
     let (id1, _) = commit_plain(&s, &sn, &pages, None).unwrap();
