@@ -127,7 +127,7 @@ fn store_ops(c: &mut Criterion) {
                 let enc = region.encode();
                 (Id::hash(&enc), region, enc, frames)
             },
-            |(id, region, enc, frames)| s.put_region(&id, &region, &enc, &frames).unwrap(),
+            |(id, _region, enc, frames)| s.put_region(&id, &enc, &frames).unwrap(),
             BatchSize::LargeInput,
         )
     });
@@ -153,8 +153,7 @@ fn store_ops(c: &mut Criterion) {
         }
         let region = Region { entries };
         let enc = region.encode();
-        s.put_region(&Id::hash(&enc), &region, &enc, &frames)
-            .unwrap();
+        s.put_region(&Id::hash(&enc), &enc, &frames).unwrap();
         region.entries.iter().filter_map(|e| e.chunk).collect()
     };
     g.bench_function("get_chunk_frames", |b| {

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on a generated disk image: builds imgstore, makes a 1 GiB ext4
-# image, backs up two generations of it, lists the snapshots, restores both
+# image, backs up two generations of it into an encrypted repository, lists the snapshots, restores both
 # and checks them byte for byte and as sparse files; then diffs them, makes a
 # changed-block backup, delta-restores, and checks the repository. No root
 # needed.
@@ -13,6 +13,10 @@ BIN="${CARGO_TARGET_DIR:-target}/release/imgstore"
 WORK=${1:-$(mktemp -d /var/tmp/imgstore-demo.XXXXXX)}
 mkdir -p "$WORK"; rm -rf "$WORK/repo" "$WORK"/*.img "$WORK/tree"
 export IMGSTORE_REPO="$WORK/repo"
+# An encrypted repository: the passphrase from a file (mode 0600), as a
+# nightly job would keep it.
+printf 'demo passphrase, keep it safe\n' > "$WORK/passphrase"; chmod 600 "$WORK/passphrase"
+export IMGSTORE_PASSWORD_FILE="$WORK/passphrase"
 
 echo "== making a 1 GiB ext4 image from /usr/share in $WORK"
 mkdir -p "$WORK/tree"
@@ -21,7 +25,8 @@ cp -a /usr/lib/x86_64-linux-gnu "$WORK/tree/lib" 2>/dev/null || true
 mkfs.ext4 -q -F -E root_owner=0:0 -d "$WORK/tree" "$WORK/disk.img" 1G
 cp --sparse=always "$WORK/disk.img" "$WORK/gen0.img"
 
-"$BIN" init
+"$BIN" init --encryption
+"$BIN" key list
 "$BIN" backup "$WORK/disk.img" --name disk --tag gen0
 
 echo "== changing the image in place (debugfs writes a file, removes another)"

@@ -1039,3 +1039,94 @@ fn copy_replicates_snapshots_between_a_local_repository_and_the_server() {
     assert!(web.snapshots().iter().all(|v| v["id"] != gid.as_str()));
     s.assert_no_panic();
 }
+
+/// An encrypted repository served: the client seals, the server stores
+/// and counts what it cannot read, and a namespace still sees only its
+/// own (sealed) snapshots.
+#[test]
+fn an_encrypted_repository_through_the_server_holds_no_plaintext() {
+    let env = Env::new();
+    let o = env
+        .command()
+        .args(["init", "--encryption"])
+        .env("IMGSTORE_PASSWORD", "server-side secret")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    fs::create_dir_all(env.repo().join("server")).unwrap();
+    fs::write(env.repo().join("server/config.toml"), CONFIG).unwrap();
+    for (name, role, ns) in [
+        ("admin", "admin", None),
+        ("web-backup", "backup", Some("web")),
+        ("db-backup", "backup", Some("db")),
+    ] {
+        let out = env.path(&format!("{name}.token"));
+        let mut args = vec![
+            "token",
+            "add",
+            name,
+            "--role",
+            role,
+            "--output",
+            out.to_str().unwrap(),
+        ];
+        if let Some(ns) = ns {
+            args.extend(["--namespace", ns]);
+        }
+        env.ok(&args);
+    }
+    let mut s = Served::start(&env, "127.0.0.1:0");
+    let web = Client::new(&env, &s, "web-backup");
+    let img = env.path("web-secret.img");
+    let marker = b"SERVER-MUST-NOT-SEE-THIS-9d2e";
+    let data = [marker.repeat(50_000), seeded(8 << 20, 44)].concat();
+    fs::write(&img, &data).unwrap();
+    let with_pass = |c: &Client, args: &[&str]| {
+        c.command()
+            .args(args)
+            .env("IMGSTORE_PASSWORD", "server-side secret")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let o = with_pass(&web, &["backup", img.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let id = serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let out = env.path("back.img");
+    let o = with_pass(&web, &["restore", &id, out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_same(&out, &img);
+    // Without the passphrase the client cannot even list.
+    let o = web.run(&["snapshots"]);
+    assert_eq!(o.status.code(), Some(2));
+    // Another namespace does not see the sealed snapshot.
+    let db = Client::new(&env, &s, "db-backup");
+    let o = with_pass(&db, &["snapshots", "--json"]);
+    assert!(o.status.success());
+    assert_eq!(
+        serde_json::from_slice::<Vec<serde_json::Value>>(&o.stdout)
+            .unwrap()
+            .len(),
+        0
+    );
+    // Nothing the server wrote holds the marker.
+    fn scan(dir: &Path, marker: &[u8]) {
+        for e in fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                scan(&p, marker);
+            } else if let Ok(b) = fs::read(&p) {
+                assert!(
+                    !b.windows(marker.len()).any(|w| w == marker),
+                    "{} holds plaintext",
+                    p.display()
+                );
+            }
+        }
+    }
+    s.kill9();
+    scan(&env.repo(), marker);
+}

@@ -7,6 +7,7 @@ mod util;
 
 mod backup;
 mod conventions;
+mod encryption;
 mod errors;
 mod fixture;
 mod gc;

@@ -76,6 +76,30 @@ pub struct Cli {
     #[arg(long, global = true, env = "IMGSTORE_SERVER_CA", value_name = "FILE")]
     pub server_ca: Option<PathBuf>,
 
+    /// For an encrypted repository: a key file (instead of a passphrase).
+    #[arg(long, global = true, env = "IMGSTORE_KEY_FILE", value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
+
+    /// For an encrypted repository: a file holding the passphrase
+    /// (IMGSTORE_PASSWORD is read when no other source is given; else a
+    /// prompt on the terminal).
+    #[arg(
+        long,
+        global = true,
+        env = "IMGSTORE_PASSWORD_FILE",
+        value_name = "FILE"
+    )]
+    pub password_file: Option<PathBuf>,
+
+    /// For an encrypted repository: a shell command printing the passphrase.
+    #[arg(
+        long,
+        global = true,
+        env = "IMGSTORE_PASSWORD_COMMAND",
+        value_name = "COMMAND"
+    )]
+    pub password_command: Option<String>,
+
     /// For a server repository: how long to keep retrying requests while the
     /// server cannot be reached before giving up.
     #[arg(long, global = true, value_name = "DURATION", default_value = "2m")]
@@ -193,6 +217,13 @@ imgstore -r /var/restore-repo copy --from imgstores://backup.example:8420/ --fro
 --from-server-fingerprint SHA256:... --name web01-root"
     )]
     Copy(CopyArgs),
+    /// List, add, remove or change the key slots of an encrypted repository.
+    #[command(
+        after_help = "Every command below first needs an existing key (passphrase or --key-file).\n\nExamples:\n  \
+imgstore key list\n  IMGSTORE_NEW_PASSWORD=... imgstore key add\n  imgstore key add --new-key-file /root/recovery.key\n  \
+imgstore key passwd 1a2b3c4d\n  imgstore key remove 1a2b3c4d"
+    )]
+    Key(KeyArgs),
     /// Serve this repository (-r DIR) to other hosts over HTTPS.
     #[command(
         after_help = "The server is the repository's one writer: any number of hosts back up, restore, \
@@ -240,6 +271,29 @@ pub struct CopyArgs {
     /// Print one JSON object per snapshot (an array).
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct KeyArgs {
+    #[command(subcommand)]
+    pub action: KeyAction,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeyAction {
+    /// The key slots (ids, kinds, creation times; never secrets).
+    List,
+    /// A new slot: a passphrase (IMGSTORE_NEW_PASSWORD or a prompt), or a
+    /// new random key file.
+    Add {
+        /// Create this key file (mode 0600) and add a slot for it.
+        #[arg(long, value_name = "FILE")]
+        new_key_file: Option<PathBuf>,
+    },
+    /// Remove a slot (never the last).
+    Remove { id: String },
+    /// A new passphrase for a slot (IMGSTORE_NEW_PASSWORD or a prompt).
+    Passwd { id: String },
 }
 
 #[derive(Args, Debug)]
@@ -499,6 +553,10 @@ pub struct InitArgs {
     /// zstd compression level for new chunks (1..=19).
     #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
     pub compression_level: i32,
+    /// Encrypt everything stored (format 3): a random master key wrapped
+    /// by the passphrase (or --key-file) given.
+    #[arg(long)]
+    pub encryption: bool,
 }
 
 #[derive(Args, Debug)]

@@ -26,6 +26,10 @@ pub(crate) struct Settings {
     pub server_fingerprint: Option<String>,
     pub server_ca: Option<PathBuf>,
     pub retry_for: std::time::Duration,
+    /// For an encrypted repository: where the secret comes from.
+    pub key_file: Option<PathBuf>,
+    pub password_file: Option<PathBuf>,
+    pub password_command: Option<String>,
 }
 
 static SETTINGS: std::sync::OnceLock<Settings> = std::sync::OnceLock::new();
@@ -39,6 +43,9 @@ pub(crate) fn settings() -> &'static Settings {
         server_fingerprint: None,
         server_ca: None,
         retry_for: std::time::Duration::from_secs(120),
+        key_file: None,
+        password_file: None,
+        password_command: None,
     })
 }
 
@@ -73,6 +80,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         server_fingerprint: cli.server_fingerprint.clone(),
         server_ca: cli.server_ca.clone(),
         retry_for,
+        key_file: cli.key_file.clone(),
+        password_file: cli.password_file.clone(),
+        password_command: cli.password_command.clone(),
     });
     let progress = !cli.no_progress && !cli.quiet;
     match cli.command {
@@ -100,6 +110,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Verify(a) => crate::integrity::verify(&repo, a, progress),
         Command::Tag(a) => crate::maintenance::tag(&repo, a),
         Command::Copy(a) => crate::copy::copy(&repo, a, progress),
+        Command::Key(a) => crate::keys::key(&repo, a),
         Command::Server(a) => crate::server::server(&repo, a),
         Command::Token(a) => crate::server::token(&repo, a),
         Command::Completions(_) | Command::Man(_) => unreachable!("handled above"),
@@ -141,13 +152,20 @@ fn init(repo: &Path, a: InitArgs) -> anyhow::Result<()> {
     let avg = u32::try_from(avg).context("--chunk-size is too large")?;
     let p = imgstore_chunker::Params::with_avg(avg)
         .map_err(|e| anyhow::anyhow!("--chunk-size {}: {e}", a.chunk_size))?;
-    let store = Store::init(
-        repo,
-        imgstore_engine::new_repo_config(p, a.compression_level),
-    )?;
+    let mut config = imgstore_engine::new_repo_config(p, a.compression_level);
+    if a.encryption {
+        let (_, slots) = crate::keys::new_slots(&repo.display().to_string())?;
+        config = config.encrypted(slots);
+    }
+    let store = Store::init(repo, config)?;
     let c = store.config();
     note(&format!(
-        "created imgstore repository at {} (chunks {}/{}/{} KiB, regions {} MiB, zstd level {})",
+        "created {}imgstore repository at {} (chunks {}/{}/{} KiB, regions {} MiB, zstd level {})",
+        if c.encryption.is_some() {
+            "an encrypted "
+        } else {
+            ""
+        },
         repo.display(),
         c.chunking.min / 1024,
         c.chunking.avg / 1024,

@@ -25,7 +25,11 @@ pub fn copy(repo: &Path, a: CopyArgs, progress: bool) -> anyhow::Result<()> {
                 ca_file: a.from_server_ca.clone(),
             },
         )?),
-        None => Repo::Local(Store::open(&a.from, Mode::ReadOnly)?),
+        None => {
+            let s = Store::open(&a.from, Mode::ReadOnly)?;
+            let codec = crate::keys::codec_for(s.config(), &a.from.display().to_string())?;
+            Repo::Local(s.with_codec(codec))
+        }
     };
     let mut chosen = if a.snapshots.is_empty() {
         let mut all = src.snapshots()?;

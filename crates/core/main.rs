@@ -8,6 +8,7 @@ mod commands;
 mod copy;
 mod exit;
 mod integrity;
+mod keys;
 mod maintenance;
 mod mount;
 mod open;

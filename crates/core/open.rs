@@ -87,21 +87,29 @@ pub(crate) fn connect_with(url: &str, c: &Credentials) -> anyhow::Result<RemoteR
             )))
         }
     };
-    Ok(RemoteRepo::connect(RemoteOptions {
+    let repo = RemoteRepo::connect(RemoteOptions {
         url: url.to_string(),
         token,
         fingerprint: c.fingerprint.clone(),
         ca_file: c.ca_file.clone(),
         retry_for: settings().retry_for,
-    })?)
+    })?;
+    let codec = crate::keys::codec_for(repo.config(), url)?;
+    Ok(repo.with_codec(codec))
 }
 
 /// Opens for reading: a local store read-only (no lock), or the server.
 pub(crate) fn open_read(repo: &Path) -> anyhow::Result<Repo> {
     match remote_url(repo) {
         Some(url) => Ok(Repo::Remote(connect(url)?)),
-        None => Ok(Repo::Local(Store::open(repo, Mode::ReadOnly)?)),
+        None => local(Store::open(repo, Mode::ReadOnly)?, repo),
     }
+}
+
+/// A local store with its codec (unlocked when encrypted).
+fn local(store: Store, repo: &Path) -> anyhow::Result<Repo> {
+    let codec = crate::keys::codec_for(store.config(), &repo.display().to_string())?;
+    Ok(Repo::Local(store.with_codec(codec)))
 }
 
 /// Opens as the writer `operation`: a local store with its lock (waiting
@@ -109,11 +117,10 @@ pub(crate) fn open_read(repo: &Path) -> anyhow::Result<Repo> {
 pub(crate) fn open_writer(repo: &Path, operation: &'static str) -> anyhow::Result<Repo> {
     match remote_url(repo) {
         Some(url) => Ok(Repo::Remote(connect(url)?)),
-        None => Ok(Repo::Local(Store::open_waiting(
+        None => local(
+            Store::open_waiting(repo, Mode::Write { operation }, settings().wait)?,
             repo,
-            Mode::Write { operation },
-            settings().wait,
-        )?)),
+        ),
     }
 }
 
@@ -127,6 +134,8 @@ pub(crate) fn open_writer_now(
         Some(url) => connect(url).map(Repo::Remote).map_err(|e| {
             imgstore_engine::EngineError::Repo(imgstore_repo::RepoError::Invalid(e.to_string()))
         }),
-        None => Ok(Repo::Local(Store::open(repo, Mode::Write { operation })?)),
+        None => local(Store::open(repo, Mode::Write { operation })?, repo).map_err(|e| {
+            imgstore_engine::EngineError::Repo(imgstore_repo::RepoError::Invalid(e.to_string()))
+        }),
     }
 }

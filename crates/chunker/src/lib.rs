@@ -143,6 +143,7 @@ pub struct Extent {
 #[derive(Clone, Debug)]
 pub struct Chunker {
     params: Params,
+    seed: u64,
 }
 
 static ZEROS: [u8; BLOCK] = [0; BLOCK];
@@ -158,8 +159,15 @@ pub fn is_zero(buf: &[u8]) -> bool {
 impl Chunker {
     /// A chunker for validated parameters.
     pub fn new(params: Params) -> Result<Chunker, InvalidParams> {
+        Chunker::with_seed(params, 0)
+    }
+
+    /// A chunker whose gear table is mixed with `seed` (an encrypted
+    /// repository's, derived from its key, so chunk lengths do not
+    /// fingerprint known data). Seed 0 is the plain table.
+    pub fn with_seed(params: Params, seed: u64) -> Result<Chunker, InvalidParams> {
         params.validate()?;
-        Ok(Chunker { params })
+        Ok(Chunker { params, seed })
     }
 
     /// The parameters this chunker cuts with.
@@ -210,8 +218,19 @@ impl Chunker {
         }
         let p = self.params;
         let span = &region[start..end];
-        for c in fastcdc::v2020::FastCDC::new(span, p.min as usize, p.avg as usize, p.max as usize)
-        {
+        let cuts = if self.seed == 0 {
+            fastcdc::v2020::FastCDC::new(span, p.min as usize, p.avg as usize, p.max as usize)
+        } else {
+            fastcdc::v2020::FastCDC::with_level_and_seed(
+                span,
+                p.min as usize,
+                p.avg as usize,
+                p.max as usize,
+                fastcdc::v2020::Normalization::Level1,
+                self.seed,
+            )
+        };
+        for c in cuts {
             let offset = start + c.offset;
             let kind = if is_zero(&region[offset..offset + c.length]) {
                 Kind::Zero

@@ -22,6 +22,7 @@ use std::sync::Mutex;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use imgstore_chunker::{Chunker, Extent, Kind, Params};
+use imgstore_format::sealed::RecordKind;
 use imgstore_format::{
     FrameCodec, Id, ObjectKind, Page, RecipeEntry, Region, Snapshot, SnapshotStats, PAGE_REGIONS,
 };
@@ -74,12 +75,15 @@ fn now_ns() -> i64 {
 /// The chunker a repository's config prescribes.
 pub fn chunker_for(repo: &dyn Repository) -> Result<Chunker, EngineError> {
     let c = &repo.config().chunking;
-    Chunker::new(Params {
-        min: c.min,
-        avg: c.avg,
-        max: c.max,
-        zero_min: c.zero_min,
-    })
+    Chunker::with_seed(
+        Params {
+            min: c.min,
+            avg: c.avg,
+            max: c.max,
+            zero_min: c.zero_min,
+        },
+        repo.codec().chunker_seed(),
+    )
     .map_err(|e| EngineError::Invalid {
         what: "repository chunking parameters",
         why: e.to_string(),
@@ -309,7 +313,7 @@ impl<'a> Ctx<'a> {
                 }
                 Kind::Data => {
                     let bytes = &data[e.offset..e.offset + e.len];
-                    let id = Id::hash(bytes);
+                    let id = self.repo.codec().chunk_id(bytes);
                     data_ids.push(id);
                     data_slices.push(bytes);
                     entries.push(RecipeEntry {
@@ -327,17 +331,18 @@ impl<'a> Ctx<'a> {
             self.note_zero_cv(rb.index, data.len(), &hasher);
             Id::ZERO
         } else {
-            let encoded = region.encode();
-            let rid = Id::hash(&encoded);
+            let codec = self.repo.codec();
+            let (rid, stored) = codec.store_record(RecordKind::Region, region.encode(), &data_ids);
             // Only chunks the store does not have are compressed.
             let known = self.repo.chunks_known(&data_ids)?;
             let mut frames = HashMap::new();
             for ((id, bytes), known) in data_ids.iter().zip(&data_slices).zip(known) {
                 if !known && !frames.contains_key(id) {
-                    frames.insert(*id, (compress(bytes, self.level), bytes.len() as u32));
+                    let frame = codec.store_chunk(id, compress(bytes, self.level))?;
+                    frames.insert(*id, (frame, bytes.len() as u32));
                 }
             }
-            let out = self.repo.put_region(&rid, &region, &encoded, &frames)?;
+            let out = self.repo.put_region(&rid, &stored, &frames)?;
             self.counters.new_chunks.fetch_add(out.new_chunks, Relaxed);
             self.counters.new_bytes.fetch_add(out.new_bytes, Relaxed);
             rid
@@ -612,13 +617,25 @@ pub(crate) fn commit_snapshot(
         })
         .collect();
     drop(results);
-    let page_ids: Vec<Id> = pages.iter().map(|p| Id::hash(&p.encode())).collect();
+    let codec = repo.codec();
+    let (page_ids, stored_pages): (Vec<Id>, Vec<Vec<u8>>) = pages
+        .iter()
+        .map(|p| {
+            let regions: Vec<Id> = p
+                .regions
+                .iter()
+                .copied()
+                .filter(|r| *r != Id::ZERO)
+                .collect();
+            codec.store_record(RecordKind::Page, p.encode(), &regions)
+        })
+        .unzip();
     let mut page_bytes = 0u64;
     let mut seen = std::collections::HashSet::new();
     let known = repo.ref_counts(ObjectKind::Page, &page_ids)?;
-    for ((pid, p), known) in page_ids.iter().zip(&pages).zip(known) {
+    for ((pid, p), known) in page_ids.iter().zip(&stored_pages).zip(known) {
         if seen.insert(*pid) && known.is_none() {
-            page_bytes += p.encode().len() as u64;
+            page_bytes += p.len() as u64;
         }
     }
     stats.new_bytes += page_bytes;
@@ -635,7 +652,8 @@ pub(crate) fn commit_snapshot(
         pages: page_ids,
         stats,
     };
-    let (id, _) = repo.commit(&snapshot, &pages, meta.parent.as_ref())?;
+    let (_, record) = codec.store_record(RecordKind::Snapshot, snapshot.encode(), &snapshot.pages);
+    let (id, _) = repo.commit(&record, &stored_pages, meta.parent.as_ref())?;
     Ok((id, snapshot))
 }
 

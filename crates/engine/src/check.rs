@@ -21,6 +21,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 
+use imgstore_format::sealed::RecordKind;
 use imgstore_format::{FrameCodec, Id, ObjectKind, Page, RefCount, Region, Snapshot, PAGE_REGIONS};
 use imgstore_repo::{DamageMark, Repository};
 use rayon::prelude::*;
@@ -164,15 +165,11 @@ pub fn check(
             ));
             continue;
         };
-        let decoded = Snapshot::decode(&v)
+        let decoded = store
+            .codec()
+            .open_record(RecordKind::Snapshot, &id, &v)
             .map_err(|e| e.to_string())
-            .and_then(|s| {
-                if Id::hash(&v) == id {
-                    Ok(s)
-                } else {
-                    Err("record does not hash to its id".into())
-                }
-            });
+            .and_then(|enc| Snapshot::decode(&enc).map_err(|e| e.to_string()));
         match decoded {
             Ok(s) => {
                 for pid in &s.pages {
@@ -210,6 +207,18 @@ pub fn check(
             w.damage(kind, id, "stored bytes do not match its id".into());
             return;
         }
+        let rk = match kind {
+            ObjectKind::Region => RecordKind::Region,
+            _ => RecordKind::Page,
+        };
+        let v = match store.codec().open_record(rk, &id, v) {
+            Ok(v) => v,
+            Err(e) => {
+                w.damage(kind, id, format!("does not open ({e})"));
+                return;
+            }
+        };
+        let v = &v[..];
         match kind {
             ObjectKind::Region => match Region::decode(v) {
                 Ok(r) => {
@@ -375,6 +384,7 @@ pub fn check(
                 for ((id, len), frame) in batch.iter().zip(frames) {
                     let verdict = frame.and_then(|f| {
                         bytes.fetch_add(f.len() as u64, Relaxed);
+                        let f = store.codec().open_chunk(id, &f)?;
                         FrameCodec::with_thread(|c| c.decode(&f, &mut buf))
                             .map_err(|e| format!("does not decode ({e})"))?;
                         if buf.len() != *len as usize {
@@ -383,7 +393,7 @@ pub fn check(
                                 buf.len()
                             ));
                         }
-                        if Id::hash(&buf) != *id {
+                        if store.codec().chunk_id(&buf) != *id {
                             return Err("content does not match its id".into());
                         }
                         Ok(())

@@ -14,8 +14,9 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use imgstore_format::{Id, ObjectKind, Snapshot};
-use imgstore_repo::{Frames, Repository};
+use imgstore_format::sealed::RecordKind;
+use imgstore_format::{Id, ObjectKind, Region, Snapshot};
+use imgstore_repo::{Codec, Frames, Repository};
 use rayon::prelude::*;
 
 use crate::{EngineError, Progress, SnapshotReader};
@@ -46,6 +47,15 @@ pub fn copy_snapshot(
     parent: Option<&Id>,
     progress: &dyn Progress,
 ) -> Result<CopyReport, EngineError> {
+    if !same_keys(src.codec(), dst.codec()) {
+        return Err(EngineError::Invalid {
+            what: "copy",
+            why:
+                "the two repositories do not share a key (or one is encrypted and the other not): \
+                  their chunk ids differ, so snapshots cannot be copied between them"
+                    .into(),
+        });
+    }
     let reader = SnapshotReader::open(src, id, snapshot)?;
     progress.start(Some(snapshot.size));
     // First image index of each distinct stored region (for offsets in
@@ -75,24 +85,29 @@ pub fn copy_snapshot(
         .par_iter()
         .try_for_each(|(rid, index)| -> Result<(), EngineError> {
             let base = *index as u64 * reader.region_size();
-            let region = reader
-                .repo()
-                .regions(&[*rid])
-                .map_err(|e| EngineError::RecipeDamaged {
-                    snapshot: reader.label().to_string(),
-                    offset: base,
-                    source: Box::new(e),
-                })?
+            let recipe_err = |e: imgstore_repo::RepoError| EngineError::RecipeDamaged {
+                snapshot: reader.label().to_string(),
+                offset: base,
+                source: Box::new(e),
+            };
+            // The stored bytes travel as they are (sealed ones too); they
+            // are opened here only to be checked and to list the chunks.
+            let stored = src
+                .raw_records(ObjectKind::Region, &[*rid])
+                .map_err(recipe_err)?
                 .pop()
                 .expect("one recipe");
-            let encoded = region.encode();
-            if Id::hash(&encoded) != *rid {
-                return Err(EngineError::RecipeDamaged {
-                    snapshot: reader.label().to_string(),
-                    offset: base,
-                    source: "the recipe does not re-encode to its id".into(),
-                });
-            }
+            let region = src
+                .codec()
+                .open_record(RecordKind::Region, rid, &stored)
+                .and_then(|enc| {
+                    Region::decode(&enc).map_err(|source| imgstore_repo::RepoError::Corrupt {
+                        kind: ObjectKind::Region,
+                        id: *rid,
+                        source,
+                    })
+                })
+                .map_err(recipe_err)?;
             // Offset and length of each chunk's first use in the region.
             let mut at: HashMap<Id, (u64, u64)> = HashMap::new();
             let mut off = base;
@@ -120,15 +135,26 @@ pub fn copy_snapshot(
                 map.insert(*cid, (frame, len as u32));
             }
             chunks_sent.fetch_add(map.len() as u64, Relaxed);
-            dst.put_region(rid, &region, &encoded, &map)?;
+            dst.put_region(rid, &stored, &map)?;
             progress.advance(reader.region_len(*index));
             Ok(())
         })?;
     let mut pages = Vec::with_capacity(snapshot.pages.len());
-    for batch in snapshot.pages.chunks(64) {
-        pages.extend(src.pages(batch)?);
+    let mut unique: Vec<Id> = snapshot.pages.clone();
+    unique.sort();
+    unique.dedup();
+    for batch in unique.chunks(64) {
+        // Checked against their ids (and authenticated) before they travel.
+        src.pages(batch)?;
+        pages.extend(src.raw_records(ObjectKind::Page, batch)?);
     }
-    let (new_id, _) = dst.commit(snapshot, &pages, parent)?;
+    let record = src
+        .snapshot_records()?
+        .into_iter()
+        .find(|(k, _)| k.as_slice() == id.as_bytes())
+        .map(|(_, v)| v)
+        .ok_or(imgstore_repo::RepoError::NoSnapshot { id: *id })?;
+    let (new_id, _) = dst.commit(&record, &pages, parent)?;
     debug_assert_eq!(new_id, *id);
     progress.finish();
     let unique: HashSet<&Id> = first.keys().collect();
@@ -139,4 +165,15 @@ pub fn copy_snapshot(
         chunks_sent: chunks_sent.into_inner(),
         chunk_bytes_sent: bytes_sent.into_inner(),
     })
+}
+
+/// Whether two codecs make the same chunk ids (both plain, or the same key).
+fn same_keys(a: &Codec, b: &Codec) -> bool {
+    match (a, b) {
+        (Codec::Plain, Codec::Plain) => true,
+        (Codec::Sealed(x), Codec::Sealed(y)) => {
+            x.chunk_id(b"imgstore key check") == y.chunk_id(b"imgstore key check")
+        }
+        _ => false,
+    }
 }

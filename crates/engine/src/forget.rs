@@ -153,5 +153,10 @@ pub fn retag(
     }
     let mut new = snap.clone();
     new.tags = tags;
-    Ok(repo.replace_snapshot(id, &new)?)
+    let (_, record) = repo.codec().store_record(
+        imgstore_format::sealed::RecordKind::Snapshot,
+        new.encode(),
+        &new.pages,
+    );
+    Ok(repo.replace_snapshot(id, &record)?)
 }

@@ -613,7 +613,9 @@ pub fn restore_delta(
                 for e in &entries {
                     let s = &buf[pos..pos + e.len as usize];
                     match e.chunk {
-                        Some(c) if Id::hash(s) != c => need.push((pos, e.len as usize, c)),
+                        Some(c) if reader.repo().codec().chunk_id(s) != c => {
+                            need.push((pos, e.len as usize, c))
+                        }
                         None if !imgstore_chunker::is_zero(s) => {
                             // Only the non-zero 4 KiB blocks need zeroing.
                             let mut at = 0;

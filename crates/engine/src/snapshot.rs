@@ -207,9 +207,13 @@ impl<'a> SnapshotReader<'a> {
         len: u64,
     ) -> Result<Vec<u8>, EngineError> {
         let mut out = Vec::new();
-        FrameCodec::with_thread(|c| c.decode(frame, &mut out))
+        let codec = self.repo.codec();
+        let frame = codec
+            .open_chunk(&id, frame)
+            .map_err(|why| self.damaged(offset, id, why))?;
+        FrameCodec::with_thread(|c| c.decode(&frame, &mut out))
             .map_err(|e| self.damaged(offset, id, e.to_string()))?;
-        if out.len() as u64 != len || Id::hash(&out) != id {
+        if out.len() as u64 != len || codec.chunk_id(&out) != id {
             return Err(self.damaged(offset, id, "content does not match its id".into()));
         }
         Ok(out)
@@ -277,8 +281,13 @@ impl<'a> SnapshotReader<'a> {
                     }
                     Some(id) => {
                         let frame = &frames[ids.binary_search(&id).expect("id fetched")];
+                        let frame = self
+                            .repo
+                            .codec()
+                            .open_chunk(&id, frame)
+                            .map_err(|why| self.damaged(base + pos as u64, id, why))?;
                         codec
-                            .decode_into(frame, &mut buf[pos..end])
+                            .decode_into(&frame, &mut buf[pos..end])
                             .map_err(|err| self.damaged(base + pos as u64, id, err.to_string()))?;
                         data_bytes += e.len as u64;
                     }
@@ -310,7 +319,7 @@ impl<'a> SnapshotReader<'a> {
         for e in entries {
             let end = pos + e.len as usize;
             if let Some(id) = e.chunk {
-                if Id::hash(&buf[pos..end]) != id {
+                if self.repo.codec().chunk_id(&buf[pos..end]) != id {
                     return self.damaged(
                         base + pos as u64,
                         id,

@@ -583,3 +583,64 @@ fn sequential_image_reads_load_whole_regions_and_still_refuse_damage() {
     }
     damage_at(result, chunk, offset);
 }
+
+fn sealed_repo() -> MemRepo {
+    let params = imgstore_chunker::Params::with_avg(16 * 1024).unwrap();
+    let keys = imgstore_crypto::Keys::derive(&imgstore_crypto::MasterKey::from_bytes([42; 32]));
+    MemRepo::with_codec(
+        crate::new_repo_config(params, 3),
+        imgstore_repo::Codec::Sealed(std::sync::Arc::new(keys)),
+    )
+}
+
+#[test]
+fn sealed_repositories_round_trip_dedup_and_store_no_plaintext() {
+    let repo = sealed_repo();
+    let g0 = image(20 * MIB, 51);
+    let mut g1 = g0.clone();
+    g1[2 * MIB..2 * MIB + 50_000].copy_from_slice(&image(50_000, 52));
+    let r0 = back_up(&repo, &g0, None);
+    let r1 = back_up(&repo, &g1, Some(&r0));
+    assert!(
+        r1.snapshot.stats.new_chunks < r0.snapshot.stats.new_chunks / 4,
+        "dedup across generations"
+    );
+    assert_eq!(restore_to_vec(&repo, &r1.id, &r1.snapshot).unwrap(), g1);
+    assert_eq!(restore_to_vec(&repo, &r0.id, &r0.snapshot).unwrap(), g0);
+    let report = check(&repo, ReadData::All, &NoProgress).unwrap();
+    assert!(report.is_clean(), "{:?}", report.problems);
+    // Nothing stored shows a 64-byte window of the image, nor the name.
+    let windows: std::collections::HashSet<&[u8]> = g1
+        .chunks(4096)
+        .map(|b| &b[..64])
+        .filter(|w| w.iter().any(|x| *x != w[0]))
+        .collect();
+    for stored in repo.stored_bytes() {
+        assert!(
+            !stored.windows(64).any(|w| windows.contains(w)),
+            "plaintext stored"
+        );
+    }
+    // Chunk ids are keyed: not BLAKE3 of the data.
+    let (chunk, offset) = first_chunk(&repo, &r0.snapshot, &r0.id);
+    let data = &g0[offset as usize..];
+    assert!(!(1..=data.len().min(300_000)).any(|n| Id::hash(&data[..n]) == chunk));
+    // A tampered chunk is damage at its offset, never wrong bytes.
+    repo.corrupt_chunk(&chunk);
+    damage_at(restore_to_vec(&repo, &r0.id, &r0.snapshot), chunk, offset);
+}
+
+#[test]
+fn a_sealed_repository_opened_without_its_key_refuses_to_read() {
+    let repo = sealed_repo();
+    let g = image(4 * MIB, 61);
+    let r = back_up(&repo, &g, None);
+    let plain = repo.reopen_with_codec(imgstore_repo::Codec::Plain);
+    let err = plain.snapshots().unwrap_err().to_string();
+    assert!(err.contains("encrypted"), "{err}");
+    let other = repo.reopen_with_codec(imgstore_repo::Codec::Sealed(std::sync::Arc::new(
+        imgstore_crypto::Keys::derive(&imgstore_crypto::MasterKey::from_bytes([7; 32])),
+    )));
+    assert!(other.snapshots().is_err());
+    assert!(restore_to_vec(&other, &r.id, &r.snapshot).is_err());
+}

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{FormatError, FORMAT_VERSION, MIN_FORMAT_VERSION};
+use crate::{FormatError, ENCRYPTED_FORMAT_VERSION, FORMAT_VERSION, MIN_FORMAT_VERSION};
 
 /// Name of the config file at the top of a repository directory.
 pub const CONFIG_FILE: &str = "imgstore.json";
@@ -44,6 +44,61 @@ pub struct RepoConfig {
     /// Bytes per region (a power of two, a multiple of 1 KiB, at least 4×max).
     pub region_size: u32,
     pub compression: Compression,
+    /// Present in an encrypted repository (format 3): its key slots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
+}
+
+/// The only encryption scheme: BLAKE3-derived sub-keys, keyed BLAKE3 chunk
+/// ids, XChaCha20-Poly1305 sealing (`imgstore-crypto`).
+pub const ENCRYPTION_SCHEME: &str = "xchacha20poly1305-blake3";
+
+/// The encryption section of an encrypted repository's config.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Encryption {
+    /// Always [`ENCRYPTION_SCHEME`].
+    pub scheme: String,
+    /// The master key, wrapped once per slot.
+    pub slots: Vec<KeySlot>,
+}
+
+/// argon2id parameters, stored in each passphrase slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KdfParams {
+    /// Memory in KiB.
+    pub m_kib: u32,
+    /// Passes.
+    pub t: u32,
+    /// Lanes.
+    pub p: u32,
+}
+
+/// How a key slot is opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlotKind {
+    Passphrase,
+    KeyFile,
+}
+
+/// One key slot: the master key wrapped by a passphrase or a key file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeySlot {
+    /// A short random id (8 hex digits), for `key list` and `key remove`.
+    pub id: String,
+    pub kind: SlotKind,
+    /// argon2id parameters (passphrase slots).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kdf: Option<KdfParams>,
+    /// Salt, hex (16 bytes).
+    pub salt: String,
+    /// Nonce (24 bytes) then XChaCha20-Poly1305 of the master key (32 + 16), hex.
+    pub wrapped: String,
+    /// Creation time, seconds since the Unix epoch.
+    pub created: i64,
 }
 
 impl RepoConfig {
@@ -58,7 +113,18 @@ impl RepoConfig {
             chunking,
             region_size,
             compression: Compression { zstd_level },
+            encryption: None,
         }
+    }
+
+    /// Makes this a new encrypted repository's config (format 3).
+    pub fn encrypted(mut self, slots: Vec<KeySlot>) -> Self {
+        self.version = ENCRYPTED_FORMAT_VERSION;
+        self.encryption = Some(Encryption {
+            scheme: ENCRYPTION_SCHEME.into(),
+            slots,
+        });
+        self
     }
 
     pub fn to_json(&self) -> Vec<u8> {
@@ -86,10 +152,10 @@ impl RepoConfig {
             }
         })?;
         let version = u32::try_from(version).unwrap_or(u32::MAX);
-        if version > FORMAT_VERSION {
+        if version > ENCRYPTED_FORMAT_VERSION {
             return Err(FormatError::Newer {
                 found: version,
-                supported: FORMAT_VERSION,
+                supported: ENCRYPTED_FORMAT_VERSION,
             });
         }
         if version < MIN_FORMAT_VERSION {
@@ -111,6 +177,19 @@ impl RepoConfig {
             what: "repository config",
             why,
         };
+        match (&self.encryption, self.version) {
+            (None, FORMAT_VERSION) => {}
+            (Some(e), ENCRYPTED_FORMAT_VERSION) => {
+                if e.scheme != ENCRYPTION_SCHEME {
+                    return Err(bad(format!("unknown encryption scheme {}", e.scheme)));
+                }
+                if e.slots.is_empty() {
+                    return Err(bad("an encrypted repository without key slots".into()));
+                }
+            }
+            (None, v) => return Err(bad(format!("format {v} needs an encryption section"))),
+            (Some(_), v) => return Err(bad(format!("format {v} cannot be encrypted"))),
+        }
         if self.chunking.algorithm != "fastcdc-2020" {
             return Err(bad(format!(
                 "unknown chunking algorithm {}",
@@ -167,7 +246,7 @@ mod tests {
             RepoConfig::from_json(j).unwrap_err(),
             FormatError::Newer {
                 found: 99,
-                supported: FORMAT_VERSION
+                supported: ENCRYPTED_FORMAT_VERSION
             }
         );
         assert!(matches!(

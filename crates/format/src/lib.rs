@@ -21,9 +21,13 @@ mod id;
 pub mod meta;
 mod overlay;
 mod records;
+pub mod sealed;
 
 pub use codec::FormatError;
-pub use config::{ChunkingConfig, Compression, RepoConfig, CONFIG_FILE, DB_DIR, LOCK_FILE};
+pub use config::{
+    ChunkingConfig, Compression, Encryption, KdfParams, KeySlot, RepoConfig, SlotKind, CONFIG_FILE,
+    DB_DIR, ENCRYPTION_SCHEME, LOCK_FILE,
+};
 pub use frame::{
     decode_chunk, decode_chunk_into, encode_chunk, ChunkCodec, FrameCodec, FRAME_HEADER_LEN,
     MAX_CHUNK_LEN,
@@ -38,6 +42,11 @@ pub use records::{Page, RecipeEntry, RefCount, Region, Snapshot, SnapshotStats};
 /// fixture repository under `tests/fixtures/`) whenever any encoding in this
 /// crate changes. Do not modify the meaning of an existing version.
 pub const FORMAT_VERSION: u32 = 2;
+
+/// The format version of an encrypted repository: version 2's layout with
+/// every chunk frame and record sealed (`sealed`), key slots in the config.
+/// A plain repository stays version 2, so older builds still read it.
+pub const ENCRYPTED_FORMAT_VERSION: u32 = 3;
 
 /// The oldest repository format version this build can read.
 ///

@@ -24,12 +24,12 @@ mod tls;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use imgstore_format::{Id, ObjectKind, Page, RefCount, Region, RepoConfig, Snapshot};
+use imgstore_format::{Id, ObjectKind, RefCount, RepoConfig, Snapshot};
 use imgstore_protocol as proto;
 use imgstore_protocol::{limits, ErrorBody};
 use imgstore_repo::{
-    decode_checked, ChunkRead, DamageMark, ForgetOutcome, Frames, GcOutcome, PutOutcome, RepoError,
-    Repository, Result, Totals,
+    ChunkRead, DamageMark, ForgetOutcome, Frames, GcOutcome, PutOutcome, RepoError, Repository,
+    Result, Totals,
 };
 
 pub use proto::Role;
@@ -89,6 +89,7 @@ pub fn base_url(location: &str) -> std::result::Result<(String, bool), String> {
 pub struct RemoteRepo {
     conn: Conn,
     hello: proto::Hello,
+    codec: imgstore_repo::Codec,
 }
 
 /// The connection: where, with which token, in which session.
@@ -154,7 +155,18 @@ impl RemoteRepo {
                 ),
             });
         }
-        Ok(RemoteRepo { conn, hello })
+        Ok(RemoteRepo {
+            conn,
+            hello,
+            codec: imgstore_repo::Codec::Plain,
+        })
+    }
+
+    /// Uses `codec` (the keys of an encrypted repository): the client seals
+    /// and opens; the server only ever sees sealed bytes.
+    pub fn with_codec(mut self, codec: imgstore_repo::Codec) -> RemoteRepo {
+        self.codec = codec;
+        self
     }
 
     /// The role and namespaces of this client's token.
@@ -439,39 +451,29 @@ impl Repository for RemoteRepo {
         self.location.clone()
     }
 
+    fn codec(&self) -> &imgstore_repo::Codec {
+        &self.codec
+    }
+
+    fn raw_records(&self, kind: ObjectKind, ids: &[Id]) -> Result<Vec<Vec<u8>>> {
+        self.records(kind, ids)
+    }
+
+    // The snapshot list a token may see (the scan behind the default
+    // `snapshots` is an admin's).
     fn snapshots(&self) -> Result<Vec<(Id, Snapshot)>> {
         self.snapshot_list()?
             .into_iter()
             .map(|(id, rec)| {
-                if Id::hash(&rec) != id {
-                    return Err(RepoError::CorruptSnapshot {
-                        id,
-                        source: imgstore_format::FormatError::Invalid {
-                            what: "snapshot record",
-                            why: "its hash does not match its id".into(),
-                        },
-                    });
-                }
-                let s = Snapshot::decode(&rec)
+                let enc = self.codec.open_record(
+                    imgstore_format::sealed::RecordKind::Snapshot,
+                    &id,
+                    &rec,
+                )?;
+                let s = Snapshot::decode(&enc)
                     .map_err(|source| RepoError::CorruptSnapshot { id, source })?;
                 Ok((id, s))
             })
-            .collect()
-    }
-
-    fn pages(&self, ids: &[Id]) -> Result<Vec<Page>> {
-        let recs = self.records(ObjectKind::Page, ids)?;
-        ids.iter()
-            .zip(recs)
-            .map(|(id, r)| decode_checked(ObjectKind::Page, id, &r, Page::decode))
-            .collect()
-    }
-
-    fn regions(&self, ids: &[Id]) -> Result<Vec<Region>> {
-        let recs = self.records(ObjectKind::Region, ids)?;
-        ids.iter()
-            .zip(recs)
-            .map(|(id, r)| decode_checked(ObjectKind::Region, id, &r, Region::decode))
             .collect()
     }
 
@@ -528,13 +530,7 @@ impl Repository for RemoteRepo {
         Ok(out)
     }
 
-    fn put_region(
-        &self,
-        id: &Id,
-        _region: &Region,
-        encoded: &[u8],
-        frames: &Frames,
-    ) -> Result<PutOutcome> {
+    fn put_region(&self, id: &Id, encoded: &[u8], frames: &Frames) -> Result<PutOutcome> {
         let body = proto::encode_put_region(
             encoded,
             frames.iter().map(|(cid, (frame, raw))| proto::NewFrame {
@@ -552,16 +548,9 @@ impl Repository for RemoteRepo {
         Ok(self.json::<proto::WirePut>(&reply)?.into())
     }
 
-    fn commit(
-        &self,
-        snapshot: &Snapshot,
-        pages: &[Page],
-        parent: Option<&Id>,
-    ) -> Result<(Id, u64)> {
-        let record = snapshot.encode();
-        let id = Id::hash(&record);
-        let encoded: Vec<Vec<u8>> = pages.iter().map(Page::encode).collect();
-        let body = proto::encode_commit(&record, parent, &encoded);
+    fn commit(&self, record: &[u8], pages: &[Vec<u8>], parent: Option<&Id>) -> Result<(Id, u64)> {
+        let id = Id::hash(record);
+        let body = proto::encode_commit(record, parent, pages);
         match self.call(
             reqwest::Method::POST,
             "/v1/commit",
@@ -619,11 +608,11 @@ impl Repository for RemoteRepo {
         proto::decode_pairs(&body).map_err(|e| self.malformed(e))
     }
 
-    fn replace_snapshot(&self, old: &Id, new: &Snapshot) -> Result<Id> {
+    fn replace_snapshot(&self, old: &Id, new: &[u8]) -> Result<Id> {
         let body = self.call(
             reqwest::Method::POST,
             &format!("/v1/snapshots/{}/replace", old.to_hex()),
-            Body::Bytes(new.encode()),
+            Body::Bytes(new.to_vec()),
             true,
         )?;
         let c: proto::Committed = self.json(&body)?;
@@ -710,12 +699,14 @@ impl Repository for RemoteRepo {
         0
     }
 
+    // The records this token may see (all of them for an admin, damaged
+    // ones included): what `check` and `copy` read.
     fn snapshot_records(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        let mut out = Vec::new();
-        self.scan(proto::ScanWhat::Snapshots, &mut |k, v| {
-            out.push((k.to_vec(), v.to_vec()))
-        })?;
-        Ok(out)
+        Ok(self
+            .snapshot_list()?
+            .into_iter()
+            .map(|(id, rec)| (id.as_bytes().to_vec(), rec))
+            .collect())
     }
 
     fn scan_recipes(&self, f: &mut dyn FnMut(&[u8], &[u8])) -> Result<()> {

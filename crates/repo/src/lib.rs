@@ -38,13 +38,16 @@
 //!   to [`Repository::chunks_known`], and a later `put_region`/`commit`
 //!   that produces it rewrites it and clears the mark.
 
+mod codec;
 mod error;
 mod mem;
 
 use std::collections::HashMap;
 
+use imgstore_format::sealed::RecordKind;
 use imgstore_format::{Id, ObjectKind, Page, RefCount, Region, RepoConfig, Snapshot};
 
+pub use codec::Codec;
 pub use error::RepoError;
 pub use mem::MemRepo;
 
@@ -166,18 +169,42 @@ pub trait Repository: Send + Sync {
     /// Where the repository lives, for messages (a path or a URL).
     fn location(&self) -> String;
 
+    /// How objects become stored bytes (plain, or sealed with the keys).
+    fn codec(&self) -> &Codec;
+
     // --- reading ---
 
-    /// Every snapshot, decoded and checked against its id. A record that
-    /// does not decode is an error naming it ([`Repository::snapshot_records`]
-    /// gives them undecoded).
-    fn snapshots(&self) -> Result<Vec<(Id, Snapshot)>>;
+    /// Stored region recipes or index pages, in order, as stored (sealed
+    /// ones too); an absent one is an error naming it.
+    fn raw_records(&self, kind: ObjectKind, ids: &[Id]) -> Result<Vec<Vec<u8>>>;
 
-    /// Index pages, decoded and checked against their ids, in order.
-    fn pages(&self, ids: &[Id]) -> Result<Vec<Page>>;
+    /// Every snapshot, opened, decoded and checked against its id. A record
+    /// that does not decode is an error naming it
+    /// ([`Repository::snapshot_records`] gives them undecoded).
+    fn snapshots(&self) -> Result<Vec<(Id, Snapshot)>> {
+        let codec = self.codec();
+        let mut out = Vec::new();
+        for (k, v) in self.snapshot_records()? {
+            let id = Id::from_slice(&k).ok_or_else(|| {
+                RepoError::Invalid(format!("a snapshot key of {} bytes", k.len()))
+            })?;
+            let enc = codec.open_record(RecordKind::Snapshot, &id, &v)?;
+            let snap = Snapshot::decode(&enc)
+                .map_err(|source| RepoError::CorruptSnapshot { id, source })?;
+            out.push((id, snap));
+        }
+        Ok(out)
+    }
 
-    /// Region recipes, decoded and checked against their ids, in order.
-    fn regions(&self, ids: &[Id]) -> Result<Vec<Region>>;
+    /// Index pages, opened, decoded and checked against their ids, in order.
+    fn pages(&self, ids: &[Id]) -> Result<Vec<Page>> {
+        open_records(self, ObjectKind::Page, ids, Page::decode)
+    }
+
+    /// Region recipes, opened, decoded and checked against their ids, in order.
+    fn regions(&self, ids: &[Id]) -> Result<Vec<Region>> {
+        open_records(self, ObjectKind::Region, ids, Region::decode)
+    }
 
     /// Stored frames of chunks, in order, each with its own outcome. An
     /// `Err` of the call is a failure of the repository, not of a chunk.
@@ -197,23 +224,18 @@ pub trait Repository: Send + Sync {
     /// For each chunk id: is it stored (and not marked damaged)?
     fn chunks_known(&self, ids: &[Id]) -> Result<Vec<bool>>;
 
-    /// Stores a region recipe (`encoded`, whose hash is `id`) with the
-    /// chunks it references; `frames` holds those the caller found
-    /// unknown. Until a committed page names it the region is an orphan.
-    fn put_region(
-        &self,
-        id: &Id,
-        region: &Region,
-        encoded: &[u8],
-        frames: &Frames,
-    ) -> Result<PutOutcome>;
+    /// Stores a region recipe (`stored`, as [`Codec::store_record`] made
+    /// it; its hash is `id`) with the chunks it references; `frames` holds
+    /// those the caller found unknown. Until a committed page names it the
+    /// region is an orphan.
+    fn put_region(&self, id: &Id, stored: &[u8], frames: &Frames) -> Result<PutOutcome>;
 
-    /// Makes a snapshot visible with its index pages (in the order its
-    /// record names them) and, when given, the id of its parent (recorded
-    /// for display; it holds no reference), atomically and durably.
-    /// Returns the snapshot id and the bytes new pages added.
-    fn commit(&self, snapshot: &Snapshot, pages: &[Page], parent: Option<&Id>)
-        -> Result<(Id, u64)>;
+    /// Makes a snapshot visible (`snapshot` is its stored record) with its
+    /// index pages (stored bytes, each page it names at least once) and,
+    /// when given, the id of its parent (recorded for display; it holds no
+    /// reference), atomically and durably. Returns the snapshot id and the
+    /// bytes new pages added.
+    fn commit(&self, snapshot: &[u8], pages: &[Vec<u8>], parent: Option<&Id>) -> Result<(Id, u64)>;
 
     /// Cached chaining values of all-zero regions of `region_size` with
     /// indices `0..count` (None where not cached). They depend only on the
@@ -226,11 +248,11 @@ pub trait Repository: Send + Sync {
     /// Every recorded (snapshot, parent) pair.
     fn parents(&self) -> Result<Vec<(Id, Id)>>;
 
-    /// Replaces snapshot `old` by `new`, a record naming the same pages
-    /// (new tags, say), atomically: its protection and parent entries move
-    /// with it, and snapshots whose parent was `old` now name the new id.
-    /// Returns the new id.
-    fn replace_snapshot(&self, old: &Id, new: &Snapshot) -> Result<Id>;
+    /// Replaces snapshot `old` by `new` (a stored record naming the same
+    /// pages: new tags, say), atomically: its protection and parent entries
+    /// move with it, and snapshots whose parent was `old` now name the new
+    /// id. Returns the new id.
+    fn replace_snapshot(&self, old: &Id, new: &[u8]) -> Result<Id>;
 
     // --- retention ---
 
@@ -279,19 +301,50 @@ pub trait Repository: Send + Sync {
 
 /// Checks a [`Repository::replace_snapshot`] request against the stored
 /// record `old_record` of snapshot `old`: the replacement must name the same
-/// pages (so no reference count changes). Returns the replacement's
-/// encoding and id. Shared by implementations so each refuses the same way.
-pub fn replacement(old: &Id, old_record: &[u8], new: &Snapshot) -> Result<(Vec<u8>, Id)> {
-    let prev = Snapshot::decode(old_record)
-        .map_err(|source| RepoError::CorruptSnapshot { id: *old, source })?;
-    if prev.pages != new.pages {
+/// pages (so no reference count changes). Returns the replacement's id.
+/// Shared by implementations so each refuses the same way.
+pub fn replacement(old: &Id, old_record: &[u8], new: &[u8]) -> Result<Id> {
+    let children = |b: &[u8], id: &Id| {
+        imgstore_format::sealed::record_children(RecordKind::Snapshot, b)
+            .map(|mut v| {
+                v.sort();
+                v
+            })
+            .map_err(|source| RepoError::CorruptSnapshot { id: *id, source })
+    };
+    let id = Id::hash(new);
+    if children(old_record, old)? != children(new, &id)? {
         return Err(RepoError::Invalid(
             "a replacement snapshot must name the same pages".into(),
         ));
     }
-    let encoded = new.encode();
-    let id = Id::hash(&encoded);
-    Ok((encoded, id))
+    Ok(id)
+}
+
+/// The stored records of `ids`, opened with the codec and decoded.
+fn open_records<R: Repository + ?Sized, T>(
+    repo: &R,
+    kind: ObjectKind,
+    ids: &[Id],
+    decode: impl Fn(&[u8]) -> std::result::Result<T, imgstore_format::FormatError>,
+) -> Result<Vec<T>> {
+    let rk = match kind {
+        ObjectKind::Page => RecordKind::Page,
+        _ => RecordKind::Region,
+    };
+    let codec = repo.codec();
+    repo.raw_records(kind, ids)?
+        .iter()
+        .zip(ids)
+        .map(|(v, id)| {
+            let enc = codec.open_record(rk, id, v)?;
+            decode(&enc).map_err(|source| RepoError::Corrupt {
+                kind,
+                id: *id,
+                source,
+            })
+        })
+        .collect()
 }
 
 /// Decodes a stored record checked against its id: shared by

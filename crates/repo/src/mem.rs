@@ -11,11 +11,12 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
 
-use imgstore_format::{Id, ObjectKind, Page, RefCount, Region, RepoConfig, Snapshot};
+use imgstore_format::sealed::{record_children, RecordKind};
+use imgstore_format::{Id, ObjectKind, RefCount, RepoConfig};
 
 use crate::{
-    decode_checked, ChunkFault, ChunkRead, DamageMark, ForgetOutcome, Frames, GcOutcome,
-    PutOutcome, RepoError, Repository, Result, Tally, Totals,
+    ChunkFault, ChunkRead, Codec, DamageMark, ForgetOutcome, Frames, GcOutcome, PutOutcome,
+    RepoError, Repository, Result, Tally, Totals,
 };
 
 type Key = [u8; 33];
@@ -41,16 +42,35 @@ struct State {
 /// An in-memory [`Repository`].
 pub struct MemRepo {
     config: RepoConfig,
+    codec: Codec,
     state: Mutex<State>,
 }
 
 impl MemRepo {
     /// An empty repository with `config`.
     pub fn new(config: RepoConfig) -> MemRepo {
+        MemRepo::with_codec(config, Codec::Plain)
+    }
+
+    /// An empty repository storing objects through `codec` (sealed with a
+    /// repository's keys, for tests of encryption).
+    pub fn with_codec(config: RepoConfig, codec: Codec) -> MemRepo {
         MemRepo {
             config,
+            codec,
             state: Mutex::new(State::default()),
         }
+    }
+
+    /// Every stored byte, for tests that look for plaintext.
+    pub fn stored_bytes(&self) -> Vec<Vec<u8>> {
+        let s = self.state();
+        s.chunks
+            .values()
+            .chain(s.recipes.values())
+            .chain(s.snapshots.values())
+            .cloned()
+            .collect()
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -82,19 +102,6 @@ impl MemRepo {
         self.state().unreadable.insert(*id);
     }
 
-    /// Recipes or pages, each checked against its id and decoded.
-    fn records<T>(
-        &self,
-        kind: ObjectKind,
-        ids: &[Id],
-        decode: impl Fn(&[u8]) -> std::result::Result<T, imgstore_format::FormatError>,
-    ) -> Result<Vec<T>> {
-        let s = self.state();
-        ids.iter()
-            .map(|id| decode_checked(kind, id, s.record(kind, id)?, &decode))
-            .collect()
-    }
-
     /// Undoes [`MemRepo::make_unreadable`] for every chunk.
     pub fn clear_injected(&self) {
         self.state().unreadable.clear();
@@ -107,12 +114,20 @@ impl MemRepo {
         v
     }
 
+    /// [`MemRepo::reopen`] with another codec (another key, or none).
+    pub fn reopen_with_codec(&self, codec: Codec) -> MemRepo {
+        let mut r = self.reopen();
+        r.codec = codec;
+        r
+    }
+
     /// A copy of this repository as a new writer would open it: damage
     /// marks pending again.
     pub fn reopen(&self) -> MemRepo {
         let s = self.state();
         MemRepo {
             config: self.config.clone(),
+            codec: self.codec.clone(),
             state: Mutex::new(State {
                 chunks: s.chunks.clone(),
                 recipes: s.recipes.clone(),
@@ -189,21 +204,14 @@ impl State {
         let Ok(bytes) = self.record(kind, id) else {
             return out;
         };
-        match kind {
-            ObjectKind::Chunk => {}
-            ObjectKind::Region => {
-                if let Ok(r) = Region::decode(bytes) {
-                    for c in r.entries.iter().filter_map(|e| e.chunk) {
-                        *out.entry(ObjectKind::Chunk.key(&c)).or_default() += 1;
-                    }
-                }
-            }
-            ObjectKind::Page => {
-                if let Ok(p) = Page::decode(bytes) {
-                    for r in p.regions.iter().filter(|r| **r != Id::ZERO) {
-                        *out.entry(ObjectKind::Region.key(r)).or_default() += 1;
-                    }
-                }
+        let (rk, child) = match kind {
+            ObjectKind::Chunk => return out,
+            ObjectKind::Region => (RecordKind::Region, ObjectKind::Chunk),
+            ObjectKind::Page => (RecordKind::Page, ObjectKind::Region),
+        };
+        if let Ok(ids) = record_children(rk, bytes) {
+            for c in ids {
+                *out.entry(child.key(&c)).or_default() += 1;
             }
         }
         out
@@ -219,33 +227,15 @@ impl Repository for MemRepo {
         "memory".into()
     }
 
-    fn snapshots(&self) -> Result<Vec<(Id, Snapshot)>> {
+    fn codec(&self) -> &Codec {
+        &self.codec
+    }
+
+    fn raw_records(&self, kind: ObjectKind, ids: &[Id]) -> Result<Vec<Vec<u8>>> {
         let s = self.state();
-        s.snapshots
-            .iter()
-            .map(|(id, v)| {
-                if Id::hash(v) != *id {
-                    return Err(RepoError::CorruptSnapshot {
-                        id: *id,
-                        source: imgstore_format::FormatError::Invalid {
-                            what: "snapshot record",
-                            why: "its hash does not match its id".into(),
-                        },
-                    });
-                }
-                Snapshot::decode(v)
-                    .map(|snap| (*id, snap))
-                    .map_err(|source| RepoError::CorruptSnapshot { id: *id, source })
-            })
+        ids.iter()
+            .map(|id| s.record(kind, id).map(<[u8]>::to_vec))
             .collect()
-    }
-
-    fn pages(&self, ids: &[Id]) -> Result<Vec<Page>> {
-        self.records(ObjectKind::Page, ids, Page::decode)
-    }
-
-    fn regions(&self, ids: &[Id]) -> Result<Vec<Region>> {
-        self.records(ObjectKind::Region, ids, Region::decode)
     }
 
     fn chunk_frames(&self, ids: &[Id]) -> Result<Vec<ChunkRead>> {
@@ -300,13 +290,7 @@ impl Repository for MemRepo {
             .collect())
     }
 
-    fn put_region(
-        &self,
-        id: &Id,
-        region: &Region,
-        encoded: &[u8],
-        frames: &Frames,
-    ) -> Result<PutOutcome> {
+    fn put_region(&self, id: &Id, encoded: &[u8], frames: &Frames) -> Result<PutOutcome> {
         if Id::hash(encoded) != *id {
             return Err(RepoError::Invalid(
                 "region id does not match its content".into(),
@@ -331,7 +315,13 @@ impl Repository for MemRepo {
             return Ok(PutOutcome::default());
         }
         let mut counts: HashMap<Key, u64> = HashMap::new();
-        for c in region.entries.iter().filter_map(|e| e.chunk) {
+        let chunks =
+            record_children(RecordKind::Region, encoded).map_err(|source| RepoError::Corrupt {
+                kind: ObjectKind::Region,
+                id: *id,
+                source,
+            })?;
+        for c in chunks {
             *counts.entry(ObjectKind::Chunk.key(&c)).or_default() += 1;
         }
         // Every absent chunk must come with its frame before anything changes.
@@ -388,46 +378,44 @@ impl Repository for MemRepo {
         Ok(out)
     }
 
-    fn commit(
-        &self,
-        snapshot: &Snapshot,
-        pages: &[Page],
-        parent: Option<&Id>,
-    ) -> Result<(Id, u64)> {
-        if pages.len() != snapshot.pages.len() {
-            return Err(RepoError::Invalid(format!(
-                "{} pages given for a snapshot naming {}",
-                pages.len(),
-                snapshot.pages.len()
-            )));
-        }
+    fn commit(&self, snapshot: &[u8], pages: &[Vec<u8>], parent: Option<&Id>) -> Result<(Id, u64)> {
+        let id = Id::hash(snapshot);
+        let named = record_children(RecordKind::Snapshot, snapshot)
+            .map_err(|source| RepoError::CorruptSnapshot { id, source })?;
         let mut s = self.state();
         // A repeated commit (a client retrying one whose answer it lost)
         // changes nothing, as in the store.
-        let record_id = Id::hash(&snapshot.encode());
-        if s.snapshots.contains_key(&record_id) {
-            return Ok((record_id, 0));
+        if s.snapshots.contains_key(&id) {
+            return Ok((id, 0));
         }
+        let by_key: HashMap<Key, &Vec<u8>> = pages
+            .iter()
+            .map(|p| (ObjectKind::Page.key(&Id::hash(p)), p))
+            .collect();
         let mut page_counts: HashMap<Key, u64> = HashMap::new();
-        let mut by_key: HashMap<Key, &Page> = HashMap::new();
-        for (pid, page) in snapshot.pages.iter().zip(pages) {
-            if Id::hash(&page.encode()) != *pid {
-                return Err(RepoError::Invalid(
-                    "page id does not match its content".into(),
-                ));
-            }
-            let k = ObjectKind::Page.key(pid);
-            *page_counts.entry(k).or_default() += 1;
-            by_key.insert(k, page);
+        for pid in &named {
+            *page_counts.entry(ObjectKind::Page.key(pid)).or_default() += 1;
         }
-        // Regions the new pages name must exist before anything changes.
+        // Pages it names must be given or stored, and the regions the new
+        // pages name must exist, before anything changes.
         let mut region_counts: HashMap<Key, u64> = HashMap::new();
-        for (k, page) in &by_key {
+        for k in page_counts.keys() {
             if s.refs.contains_key(k) {
                 continue;
             }
-            for r in page.regions.iter().filter(|r| **r != Id::ZERO) {
-                *region_counts.entry(ObjectKind::Region.key(r)).or_default() += 1;
+            let (_, pid) = ObjectKind::parse_key(k).expect("33-byte key");
+            let bytes = by_key.get(k).ok_or(RepoError::Missing {
+                kind: ObjectKind::Page,
+                id: pid,
+            })?;
+            let regions =
+                record_children(RecordKind::Page, bytes).map_err(|source| RepoError::Corrupt {
+                    kind: ObjectKind::Page,
+                    id: pid,
+                    source,
+                })?;
+            for r in regions {
+                *region_counts.entry(ObjectKind::Region.key(&r)).or_default() += 1;
             }
         }
         if let Some(k) = region_counts.keys().find(|k| !s.refs.contains_key(*k)) {
@@ -437,7 +425,7 @@ impl Repository for MemRepo {
         let absent = s.add_refs(&page_counts);
         let mut added = 0u64;
         for k in absent {
-            let encoded = by_key[&k].encode();
+            let encoded = by_key[&k].clone();
             added += encoded.len() as u64;
             s.refs.insert(
                 k,
@@ -450,15 +438,13 @@ impl Repository for MemRepo {
             s.recipes.insert(k, encoded);
         }
         for (k, page) in &by_key {
-            if s.pending.contains(k) {
-                s.recipes.insert(*k, page.encode());
+            if page_counts.contains_key(k) && s.pending.contains(k) {
+                s.recipes.insert(*k, page.to_vec());
                 s.healed(k);
             }
         }
         s.add_refs(&region_counts);
-        let encoded = snapshot.encode();
-        let id = Id::hash(&encoded);
-        s.snapshots.insert(id, encoded);
+        s.snapshots.insert(id, snapshot.to_vec());
         if let Some(p) = parent {
             s.parents.insert(id, *p);
         }
@@ -484,18 +470,18 @@ impl Repository for MemRepo {
         Ok(self.state().parents.iter().map(|(k, v)| (*k, *v)).collect())
     }
 
-    fn replace_snapshot(&self, old: &Id, new: &Snapshot) -> Result<Id> {
+    fn replace_snapshot(&self, old: &Id, new: &[u8]) -> Result<Id> {
         let mut s = self.state();
         let v = s
             .snapshots
             .get(old)
             .ok_or(RepoError::NoSnapshot { id: *old })?;
-        let (encoded, id) = crate::replacement(old, v, new)?;
+        let id = crate::replacement(old, v, new)?;
         if id == *old {
             return Ok(id);
         }
         s.snapshots.remove(old);
-        s.snapshots.insert(id, encoded);
+        s.snapshots.insert(id, new.to_vec());
         if s.protected.remove(old) {
             s.protected.insert(id);
         }
@@ -524,9 +510,9 @@ impl Repository for MemRepo {
                 .snapshots
                 .get(id)
                 .ok_or(RepoError::NoSnapshot { id: *id })?;
-            let snap = Snapshot::decode(v)
+            let pages = record_children(RecordKind::Snapshot, v)
                 .map_err(|source| RepoError::CorruptSnapshot { id: *id, source })?;
-            for p in &snap.pages {
+            for p in &pages {
                 *page_counts.entry(ObjectKind::Page.key(p)).or_default() += 1;
             }
         }

@@ -12,7 +12,8 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
-use imgstore_format::{FrameCodec, Id, ObjectKind, Page, Region, Snapshot};
+use imgstore_format::sealed::{is_sealed_record, record_children, RecordKind};
+use imgstore_format::{FrameCodec, Id, ObjectKind, Snapshot};
 use imgstore_protocol as proto;
 use imgstore_protocol::{limits, ErrorBody, Role};
 use imgstore_repo::{ChunkFault, RepoError, Repository};
@@ -309,23 +310,7 @@ async fn hello(State(app): State<Shared>, headers: HeaderMap) -> ApiResult {
 
 async fn snapshots(State(app): State<Shared>, headers: HeaderMap) -> ApiResult {
     let c = caller(&app, &headers)?;
-    blocking(move || {
-        let mut out = Vec::new();
-        for (k, v) in app.store.snapshot_records()? {
-            let Some(id) = Id::from_slice(&k) else {
-                continue;
-            };
-            let shown = match Snapshot::decode(&v) {
-                Ok(s) => c.sees(&app.config, &s.name),
-                Err(_) => c.is_admin(),
-            };
-            if shown {
-                out.push((id, v));
-            }
-        }
-        Ok(binary(proto::encode_snapshots(&out)))
-    })
-    .await
+    blocking(move || Ok(binary(proto::encode_snapshots(&seen(&app, &c)?)))).await
 }
 
 async fn records(app: Shared, headers: HeaderMap, body: Bytes, kind: ObjectKind) -> ApiResult {
@@ -348,13 +333,8 @@ async fn records(app: Shared, headers: HeaderMap, body: Bytes, kind: ObjectKind)
         if let Some(s) = scope {
             let mut pins = Vec::new();
             for r in &recs {
-                if let Ok(p) = Page::decode(r) {
-                    pins.extend(
-                        p.regions
-                            .iter()
-                            .filter(|r| **r != Id::ZERO)
-                            .map(|r| ObjectKind::Region.key(r)),
-                    );
+                if let Ok(regions) = record_children(RecordKind::Page, r) {
+                    pins.extend(regions.iter().map(|r| ObjectKind::Region.key(r)));
                 }
             }
             app.store.pin(s.session, pins);
@@ -470,9 +450,13 @@ async fn put_region(
                 "region {id}: the recipe does not hash to its id"
             )));
         }
-        let region =
-            Region::decode(recipe).map_err(|e| ApiError::bad(format!("region {id}: {e}")))?;
-        let named: HashSet<Id> = region.entries.iter().filter_map(|e| e.chunk).collect();
+        let named: HashSet<Id> = record_children(RecordKind::Region, recipe)
+            .map_err(|e| ApiError::bad(format!("region {id}: {e}")))?
+            .into_iter()
+            .collect();
+        // An encrypted repository's frames are sealed: only the client can
+        // check them (the AEAD binds each to its id).
+        let sealed = is_sealed_record(recipe);
         let mut map = HashMap::with_capacity(frames.len());
         let mut raw = Vec::new();
         for f in frames {
@@ -482,16 +466,18 @@ async fn put_region(
                     f.id
                 )));
             }
-            // The chunk must be what its id says: a buggy or hostile client
-            // cannot store wrong bytes under an id others will reuse.
-            raw.clear();
-            FrameCodec::with_thread(|codec| codec.decode(f.frame, &mut raw))
-                .map_err(|e| ApiError::bad(format!("chunk {}: {e}", f.id)))?;
-            if raw.len() != f.raw_len as usize || Id::hash(&raw) != f.id {
-                return Err(ApiError::bad(format!(
-                    "chunk {}: its content does not hash to its id",
-                    f.id
-                )));
+            if !sealed {
+                // The chunk must be what its id says: a buggy or hostile
+                // client cannot store wrong bytes under an id others reuse.
+                raw.clear();
+                FrameCodec::with_thread(|codec| codec.decode(f.frame, &mut raw))
+                    .map_err(|e| ApiError::bad(format!("chunk {}: {e}", f.id)))?;
+                if raw.len() != f.raw_len as usize || Id::hash(&raw) != f.id {
+                    return Err(ApiError::bad(format!(
+                        "chunk {}: its content does not hash to its id",
+                        f.id
+                    )));
+                }
             }
             map.insert(f.id, (f.frame.to_vec(), f.raw_len));
         }
@@ -505,9 +491,7 @@ async fn put_region(
         };
         let sent_bytes: u64 = map.values().map(|(f, _)| f.len() as u64).sum();
         let sent = map.len() as u64;
-        let stored = app
-            .store
-            .put_region_in(Some(&scope), &id, &region, recipe, &map)?;
+        let stored = app.store.put_region_in(Some(&scope), &id, recipe, &map)?;
         let out = match private {
             Some(region_new) => imgstore_repo::PutOutcome {
                 region_new,
@@ -542,38 +526,23 @@ async fn commit(State(app): State<Shared>, headers: HeaderMap, body: Bytes) -> A
         .map_err(|_| ApiError::internal("server shutting down"))?;
     blocking(move || {
         let (record, parent, raw_pages) = proto::decode_commit(&body)?;
-        let snap =
-            Snapshot::decode(record).map_err(|e| ApiError::bad(format!("snapshot record: {e}")))?;
-        if snap.name != image {
-            return Err(ApiError::bad(format!(
-                "the session is for image {image:?}, the snapshot names {:?}",
-                snap.name
-            )));
-        }
-        if raw_pages.len() != snap.pages.len() {
-            return Err(ApiError::bad(format!(
-                "{} pages sent for a snapshot naming {}",
-                raw_pages.len(),
-                snap.pages.len()
-            )));
-        }
-        let mut pages = Vec::with_capacity(raw_pages.len());
-        for (raw, pid) in raw_pages.iter().zip(&snap.pages) {
-            if Id::hash(raw) != *pid {
+        // A plain record names its image: it must be the session's. A
+        // sealed one hides it; its session's namespace still bounds it.
+        if !is_sealed_record(record) {
+            let snap = Snapshot::decode(record)
+                .map_err(|e| ApiError::bad(format!("snapshot record: {e}")))?;
+            if snap.name != image {
                 return Err(ApiError::bad(format!(
-                    "page {pid}: its content does not hash to its id"
+                    "the session is for image {image:?}, the snapshot names {:?}",
+                    snap.name
                 )));
             }
-            pages.push(Page::decode(raw).map_err(|e| ApiError::bad(format!("page {pid}: {e}")))?);
         }
+        let pages: Vec<Vec<u8>> = raw_pages.iter().map(|p| p.to_vec()).collect();
         if let Some(p) = &parent {
             // The parent is display-only, but must be a snapshot this
             // caller sees (no linking into another namespace's history).
-            let visible_parent = app
-                .store
-                .snapshots()?
-                .iter()
-                .any(|(id, s)| id == p && c.sees(&app.config, &s.name));
+            let visible_parent = seen_ids(&app, &c)?.contains(p);
             if !visible_parent {
                 return Err(ApiError::bad(format!(
                     "parent {p} is not a snapshot you can see"
@@ -582,10 +551,10 @@ async fn commit(State(app): State<Shared>, headers: HeaderMap, body: Bytes) -> A
         }
         let (id, added) = app
             .store
-            .commit_in(Some(&scope), &snap, &pages, parent.as_ref())?;
+            .commit_in(Some(&scope), record, &pages, parent.as_ref())?;
         app.store.end_session(scope.session);
         Metrics::add(&app.metrics.commits, 1);
-        tracing::info!(token = %c.token, image = %snap.name, snapshot = %id, "snapshot committed");
+        tracing::info!(token = %c.token, image = %image, snapshot = %id, "snapshot committed");
         Ok(Json(proto::Committed {
             id: id.to_hex(),
             added_bytes: added,
@@ -645,13 +614,35 @@ async fn put_zero_cvs(State(app): State<Shared>, headers: HeaderMap, body: Bytes
 
 /// Ids of the snapshots this caller sees.
 fn seen_ids(app: &App, c: &Caller) -> ApiResult<HashSet<Id>> {
-    Ok(app
-        .store
-        .snapshots()?
-        .into_iter()
-        .filter(|(_, s)| c.sees(&app.config, &s.name))
-        .map(|(id, _)| id)
-        .collect())
+    Ok(seen(app, c)?.into_iter().map(|(id, _)| id).collect())
+}
+
+/// The snapshot records this caller may see: plain ones by their image
+/// name, sealed ones (whose names the server cannot read) by the namespace
+/// their session committed them under.
+fn seen(app: &App, c: &Caller) -> ApiResult<Vec<(Id, Vec<u8>)>> {
+    let mut out = Vec::new();
+    for (k, v) in app.store.snapshot_records()? {
+        let Some(id) = Id::from_slice(&k) else {
+            continue;
+        };
+        let shown = if c.is_admin() {
+            true
+        } else if is_sealed_record(&v) {
+            let key = imgstore_store::snapshot_ns_key(&id);
+            let mut any = false;
+            for ns in &c.namespaces {
+                any |= app.store.ns_marked(ns, &[key])?[0];
+            }
+            any
+        } else {
+            Snapshot::decode(&v).is_ok_and(|s| c.sees(&app.config, &s.name))
+        };
+        if shown {
+            out.push((id, v));
+        }
+    }
+    Ok(out)
 }
 
 async fn parents(State(app): State<Shared>, headers: HeaderMap) -> ApiResult {
@@ -679,9 +670,7 @@ async fn replace(
     require(&c, &[Role::Admin], "change snapshots")?;
     let old = proto::parse_id(&id)?;
     blocking(move || {
-        let snap =
-            Snapshot::decode(&body).map_err(|e| ApiError::bad(format!("snapshot record: {e}")))?;
-        let new = app.store.replace_snapshot(&old, &snap)?;
+        let new = app.store.replace_snapshot(&old, &body)?;
         Ok(Json(proto::Committed {
             id: new.to_hex(),
             added_bytes: 0,

@@ -118,7 +118,12 @@ impl App {
     pub fn adopt_unmarked(&self) -> Result<u64, imgstore_repo::RepoError> {
         use imgstore_format::ObjectKind;
         let mut n = 0;
-        for (_, s) in self.store.snapshots()? {
+        for (_, v) in self.store.snapshot_records()? {
+            // A sealed record's name is unreadable here: sealed snapshots
+            // are marked by the session that commits them.
+            let Ok(s) = imgstore_format::Snapshot::decode(&v) else {
+                continue;
+            };
             let Some(ns) = self.config.namespace_of(&s.name) else {
                 continue;
             };

@@ -19,7 +19,8 @@
 
 use std::collections::HashMap;
 
-use imgstore_format::{cf, Id, ObjectKind, Page, RefCount, Region};
+use imgstore_format::sealed::RecordKind;
+use imgstore_format::{cf, Id, ObjectKind, RefCount};
 use rocksdb::{BottommostLevelCompaction, CompactOptions, WriteBatch, WriteOptions};
 
 use crate::{ForgetOutcome, Result, Store, StoreError};
@@ -163,7 +164,7 @@ impl Store {
 
     /// Replaces snapshot `old` by `new` (same pages) in one synced batch;
     /// protection and parent entries follow it.
-    pub fn replace_snapshot(&self, old: &Id, new: &imgstore_format::Snapshot) -> Result<Id> {
+    pub fn replace_snapshot(&self, old: &Id, new: &[u8]) -> Result<Id> {
         use imgstore_format::meta::{parent_key, protect_key};
         self.require_write()?;
         let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
@@ -173,14 +174,15 @@ impl Store {
             .get_pinned_cf(snaps, old.as_bytes())
             .map_err(|e| self.db_err("read snapshot", e))?
             .ok_or(StoreError::NoSnapshot { id: *old })?;
-        let (encoded, id) = imgstore_repo::replacement(old, &v, new)?;
+        let id = imgstore_repo::replacement(old, &v, new)?;
+        let encoded = new;
         if id == *old {
             return Ok(id);
         }
         let meta = self.cf(cf::META);
         let mut b = WriteBatch::default();
         b.delete_cf(snaps, old.as_bytes());
-        b.put_cf(snaps, id.as_bytes(), &encoded);
+        b.put_cf(snaps, id.as_bytes(), encoded);
         if self.protected()?.contains(old) {
             b.delete_cf(meta, protect_key(old));
             b.put_cf(meta, protect_key(&id), []);
@@ -226,9 +228,9 @@ impl Store {
                 .get_pinned_cf(snaps, id.as_bytes())
                 .map_err(|e| self.db_err("read snapshot", e))?
                 .ok_or(StoreError::NoSnapshot { id: *id })?;
-            let snap = imgstore_format::Snapshot::decode(&v)
+            let pages = imgstore_format::sealed::record_children(RecordKind::Snapshot, &v)
                 .map_err(|source| StoreError::CorruptSnapshot { id: *id, source })?;
-            for p in &snap.pages {
+            for p in &pages {
                 *page_counts.entry(ObjectKind::Page.key(p)).or_default() += 1;
             }
             batch.delete_cf(snaps, id.as_bytes());
@@ -366,30 +368,25 @@ impl Store {
         id: &Id,
         into: &mut HashMap<[u8; 33], u64>,
     ) -> Result<()> {
-        match kind {
-            ObjectKind::Chunk => {}
-            ObjectKind::Region => {
-                let r: Region = match self.region(id) {
-                    Ok(r) => r,
-                    Err(StoreError::Missing { .. }) => return Ok(()),
-                    Err(e) => return Err(e),
-                };
-                for e in r.entries {
-                    if let Some(c) = e.chunk {
-                        *into.entry(ObjectKind::Chunk.key(&c)).or_default() += 1;
-                    }
-                }
+        let (rk, child) = match kind {
+            ObjectKind::Chunk => return Ok(()),
+            ObjectKind::Region => (RecordKind::Region, ObjectKind::Chunk),
+            ObjectKind::Page => (RecordKind::Page, ObjectKind::Region),
+        };
+        let bytes = match self.raw_records(kind, &[*id]) {
+            Ok(mut v) => v.pop().expect("one record"),
+            Err(StoreError::Missing { .. }) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let children = imgstore_format::sealed::record_children(rk, &bytes).map_err(|source| {
+            StoreError::Corrupt {
+                kind,
+                id: *id,
+                source,
             }
-            ObjectKind::Page => {
-                let p: Page = match self.page(id) {
-                    Ok(p) => p,
-                    Err(StoreError::Missing { .. }) => return Ok(()),
-                    Err(e) => return Err(e),
-                };
-                for r in p.regions.iter().filter(|r| **r != Id::ZERO) {
-                    *into.entry(ObjectKind::Region.key(r)).or_default() += 1;
-                }
-            }
+        })?;
+        for c in children {
+            *into.entry(child.key(&c)).or_default() += 1;
         }
         Ok(())
     }

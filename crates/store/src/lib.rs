@@ -53,9 +53,10 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use imgstore_format::sealed::{record_children, RecordKind};
 use imgstore_format::{
     cf, FormatError, Id, ObjectKind, Page, RefCount, Region, RepoConfig, Snapshot, CONFIG_FILE,
-    DB_DIR, FORMAT_VERSION, META_FORMAT_KEY,
+    DB_DIR, META_FORMAT_KEY,
 };
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBCompressionType, FlushOptions, Options,
@@ -66,7 +67,7 @@ pub use error::StoreError;
 pub use gc::{BlobSpace, SweepOutcome, BLOB_GC_RATIO};
 pub use imgstore_repo::{DamageMark, ForgetOutcome, PutOutcome, Tally, Totals};
 pub use lock::Lock;
-pub use sessions::Scope;
+pub use sessions::{snapshot_ns_key, Scope};
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
 
@@ -94,6 +95,9 @@ pub struct Store {
     heal_pending: std::sync::atomic::AtomicBool,
     /// Objects live server sessions rely on: gc leaves them.
     pins: Mutex<sessions::Pins>,
+    /// How the engine seals what it stores here (the store itself only
+    /// moves bytes; see `imgstore_repo::Codec`).
+    codec: imgstore_repo::Codec,
     _lock: Option<Lock>,
 }
 
@@ -234,7 +238,9 @@ impl Store {
             let mut wo = WriteOptions::default();
             wo.set_sync(true);
             let mut b = WriteBatch::default();
-            b.put_cf(&meta, META_FORMAT_KEY, FORMAT_VERSION.to_le_bytes());
+            // The config's version: 2 for a plain repository, 3 for an
+            // encrypted one (the config says which).
+            b.put_cf(&meta, META_FORMAT_KEY, config.version.to_le_bytes());
             db.write_opt(b, &wo)
                 .map_err(|e| crate::error::db(&db_path, "write", e))?;
         }
@@ -355,6 +361,7 @@ impl Store {
             heal: Mutex::new(integrity::Healing::default()),
             heal_pending: std::sync::atomic::AtomicBool::new(false),
             pins: Mutex::new(sessions::Pins::default()),
+            codec: imgstore_repo::Codec::Plain,
             _lock: lock,
         };
         let v = store
@@ -386,6 +393,17 @@ impl Store {
 
     pub fn config(&self) -> &RepoConfig {
         &self.config
+    }
+
+    /// The codec the engine uses on this repository.
+    pub fn codec(&self) -> &imgstore_repo::Codec {
+        &self.codec
+    }
+
+    /// Uses `codec` (the sealing keys of an encrypted repository).
+    pub fn with_codec(mut self, codec: imgstore_repo::Codec) -> Store {
+        self.codec = codec;
+        self
     }
 
     pub fn dir(&self) -> &Path {
@@ -559,11 +577,10 @@ impl Store {
     pub fn put_region(
         &self,
         id: &Id,
-        region: &Region,
         encoded: &[u8],
         frames: &HashMap<Id, (Vec<u8>, u32)>,
     ) -> Result<PutOutcome> {
-        self.put_region_in(None, id, region, encoded, frames)
+        self.put_region_in(None, id, encoded, frames)
     }
 
     /// [`Store::put_region`] for a server session: the region is pinned
@@ -573,18 +590,26 @@ impl Store {
         &self,
         scope: Option<&Scope>,
         id: &Id,
-        region: &Region,
         encoded: &[u8],
         frames: &HashMap<Id, (Vec<u8>, u32)>,
     ) -> Result<PutOutcome> {
         self.require_write()?;
+        if Id::hash(encoded) != *id {
+            return Err(StoreError::Invalid(
+                "region id does not match its content".into(),
+            ));
+        }
+        let chunks =
+            record_children(RecordKind::Region, encoded).map_err(|source| StoreError::Corrupt {
+                kind: ObjectKind::Region,
+                id: *id,
+                source,
+            })?;
         let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let rkey = ObjectKind::Region.key(id);
         let mut counts: HashMap<[u8; 33], u64> = HashMap::new();
-        for e in &region.entries {
-            if let Some(c) = e.chunk {
-                *counts.entry(ObjectKind::Chunk.key(&c)).or_default() += 1;
-            }
+        for c in chunks {
+            *counts.entry(ObjectKind::Chunk.key(&c)).or_default() += 1;
         }
         if self.get_refs(&[rkey])?[0].is_some() {
             let out = self.heal_region(&rkey, encoded, frames, scope, &counts)?;
@@ -704,8 +729,8 @@ impl Store {
     /// pages added.
     pub fn commit(
         &self,
-        snapshot: &Snapshot,
-        pages: &[Page],
+        snapshot: &[u8],
+        pages: &[Vec<u8>],
         parent: Option<&Id>,
     ) -> Result<(Id, u64)> {
         self.commit_in(None, snapshot, pages, parent)
@@ -716,30 +741,29 @@ impl Store {
     pub fn commit_in(
         &self,
         scope: Option<&Scope>,
-        snapshot: &Snapshot,
-        pages: &[Page],
+        snapshot: &[u8],
+        pages: &[Vec<u8>],
         parent: Option<&Id>,
     ) -> Result<(Id, u64)> {
         self.require_write()?;
+        let id = Id::hash(snapshot);
+        let named = record_children(RecordKind::Snapshot, snapshot)
+            .map_err(|source| StoreError::CorruptSnapshot { id, source })?;
+        let by_key: HashMap<[u8; 33], &Vec<u8>> = pages
+            .iter()
+            .map(|p| (ObjectKind::Page.key(&Id::hash(p)), p))
+            .collect();
         let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
         // Committing the same record twice (a client retrying a commit
         // whose answer it lost) changes nothing: counting its pages again
         // would break "count = number of stored parents".
-        let record_id = Id::hash(&snapshot.encode());
         if self
             .db
-            .get_pinned_cf(self.cf(cf::SNAPSHOTS), record_id.as_bytes())
+            .get_pinned_cf(self.cf(cf::SNAPSHOTS), id.as_bytes())
             .map_err(|e| self.db_err("read snapshot", e))?
             .is_some()
         {
-            return Ok((record_id, 0));
-        }
-        if pages.len() != snapshot.pages.len() {
-            return Err(StoreError::Invalid(format!(
-                "{} pages given for a snapshot naming {}",
-                pages.len(),
-                snapshot.pages.len()
-            )));
+            return Ok((id, 0));
         }
         // Step 2 of the protocol: make every earlier WAL-less write durable.
         let names = cf::ALL;
@@ -753,30 +777,30 @@ impl Store {
 
         let mut batch = WriteBatch::default();
         let mut page_counts: HashMap<[u8; 33], u64> = HashMap::new();
-        let mut page_by_key: HashMap<[u8; 33], &Page> = HashMap::new();
-        for (pid, page) in snapshot.pages.iter().zip(pages) {
-            let k = ObjectKind::Page.key(pid);
-            *page_counts.entry(k).or_default() += 1;
-            page_by_key.insert(k, page);
+        for pid in &named {
+            *page_counts.entry(ObjectKind::Page.key(pid)).or_default() += 1;
         }
         let absent = self.add_refs(&mut batch, &page_counts)?;
         let (recipes, refs_cf) = (self.cf(cf::RECIPES), self.cf(cf::REFS));
         let mut region_counts: HashMap<[u8; 33], u64> = HashMap::new();
         let mut added = 0u64;
         for k in absent {
-            let page = page_by_key[&k];
-            let encoded = page.encode();
-            if Id::hash(&encoded).as_bytes()[..] != k[1..] {
-                return Err(StoreError::Invalid(
-                    "page id does not match its content".into(),
-                ));
-            }
-            for r in &page.regions {
-                if *r != Id::ZERO {
-                    *region_counts.entry(ObjectKind::Region.key(r)).or_default() += 1;
+            let (_, pid) = ObjectKind::parse_key(&k).expect("33-byte key");
+            let encoded = by_key.get(&k).ok_or(StoreError::Missing {
+                kind: ObjectKind::Page,
+                id: pid,
+            })?;
+            let regions = record_children(RecordKind::Page, encoded).map_err(|source| {
+                StoreError::Corrupt {
+                    kind: ObjectKind::Page,
+                    id: pid,
+                    source,
                 }
+            })?;
+            for r in regions {
+                *region_counts.entry(ObjectKind::Region.key(&r)).or_default() += 1;
             }
-            batch.put_cf(&recipes, k, &encoded);
+            batch.put_cf(&recipes, k, encoded);
             let rc = RefCount {
                 count: page_counts[&k],
                 logical_len: encoded.len() as u32,
@@ -785,9 +809,9 @@ impl Store {
             batch.put_cf(&refs_cf, k, rc.encode());
             added += encoded.len() as u64;
         }
-        for (k, page) in &page_by_key {
-            if self.is_pending_damage(k) {
-                batch.put_cf(&recipes, k, page.encode());
+        for (k, page) in &by_key {
+            if page_counts.contains_key(k) && self.is_pending_damage(k) {
+                batch.put_cf(&recipes, k, page);
                 self.healed(*k);
             }
         }
@@ -805,20 +829,16 @@ impl Store {
             return Err(StoreError::Missing { kind, id });
         }
         if let Some(ns) = scope.and_then(|s| s.namespace.as_deref()) {
-            let mut keys: Vec<[u8; 33]> = page_by_key.keys().copied().collect();
-            for page in pages {
-                keys.extend(
-                    page.regions
-                        .iter()
-                        .filter(|r| **r != Id::ZERO)
-                        .map(|r| ObjectKind::Region.key(r)),
-                );
+            let mut keys: Vec<[u8; 33]> = page_counts.keys().copied().collect();
+            keys.push(sessions::snapshot_ns_key(&id));
+            for page in by_key.values() {
+                if let Ok(regions) = record_children(RecordKind::Page, page) {
+                    keys.extend(regions.iter().map(|r| ObjectKind::Region.key(r)));
+                }
             }
             self.mark_ns(&mut batch, ns, keys.iter())?;
         }
-        let encoded = snapshot.encode();
-        let id = Id::hash(&encoded);
-        batch.put_cf(&self.cf(cf::SNAPSHOTS), id.as_bytes(), &encoded);
+        batch.put_cf(&self.cf(cf::SNAPSHOTS), id.as_bytes(), snapshot);
         if let Some(p) = parent {
             batch.put_cf(
                 self.cf(cf::META),

@@ -1,8 +1,9 @@
 //! The local store as a [`Repository`]: the engine's only way in.
 
-use imgstore_format::{Id, ObjectKind, Page, RefCount, Region, RepoConfig, Snapshot};
+use imgstore_format::{Id, ObjectKind, RefCount, RepoConfig};
 use imgstore_repo::{
-    ChunkRead, DamageMark, ForgetOutcome, Frames, GcOutcome, PutOutcome, Repository, Result, Totals,
+    ChunkRead, Codec, DamageMark, ForgetOutcome, Frames, GcOutcome, PutOutcome, Repository, Result,
+    Totals,
 };
 
 use crate::Store;
@@ -16,16 +17,12 @@ impl Repository for Store {
         self.dir().display().to_string()
     }
 
-    fn snapshots(&self) -> Result<Vec<(Id, Snapshot)>> {
-        Store::snapshots(self)
+    fn codec(&self) -> &Codec {
+        Store::codec(self)
     }
 
-    fn pages(&self, ids: &[Id]) -> Result<Vec<Page>> {
-        ids.iter().map(|id| self.page(id)).collect()
-    }
-
-    fn regions(&self, ids: &[Id]) -> Result<Vec<Region>> {
-        ids.iter().map(|id| self.region(id)).collect()
+    fn raw_records(&self, kind: ObjectKind, ids: &[Id]) -> Result<Vec<Vec<u8>>> {
+        Store::raw_records(self, kind, ids)
     }
 
     fn chunk_frames(&self, ids: &[Id]) -> Result<Vec<ChunkRead>> {
@@ -49,22 +46,11 @@ impl Repository for Store {
         Store::chunks_known(self, ids)
     }
 
-    fn put_region(
-        &self,
-        id: &Id,
-        region: &Region,
-        encoded: &[u8],
-        frames: &Frames,
-    ) -> Result<PutOutcome> {
-        Store::put_region(self, id, region, encoded, frames)
+    fn put_region(&self, id: &Id, stored: &[u8], frames: &Frames) -> Result<PutOutcome> {
+        Store::put_region(self, id, stored, frames)
     }
 
-    fn commit(
-        &self,
-        snapshot: &Snapshot,
-        pages: &[Page],
-        parent: Option<&Id>,
-    ) -> Result<(Id, u64)> {
+    fn commit(&self, snapshot: &[u8], pages: &[Vec<u8>], parent: Option<&Id>) -> Result<(Id, u64)> {
         Store::commit(self, snapshot, pages, parent)
     }
 
@@ -80,7 +66,7 @@ impl Repository for Store {
         Store::parents(self)
     }
 
-    fn replace_snapshot(&self, old: &Id, new: &Snapshot) -> Result<Id> {
+    fn replace_snapshot(&self, old: &Id, new: &[u8]) -> Result<Id> {
         Store::replace_snapshot(self, old, new)
     }
 

@@ -25,6 +25,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use imgstore_format::sealed::{record_children, RecordKind};
 use imgstore_format::{cf, meta, Id, ObjectKind};
 use rocksdb::WriteBatch;
 
@@ -39,6 +40,15 @@ pub struct Scope {
     /// Answer "is it stored?" from the whole repository (an admin, or a
     /// server told to trust its clients), not only from the namespace.
     pub global: bool,
+}
+
+/// The namespace-mark key of snapshot `id` (kind byte `S`): how a server
+/// lists a sealed snapshot, whose name it cannot read, to its namespace.
+pub fn snapshot_ns_key(id: &Id) -> [u8; 33] {
+    let mut k = [0u8; 33];
+    k[0] = b'S';
+    k[1..].copy_from_slice(id.as_bytes());
+    k
 }
 
 /// Pinned object keys per session.
@@ -209,16 +219,22 @@ impl Store {
         self.require_write()?;
         let mut keys: HashSet<[u8; 33]> = HashSet::new();
         let mut regions: HashSet<Id> = HashSet::new();
+        let children = |kind: ObjectKind, rk: RecordKind, id: &Id| -> Result<Vec<Id>> {
+            let bytes = self.raw_records(kind, &[*id])?.pop().expect("one record");
+            record_children(rk, &bytes).map_err(|source| StoreError::Corrupt {
+                kind,
+                id: *id,
+                source,
+            })
+        };
         for p in pages {
             keys.insert(ObjectKind::Page.key(p));
-            regions.extend(self.page(p)?.regions.into_iter().filter(|r| *r != Id::ZERO));
+            regions.extend(children(ObjectKind::Page, RecordKind::Page, p)?);
         }
         for r in &regions {
             keys.insert(ObjectKind::Region.key(r));
-            for e in self.region(r)?.entries {
-                if let Some(c) = e.chunk {
-                    keys.insert(ObjectKind::Chunk.key(&c));
-                }
+            for c in children(ObjectKind::Region, RecordKind::Region, r)? {
+                keys.insert(ObjectKind::Chunk.key(&c));
             }
         }
         let mut batch = WriteBatch::default();

@@ -1,0 +1,88 @@
+//! The master key and what is derived from it.
+
+use chacha20poly1305::{KeyInit, XChaCha20Poly1305};
+use imgstore_format::Id;
+use zeroize::{Zeroize, ZeroizeOnDrop};
+
+use crate::CryptoError;
+
+/// Context strings of BLAKE3 `derive_key`: fixed forever (golden vectors).
+const CTX_CHUNK_ID: &str = "imgstore 2026-11 chunk id key";
+const CTX_RECORD_NONCE: &str = "imgstore 2026-11 record nonce key";
+const CTX_DATA: &str = "imgstore 2026-11 data encryption key";
+const CTX_CHUNKER: &str = "imgstore 2026-11 chunker seed";
+
+/// A repository's 256-bit master key. Zeroed when dropped.
+#[derive(Clone, Zeroize, ZeroizeOnDrop)]
+pub struct MasterKey(pub(crate) [u8; 32]);
+
+impl MasterKey {
+    /// A new random key.
+    pub fn generate() -> Result<MasterKey, CryptoError> {
+        Ok(MasterKey(crate::random()?))
+    }
+
+    /// A key from its bytes (tests, golden vectors).
+    pub fn from_bytes(b: [u8; 32]) -> MasterKey {
+        MasterKey(b)
+    }
+}
+
+impl std::fmt::Debug for MasterKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MasterKey(..)")
+    }
+}
+
+/// The sub-keys an encrypted repository uses.
+#[derive(Zeroize, ZeroizeOnDrop)]
+pub struct Keys {
+    chunk_id: [u8; 32],
+    pub(crate) record_nonce: [u8; 32],
+    data: [u8; 32],
+    chunker_seed: u64,
+    #[zeroize(skip)]
+    pub(crate) cipher: XChaCha20Poly1305,
+}
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Keys(..)")
+    }
+}
+
+impl Keys {
+    /// Derives every sub-key from the master key.
+    pub fn derive(master: &MasterKey) -> Keys {
+        let data = blake3::derive_key(CTX_DATA, &master.0);
+        let seed = blake3::derive_key(CTX_CHUNKER, &master.0);
+        Keys {
+            chunk_id: blake3::derive_key(CTX_CHUNK_ID, &master.0),
+            record_nonce: blake3::derive_key(CTX_RECORD_NONCE, &master.0),
+            data,
+            chunker_seed: u64::from_le_bytes(seed[..8].try_into().expect("8 bytes")),
+            cipher: XChaCha20Poly1305::new(&data.into()),
+        }
+    }
+
+    /// The id of a chunk: BLAKE3 keyed with the chunk-id key.
+    pub fn chunk_id(&self, plaintext: &[u8]) -> Id {
+        Id(*blake3::keyed_hash(&self.chunk_id, plaintext).as_bytes())
+    }
+
+    /// The seed the chunker's gear table is mixed with, so chunk lengths do
+    /// not fingerprint known data.
+    pub fn chunker_seed(&self) -> u64 {
+        self.chunker_seed
+    }
+
+    #[cfg(test)]
+    pub(crate) fn raw(&self) -> ([u8; 32], [u8; 32], [u8; 32], u64) {
+        (
+            self.chunk_id,
+            self.record_nonce,
+            self.data,
+            self.chunker_seed,
+        )
+    }
+}
