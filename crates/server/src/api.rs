@@ -168,6 +168,23 @@ fn visible(app: &App, c: &Caller, keys: &[[u8; 33]]) -> ApiResult<Vec<bool>> {
     Ok(out)
 }
 
+/// The items whose objects (`key` of each) this caller may see.
+fn only_visible<T>(
+    app: &App,
+    c: &Caller,
+    items: Vec<T>,
+    key: impl Fn(&T) -> [u8; 33],
+) -> ApiResult<Vec<T>> {
+    let keys: Vec<[u8; 33]> = items.iter().map(key).collect();
+    let vis = visible(app, c, &keys)?;
+    Ok(items
+        .into_iter()
+        .zip(vis)
+        .filter(|(_, v)| *v)
+        .map(|(t, _)| t)
+        .collect())
+}
+
 fn session(app: &App, c: &Caller, headers: &HeaderMap) -> ApiResult<Scope> {
     let id = headers
         .get(proto::SESSION_HEADER)
@@ -741,15 +758,8 @@ async fn gc(
 async fn damage(State(app): State<Shared>, headers: HeaderMap) -> ApiResult {
     let c = caller(&app, &headers)?;
     blocking(move || {
-        let marks = app.store.damage_marks()?;
-        let keys: Vec<[u8; 33]> = marks.iter().map(|m| m.kind.key(&m.id)).collect();
-        let vis = visible(&app, &c, &keys)?;
-        let out: Vec<proto::WireMark> = marks
-            .iter()
-            .zip(vis)
-            .filter(|(_, v)| *v)
-            .map(|(m, _)| proto::WireMark::from(m))
-            .collect();
+        let marks = only_visible(&app, &c, app.store.damage_marks()?, |m| m.kind.key(&m.id))?;
+        let out: Vec<proto::WireMark> = marks.iter().map(proto::WireMark::from).collect();
         Ok(Json(out).into_response())
     })
     .await
@@ -767,14 +777,7 @@ async fn mark_damage(
         .map(|m| m.parse())
         .collect::<Result<Vec<_>, _>>()?;
     blocking(move || {
-        let keys: Vec<[u8; 33]> = marks.iter().map(|m| m.kind.key(&m.id)).collect();
-        let vis = visible(&app, &c, &keys)?;
-        let marks: Vec<_> = marks
-            .into_iter()
-            .zip(vis)
-            .filter(|(_, v)| *v)
-            .map(|(m, _)| m)
-            .collect();
+        let marks = only_visible(&app, &c, marks, |m| m.kind.key(&m.id))?;
         app.store.mark_damaged(&marks)?;
         Ok(StatusCode::NO_CONTENT.into_response())
     })
@@ -793,14 +796,7 @@ async fn clear_damage(
         .map(|o| Ok((proto::parse_kind(&o.kind)?, proto::parse_id(&o.id)?)))
         .collect::<Result<Vec<_>, proto::Malformed>>()?;
     blocking(move || {
-        let keys: Vec<[u8; 33]> = objs.iter().map(|(k, id)| k.key(id)).collect();
-        let vis = visible(&app, &c, &keys)?;
-        let objs: Vec<_> = objs
-            .into_iter()
-            .zip(vis)
-            .filter(|(_, v)| *v)
-            .map(|(o, _)| o)
-            .collect();
+        let objs = only_visible(&app, &c, objs, |(k, id)| k.key(id))?;
         app.store.clear_damaged(&objs)?;
         Ok(StatusCode::NO_CONTENT.into_response())
     })
