@@ -132,7 +132,7 @@ fn store_ops(c: &mut Criterion) {
         )
     });
     let ids: Vec<Id> = {
-        let r = s.snapshots().unwrap();
+        let r = imgstore_repo::Repository::snapshots(&s).unwrap();
         drop(r);
         let mut frames = HashMap::new();
         let mut entries = Vec::new();

@@ -150,7 +150,7 @@ proptest! {
         drop(store);
         // Everything committed is readable by a read-only open.
         let ro = Store::open(&dir.path().join("repo"), Mode::ReadOnly).unwrap();
-        prop_assert_eq!(ro.snapshots().unwrap().len(), 0);
+        prop_assert_eq!(imgstore_repo::Repository::snapshots(&ro).unwrap().len(), 0);
         let t = ro.totals().unwrap();
         prop_assert_eq!(t.orphans, 0);
     }

@@ -346,28 +346,3 @@ fn open_records<R: Repository + ?Sized, T>(
         })
         .collect()
 }
-
-/// Decodes a stored record checked against its id: shared by
-/// implementations so that each checks the same way.
-pub fn decode_checked<T>(
-    kind: ObjectKind,
-    id: &Id,
-    bytes: &[u8],
-    decode: impl FnOnce(&[u8]) -> std::result::Result<T, imgstore_format::FormatError>,
-) -> Result<T> {
-    if Id::hash(bytes) != *id {
-        return Err(RepoError::Corrupt {
-            kind,
-            id: *id,
-            source: imgstore_format::FormatError::Invalid {
-                what: "stored record",
-                why: "its content does not hash to its id".into(),
-            },
-        });
-    }
-    decode(bytes).map_err(|source| RepoError::Corrupt {
-        kind,
-        id: *id,
-        source,
-    })
-}

@@ -55,8 +55,7 @@ use std::sync::Mutex;
 
 use imgstore_format::sealed::{record_children, RecordKind};
 use imgstore_format::{
-    cf, FormatError, Id, ObjectKind, Page, RefCount, Region, RepoConfig, Snapshot, CONFIG_FILE,
-    DB_DIR, META_FORMAT_KEY,
+    cf, FormatError, Id, ObjectKind, RefCount, RepoConfig, CONFIG_FILE, DB_DIR, META_FORMAT_KEY,
 };
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBCompressionType, FlushOptions, Options,
@@ -468,61 +467,6 @@ impl Store {
             };
         }
         out
-    }
-
-    /// A region recipe or index page as stored, checked against its id
-    /// (they are small: hashing costs microseconds, and a backup reusing a
-    /// parent's regions must trust exactly what the parent recorded).
-    fn record<T>(
-        &self,
-        kind: ObjectKind,
-        id: &Id,
-        decode: impl FnOnce(&[u8]) -> std::result::Result<T, FormatError>,
-    ) -> Result<T> {
-        let recipes = self.cf(cf::RECIPES);
-        match self.db.get_pinned_cf(&recipes, kind.key(id)) {
-            Ok(Some(v)) => imgstore_repo::decode_checked(kind, id, &v, decode),
-            Ok(None) => Err(StoreError::Missing { kind, id: *id }),
-            Err(e) => Err(self.db_err("read recipe", e)),
-        }
-    }
-
-    /// A region recipe, decoded.
-    pub fn region(&self, id: &Id) -> Result<Region> {
-        self.record(ObjectKind::Region, id, Region::decode)
-    }
-
-    /// An index page, decoded.
-    pub fn page(&self, id: &Id) -> Result<Page> {
-        self.record(ObjectKind::Page, id, Page::decode)
-    }
-
-    /// Every snapshot, decoded, in key order. A record that does not decode
-    /// or whose key is not its hash is an error naming it.
-    pub fn snapshots(&self) -> Result<Vec<(Id, Snapshot)>> {
-        let snaps = self.cf(cf::SNAPSHOTS);
-        let mut out = Vec::new();
-        for item in self.db.iterator_cf(&snaps, rocksdb::IteratorMode::Start) {
-            let (k, v) = item.map_err(|e| self.db_err("list snapshots", e))?;
-            let id = Id::from_slice(&k).ok_or(StoreError::Corrupt {
-                kind: ObjectKind::Page,
-                id: Id::ZERO,
-                source: FormatError::BadKey { len: k.len() },
-            })?;
-            let snap = Snapshot::decode(&v)
-                .map_err(|source| StoreError::CorruptSnapshot { id, source })?;
-            if Id::hash(&v) != id {
-                return Err(StoreError::CorruptSnapshot {
-                    id,
-                    source: FormatError::Invalid {
-                        what: "snapshot record",
-                        why: "its hash does not match its id".into(),
-                    },
-                });
-            }
-            out.push((id, snap));
-        }
-        Ok(out)
     }
 
     pub(crate) fn get_refs(&self, keys: &[[u8; 33]]) -> Result<Vec<Option<RefCount>>> {

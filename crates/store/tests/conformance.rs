@@ -2,6 +2,8 @@
 //! store and on `MemRepo`: both must answer the same, so the engine's unit
 //! tests on `MemRepo` speak for the real store.
 
+mod common;
+
 use std::collections::HashMap;
 
 use imgstore_format::{
@@ -120,14 +122,14 @@ fn first_half(repo: &dyn Repository) -> Vec<String> {
         regions: vec![r2],
         cvs: vec![[2; 32]],
     };
-    let (s1, a1) = commit_plain(
+    let (s1, a1) = common::commit_plain(
         repo,
         &snapshot(std::slice::from_ref(&p1), 2, 1),
         &[p1],
         None,
     )
     .unwrap();
-    let (s2, a2) = commit_plain(
+    let (s2, a2) = common::commit_plain(
         repo,
         &snapshot(std::slice::from_ref(&p2), 1, 2),
         &[p2],
@@ -212,7 +214,7 @@ fn second_half(w: &dyn Repository) -> Vec<String> {
         regions: vec![r2],
         cvs: vec![[3; 32]],
     };
-    commit_plain(w, &snapshot(std::slice::from_ref(&p3), 1, 3), &[p3], None).unwrap();
+    common::commit_plain(w, &snapshot(std::slice::from_ref(&p3), 1, 3), &[p3], None).unwrap();
     assert_eq!(w.damage_pending(), 0);
     seen.push(format!("marks {:?}", w.damage_marks().unwrap()));
     seen.push(format!("totals {:?}", w.totals().unwrap()));
@@ -235,16 +237,4 @@ fn local_store_and_memory_repository_agree() {
     memory.extend(second_half(&mem.reopen()));
     assert_eq!(local, memory);
     assert!(local.len() > 8, "{local:?}");
-}
-
-/// A commit of decoded records, as plain stored bytes.
-#[allow(dead_code)]
-fn commit_plain(
-    repo: &dyn imgstore_repo::Repository,
-    snap: &imgstore_format::Snapshot,
-    pages: &[imgstore_format::Page],
-    parent: Option<&imgstore_format::Id>,
-) -> imgstore_repo::Result<(imgstore_format::Id, u64)> {
-    let pages: Vec<Vec<u8>> = pages.iter().map(|p| p.encode()).collect();
-    repo.commit(&snap.encode(), &pages, parent)
 }

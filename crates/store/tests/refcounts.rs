@@ -1,10 +1,13 @@
 //! Reference counts and orphans on a real RocksDB.
 
+mod common;
+
 use std::collections::HashMap;
 
 use imgstore_format::{
     ChunkingConfig, Id, ObjectKind, Page, RecipeEntry, Region, RepoConfig, Snapshot, SnapshotStats,
 };
+use imgstore_repo::Repository;
 use imgstore_store::{Mode, Store, StoreError};
 
 fn config() -> RepoConfig {
@@ -106,7 +109,7 @@ fn counts_follow_parents_and_orphans_are_listed() {
         cvs: vec![[0; 32]; 3],
     };
     let size = 2 * (8 << 20) + region.len();
-    let (s1, added) = commit_plain(
+    let (s1, added) = common::commit_plain(
         &store,
         &snapshot(std::slice::from_ref(&page), size, 1),
         std::slice::from_ref(&page),
@@ -124,7 +127,7 @@ fn counts_follow_parents_and_orphans_are_listed() {
     );
     assert_eq!(store.totals().unwrap().orphans, 0);
     let pid = Id::hash(&page.encode());
-    let (s2, added2) = commit_plain(
+    let (s2, added2) = common::commit_plain(
         &store,
         &snapshot(std::slice::from_ref(&page), size, 2),
         std::slice::from_ref(&page),
@@ -163,7 +166,7 @@ fn counts_follow_parents_and_orphans_are_listed() {
         regions: vec![Id([9; 32])],
         cvs: vec![[0; 32]],
     };
-    let err = commit_plain(
+    let err = common::commit_plain(
         &store,
         &snapshot(std::slice::from_ref(&bad), 100, 3),
         std::slice::from_ref(&bad),
@@ -200,16 +203,4 @@ fn counts_follow_parents_and_orphans_are_listed() {
         ro.put_region(&rid, &enc, &frames),
         Err(StoreError::ReadOnly)
     ));
-}
-
-/// A commit of decoded records, as plain stored bytes.
-#[allow(dead_code)]
-fn commit_plain(
-    repo: &dyn imgstore_repo::Repository,
-    snap: &imgstore_format::Snapshot,
-    pages: &[imgstore_format::Page],
-    parent: Option<&imgstore_format::Id>,
-) -> imgstore_repo::Result<(imgstore_format::Id, u64)> {
-    let pages: Vec<Vec<u8>> = pages.iter().map(|p| p.encode()).collect();
-    repo.commit(&snap.encode(), &pages, parent)
 }

@@ -1,6 +1,8 @@
 //! What a server needs from the store: sessions whose pins gc honours,
 //! namespace marks, and commits that may be repeated.
 
+mod common;
+
 use std::collections::HashMap;
 
 use imgstore_format::{
@@ -92,7 +94,7 @@ fn forgotten_snapshot(s: &Store) -> Vec<Id> {
     let (r, _reg, enc) = region(&[0, 1]);
     s.put_region(&r, &enc, &frames(&[0, 1])).unwrap();
     let (sn, pages) = snap(&[r], 1);
-    let (id, _) = commit_plain(s, &sn, &pages, None).unwrap();
+    let (id, _) = common::commit_plain(s, &sn, &pages, None).unwrap();
     s.forget(&[id]).unwrap();
     vec![chunk(0).0, chunk(1).0]
 }
@@ -218,24 +220,12 @@ fn a_repeated_commit_changes_nothing() {
     let (r, _reg, enc) = region(&[6]);
     s.put_region(&r, &enc, &frames(&[6])).unwrap();
     let (sn, pages) = snap(&[r], 4);
-    let (id1, _) = commit_plain(&s, &sn, &pages, None).unwrap();
-    let (id2, added) = commit_plain(&s, &sn, &pages, None).unwrap();
+    let (id1, _) = common::commit_plain(&s, &sn, &pages, None).unwrap();
+    let (id2, added) = common::commit_plain(&s, &sn, &pages, None).unwrap();
     assert_eq!((id1, added), (id2, 0));
     let rc = Repository::ref_counts(&s, ObjectKind::Page, &sn.pages).unwrap();
     assert_eq!(rc[0].unwrap().count, 1, "a page counted twice");
     s.forget(&[id1]).unwrap();
     Repository::gc(&s, false).unwrap();
     assert_eq!(Repository::totals(&s).unwrap().objects.chunks, 0);
-}
-
-/// A commit of decoded records, as plain stored bytes.
-#[allow(dead_code)]
-fn commit_plain(
-    repo: &dyn imgstore_repo::Repository,
-    snap: &imgstore_format::Snapshot,
-    pages: &[imgstore_format::Page],
-    parent: Option<&imgstore_format::Id>,
-) -> imgstore_repo::Result<(imgstore_format::Id, u64)> {
-    let pages: Vec<Vec<u8>> = pages.iter().map(|p| p.encode()).collect();
-    repo.commit(&snap.encode(), &pages, parent)
 }
