@@ -224,6 +224,17 @@ imgstore key list\n  IMGSTORE_NEW_PASSWORD=... imgstore key add\n  imgstore key 
 imgstore key passwd 1a2b3c4d\n  imgstore key remove 1a2b3c4d"
     )]
     Key(KeyArgs),
+    /// Rebuild a bucket-backed repository's local directory (-r DIR, new)
+    /// from the bucket alone: after losing the machine, or to use the
+    /// repository from another one.
+    #[command(
+        after_help = "Reads the config, every pack's trailer, every record's copy and every snapshot object; recounts references from the snapshots down. The new directory then works like the lost one (`imgstore check --read-data` verifies everything).
+
+Examples:
+  AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=... imgstore -r /var/lib/imgstore recover s3://backups/imgstore \\
+      --endpoint https://s3.example.net --region eu-1"
+    )]
+    Recover(RecoverArgs),
     /// Serve this repository (-r DIR) to other hosts over HTTPS.
     #[command(
         after_help = "The server is the repository's one writer: any number of hosts back up, restore, \
@@ -557,6 +568,44 @@ pub struct InitArgs {
     /// by the passphrase (or --key-file) given.
     #[arg(long)]
     pub encryption: bool,
+    /// Keep the data in an S3-compatible bucket (format 4): s3://BUCKET[/PREFIX].
+    /// This directory keeps the index and a cache; the bucket alone is
+    /// enough to rebuild it (`imgstore recover`).
+    #[arg(long, value_name = "URL")]
+    pub storage: Option<String>,
+    /// With --storage: target size of the pack objects (1M..256M).
+    #[arg(long, value_name = "SIZE", default_value = "32M", requires = "storage")]
+    pub pack_size: String,
+    #[command(flatten)]
+    pub bucket: BucketArgs,
+}
+
+/// Where an S3-compatible service is, and the local cache. Credentials come
+/// from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (AWS_SESSION_TOKEN) or the
+/// profile AWS_PROFILE in ~/.aws/credentials, never from the command line.
+#[derive(Args, Debug)]
+pub struct BucketArgs {
+    /// The service's URL (default: AWS S3 for --region).
+    #[arg(long, value_name = "URL", env = "AWS_ENDPOINT_URL")]
+    pub endpoint: Option<String>,
+    /// The bucket's region ("garage" for Garage, unless it says otherwise).
+    #[arg(long, value_name = "REGION", env = "AWS_REGION", default_value = "us-east-1")]
+    pub region: String,
+    /// Bytes of recently written packs kept in DIR/cache (0 keeps none).
+    #[arg(long, value_name = "SIZE", default_value = "1G")]
+    pub cache_size: String,
+}
+
+#[derive(Args, Debug)]
+pub struct RecoverArgs {
+    /// The bucket holding the repository: s3://BUCKET[/PREFIX].
+    #[arg(value_name = "URL")]
+    pub storage: String,
+    #[command(flatten)]
+    pub bucket: BucketArgs,
+    /// Print the result as one JSON object.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]

@@ -95,6 +95,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     })?;
     match cli.command {
         Command::Init(a) => init(&repo, a),
+        Command::Recover(a) => recover(&repo, a),
         Command::Backup(a) => backup(&repo, a, progress),
         Command::Snapshots(a) => snapshots(&repo, a),
         Command::Restore(a) => restore(&repo, a, progress),
@@ -153,6 +154,16 @@ fn init(repo: &Path, a: InitArgs) -> anyhow::Result<()> {
     let p = imgstore_chunker::Params::with_avg(avg)
         .map_err(|e| anyhow::anyhow!("--chunk-size {}: {e}", a.chunk_size))?;
     let mut config = imgstore_engine::new_repo_config(p, a.compression_level);
+    if let Some(url) = &a.storage {
+        let pack_size = parse_size(&a.pack_size)?;
+        if !(1 << 20..=256 << 20).contains(&pack_size) {
+            return Err(exit::usage(format!(
+                "--pack-size {}: choose 1M..256M",
+                a.pack_size
+            )));
+        }
+        config = config.in_bucket(storage_of(url, &a.bucket, pack_size as u32)?);
+    }
     if a.encryption {
         let (_, slots) = crate::keys::new_slots(&repo.display().to_string())?;
         config = config.encrypted(slots);
@@ -160,13 +171,17 @@ fn init(repo: &Path, a: InitArgs) -> anyhow::Result<()> {
     let store = Store::init(repo, config)?;
     let c = store.config();
     note(&format!(
-        "created {}imgstore repository at {} (chunks {}/{}/{} KiB, regions {} MiB, zstd level {})",
+        "created {}imgstore repository at {}{} (chunks {}/{}/{} KiB, regions {} MiB, zstd level {})",
         if c.encryption.is_some() {
             "an encrypted "
         } else {
             ""
         },
         repo.display(),
+        c.storage
+            .as_ref()
+            .map(|s| format!(" with its data in {}", s.url()))
+            .unwrap_or_default(),
         c.chunking.min / 1024,
         c.chunking.avg / 1024,
         c.chunking.max / 1024,
@@ -174,6 +189,88 @@ fn init(repo: &Path, a: InitArgs) -> anyhow::Result<()> {
         c.compression.zstd_level
     ));
     Ok(())
+}
+
+/// The storage section for `--storage URL` and the bucket options.
+fn storage_of(
+    url: &str,
+    b: &crate::args::BucketArgs,
+    pack_size: u32,
+) -> anyhow::Result<imgstore_format::Storage> {
+    let spec = imgstore_bucket::BucketSpec::parse(url, b.endpoint.clone(), b.region.clone())
+        .map_err(|e| exit::usage(e.to_string()))?;
+    Ok(imgstore_format::Storage {
+        kind: "s3".into(),
+        bucket: spec.bucket,
+        prefix: spec.prefix,
+        endpoint: spec.endpoint,
+        region: spec.region,
+        pack_size,
+        cache_bytes: parse_size(&b.cache_size)?,
+    })
+}
+
+/// `imgstore -r DIR recover s3://BUCKET/PREFIX`.
+fn recover(repo: &Path, a: crate::args::RecoverArgs) -> anyhow::Result<()> {
+    if crate::open::remote_url(repo).is_some() {
+        return Err(exit::usage(
+            "recover rebuilds a local directory: give -r a new directory",
+        ));
+    }
+    let storage = storage_of(&a.storage, &a.bucket, imgstore_store::DEFAULT_PACK_SIZE)?;
+    let started = std::time::Instant::now();
+    let (store, r) = Store::recover(repo, &storage)?;
+    let secs = started.elapsed().as_secs_f64();
+    let url = storage.url();
+    if a.json {
+        let v = json!({
+            "schema_version": JSON_SCHEMA,
+            "bucket": url,
+            "packs": r.packs,
+            "chunks": r.chunks,
+            "records": r.records,
+            "snapshots": r.snapshots,
+            "missing": r.missing,
+            "rejected": r.rejected,
+            "seconds": secs,
+            "requests": store.bucket_report().map(|b| bucket_json(&b)),
+        });
+        emit(&format!("{v}
+"))?;
+    } else {
+        note(&format!(
+            "recovered {} from {url} in {secs:.2} s: {} snapshots, {} chunks and {} records in {} packs",
+            repo.display(),
+            r.snapshots,
+            r.chunks,
+            r.records,
+            r.packs
+        ));
+    }
+    if r.missing > 0 || r.rejected > 0 {
+        return Err(crate::exit::damaged(format!(
+            "{url}: {} objects named by snapshots are missing and {} packs or objects failed their checks: run `imgstore -r {} check --read-data` to see which snapshots are damaged",
+            r.missing,
+            r.rejected,
+            repo.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Request counts and cache figures of a bucket-backed repository.
+pub(crate) fn bucket_json(b: &imgstore_store::BucketReport) -> serde_json::Value {
+    json!({
+        "puts": b.requests.puts,
+        "gets": b.requests.gets,
+        "lists": b.requests.lists,
+        "deletes": b.requests.deletes,
+        "bytes_up": b.requests.bytes_up,
+        "bytes_down": b.requests.bytes_down,
+        "cache_hits": b.cache_hits,
+        "cache_misses": b.cache_misses,
+        "cache_bytes": b.cache_bytes,
+    })
 }
 
 fn hostname() -> String {
@@ -329,6 +426,9 @@ fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> {
             .or(opts.parent.as_ref().map(|p| p.0));
         v["parent"] = json!(parent.map(|p| p.to_string()));
         v["repaired_objects"] = json!(repaired);
+        if let Some(b) = store.bucket_report() {
+            v["bucket"] = bucket_json(&b);
+        }
         emit(&format!("{v}\n"))
     } else {
         note(&format!(
@@ -592,6 +692,7 @@ fn restore(repo: &Path, a: RestoreArgs, progress: bool) -> anyhow::Result<()> {
             "zero_bytes": r.zero_bytes,
             "seconds": r.seconds,
             "digest": Id(snap.digest).to_hex(),
+            "bucket": store.bucket_report().map(|b| bucket_json(&b)),
         });
         emit(&format!("{v}\n"))
     } else {

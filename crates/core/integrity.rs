@@ -69,7 +69,19 @@ pub fn check(repo: &Path, a: CheckArgs, progress: bool) -> anyhow::Result<()> {
     let report = {
         let store = crate::commands::open_read(repo)?;
         let bar = Bar::new(progress);
-        imgstore_engine::check(&*store, read, &bar)?
+        let mut report = imgstore_engine::check(&*store, read, &bar)?;
+        if let Some(s) = store.local() {
+            // The bucket of a bucket-backed repository: every pack there,
+            // whole, and (with --read-data) every record's copy intact.
+            for what in s.check_bucket(!matches!(read, ReadData::None))? {
+                report.problems.push(imgstore_engine::Problem {
+                    object: None,
+                    damaged: false,
+                    what,
+                });
+            }
+        }
+        report
     };
     let secs = started.elapsed().as_secs_f64();
     let marks_note = record_marks(repo, &report.damage_marks(), &report.intact_marked);

@@ -132,6 +132,12 @@ fn save_config(repo: &Path, config: &RepoConfig) -> anyhow::Result<()> {
     f.write_all(&config.to_json())?;
     f.sync_all()?;
     std::fs::rename(&tmp, &path).with_context(|| format!("cannot replace {}", path.display()))?;
+    // A bucket-backed repository's key slots live in the bucket too (a
+    // rebuild from the bucket must be able to open it).
+    if config.storage.is_some() {
+        let store = imgstore_store::Store::open(repo, imgstore_store::Mode::ReadOnly)?;
+        store.put_bucket_config()?;
+    }
     Ok(())
 }
 

@@ -36,6 +36,22 @@ impl Repo {
         }
     }
 
+    /// Request counts of a bucket-backed repository.
+    pub fn bucket_report(&self) -> Option<imgstore_store::BucketReport> {
+        match self {
+            Repo::Local(s) => s.bucket_report(),
+            Repo::Remote(_) => None,
+        }
+    }
+
+    /// The local store, when the repository is one.
+    pub fn local(&self) -> Option<&Store> {
+        match self {
+            Repo::Local(s) => Some(s),
+            Repo::Remote(_) => None,
+        }
+    }
+
     /// Opens the server session a backup of `image` runs in (nothing for a
     /// local repository, whose lock already makes this process the writer).
     pub fn begin_backup(&self, image: &str) -> anyhow::Result<()> {

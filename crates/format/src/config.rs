@@ -2,7 +2,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{FormatError, ENCRYPTED_FORMAT_VERSION, FORMAT_VERSION, MIN_FORMAT_VERSION};
+use crate::{
+    FormatError, BUCKET_FORMAT_VERSION, ENCRYPTED_FORMAT_VERSION, FORMAT_VERSION, MIN_FORMAT_VERSION,
+    NEWEST_FORMAT_VERSION,
+};
 
 /// Name of the config file at the top of a repository directory.
 pub const CONFIG_FILE: &str = "imgstore.json";
@@ -47,6 +50,41 @@ pub struct RepoConfig {
     /// Present in an encrypted repository (format 3): its key slots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<Encryption>,
+    /// Present in a bucket-backed repository (format 4): where its packs live.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<Storage>,
+}
+
+/// Where a bucket-backed repository keeps its data. Credentials are never
+/// stored here: they come from the environment or the AWS profile files.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Storage {
+    /// Always "s3" (any S3-compatible service).
+    pub kind: String,
+    pub bucket: String,
+    /// Folder inside the bucket ("" or ending without a slash).
+    #[serde(default)]
+    pub prefix: String,
+    /// Service URL (None: AWS's endpoint for the region).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    pub region: String,
+    /// Target size of a pack object, in bytes.
+    pub pack_size: u32,
+    /// Bytes of packs kept in the local cache (`cache/`); 0 keeps none.
+    pub cache_bytes: u64,
+}
+
+impl Storage {
+    /// `s3://BUCKET/PREFIX` for messages.
+    pub fn url(&self) -> String {
+        if self.prefix.is_empty() {
+            format!("s3://{}", self.bucket)
+        } else {
+            format!("s3://{}/{}", self.bucket, self.prefix)
+        }
+    }
 }
 
 /// The only encryption scheme: BLAKE3-derived sub-keys, keyed BLAKE3 chunk
@@ -114,12 +152,22 @@ impl RepoConfig {
             region_size,
             compression: Compression { zstd_level },
             encryption: None,
+            storage: None,
         }
+    }
+
+    /// Makes this a bucket-backed repository's config (format 4).
+    pub fn in_bucket(mut self, storage: Storage) -> Self {
+        self.version = BUCKET_FORMAT_VERSION;
+        self.storage = Some(storage);
+        self
     }
 
     /// Makes this a new encrypted repository's config (format 3).
     pub fn encrypted(mut self, slots: Vec<KeySlot>) -> Self {
-        self.version = ENCRYPTED_FORMAT_VERSION;
+        if self.storage.is_none() {
+            self.version = ENCRYPTED_FORMAT_VERSION;
+        }
         self.encryption = Some(Encryption {
             scheme: ENCRYPTION_SCHEME.into(),
             slots,
@@ -152,10 +200,10 @@ impl RepoConfig {
             }
         })?;
         let version = u32::try_from(version).unwrap_or(u32::MAX);
-        if version > ENCRYPTED_FORMAT_VERSION {
+        if version > NEWEST_FORMAT_VERSION {
             return Err(FormatError::Newer {
                 found: version,
-                supported: ENCRYPTED_FORMAT_VERSION,
+                supported: NEWEST_FORMAT_VERSION,
             });
         }
         if version < MIN_FORMAT_VERSION {
@@ -177,9 +225,27 @@ impl RepoConfig {
             what: "repository config",
             why,
         };
+        match (&self.storage, self.version) {
+            (Some(st), BUCKET_FORMAT_VERSION) => {
+                if st.kind != "s3" {
+                    return Err(bad(format!("unknown storage kind {}", st.kind)));
+                }
+                if st.bucket.is_empty() || st.region.is_empty() {
+                    return Err(bad("a storage section without bucket or region".into()));
+                }
+                if !(1 << 20..=256 << 20).contains(&st.pack_size) {
+                    return Err(bad(format!("pack size {} out of 1-256 MiB", st.pack_size)));
+                }
+            }
+            (None, BUCKET_FORMAT_VERSION) => {
+                return Err(bad("format 4 needs a storage section".into()))
+            }
+            (Some(_), v) => return Err(bad(format!("format {v} cannot keep data in a bucket"))),
+            (None, _) => {}
+        }
         match (&self.encryption, self.version) {
-            (None, FORMAT_VERSION) => {}
-            (Some(e), ENCRYPTED_FORMAT_VERSION) => {
+            (None, FORMAT_VERSION | BUCKET_FORMAT_VERSION) => {}
+            (Some(e), ENCRYPTED_FORMAT_VERSION | BUCKET_FORMAT_VERSION) => {
                 if e.scheme != ENCRYPTION_SCHEME {
                     return Err(bad(format!("unknown encryption scheme {}", e.scheme)));
                 }

@@ -19,13 +19,14 @@ mod config;
 mod frame;
 mod id;
 pub mod meta;
+pub mod pack;
 mod overlay;
 mod records;
 pub mod sealed;
 
 pub use codec::FormatError;
 pub use config::{
-    ChunkingConfig, Compression, Encryption, KdfParams, KeySlot, RepoConfig, SlotKind, CONFIG_FILE,
+    ChunkingConfig, Compression, Encryption, KdfParams, KeySlot, RepoConfig, SlotKind, Storage, CONFIG_FILE,
     DB_DIR, ENCRYPTION_SCHEME, LOCK_FILE,
 };
 pub use frame::{
@@ -47,6 +48,16 @@ pub const FORMAT_VERSION: u32 = 2;
 /// every chunk frame and record sealed (`sealed`), key slots in the config.
 /// A plain repository stays version 2, so older builds still read it.
 pub const ENCRYPTED_FORMAT_VERSION: u32 = 3;
+
+/// The format version of a bucket-backed repository (plain or encrypted):
+/// chunk frames and copies of every record live in pack objects in an
+/// S3-compatible bucket (`pack`); the local `chunks` column family holds
+/// pack locations instead of frames. An older build refuses it instead of
+/// reading locations as frames.
+pub const BUCKET_FORMAT_VERSION: u32 = 4;
+
+/// The newest repository format version this build reads.
+pub const NEWEST_FORMAT_VERSION: u32 = BUCKET_FORMAT_VERSION;
 
 /// The oldest repository format version this build can read.
 ///

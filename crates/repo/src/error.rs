@@ -76,6 +76,11 @@ pub enum RepoError {
     /// The server refused the credentials or the operation.
     #[error("{url} refused the request: {detail}")]
     Denied { url: String, detail: String },
+    /// The object store behind a bucket-backed repository answered with an
+    /// error or with something imgstore did not write (the message names
+    /// the bucket and the object).
+    #[error("{0}")]
+    Storage(String),
     /// The server answered with an error or an answer that breaks the
     /// protocol.
     #[error("{url}: {detail}")]

@@ -375,7 +375,7 @@ async fn chunks_get(State(app): State<Shared>, headers: HeaderMap, body: Bytes) 
     blocking(move || {
         let keys: Vec<[u8; 33]> = ids.iter().map(|id| ObjectKind::Chunk.key(id)).collect();
         let vis = visible(&app, &c, &keys)?;
-        let mut frames = app.store.chunk_frames(&ids);
+        let mut frames = app.store.chunk_frames(&ids)?;
         for (f, v) in frames.iter_mut().zip(vis) {
             if !v {
                 *f = Err(ChunkFault::Missing);

@@ -63,7 +63,9 @@ impl Store {
         } else {
             b.delete_cf(self.cf(cf::META), imgstore_format::meta::protect_key(id));
         }
-        self.write_synced(b, "protect")
+        self.write_synced(b, "protect")?;
+        // The bucket's copy carries the flag too, for a rebuild.
+        self.put_snapshot_object(id)
     }
 
     /// Ids of protected snapshots.
@@ -196,6 +198,15 @@ impl Store {
             }
         }
         self.write_synced(b, "replace snapshot")?;
+        if self.packs().is_some() {
+            self.put_snapshot_object(&id)?;
+            for (child, parent) in self.parents()? {
+                if parent == id {
+                    self.put_snapshot_object(&child)?;
+                }
+            }
+            self.delete_snapshot_objects(&[*old])?;
+        }
         Ok(id)
     }
 
@@ -238,6 +249,9 @@ impl Store {
         }
         let orphaned = self.sub_refs(&mut batch, &page_counts)?;
         self.write_synced(batch, "forget")?;
+        // The snapshot objects go after the local records: one left behind
+        // by a failure here is deleted by the next gc, before any pack.
+        let _ = self.delete_snapshot_objects(&unique);
         Ok(ForgetOutcome {
             snapshots: unique.len() as u64,
             pages_orphaned: orphaned.len() as u64,
@@ -329,6 +343,7 @@ impl Store {
             let mut batch = WriteBatch::default();
             let mut children: HashMap<[u8; 33], u64> = HashMap::new();
             let rcs = self.get_refs(&orphans)?;
+            let mut gone: Vec<[u8; 33]> = Vec::new();
             for (k, rc) in orphans.iter().zip(rcs) {
                 batch.delete_cf(self.cf(cf::ORPHANS), k);
                 let Ok((kind, id)) = ObjectKind::parse_key(k) else {
@@ -347,6 +362,7 @@ impl Store {
                     }
                 }
                 batch.delete_cf(self.cf(cf::REFS), k);
+                gone.push(*k);
                 out.add(kind, &rc);
                 match kind {
                     ObjectKind::Chunk => batch.delete_cf(self.cf(cf::CHUNKS), id.as_bytes()),
@@ -356,6 +372,7 @@ impl Store {
                 }
             }
             self.sub_refs(&mut batch, &children)?;
+            self.unlocate(&mut batch, &gone)?;
             self.write_synced(batch, "gc")?;
             progress(&out);
         }
@@ -464,6 +481,10 @@ impl Store {
     /// Returns whether the blob rewrite ran.
     pub fn reclaim(&self) -> Result<bool> {
         self.require_write()?;
+        if self.packs().is_some() {
+            // The data is in packs: gc deletes and repacks them.
+            return self.bucket_gc();
+        }
         let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let compact = |name: &str| -> Result<()> {
             let mut co = CompactOptions::default();

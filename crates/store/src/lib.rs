@@ -43,6 +43,7 @@ mod error;
 mod gc;
 mod integrity;
 mod lock;
+mod packs;
 mod repository;
 mod sessions;
 
@@ -66,6 +67,7 @@ pub use error::StoreError;
 pub use gc::{BlobSpace, SweepOutcome, BLOB_GC_RATIO};
 pub use imgstore_repo::{DamageMark, ForgetOutcome, PutOutcome, Tally, Totals};
 pub use lock::Lock;
+pub use packs::{BucketReport, RecoverOutcome, DEFAULT_PACK_SIZE, REPACK_GARBAGE};
 pub use sessions::{snapshot_ns_key, Scope};
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -97,10 +99,12 @@ pub struct Store {
     /// How the engine seals what it stores here (the store itself only
     /// moves bytes; see `imgstore_repo::Codec`).
     codec: imgstore_repo::Codec,
+    /// The bucket side of a bucket-backed repository (format 4).
+    packs: Option<packs::Packs>,
     _lock: Option<Lock>,
 }
 
-fn db_options(create: bool, cache: &Cache) -> (Options, Vec<ColumnFamilyDescriptor>) {
+fn db_options(create: bool, cache: &Cache, bucket: bool) -> (Options, Vec<ColumnFamilyDescriptor>) {
     let mut db = Options::default();
     db.create_if_missing(create);
     db.create_missing_column_families(create);
@@ -133,7 +137,9 @@ fn db_options(create: bool, cache: &Cache) -> (Options, Vec<ColumnFamilyDescript
         cfd(cf::CHUNKS, &|o| {
             // Chunk payloads (already zstd-compressed) go to blob files; the
             // LSM tree holds only 32-byte keys and blob references.
-            o.set_enable_blob_files(true);
+            // In a bucket-backed repository the values are 44-byte pack
+            // locations: they stay in the LSM tree.
+            o.set_enable_blob_files(!bucket);
             o.set_min_blob_size(0);
             o.set_blob_file_size(256 << 20);
             o.set_blob_compression_type(DBCompressionType::None);
@@ -206,6 +212,29 @@ impl Store {
     /// empty directory) with the given config. The directory is created
     /// mode 0700 and the config file 0600.
     pub fn init(dir: &Path, config: RepoConfig) -> Result<Store> {
+        if config.storage.is_none() {
+            return Store::create_local(dir, config, "init");
+        }
+        let fresh = !dir.exists();
+        let store = Store::create_local(dir, config.clone(), "init")?;
+        if let Err(e) = Store::init_bucket(&config) {
+            drop(store);
+            // Nothing but what this call created is removed.
+            if fresh {
+                let _ = fs::remove_dir_all(dir);
+            } else if let Ok(rd) = fs::read_dir(dir) {
+                for e in rd.flatten() {
+                    let _ = fs::remove_dir_all(e.path()).or_else(|_| fs::remove_file(e.path()));
+                }
+            }
+            return Err(e);
+        }
+        Ok(store)
+    }
+
+    /// Creates the local directory of a repository (the whole repository,
+    /// unless it is bucket-backed) and opens it for writing as `operation`.
+    pub(crate) fn create_local(dir: &Path, config: RepoConfig, operation: &'static str) -> Result<Store> {
         if dir.exists() {
             let empty = dir.is_dir()
                 && fs::read_dir(dir)
@@ -229,7 +258,7 @@ impl Store {
         let lock = Lock::acquire(dir, "init")?;
         {
             let cache = Cache::new_lru_cache(8 << 20);
-            let (opts, cfs) = db_options(true, &cache);
+            let (opts, cfs) = db_options(true, &cache, config.storage.is_some());
             let db_path = dir.join(DB_DIR);
             let db = DB::open_cf_descriptors(&opts, &db_path, cfs)
                 .map_err(|e| crate::error::db(&db_path, "create", e))?;
@@ -261,7 +290,7 @@ impl Store {
             .and_then(|d| d.sync_all())
             .map_err(io_err(dir, "fsync"))?;
         drop(lock);
-        Store::open(dir, Mode::Write { operation: "init" })
+        Store::open(dir, Mode::Write { operation })
     }
 
     /// Opens an existing repository; a writer that finds the lock held
@@ -334,13 +363,18 @@ impl Store {
         };
         let cache = Cache::new_lru_cache(32 << 20);
         let db_path = dir.join(DB_DIR);
+        let bucket = config.storage.is_some();
+        let packs = match &config.storage {
+            Some(st) => Some(packs::Packs::new(dir, st)?),
+            None => None,
+        };
         let db = match mode {
             Mode::Write { .. } => {
-                let (opts, cfs) = db_options(false, &cache);
+                let (opts, cfs) = db_options(false, &cache, bucket);
                 DB::open_cf_descriptors(&opts, &db_path, cfs)
             }
             Mode::ReadOnly => open_read_only(&db_path, || {
-                let (mut opts, cfs) = db_options(false, &cache);
+                let (mut opts, cfs) = db_options(false, &cache, bucket);
                 // Readers (restore, verify, check, serve) mostly read blob
                 // files in the order backups wrote them: let the kernel read
                 // ahead (RocksDB's default advises "random", which turns it
@@ -361,6 +395,7 @@ impl Store {
             heal_pending: std::sync::atomic::AtomicBool::new(false),
             pins: Mutex::new(sessions::Pins::default()),
             codec: imgstore_repo::Codec::Plain,
+            packs,
             _lock: lock,
         };
         let v = store
@@ -430,6 +465,17 @@ impl Store {
     pub fn chunks_known(&self, ids: &[Id]) -> Result<Vec<bool>> {
         let refs = self.cf(cf::REFS);
         let keys: Vec<[u8; 33]> = ids.iter().map(|id| ObjectKind::Chunk.key(id)).collect();
+        if self.packs.is_some() {
+            // Counted is not enough: the frame must be in the bucket (or on
+            // its way there from this process).
+            let counted = self.get_refs(&keys)?;
+            let held = self.held(&keys)?;
+            return Ok(keys
+                .iter()
+                .zip(counted.into_iter().zip(held))
+                .map(|(k, (c, h))| c.is_some() && h && !self.is_pending_damage(k))
+                .collect());
+        }
         self.db
             .batched_multi_get_cf(&refs, keys.iter(), false)
             .into_iter()
@@ -444,7 +490,14 @@ impl Store {
     /// Stored frames of several chunks, in order, each with its own
     /// outcome (one batched lookup, keys sorted so RocksDB reads blob files
     /// in order).
-    pub fn chunk_frames(&self, ids: &[Id]) -> Vec<imgstore_repo::ChunkRead> {
+    pub fn chunk_frames(&self, ids: &[Id]) -> Result<Vec<imgstore_repo::ChunkRead>> {
+        if self.packs.is_some() {
+            return self.bucket_chunk_frames(ids);
+        }
+        Ok(self.local_chunk_frames(ids))
+    }
+
+    fn local_chunk_frames(&self, ids: &[Id]) -> Vec<imgstore_repo::ChunkRead> {
         use imgstore_repo::ChunkFault;
         let chunks = self.cf(cf::CHUNKS);
         let mut sorted: Vec<(usize, &Id)> = ids.iter().enumerate().collect();
@@ -556,13 +609,19 @@ impl Store {
             *counts.entry(ObjectKind::Chunk.key(&c)).or_default() += 1;
         }
         if self.get_refs(&[rkey])?[0].is_some() {
-            let out = self.heal_region(&rkey, encoded, frames, scope, &counts)?;
+            let (out, sealed) = self.heal_region(&rkey, id, encoded, frames, scope, &counts)?;
             if let Some(s) = scope {
                 let chunks: Vec<[u8; 33]> = counts.keys().copied().collect();
                 self.after_session_region(s, rkey, &chunks);
             }
+            drop(_guard);
+            if let Some(sealed) = sealed {
+                self.ship(sealed)?;
+            }
             return Ok(out);
         }
+        let bucket = self.packs.is_some();
+        let mut items: Vec<(ObjectKind, Id, &[u8], u32)> = Vec::new();
         // Sized once for everything it may hold (new chunks' frames, their
         // keys and counts, the recipe): a batch grown by doubling copied
         // each multi-MiB frame buffer again and faulted fresh pages in, under
@@ -589,7 +648,11 @@ impl Store {
                 kind: ObjectKind::Chunk,
                 id: cid,
             })?;
-            batch.put_cf(&chunks, cid.as_bytes(), frame);
+            if bucket {
+                items.push((ObjectKind::Chunk, cid, frame, *raw_len));
+            } else {
+                batch.put_cf(&chunks, cid.as_bytes(), frame);
+            }
             let rc = RefCount {
                 count: counts[&k],
                 logical_len: *raw_len,
@@ -599,11 +662,23 @@ impl Store {
             out.new_chunks += 1;
             out.new_bytes += frame.len() as u64;
         }
-        for (cid, (frame, _)) in frames {
-            let k = ObjectKind::Chunk.key(cid);
-            if counts.contains_key(&k) && self.is_pending_damage(&k) {
-                batch.put_cf(&chunks, cid.as_bytes(), frame);
-                self.healed(k);
+        if bucket {
+            // Counted chunks whose frames never reached the bucket (lost with
+            // a process that died before its upload), and damaged ones.
+            let present: Vec<[u8; 33]> = counts
+                .keys()
+                .filter(|k| !items.iter().any(|i| i.0.key(&i.1) == **k))
+                .copied()
+                .collect();
+            items.extend(self.bucket_resend(&mut batch, &present, frames)?);
+            items.push((ObjectKind::Region, *id, encoded, encoded.len() as u32));
+        } else {
+            for (cid, (frame, _)) in frames {
+                let k = ObjectKind::Chunk.key(cid);
+                if counts.contains_key(&k) && self.is_pending_damage(&k) {
+                    batch.put_cf(&chunks, cid.as_bytes(), frame);
+                    self.healed(k);
+                }
             }
         }
         batch.put_cf(&recipes, rkey, encoded);
@@ -627,7 +702,51 @@ impl Store {
             let chunks: Vec<[u8; 33]> = counts.keys().copied().collect();
             self.after_session_region(s, rkey, &chunks);
         }
+        let sealed = self.pack_append(&items);
+        drop(_guard);
+        if let Some(sealed) = sealed {
+            self.ship(sealed)?;
+        }
         Ok(out)
+    }
+
+    /// Bucket mode: of counted chunks `keys`, those that must be sent to
+    /// the bucket again — not held (never landed) or marked damaged — with
+    /// their frames from `frames`. A damaged one loses its old location in
+    /// `batch`, so the new copy's lands.
+    fn bucket_resend<'a>(
+        &self,
+        batch: &mut WriteBatch,
+        keys: &[[u8; 33]],
+        frames: &'a HashMap<Id, (Vec<u8>, u32)>,
+    ) -> Result<Vec<(ObjectKind, Id, &'a [u8], u32)>> {
+        let held = self.held(keys)?;
+        let mut items = Vec::new();
+        let mut relocate = Vec::new();
+        for (k, h) in keys.iter().zip(held) {
+            let damaged = self.is_pending_damage(k);
+            if h && !damaged {
+                continue;
+            }
+            let cid = Id::from_slice(&k[1..]).expect("32 bytes");
+            let Some((frame, raw)) = frames.get(&cid) else {
+                if !h {
+                    return Err(StoreError::Missing {
+                        kind: ObjectKind::Chunk,
+                        id: cid,
+                    });
+                }
+                continue;
+            };
+            if damaged {
+                relocate.push(*k);
+                batch.delete_cf(self.cf(cf::CHUNKS), cid.as_bytes());
+                self.healed(*k);
+            }
+            items.push((ObjectKind::Chunk, cid, frame.as_slice(), *raw));
+        }
+        self.unlocate(batch, &relocate)?;
+        Ok(items)
     }
 
     /// A region already stored: rewrites the damaged objects among it and
@@ -635,12 +754,21 @@ impl Store {
     fn heal_region(
         &self,
         rkey: &[u8; 33],
+        id: &Id,
         encoded: &[u8],
         frames: &HashMap<Id, (Vec<u8>, u32)>,
         scope: Option<&Scope>,
         counts: &HashMap<[u8; 33], u64>,
-    ) -> Result<PutOutcome> {
+    ) -> Result<(PutOutcome, Option<packs::Sealed>)> {
         let mut batch = WriteBatch::default();
+        let mut items = Vec::new();
+        if self.packs.is_some() {
+            let keys: Vec<[u8; 33]> = counts.keys().copied().collect();
+            items = self.bucket_resend(&mut batch, &keys, frames)?;
+            if !self.held(&[*rkey])?[0] {
+                items.push((ObjectKind::Region, *id, encoded, encoded.len() as u32));
+            }
+        }
         if let Some(ns) = scope.and_then(|s| s.namespace.as_deref()) {
             // The same region written under another namespace: this one
             // sent (or was told it had) every chunk, so it may see them.
@@ -652,7 +780,7 @@ impl Store {
         }
         for (cid, (frame, _)) in frames {
             let k = ObjectKind::Chunk.key(cid);
-            if self.is_pending_damage(&k) {
+            if self.packs.is_none() && self.is_pending_damage(&k) {
                 batch.put_cf(self.cf(cf::CHUNKS), cid.as_bytes(), frame);
                 self.healed(k);
             }
@@ -664,7 +792,7 @@ impl Store {
                 .write_opt(batch, &wo)
                 .map_err(|e| self.db_err("rewrite damaged objects", e))?;
         }
-        Ok(PutOutcome::default())
+        Ok((PutOutcome::default(), self.pack_append(&items)))
     }
 
     /// Makes a snapshot visible: flushes everything written so far, then
@@ -697,6 +825,13 @@ impl Store {
             .iter()
             .map(|p| (ObjectKind::Page.key(&Id::hash(p)), p))
             .collect();
+        // A bucket-backed repository: everything the snapshot names reaches
+        // the bucket, and its snapshot object is written, before it becomes
+        // visible here.
+        let page_locs = match self.packs {
+            Some(_) => self.bucket_commit(snapshot, pages, parent)?,
+            None => Vec::new(),
+        };
         let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
         // Committing the same record twice (a client retrying a commit
         // whose answer it lost) changes nothing: counting its pages again
@@ -728,6 +863,9 @@ impl Store {
         let (recipes, refs_cf) = (self.cf(cf::RECIPES), self.cf(cf::REFS));
         let mut region_counts: HashMap<[u8; 33], u64> = HashMap::new();
         let mut added = 0u64;
+        if self.packs.is_some() {
+            self.commit_page_locations(&mut batch, &absent.iter().copied().collect(), &page_locs)?;
+        }
         for k in absent {
             let (_, pid) = ObjectKind::parse_key(&k).expect("33-byte key");
             let encoded = by_key.get(&k).ok_or(StoreError::Missing {

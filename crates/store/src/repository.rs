@@ -26,7 +26,7 @@ impl Repository for Store {
     }
 
     fn chunk_frames(&self, ids: &[Id]) -> Result<Vec<ChunkRead>> {
-        Ok(Store::chunk_frames(self, ids))
+        Store::chunk_frames(self, ids)
     }
 
     fn ref_counts(&self, kind: ObjectKind, ids: &[Id]) -> Result<Vec<Option<RefCount>>> {
@@ -39,7 +39,11 @@ impl Repository for Store {
     }
 
     fn storage_bytes(&self) -> Option<u64> {
-        Some(crate::disk_usage(self.dir()))
+        let packs: u64 = match self.packs() {
+            Some(_) => self.pack_stats().ok()?.values().map(|s| s.size).sum(),
+            None => 0,
+        };
+        Some(crate::disk_usage(self.dir()) + packs)
     }
 
     fn chunks_known(&self, ids: &[Id]) -> Result<Vec<bool>> {

@@ -1,0 +1,415 @@
+//! An S3-compatible bucket, as the local store needs it: whole-object
+//! PUTs (multipart above 16 MiB), ranged GETs in parallel, listing and
+//! batch deletes — blocking calls on a private async runtime, so the store
+//! and the engine stay synchronous.
+//!
+//! # Why opendal, and what this crate adds
+//!
+//! opendal signs requests (SigV4, credentials from the environment or the
+//! AWS profile files — never from imgstore's own config), speaks multipart,
+//! and its retry layer retries what S3 calls temporary (503 SlowDown, 500s,
+//! timeouts, reset connections) with exponential backoff and jitter. This
+//! crate adds only what imgstore needs on top:
+//!
+//! * every read is bounded (`max` bytes) before it is buffered, so a bucket
+//!   answer can never make the process allocate without limit;
+//! * request and byte counts ([`Stats`]), for `--json` output and the
+//!   benchmarks' "requests per GiB";
+//! * typed errors that name the bucket, the object and what to do.
+//!
+//! Nothing here knows what a pack or a chunk is (`imgstore-format` does).
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use opendal::layers::{ConcurrentLimitLayer, RetryLayer, TimeoutLayer};
+use opendal::{ErrorKind, Operator};
+
+/// Where a bucket is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BucketSpec {
+    pub bucket: String,
+    /// Folder inside the bucket ("" for the top).
+    pub prefix: String,
+    /// Service URL; None uses AWS's endpoint for the region.
+    pub endpoint: Option<String>,
+    pub region: String,
+}
+
+impl BucketSpec {
+    /// Parses `s3://BUCKET[/PREFIX]`.
+    pub fn parse(url: &str, endpoint: Option<String>, region: String) -> Result<BucketSpec, BucketError> {
+        let rest = url.strip_prefix("s3://").ok_or_else(|| BucketError::Spec {
+            why: format!("{url:?} is not an s3://BUCKET/PREFIX address"),
+        })?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let prefix = prefix.trim_matches('/').to_string();
+        let valid = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.';
+        if bucket.len() < 3 || bucket.len() > 63 || !bucket.chars().all(valid) {
+            return Err(BucketError::Spec {
+                why: format!("{bucket:?} is not a valid bucket name (3-63 of a-z, 0-9, '-', '.')"),
+            });
+        }
+        if prefix.split('/').any(|p| p == ".." || p == ".") {
+            return Err(BucketError::Spec {
+                why: format!("prefix {prefix:?} may not hold '.' or '..'"),
+            });
+        }
+        Ok(BucketSpec {
+            bucket: bucket.into(),
+            prefix,
+            endpoint,
+            region,
+        })
+    }
+
+    /// `s3://BUCKET/PREFIX`.
+    pub fn url(&self) -> String {
+        if self.prefix.is_empty() {
+            format!("s3://{}", self.bucket)
+        } else {
+            format!("s3://{}/{}", self.bucket, self.prefix)
+        }
+    }
+}
+
+/// How hard to try.
+#[derive(Clone, Copy, Debug)]
+pub struct Tuning {
+    /// Retries of a temporary failure (after the first attempt).
+    pub retries: usize,
+    /// Longest wait between retries.
+    pub max_backoff: Duration,
+    /// Time limit of one request's non-I/O part, and of each I/O step.
+    pub timeout: Duration,
+    /// Requests in flight at once.
+    pub concurrency: usize,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            retries: 8,
+            max_backoff: Duration::from_secs(20),
+            timeout: Duration::from_secs(60),
+            concurrency: 16,
+        }
+    }
+}
+
+/// Requests made and bytes moved since the bucket was opened.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub puts: AtomicU64,
+    pub gets: AtomicU64,
+    pub lists: AtomicU64,
+    pub deletes: AtomicU64,
+    pub bytes_up: AtomicU64,
+    pub bytes_down: AtomicU64,
+}
+
+/// A snapshot of [`Stats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub puts: u64,
+    pub gets: u64,
+    pub lists: u64,
+    pub deletes: u64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+}
+
+/// A failure talking to the bucket; every variant names the object.
+#[derive(Debug, thiserror::Error)]
+pub enum BucketError {
+    #[error("bad bucket address: {why}")]
+    Spec { why: String },
+    #[error("{url}: object {path} does not exist")]
+    NotFound { url: String, path: String },
+    #[error("{url}: access denied to {path} ({detail}): check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and the bucket policy")]
+    Denied {
+        url: String,
+        path: String,
+        detail: String,
+    },
+    #[error("{url}: {op} {path} failed after retries: {detail}")]
+    Unavailable {
+        url: String,
+        op: &'static str,
+        path: String,
+        detail: String,
+    },
+    #[error("{url}: object {path} is {len} bytes, more than the {max} expected: the bucket holds something imgstore did not write")]
+    TooLarge {
+        url: String,
+        path: String,
+        len: u64,
+        max: u64,
+    },
+    #[error("{url}: {op} {path}: {detail}")]
+    Other {
+        url: String,
+        op: &'static str,
+        path: String,
+        detail: String,
+    },
+}
+
+/// A bucket (or a folder in one).
+pub struct Bucket {
+    op: Operator,
+    rt: tokio::runtime::Runtime,
+    url: String,
+    tuning: Tuning,
+    stats: Arc<Stats>,
+}
+
+impl Bucket {
+    /// Connects (lazily: the first request reaches the service).
+    /// Credentials: `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`
+    /// (`AWS_SESSION_TOKEN`), or the profile `AWS_PROFILE` in
+    /// `~/.aws/credentials` and `~/.aws/config`.
+    pub fn connect(spec: &BucketSpec, tuning: Tuning) -> Result<Bucket, BucketError> {
+        // One process-wide TLS provider (ring, as the server and client use).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        opendal::install_default();
+        let url = spec.url();
+        let mut b = opendal::services::S3::default()
+            .bucket(&spec.bucket)
+            .root(&format!("/{}", spec.prefix))
+            .region(&spec.region)
+            .disable_ec2_metadata();
+        if let Some(e) = &spec.endpoint {
+            b = b.endpoint(e);
+        }
+        let err = |e: opendal::Error| BucketError::Spec {
+            why: format!("{url}: {e}"),
+        };
+        let op = Operator::new(b)
+            .map_err(err)?
+            .layer(
+                TimeoutLayer::new()
+                    .with_timeout(tuning.timeout)
+                    .with_io_timeout(tuning.timeout),
+            )
+            .layer(
+                RetryLayer::new()
+                    .with_max_times(tuning.retries)
+                    .with_min_delay(Duration::from_millis(100))
+                    .with_max_delay(tuning.max_backoff)
+                    .with_jitter(),
+            )
+            .layer(ConcurrentLimitLayer::new(tuning.concurrency));
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("imgstore-bucket")
+            .enable_all()
+            .build()
+            .map_err(|e| BucketError::Spec {
+                why: format!("cannot start the I/O runtime: {e}"),
+            })?;
+        Ok(Bucket {
+            op,
+            rt,
+            url,
+            tuning,
+            stats: Arc::default(),
+        })
+    }
+
+    /// `s3://BUCKET/PREFIX`, for messages.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Request and byte counts so far.
+    pub fn counts(&self) -> Counts {
+        let s = &self.stats;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Counts {
+            puts: l(&s.puts),
+            gets: l(&s.gets),
+            lists: l(&s.lists),
+            deletes: l(&s.deletes),
+            bytes_up: l(&s.bytes_up),
+            bytes_down: l(&s.bytes_down),
+        }
+    }
+
+    fn fail(&self, op: &'static str, path: &str, e: opendal::Error) -> BucketError {
+        let (url, path) = (self.url.clone(), path.to_string());
+        // The message opendal gives carries the service's answer; it holds
+        // no credentials (opendal redacts them in its debug output).
+        let detail = e.to_string().lines().next().unwrap_or_default().to_string();
+        match e.kind() {
+            ErrorKind::NotFound => BucketError::NotFound { url, path },
+            ErrorKind::PermissionDenied => BucketError::Denied { url, path, detail },
+            _ if e.is_temporary() || e.is_persistent() => BucketError::Unavailable {
+                url,
+                op,
+                path,
+                detail,
+            },
+            _ => BucketError::Other {
+                url,
+                op,
+                path,
+                detail,
+            },
+        }
+    }
+
+    /// Writes a whole object (multipart above 16 MiB, parts in parallel).
+    pub fn put(&self, path: &str, data: Vec<u8>) -> Result<(), BucketError> {
+        let len = data.len() as u64;
+        let parts = len.div_ceil(16 << 20).max(1);
+        self.rt
+            .block_on(async {
+                if len > 16 << 20 {
+                    self.op
+                        .write_with(path, data)
+                        .chunk(16 << 20)
+                        .concurrent(4)
+                        .await
+                } else {
+                    self.op.write(path, data).await
+                }
+            })
+            .map_err(|e| self.fail("PUT", path, e))?;
+        self.stats.puts.fetch_add(parts, Ordering::Relaxed);
+        self.stats.bytes_up.fetch_add(len, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Reads a whole object of at most `max` bytes (larger is an error,
+    /// found by a HEAD before anything is buffered).
+    pub fn get(&self, path: &str, max: u64) -> Result<Vec<u8>, BucketError> {
+        let len = self.size(path)?.ok_or_else(|| BucketError::NotFound {
+            url: self.url.clone(),
+            path: path.into(),
+        })?;
+        if len > max {
+            return Err(BucketError::TooLarge {
+                url: self.url.clone(),
+                path: path.into(),
+                len,
+                max,
+            });
+        }
+        Ok(self.get_ranges(&[(path.to_string(), 0..len)]).pop().expect("one answer")?)
+    }
+
+    /// The size of an object, None when absent.
+    pub fn size(&self, path: &str) -> Result<Option<u64>, BucketError> {
+        self.stats.gets.fetch_add(1, Ordering::Relaxed);
+        match self.rt.block_on(self.op.stat(path)) {
+            Ok(m) => Ok(Some(m.content_length())),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.fail("HEAD", path, e)),
+        }
+    }
+
+    /// Reads byte ranges of objects, several requests in flight; each
+    /// answer must be exactly its range's length (a shorter object is an
+    /// error naming it, never short data).
+    pub fn get_ranges(&self, reqs: &[(String, Range<u64>)]) -> Vec<Result<Vec<u8>, BucketError>> {
+        let conc = self.tuning.concurrency.max(1);
+        self.rt.block_on(async {
+            futures::stream::iter(reqs.iter().map(|(path, r)| async move {
+                let want = r.end.saturating_sub(r.start);
+                if r.end <= r.start {
+                    return Ok(Vec::new());
+                }
+                self.stats.gets.fetch_add(1, Ordering::Relaxed);
+                let buf = self
+                    .op
+                    .read_with(path)
+                    .range(r.clone())
+                    .await
+                    .map_err(|e| self.fail("GET", path, e))?;
+                if buf.len() as u64 != want {
+                    return Err(BucketError::Other {
+                        url: self.url.clone(),
+                        op: "GET",
+                        path: path.clone(),
+                        detail: format!(
+                            "asked for bytes {}..{}, got {} bytes: the object is shorter than the index says",
+                            r.start,
+                            r.end,
+                            buf.len()
+                        ),
+                    });
+                }
+                self.stats.bytes_down.fetch_add(want, Ordering::Relaxed);
+                Ok(buf.to_vec())
+            }))
+            .buffered(conc)
+            .collect()
+            .await
+        })
+    }
+
+    /// Every object under `dir` (recursively) with its size: `(path, len)`,
+    /// paths relative to the prefix.
+    pub fn list(&self, dir: &str) -> Result<Vec<(String, u64)>, BucketError> {
+        self.rt.block_on(async {
+            let mut lister = self
+                .op
+                .lister_with(dir)
+                .recursive(true)
+                .await
+                .map_err(|e| self.fail("LIST", dir, e))?;
+            let mut out = Vec::new();
+            let mut n = 0u64;
+            while let Some(entry) = lister.next().await {
+                let entry = entry.map_err(|e| self.fail("LIST", dir, e))?;
+                n += 1;
+                if entry.metadata().is_dir() {
+                    continue;
+                }
+                let len = entry.metadata().content_length();
+                out.push((entry.path().trim_start_matches('/').to_string(), len));
+            }
+            // ListObjectsV2 answers 1,000 keys per request.
+            self.stats
+                .lists
+                .fetch_add(n.div_ceil(1000).max(1), Ordering::Relaxed);
+            Ok(out)
+        })
+    }
+
+    /// Deletes objects (absent ones are not an error).
+    pub fn delete(&self, paths: &[String]) -> Result<(), BucketError> {
+        if paths.is_empty() {
+            return Ok(());
+        }
+        self.rt
+            .block_on(self.op.delete_iter(paths.iter().map(|p| p.as_str())))
+            .map_err(|e| self.fail("DELETE", &paths[0], e))?;
+        self.stats
+            .deletes
+            .fetch_add(paths.len().div_ceil(1000) as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_parse_or_are_refused_with_a_reason() {
+        let s = BucketSpec::parse("s3://my-bucket/a/b/", None, "garage".into()).unwrap();
+        assert_eq!((s.bucket.as_str(), s.prefix.as_str()), ("my-bucket", "a/b"));
+        assert_eq!(s.url(), "s3://my-bucket/a/b");
+        let s = BucketSpec::parse("s3://bkt", None, "r".into()).unwrap();
+        assert_eq!(s.prefix, "");
+        for bad in ["http://x/y", "s3://UPPER/x", "s3://a/x", "s3://ok-bucket/../x"] {
+            let e = BucketSpec::parse(bad, None, "r".into()).unwrap_err();
+            assert!(matches!(e, BucketError::Spec { .. }), "{bad}: {e}");
+        }
+    }
+}

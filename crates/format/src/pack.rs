@@ -1,0 +1,450 @@
+//! Bucket-backed repositories (format 4): the pack object, the snapshot
+//! object, the bucket layout, and the local index entries that point into
+//! packs. Encoded and checked here only; `docs/FORMAT.md` ("Bucket-backed
+//! repositories") documents every byte.
+//!
+//! ```text
+//! bucket/PREFIX/
+//!   config                    the repository config (imgstore.json bytes)
+//!   packs/<aa>/<pack name>    entries back to back, then the trailer, then the footer
+//!   snapshots/<snapshot id>   a snapshot object (envelope + stored record)
+//! ```
+//!
+//! A pack's name is the BLAKE3 hash (hex) of its trailer. The trailer names
+//! every entry (kind, id, length, raw length), so a pack is self-describing:
+//! the bucket alone is enough to rebuild the local index. Entries are
+//! verified where they are used — a chunk against its id after decoding, a
+//! record against its id as stored — so a pack needs no checksum of its own
+//! beyond its name.
+
+use crate::codec::{Reader, Writer};
+use crate::{FormatError, Id, ObjectKind};
+
+/// Last 8 bytes of every pack.
+pub const PACK_MAGIC: &[u8; 8] = b"IMGPACK1";
+/// The fixed footer: entry count (u32 LE), trailer length (u32 LE), magic.
+pub const FOOTER_LEN: usize = 16;
+/// Bytes per trailer entry: kind (1), id (32), stored length (u32), raw length (u32).
+pub const TRAILER_ENTRY_LEN: usize = 41;
+/// Most entries a pack may name (a 64 MiB pack of 4 KiB chunks has 16,384);
+/// a trailer claiming more is refused before anything is allocated.
+pub const MAX_PACK_ENTRIES: u32 = 1 << 20;
+/// Largest pack object accepted (the writer's target is far below).
+pub const MAX_PACK_BYTES: u64 = 1 << 30;
+
+/// Object name of the repository config in the bucket.
+pub const CONFIG_OBJECT: &str = "config";
+/// Folder of pack objects.
+pub const PACKS_DIR: &str = "packs/";
+/// Folder of snapshot objects.
+pub const SNAPSHOTS_DIR: &str = "snapshots/";
+
+/// A pack's name: the BLAKE3 of its trailer.
+pub type PackName = Id;
+
+/// Path of a pack object under the prefix.
+pub fn pack_path(name: &PackName) -> String {
+    let hex = name.to_hex();
+    format!("{PACKS_DIR}{}/{hex}", &hex[..2])
+}
+
+/// The pack name in a pack object's path (`packs/aa/<hex>`), if it is one.
+pub fn parse_pack_path(path: &str) -> Option<PackName> {
+    let rest = path.strip_prefix(PACKS_DIR)?;
+    let (dir, hex) = rest.split_once('/')?;
+    let id = Id::from_hex(hex).ok()?;
+    (dir.len() == 2 && hex.starts_with(dir)).then_some(id)
+}
+
+/// Path of a snapshot object.
+pub fn snapshot_path(id: &Id) -> String {
+    format!("{SNAPSHOTS_DIR}{}", id.to_hex())
+}
+
+/// The snapshot id in a snapshot object's path, if it is one.
+pub fn parse_snapshot_path(path: &str) -> Option<Id> {
+    Id::from_hex(path.strip_prefix(SNAPSHOTS_DIR)?).ok()
+}
+
+/// One entry of a pack.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PackEntry {
+    pub kind: ObjectKind,
+    pub id: Id,
+    /// Stored bytes in the pack.
+    pub len: u32,
+    /// For a chunk, its raw length; for a record, its stored length again.
+    pub raw_len: u32,
+}
+
+/// A pack's trailer, decoded: entries in order, with their offsets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Trailer {
+    pub entries: Vec<PackEntry>,
+}
+
+impl Trailer {
+    /// Offset of each entry (entries are back to back from 0).
+    pub fn offsets(&self) -> Vec<u64> {
+        let mut at = 0u64;
+        self.entries
+            .iter()
+            .map(|e| {
+                let o = at;
+                at += e.len as u64;
+                o
+            })
+            .collect()
+    }
+
+    /// Bytes of all entries (where the trailer starts).
+    pub fn data_len(&self) -> u64 {
+        self.entries.iter().map(|e| e.len as u64).sum()
+    }
+
+    /// The trailer's bytes followed by the footer; the pack name is the
+    /// BLAKE3 of the trailer part.
+    pub fn encode(&self) -> (Vec<u8>, PackName) {
+        let mut w = Writer(Vec::with_capacity(
+            self.entries.len() * TRAILER_ENTRY_LEN + FOOTER_LEN,
+        ));
+        for e in &self.entries {
+            w.u8(e.kind as u8);
+            w.bytes(e.id.as_bytes());
+            w.u32(e.len);
+            w.u32(e.raw_len);
+        }
+        let name = Id::hash(&w.0);
+        let tlen = w.0.len() as u32;
+        w.u32(self.entries.len() as u32);
+        w.u32(tlen);
+        w.bytes(PACK_MAGIC);
+        (w.0, name)
+    }
+}
+
+/// Reads a pack's footer (its last [`FOOTER_LEN`] bytes): the trailer's
+/// length. `pack_len` is the object's size, checked against it.
+pub fn decode_footer(footer: &[u8], pack_len: u64) -> Result<u32, FormatError> {
+    let bad = |why: String| FormatError::Invalid {
+        what: "pack footer",
+        why,
+    };
+    if footer.len() != FOOTER_LEN {
+        return Err(bad(format!("{} bytes, not {FOOTER_LEN}", footer.len())));
+    }
+    if &footer[8..] != PACK_MAGIC {
+        return Err(bad("no pack magic".into()));
+    }
+    let count = u32::from_le_bytes(footer[..4].try_into().unwrap());
+    let tlen = u32::from_le_bytes(footer[4..8].try_into().unwrap());
+    if count > MAX_PACK_ENTRIES || tlen as u64 != count as u64 * TRAILER_ENTRY_LEN as u64 {
+        return Err(bad(format!(
+            "{count} entries in a trailer of {tlen} bytes"
+        )));
+    }
+    if tlen as u64 + FOOTER_LEN as u64 > pack_len {
+        return Err(bad(format!(
+            "a trailer of {tlen} bytes in a pack of {pack_len}"
+        )));
+    }
+    Ok(tlen)
+}
+
+/// Decodes a trailer (without the footer), checks it hashes to `name` and
+/// that its entries fill the pack exactly (`pack_len` bytes in all).
+pub fn decode_trailer(bytes: &[u8], name: &PackName, pack_len: u64) -> Result<Trailer, FormatError> {
+    if Id::hash(bytes) != *name {
+        return Err(FormatError::Invalid {
+            what: "pack trailer",
+            why: format!("does not hash to the pack name {name}"),
+        });
+    }
+    let mut r = Reader::new(bytes, "pack trailer");
+    let mut entries = Vec::with_capacity(bytes.len() / TRAILER_ENTRY_LEN);
+    while r.remaining() > 0 {
+        let tag = r.u8()?;
+        let kind = match tag {
+            b'C' => ObjectKind::Chunk,
+            b'R' => ObjectKind::Region,
+            b'P' => ObjectKind::Page,
+            tag => {
+                return Err(FormatError::BadTag {
+                    what: "pack entry kind",
+                    tag,
+                })
+            }
+        };
+        let id = r.id()?;
+        let len = r.u32()?;
+        let raw_len = r.u32()?;
+        entries.push(PackEntry {
+            kind,
+            id,
+            len,
+            raw_len,
+        });
+    }
+    r.finish()?;
+    let t = Trailer { entries };
+    let want = t.data_len() + bytes.len() as u64 + FOOTER_LEN as u64;
+    if want != pack_len {
+        return Err(FormatError::Invalid {
+            what: "pack trailer",
+            why: format!("its entries and trailer make {want} bytes, the pack has {pack_len}"),
+        });
+    }
+    Ok(t)
+}
+
+/// Where an object lives: a pack, an offset and a length. The value of a
+/// chunk's entry in the `chunks` column family, and of a record's
+/// `loc:` entry in `meta`, in a bucket-backed repository.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Location {
+    pub pack: PackName,
+    pub offset: u64,
+    pub len: u32,
+}
+
+/// Encoded length of a [`Location`].
+pub const LOCATION_LEN: usize = 44;
+
+impl Location {
+    pub fn encode(&self) -> [u8; LOCATION_LEN] {
+        let mut b = [0u8; LOCATION_LEN];
+        b[..32].copy_from_slice(self.pack.as_bytes());
+        b[32..40].copy_from_slice(&self.offset.to_le_bytes());
+        b[40..].copy_from_slice(&self.len.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Location, FormatError> {
+        let mut r = Reader::new(b, "pack location");
+        let l = Location {
+            pack: r.id()?,
+            offset: r.u64()?,
+            len: r.u32()?,
+        };
+        r.finish()?;
+        Ok(l)
+    }
+}
+
+/// Prefix of `meta` keys holding a region recipe's or index page's place in
+/// the bucket: `loc:` + object key (33 bytes) → [`Location`].
+pub const LOC_PREFIX: &[u8] = b"loc:";
+
+/// The `loc:` key of a record.
+pub fn loc_key(key: &[u8; 33]) -> Vec<u8> {
+    let mut k = LOC_PREFIX.to_vec();
+    k.extend_from_slice(key);
+    k
+}
+
+/// Prefix of `meta` keys holding a pack's accounting: `pack:` + pack name
+/// (32 bytes) → [`PackStat`].
+pub const PACK_PREFIX: &[u8] = b"pack:";
+
+/// The `pack:` key of a pack.
+pub fn pack_key(name: &PackName) -> Vec<u8> {
+    let mut k = PACK_PREFIX.to_vec();
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+/// What the local index knows of a pack in the bucket: its size, and how
+/// many of its entries (and bytes) the index still points to. gc deletes a
+/// pack whose live entries reach zero and repacks one whose live bytes fall
+/// below its threshold.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PackStat {
+    /// The pack object's size.
+    pub size: u64,
+    pub live_entries: u32,
+    pub live_bytes: u64,
+}
+
+impl PackStat {
+    pub fn encode(&self) -> [u8; 20] {
+        let mut b = [0u8; 20];
+        b[..8].copy_from_slice(&self.size.to_le_bytes());
+        b[8..12].copy_from_slice(&self.live_entries.to_le_bytes());
+        b[12..].copy_from_slice(&self.live_bytes.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Result<PackStat, FormatError> {
+        let mut r = Reader::new(b, "pack stat");
+        let s = PackStat {
+            size: r.u64()?,
+            live_entries: r.u32()?,
+            live_bytes: r.u64()?,
+        };
+        r.finish()?;
+        Ok(s)
+    }
+}
+
+/// First bytes of a snapshot object.
+pub const SNAPSHOT_OBJECT_MAGIC: &[u8; 8] = b"IMGSNAP1";
+
+/// A snapshot object in the bucket: the stored snapshot record with what
+/// the local index keeps beside it (protection and parent), so a rebuild
+/// from the bucket restores both.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotObject {
+    pub protected: bool,
+    pub parent: Option<Id>,
+    /// The stored snapshot record (its BLAKE3 is the snapshot id).
+    pub record: Vec<u8>,
+}
+
+impl SnapshotObject {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer(Vec::with_capacity(self.record.len() + 48));
+        w.bytes(SNAPSHOT_OBJECT_MAGIC);
+        w.u8(self.protected as u8 | (self.parent.is_some() as u8) << 1);
+        if let Some(p) = &self.parent {
+            w.bytes(p.as_bytes());
+        }
+        w.bytes(&self.record);
+        w.0
+    }
+
+    /// Decodes and checks the record against the object's name `id`.
+    pub fn decode(b: &[u8], id: &Id) -> Result<SnapshotObject, FormatError> {
+        let mut r = Reader::new(b, "snapshot object");
+        if r.take(8)? != SNAPSHOT_OBJECT_MAGIC {
+            return Err(FormatError::Invalid {
+                what: "snapshot object",
+                why: "no snapshot object magic".into(),
+            });
+        }
+        let flags = r.u8()?;
+        if flags & !3 != 0 {
+            return Err(FormatError::BadTag {
+                what: "snapshot object flags",
+                tag: flags,
+            });
+        }
+        let parent = if flags & 2 != 0 { Some(r.id()?) } else { None };
+        let record = r.take(r.remaining())?.to_vec();
+        if Id::hash(&record) != *id {
+            return Err(FormatError::Invalid {
+                what: "snapshot object",
+                why: format!("its record does not hash to {id}"),
+            });
+        }
+        Ok(SnapshotObject {
+            protected: flags & 1 != 0,
+            parent,
+            record,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample() -> Trailer {
+        Trailer {
+            entries: vec![
+                PackEntry {
+                    kind: ObjectKind::Chunk,
+                    id: Id::hash(b"a"),
+                    len: 10,
+                    raw_len: 4096,
+                },
+                PackEntry {
+                    kind: ObjectKind::Region,
+                    id: Id::hash(b"r"),
+                    len: 7,
+                    raw_len: 7,
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn trailer_round_trips_and_is_pinned() {
+        let t = sample();
+        let (bytes, name) = t.encode();
+        let pack_len = t.data_len() + bytes.len() as u64;
+        let tlen = decode_footer(&bytes[bytes.len() - FOOTER_LEN..], pack_len).unwrap();
+        assert_eq!(tlen as usize, 2 * TRAILER_ENTRY_LEN);
+        let back = decode_trailer(&bytes[..tlen as usize], &name, pack_len).unwrap();
+        assert_eq!(back, t);
+        assert_eq!(back.offsets(), vec![0, 10]);
+        // Golden: the layout of a trailer must never change silently.
+        assert_eq!(
+            name.to_hex(),
+            blake3::hash(&bytes[..tlen as usize]).to_hex().as_str()
+        );
+        assert_eq!(&bytes[..1], b"C");
+        assert_eq!(&bytes[33..41], &[10, 0, 0, 0, 0, 16, 0, 0]);
+        assert_eq!(&bytes[bytes.len() - 16..bytes.len() - 8], &[2, 0, 0, 0, 82, 0, 0, 0]);
+    }
+
+    #[test]
+    fn a_trailer_that_does_not_fill_the_pack_or_hash_is_refused() {
+        let t = sample();
+        let (bytes, name) = t.encode();
+        let tl = bytes.len() - FOOTER_LEN;
+        let pack_len = t.data_len() + bytes.len() as u64;
+        assert!(decode_trailer(&bytes[..tl], &name, pack_len + 1).is_err());
+        assert!(decode_trailer(&bytes[..tl], &Id::hash(b"x"), pack_len).is_err());
+        assert!(decode_footer(&bytes[tl..], 20).is_err());
+        let mut f = bytes[tl..].to_vec();
+        f[0] = 0xff;
+        assert!(decode_footer(&f, pack_len).is_err());
+    }
+
+    #[test]
+    fn paths_parse_back() {
+        let id = Id::hash(b"p");
+        assert_eq!(parse_pack_path(&pack_path(&id)), Some(id));
+        assert_eq!(parse_snapshot_path(&snapshot_path(&id)), Some(id));
+        assert_eq!(parse_pack_path("packs/zz/abc"), None);
+        let loc = Location {
+            pack: id,
+            offset: 5,
+            len: 9,
+        };
+        assert_eq!(Location::decode(&loc.encode()).unwrap(), loc);
+        let st = PackStat {
+            size: 1,
+            live_entries: 2,
+            live_bytes: 3,
+        };
+        assert_eq!(PackStat::decode(&st.encode()).unwrap(), st);
+    }
+
+    #[test]
+    fn snapshot_objects_round_trip_and_check_their_record() {
+        let rec = b"record".to_vec();
+        let id = Id::hash(&rec);
+        for (protected, parent) in [(false, None), (true, Some(Id::hash(b"p")))] {
+            let o = SnapshotObject {
+                protected,
+                parent,
+                record: rec.clone(),
+            };
+            assert_eq!(SnapshotObject::decode(&o.encode(), &id).unwrap(), o);
+            assert!(SnapshotObject::decode(&o.encode(), &Id::hash(b"z")).is_err());
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn decoders_never_panic(b in proptest::collection::vec(any::<u8>(), 0..400), len in 0u64..10_000) {
+            let _ = decode_footer(&b, len);
+            let _ = decode_trailer(&b, &Id::hash(&b), len);
+            let _ = Location::decode(&b);
+            let _ = PackStat::decode(&b);
+            let _ = SnapshotObject::decode(&b, &Id::hash(&b));
+        }
+    }
+}

@@ -1,0 +1,1461 @@
+//! Bucket-backed repositories (format 4): chunk frames, and a copy of every
+//! record, in pack objects in an S3-compatible bucket; RocksDB stays the
+//! index (where each object lives, reference counts, orphans, snapshots).
+//!
+//! # Why the index stays local and the packs are self-describing
+//!
+//! Every backup asks "which of these chunks are stored?" thousands of
+//! times a second; that must be a RocksDB lookup, not a request. But a
+//! backup must survive the machine that made it, so every pack names its
+//! entries in its trailer and every snapshot has its own object: the
+//! bucket alone rebuilds the index ([`Store::recover`]).
+//!
+//! # Landing: a location is written only after its pack is in the bucket
+//!
+//! `put_region` writes counts and recipes as before, and appends the new
+//! frames (and the recipe) to the open pack. A full pack is uploaded by the
+//! thread that filled it, outside the write lock, and then *lands*: the
+//! objects it holds get their locations (`chunks` values, `loc:` entries)
+//! and the pack its `pack:` accounting. Until then the objects are
+//! *pending*: known to this process, readable from memory. So:
+//!
+//! * an object with a reference entry but no location and not pending was
+//!   lost with a process that died before uploading it: `chunks_known`
+//!   says "unknown" and the next backup sends it again;
+//! * a pack in the bucket without a `pack:` entry was never landed: gc
+//!   deletes it;
+//! * a commit uploads the open pack with the snapshot's new pages, waits
+//!   for every upload, checks that every newly live region and its chunks
+//!   have landed, writes the snapshot object, and only then commits
+//!   locally. A snapshot never names data that is not in the bucket.
+//!
+//! # gc
+//!
+//! The sweep deletes index entries as before and takes each deleted
+//! object's bytes off its pack's `pack:` entry, so the cost follows what is
+//! forgotten. Then: packs with no live entry are deleted; packs whose dead
+//! bytes pass [`REPACK_GARBAGE`] are repacked (live entries copied into new
+//! packs, locations switched when those land, then the old pack deleted);
+//! packs in the bucket that the index does not know, and snapshot objects
+//! of snapshots the index does not hold, are deleted.
+
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+
+use imgstore_bucket::{Bucket, BucketError, BucketSpec, Counts, Tuning};
+use imgstore_format::pack::{
+    self, loc_key, pack_key, pack_path, Location, PackEntry, PackName, PackStat, SnapshotObject,
+    Trailer, FOOTER_LEN, PACK_PREFIX,
+};
+use imgstore_format::sealed::{record_children, RecordKind};
+use imgstore_format::{cf, Id, ObjectKind, RefCount, RepoConfig, Storage};
+use rocksdb::WriteBatch;
+
+use crate::{Result, Store, StoreError};
+
+/// Share of a pack's bytes that may be garbage before gc repacks it.
+pub const REPACK_GARBAGE: f64 = 0.25;
+
+/// Default target size of a pack object.
+pub const DEFAULT_PACK_SIZE: u32 = 32 << 20;
+
+/// Largest config object accepted from a bucket.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+/// Largest snapshot object accepted from a bucket.
+const MAX_SNAPSHOT_BYTES: u64 = 16 << 20;
+
+/// Where an object's bytes are until its pack lands.
+#[derive(Clone, Copy)]
+struct Pending {
+    /// Sequence number of the pack holding it.
+    seq: u64,
+    offset: u64,
+    len: u32,
+}
+
+/// The pack being filled.
+#[derive(Default)]
+struct OpenPack {
+    seq: u64,
+    data: Vec<u8>,
+    entries: Vec<PackEntry>,
+}
+
+/// A sealed pack on its way to the bucket.
+pub(crate) struct Sealed {
+    seq: u64,
+    name: PackName,
+    entries: Vec<PackEntry>,
+    bytes: Arc<Vec<u8>>,
+}
+
+#[derive(Default)]
+struct Buffers {
+    open: OpenPack,
+    /// Sealed packs not landed yet, by sequence number (readable).
+    sealed: HashMap<u64, (PackName, Arc<Vec<u8>>)>,
+    pending: HashMap<[u8; 33], Pending>,
+    next_seq: u64,
+    /// Uploads in progress.
+    inflight: usize,
+    /// The first upload failure since the last commit: commits refuse.
+    failed: Option<String>,
+}
+
+/// The bucket side of a store.
+pub(crate) struct Packs {
+    bucket: Bucket,
+    storage: Storage,
+    buf: Mutex<Buffers>,
+    idle: Condvar,
+    cache: PackCache,
+}
+
+/// Request counts and cache figures of a bucket-backed store.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BucketReport {
+    pub requests: Counts,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    pub cache_bytes: u64,
+}
+
+/// What [`Store::recover`] rebuilt.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecoverOutcome {
+    pub packs: u64,
+    pub chunks: u64,
+    pub records: u64,
+    pub snapshots: u64,
+    /// Objects a snapshot names that no pack holds (`check` names them).
+    pub missing: u64,
+    /// Packs or objects that failed their checks and were left out.
+    pub rejected: u64,
+}
+
+fn bucket_err(e: BucketError) -> StoreError {
+    match e {
+        BucketError::Denied { url, path, detail } => StoreError::Denied {
+            url,
+            detail: format!("{path}: {detail}"),
+        },
+        BucketError::Unavailable { url, op, path, detail } => StoreError::Unreachable {
+            url,
+            detail: format!("{op} {path}: {detail}"),
+        },
+        e => StoreError::Storage(e.to_string()),
+    }
+}
+
+/// Connects to the bucket a config names.
+pub(crate) fn connect(storage: &Storage) -> Result<Bucket> {
+    let spec = BucketSpec {
+        bucket: storage.bucket.clone(),
+        prefix: storage.prefix.clone(),
+        endpoint: storage.endpoint.clone(),
+        region: storage.region.clone(),
+    };
+    Bucket::connect(&spec, tuning()).map_err(bucket_err)
+}
+
+/// Retries and timeouts; `IMGSTORE_BUCKET_RETRIES` and
+/// `IMGSTORE_BUCKET_TIMEOUT` (seconds) override them (tests use short ones).
+fn tuning() -> Tuning {
+    let mut t = Tuning::default();
+    if let Some(n) = std::env::var("IMGSTORE_BUCKET_RETRIES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        t.retries = n;
+    }
+    if let Some(s) = std::env::var("IMGSTORE_BUCKET_TIMEOUT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        t.timeout = std::time::Duration::from_secs(s);
+        t.max_backoff = t.max_backoff.min(t.timeout);
+    }
+    t
+}
+
+impl Packs {
+    pub(crate) fn new(dir: &Path, storage: &Storage) -> Result<Packs> {
+        Ok(Packs {
+            bucket: connect(storage)?,
+            storage: storage.clone(),
+            buf: Mutex::new(Buffers::default()),
+            idle: Condvar::new(),
+            cache: PackCache::open(dir.join("cache"), storage.cache_bytes),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Buffers> {
+        self.buf.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn report(&self) -> BucketReport {
+        let (hits, misses, bytes) = self.cache.figures();
+        BucketReport {
+            requests: self.bucket.counts(),
+            cache_hits: hits,
+            cache_misses: misses,
+            cache_bytes: bytes,
+        }
+    }
+
+    fn is_pending(&self, key: &[u8; 33]) -> bool {
+        self.lock().pending.contains_key(key)
+    }
+
+    /// Appends objects to the open pack; returns the pack sealed when it
+    /// reached its target size. Called under the store's write lock.
+    fn append(&self, items: &[(ObjectKind, Id, &[u8], u32)]) -> Option<Sealed> {
+        let mut b = self.lock();
+        for (kind, id, bytes, raw_len) in items {
+            let key = kind.key(id);
+            if b.pending.contains_key(&key) {
+                continue;
+            }
+            let seq = b.open.seq;
+            let offset = b.open.data.len() as u64;
+            b.open.data.extend_from_slice(bytes);
+            b.open.entries.push(PackEntry {
+                kind: *kind,
+                id: *id,
+                len: bytes.len() as u32,
+                raw_len: *raw_len,
+            });
+            b.pending.insert(
+                key,
+                Pending {
+                    seq,
+                    offset,
+                    len: bytes.len() as u32,
+                },
+            );
+        }
+        (b.open.data.len() >= self.storage.pack_size as usize).then(|| Self::seal(&mut b))
+    }
+
+    /// Seals the open pack (when it holds anything).
+    fn seal_open(&self) -> Option<Sealed> {
+        let mut b = self.lock();
+        (!b.open.entries.is_empty()).then(|| Self::seal(&mut b))
+    }
+
+    fn seal(b: &mut Buffers) -> Sealed {
+        b.next_seq += 1;
+        let next = OpenPack {
+            seq: b.next_seq,
+            ..Default::default()
+        };
+        let OpenPack {
+            seq,
+            mut data,
+            entries,
+        } = std::mem::replace(&mut b.open, next);
+        let trailer = Trailer { entries };
+        let (tail, name) = trailer.encode();
+        data.extend_from_slice(&tail);
+        let bytes = Arc::new(data);
+        b.sealed.insert(seq, (name, bytes.clone()));
+        b.inflight += 1;
+        Sealed {
+            seq,
+            name,
+            entries: trailer.entries,
+            bytes,
+        }
+    }
+
+    /// Forgets a sealed pack's pending objects (landed, or lost with a
+    /// failed upload) and wakes waiters when no upload is left.
+    fn retire(&self, sealed: &Sealed, failure: Option<String>) {
+        let mut b = self.lock();
+        b.sealed.remove(&sealed.seq);
+        for e in &sealed.entries {
+            let k = e.kind.key(&e.id);
+            if b.pending.get(&k).is_some_and(|p| p.seq == sealed.seq) {
+                b.pending.remove(&k);
+            }
+        }
+        b.inflight -= 1;
+        if let Some(f) = failure {
+            b.failed.get_or_insert(f);
+        }
+        if b.inflight == 0 {
+            self.idle.notify_all();
+        }
+    }
+
+    /// Waits for every upload; returns the first failure since the last call.
+    fn drain(&self) -> Option<String> {
+        let mut b = self.lock();
+        while b.inflight > 0 {
+            b = self.idle.wait(b).unwrap_or_else(|p| p.into_inner());
+        }
+        b.failed.take()
+    }
+
+    /// Bytes of a pending object, when this process holds it.
+    fn pending_bytes(&self, key: &[u8; 33]) -> Option<Vec<u8>> {
+        let b = self.lock();
+        let p = b.pending.get(key)?;
+        let data: &[u8] = if p.seq == b.open.seq {
+            &b.open.data
+        } else {
+            &b.sealed.get(&p.seq)?.1
+        };
+        let (o, l) = (p.offset as usize, p.len as usize);
+        data.get(o..o + l).map(|s| s.to_vec())
+    }
+
+    fn in_flight_names(&self) -> HashSet<PackName> {
+        self.lock().sealed.values().map(|(n, _)| *n).collect()
+    }
+}
+
+impl Store {
+    pub(crate) fn packs(&self) -> Option<&Packs> {
+        self.packs.as_ref()
+    }
+
+    /// Request counts and cache figures, for a bucket-backed repository.
+    pub fn bucket_report(&self) -> Option<BucketReport> {
+        self.packs().map(Packs::report)
+    }
+
+    /// The bucket address of a bucket-backed repository.
+    pub fn bucket_url(&self) -> Option<String> {
+        self.packs().map(|p| p.bucket.url().to_string())
+    }
+
+    /// Which of `keys` have a location (landed in the bucket).
+    pub(crate) fn located(&self, keys: &[[u8; 33]]) -> Result<Vec<bool>> {
+        let (chunks, meta) = (self.cf(cf::CHUNKS), self.cf(cf::META));
+        let lookups: Vec<(&rocksdb::ColumnFamily, Vec<u8>)> = keys
+            .iter()
+            .map(|k| match k[0] {
+                b'C' => (chunks, k[1..].to_vec()),
+                _ => (meta, loc_key(k)),
+            })
+            .collect();
+        self.db
+            .multi_get_cf(lookups.iter().map(|(c, k)| (*c, k.as_slice())))
+            .into_iter()
+            .map(|r| {
+                r.map(|v| v.is_some())
+                    .map_err(|e| self.db_err("read locations", e))
+            })
+            .collect()
+    }
+
+    /// Located or pending in this process: safe to rely on.
+    pub(crate) fn held(&self, keys: &[[u8; 33]]) -> Result<Vec<bool>> {
+        let Some(p) = self.packs() else {
+            return Ok(vec![true; keys.len()]);
+        };
+        let loc = self.located(keys)?;
+        Ok(keys
+            .iter()
+            .zip(loc)
+            .map(|(k, l)| l || p.is_pending(k))
+            .collect())
+    }
+
+    /// Appends objects to the open pack (under the write lock); a pack
+    /// that filled up is returned for [`Store::ship`] after the lock is
+    /// released.
+    pub(crate) fn pack_append(&self, items: &[(ObjectKind, Id, &[u8], u32)]) -> Option<Sealed> {
+        self.packs().and_then(|p| p.append(items))
+    }
+
+    /// Uploads a sealed pack and lands it (takes the write lock to land).
+    /// Page entries are not landed (pages get their counts in the commit
+    /// that names them): they are returned with their locations.
+    pub(crate) fn ship(&self, sealed: Sealed) -> Result<Vec<([u8; 33], Location)>> {
+        let p = self.packs().expect("bucket-backed");
+        let path = pack_path(&sealed.name);
+        if let Err(e) = p.bucket.put(&path, sealed.bytes.to_vec()) {
+            let e = bucket_err(e);
+            p.retire(&sealed, Some(e.to_string()));
+            return Err(e);
+        }
+        p.cache.insert(&sealed.name, &sealed.bytes);
+        let out = {
+            let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+            self.land(&sealed, &HashSet::new())
+        };
+        p.retire(&sealed, out.as_ref().err().map(|e| e.to_string()));
+        out
+    }
+
+    /// Writes locations for the objects of an uploaded pack that still
+    /// exist and have none (or whose location is in a pack in `retiring`),
+    /// and the pack's accounting. Called under the write lock.
+    fn land(
+        &self,
+        sealed: &Sealed,
+        retiring: &HashSet<PackName>,
+    ) -> Result<Vec<([u8; 33], Location)>> {
+        let keys: Vec<[u8; 33]> = sealed.entries.iter().map(|e| e.kind.key(&e.id)).collect();
+        let refs = self.get_refs(&keys)?;
+        let current = self.current_locations(&keys)?;
+        let mut batch = WriteBatch::default();
+        let mut stat = PackStat {
+            size: sealed.bytes.len() as u64,
+            ..Default::default()
+        };
+        let mut pages = Vec::new();
+        let mut offset = 0u64;
+        let mut seen = HashSet::new();
+        for ((e, k), (rc, cur)) in sealed.entries.iter().zip(&keys).zip(refs.into_iter().zip(current)) {
+            let loc = Location {
+                pack: sealed.name,
+                offset,
+                len: e.len,
+            };
+            offset += e.len as u64;
+            if !seen.insert(*k) {
+                continue;
+            }
+            if e.kind == ObjectKind::Page && rc.is_none() {
+                pages.push((*k, loc));
+                continue;
+            }
+            let movable = match cur {
+                None => true,
+                Some(c) => retiring.contains(&c.pack),
+            };
+            if rc.is_none() || !movable {
+                continue;
+            }
+            self.put_location(&mut batch, k, &loc);
+            stat.live_entries += 1;
+            stat.live_bytes += e.len as u64;
+        }
+        batch.put_cf(self.cf(cf::META), pack_key(&sealed.name), stat.encode());
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.disable_wal(true);
+        self.db
+            .write_opt(batch, &wo)
+            .map_err(|e| self.db_err("land pack", e))?;
+        Ok(pages)
+    }
+
+    fn put_location(&self, batch: &mut WriteBatch, key: &[u8; 33], loc: &Location) {
+        match key[0] {
+            b'C' => batch.put_cf(self.cf(cf::CHUNKS), &key[1..], loc.encode()),
+            _ => batch.put_cf(self.cf(cf::META), loc_key(key), loc.encode()),
+        }
+    }
+
+    /// Current locations of objects (None: not landed).
+    pub(crate) fn current_locations(&self, keys: &[[u8; 33]]) -> Result<Vec<Option<Location>>> {
+        let (chunks, meta) = (self.cf(cf::CHUNKS), self.cf(cf::META));
+        let lookups: Vec<(&rocksdb::ColumnFamily, Vec<u8>)> = keys
+            .iter()
+            .map(|k| match k[0] {
+                b'C' => (chunks, k[1..].to_vec()),
+                _ => (meta, loc_key(k)),
+            })
+            .collect();
+        self.db
+            .multi_get_cf(lookups.iter().map(|(c, k)| (*c, k.as_slice())))
+            .into_iter()
+            .zip(keys)
+            .map(|(r, k)| match r {
+                Ok(None) => Ok(None),
+                Ok(Some(v)) => Location::decode(&v).map(Some).map_err(|source| {
+                    let (kind, id) = ObjectKind::parse_key(k).expect("33-byte key");
+                    StoreError::Corrupt { kind, id, source }
+                }),
+                Err(e) => Err(self.db_err("read locations", e)),
+            })
+            .collect()
+    }
+
+    /// The bucket part of a commit, before its local batch: uploads the
+    /// open pack with the snapshot's pages that have no location, waits
+    /// for every upload, checks that everything the snapshot makes live
+    /// has landed, and writes the snapshot object. Returns the new pages'
+    /// locations, for the commit batch.
+    pub(crate) fn bucket_commit(
+        &self,
+        snapshot: &[u8],
+        pages: &[Vec<u8>],
+        parent: Option<&Id>,
+    ) -> Result<Vec<([u8; 33], Location)>> {
+        let p = self.packs().expect("bucket-backed");
+        let id = Id::hash(snapshot);
+        let sealed = {
+            let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+            let keys: Vec<[u8; 33]> = pages
+                .iter()
+                .map(|b| ObjectKind::Page.key(&Id::hash(b)))
+                .collect();
+            let held = self.held(&keys)?;
+            let items: Vec<(ObjectKind, Id, &[u8], u32)> = pages
+                .iter()
+                .zip(&held)
+                .filter(|(_, h)| !**h)
+                .map(|(b, _)| (ObjectKind::Page, Id::hash(b), b.as_slice(), b.len() as u32))
+                .collect();
+            let full = p.append(&items);
+            [full, p.seal_open()]
+        };
+        let mut page_locs = Vec::new();
+        let mut first_err = None;
+        for s in sealed.into_iter().flatten() {
+            match self.ship(s) {
+                Ok(l) => page_locs.extend(l),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(f) = p.drain() {
+            return Err(first_err.unwrap_or(StoreError::Unreachable {
+                url: p.bucket.url().to_string(),
+                detail: format!("an upload of this backup failed: {f}"),
+            }));
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        self.check_landed(pages, &page_locs)?;
+        let obj = SnapshotObject {
+            protected: false,
+            parent: parent.copied(),
+            record: snapshot.to_vec(),
+        };
+        p.bucket
+            .put(&pack::snapshot_path(&id), obj.encode())
+            .map_err(bucket_err)?;
+        Ok(page_locs)
+    }
+
+    /// Every page of the commit is located or being committed now, every
+    /// region a page names is located, and every chunk of a region the
+    /// commit makes live is located.
+    fn check_landed(&self, pages: &[Vec<u8>], page_locs: &[([u8; 33], Location)]) -> Result<()> {
+        let committing: HashSet<[u8; 33]> = page_locs.iter().map(|(k, _)| *k).collect();
+        let pkeys: Vec<[u8; 33]> = pages.iter().map(|b| ObjectKind::Page.key(&Id::hash(b))).collect();
+        let loc = self.located(&pkeys)?;
+        let mut regions = HashSet::new();
+        for ((k, b), l) in pkeys.iter().zip(pages).zip(loc) {
+            if !l && !committing.contains(k) {
+                return Err(self.not_landed(k));
+            }
+            let (_, id) = ObjectKind::parse_key(k).expect("33-byte key");
+            let rs = record_children(RecordKind::Page, b).map_err(|source| StoreError::Corrupt {
+                kind: ObjectKind::Page,
+                id,
+                source,
+            })?;
+            regions.extend(rs.into_iter().map(|r| ObjectKind::Region.key(&r)));
+        }
+        let rkeys: Vec<[u8; 33]> = regions.into_iter().collect();
+        for chunk in rkeys.chunks(4096) {
+            let loc = self.located(chunk)?;
+            let rcs = self.get_refs(chunk)?;
+            let mut newly_live = Vec::new();
+            for ((k, l), rc) in chunk.iter().zip(loc).zip(rcs) {
+                if !l {
+                    return Err(self.not_landed(k));
+                }
+                if rc.is_some_and(|r| r.count == 0) {
+                    newly_live.push(*k);
+                }
+            }
+            for k in newly_live {
+                let (_, rid) = ObjectKind::parse_key(&k).expect("33-byte key");
+                let rec = self.raw_records(ObjectKind::Region, &[rid])?.remove(0);
+                let cs = record_children(RecordKind::Region, &rec).map_err(|source| {
+                    StoreError::Corrupt {
+                        kind: ObjectKind::Region,
+                        id: rid,
+                        source,
+                    }
+                })?;
+                let ckeys: Vec<[u8; 33]> = cs.iter().map(|c| ObjectKind::Chunk.key(c)).collect();
+                for (ck, l) in ckeys.iter().zip(self.located(&ckeys)?) {
+                    if !l {
+                        return Err(self.not_landed(ck));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn not_landed(&self, key: &[u8; 33]) -> StoreError {
+        let (kind, id) = ObjectKind::parse_key(key).expect("33-byte key");
+        StoreError::Unreadable {
+            kind,
+            id,
+            detail: "it never reached the bucket (an upload failed): run the backup again".into(),
+        }
+    }
+
+    /// The commit batch's part: locations of the committed pages and their
+    /// packs' accounting.
+    pub(crate) fn commit_page_locations(
+        &self,
+        batch: &mut WriteBatch,
+        added: &HashSet<[u8; 33]>,
+        page_locs: &[([u8; 33], Location)],
+    ) -> Result<()> {
+        let mut by_pack: HashMap<PackName, (u32, u64)> = HashMap::new();
+        let mut done = HashSet::new();
+        for (k, loc) in page_locs {
+            if !added.contains(k) || !done.insert(*k) {
+                continue;
+            }
+            self.put_location(batch, k, loc);
+            let e = by_pack.entry(loc.pack).or_default();
+            e.0 += 1;
+            e.1 += loc.len as u64;
+        }
+        for (name, (n, bytes)) in by_pack {
+            let mut st = self.pack_stat(&name)?.unwrap_or_default();
+            st.live_entries += n;
+            st.live_bytes += bytes;
+            batch.put_cf(self.cf(cf::META), pack_key(&name), st.encode());
+        }
+        Ok(())
+    }
+
+    fn pack_stat(&self, name: &PackName) -> Result<Option<PackStat>> {
+        self.db
+            .get_pinned_cf(self.cf(cf::META), pack_key(name))
+            .map_err(|e| self.db_err("read pack stat", e))?
+            .map(|v| {
+                PackStat::decode(&v).map_err(|source| StoreError::Format {
+                    path: self.dir.join(imgstore_format::DB_DIR),
+                    source,
+                })
+            })
+            .transpose()
+    }
+
+    /// In a sweep batch: drops the locations of deleted objects and takes
+    /// them off their packs' accounting.
+    pub(crate) fn unlocate(&self, batch: &mut WriteBatch, deleted: &[[u8; 33]]) -> Result<()> {
+        if self.packs().is_none() || deleted.is_empty() {
+            return Ok(());
+        }
+        let locs = self.current_locations(deleted)?;
+        let mut by_pack: HashMap<PackName, (u32, u64)> = HashMap::new();
+        for (k, l) in deleted.iter().zip(locs) {
+            if k[0] != b'C' {
+                batch.delete_cf(self.cf(cf::META), loc_key(k));
+            }
+            if let Some(l) = l {
+                let e = by_pack.entry(l.pack).or_default();
+                e.0 += 1;
+                e.1 += l.len as u64;
+            }
+        }
+        for (name, (n, bytes)) in by_pack {
+            if let Some(mut st) = self.pack_stat(&name)? {
+                st.live_entries = st.live_entries.saturating_sub(n);
+                st.live_bytes = st.live_bytes.saturating_sub(bytes);
+                batch.put_cf(self.cf(cf::META), pack_key(&name), st.encode());
+            }
+        }
+        Ok(())
+    }
+
+    /// Chunk frames of a bucket-backed store: pending ones from memory,
+    /// cached packs from disk, the rest with ranged GETs (adjacent entries
+    /// of a pack merged into one request), all packs of the call in
+    /// parallel.
+    pub(crate) fn bucket_chunk_frames(&self, ids: &[Id]) -> Result<Vec<imgstore_repo::ChunkRead>> {
+        use imgstore_repo::ChunkFault;
+        let p = self.packs().expect("bucket-backed");
+        let keys: Vec<[u8; 33]> = ids.iter().map(|id| ObjectKind::Chunk.key(id)).collect();
+        let locs = self.current_locations(&keys)?;
+        let mut out: Vec<imgstore_repo::ChunkRead> = vec![Err(ChunkFault::Missing); ids.len()];
+        let mut remote: HashMap<PackName, Vec<(usize, Location)>> = HashMap::new();
+        for (i, (k, l)) in keys.iter().zip(locs).enumerate() {
+            match l {
+                None => {
+                    if let Some(b) = p.pending_bytes(k) {
+                        out[i] = Ok(b);
+                    }
+                }
+                Some(l) => match p.cache.read(&l) {
+                    Some(b) => out[i] = Ok(b),
+                    None => remote.entry(l.pack).or_default().push((i, l)),
+                },
+            }
+        }
+        if remote.is_empty() {
+            return Ok(out);
+        }
+        // Merge runs of entries of one pack that lie close together.
+        const GAP: u64 = 256 << 10;
+        const MAX_RUN: u64 = 16 << 20;
+        let mut reqs: Vec<(String, std::ops::Range<u64>)> = Vec::new();
+        let mut members: Vec<Vec<(usize, Location)>> = Vec::new();
+        for (name, mut items) in remote {
+            items.sort_by_key(|(_, l)| l.offset);
+            let path = pack_path(&name);
+            for (i, l) in items {
+                let end = l.offset + l.len as u64;
+                if let (Some((_, r)), Some(m)) = (reqs.last_mut(), members.last_mut()) {
+                    if m[0].1.pack == name && l.offset <= r.end + GAP && end - r.start <= MAX_RUN {
+                        r.end = r.end.max(end);
+                        m.push((i, l));
+                        continue;
+                    }
+                }
+                reqs.push((path.clone(), l.offset..end));
+                members.push(vec![(i, l)]);
+            }
+        }
+        for ((_, r), (answer, m)) in reqs
+            .iter()
+            .zip(p.bucket.get_ranges(&reqs).into_iter().zip(members))
+        {
+            match answer {
+                Ok(bytes) => {
+                    p.cache.miss(m.len() as u64);
+                    for (i, l) in m {
+                        let o = (l.offset - r.start) as usize;
+                        out[i] = Ok(bytes[o..o + l.len as usize].to_vec());
+                    }
+                }
+                Err(e @ (BucketError::Unavailable { .. } | BucketError::Denied { .. })) => {
+                    return Err(bucket_err(e));
+                }
+                Err(e) => {
+                    for (i, _) in m {
+                        out[i] = Err(ChunkFault::Unreadable(e.to_string()));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// gc's bucket part, after the sweep: snapshot objects the index does
+    /// not hold, packs it does not know, packs with nothing live, and
+    /// repacking of packs mostly garbage. Returns whether any pack was
+    /// deleted or rewritten.
+    pub(crate) fn bucket_gc(&self) -> Result<bool> {
+        let p = self.packs().expect("bucket-backed");
+        // Snapshot objects: delete strays (a commit that died before its
+        // local batch), upload missing ones (a PUT that failed after it).
+        {
+            let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+            let listed: HashSet<Id> = p
+                .bucket
+                .list(pack::SNAPSHOTS_DIR)
+                .map_err(bucket_err)?
+                .into_iter()
+                .filter_map(|(path, _)| pack::parse_snapshot_path(&path))
+                .collect();
+            let local: HashMap<Id, Vec<u8>> = self
+                .snapshot_records()?
+                .into_iter()
+                .filter_map(|(k, v)| Some((Id::from_slice(&k)?, v)))
+                .collect();
+            let strays: Vec<String> = listed
+                .iter()
+                .filter(|id| !local.contains_key(id))
+                .map(pack::snapshot_path)
+                .collect();
+            p.bucket.delete(&strays).map_err(bucket_err)?;
+            for id in local.keys().filter(|id| !listed.contains(id)) {
+                self.put_snapshot_object(id)?;
+            }
+        }
+        let mut changed = false;
+        let known = self.pack_stats()?;
+        let listed = p.bucket.list(pack::PACKS_DIR).map_err(bucket_err)?;
+        let inflight = p.in_flight_names();
+        let unknown: Vec<String> = listed
+            .iter()
+            .filter(|(path, _)| match pack::parse_pack_path(path) {
+                Some(n) => !known.contains_key(&n) && !inflight.contains(&n),
+                None => false,
+            })
+            .map(|(path, _)| path.clone())
+            .collect();
+        if !unknown.is_empty() {
+            // Re-read under the lock: a pack that landed since the listing
+            // is known now.
+            let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+            let now = self.pack_stats()?;
+            let inflight = p.in_flight_names();
+            let gone: Vec<String> = unknown
+                .into_iter()
+                .filter(|path| {
+                    pack::parse_pack_path(path)
+                        .is_some_and(|n| !now.contains_key(&n) && !inflight.contains(&n))
+                })
+                .collect();
+            changed |= !gone.is_empty();
+            p.bucket.delete(&gone).map_err(bucket_err)?;
+        }
+        // Dead packs: the accounting goes first (synced), then the object;
+        // a crash between leaves an unknown pack, deleted next time.
+        let dead: Vec<PackName> = known
+            .iter()
+            .filter(|(_, s)| s.live_entries == 0)
+            .map(|(n, _)| *n)
+            .collect();
+        if !dead.is_empty() {
+            let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+            let mut b = WriteBatch::default();
+            for n in &dead {
+                b.delete_cf(self.cf(cf::META), pack_key(n));
+            }
+            self.write_synced(b, "gc packs")?;
+            p.bucket
+                .delete(&dead.iter().map(pack_path).collect::<Vec<_>>())
+                .map_err(bucket_err)?;
+            changed = true;
+        }
+        let sparse: Vec<PackName> = known
+            .iter()
+            .filter(|(_, s)| {
+                s.live_entries > 0 && (s.live_bytes as f64) < s.size as f64 * (1.0 - REPACK_GARBAGE)
+            })
+            .map(|(n, _)| *n)
+            .collect();
+        for group in sparse.chunks(8) {
+            self.repack(group)?;
+            changed = true;
+        }
+        Ok(changed)
+    }
+
+    /// Copies the live entries of `packs` into new packs, switches their
+    /// locations, then deletes the old packs.
+    fn repack(&self, packs: &[PackName]) -> Result<()> {
+        let p = self.packs().expect("bucket-backed");
+        let retiring: HashSet<PackName> = packs.iter().copied().collect();
+        let mut sealed = Vec::new();
+        for name in packs {
+            let path = pack_path(name);
+            let bytes = match p.cache.whole(name) {
+                Some(b) => b,
+                None => p.bucket.get(&path, pack::MAX_PACK_BYTES).map_err(bucket_err)?,
+            };
+            let trailer = read_trailer(&bytes, name)?;
+            let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+            let keys: Vec<[u8; 33]> = trailer.entries.iter().map(|e| e.kind.key(&e.id)).collect();
+            let cur = self.current_locations(&keys)?;
+            let mut items = Vec::new();
+            for ((e, off), c) in trailer.entries.iter().zip(trailer.offsets()).zip(cur) {
+                if c.is_some_and(|c| c.pack == *name && c.offset == off) {
+                    let s = &bytes[off as usize..off as usize + e.len as usize];
+                    items.push((e.kind, e.id, s, e.raw_len));
+                }
+            }
+            // Objects still pending elsewhere are skipped by append; these
+            // are located, so none is.
+            for item in items {
+                sealed.extend(p.append(&[item]));
+            }
+        }
+        sealed.extend(p.seal_open());
+        for s in sealed {
+            let path = pack_path(&s.name);
+            p.bucket.put(&path, s.bytes.to_vec()).map_err(|e| {
+                let e = bucket_err(e);
+                p.retire(&s, Some(e.to_string()));
+                e
+            })?;
+            p.cache.insert(&s.name, &s.bytes);
+            let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+            let r = self.land(&s, &retiring);
+            p.retire(&s, r.as_ref().err().map(|e| e.to_string()));
+            r?;
+        }
+        p.drain();
+        // The new locations are made durable before the old packs go.
+        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        self.flush_all()?;
+        let mut b = WriteBatch::default();
+        for n in packs {
+            b.delete_cf(self.cf(cf::META), pack_key(n));
+        }
+        self.write_synced(b, "repack")?;
+        p.bucket
+            .delete(&packs.iter().map(pack_path).collect::<Vec<_>>())
+            .map_err(bucket_err)?;
+        for n in packs {
+            p.cache.remove(n);
+        }
+        Ok(())
+    }
+
+    /// Every `pack:` entry.
+    pub fn pack_stats(&self) -> Result<HashMap<PackName, PackStat>> {
+        let mut out = HashMap::new();
+        self.scan_meta(PACK_PREFIX, "read pack stats", |k, v| {
+            if let (Some(n), Ok(s)) = (
+                Id::from_slice(&k[PACK_PREFIX.len()..]),
+                PackStat::decode(v),
+            ) {
+                out.insert(n, s);
+            }
+            Ok(true)
+        })?;
+        Ok(out)
+    }
+
+    /// Writes (or rewrites) a snapshot's object from the local index.
+    pub(crate) fn put_snapshot_object(&self, id: &Id) -> Result<()> {
+        let Some(p) = self.packs() else {
+            return Ok(());
+        };
+        let record = self
+            .db
+            .get_cf(self.cf(cf::SNAPSHOTS), id.as_bytes())
+            .map_err(|e| self.db_err("read snapshot", e))?
+            .ok_or(StoreError::NoSnapshot { id: *id })?;
+        let obj = SnapshotObject {
+            protected: self.protected()?.contains(id),
+            parent: self
+                .parents()?
+                .into_iter()
+                .find(|(c, _)| c == id)
+                .map(|(_, p)| p),
+            record,
+        };
+        p.bucket
+            .put(&pack::snapshot_path(id), obj.encode())
+            .map_err(bucket_err)
+    }
+
+    /// Deletes snapshot objects (after a local forget or replace).
+    pub(crate) fn delete_snapshot_objects(&self, ids: &[Id]) -> Result<()> {
+        let Some(p) = self.packs() else {
+            return Ok(());
+        };
+        p.bucket
+            .delete(&ids.iter().map(pack::snapshot_path).collect::<Vec<_>>())
+            .map_err(bucket_err)
+    }
+
+    /// `check` of the bucket: every pack the index knows is there with its
+    /// size; with `read_data`, each pack's trailer matches its name and every
+    /// record's copy hashes to its id. Returns one line per problem.
+    pub fn check_bucket(&self, read_data: bool) -> Result<Vec<String>> {
+        let Some(p) = self.packs() else {
+            return Ok(Vec::new());
+        };
+        let mut problems = Vec::new();
+        let known = self.pack_stats()?;
+        let listed: HashMap<PackName, u64> = p
+            .bucket
+            .list(pack::PACKS_DIR)
+            .map_err(bucket_err)?
+            .into_iter()
+            .filter_map(|(path, len)| Some((pack::parse_pack_path(&path)?, len)))
+            .collect();
+        let mut names: Vec<&PackName> = known.keys().collect();
+        names.sort();
+        for n in names {
+            let st = known[n];
+            match listed.get(n) {
+                None => problems.push(format!(
+                    "pack {n} is missing from {} ({} live objects in it)",
+                    p.bucket.url(),
+                    st.live_entries
+                )),
+                Some(len) if *len != st.size => problems.push(format!(
+                    "pack {n} in {} is {len} bytes, the index says {}",
+                    p.bucket.url(),
+                    st.size
+                )),
+                Some(_) if read_data => {
+                    if let Err(e) = self.check_pack_records(n, st.size) {
+                        problems.push(e);
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(problems)
+    }
+
+    fn check_pack_records(&self, name: &PackName, size: u64) -> std::result::Result<(), String> {
+        let p = self.packs().expect("bucket-backed");
+        let trailer = fetch_trailer(&p.bucket, name, size).map_err(|e| e.to_string())?;
+        let reqs: Vec<(String, std::ops::Range<u64>)> = trailer
+            .entries
+            .iter()
+            .zip(trailer.offsets())
+            .filter(|(e, _)| e.kind != ObjectKind::Chunk)
+            .map(|(e, o)| (pack_path(name), o..o + e.len as u64))
+            .collect();
+        let ids: Vec<Id> = trailer
+            .entries
+            .iter()
+            .filter(|e| e.kind != ObjectKind::Chunk)
+            .map(|e| e.id)
+            .collect();
+        for (r, id) in p.bucket.get_ranges(&reqs).into_iter().zip(ids) {
+            let b = r.map_err(|e| e.to_string())?;
+            if Id::hash(&b) != id {
+                return Err(format!("pack {name}: the copy of record {id} in it is altered"));
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn flush_all(&self) -> Result<()> {
+        let handles: Vec<_> = cf::ALL.iter().map(|n| self.cf(n)).collect();
+        let refs: Vec<_> = handles.iter().collect();
+        let mut fo = rocksdb::FlushOptions::default();
+        fo.set_wait(true);
+        self.db
+            .flush_cfs_opt(&refs, &fo)
+            .map_err(|e| self.db_err("flush", e))
+    }
+
+    /// Creates the bucket side of a new repository: refuses a prefix that
+    /// already holds one, then writes the config object.
+    pub(crate) fn init_bucket(config: &RepoConfig) -> Result<()> {
+        let storage = config.storage.as_ref().expect("bucket-backed");
+        let bucket = connect(storage)?;
+        if bucket.size(pack::CONFIG_OBJECT).map_err(bucket_err)?.is_some() {
+            return Err(StoreError::Invalid(format!(
+                "{} already holds a repository: recover it with `imgstore -r DIR recover {}`",
+                bucket.url(),
+                bucket.url()
+            )));
+        }
+        bucket
+            .put(pack::CONFIG_OBJECT, config.to_json())
+            .map_err(bucket_err)
+    }
+
+    /// Writes the config object again (after `key add|remove|passwd`).
+    pub fn put_bucket_config(&self) -> Result<()> {
+        let Some(p) = self.packs() else {
+            return Ok(());
+        };
+        let bytes = fs::read(self.dir.join(imgstore_format::CONFIG_FILE))
+            .map_err(crate::io_err(&self.dir, "read config"))?;
+        p.bucket
+            .put(pack::CONFIG_OBJECT, bytes)
+            .map_err(bucket_err)
+    }
+
+    /// Rebuilds a bucket-backed repository's local directory `dir` from the
+    /// bucket alone: the config, every pack's trailer, every record's copy,
+    /// every snapshot object; then the reference counts from the snapshots
+    /// down. `storage` says where the bucket is (its endpoint, region and
+    /// cache size may differ from the config in the bucket).
+    pub fn recover(dir: &Path, storage: &Storage) -> Result<(Store, RecoverOutcome)> {
+        let bucket = connect(storage)?;
+        let bytes = bucket
+            .get(pack::CONFIG_OBJECT, MAX_CONFIG_BYTES)
+            .map_err(|e| match e {
+                BucketError::NotFound { url, .. } => StoreError::NotARepository {
+                    path: PathBuf::from(url),
+                    why: "no config object in it".into(),
+                },
+                e => bucket_err(e),
+            })?;
+        let mut config = RepoConfig::from_json(&bytes).map_err(|source| StoreError::Format {
+            path: PathBuf::from(format!("{}/config", bucket.url())),
+            source,
+        })?;
+        let Some(st) = config.storage.as_mut() else {
+            return Err(StoreError::Invalid(format!(
+                "{}: the config in the bucket is not a bucket-backed repository's",
+                bucket.url()
+            )));
+        };
+        st.endpoint = storage.endpoint.clone();
+        st.region = storage.region.clone();
+        st.bucket = storage.bucket.clone();
+        st.prefix = storage.prefix.clone();
+        st.cache_bytes = storage.cache_bytes;
+        let store = Store::create_local(dir, config, "recover")?;
+        let out = store.rebuild_index(&bucket)?;
+        Ok((store, out))
+    }
+
+    fn rebuild_index(&self, bucket: &Bucket) -> Result<RecoverOutcome> {
+        let mut out = RecoverOutcome::default();
+        let listed = bucket.list(pack::PACKS_DIR).map_err(bucket_err)?;
+        // Locations of everything the packs hold (first copy wins) and raw
+        // lengths of chunks.
+        let mut chunk_at: HashMap<Id, (Location, u32)> = HashMap::new();
+        let mut record_at: HashMap<[u8; 33], Location> = HashMap::new();
+        let mut sizes: HashMap<PackName, u64> = HashMap::new();
+        for (path, len) in &listed {
+            let Some(name) = pack::parse_pack_path(path) else {
+                continue;
+            };
+            let trailer = match fetch_trailer(bucket, &name, *len) {
+                Ok(t) => t,
+                Err(_) => {
+                    out.rejected += 1;
+                    continue;
+                }
+            };
+            out.packs += 1;
+            sizes.insert(name, *len);
+            for (e, off) in trailer.entries.iter().zip(trailer.offsets()) {
+                let loc = Location {
+                    pack: name,
+                    offset: off,
+                    len: e.len,
+                };
+                match e.kind {
+                    ObjectKind::Chunk => {
+                        chunk_at.entry(e.id).or_insert((loc, e.raw_len));
+                    }
+                    k => {
+                        record_at.entry(k.key(&e.id)).or_insert(loc);
+                    }
+                }
+            }
+        }
+        // Records: fetched and checked against their ids.
+        let mut records: HashMap<[u8; 33], Vec<u8>> = HashMap::new();
+        let rkeys: Vec<[u8; 33]> = record_at.keys().copied().collect();
+        for group in rkeys.chunks(256) {
+            let reqs: Vec<(String, std::ops::Range<u64>)> = group
+                .iter()
+                .map(|k| {
+                    let l = record_at[k];
+                    (pack_path(&l.pack), l.offset..l.offset + l.len as u64)
+                })
+                .collect();
+            for (k, r) in group.iter().zip(bucket.get_ranges(&reqs)) {
+                match r {
+                    Ok(b) if Id::hash(&b).as_bytes() == &k[1..] => {
+                        records.insert(*k, b);
+                    }
+                    Ok(_) => out.rejected += 1,
+                    Err(e @ (BucketError::Unavailable { .. } | BucketError::Denied { .. })) => {
+                        return Err(bucket_err(e))
+                    }
+                    Err(_) => out.rejected += 1,
+                }
+            }
+        }
+        // Snapshots.
+        let mut snapshots = Vec::new();
+        for (path, len) in bucket.list(pack::SNAPSHOTS_DIR).map_err(bucket_err)? {
+            let Some(id) = pack::parse_snapshot_path(&path) else {
+                continue;
+            };
+            if len > MAX_SNAPSHOT_BYTES {
+                out.rejected += 1;
+                continue;
+            }
+            let b = bucket.get(&path, MAX_SNAPSHOT_BYTES).map_err(bucket_err)?;
+            match SnapshotObject::decode(&b, &id) {
+                Ok(o) => snapshots.push((id, o)),
+                Err(_) => out.rejected += 1,
+            }
+        }
+        // Reference counts: one per stored parent naming the object, with
+        // multiplicity (what every write batch keeps).
+        let mut refs: HashMap<[u8; 33], u64> = HashMap::new();
+        for (_, o) in &snapshots {
+            if let Ok(ps) = record_children(RecordKind::Snapshot, &o.record) {
+                for p in ps {
+                    *refs.entry(ObjectKind::Page.key(&p)).or_default() += 1;
+                }
+            }
+        }
+        for (k, b) in &records {
+            let (kind, child) = match k[0] {
+                b'P' => (RecordKind::Page, ObjectKind::Region),
+                _ => (RecordKind::Region, ObjectKind::Chunk),
+            };
+            if let Ok(cs) = record_children(kind, b) {
+                for c in cs {
+                    *refs.entry(child.key(&c)).or_default() += 1;
+                }
+            }
+        }
+        let meta = self.cf(cf::META);
+        let mut batch = WriteBatch::default();
+        let mut stats: HashMap<PackName, PackStat> = sizes
+            .iter()
+            .map(|(n, s)| {
+                (
+                    *n,
+                    PackStat {
+                        size: *s,
+                        ..Default::default()
+                    },
+                )
+            })
+            .collect();
+        let put_ref = |batch: &mut WriteBatch, k: &[u8; 33], rc: RefCount| {
+            batch.put_cf(self.cf(cf::REFS), k, rc.encode());
+            if rc.count == 0 {
+                batch.put_cf(self.cf(cf::ORPHANS), k, []);
+            }
+        };
+        for (id, (loc, raw)) in &chunk_at {
+            let k = ObjectKind::Chunk.key(id);
+            let rc = RefCount {
+                count: refs.get(&k).copied().unwrap_or(0),
+                logical_len: *raw,
+                stored_len: loc.len,
+            };
+            put_ref(&mut batch, &k, rc);
+            batch.put_cf(self.cf(cf::CHUNKS), id.as_bytes(), loc.encode());
+            let s = stats.entry(loc.pack).or_default();
+            s.live_entries += 1;
+            s.live_bytes += loc.len as u64;
+            out.chunks += 1;
+            if batch.len() > 50_000 {
+                self.write_synced(std::mem::take(&mut batch), "recover")?;
+            }
+        }
+        for (k, b) in &records {
+            let loc = record_at[k];
+            let rc = RefCount {
+                count: refs.get(k).copied().unwrap_or(0),
+                logical_len: b.len() as u32,
+                stored_len: b.len() as u32,
+            };
+            put_ref(&mut batch, k, rc);
+            batch.put_cf(self.cf(cf::RECIPES), k, b);
+            batch.put_cf(meta, loc_key(k), loc.encode());
+            let s = stats.entry(loc.pack).or_default();
+            s.live_entries += 1;
+            s.live_bytes += loc.len as u64;
+            out.records += 1;
+            if batch.len() > 50_000 {
+                self.write_synced(std::mem::take(&mut batch), "recover")?;
+            }
+        }
+        for (n, s) in &stats {
+            batch.put_cf(meta, pack_key(n), s.encode());
+        }
+        for (id, o) in &snapshots {
+            batch.put_cf(self.cf(cf::SNAPSHOTS), id.as_bytes(), &o.record);
+            if o.protected {
+                batch.put_cf(meta, imgstore_format::meta::protect_key(id), []);
+            }
+            if let Some(p) = o.parent {
+                batch.put_cf(meta, imgstore_format::meta::parent_key(id), p.as_bytes());
+            }
+            out.snapshots += 1;
+        }
+        out.missing = refs
+            .keys()
+            .filter(|k| match k[0] {
+                b'C' => Id::from_slice(&k[1..]).is_some_and(|id| !chunk_at.contains_key(&id)),
+                _ => !records.contains_key(*k),
+            })
+            .count() as u64;
+        self.write_synced(batch, "recover")?;
+        self.flush_all()?;
+        Ok(out)
+    }
+}
+
+/// Reads and checks a pack's trailer with one suffix GET (two when the
+/// trailer is longer than the first guess).
+fn fetch_trailer(bucket: &Bucket, name: &PackName, len: u64) -> Result<Trailer> {
+    let path = pack_path(name);
+    let bad = |source| StoreError::Format {
+        path: PathBuf::from(format!("{}/{path}", bucket.url())),
+        source,
+    };
+    if !(FOOTER_LEN as u64..=pack::MAX_PACK_BYTES).contains(&len) {
+        return Err(bad(imgstore_format::FormatError::Invalid {
+            what: "pack",
+            why: format!("{len} bytes"),
+        }));
+    }
+    let guess = len.min(64 << 10);
+    let tail = bucket
+        .get_ranges(&[(path.clone(), len - guess..len)])
+        .pop()
+        .expect("one answer")
+        .map_err(bucket_err)?;
+    let tlen = pack::decode_footer(&tail[tail.len() - FOOTER_LEN..], len).map_err(bad)? as u64;
+    let need = tlen + FOOTER_LEN as u64;
+    let trailer_bytes = if need <= guess {
+        tail[(guess - need) as usize..tail.len() - FOOTER_LEN].to_vec()
+    } else {
+        bucket
+            .get_ranges(&[(path.clone(), len - need..len - FOOTER_LEN as u64)])
+            .pop()
+            .expect("one answer")
+            .map_err(bucket_err)?
+    };
+    pack::decode_trailer(&trailer_bytes, name, len).map_err(bad)
+}
+
+/// The trailer of a whole pack in memory.
+fn read_trailer(bytes: &[u8], name: &PackName) -> Result<Trailer> {
+    let bad = |source| StoreError::Format {
+        path: PathBuf::from(pack_path(name)),
+        source,
+    };
+    let len = bytes.len() as u64;
+    if bytes.len() < FOOTER_LEN {
+        return Err(bad(imgstore_format::FormatError::Invalid {
+            what: "pack",
+            why: format!("{len} bytes"),
+        }));
+    }
+    let tlen = pack::decode_footer(&bytes[bytes.len() - FOOTER_LEN..], len).map_err(bad)? as usize;
+    let start = bytes.len() - FOOTER_LEN - tlen;
+    pack::decode_trailer(&bytes[start..bytes.len() - FOOTER_LEN], name, len).map_err(bad)
+}
+
+/// A bounded local cache of whole packs (`cache/<pack name>`), filled as
+/// packs are uploaded, evicted least recently used first.
+struct PackCache {
+    dir: PathBuf,
+    limit: u64,
+    state: Mutex<CacheState>,
+}
+
+#[derive(Default)]
+struct CacheState {
+    files: HashMap<PackName, (u64, u64)>,
+    total: u64,
+    tick: u64,
+    hits: u64,
+    misses: u64,
+}
+
+impl PackCache {
+    fn open(dir: PathBuf, limit: u64) -> PackCache {
+        let mut st = CacheState::default();
+        if let Ok(rd) = fs::read_dir(&dir) {
+            let mut found: Vec<(std::time::SystemTime, PackName, u64)> = rd
+                .flatten()
+                .filter_map(|e| {
+                    let name = Id::from_hex(e.file_name().to_str()?).ok()?;
+                    let m = e.metadata().ok()?;
+                    Some((m.modified().ok()?, name, m.len()))
+                })
+                .collect();
+            found.sort();
+            for (_, name, len) in found {
+                st.tick += 1;
+                st.files.insert(name, (len, st.tick));
+                st.total += len;
+            }
+        }
+        PackCache {
+            dir,
+            limit,
+            state: Mutex::new(st),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, CacheState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn figures(&self) -> (u64, u64, u64) {
+        let s = self.lock();
+        (s.hits, s.misses, s.total)
+    }
+
+    fn miss(&self, n: u64) {
+        self.lock().misses += n;
+    }
+
+    fn path(&self, name: &PackName) -> PathBuf {
+        self.dir.join(name.to_hex())
+    }
+
+    /// Keeps an uploaded pack (best effort: a cache that cannot be written
+    /// only costs requests).
+    fn insert(&self, name: &PackName, bytes: &[u8]) {
+        let len = bytes.len() as u64;
+        if len > self.limit {
+            return;
+        }
+        if fs::create_dir_all(&self.dir).is_err() {
+            return;
+        }
+        let tmp = self.dir.join(format!("{}.tmp", name.to_hex()));
+        let ok = fs::File::create(&tmp)
+            .and_then(|mut f| f.write_all(bytes))
+            .and_then(|_| fs::rename(&tmp, self.path(name)))
+            .is_ok();
+        if !ok {
+            let _ = fs::remove_file(&tmp);
+            return;
+        }
+        let mut s = self.lock();
+        s.tick += 1;
+        let tick = s.tick;
+        if let Some((old, _)) = s.files.insert(*name, (len, tick)) {
+            s.total -= old;
+        }
+        s.total += len;
+        while s.total > self.limit {
+            let Some((victim, (vlen, _))) = s
+                .files
+                .iter()
+                .min_by_key(|(_, (_, t))| *t)
+                .map(|(n, v)| (*n, *v))
+            else {
+                break;
+            };
+            s.files.remove(&victim);
+            s.total -= vlen;
+            let _ = fs::remove_file(self.path(&victim));
+        }
+    }
+
+    fn remove(&self, name: &PackName) {
+        let mut s = self.lock();
+        if let Some((len, _)) = s.files.remove(name) {
+            s.total -= len;
+            let _ = fs::remove_file(self.path(name));
+        }
+    }
+
+    /// An entry's bytes from a cached pack (None: not cached).
+    fn read(&self, loc: &Location) -> Option<Vec<u8>> {
+        {
+            let mut s = self.lock();
+            if !s.files.contains_key(&loc.pack) {
+                return None;
+            }
+            s.tick += 1;
+            let t = s.tick;
+            if let Some(e) = s.files.get_mut(&loc.pack) {
+                e.1 = t;
+            }
+        }
+        let f = fs::File::open(self.path(&loc.pack)).ok()?;
+        let mut buf = vec![0u8; loc.len as usize];
+        if f.read_exact_at(&mut buf, loc.offset).is_err() {
+            self.remove(&loc.pack);
+            return None;
+        }
+        self.lock().hits += 1;
+        Some(buf)
+    }
+
+    fn whole(&self, name: &PackName) -> Option<Vec<u8>> {
+        if !self.lock().files.contains_key(name) {
+            return None;
+        }
+        fs::read(self.path(name)).ok()
+    }
+}
