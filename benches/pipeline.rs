@@ -157,7 +157,7 @@ fn store_ops(c: &mut Criterion) {
         region.entries.iter().filter_map(|e| e.chunk).collect()
     };
     g.bench_function("get_chunk_frames", |b| {
-        b.iter(|| s.chunk_frames(&ids).len())
+        b.iter(|| s.chunk_frames(&ids).unwrap().len())
     });
     g.bench_function("chunks_known", |b| {
         b.iter(|| s.chunks_known(&ids).unwrap().len())

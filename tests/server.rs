@@ -187,19 +187,6 @@ fn id_of(report: &serde_json::Value) -> String {
     report["id"].as_str().unwrap().to_string()
 }
 
-/// An ext4 image of a populated tree and two later generations.
-fn ext4_generations(env: &Env) -> Vec<PathBuf> {
-    let tree = env.path("tree");
-    populate(&tree, 5);
-    let img = env.path("disk.img");
-    mkfs_ext4(&img, &tree, 48);
-    let gen0 = env.path("gen0.img");
-    fs::copy(&img, &gen0).unwrap();
-    let gen1 = next_generation(env, &img, 1, 700_000, 40, "notes", "bin/prog3");
-    let gen2 = next_generation(env, &img, 2, 500_000, 41, "log", "doc/page2.txt");
-    vec![gen0, gen1, gen2]
-}
-
 #[test]
 fn every_command_round_trips_through_the_server() {
     if !have("mkfs.ext4") || !have("xorriso") {

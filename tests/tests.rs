@@ -6,6 +6,7 @@
 mod util;
 
 mod backup;
+mod bucket;
 mod conventions;
 mod encryption;
 mod errors;

@@ -27,7 +27,11 @@ fn open_for(repo: &Path, dry_run: bool, operation: &'static str) -> anyhow::Resu
     } else {
         crate::commands::open_writer(repo, operation)?
     };
-    let before = before.unwrap_or_else(|| store.disk_usage());
+    let before = match before {
+        Some(_) if store.bucket_report().is_some() => store.disk_usage(),
+        Some(b) => b,
+        None => store.disk_usage(),
+    };
     Ok((before, store))
 }
 
@@ -156,6 +160,7 @@ fn run_gc(
     let after = match (&store, dry_run) {
         (_, true) => before,
         (Repo::Remote(_), false) => store.disk_usage(),
+        (Repo::Local(s), false) if s.bucket_report().is_some() => store.disk_usage(),
         (Repo::Local(_), false) => {
             drop(store);
             imgstore_store::disk_usage(repo)

@@ -31,7 +31,8 @@ impl Repo {
     /// Bytes the repository occupies (on this machine, or on the server).
     pub fn disk_usage(&self) -> u64 {
         match self {
-            Repo::Local(s) => imgstore_store::disk_usage(s.dir()),
+            // With its packs, for a bucket-backed one.
+            Repo::Local(s) => s.storage_bytes().unwrap_or(0),
             Repo::Remote(r) => r.storage_bytes().unwrap_or(0),
         }
     }

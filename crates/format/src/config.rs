@@ -306,13 +306,52 @@ mod tests {
     }
 
     #[test]
+    fn a_bucket_config_is_format_4_and_checked() {
+        let st = Storage {
+            kind: "s3".into(),
+            bucket: "b-1".into(),
+            prefix: "p".into(),
+            endpoint: Some("http://127.0.0.1:3900".into()),
+            region: "garage".into(),
+            pack_size: 32 << 20,
+            cache_bytes: 1 << 30,
+        };
+        let c = cfg().in_bucket(st.clone());
+        assert_eq!(c.version, BUCKET_FORMAT_VERSION);
+        assert_eq!(RepoConfig::from_json(&c.to_json()).unwrap(), c);
+        // Encryption keeps format 4 in a bucket.
+        let mut e = c.clone();
+        e.encryption = Some(Encryption {
+            scheme: ENCRYPTION_SCHEME.into(),
+            slots: vec![KeySlot {
+                id: "00000000".into(),
+                kind: SlotKind::KeyFile,
+                kdf: None,
+                salt: "00".into(),
+                wrapped: "00".into(),
+                created: 0,
+            }],
+        });
+        assert!(RepoConfig::from_json(&e.to_json()).is_ok());
+        let mut bad = c.clone();
+        bad.version = FORMAT_VERSION;
+        assert!(RepoConfig::from_json(&bad.to_json()).is_err());
+        let mut bad = c.clone();
+        bad.storage.as_mut().unwrap().pack_size = 1;
+        assert!(RepoConfig::from_json(&bad.to_json()).is_err());
+        let mut bad = cfg();
+        bad.version = BUCKET_FORMAT_VERSION;
+        assert!(RepoConfig::from_json(&bad.to_json()).is_err());
+    }
+
+    #[test]
     fn newer_version_is_reported_before_unknown_fields() {
         let j = br#"{"format":"imgstore","version":99,"whatever":[1]}"#;
         assert_eq!(
             RepoConfig::from_json(j).unwrap_err(),
             FormatError::Newer {
                 found: 99,
-                supported: ENCRYPTED_FORMAT_VERSION
+                supported: NEWEST_FORMAT_VERSION
             }
         );
         assert!(matches!(

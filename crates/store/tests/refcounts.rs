@@ -186,7 +186,7 @@ fn counts_follow_parents_and_orphans_are_listed() {
     assert_eq!(store.snapshots().unwrap().len(), 2);
 
     // Frames read back and a second writer is refused while this one lives.
-    let f = store.chunk_frames(&[c2, c1]);
+    let f = store.chunk_frames(&[c2, c1]).unwrap();
     assert_eq!(f[0].as_ref().unwrap(), &frame(&d2).0);
     assert_eq!(f[1].as_ref().unwrap(), &frame(&d1).0);
     match Store::open(&repo, Mode::Write { operation: "gc" }) {

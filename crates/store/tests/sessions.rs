@@ -128,7 +128,7 @@ fn gc_leaves_what_a_live_session_was_told_is_stored() {
     .unwrap();
     s.end_session(7);
     assert_eq!(s.pinned(), 0);
-    let frames = s.chunk_frames(&ids);
+    let frames = s.chunk_frames(&ids).unwrap();
     assert!(frames.iter().all(|f| f.is_ok()));
     assert_eq!(Repository::totals(&s).unwrap().orphans, 0);
 }
