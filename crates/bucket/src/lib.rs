@@ -175,7 +175,7 @@ impl Bucket {
     pub fn connect(spec: &BucketSpec, tuning: Tuning) -> Result<Bucket, BucketError> {
         // One process-wide TLS provider (ring, as the server and client use).
         let _ = rustls::crypto::ring::default_provider().install_default();
-        opendal::install_default();
+        opendal_http_transport_reqwest::install_default();
         let url = spec.url();
         let mut b = opendal::services::S3::default()
             .bucket(&spec.bucket)
