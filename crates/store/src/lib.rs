@@ -615,9 +615,7 @@ impl Store {
                 self.after_session_region(s, rkey, &chunks);
             }
             drop(_guard);
-            if let Some(sealed) = sealed {
-                self.ship(sealed)?;
-            }
+            self.ship_all(sealed)?;
             return Ok(out);
         }
         let bucket = self.packs.is_some();
@@ -704,9 +702,7 @@ impl Store {
         }
         let sealed = self.pack_append(&items);
         drop(_guard);
-        if let Some(sealed) = sealed {
-            self.ship(sealed)?;
-        }
+        self.ship_all(sealed)?;
         Ok(out)
     }
 
@@ -759,7 +755,7 @@ impl Store {
         frames: &HashMap<Id, (Vec<u8>, u32)>,
         scope: Option<&Scope>,
         counts: &HashMap<[u8; 33], u64>,
-    ) -> Result<(PutOutcome, Option<packs::Sealed>)> {
+    ) -> Result<(PutOutcome, Vec<packs::Sealed>)> {
         let mut batch = WriteBatch::default();
         let mut items = Vec::new();
         if self.packs.is_some() {

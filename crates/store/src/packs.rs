@@ -211,10 +211,11 @@ impl Packs {
         self.lock().pending.contains_key(key)
     }
 
-    /// Appends objects to the open pack; returns the pack sealed when it
-    /// reached its target size. Called under the store's write lock.
-    fn append(&self, items: &[(ObjectKind, Id, &[u8], u32)]) -> Option<Sealed> {
+    /// Appends objects to the open pack; returns the packs sealed as they
+    /// reached their target size. Called under the store's write lock.
+    fn append(&self, items: &[(ObjectKind, Id, &[u8], u32)]) -> Vec<Sealed> {
         let mut b = self.lock();
+        let mut sealed = Vec::new();
         for (kind, id, bytes, raw_len) in items {
             let key = kind.key(id);
             if b.pending.contains_key(&key) {
@@ -237,8 +238,11 @@ impl Packs {
                     len: bytes.len() as u32,
                 },
             );
+            if b.open.data.len() >= self.storage.pack_size as usize {
+                sealed.push(Self::seal(&mut b));
+            }
         }
-        (b.open.data.len() >= self.storage.pack_size as usize).then(|| Self::seal(&mut b))
+        sealed
     }
 
     /// Seals the open pack (when it holds anything).
@@ -370,8 +374,20 @@ impl Store {
     /// Appends objects to the open pack (under the write lock); a pack
     /// that filled up is returned for [`Store::ship`] after the lock is
     /// released.
-    pub(crate) fn pack_append(&self, items: &[(ObjectKind, Id, &[u8], u32)]) -> Option<Sealed> {
-        self.packs().and_then(|p| p.append(items))
+    pub(crate) fn pack_append(&self, items: &[(ObjectKind, Id, &[u8], u32)]) -> Vec<Sealed> {
+        self.packs().map(|p| p.append(items)).unwrap_or_default()
+    }
+
+    /// Uploads and lands packs sealed under the write lock (after it is
+    /// released); the first failure is the result.
+    pub(crate) fn ship_all(&self, sealed: Vec<Sealed>) -> Result<()> {
+        let mut first = None;
+        for s in sealed {
+            if let Err(e) = self.ship(s) {
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
     }
 
     /// Uploads a sealed pack and lands it (takes the write lock to land).
@@ -505,12 +521,13 @@ impl Store {
                 .filter(|(_, h)| !**h)
                 .map(|(b, _)| (ObjectKind::Page, Id::hash(b), b.as_slice(), b.len() as u32))
                 .collect();
-            let full = p.append(&items);
-            [full, p.seal_open()]
+            let mut sealed = p.append(&items);
+            sealed.extend(p.seal_open());
+            sealed
         };
         let mut page_locs = Vec::new();
         let mut first_err = None;
-        for s in sealed.into_iter().flatten() {
+        for s in sealed {
             match self.ship(s) {
                 Ok(l) => page_locs.extend(l),
                 Err(e) => {
@@ -862,9 +879,7 @@ impl Store {
             }
             // Objects still pending elsewhere are skipped by append; these
             // are located, so none is.
-            for item in items {
-                sealed.extend(p.append(&[item]));
-            }
+            sealed.extend(p.append(&items));
         }
         sealed.extend(p.seal_open());
         for s in sealed {
