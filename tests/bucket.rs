@@ -181,8 +181,14 @@ fn bucket_objects(node: &Node) -> u64 {
     out.lines()
         .find_map(|l| {
             let l = l.trim();
-            l.strip_prefix("Objects:")
-                .map(|v| v.trim().split_whitespace().next().unwrap_or("0").parse().unwrap_or(0))
+            l.strip_prefix("Objects:").map(|v| {
+                v.trim()
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or("0")
+                    .parse()
+                    .unwrap_or(0)
+            })
         })
         .unwrap_or_else(|| panic!("no object count in: {out}"))
 }
@@ -255,7 +261,10 @@ fn backup(env: &Env, repo: &Path, ep: &str, img: &Path, name: &str) -> serde_jso
 fn ids(env: &Env, repo: &Path, ep: &str) -> Vec<String> {
     let v: Vec<serde_json::Value> =
         serde_json::from_str(&ok(env, repo, ep, &["snapshots", "--json"])).unwrap();
-    let mut ids: Vec<String> = v.iter().map(|s| s["id"].as_str().unwrap().to_string()).collect();
+    let mut ids: Vec<String> = v
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect();
     ids.sort();
     ids
 }
@@ -289,10 +298,20 @@ fn a_bucket_backed_repository_round_trips_every_command() {
     let other = env.path("other");
     let o = run(
         &mut s3_command(&env, &other, &ep),
-        &["--password-file", &pwf, "init", "--encryption", "--storage", &format!("s3://{BUCKET}/site-a")],
+        &[
+            "--password-file",
+            &pwf,
+            "init",
+            "--encryption",
+            "--storage",
+            &format!("s3://{BUCKET}/site-a"),
+        ],
     );
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("already holds a repository"), "{err}");
+    assert!(
+        !o.status.success() && err.contains("already holds a repository"),
+        "{err}"
+    );
     assert!(!other.exists(), "a refused init leaves nothing behind");
 
     let gens = ext4_generations(&env);
@@ -310,7 +329,15 @@ fn a_bucket_backed_repository_round_trips_every_command() {
     let iso = env.path("cd.iso");
     mkiso(&iso, &iso_tree);
     let o = s3_command(&env, &repo, &ep)
-        .args(["--password-file", &pwf, "backup", "-", "--name", "cd", "--json"])
+        .args([
+            "--password-file",
+            &pwf,
+            "backup",
+            "-",
+            "--name",
+            "cd",
+            "--json",
+        ])
         .stdin(fs::File::open(&iso).unwrap())
         .output()
         .unwrap();
@@ -330,12 +357,26 @@ fn a_bucket_backed_repository_round_trips_every_command() {
     let out = env.path("out.img");
     run_ok(&["restore", &ids[0], out.to_str().unwrap()]);
     assert_same(&out, &gens[0]);
-    let r = json(&run_ok(&["restore", &ids[2], out.to_str().unwrap(), "--force", "--json"]));
+    let r = json(&run_ok(&[
+        "restore",
+        &ids[2],
+        out.to_str().unwrap(),
+        "--force",
+        "--json",
+    ]));
     assert!(r["bucket"]["gets"].as_u64().unwrap() > 0, "{r}");
     assert_same(&out, &gens[2]);
     let o = run(
         &mut s3_command(&env, &repo, &ep),
-        &["--password-file", &pwf, "restore", "latest", "--name", "cd", "-"],
+        &[
+            "--password-file",
+            &pwf,
+            "restore",
+            "latest",
+            "--name",
+            "cd",
+            "-",
+        ],
     );
     assert!(o.status.success());
     assert_eq!(o.stdout, fs::read(&iso).unwrap());
@@ -350,7 +391,14 @@ fn a_bucket_backed_repository_round_trips_every_command() {
     if have("nbdcopy") {
         let sock = env.path("nbd.sock");
         let mut nbd = s3_command(&env, &repo, &ep)
-            .args(["--password-file", &pwf, "serve", &ids[1], "--socket", sock.to_str().unwrap()])
+            .args([
+                "--password-file",
+                &pwf,
+                "serve",
+                &ids[1],
+                "--socket",
+                sock.to_str().unwrap(),
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -374,7 +422,13 @@ fn a_bucket_backed_repository_round_trips_every_command() {
         let mnt = env.path("mnt");
         fs::create_dir_all(&mnt).unwrap();
         let mut m = s3_command(&env, &repo, &ep)
-            .args(["--password-file", &pwf, "mount", mnt.to_str().unwrap(), &ids[2]])
+            .args([
+                "--password-file",
+                &pwf,
+                "mount",
+                mnt.to_str().unwrap(),
+                &ids[2],
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -383,12 +437,20 @@ fn a_bucket_backed_repository_round_trips_every_command() {
         while !mnt.join("by-id").is_dir() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-        let file = fs::read_dir(mnt.join("by-id")).unwrap().next().unwrap().unwrap().path();
+        let file = fs::read_dir(mnt.join("by-id"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
         let same = fs::read(&file).unwrap() == fs::read(&gens[2]).unwrap();
         let _ = Command::new("fusermount3").arg("-u").arg(&mnt).status();
         let _ = m.kill();
         let _ = m.wait();
-        assert!(same, "the FUSE file of a bucket snapshot differs from the image");
+        assert!(
+            same,
+            "the FUSE file of a bucket snapshot differs from the image"
+        );
     }
 
     // Retention and gc in the bucket; what stays restores exact.
@@ -414,12 +476,27 @@ fn a_bucket_backed_repository_round_trips_every_command() {
     }
 }
 
-fn backup_pw(env: &Env, repo: &Path, ep: &str, pwf: &str, img: &Path, name: &str) -> serde_json::Value {
+fn backup_pw(
+    env: &Env,
+    repo: &Path,
+    ep: &str,
+    pwf: &str,
+    img: &Path,
+    name: &str,
+) -> serde_json::Value {
     json(&ok(
         env,
         repo,
         ep,
-        &["--password-file", pwf, "backup", img.to_str().unwrap(), "--name", name, "--json"],
+        &[
+            "--password-file",
+            pwf,
+            "backup",
+            img.to_str().unwrap(),
+            "--name",
+            name,
+            "--json",
+        ],
     ))
 }
 
@@ -454,11 +531,21 @@ fn the_bucket_alone_rebuilds_the_repository() {
     let ep = node.endpoint();
     let repo = env.repo();
     let url = format!("s3://{BUCKET}/rebuild");
-    ok(&env, &repo, &ep, &["init", "--storage", &url, "--pack-size", "1M"]);
+    ok(
+        &env,
+        &repo,
+        &ep,
+        &["init", "--storage", &url, "--pack-size", "1M"],
+    );
     let gens = ext4_generations(&env);
     let mut snap = Vec::new();
     for g in &gens[..2] {
-        snap.push(backup(&env, &repo, &ep, g, "vm")["id"].as_str().unwrap().to_string());
+        snap.push(
+            backup(&env, &repo, &ep, g, "vm")["id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
     }
     ok(&env, &repo, &ep, &["protect", &snap[0]]);
     let before = ids(&env, &repo, &ep);
@@ -497,7 +584,10 @@ fn the_bucket_alone_rebuilds_the_repository() {
         &["recover", &format!("s3://{BUCKET}/nothing-here")],
     );
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("no config object"), "{err}");
+    assert!(
+        !o.status.success() && err.contains("no config object"),
+        "{err}"
+    );
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
 }
 
@@ -514,14 +604,25 @@ fn gc_in_the_bucket_deletes_repacks_and_removes_uncommitted_packs() {
         &env,
         &repo,
         &ep,
-        &["init", "--storage", &format!("s3://{BUCKET}/gc"), "--pack-size", "1M", "--cache-size", "0"],
+        &[
+            "init",
+            "--storage",
+            &format!("s3://{BUCKET}/gc"),
+            "--pack-size",
+            "1M",
+            "--cache-size",
+            "0",
+        ],
     );
     let a = env.path("a.img");
     let b = env.path("b.img");
     fs::write(&a, seeded(12 << 20, 1)).unwrap();
     // b shares its first half with a: packs of a become mixed.
     fs::write(&b, [seeded(6 << 20, 1), seeded(6 << 20, 2)].concat()).unwrap();
-    let ia = backup(&env, &repo, &ep, &a, "a")["id"].as_str().unwrap().to_string();
+    let ia = backup(&env, &repo, &ep, &a, "a")["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     backup(&env, &repo, &ep, &b, "b");
     let full = bucket_objects(&node);
     let before = bucket_bytes(&node);
@@ -535,7 +636,12 @@ fn gc_in_the_bucket_deletes_repacks_and_removes_uncommitted_packs() {
     assert!(bucket_objects(&node) < full, "no pack was deleted");
     ok(&env, &repo, &ep, &["check", "--read-data"]);
     let out = env.path("out.img");
-    ok(&env, &repo, &ep, &["restore", "latest", "--name", "b", out.to_str().unwrap()]);
+    ok(
+        &env,
+        &repo,
+        &ep,
+        &["restore", "latest", "--name", "b", out.to_str().unwrap()],
+    );
     assert_same(&out, &b);
 
     // A backup killed after uploading packs: gc finds and removes them.
@@ -554,16 +660,31 @@ fn gc_in_the_bucket_deletes_repacks_and_removes_uncommitted_packs() {
     }
     let _ = k.kill();
     let _ = k.wait();
-    assert!(bucket_objects(&node) >= settled + 3, "the backup uploaded no pack before it was killed");
+    assert!(
+        bucket_objects(&node) >= settled + 3,
+        "the backup uploaded no pack before it was killed"
+    );
     let list = ok(&env, &repo, &ep, &["snapshots", "--json"]);
-    assert!(!list.contains("\"c\""), "a killed backup left a snapshot: {list}");
+    assert!(
+        !list.contains("\"c\""),
+        "a killed backup left a snapshot: {list}"
+    );
     ok(&env, &repo, &ep, &["gc"]);
-    assert_eq!(bucket_objects(&node), settled, "uncommitted packs are left in the bucket");
+    assert_eq!(
+        bucket_objects(&node),
+        settled,
+        "uncommitted packs are left in the bucket"
+    );
     ok(&env, &repo, &ep, &["check", "--read-data"]);
     // The next backup of the same image sends its data again, and restores.
     backup(&env, &repo, &ep, &c, "c");
     let outc = env.path("outc.img");
-    ok(&env, &repo, &ep, &["restore", "latest", "--name", "c", outc.to_str().unwrap()]);
+    ok(
+        &env,
+        &repo,
+        &ep,
+        &["restore", "latest", "--name", "c", outc.to_str().unwrap()],
+    );
     assert_same(&outc, &c);
 }
 
@@ -581,7 +702,15 @@ fn an_altered_or_missing_pack_is_found_and_never_served() {
         &env,
         &repo,
         &ep,
-        &["init", "--storage", &format!("s3://{BUCKET}/tamper"), "--pack-size", "1M", "--cache-size", "0"],
+        &[
+            "init",
+            "--storage",
+            &format!("s3://{BUCKET}/tamper"),
+            "--pack-size",
+            "1M",
+            "--cache-size",
+            "0",
+        ],
     );
     let img = env.path("d.img");
     fs::write(&img, seeded(6 << 20, 9)).unwrap();
@@ -596,13 +725,19 @@ fn an_altered_or_missing_pack_is_found_and_never_served() {
             &["restore", "latest", "--name", "d", out.to_str().unwrap()],
         );
         let err = String::from_utf8_lossy(&o.stderr);
-        assert!(!o.status.success(), "mode {mode}: a restore over a bad pack succeeded");
+        assert!(
+            !o.status.success(),
+            "mode {mode}: a restore over a bad pack succeeded"
+        );
         assert_eq!(err.trim_end().lines().count(), 1, "{err}");
         assert!(
             !out.exists() || fs::read(&out).unwrap() != fs::read(&img).unwrap(),
             "mode {mode}"
         );
-        let o = run(&mut s3_command(&env, &repo, &ep), &["check", "--read-data", "--json"]);
+        let o = run(
+            &mut s3_command(&env, &repo, &ep),
+            &["check", "--read-data", "--json"],
+        );
         assert!(!o.status.success(), "mode {mode}: check found nothing");
         let report = String::from_utf8_lossy(&o.stdout);
         assert!(
@@ -622,7 +757,12 @@ fn an_altered_or_missing_pack_is_found_and_never_served() {
     proxy.mode.store(MODE_FAULTS, SeqCst);
     let out = env.path("out.img");
     let _ = fs::remove_file(&out);
-    ok(&env, &repo, &ep, &["restore", "latest", "--name", "d", out.to_str().unwrap()]);
+    ok(
+        &env,
+        &repo,
+        &ep,
+        &["restore", "latest", "--name", "d", out.to_str().unwrap()],
+    );
     assert_same(&out, &img);
 }
 
@@ -704,13 +844,15 @@ fn serve_one(
         .lines()
         .find_map(|l| {
             let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse().ok())?
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
         })
         .unwrap_or(0);
     let mut body = vec![0u8; len.min(512 << 20)];
     c.read_exact(&mut body)?;
     let path = text.split_whitespace().nth(1).unwrap_or("");
-    let pack_get = text.starts_with("GET ") && path.split('?').next().unwrap_or("").contains("/packs/");
+    let pack_get =
+        text.starts_with("GET ") && path.split('?').next().unwrap_or("").contains("/packs/");
     if mode == MODE_GONE && pack_get {
         let b = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>NoSuchKey</Code><Message>gone</Message></Error>";
         let a = format!(
@@ -719,7 +861,11 @@ fn serve_one(
         );
         return c.write_all(a.as_bytes());
     }
-    let rate = if mode == MODE_FAULTS { rate.load(SeqCst) } else { 0 };
+    let rate = if mode == MODE_FAULTS {
+        rate.load(SeqCst)
+    } else {
+        0
+    };
     if roll < rate {
         faults.fetch_add(1, SeqCst);
         let kind = (roll + n) % 5;
@@ -790,7 +936,15 @@ fn faults_between_imgstore_and_the_bucket_are_retried_or_refused_clearly() {
         &env,
         &repo,
         &ep,
-        &["init", "--storage", &format!("s3://{BUCKET}/faults"), "--pack-size", "1M", "--cache-size", "0"],
+        &[
+            "init",
+            "--storage",
+            &format!("s3://{BUCKET}/faults"),
+            "--pack-size",
+            "1M",
+            "--cache-size",
+            "0",
+        ],
     );
     proxy.rate.store(150, SeqCst);
     let gens = ext4_generations(&env);
@@ -801,7 +955,13 @@ fn faults_between_imgstore_and_the_bucket_are_retried_or_refused_clearly() {
             &["backup", g.to_str().unwrap(), "--name", "f", "--json"],
         );
         if o.status.success() {
-            done.push((json(&String::from_utf8_lossy(&o.stdout))["id"].as_str().unwrap().to_string(), i));
+            done.push((
+                json(&String::from_utf8_lossy(&o.stdout))["id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+                i,
+            ));
         } else {
             let err = String::from_utf8_lossy(&o.stderr);
             assert_eq!(err.trim_end().lines().count(), 1, "{err}");
@@ -809,7 +969,10 @@ fn faults_between_imgstore_and_the_bucket_are_retried_or_refused_clearly() {
         }
     }
     assert!(proxy.faults.load(SeqCst) > 0, "no fault was injected");
-    assert!(!done.is_empty(), "no backup got through 15% faults with retries");
+    assert!(
+        !done.is_empty(),
+        "no backup got through 15% faults with retries"
+    );
     let listed = ids(&env, &repo, &ep);
     assert_eq!(listed.len(), done.len(), "a failed backup left a snapshot");
     for (id, i) in &done {
@@ -836,7 +999,10 @@ fn faults_between_imgstore_and_the_bucket_are_retried_or_refused_clearly() {
         &["backup", gens[0].to_str().unwrap(), "--name", "never"],
     );
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success(), "a backup through a dead bucket succeeded");
+    assert!(
+        !o.status.success(),
+        "a backup through a dead bucket succeeded"
+    );
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     proxy.rate.store(0, SeqCst);
     assert_eq!(ids(&env, &repo, &ep).len(), done.len());
@@ -848,4 +1014,133 @@ fn faults_between_imgstore_and_the_bucket_are_retried_or_refused_clearly() {
         ok(&env, &repo, &ep, &["restore", id, out.to_str().unwrap()]);
         assert_same(&out, &gens[*i]);
     }
+}
+
+/// Three Garage nodes on loopback with replication factor 3, the bucket
+/// and key made through Garage's own CLI.
+fn cluster(env: &Env) -> Vec<Node> {
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        let (config, s3, rpc) = Node::write_config(&env.path(&format!("garage{i}")), 3);
+        nodes.push(Node::spawn(&config, s3, rpc, false));
+    }
+    let id = |n: &Node| n.cli(&["node", "id", "-q"]).trim().to_string();
+    for n in &nodes[1..] {
+        let full = id(n);
+        assert!(full.ends_with(&format!("@127.0.0.1:{}", n.rpc)), "{full}");
+        nodes[0].cli(&["node", "connect", &full]);
+    }
+    for (i, n) in nodes.iter().enumerate() {
+        let short = id(n)[..16].to_string();
+        nodes[0].cli(&[
+            "layout",
+            "assign",
+            "-z",
+            &format!("dc{i}"),
+            "-c",
+            "1G",
+            &short,
+        ]);
+    }
+    nodes[0].cli(&["layout", "apply", "--version", "1"]);
+    nodes[0].cli(&[
+        "key", "import", "--yes", ACCESS_KEY, SECRET_KEY, "-n", "imgstore",
+    ]);
+    nodes[0].cli(&["bucket", "create", BUCKET]);
+    nodes[0].cli(&[
+        "bucket", "allow", "--read", "--write", "--owner", BUCKET, "--key", ACCESS_KEY,
+    ]);
+    nodes
+}
+
+/// Beyond one machine: a node of a three-node cluster killed during a
+/// backup, another during a restore; both finish byte-exact, and the
+/// repository checks clean once the cluster is whole again.
+#[test]
+fn a_three_node_cluster_loses_a_node_during_backup_and_restore() {
+    let env = Env::new();
+    let mut nodes = cluster(&env);
+    let ep = nodes[0].endpoint();
+    let repo = env.repo();
+    ok(
+        &env,
+        &repo,
+        &ep,
+        &[
+            "init",
+            "--storage",
+            &format!("s3://{BUCKET}/cluster"),
+            "--pack-size",
+            "1M",
+            "--cache-size",
+            "0",
+        ],
+    );
+    let img = env.path("big.img");
+    fs::write(
+        &img,
+        [seeded(64 << 20, 5), vec![0u8; 8 << 20], texty(48 << 20, 6)].concat(),
+    )
+    .unwrap();
+
+    // Node 3 dies while the backup uploads.
+    let mut k = s3_command(&env, &repo, &ep)
+        .args(["backup", img.to_str().unwrap(), "--name", "big", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        k.try_wait().unwrap().is_none(),
+        "the backup ended before the node was killed"
+    );
+    nodes[2].kill9();
+    let o = wait_output(k, Duration::from_secs(300));
+    assert!(
+        o.status.success(),
+        "backup with a node down: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let id = json(&String::from_utf8_lossy(&o.stdout))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Node 3 comes back; node 2 dies during a restore.
+    let (c3, s3, r3) = (nodes[2].config.clone(), nodes[2].s3, nodes[2].rpc);
+    nodes[2] = Node::spawn(&c3, s3, r3, false);
+    let out = env.path("out.img");
+    let mut k = s3_command(&env, &repo, &ep)
+        .args(["restore", &id, out.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(150));
+    assert!(
+        k.try_wait().unwrap().is_none(),
+        "the restore ended before the node was killed"
+    );
+    nodes[1].kill9();
+    let o = wait_output(k, Duration::from_secs(300));
+    assert!(
+        o.status.success(),
+        "restore with a node down: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_same(&out, &img);
+    let (c2, s2, r2) = (nodes[1].config.clone(), nodes[1].s3, nodes[1].rpc);
+    nodes[1] = Node::spawn(&c2, s2, r2, false);
+    ok(&env, &repo, &ep, &["check", "--read-data"]);
+}
+
+/// Waits for a child (bounded), killing it at the deadline.
+fn wait_output(mut k: Child, limit: Duration) -> Output {
+    let deadline = Instant::now() + limit;
+    while k.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = k.kill();
+    k.wait_with_output().unwrap()
 }

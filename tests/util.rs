@@ -268,4 +268,3 @@ pub fn ext4_generations(env: &Env) -> Vec<PathBuf> {
     let gen2 = next_generation(env, &img, 2, 500_000, 41, "log", "doc/page2.txt");
     vec![gen0, gen1, gen2]
 }
-

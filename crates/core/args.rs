@@ -589,7 +589,12 @@ pub struct BucketArgs {
     #[arg(long, value_name = "URL", env = "AWS_ENDPOINT_URL")]
     pub endpoint: Option<String>,
     /// The bucket's region ("garage" for Garage, unless it says otherwise).
-    #[arg(long, value_name = "REGION", env = "AWS_REGION", default_value = "us-east-1")]
+    #[arg(
+        long,
+        value_name = "REGION",
+        env = "AWS_REGION",
+        default_value = "us-east-1"
+    )]
     pub region: String,
     /// Bytes of recently written packs kept in DIR/cache (0 keeps none).
     #[arg(long, value_name = "SIZE", default_value = "1G")]

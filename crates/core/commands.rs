@@ -235,8 +235,10 @@ fn recover(repo: &Path, a: crate::args::RecoverArgs) -> anyhow::Result<()> {
             "seconds": secs,
             "requests": store.bucket_report().map(|b| bucket_json(&b)),
         });
-        emit(&format!("{v}
-"))?;
+        emit(&format!(
+            "{v}
+"
+        ))?;
     } else {
         note(&format!(
             "recovered {} from {url} in {secs:.2} s: {} snapshots, {} chunks and {} records in {} packs",

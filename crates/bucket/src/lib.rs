@@ -41,7 +41,11 @@ pub struct BucketSpec {
 
 impl BucketSpec {
     /// Parses `s3://BUCKET[/PREFIX]`.
-    pub fn parse(url: &str, endpoint: Option<String>, region: String) -> Result<BucketSpec, BucketError> {
+    pub fn parse(
+        url: &str,
+        endpoint: Option<String>,
+        region: String,
+    ) -> Result<BucketSpec, BucketError> {
         let rest = url.strip_prefix("s3://").ok_or_else(|| BucketError::Spec {
             why: format!("{url:?} is not an s3://BUCKET/PREFIX address"),
         })?;
@@ -299,7 +303,10 @@ impl Bucket {
                 max,
             });
         }
-        Ok(self.get_ranges(&[(path.to_string(), 0..len)]).pop().expect("one answer")?)
+        Ok(self
+            .get_ranges(&[(path.to_string(), 0..len)])
+            .pop()
+            .expect("one answer")?)
     }
 
     /// The size of an object, None when absent.
@@ -407,7 +414,12 @@ mod tests {
         assert_eq!(s.url(), "s3://my-bucket/a/b");
         let s = BucketSpec::parse("s3://bkt", None, "r".into()).unwrap();
         assert_eq!(s.prefix, "");
-        for bad in ["http://x/y", "s3://UPPER/x", "s3://a/x", "s3://ok-bucket/../x"] {
+        for bad in [
+            "http://x/y",
+            "s3://UPPER/x",
+            "s3://a/x",
+            "s3://ok-bucket/../x",
+        ] {
             let e = BucketSpec::parse(bad, None, "r".into()).unwrap_err();
             assert!(matches!(e, BucketError::Spec { .. }), "{bad}: {e}");
         }

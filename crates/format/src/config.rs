@@ -3,8 +3,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    FormatError, BUCKET_FORMAT_VERSION, ENCRYPTED_FORMAT_VERSION, FORMAT_VERSION, MIN_FORMAT_VERSION,
-    NEWEST_FORMAT_VERSION,
+    FormatError, BUCKET_FORMAT_VERSION, ENCRYPTED_FORMAT_VERSION, FORMAT_VERSION,
+    MIN_FORMAT_VERSION, NEWEST_FORMAT_VERSION,
 };
 
 /// Name of the config file at the top of a repository directory.

@@ -19,15 +19,15 @@ mod config;
 mod frame;
 mod id;
 pub mod meta;
-pub mod pack;
 mod overlay;
+pub mod pack;
 mod records;
 pub mod sealed;
 
 pub use codec::FormatError;
 pub use config::{
-    ChunkingConfig, Compression, Encryption, KdfParams, KeySlot, RepoConfig, SlotKind, Storage, CONFIG_FILE,
-    DB_DIR, ENCRYPTION_SCHEME, LOCK_FILE,
+    ChunkingConfig, Compression, Encryption, KdfParams, KeySlot, RepoConfig, SlotKind, Storage,
+    CONFIG_FILE, DB_DIR, ENCRYPTION_SCHEME, LOCK_FILE,
 };
 pub use frame::{
     decode_chunk, decode_chunk_into, encode_chunk, ChunkCodec, FrameCodec, FRAME_HEADER_LEN,

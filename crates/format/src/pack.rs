@@ -139,9 +139,7 @@ pub fn decode_footer(footer: &[u8], pack_len: u64) -> Result<u32, FormatError> {
     let count = u32::from_le_bytes(footer[..4].try_into().unwrap());
     let tlen = u32::from_le_bytes(footer[4..8].try_into().unwrap());
     if count > MAX_PACK_ENTRIES || tlen as u64 != count as u64 * TRAILER_ENTRY_LEN as u64 {
-        return Err(bad(format!(
-            "{count} entries in a trailer of {tlen} bytes"
-        )));
+        return Err(bad(format!("{count} entries in a trailer of {tlen} bytes")));
     }
     if tlen as u64 + FOOTER_LEN as u64 > pack_len {
         return Err(bad(format!(
@@ -153,7 +151,11 @@ pub fn decode_footer(footer: &[u8], pack_len: u64) -> Result<u32, FormatError> {
 
 /// Decodes a trailer (without the footer), checks it hashes to `name` and
 /// that its entries fill the pack exactly (`pack_len` bytes in all).
-pub fn decode_trailer(bytes: &[u8], name: &PackName, pack_len: u64) -> Result<Trailer, FormatError> {
+pub fn decode_trailer(
+    bytes: &[u8],
+    name: &PackName,
+    pack_len: u64,
+) -> Result<Trailer, FormatError> {
     if Id::hash(bytes) != *name {
         return Err(FormatError::Invalid {
             what: "pack trailer",
@@ -385,7 +387,10 @@ mod tests {
         );
         assert_eq!(&bytes[..1], b"C");
         assert_eq!(&bytes[33..41], &[10, 0, 0, 0, 0, 16, 0, 0]);
-        assert_eq!(&bytes[bytes.len() - 16..bytes.len() - 8], &[2, 0, 0, 0, 82, 0, 0, 0]);
+        assert_eq!(
+            &bytes[bytes.len() - 16..bytes.len() - 8],
+            &[2, 0, 0, 0, 82, 0, 0, 0]
+        );
     }
 
     #[test]

@@ -234,7 +234,11 @@ impl Store {
 
     /// Creates the local directory of a repository (the whole repository,
     /// unless it is bucket-backed) and opens it for writing as `operation`.
-    pub(crate) fn create_local(dir: &Path, config: RepoConfig, operation: &'static str) -> Result<Store> {
+    pub(crate) fn create_local(
+        dir: &Path,
+        config: RepoConfig,
+        operation: &'static str,
+    ) -> Result<Store> {
         if dir.exists() {
             let empty = dir.is_dir()
                 && fs::read_dir(dir)

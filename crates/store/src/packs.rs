@@ -143,7 +143,12 @@ fn bucket_err(e: BucketError) -> StoreError {
             url,
             detail: format!("{path}: {detail}"),
         },
-        BucketError::Unavailable { url, op, path, detail } => StoreError::Unreachable {
+        BucketError::Unavailable {
+            url,
+            op,
+            path,
+            detail,
+        } => StoreError::Unreachable {
             url,
             detail: format!("{op} {path}: {detail}"),
         },
@@ -429,7 +434,12 @@ impl Store {
         let mut pages = Vec::new();
         let mut offset = 0u64;
         let mut seen = HashSet::new();
-        for ((e, k), (rc, cur)) in sealed.entries.iter().zip(&keys).zip(refs.into_iter().zip(current)) {
+        for ((e, k), (rc, cur)) in sealed
+            .entries
+            .iter()
+            .zip(&keys)
+            .zip(refs.into_iter().zip(current))
+        {
             let loc = Location {
                 pack: sealed.name,
                 offset,
@@ -561,7 +571,10 @@ impl Store {
     /// commit makes live is located.
     fn check_landed(&self, pages: &[Vec<u8>], page_locs: &[([u8; 33], Location)]) -> Result<()> {
         let committing: HashSet<[u8; 33]> = page_locs.iter().map(|(k, _)| *k).collect();
-        let pkeys: Vec<[u8; 33]> = pages.iter().map(|b| ObjectKind::Page.key(&Id::hash(b))).collect();
+        let pkeys: Vec<[u8; 33]> = pages
+            .iter()
+            .map(|b| ObjectKind::Page.key(&Id::hash(b)))
+            .collect();
         let loc = self.located(&pkeys)?;
         let mut regions = HashSet::new();
         for ((k, b), l) in pkeys.iter().zip(pages).zip(loc) {
@@ -569,11 +582,12 @@ impl Store {
                 return Err(self.not_landed(k));
             }
             let (_, id) = ObjectKind::parse_key(k).expect("33-byte key");
-            let rs = record_children(RecordKind::Page, b).map_err(|source| StoreError::Corrupt {
-                kind: ObjectKind::Page,
-                id,
-                source,
-            })?;
+            let rs =
+                record_children(RecordKind::Page, b).map_err(|source| StoreError::Corrupt {
+                    kind: ObjectKind::Page,
+                    id,
+                    source,
+                })?;
             regions.extend(rs.into_iter().map(|r| ObjectKind::Region.key(&r)));
         }
         let rkeys: Vec<[u8; 33]> = regions.into_iter().collect();
@@ -864,7 +878,10 @@ impl Store {
             let path = pack_path(name);
             let bytes = match p.cache.whole(name) {
                 Some(b) => b,
-                None => p.bucket.get(&path, pack::MAX_PACK_BYTES).map_err(bucket_err)?,
+                None => p
+                    .bucket
+                    .get(&path, pack::MAX_PACK_BYTES)
+                    .map_err(bucket_err)?,
             };
             let trailer = read_trailer(&bytes, name)?;
             let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
@@ -917,10 +934,8 @@ impl Store {
     pub fn pack_stats(&self) -> Result<HashMap<PackName, PackStat>> {
         let mut out = HashMap::new();
         self.scan_meta(PACK_PREFIX, "read pack stats", |k, v| {
-            if let (Some(n), Ok(s)) = (
-                Id::from_slice(&k[PACK_PREFIX.len()..]),
-                PackStat::decode(v),
-            ) {
+            if let (Some(n), Ok(s)) = (Id::from_slice(&k[PACK_PREFIX.len()..]), PackStat::decode(v))
+            {
                 out.insert(n, s);
             }
             Ok(true)
@@ -1023,7 +1038,9 @@ impl Store {
         for (r, id) in p.bucket.get_ranges(&reqs).into_iter().zip(ids) {
             let b = r.map_err(|e| e.to_string())?;
             if Id::hash(&b) != id {
-                return Err(format!("pack {name}: the copy of record {id} in it is altered"));
+                return Err(format!(
+                    "pack {name}: the copy of record {id} in it is altered"
+                ));
             }
         }
         Ok(())
@@ -1044,7 +1061,11 @@ impl Store {
     pub(crate) fn init_bucket(config: &RepoConfig) -> Result<()> {
         let storage = config.storage.as_ref().expect("bucket-backed");
         let bucket = connect(storage)?;
-        if bucket.size(pack::CONFIG_OBJECT).map_err(bucket_err)?.is_some() {
+        if bucket
+            .size(pack::CONFIG_OBJECT)
+            .map_err(bucket_err)?
+            .is_some()
+        {
             return Err(StoreError::Invalid(format!(
                 "{} already holds a repository: recover it with `imgstore -r DIR recover {}`",
                 bucket.url(),
@@ -1063,9 +1084,7 @@ impl Store {
         };
         let bytes = fs::read(self.dir.join(imgstore_format::CONFIG_FILE))
             .map_err(crate::io_err(&self.dir, "read config"))?;
-        p.bucket
-            .put(pack::CONFIG_OBJECT, bytes)
-            .map_err(bucket_err)
+        p.bucket.put(pack::CONFIG_OBJECT, bytes).map_err(bucket_err)
     }
 
     /// Rebuilds a bucket-backed repository's local directory `dir` from the
