@@ -182,8 +182,7 @@ fn bucket_objects(node: &Node) -> u64 {
         .find_map(|l| {
             let l = l.trim();
             l.strip_prefix("Objects:").map(|v| {
-                v.trim()
-                    .split_whitespace()
+                v.split_whitespace()
                     .next()
                     .unwrap_or("0")
                     .parse()
@@ -951,7 +950,7 @@ fn faults_between_imgstore_and_the_bucket_are_retried_or_refused_clearly() {
     let mut done = Vec::new();
     for (i, g) in gens.iter().enumerate() {
         let o = run(
-            &mut s3_command(&env, &repo, &ep).env("IMGSTORE_BUCKET_TIMEOUT", "10"),
+            s3_command(&env, &repo, &ep).env("IMGSTORE_BUCKET_TIMEOUT", "10"),
             &["backup", g.to_str().unwrap(), "--name", "f", "--json"],
         );
         if o.status.success() {
@@ -979,7 +978,7 @@ fn faults_between_imgstore_and_the_bucket_are_retried_or_refused_clearly() {
         let out = env.path("out.img");
         let _ = fs::remove_file(&out);
         let o = run(
-            &mut s3_command(&env, &repo, &ep).env("IMGSTORE_BUCKET_TIMEOUT", "10"),
+            s3_command(&env, &repo, &ep).env("IMGSTORE_BUCKET_TIMEOUT", "10"),
             &["restore", id, out.to_str().unwrap()],
         );
         if o.status.success() {
@@ -993,7 +992,7 @@ fn faults_between_imgstore_and_the_bucket_are_retried_or_refused_clearly() {
     // clearly and commits nothing.
     proxy.rate.store(1000, SeqCst);
     let o = run(
-        &mut s3_command(&env, &repo, &ep)
+        s3_command(&env, &repo, &ep)
             .env("IMGSTORE_BUCKET_RETRIES", "2")
             .env("IMGSTORE_BUCKET_TIMEOUT", "5"),
         &["backup", gens[0].to_str().unwrap(), "--name", "never"],

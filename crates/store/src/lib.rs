@@ -100,7 +100,7 @@ pub struct Store {
     /// moves bytes; see `imgstore_repo::Codec`).
     codec: imgstore_repo::Codec,
     /// The bucket side of a bucket-backed repository (format 4).
-    packs: Option<packs::Packs>,
+    packs: Option<Box<packs::Packs>>,
     _lock: Option<Lock>,
 }
 
@@ -369,7 +369,7 @@ impl Store {
         let db_path = dir.join(DB_DIR);
         let bucket = config.storage.is_some();
         let packs = match &config.storage {
-            Some(st) => Some(packs::Packs::new(dir, st)?),
+            Some(st) => Some(Box::new(packs::Packs::new(dir, st)?)),
             None => None,
         };
         let db = match mode {
@@ -623,7 +623,7 @@ impl Store {
             return Ok(out);
         }
         let bucket = self.packs.is_some();
-        let mut items: Vec<(ObjectKind, Id, &[u8], u32)> = Vec::new();
+        let mut items: Vec<packs::Item<'_>> = Vec::new();
         // Sized once for everything it may hold (new chunks' frames, their
         // keys and counts, the recipe): a batch grown by doubling copied
         // each multi-MiB frame buffer again and faulted fresh pages in, under
@@ -719,7 +719,7 @@ impl Store {
         batch: &mut WriteBatch,
         keys: &[[u8; 33]],
         frames: &'a HashMap<Id, (Vec<u8>, u32)>,
-    ) -> Result<Vec<(ObjectKind, Id, &'a [u8], u32)>> {
+    ) -> Result<Vec<packs::Item<'a>>> {
         let held = self.held(keys)?;
         let mut items = Vec::new();
         let mut relocate = Vec::new();

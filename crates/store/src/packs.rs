@@ -68,6 +68,9 @@ const MAX_CONFIG_BYTES: u64 = 1 << 20;
 /// Largest snapshot object accepted from a bucket.
 const MAX_SNAPSHOT_BYTES: u64 = 16 << 20;
 
+/// An object to append to a pack: kind, id, stored bytes, raw length.
+pub(crate) type Item<'a> = (ObjectKind, Id, &'a [u8], u32);
+
 /// Where an object's bytes are until its pack lands.
 #[derive(Clone, Copy)]
 struct Pending {
@@ -218,7 +221,7 @@ impl Packs {
 
     /// Appends objects to the open pack; returns the packs sealed as they
     /// reached their target size. Called under the store's write lock.
-    fn append(&self, items: &[(ObjectKind, Id, &[u8], u32)]) -> Vec<Sealed> {
+    fn append(&self, items: &[Item<'_>]) -> Vec<Sealed> {
         let mut b = self.lock();
         let mut sealed = Vec::new();
         for (kind, id, bytes, raw_len) in items {
@@ -330,7 +333,7 @@ impl Packs {
 
 impl Store {
     pub(crate) fn packs(&self) -> Option<&Packs> {
-        self.packs.as_ref()
+        self.packs.as_deref()
     }
 
     /// Request counts and cache figures, for a bucket-backed repository.
@@ -379,7 +382,7 @@ impl Store {
     /// Appends objects to the open pack (under the write lock); a pack
     /// that filled up is returned for [`Store::ship`] after the lock is
     /// released.
-    pub(crate) fn pack_append(&self, items: &[(ObjectKind, Id, &[u8], u32)]) -> Vec<Sealed> {
+    pub(crate) fn pack_append(&self, items: &[Item<'_>]) -> Vec<Sealed> {
         self.packs().map(|p| p.append(items)).unwrap_or_default()
     }
 
@@ -525,7 +528,7 @@ impl Store {
                 .map(|b| ObjectKind::Page.key(&Id::hash(b)))
                 .collect();
             let held = self.held(&keys)?;
-            let items: Vec<(ObjectKind, Id, &[u8], u32)> = pages
+            let items: Vec<Item<'_>> = pages
                 .iter()
                 .zip(&held)
                 .filter(|(_, h)| !**h)
