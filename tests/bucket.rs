@@ -1143,3 +1143,64 @@ fn wait_output(mut k: Child, limit: Duration) -> Output {
     let _ = k.kill();
     k.wait_with_output().unwrap()
 }
+
+/// "Keep a copy": a fast local repository whose snapshots are copied into a
+/// bucket-backed one after each backup; a second copy sends nothing new,
+/// and the copies restore byte-exact from the bucket.
+#[test]
+fn a_local_repository_is_copied_into_a_bucket() {
+    let env = Env::new();
+    let node = garage(&env);
+    let ep = node.endpoint();
+    env.init();
+    let gens = ext4_generations(&env);
+    for g in &gens {
+        env.backup(g, &["--name", "vm"]);
+    }
+    let offsite = env.path("offsite");
+    ok(
+        &env,
+        &offsite,
+        &ep,
+        &["init", "--storage", &format!("s3://{BUCKET}/copy")],
+    );
+    let from = env.repo();
+    let copied = |out: &str| -> usize {
+        let v: Vec<serde_json::Value> = serde_json::from_str(out.trim()).unwrap();
+        v.iter().filter(|s| s["copied"] == true).count()
+    };
+    let first = ok(
+        &env,
+        &offsite,
+        &ep,
+        &["copy", "--from", from.to_str().unwrap(), "--json"],
+    );
+    assert_eq!(copied(&first), 3, "{first}");
+    let again = ok(
+        &env,
+        &offsite,
+        &ep,
+        &["copy", "--from", from.to_str().unwrap(), "--json"],
+    );
+    assert_eq!(copied(&again), 0, "{again}");
+    assert_eq!(ids(&env, &offsite, &ep), {
+        let v: Vec<serde_json::Value> =
+            serde_json::from_str(&env.ok(&["snapshots", "--json"])).unwrap();
+        let mut ids: Vec<String> = v
+            .iter()
+            .map(|s| s["id"].as_str().unwrap().to_string())
+            .collect();
+        ids.sort();
+        ids
+    });
+    fs::remove_dir_all(offsite.join("cache")).ok();
+    let out = env.path("out.img");
+    ok(
+        &env,
+        &offsite,
+        &ep,
+        &["restore", "latest", "--name", "vm", out.to_str().unwrap()],
+    );
+    assert_same(&out, &gens[2]);
+    ok(&env, &offsite, &ep, &["check", "--read-data"]);
+}

@@ -902,18 +902,32 @@ impl Store {
             sealed.extend(p.append(&items));
         }
         sealed.extend(p.seal_open());
+        let mut failed = None;
         for s in sealed {
-            let path = pack_path(&s.name);
-            p.bucket.put(&path, s.bytes.to_vec()).map_err(|e| {
+            if failed.is_some() {
+                // Nothing more is uploaded; the pack's objects keep their
+                // old locations.
+                p.retire(&s, None);
+                continue;
+            }
+            if let Err(e) = p.bucket.put(&pack_path(&s.name), s.bytes.to_vec()) {
                 let e = bucket_err(e);
                 p.retire(&s, Some(e.to_string()));
-                e
-            })?;
+                failed = Some(e);
+                continue;
+            }
             p.cache.insert(&s.name, &s.bytes);
             let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
             let r = self.land(&s, &retiring);
             p.retire(&s, r.as_ref().err().map(|e| e.to_string()));
-            r?;
+            if let Err(e) = r {
+                failed = Some(e);
+            }
+        }
+        if let Some(e) = failed {
+            // The old packs stay: every object still has a location.
+            p.drain();
+            return Err(e);
         }
         p.drain();
         // The new locations are made durable before the old packs go.
