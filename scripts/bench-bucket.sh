@@ -65,7 +65,8 @@ tl=$(timed "$BIN" -r "$L" --no-progress restore latest --name disk "$WORK/l.img"
 printf 'restore disk-3\t%.2f\n' "$tl"
 rm -f "$WORK/l.img"
 
-for spec in 16M:1G 32M:1G 64M:1G 32M:0 32M:256M; do
+# SPECS: pack size:cache size pairs to measure.
+for spec in ${SPECS:-16M:1G 32M:1G 64M:1G 32M:0 32M:256M}; do
     pack=${spec%%:*}; cache=${spec##*:}
     R="$WORK/b-$pack-$cache"
     echo "## bucket, pack size $pack, cache $cache"

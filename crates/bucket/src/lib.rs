@@ -1,5 +1,5 @@
 //! An S3-compatible bucket, as the local store needs it: whole-object
-//! PUTs (multipart above 16 MiB), ranged GETs in parallel, listing and
+//! PUTs (multipart above 512 MiB), ranged GETs in parallel, listing and
 //! batch deletes — blocking calls on a private async runtime, so the store
 //! and the engine stay synchronous.
 //!
@@ -27,6 +27,13 @@ use std::time::Duration;
 use futures::StreamExt;
 use opendal::layers::{ConcurrentLimitLayer, RetryLayer, TimeoutLayer};
 use opendal::{ErrorKind, Operator};
+
+/// Largest object written with one PUT (S3 allows 5 GiB; a pack is at
+/// most 256 MiB and one entry): a multipart upload costs two more requests and buys parallelism
+/// a backup already has (several packs in flight).
+pub const SINGLE_PUT_MAX: u64 = 512 << 20;
+/// Part size of a multipart upload.
+pub const PART_SIZE: u64 = 16 << 20;
 
 /// Where a bucket is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -266,16 +273,22 @@ impl Bucket {
         }
     }
 
-    /// Writes a whole object (multipart above 16 MiB, parts in parallel).
+    /// Writes a whole object: one PUT up to [`SINGLE_PUT_MAX`], multipart
+    /// (16 MiB parts, 4 in flight) above. Counted as the requests made:
+    /// a multipart upload is its parts plus its create and complete calls.
     pub fn put(&self, path: &str, data: Vec<u8>) -> Result<(), BucketError> {
         let len = data.len() as u64;
-        let parts = len.div_ceil(16 << 20).max(1);
+        let requests = if len > SINGLE_PUT_MAX {
+            len.div_ceil(PART_SIZE) + 2
+        } else {
+            1
+        };
         self.rt
             .block_on(async {
-                if len > 16 << 20 {
+                if len > SINGLE_PUT_MAX {
                     self.op
                         .write_with(path, data)
-                        .chunk(16 << 20)
+                        .chunk(PART_SIZE as usize)
                         .concurrent(4)
                         .await
                 } else {
@@ -283,7 +296,7 @@ impl Bucket {
                 }
             })
             .map_err(|e| self.fail("PUT", path, e))?;
-        self.stats.puts.fetch_add(parts, Ordering::Relaxed);
+        self.stats.puts.fetch_add(requests, Ordering::Relaxed);
         self.stats.bytes_up.fetch_add(len, Ordering::Relaxed);
         Ok(())
     }
