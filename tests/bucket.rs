@@ -1204,3 +1204,84 @@ fn a_local_repository_is_copied_into_a_bucket() {
     assert_same(&out, &gens[2]);
     ok(&env, &offsite, &ep, &["check", "--read-data"]);
 }
+
+/// A server whose repository keeps its data in a bucket: hosts back up
+/// and restore through the server, the packs land in the bucket.
+#[test]
+fn a_server_serves_a_bucket_backed_repository() {
+    use std::io::BufRead;
+    let env = Env::new();
+    let node = garage(&env);
+    let ep = node.endpoint();
+    let repo = env.repo();
+    ok(
+        &env,
+        &repo,
+        &ep,
+        &["init", "--storage", &format!("s3://{BUCKET}/served")],
+    );
+    let token = env.path("admin.token");
+    ok(
+        &env,
+        &repo,
+        &ep,
+        &[
+            "token",
+            "add",
+            "ops",
+            "--role",
+            "admin",
+            "--output",
+            token.to_str().unwrap(),
+        ],
+    );
+    let before = bucket_objects(&node);
+    let mut server = s3_command(&env, &repo, &ep)
+        .args(["server", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let w: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(w.first(), Some(&"listening"), "{line}");
+    let client = |args: &[&str]| {
+        let o = Command::new(BIN)
+            .arg("-r")
+            .arg(format!("imgstores://{}/", w[2]))
+            .arg("--token-file")
+            .arg(&token)
+            .env("IMGSTORE_SERVER_FINGERPRINT", w[4])
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let gens = ext4_generations(&env);
+    for g in &gens {
+        client(&["backup", g.to_str().unwrap(), "--name", "web"]);
+    }
+    assert!(
+        bucket_objects(&node) >= before + 4,
+        "no pack reached the bucket"
+    );
+    let out = env.path("out.img");
+    client(&["restore", "latest", "--name", "web", out.to_str().unwrap()]);
+    assert_same(&out, &gens[2]);
+    client(&["check", "--read-data"]);
+    let _ = server.kill();
+    let _ = server.wait();
+    // What the server stored is a complete bucket-backed repository.
+    ok(&env, &repo, &ep, &["check", "--read-data"]);
+}
