@@ -73,7 +73,7 @@ fn repo_code(e: &RepoError) -> u8 {
         | RepoError::Missing { .. }
         | RepoError::Unreadable { .. } => DAMAGED,
         RepoError::NoSnapshot { .. } => NOT_FOUND,
-        RepoError::Unreachable { .. } | RepoError::Denied { .. } => REMOTE,
+        RepoError::Unreachable { .. } | RepoError::Denied { .. } | RepoError::Storage(_) => REMOTE,
         _ => FAILURE,
     }
 }
