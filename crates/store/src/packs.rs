@@ -63,13 +63,6 @@ pub const REPACK_GARBAGE: f64 = 0.25;
 /// Default target size of a pack object.
 pub const DEFAULT_PACK_SIZE: u32 = 32 << 20;
 
-/// A merged run of at least this many bytes is read ahead...
-const AHEAD_MIN: u64 = 512 << 10;
-/// ...to this many bytes of its pack.
-const READ_AHEAD: u64 = 8 << 20;
-/// Bytes of read-ahead kept in memory.
-const AHEAD_KEEP: u64 = 32 << 20;
-
 /// Largest config object accepted from a bucket.
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
 /// Largest snapshot object accepted from a bucket.
@@ -123,7 +116,6 @@ pub(crate) struct Packs {
     buf: Mutex<Buffers>,
     idle: Condvar,
     cache: PackCache,
-    ahead: ReadAhead,
 }
 
 /// Request counts and cache figures of a bucket-backed store.
@@ -206,7 +198,6 @@ impl Packs {
             buf: Mutex::new(Buffers::default()),
             idle: Condvar::new(),
             cache: PackCache::open(dir.join("cache"), storage.cache_bytes),
-            ahead: ReadAhead::default(),
         })
     }
 
@@ -732,7 +723,7 @@ impl Store {
                         out[i] = Ok(b);
                     }
                 }
-                Some(l) => match p.cache.read(&l).or_else(|| p.ahead.read(&l)) {
+                Some(l) => match p.cache.read(&l) {
                     Some(b) => out[i] = Ok(b),
                     None => remote.entry(l.pack).or_default().push((i, l)),
                 },
@@ -762,31 +753,13 @@ impl Store {
                 members.push(vec![(i, l)]);
             }
         }
-        // Read ahead: a long run (a region read in order) is extended to
-        // READ_AHEAD bytes of its pack, kept in memory for the next regions
-        // (chunks of one backup lie in order in its packs). Short runs
-        // (random reads through NBD or FUSE) are fetched as asked.
-        for (path, r) in reqs.iter_mut() {
-            if r.end - r.start >= AHEAD_MIN {
-                if let Some(size) = pack::parse_pack_path(path)
-                    .and_then(|n| self.pack_stat(&n).ok().flatten())
-                    .map(|s| s.size)
-                {
-                    r.end = r.end.max((r.start + READ_AHEAD).min(size));
-                }
-            }
-        }
-        for ((path, r), (answer, m)) in reqs
+        for ((_, r), (answer, m)) in reqs
             .iter()
             .zip(p.bucket.get_ranges(&reqs).into_iter().zip(members))
         {
             match answer {
                 Ok(bytes) => {
                     p.cache.miss(m.len() as u64);
-                    let bytes = Arc::new(bytes);
-                    if let Some(n) = pack::parse_pack_path(path) {
-                        p.ahead.keep(n, r.start, bytes.clone());
-                    }
                     for (i, l) in m {
                         let o = (l.offset - r.start) as usize;
                         out[i] = Ok(bytes[o..o + l.len as usize].to_vec());
@@ -1407,39 +1380,6 @@ fn read_trailer(bytes: &[u8], name: &PackName) -> Result<Trailer> {
     let tlen = pack::decode_footer(&bytes[bytes.len() - FOOTER_LEN..], len).map_err(bad)? as usize;
     let start = bytes.len() - FOOTER_LEN - tlen;
     pack::decode_trailer(&bytes[start..bytes.len() - FOOTER_LEN], name, len).map_err(bad)
-}
-
-/// Ranges of packs read ahead, in memory, oldest dropped first.
-#[derive(Default)]
-struct ReadAhead {
-    ranges: Mutex<std::collections::VecDeque<(PackName, u64, Arc<Vec<u8>>)>>,
-}
-
-impl ReadAhead {
-    fn keep(&self, pack: PackName, start: u64, bytes: Arc<Vec<u8>>) {
-        let mut r = self.ranges.lock().unwrap_or_else(|p| p.into_inner());
-        r.push_back((pack, start, bytes));
-        let mut total: u64 = r.iter().map(|(_, _, b)| b.len() as u64).sum();
-        while total > AHEAD_KEEP {
-            match r.pop_front() {
-                Some((_, _, b)) => total -= b.len() as u64,
-                None => break,
-            }
-        }
-    }
-
-    fn read(&self, loc: &Location) -> Option<Vec<u8>> {
-        let r = self.ranges.lock().unwrap_or_else(|p| p.into_inner());
-        let end = loc.offset + loc.len as u64;
-        r.iter().rev().find_map(|(pack, start, b)| {
-            (*pack == loc.pack && *start <= loc.offset && end <= start + b.len() as u64).then(
-                || {
-                    let o = (loc.offset - start) as usize;
-                    b[o..o + loc.len as usize].to_vec()
-                },
-            )
-        })
-    }
 }
 
 /// A bounded local cache of whole packs (`cache/<pack name>`), filled as
