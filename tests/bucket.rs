@@ -268,6 +268,14 @@ fn ids(env: &Env, repo: &Path, ep: &str) -> Vec<String> {
     ids
 }
 
+/// `init --storage s3://BUCKET/PREFIX` with more arguments.
+fn init_in(env: &Env, repo: &Path, ep: &str, prefix: &str, extra: &[&str]) {
+    let url = format!("s3://{BUCKET}/{prefix}");
+    let mut args = vec!["init", "--storage", url.as_str()];
+    args.extend_from_slice(extra);
+    ok(env, repo, ep, &args);
+}
+
 /// Every command on an encrypted bucket-backed repository of ext4
 /// generations and an ISO: byte-exact, with the data only in the bucket,
 /// and no plaintext in it.
@@ -386,71 +394,14 @@ fn a_bucket_backed_repository_round_trips_every_command() {
     run_ok(&["verify", "--all"]);
     run_ok(&["check", "--read-data"]);
 
-    // NBD and FUSE read from the bucket.
-    if have("nbdcopy") {
-        let sock = env.path("nbd.sock");
-        let mut nbd = s3_command(&env, &repo, &ep)
-            .args([
-                "--password-file",
-                &pwf,
-                "serve",
-                &ids[1],
-                "--socket",
-                sock.to_str().unwrap(),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !sock.exists() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let copy = env.path("nbd-copy.img");
-        let st = Command::new("nbdcopy")
-            .arg(format!("nbd+unix:///?socket={}", sock.display()))
-            .arg(&copy)
-            .status()
-            .unwrap();
-        let _ = nbd.kill();
-        let _ = nbd.wait();
-        assert!(st.success());
-        assert_same(&copy, &gens[1]);
-    }
-    if Path::new("/dev/fuse").exists() && have("fusermount3") {
-        let mnt = env.path("mnt");
-        fs::create_dir_all(&mnt).unwrap();
-        let mut m = s3_command(&env, &repo, &ep)
-            .args([
-                "--password-file",
-                &pwf,
-                "mount",
-                mnt.to_str().unwrap(),
-                &ids[2],
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !mnt.join("by-id").is_dir() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let file = fs::read_dir(mnt.join("by-id"))
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap()
-            .path();
-        let same = fs::read(&file).unwrap() == fs::read(&gens[2]).unwrap();
-        let _ = Command::new("fusermount3").arg("-u").arg(&mnt).status();
-        let _ = m.kill();
-        let _ = m.wait();
-        assert!(
-            same,
-            "the FUSE file of a bucket snapshot differs from the image"
-        );
-    }
+    // NBD and FUSE read from the bucket, with the real clients.
+    let with_pw = || {
+        let mut c = s3_command(&env, &repo, &ep);
+        c.args(["--password-file", &pwf]);
+        c
+    };
+    nbd_round_trip(with_pw(), env.dir.path(), &ids[1], &gens[1]);
+    fuse_round_trip(with_pw(), env.dir.path(), &ids[2], &gens[2]);
 
     // Retention and gc in the bucket; what stays restores exact.
     run_ok(&["protect", &ids[1]]);
@@ -617,19 +568,12 @@ fn gc_in_the_bucket_deletes_repacks_and_removes_uncommitted_packs() {
     let node = garage(&env);
     let ep = node.endpoint();
     let repo = env.repo();
-    ok(
+    init_in(
         &env,
         &repo,
         &ep,
-        &[
-            "init",
-            "--storage",
-            &format!("s3://{BUCKET}/gc"),
-            "--pack-size",
-            "1M",
-            "--cache-size",
-            "0",
-        ],
+        "gc",
+        &["--pack-size", "1M", "--cache-size", "0"],
     );
     let a = env.path("a.img");
     let b = env.path("b.img");
@@ -715,19 +659,12 @@ fn an_altered_or_missing_pack_is_found_and_never_served() {
     let proxy = FaultProxy::start(node.s3, 0);
     let ep = proxy.endpoint();
     let repo = env.repo();
-    ok(
+    init_in(
         &env,
         &repo,
         &ep,
-        &[
-            "init",
-            "--storage",
-            &format!("s3://{BUCKET}/tamper"),
-            "--pack-size",
-            "1M",
-            "--cache-size",
-            "0",
-        ],
+        "tamper",
+        &["--pack-size", "1M", "--cache-size", "0"],
     );
     let img = env.path("d.img");
     fs::write(&img, seeded(6 << 20, 9)).unwrap();
@@ -949,19 +886,12 @@ fn faults_between_imgstore_and_the_bucket_are_retried_or_refused_clearly() {
     let ep = proxy.endpoint();
     let repo = env.repo();
     // Init without faults, then everything with them.
-    ok(
+    init_in(
         &env,
         &repo,
         &ep,
-        &[
-            "init",
-            "--storage",
-            &format!("s3://{BUCKET}/faults"),
-            "--pack-size",
-            "1M",
-            "--cache-size",
-            "0",
-        ],
+        "faults",
+        &["--pack-size", "1M", "--cache-size", "0"],
     );
     proxy.rate.store(150, SeqCst);
     let gens = ext4_generations(&env);
@@ -1079,19 +1009,12 @@ fn a_three_node_cluster_loses_a_node_during_backup_and_restore() {
     let mut nodes = cluster(&env);
     let ep = nodes[0].endpoint();
     let repo = env.repo();
-    ok(
+    init_in(
         &env,
         &repo,
         &ep,
-        &[
-            "init",
-            "--storage",
-            &format!("s3://{BUCKET}/cluster"),
-            "--pack-size",
-            "1M",
-            "--cache-size",
-            "0",
-        ],
+        "cluster",
+        &["--pack-size", "1M", "--cache-size", "0"],
     );
     let img = env.path("big.img");
     fs::write(
@@ -1101,24 +1024,13 @@ fn a_three_node_cluster_loses_a_node_during_backup_and_restore() {
     .unwrap();
 
     // Node 3 dies while the backup uploads.
-    let mut k = s3_command(&env, &repo, &ep)
+    let backup = s3_command(&env, &repo, &ep)
         .args(["backup", img.to_str().unwrap(), "--name", "big", "--json"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(
-        k.try_wait().unwrap().is_none(),
-        "the backup ended before the node was killed"
-    );
-    nodes[2].kill9();
-    let o = wait_output(k, Duration::from_secs(300));
-    assert!(
-        o.status.success(),
-        "backup with a node down: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let o = kill_during(backup, &mut nodes[2], Duration::from_millis(300));
     let id = json(&String::from_utf8_lossy(&o.stdout))["id"]
         .as_str()
         .unwrap()
@@ -1128,28 +1040,35 @@ fn a_three_node_cluster_loses_a_node_during_backup_and_restore() {
     let (c3, s3, r3) = (nodes[2].config.clone(), nodes[2].s3, nodes[2].rpc);
     nodes[2] = Node::spawn(&c3, s3, r3, false);
     let out = env.path("out.img");
-    let mut k = s3_command(&env, &repo, &ep)
+    let restore = s3_command(&env, &repo, &ep)
         .args(["restore", &id, out.to_str().unwrap()])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(150));
-    assert!(
-        k.try_wait().unwrap().is_none(),
-        "the restore ended before the node was killed"
-    );
-    nodes[1].kill9();
-    let o = wait_output(k, Duration::from_secs(300));
-    assert!(
-        o.status.success(),
-        "restore with a node down: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    kill_during(restore, &mut nodes[1], Duration::from_millis(150));
     assert_same(&out, &img);
     let (c2, s2, r2) = (nodes[1].config.clone(), nodes[1].s3, nodes[1].rpc);
     nodes[1] = Node::spawn(&c2, s2, r2, false);
     ok(&env, &repo, &ep, &["check", "--read-data"]);
+}
+
+/// Kills `node` `after` the start of `k` (asserting `k` still runs then),
+/// waits for `k` and asserts it succeeded.
+fn kill_during(mut k: Child, node: &mut Node, after: Duration) -> Output {
+    std::thread::sleep(after);
+    assert!(
+        k.try_wait().unwrap().is_none(),
+        "the command ended before the node was killed"
+    );
+    node.kill9();
+    let o = wait_output(k, Duration::from_secs(300));
+    assert!(
+        o.status.success(),
+        "with a node down: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
 }
 
 /// Waits for a child (bounded), killing it at the deadline.

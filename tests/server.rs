@@ -295,59 +295,8 @@ fn every_command_round_trips_through_the_server() {
     assert_same(&out1, &gens[1]);
 
     // NBD and FUSE of a remote snapshot, with the real clients.
-    if have("nbdcopy") {
-        let sock = env.path("nbd.sock");
-        let mut nbd = admin
-            .command()
-            .args(["serve", &ids[2], "--socket", sock.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !sock.exists() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let copy = env.path("nbd-copy.img");
-        let st = Command::new("nbdcopy")
-            .arg(format!("nbd+unix:///?socket={}", sock.display()))
-            .arg(&copy)
-            .status()
-            .unwrap();
-        let _ = nbd.kill();
-        let _ = nbd.wait();
-        assert!(st.success());
-        assert_same(&copy, &gens[2]);
-    }
-    if Path::new("/dev/fuse").exists() && have("fusermount3") {
-        let mnt = env.path("mnt");
-        fs::create_dir_all(&mnt).unwrap();
-        let mut m = admin
-            .command()
-            .args(["mount", mnt.to_str().unwrap(), &ids[2]])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !mnt.join("by-id").is_dir() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let file = fs::read_dir(mnt.join("by-id"))
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap()
-            .path();
-        let same = fs::read(&file).unwrap() == fs::read(&gens[2]).unwrap();
-        let _ = Command::new("fusermount3").arg("-u").arg(&mnt).status();
-        let _ = m.kill();
-        let _ = m.wait();
-        assert!(
-            same,
-            "the FUSE file of a remote snapshot differs from the image"
-        );
-    }
+    nbd_round_trip(admin.command(), env.dir.path(), &ids[2], &gens[2]);
+    fuse_round_trip(admin.command(), env.dir.path(), &ids[2], &gens[2]);
     // A server's repository is created on the server.
     admin.fails(&["init"], 2, "created on the server");
     s.assert_no_panic();

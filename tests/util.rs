@@ -268,3 +268,69 @@ pub fn ext4_generations(env: &Env) -> Vec<PathBuf> {
     let gen2 = next_generation(env, &img, 2, 500_000, 41, "log", "doc/page2.txt");
     vec![gen0, gen1, gen2]
 }
+
+/// Serves `snapshot` over NBD with `cmd` (imgstore with its repository
+/// and credentials set) on a socket in `dir`, copies the export with the
+/// real `nbdcopy`, and asserts the copy equals `expect`. Skipped when
+/// nbdcopy is absent.
+pub fn nbd_round_trip(mut cmd: std::process::Command, dir: &Path, snapshot: &str, expect: &Path) {
+    if !have("nbdcopy") {
+        return;
+    }
+    let sock = dir.join("nbd.sock");
+    let mut nbd = cmd
+        .args(["serve", snapshot, "--socket", sock.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !sock.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let copy = dir.join("nbd-copy.img");
+    let st = Command::new("nbdcopy")
+        .arg(format!("nbd+unix:///?socket={}", sock.display()))
+        .arg(&copy)
+        .status()
+        .unwrap();
+    let _ = nbd.kill();
+    let _ = nbd.wait();
+    assert!(st.success(), "nbdcopy failed");
+    assert_same(&copy, expect);
+}
+
+/// Mounts `snapshot` with `cmd` under `dir/mnt`, reads its image file
+/// through the kernel's FUSE client, unmounts, and asserts it equals
+/// `expect`. Skipped when FUSE is not available.
+pub fn fuse_round_trip(mut cmd: std::process::Command, dir: &Path, snapshot: &str, expect: &Path) {
+    if !Path::new("/dev/fuse").exists() || !have("fusermount3") {
+        return;
+    }
+    let mnt = dir.join("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    let mut m = cmd
+        .args(["mount", mnt.to_str().unwrap(), snapshot])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !mnt.join("by-id").is_dir() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let file = fs::read_dir(mnt.join("by-id"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let same = fs::read(&file).unwrap() == fs::read(expect).unwrap();
+    let _ = Command::new("fusermount3").arg("-u").arg(&mnt).status();
+    let _ = m.kill();
+    let _ = m.wait();
+    assert!(
+        same,
+        "the FUSE file of snapshot {snapshot} differs from the image"
+    );
+}

@@ -348,22 +348,11 @@ impl Store {
 
     /// Which of `keys` have a location (landed in the bucket).
     pub(crate) fn located(&self, keys: &[[u8; 33]]) -> Result<Vec<bool>> {
-        let (chunks, meta) = (self.cf(cf::CHUNKS), self.cf(cf::META));
-        let lookups: Vec<(&rocksdb::ColumnFamily, Vec<u8>)> = keys
+        Ok(self
+            .current_locations(keys)?
             .iter()
-            .map(|k| match k[0] {
-                b'C' => (chunks, k[1..].to_vec()),
-                _ => (meta, loc_key(k)),
-            })
-            .collect();
-        self.db
-            .multi_get_cf(lookups.iter().map(|(c, k)| (*c, k.as_slice())))
-            .into_iter()
-            .map(|r| {
-                r.map(|v| v.is_some())
-                    .map_err(|e| self.db_err("read locations", e))
-            })
-            .collect()
+            .map(Option::is_some)
+            .collect())
     }
 
     /// Located or pending in this process: safe to rely on.
