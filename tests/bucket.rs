@@ -411,6 +411,42 @@ fn a_bucket_backed_repository_round_trips_every_command() {
     run_ok(&["restore", &ids[1], out1.to_str().unwrap()]);
     assert_same(&out1, &gens[1]);
 
+    // A key slot added here is in the bucket's config: a rebuild on
+    // another machine opens the repository with the new passphrase.
+    let o = s3_command(&env, &repo, &ep)
+        .args(["--password-file", &pwf, "key", "add"])
+        .env("IMGSTORE_NEW_PASSWORD", "a second passphrase")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let elsewhere = env.path("elsewhere");
+    ok(
+        &env,
+        &elsewhere,
+        &ep,
+        &["recover", &format!("s3://{BUCKET}/site-a")],
+    );
+    let o = s3_command(&env, &elsewhere, &ep)
+        .args(["restore", &ids[1], env.path("again.img").to_str().unwrap()])
+        .env("IMGSTORE_PASSWORD", "a second passphrase")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_same(&env.path("again.img"), &gens[1]);
+    // The first directory is stale now: it still reads, but it may not
+    // write (its gc would delete what the new index writes).
+    let o = run(
+        &mut s3_command(&env, &repo, &ep),
+        &["--password-file", &pwf, "gc"],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(7), "{err}");
+    assert!(err.contains("stale") && err.contains("recover"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    run_ok(&["snapshots"]);
+
     // No plaintext anywhere: neither in the local directory nor in
     // Garage's data (stored uncompressed, so a plaintext block would show).
     // Not the marker, and not the first 32 bytes of any 4 KiB block of
@@ -595,6 +631,19 @@ fn gc_in_the_bucket_deletes_repacks_and_removes_uncommitted_packs() {
         "gc in the bucket: {before} -> {after} bytes"
     );
     assert!(bucket_objects(&node) < full, "no pack was deleted");
+    let st = json(&ok(&env, &repo, &ep, &["stats", "--json"]));
+    let (pb, live) = (
+        st["pack_bytes"].as_u64().unwrap(),
+        st["pack_live_bytes"].as_u64().unwrap(),
+    );
+    assert!(
+        live <= pb && live as f64 >= pb as f64 * 0.75 - 65536.0,
+        "after gc at most a quarter of the packs is garbage: {st}"
+    );
+    assert!(
+        (pb as f64 - after).abs() < 1048576.0,
+        "the index's pack bytes ({pb}) match the bucket's ({after})"
+    );
     ok(&env, &repo, &ep, &["check", "--read-data"]);
     let out = env.path("out.img");
     ok(
@@ -730,6 +779,7 @@ struct FaultProxy {
     /// Per mille of requests faulted (0 stops the faults).
     rate: Arc<AtomicU64>,
     faults: Arc<AtomicU64>,
+    requests: Arc<AtomicU64>,
 }
 
 impl FaultProxy {
@@ -739,11 +789,13 @@ impl FaultProxy {
         let rate = Arc::new(AtomicU64::new(rate));
         let faults = Arc::new(AtomicU64::new(0));
         let mode = Arc::new(AtomicU64::new(MODE_FAULTS));
-        let (r, f, m) = (rate.clone(), faults.clone(), mode.clone());
+        let requests = Arc::new(AtomicU64::new(0));
+        let (r, f, m, q) = (rate.clone(), faults.clone(), mode.clone(), requests.clone());
         std::thread::spawn(move || {
             let mut seed = 0x9e3779b97f4a7c15u64;
             for (n, c) in l.incoming().take(50_000).enumerate() {
                 let Ok(c) = c else { continue };
+                q.fetch_add(1, SeqCst);
                 seed ^= seed << 13;
                 seed ^= seed >> 7;
                 seed ^= seed << 17;
@@ -759,6 +811,7 @@ impl FaultProxy {
             mode,
             rate,
             faults,
+            requests,
         }
     }
 
@@ -820,6 +873,8 @@ fn serve_one(
     } else {
         0
     };
+    // Every sixth request is faulted too, so even a short run meets faults.
+    let roll = if rate > 0 && n % 6 == 5 { 0 } else { roll };
     if roll < rate {
         faults.fetch_add(1, SeqCst);
         let kind = (roll + n) % 5;
@@ -894,7 +949,11 @@ fn faults_between_imgstore_and_the_bucket_are_retried_or_refused_clearly() {
         &["--pack-size", "1M", "--cache-size", "0"],
     );
     proxy.rate.store(150, SeqCst);
-    let gens = ext4_generations(&env);
+    let mut gens = ext4_generations(&env);
+    // And incompressible data: many packs, many requests.
+    let noise = env.path("noise.img");
+    fs::write(&noise, seeded(24 << 20, 77)).unwrap();
+    gens.push(noise);
     let mut done = Vec::new();
     for (i, g) in gens.iter().enumerate() {
         let o = run(
@@ -913,9 +972,14 @@ fn faults_between_imgstore_and_the_bucket_are_retried_or_refused_clearly() {
             let err = String::from_utf8_lossy(&o.stderr);
             assert_eq!(err.trim_end().lines().count(), 1, "{err}");
             assert!(!err.contains("panicked"), "{err}");
+            eprintln!("backup {i} failed: {err}");
         }
     }
-    assert!(proxy.faults.load(SeqCst) > 0, "no fault was injected");
+    assert!(
+        proxy.faults.load(SeqCst) > 0,
+        "no fault was injected in {} requests",
+        proxy.requests.load(SeqCst)
+    );
     assert!(
         !done.is_empty(),
         "no backup got through 15% faults with retries"

@@ -223,7 +223,7 @@ pub fn stats(repo: &Path, a: StatsArgs) -> anyhow::Result<()> {
                 .map(|(_, s)| s.size - s.stats.zero_bytes.min(s.size))
                 .sum();
             let stored = t.objects.chunk_stored_bytes + t.objects.recipe_bytes;
-            json!({
+            let mut v = json!({
                 "schema_version": crate::commands::JSON_SCHEMA,
                 "snapshots": snaps.len(),
                 "logical_bytes": logical,
@@ -238,7 +238,21 @@ pub fn stats(repo: &Path, a: StatsArgs) -> anyhow::Result<()> {
                 "dedup_ratio": data as f64 / t.objects.chunk_raw_bytes.max(1) as f64,
                 "compression_ratio": t.objects.chunk_raw_bytes as f64 / t.objects.chunk_stored_bytes.max(1) as f64,
                 "repository_disk_bytes": store.disk_usage(),
-            })
+            });
+            if let Some(local) = store.local() {
+                if let Some(url) = local.bucket_url() {
+                    // Packs in the bucket, and how much of them the index
+                    // still points to (gc repacks past 25% garbage).
+                    let packs = local.pack_stats()?;
+                    let bytes: u64 = packs.values().map(|p| p.size).sum();
+                    let live: u64 = packs.values().map(|p| p.live_bytes).sum();
+                    v["bucket"] = json!(url);
+                    v["packs"] = json!(packs.len());
+                    v["pack_bytes"] = json!(bytes);
+                    v["pack_live_bytes"] = json!(live);
+                }
+            }
+            v
         }
         Some(s) => {
             let (id, snap) =
@@ -311,6 +325,10 @@ fn stats_text(v: &serde_json::Value) -> String {
         ("dedup_ratio", "Deduplication"),
         ("compression_ratio", "Compression"),
         ("repository_disk_bytes", "Repository on disk"),
+        ("bucket", "Bucket"),
+        ("packs", "Packs"),
+        ("pack_bytes", "Pack bytes"),
+        ("pack_live_bytes", "Live pack bytes"),
     ];
     let mut out = String::new();
     for (k, label) in LABELS {

@@ -34,6 +34,8 @@ pub const MAX_PACK_BYTES: u64 = 1 << 30;
 
 /// Object name of the repository config in the bucket.
 pub const CONFIG_OBJECT: &str = "config";
+/// Object name of the bucket's owner record ([`Owner`]).
+pub const OWNER_OBJECT: &str = "owner";
 /// Folder of pack objects.
 pub const PACKS_DIR: &str = "packs/";
 /// Folder of snapshot objects.
@@ -288,6 +290,45 @@ impl PackStat {
     }
 }
 
+/// Key in `meta` holding this index's id (16 bytes): the bucket's
+/// [`Owner`] must name it for this directory to write.
+pub const META_INDEX_KEY: &[u8] = b"bucket-index";
+
+/// Which local index writes a bucket (`owner` object, JSON). `init` and
+/// `recover` write it; a writer whose index is not the owner refuses, so
+/// a stale directory (the machine that was replaced by a `recover`) can
+/// never delete what the new index wrote.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Owner {
+    /// The owning index's id, 32 hex digits.
+    pub index: String,
+    /// The host that created it, for messages.
+    pub host: String,
+    /// When it took the bucket, seconds since the Unix epoch.
+    pub since: i64,
+}
+
+impl Owner {
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("owner serializes")
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Owner, FormatError> {
+        let o: Owner = serde_json::from_slice(b).map_err(|e| FormatError::Invalid {
+            what: "bucket owner",
+            why: e.to_string(),
+        })?;
+        if o.index.len() != 32 || !o.index.bytes().all(|c| c.is_ascii_hexdigit()) {
+            return Err(FormatError::Invalid {
+                what: "bucket owner",
+                why: format!("index id {:?}", o.index),
+            });
+        }
+        Ok(o)
+    }
+}
+
 /// First bytes of a snapshot object.
 pub const SNAPSHOT_OBJECT_MAGIC: &[u8; 8] = b"IMGSNAP1";
 
@@ -442,6 +483,18 @@ mod tests {
         }
     }
 
+    #[test]
+    fn owners_round_trip_and_are_checked() {
+        let o = Owner {
+            index: "0123456789abcdef0123456789abcdef".into(),
+            host: "vm".into(),
+            since: 5,
+        };
+        assert_eq!(Owner::decode(&o.encode()).unwrap(), o);
+        assert!(Owner::decode(br#"{"index":"xyz","host":"h","since":1}"#).is_err());
+        assert!(Owner::decode(b"not json").is_err());
+    }
+
     proptest! {
         #[test]
         fn decoders_never_panic(b in proptest::collection::vec(any::<u8>(), 0..400), len in 0u64..10_000) {
@@ -450,6 +503,7 @@ mod tests {
             let _ = Location::decode(&b);
             let _ = PackStat::decode(&b);
             let _ = SnapshotObject::decode(&b, &Id::hash(&b));
+            let _ = Owner::decode(&b);
         }
     }
 }

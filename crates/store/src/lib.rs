@@ -217,7 +217,7 @@ impl Store {
         }
         let fresh = !dir.exists();
         let store = Store::create_local(dir, config.clone(), "init")?;
-        if let Err(e) = Store::init_bucket(&config) {
+        if let Err(e) = store.init_bucket() {
             drop(store);
             // Nothing but what this call created is removed.
             if fresh {
@@ -423,8 +423,12 @@ impl Store {
                 })
             }
         }
-        if let Mode::Write { .. } = mode {
+        if let Mode::Write { operation } = mode {
             store.load_healing()?;
+            // `init` and `recover` are about to take the bucket.
+            if store.packs.is_some() && operation != "init" && operation != "recover" {
+                store.check_owner()?;
+            }
         }
         Ok(store)
     }

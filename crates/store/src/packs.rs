@@ -1064,7 +1064,8 @@ impl Store {
 
     /// Creates the bucket side of a new repository: refuses a prefix that
     /// already holds one, then writes the config object.
-    pub(crate) fn init_bucket(config: &RepoConfig) -> Result<()> {
+    pub(crate) fn init_bucket(&self) -> Result<()> {
+        let config = self.config();
         let storage = config.storage.as_ref().expect("bucket-backed");
         let bucket = connect(storage)?;
         if bucket
@@ -1080,7 +1081,68 @@ impl Store {
         }
         bucket
             .put(pack::CONFIG_OBJECT, config.to_json())
+            .map_err(bucket_err)?;
+        self.take_bucket(&bucket)
+    }
+
+    /// Makes this index the bucket's owner (at `init` and `recover`): a
+    /// new index id in `meta`, and the `owner` object naming it.
+    fn take_bucket(&self, bucket: &Bucket) -> Result<()> {
+        let mut id = [0u8; 16];
+        getrandom::fill(&mut id).map_err(|e| StoreError::Invalid(format!("no randomness: {e}")))?;
+        let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        let mut b = WriteBatch::default();
+        b.put_cf(self.cf(cf::META), pack::META_INDEX_KEY, hex.as_bytes());
+        self.write_synced(b, "record the index id")?;
+        let owner = pack::Owner {
+            index: hex,
+            host: std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_default(),
+            since: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0),
+        };
+        bucket
+            .put(pack::OWNER_OBJECT, owner.encode())
             .map_err(bucket_err)
+    }
+
+    /// A writer checks that its index still owns the bucket: after a
+    /// `recover` elsewhere this directory is stale, and its gc would delete
+    /// what the new index wrote.
+    pub(crate) fn check_owner(&self) -> Result<()> {
+        let p = self.packs().expect("bucket-backed");
+        let mine = self
+            .db
+            .get_cf(self.cf(cf::META), pack::META_INDEX_KEY)
+            .map_err(|e| self.db_err("read the index id", e))?;
+        let theirs = match p.bucket.get(pack::OWNER_OBJECT, MAX_CONFIG_BYTES) {
+            Ok(b) => Some(
+                pack::Owner::decode(&b).map_err(|source| StoreError::Format {
+                    path: PathBuf::from(format!("{}/{}", p.bucket.url(), pack::OWNER_OBJECT)),
+                    source,
+                })?,
+            ),
+            Err(BucketError::NotFound { .. }) => None,
+            Err(e) => return Err(bucket_err(e)),
+        };
+        match (mine, theirs) {
+            (Some(m), Some(o)) if m == o.index.as_bytes() => Ok(()),
+            (_, Some(o)) => Err(StoreError::Storage(format!(
+                "{}: the bucket is written by another index (host {:?}, since {} s after the epoch, made by `imgstore recover`); this directory is stale: use that one, or rebuild here with `imgstore -r NEWDIR recover {}`",
+                p.bucket.url(),
+                o.host,
+                o.since,
+                p.bucket.url()
+            ))),
+            (_, None) => Err(StoreError::Storage(format!(
+                "{}: the bucket has no owner object: run `imgstore -r NEWDIR recover {}` to rebuild an index that owns it",
+                p.bucket.url(),
+                p.bucket.url()
+            ))),
+        }
     }
 
     /// Writes the config object again (after `key add|remove|passwd`).
@@ -1126,7 +1188,10 @@ impl Store {
         st.cache_bytes = storage.cache_bytes;
         let fresh = !dir.exists();
         let store = Store::create_local(dir, config, "recover")?;
-        match store.rebuild_index(&bucket) {
+        match store
+            .rebuild_index(&bucket)
+            .and_then(|out| store.take_bucket(&bucket).map(|_| out))
+        {
             Ok(out) => Ok((store, out)),
             Err(e) => {
                 // A half-built index is worse than none: what this call
