@@ -890,6 +890,8 @@ fn serve_one(
         match kind {
             0 | 1 => c.write_all(answer("503 Slow Down", "SlowDown").as_bytes())?,
             2 => c.write_all(answer("500 Internal Server Error", "InternalError").as_bytes())?,
+            // Longer than the client's timeout (2 s in the test): a
+            // timeout, retried.
             3 => std::thread::sleep(Duration::from_secs(3)),
             _ => {}
         }
@@ -957,7 +959,7 @@ fn faults_between_imgstore_and_the_bucket_are_retried_or_refused_clearly() {
     let mut done = Vec::new();
     for (i, g) in gens.iter().enumerate() {
         let o = run(
-            s3_command(&env, &repo, &ep).env("IMGSTORE_BUCKET_TIMEOUT", "10"),
+            s3_command(&env, &repo, &ep).env("IMGSTORE_BUCKET_TIMEOUT", "2"),
             &["backup", g.to_str().unwrap(), "--name", "f", "--json"],
         );
         if o.status.success() {
@@ -990,7 +992,7 @@ fn faults_between_imgstore_and_the_bucket_are_retried_or_refused_clearly() {
         let out = env.path("out.img");
         let _ = fs::remove_file(&out);
         let o = run(
-            s3_command(&env, &repo, &ep).env("IMGSTORE_BUCKET_TIMEOUT", "10"),
+            s3_command(&env, &repo, &ep).env("IMGSTORE_BUCKET_TIMEOUT", "2"),
             &["restore", id, out.to_str().unwrap()],
         );
         if o.status.success() {

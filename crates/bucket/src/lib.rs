@@ -335,12 +335,33 @@ impl Bucket {
     /// answer must be exactly its range's length (a shorter object is an
     /// error naming it, never short data).
     pub fn get_ranges(&self, reqs: &[(String, Range<u64>)]) -> Vec<Result<Vec<u8>, BucketError>> {
+        let whole: Vec<Vec<Range<usize>>> = reqs
+            .iter()
+            .map(|(_, r)| {
+                let whole = 0..r.end.saturating_sub(r.start) as usize;
+                std::iter::once(whole).collect()
+            })
+            .collect();
+        self.get_parts(reqs, &whole)
+            .into_iter()
+            .map(|r| r.map(|mut v| v.pop().unwrap_or_default()))
+            .collect()
+    }
+
+    /// [`Bucket::get_ranges`], each answer cut into `parts` (ranges within
+    /// the answer) straight from the transport's buffers, without first
+    /// joining them: a restore holds each frame once, not twice.
+    pub fn get_parts(
+        &self,
+        reqs: &[(String, Range<u64>)],
+        parts: &[Vec<Range<usize>>],
+    ) -> Vec<Result<Vec<Vec<u8>>, BucketError>> {
         let conc = self.tuning.concurrency.max(1);
         self.rt.block_on(async {
-            futures::stream::iter(reqs.iter().map(|(path, r)| async move {
+            futures::stream::iter(reqs.iter().zip(parts).map(|((path, r), parts)| async move {
                 let want = r.end.saturating_sub(r.start);
                 if r.end <= r.start {
-                    return Ok(Vec::new());
+                    return Ok(parts.iter().map(|_| Vec::new()).collect());
                 }
                 self.stats.gets.fetch_add(1, Ordering::Relaxed);
                 let buf = self
@@ -349,7 +370,7 @@ impl Bucket {
                     .range(r.clone())
                     .await
                     .map_err(|e| self.fail("GET", path, e))?;
-                if buf.len() as u64 != want {
+                if buf.len() as u64 != want || parts.iter().any(|p| p.end > buf.len()) {
                     return Err(BucketError::Other {
                         url: self.url.clone(),
                         op: "GET",
@@ -363,7 +384,7 @@ impl Bucket {
                     });
                 }
                 self.stats.bytes_down.fetch_add(want, Ordering::Relaxed);
-                Ok(buf.to_vec())
+                Ok(parts.iter().map(|p| buf.slice(p.clone()).to_vec()).collect())
             }))
             .buffered(conc)
             .collect()

@@ -742,16 +742,24 @@ impl Store {
                 members.push(vec![(i, l)]);
             }
         }
-        for ((_, r), (answer, m)) in reqs
+        let parts: Vec<Vec<std::ops::Range<usize>>> = reqs
             .iter()
-            .zip(p.bucket.get_ranges(&reqs).into_iter().zip(members))
-        {
-            match answer {
-                Ok(bytes) => {
-                    p.cache.miss(m.len() as u64);
-                    for (i, l) in m {
+            .zip(&members)
+            .map(|((_, r), m)| {
+                m.iter()
+                    .map(|(_, l)| {
                         let o = (l.offset - r.start) as usize;
-                        out[i] = Ok(bytes[o..o + l.len as usize].to_vec());
+                        o..o + l.len as usize
+                    })
+                    .collect()
+            })
+            .collect();
+        for (answer, m) in p.bucket.get_parts(&reqs, &parts).into_iter().zip(members) {
+            match answer {
+                Ok(frames) => {
+                    p.cache.miss(m.len() as u64);
+                    for ((i, _), f) in m.into_iter().zip(frames) {
+                        out[i] = Ok(f);
                     }
                 }
                 Err(e @ (BucketError::Unavailable { .. } | BucketError::Denied { .. })) => {
