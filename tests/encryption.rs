@@ -278,3 +278,45 @@ fn tampering_with_stored_data_is_found_never_served() {
     let o = run(&env, Some(PASS), &["check", "--read-data"]);
     assert_eq!(o.status.code(), Some(5));
 }
+
+/// gc needs no key: the host of an encrypted repository (its server, or
+/// the machine holding a copy) reclaims forgotten data without ever being
+/// able to read it; what stays is intact.
+#[test]
+fn gc_runs_without_the_key_and_keeps_what_is_live() {
+    let env = encrypted_env();
+    let a = env.path("a.img");
+    let b = env.path("b.img");
+    fs::write(&a, seeded(6 << 20, 41)).unwrap();
+    fs::write(&b, seeded(6 << 20, 42)).unwrap();
+    let ia: serde_json::Value =
+        serde_json::from_str(&ok(&env, &["backup", a.to_str().unwrap(), "--json"])).unwrap();
+    ok(&env, &["backup", b.to_str().unwrap()]);
+    ok(&env, &["forget", ia["id"].as_str().unwrap()]);
+    for args in [&["gc", "--dry-run", "--json"][..], &["gc", "--json"][..]] {
+        let o = run(&env, None, args);
+        assert!(
+            o.status.success(),
+            "{args:?} without the key: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert!(v["chunks_removed"].as_u64().unwrap() > 50, "{v}");
+    }
+    // Reading still needs the key.
+    let o = run(&env, None, &["snapshots"]);
+    assert_eq!(o.status.code(), Some(2));
+    ok(&env, &["check", "--read-data"]);
+    let out = env.path("out.img");
+    ok(
+        &env,
+        &[
+            "restore",
+            "latest",
+            "--name",
+            "b.img",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert_same(&out, &b);
+}

@@ -22,7 +22,11 @@ fn open_for(repo: &Path, dry_run: bool, operation: &'static str) -> anyhow::Resu
         Some(_) => None,
         None => Some(imgstore_store::disk_usage(repo)),
     };
-    let store = if dry_run {
+    let store = if operation == "gc" {
+        // gc moves counts and deletes orphans by their clear child ids: it
+        // needs no key, so an encrypted repository's host can run it.
+        crate::open::open_keyless(repo, dry_run, operation)?
+    } else if dry_run {
         crate::commands::open_read(repo)?
     } else {
         crate::commands::open_writer(repo, operation)?

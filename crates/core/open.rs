@@ -129,6 +129,25 @@ fn local(store: Store, repo: &Path) -> anyhow::Result<Repo> {
     Ok(Repo::Local(store.with_codec(codec)))
 }
 
+/// Opens for work that never reads plaintext (gc): an encrypted local
+/// repository opens without its key, as its server or a bucket host would
+/// run it. Read-only for a dry run, as the writer `operation` otherwise.
+pub(crate) fn open_keyless(
+    repo: &Path,
+    dry_run: bool,
+    operation: &'static str,
+) -> anyhow::Result<Repo> {
+    match remote_url(repo) {
+        Some(url) => Ok(Repo::Remote(connect(url)?)),
+        None if dry_run => Ok(Repo::Local(Store::open(repo, Mode::ReadOnly)?)),
+        None => Ok(Repo::Local(Store::open_waiting(
+            repo,
+            Mode::Write { operation },
+            settings().wait,
+        )?)),
+    }
+}
+
 /// Opens as the writer `operation`: a local store with its lock (waiting
 /// as long as `--wait` says), or the server (which serialises writers).
 pub(crate) fn open_writer(repo: &Path, operation: &'static str) -> anyhow::Result<Repo> {
