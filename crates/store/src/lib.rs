@@ -836,6 +836,22 @@ impl Store {
             Some(_) => self.bucket_commit(snapshot, pages, parent)?,
             None => Vec::new(),
         };
+        let out = self.commit_local(scope, snapshot, parent, &named, &by_key, &page_locs);
+        self.committed(&id);
+        out
+    }
+
+    /// The local batch of [`Store::commit_in`].
+    fn commit_local(
+        &self,
+        scope: Option<&Scope>,
+        snapshot: &[u8],
+        parent: Option<&Id>,
+        named: &[Id],
+        by_key: &HashMap<[u8; 33], &Vec<u8>>,
+        page_locs: &[([u8; 33], imgstore_format::pack::Location)],
+    ) -> Result<(Id, u64)> {
+        let id = Id::hash(snapshot);
         let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
         // Committing the same record twice (a client retrying a commit
         // whose answer it lost) changes nothing: counting its pages again
@@ -860,7 +876,7 @@ impl Store {
 
         let mut batch = WriteBatch::default();
         let mut page_counts: HashMap<[u8; 33], u64> = HashMap::new();
-        for pid in &named {
+        for pid in named {
             *page_counts.entry(ObjectKind::Page.key(pid)).or_default() += 1;
         }
         let absent = self.add_refs(&mut batch, &page_counts)?;
@@ -868,7 +884,7 @@ impl Store {
         let mut region_counts: HashMap<[u8; 33], u64> = HashMap::new();
         let mut added = 0u64;
         if self.packs.is_some() {
-            self.commit_page_locations(&mut batch, &absent.iter().copied().collect(), &page_locs)?;
+            self.commit_page_locations(&mut batch, &absent.iter().copied().collect(), page_locs)?;
         }
         for k in absent {
             let (_, pid) = ObjectKind::parse_key(&k).expect("33-byte key");
@@ -895,7 +911,7 @@ impl Store {
             batch.put_cf(&refs_cf, k, rc.encode());
             added += encoded.len() as u64;
         }
-        for (k, page) in &by_key {
+        for (k, page) in by_key {
             if page_counts.contains_key(k) && self.is_pending_damage(k) {
                 batch.put_cf(&recipes, k, page);
                 self.healed(*k);

@@ -116,6 +116,9 @@ pub(crate) struct Packs {
     buf: Mutex<Buffers>,
     idle: Condvar,
     cache: PackCache,
+    /// Snapshots whose object is written and whose local commit is not
+    /// yet: gc must not take their objects for strays.
+    committing: Mutex<HashSet<Id>>,
 }
 
 /// Request counts and cache figures of a bucket-backed store.
@@ -198,6 +201,7 @@ impl Packs {
             buf: Mutex::new(Buffers::default()),
             idle: Condvar::new(),
             cache: PackCache::open(dir.join("cache"), storage.cache_bytes),
+            committing: Mutex::default(),
         })
     }
 
@@ -552,10 +556,26 @@ impl Store {
             parent: parent.copied(),
             record: snapshot.to_vec(),
         };
-        p.bucket
-            .put(&pack::snapshot_path(&id), obj.encode())
-            .map_err(bucket_err)?;
+        p.committing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id);
+        if let Err(e) = p.bucket.put(&pack::snapshot_path(&id), obj.encode()) {
+            self.committed(&id);
+            return Err(bucket_err(e));
+        }
         Ok(page_locs)
+    }
+
+    /// The local part of a commit is done (or failed): its snapshot object
+    /// is an ordinary one again for gc.
+    pub(crate) fn committed(&self, id: &Id) {
+        if let Some(p) = self.packs() {
+            p.committing
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(id);
+        }
     }
 
     /// Every page of the commit is located or being committed now, every
@@ -797,9 +817,14 @@ impl Store {
                 .into_iter()
                 .filter_map(|(k, v)| Some((Id::from_slice(&k)?, v)))
                 .collect();
+            let committing = p
+                .committing
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
             let strays: Vec<String> = listed
                 .iter()
-                .filter(|id| !local.contains_key(id))
+                .filter(|id| !local.contains_key(id) && !committing.contains(id))
                 .map(pack::snapshot_path)
                 .collect();
             p.bucket.delete(&strays).map_err(bucket_err)?;
