@@ -1024,6 +1024,23 @@ impl Store {
             return Ok(Vec::new());
         };
         let mut problems = Vec::new();
+        // Every snapshot has its object (a rebuild from the bucket needs
+        // it); gc uploads a missing one.
+        let objects: HashSet<Id> = p
+            .bucket
+            .list(pack::SNAPSHOTS_DIR)
+            .map_err(bucket_err)?
+            .into_iter()
+            .filter_map(|(path, _)| pack::parse_snapshot_path(&path))
+            .collect();
+        for (k, _) in self.snapshot_records()? {
+            if let Some(id) = Id::from_slice(&k).filter(|id| !objects.contains(id)) {
+                problems.push(format!(
+                    "snapshot {id} has no object in {}: a rebuild from the bucket would miss it (the next gc uploads it)",
+                    p.bucket.url()
+                ));
+            }
+        }
         let known = self.pack_stats()?;
         let listed: HashMap<PackName, u64> = p
             .bucket
