@@ -373,6 +373,12 @@ pub struct CheckArgs {
     /// Read a random sample of the chunks: a percentage ("10%") or a fraction ("0.1").
     #[arg(long, value_name = "N%")]
     pub read_data_subset: Option<String>,
+    /// An encrypted repository, checked without its key (on its server or
+    /// a host of a copy): every record against its id, the reference graph
+    /// from the clear child ids, counts and orphans. Damage is named by
+    /// object, not by snapshot byte ranges.
+    #[arg(long, conflicts_with_all = ["read_data", "read_data_subset"])]
+    pub without_key: bool,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,

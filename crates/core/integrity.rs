@@ -25,12 +25,24 @@ fn kind_name(k: ObjectKind) -> &'static str {
 /// the next backup of the same data repairs them. The check itself runs
 /// read-only; this needs the writer lock and is skipped, with a note, when
 /// another writer holds it.
-fn record_marks(repo: &Path, marks: &[DamageMark], intact: &[(ObjectKind, Id)]) -> Option<String> {
+fn record_marks(
+    repo: &Path,
+    marks: &[DamageMark],
+    intact: &[(ObjectKind, Id)],
+    keyless: bool,
+) -> Option<String> {
     if marks.is_empty() && intact.is_empty() {
         return None;
     }
-    let result = crate::open::open_writer_now(repo, "check")
-        .and_then(|w| imgstore_engine::record_damage(&*w, marks, intact));
+    let result = if keyless {
+        // Marks are stored by object id: no key needed to record them.
+        crate::open::open_keyless(repo, false, "check").map_err(|e| {
+            imgstore_engine::EngineError::Repo(imgstore_repo::RepoError::Invalid(e.to_string()))
+        })
+    } else {
+        crate::open::open_writer_now(repo, "check")
+    }
+    .and_then(|w| imgstore_engine::record_damage(&*w, marks, intact));
     Some(match result {
         Ok(0) if intact.is_empty() => return None,
         Ok(n) => format!(
@@ -67,9 +79,22 @@ pub fn check(repo: &Path, a: CheckArgs, progress: bool) -> anyhow::Result<()> {
     };
     let started = std::time::Instant::now();
     let report = {
-        let store = crate::commands::open_read(repo)?;
+        let store = if a.without_key {
+            if crate::open::remote_url(repo).is_some() {
+                return Err(crate::exit::usage(
+                    "--without-key checks a repository on this machine: run it on the server with -r DIR",
+                ));
+            }
+            crate::open::open_keyless(repo, true, "check")?
+        } else {
+            crate::commands::open_read(repo)?
+        };
         let bar = Bar::new(progress);
-        let mut report = imgstore_engine::check(&*store, read, &bar)?;
+        let mut report = if a.without_key {
+            imgstore_engine::check_structure(&*store, &bar)?
+        } else {
+            imgstore_engine::check(&*store, read, &bar)?
+        };
         if let Some(s) = store.local() {
             // The bucket of a bucket-backed repository: every pack there,
             // whole, and (with --read-data) every record's copy intact.
@@ -84,7 +109,12 @@ pub fn check(repo: &Path, a: CheckArgs, progress: bool) -> anyhow::Result<()> {
         report
     };
     let secs = started.elapsed().as_secs_f64();
-    let marks_note = record_marks(repo, &report.damage_marks(), &report.intact_marked);
+    let marks_note = record_marks(
+        repo,
+        &report.damage_marks(),
+        &report.intact_marked,
+        a.without_key,
+    );
     if a.json {
         emit(&format!("{}\n", report_json(&report, secs)))?;
     } else {
@@ -236,7 +266,7 @@ pub fn verify(repo: &Path, a: VerifyArgs, progress: bool) -> anyhow::Result<()> 
                 v["ok"] = json!(false);
                 v["error"] = json!(e.to_string());
                 if chosen.len() == 1 && !a.json {
-                    if let Some(n) = record_marks(repo, &marks, &[]) {
+                    if let Some(n) = record_marks(repo, &marks, &[], false) {
                         note(&n);
                     }
                     return Err(e.into());
@@ -252,7 +282,7 @@ pub fn verify(repo: &Path, a: VerifyArgs, progress: bool) -> anyhow::Result<()> 
     if a.json {
         emit(&format!("{}\n", serde_json::Value::Array(results)))?;
     }
-    if let Some(n) = record_marks(repo, &marks, &[]) {
+    if let Some(n) = record_marks(repo, &marks, &[], false) {
         note(&n);
     }
     if failed > 0 {

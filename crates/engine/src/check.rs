@@ -21,7 +21,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 
-use imgstore_format::sealed::RecordKind;
+use imgstore_format::sealed::{record_children, RecordKind};
 use imgstore_format::{FrameCodec, Id, ObjectKind, Page, RefCount, Region, Snapshot, PAGE_REGIONS};
 use imgstore_repo::{DamageMark, Repository};
 use rayon::prelude::*;
@@ -151,6 +151,27 @@ pub fn check(
     read_data: ReadData,
     progress: &dyn Progress,
 ) -> Result<CheckReport, EngineError> {
+    walk(store, read_data, progress, false)
+}
+
+/// `check` without the key of an encrypted repository (its server, or the
+/// host of a copy): every stored record against its id, the reference
+/// graph from the records' clear child ids, reference counts and the
+/// orphan list. Nothing is opened, so damage is named by object, not by
+/// snapshot byte ranges, and chunk data is not read.
+pub fn check_structure(
+    store: &dyn Repository,
+    progress: &dyn Progress,
+) -> Result<CheckReport, EngineError> {
+    walk(store, ReadData::None, progress, true)
+}
+
+fn walk(
+    store: &dyn Repository,
+    read_data: ReadData,
+    progress: &dyn Progress,
+    keyless: bool,
+) -> Result<CheckReport, EngineError> {
     let mut report = CheckReport::default();
     let mut w = Walk::default();
 
@@ -165,6 +186,23 @@ pub fn check(
             ));
             continue;
         };
+        if keyless {
+            let children = if Id::hash(&v) != id {
+                Err("stored bytes do not match its id".to_string())
+            } else {
+                record_children(RecordKind::Snapshot, &v).map_err(|e| e.to_string())
+            };
+            match children {
+                Ok(pages) => {
+                    for pid in &pages {
+                        *expected.entry(ObjectKind::Page.key(pid)).or_default() += 1;
+                    }
+                    report.snapshots += 1;
+                }
+                Err(why) => w.problem(format!("snapshot {id}: record is damaged ({why})")),
+            }
+            continue;
+        }
         let decoded = store
             .codec()
             .open_record(RecordKind::Snapshot, &id, &v)
@@ -187,7 +225,7 @@ pub fn check(
             }
         }
     }
-    report.snapshots = snaps.len() as u64 + report.damaged_snapshots.len() as u64;
+    report.snapshots += snaps.len() as u64 + report.damaged_snapshots.len() as u64;
 
     // 2. Recipes: content matches id, decodes; expected region and chunk counts.
     let mut region_len: HashMap<Id, u64> = HashMap::new();
@@ -211,6 +249,27 @@ pub fn check(
             ObjectKind::Region => RecordKind::Region,
             _ => RecordKind::Page,
         };
+        if keyless {
+            let (child, regions) = match kind {
+                ObjectKind::Region => (ObjectKind::Chunk, false),
+                _ => (ObjectKind::Region, true),
+            };
+            match record_children(rk, v) {
+                Ok(children) => {
+                    for c in &children {
+                        *expected.entry(child.key(c)).or_default() += 1;
+                    }
+                    if regions {
+                        pages.insert(id, children);
+                    } else {
+                        // Its length is sealed; only its presence counts.
+                        region_len.insert(id, 0);
+                    }
+                }
+                Err(e) => w.damage(kind, id, format!("does not decode ({e})")),
+            }
+            return;
+        }
         let v = match store.codec().open_record(rk, &id, v) {
             Ok(v) => v,
             Err(e) => {
@@ -526,7 +585,10 @@ fn region_damage(
         let Ok((ObjectKind::Region, id)) = ObjectKind::parse_key(k) else {
             return;
         };
-        let Ok(r) = Region::decode(v) else { return };
+        let Ok(v) = store.codec().open_record(RecordKind::Region, &id, v) else {
+            return;
+        };
+        let Ok(r) = Region::decode(&v) else { return };
         let mut off = 0u64;
         for e in &r.entries {
             if let Some(c) = e.chunk {

@@ -54,7 +54,7 @@ mod source;
 mod tests;
 
 pub use backup::{backup, backup_changed, chunker_for, BackupOptions, BackupReport, ChangedBlocks};
-pub use check::{check, CheckReport, DamagedSnapshot, Problem, ReadData};
+pub use check::{check, check_structure, CheckReport, DamagedSnapshot, Problem, ReadData};
 pub use copy::{copy_snapshot, CopyReport};
 pub use diff::diff;
 pub use error::EngineError;
