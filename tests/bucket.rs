@@ -1283,8 +1283,35 @@ fn a_server_serves_a_bucket_backed_repository() {
     client(&["restore", "latest", "--name", "web", out.to_str().unwrap()]);
     assert_same(&out, &gens[2]);
     client(&["check", "--read-data"]);
+    // A `recover` elsewhere takes the bucket: the running server's gc is
+    // refused from then on, before it deletes anything.
+    let objects = bucket_objects(&node);
+    ok(
+        &env,
+        &env.path("taken"),
+        &ep,
+        &["recover", &format!("s3://{BUCKET}/served")],
+    );
+    let o = Command::new(BIN)
+        .arg("-r")
+        .arg(format!("imgstores://{}/", w[2]))
+        .arg("--token-file")
+        .arg(&token)
+        .env("IMGSTORE_SERVER_FINGERPRINT", w[4])
+        .args(["gc"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "a stale server ran gc");
+    assert!(err.contains("stale"), "{err}");
+    assert_eq!(
+        bucket_objects(&node),
+        objects,
+        "the refused gc deleted nothing (recover only rewrote the owner object)"
+    );
     let _ = server.kill();
     let _ = server.wait();
     // What the server stored is a complete bucket-backed repository.
-    ok(&env, &repo, &ep, &["check", "--read-data"]);
+    ok(&env, &env.path("taken"), &ep, &["check", "--read-data"]);
 }

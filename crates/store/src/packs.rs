@@ -801,6 +801,9 @@ impl Store {
     /// deleted or rewritten.
     pub(crate) fn bucket_gc(&self) -> Result<bool> {
         let p = self.packs().expect("bucket-backed");
+        // Checked again here, not only at open: a long-running writer (a
+        // server) must not delete what a `recover` elsewhere now owns.
+        self.check_owner()?;
         // Snapshot objects: delete strays (a commit that died before its
         // local batch), upload missing ones (a PUT that failed after it).
         {
