@@ -268,6 +268,18 @@ fn ids(env: &Env, repo: &Path, ep: &str) -> Vec<String> {
     ids
 }
 
+/// Packs of 1 MiB and no cache: small images make many packs, and every
+/// read goes to the bucket.
+const SMALL_PACKS: &[&str] = &["--pack-size", "1M", "--cache-size", "0"];
+
+/// A single Garage node and a fault-injecting proxy in front of it (no
+/// faults until told).
+fn garage_behind_proxy(env: &Env) -> (Node, FaultProxy) {
+    let node = garage(env);
+    let proxy = FaultProxy::start(node.s3, 0);
+    (node, proxy)
+}
+
 /// `init --storage s3://BUCKET/PREFIX` with more arguments.
 fn init_in(env: &Env, repo: &Path, ep: &str, prefix: &str, extra: &[&str]) {
     let url = format!("s3://{BUCKET}/{prefix}");
@@ -604,13 +616,7 @@ fn gc_in_the_bucket_deletes_repacks_and_removes_uncommitted_packs() {
     let node = garage(&env);
     let ep = node.endpoint();
     let repo = env.repo();
-    init_in(
-        &env,
-        &repo,
-        &ep,
-        "gc",
-        &["--pack-size", "1M", "--cache-size", "0"],
-    );
+    init_in(&env, &repo, &ep, "gc", SMALL_PACKS);
     let a = env.path("a.img");
     let b = env.path("b.img");
     fs::write(&a, seeded(12 << 20, 1)).unwrap();
@@ -704,17 +710,9 @@ fn gc_in_the_bucket_deletes_repacks_and_removes_uncommitted_packs() {
 #[test]
 fn an_altered_or_missing_pack_is_found_and_never_served() {
     let env = Env::new();
-    let node = garage(&env);
-    let proxy = FaultProxy::start(node.s3, 0);
-    let ep = proxy.endpoint();
-    let repo = env.repo();
-    init_in(
-        &env,
-        &repo,
-        &ep,
-        "tamper",
-        &["--pack-size", "1M", "--cache-size", "0"],
-    );
+    let (_garage, proxy) = garage_behind_proxy(&env);
+    let (ep, repo) = (proxy.endpoint(), env.repo());
+    init_in(&env, &repo, &ep, "tamper", SMALL_PACKS);
     let img = env.path("d.img");
     fs::write(&img, seeded(6 << 20, 9)).unwrap();
     backup(&env, &repo, &ep, &img, "d");
@@ -938,18 +936,10 @@ fn serve_one(
 #[test]
 fn faults_between_imgstore_and_the_bucket_are_retried_or_refused_clearly() {
     let env = Env::new();
-    let node = garage(&env);
-    let proxy = FaultProxy::start(node.s3, 0);
-    let ep = proxy.endpoint();
-    let repo = env.repo();
+    let (_garage, proxy) = garage_behind_proxy(&env);
+    let (ep, repo) = (proxy.endpoint(), env.repo());
     // Init without faults, then everything with them.
-    init_in(
-        &env,
-        &repo,
-        &ep,
-        "faults",
-        &["--pack-size", "1M", "--cache-size", "0"],
-    );
+    init_in(&env, &repo, &ep, "faults", SMALL_PACKS);
     proxy.rate.store(150, SeqCst);
     let mut gens = ext4_generations(&env);
     // And incompressible data: many packs, many requests.
@@ -1075,13 +1065,7 @@ fn a_three_node_cluster_loses_a_node_during_backup_and_restore() {
     let mut nodes = cluster(&env);
     let ep = nodes[0].endpoint();
     let repo = env.repo();
-    init_in(
-        &env,
-        &repo,
-        &ep,
-        "cluster",
-        &["--pack-size", "1M", "--cache-size", "0"],
-    );
+    init_in(&env, &repo, &ep, "cluster", SMALL_PACKS);
     let img = env.path("big.img");
     fs::write(
         &img,

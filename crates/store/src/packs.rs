@@ -1370,12 +1370,23 @@ impl Store {
                 )
             })
             .collect();
-        let put_ref = |batch: &mut WriteBatch, k: &[u8; 33], rc: RefCount| {
-            batch.put_cf(self.cf(cf::REFS), k, rc.encode());
-            if rc.count == 0 {
-                batch.put_cf(self.cf(cf::ORPHANS), k, []);
-            }
-        };
+        // One object: its count (and orphan entry), its location, its
+        // pack's accounting; batches are written as they fill.
+        let mut place =
+            |batch: &mut WriteBatch, k: &[u8; 33], rc: RefCount, loc: &Location| -> Result<()> {
+                batch.put_cf(self.cf(cf::REFS), k, rc.encode());
+                if rc.count == 0 {
+                    batch.put_cf(self.cf(cf::ORPHANS), k, []);
+                }
+                self.put_location(batch, k, loc);
+                let s = stats.entry(loc.pack).or_default();
+                s.live_entries += 1;
+                s.live_bytes += loc.len as u64;
+                if batch.len() > 50_000 {
+                    self.write_synced(std::mem::take(batch), "recover")?;
+                }
+                Ok(())
+            };
         for (id, (loc, raw)) in &chunk_at {
             let k = ObjectKind::Chunk.key(id);
             let rc = RefCount {
@@ -1383,33 +1394,18 @@ impl Store {
                 logical_len: *raw,
                 stored_len: loc.len,
             };
-            put_ref(&mut batch, &k, rc);
-            batch.put_cf(self.cf(cf::CHUNKS), id.as_bytes(), loc.encode());
-            let s = stats.entry(loc.pack).or_default();
-            s.live_entries += 1;
-            s.live_bytes += loc.len as u64;
+            place(&mut batch, &k, rc, loc)?;
             out.chunks += 1;
-            if batch.len() > 50_000 {
-                self.write_synced(std::mem::take(&mut batch), "recover")?;
-            }
         }
         for (k, b) in &records {
-            let loc = record_at[k];
             let rc = RefCount {
                 count: refs.get(k).copied().unwrap_or(0),
                 logical_len: b.len() as u32,
                 stored_len: b.len() as u32,
             };
-            put_ref(&mut batch, k, rc);
             batch.put_cf(self.cf(cf::RECIPES), k, b);
-            batch.put_cf(meta, loc_key(k), loc.encode());
-            let s = stats.entry(loc.pack).or_default();
-            s.live_entries += 1;
-            s.live_bytes += loc.len as u64;
+            place(&mut batch, k, rc, &record_at[k])?;
             out.records += 1;
-            if batch.len() > 50_000 {
-                self.write_synced(std::mem::take(&mut batch), "recover")?;
-            }
         }
         for (n, s) in &stats {
             batch.put_cf(meta, pack_key(n), s.encode());
