@@ -219,7 +219,7 @@ fn recover(repo: &Path, a: crate::args::RecoverArgs) -> anyhow::Result<()> {
     }
     let storage = storage_of(&a.storage, &a.bucket, imgstore_store::DEFAULT_PACK_SIZE)?;
     let started = std::time::Instant::now();
-    let (store, r) = Store::recover(repo, &storage)?;
+    let (_store, r) = Store::recover(repo, &storage)?;
     let secs = started.elapsed().as_secs_f64();
     let url = storage.url();
     if a.json {
@@ -233,7 +233,10 @@ fn recover(repo: &Path, a: crate::args::RecoverArgs) -> anyhow::Result<()> {
             "missing": r.missing,
             "rejected": r.rejected,
             "seconds": secs,
-            "requests": store.bucket_report().map(|b| bucket_json(&b)),
+            "requests": bucket_json(&imgstore_store::BucketReport {
+                requests: r.requests,
+                ..Default::default()
+            }),
         });
         emit(&format!(
             "{v}

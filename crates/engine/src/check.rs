@@ -422,6 +422,14 @@ fn walk(
                 .collect()
         }
     };
+    let selected: Vec<(Id, u32)> = {
+        let ids: Vec<Id> = selected.iter().map(|c| c.0).collect();
+        store
+            .read_order(&ids)?
+            .into_iter()
+            .map(|i| selected[i])
+            .collect()
+    };
     if !selected.is_empty() {
         let total: u64 = selected.iter().map(|c| c.1 as u64).sum();
         progress.start(Some(total));

@@ -210,6 +210,14 @@ pub trait Repository: Send + Sync {
     /// `Err` of the call is a failure of the repository, not of a chunk.
     fn chunk_frames(&self, ids: &[Id]) -> Result<Vec<ChunkRead>>;
 
+    /// The order in which to read `ids` in bulk, as indices into `ids`
+    /// (`check --read-data`). The default is as given; a store whose
+    /// chunks live in packs orders them by pack and offset, so neighbours
+    /// share one ranged request instead of one each.
+    fn read_order(&self, ids: &[Id]) -> Result<Vec<usize>> {
+        Ok((0..ids.len()).collect())
+    }
+
     /// Reference entries of objects of one kind (None when absent).
     fn ref_counts(&self, kind: ObjectKind, ids: &[Id]) -> Result<Vec<Option<RefCount>>>;
 

@@ -141,6 +141,8 @@ pub struct RecoverOutcome {
     pub missing: u64,
     /// Packs or objects that failed their checks and were left out.
     pub rejected: u64,
+    /// Requests the rebuild made.
+    pub requests: Counts,
 }
 
 fn bucket_err(e: BucketError) -> StoreError {
@@ -1245,7 +1247,10 @@ impl Store {
             .rebuild_index(&bucket)
             .and_then(|out| store.take_bucket(&bucket).map(|_| out))
         {
-            Ok(out) => Ok((store, out)),
+            Ok(mut out) => {
+                out.requests = bucket.counts();
+                Ok((store, out))
+            }
             Err(e) => {
                 // A half-built index is worse than none: what this call
                 // created goes, so `recover` can simply be run again.

@@ -29,6 +29,26 @@ impl Repository for Store {
         Store::chunk_frames(self, ids)
     }
 
+    fn read_order(&self, ids: &[Id]) -> Result<Vec<usize>> {
+        if self.packs().is_none() {
+            return Ok((0..ids.len()).collect());
+        }
+        let mut at = Vec::with_capacity(ids.len());
+        for (n, group) in ids.chunks(8192).enumerate() {
+            let keys: Vec<[u8; 33]> = group.iter().map(|id| ObjectKind::Chunk.key(id)).collect();
+            for (i, l) in self.current_locations(&keys)?.into_iter().enumerate() {
+                // Chunks without a location (missing) go last.
+                at.push((
+                    l.map(|l| (0u8, l.pack, l.offset))
+                        .unwrap_or((1, Id::ZERO, 0)),
+                    n * 8192 + i,
+                ));
+            }
+        }
+        at.sort_unstable();
+        Ok(at.into_iter().map(|(_, i)| i).collect())
+    }
+
     fn ref_counts(&self, kind: ObjectKind, ids: &[Id]) -> Result<Vec<Option<RefCount>>> {
         let keys: Vec<[u8; 33]> = ids.iter().map(|id| kind.key(id)).collect();
         self.get_refs(&keys)
