@@ -280,6 +280,18 @@ fn garage_behind_proxy(env: &Env) -> (Node, FaultProxy) {
     (node, proxy)
 }
 
+/// Restores the snapshot `selector` names into a scratch file and asserts
+/// it equals `expect`, byte for byte.
+fn restores_exact(env: &Env, repo: &Path, ep: &str, selector: &[&str], expect: &Path) {
+    let out = env.path("restored.img");
+    let _ = fs::remove_file(&out);
+    let mut args = vec!["restore"];
+    args.extend_from_slice(selector);
+    args.push(out.to_str().unwrap());
+    ok(env, repo, ep, &args);
+    assert_same(&out, expect);
+}
+
 /// `init --storage s3://BUCKET/PREFIX` with more arguments.
 fn init_in(env: &Env, repo: &Path, ep: &str, prefix: &str, extra: &[&str]) {
     let url = format!("s3://{BUCKET}/{prefix}");
@@ -580,10 +592,7 @@ fn the_bucket_alone_rebuilds_the_repository() {
     assert_eq!(s1["parent"], snap[0].as_str(), "{s1}");
     ok(&env, &fresh, &ep, &["check", "--read-data"]);
     for (id, g) in snap.iter().zip(&gens) {
-        let out = env.path("out.img");
-        let _ = fs::remove_file(&out);
-        ok(&env, &fresh, &ep, &["restore", id, out.to_str().unwrap()]);
-        assert_same(&out, g);
+        restores_exact(&env, &fresh, &ep, &[id], g);
     }
     // The next backup reuses what the bucket holds.
     let r = backup(&env, &fresh, &ep, &gens[2], "vm");
@@ -651,14 +660,7 @@ fn gc_in_the_bucket_deletes_repacks_and_removes_uncommitted_packs() {
         "the index's pack bytes ({pb}) match the bucket's ({after})"
     );
     ok(&env, &repo, &ep, &["check", "--read-data"]);
-    let out = env.path("out.img");
-    ok(
-        &env,
-        &repo,
-        &ep,
-        &["restore", "latest", "--name", "b", out.to_str().unwrap()],
-    );
-    assert_same(&out, &b);
+    restores_exact(&env, &repo, &ep, &["latest", "--name", "b"], &b);
 
     // A backup killed after uploading packs: gc finds and removes them.
     let c = env.path("c.img");
@@ -694,14 +696,7 @@ fn gc_in_the_bucket_deletes_repacks_and_removes_uncommitted_packs() {
     ok(&env, &repo, &ep, &["check", "--read-data"]);
     // The next backup of the same image sends its data again, and restores.
     backup(&env, &repo, &ep, &c, "c");
-    let outc = env.path("outc.img");
-    ok(
-        &env,
-        &repo,
-        &ep,
-        &["restore", "latest", "--name", "c", outc.to_str().unwrap()],
-    );
-    assert_same(&outc, &c);
+    restores_exact(&env, &repo, &ep, &["latest", "--name", "c"], &c);
 }
 
 /// A bucket that answers with altered bytes, or says a pack is gone:
@@ -756,15 +751,7 @@ fn an_altered_or_missing_pack_is_found_and_never_served() {
     // The bucket answers truly again: the damage marks are lifted by the
     // next check, and everything restores.
     proxy.mode.store(MODE_FAULTS, SeqCst);
-    let out = env.path("out.img");
-    let _ = fs::remove_file(&out);
-    ok(
-        &env,
-        &repo,
-        &ep,
-        &["restore", "latest", "--name", "d", out.to_str().unwrap()],
-    );
-    assert_same(&out, &img);
+    restores_exact(&env, &repo, &ep, &["latest", "--name", "d"], &img);
 }
 
 /// A fault-injecting HTTP proxy in front of Garage: answers some requests
@@ -1012,10 +999,7 @@ fn faults_between_imgstore_and_the_bucket_are_retried_or_refused_clearly() {
     ok(&env, &repo, &ep, &["gc"]);
     ok(&env, &repo, &ep, &["check", "--read-data"]);
     for (id, i) in &done {
-        let out = env.path("out.img");
-        let _ = fs::remove_file(&out);
-        ok(&env, &repo, &ep, &["restore", id, out.to_str().unwrap()]);
-        assert_same(&out, &gens[*i]);
+        restores_exact(&env, &repo, &ep, &[id], &gens[*i]);
     }
 }
 
@@ -1181,14 +1165,7 @@ fn a_local_repository_is_copied_into_a_bucket() {
         ids
     });
     fs::remove_dir_all(offsite.join("cache")).ok();
-    let out = env.path("out.img");
-    ok(
-        &env,
-        &offsite,
-        &ep,
-        &["restore", "latest", "--name", "vm", out.to_str().unwrap()],
-    );
-    assert_same(&out, &gens[2]);
+    restores_exact(&env, &offsite, &ep, &["latest", "--name", "vm"], &gens[2]);
     ok(&env, &offsite, &ep, &["check", "--read-data"]);
 }
 

@@ -810,12 +810,9 @@ impl Store {
         // local batch), upload missing ones (a PUT that failed after it).
         {
             let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
-            let listed: HashSet<Id> = p
-                .bucket
-                .list(pack::SNAPSHOTS_DIR)
-                .map_err(bucket_err)?
+            let listed: HashSet<Id> = listed_snapshots(&p.bucket)?
                 .into_iter()
-                .filter_map(|(path, _)| pack::parse_snapshot_path(&path))
+                .map(|(id, _)| id)
                 .collect();
             let local: HashMap<Id, Vec<u8>> = self
                 .snapshot_records()?
@@ -839,15 +836,11 @@ impl Store {
         }
         let mut changed = false;
         let known = self.pack_stats()?;
-        let listed = p.bucket.list(pack::PACKS_DIR).map_err(bucket_err)?;
         let inflight = p.in_flight_names();
-        let unknown: Vec<String> = listed
-            .iter()
-            .filter(|(path, _)| match pack::parse_pack_path(path) {
-                Some(n) => !known.contains_key(&n) && !inflight.contains(&n),
-                None => false,
-            })
-            .map(|(path, _)| path.clone())
+        let unknown: Vec<PackName> = listed_packs(&p.bucket)?
+            .into_iter()
+            .map(|(n, _)| n)
+            .filter(|n| !known.contains_key(n) && !inflight.contains(n))
             .collect();
         if !unknown.is_empty() {
             // Re-read under the lock: a pack that landed since the listing
@@ -856,11 +849,9 @@ impl Store {
             let now = self.pack_stats()?;
             let inflight = p.in_flight_names();
             let gone: Vec<String> = unknown
-                .into_iter()
-                .filter(|path| {
-                    pack::parse_pack_path(path)
-                        .is_some_and(|n| !now.contains_key(&n) && !inflight.contains(&n))
-                })
+                .iter()
+                .filter(|n| !now.contains_key(n) && !inflight.contains(n))
+                .map(pack_path)
                 .collect();
             changed |= !gone.is_empty();
             p.bucket.delete(&gone).map_err(bucket_err)?;
@@ -1031,12 +1022,9 @@ impl Store {
         let mut problems = Vec::new();
         // Every snapshot has its object (a rebuild from the bucket needs
         // it); gc uploads a missing one.
-        let objects: HashSet<Id> = p
-            .bucket
-            .list(pack::SNAPSHOTS_DIR)
-            .map_err(bucket_err)?
+        let objects: HashSet<Id> = listed_snapshots(&p.bucket)?
             .into_iter()
-            .filter_map(|(path, _)| pack::parse_snapshot_path(&path))
+            .map(|(id, _)| id)
             .collect();
         for (k, _) in self.snapshot_records()? {
             if let Some(id) = Id::from_slice(&k).filter(|id| !objects.contains(id)) {
@@ -1047,13 +1035,7 @@ impl Store {
             }
         }
         let known = self.pack_stats()?;
-        let listed: HashMap<PackName, u64> = p
-            .bucket
-            .list(pack::PACKS_DIR)
-            .map_err(bucket_err)?
-            .into_iter()
-            .filter_map(|(path, len)| Some((pack::parse_pack_path(&path)?, len)))
-            .collect();
+        let listed: HashMap<PackName, u64> = listed_packs(&p.bucket)?.into_iter().collect();
         let mut names: Vec<&PackName> = known.keys().collect();
         names.sort();
         for n in names {
@@ -1265,17 +1247,14 @@ impl Store {
 
     fn rebuild_index(&self, bucket: &Bucket) -> Result<RecoverOutcome> {
         let mut out = RecoverOutcome::default();
-        let listed = bucket.list(pack::PACKS_DIR).map_err(bucket_err)?;
+        let listed = listed_packs(bucket)?;
         // Locations of everything the packs hold (first copy wins) and raw
         // lengths of chunks.
         let mut chunk_at: HashMap<Id, (Location, u32)> = HashMap::new();
         let mut record_at: HashMap<[u8; 33], Location> = HashMap::new();
         let mut sizes: HashMap<PackName, u64> = HashMap::new();
-        for (path, len) in &listed {
-            let Some(name) = pack::parse_pack_path(path) else {
-                continue;
-            };
-            let trailer = match fetch_trailer(bucket, &name, *len) {
+        for (name, len) in listed {
+            let trailer = match fetch_trailer(bucket, &name, len) {
                 Ok(t) => t,
                 Err(_) => {
                     out.rejected += 1;
@@ -1283,7 +1262,7 @@ impl Store {
                 }
             };
             out.packs += 1;
-            sizes.insert(name, *len);
+            sizes.insert(name, len);
             for (e, off) in trailer.entries.iter().zip(trailer.offsets()) {
                 let loc = Location {
                     pack: name,
@@ -1326,15 +1305,14 @@ impl Store {
         }
         // Snapshots.
         let mut snapshots = Vec::new();
-        for (path, len) in bucket.list(pack::SNAPSHOTS_DIR).map_err(bucket_err)? {
-            let Some(id) = pack::parse_snapshot_path(&path) else {
-                continue;
-            };
+        for (id, len) in listed_snapshots(bucket)? {
             if len > MAX_SNAPSHOT_BYTES {
                 out.rejected += 1;
                 continue;
             }
-            let b = bucket.get(&path, MAX_SNAPSHOT_BYTES).map_err(bucket_err)?;
+            let b = bucket
+                .get(&pack::snapshot_path(&id), MAX_SNAPSHOT_BYTES)
+                .map_err(bucket_err)?;
             match SnapshotObject::decode(&b, &id) {
                 Ok(o) => snapshots.push((id, o)),
                 Err(_) => out.rejected += 1,
@@ -1436,6 +1414,27 @@ impl Store {
         self.flush_all()?;
         Ok(out)
     }
+}
+
+/// The packs in the bucket, by name, with their sizes (other objects
+/// under `packs/` are ignored).
+fn listed_packs(bucket: &Bucket) -> Result<Vec<(PackName, u64)>> {
+    Ok(bucket
+        .list(pack::PACKS_DIR)
+        .map_err(bucket_err)?
+        .into_iter()
+        .filter_map(|(path, len)| Some((pack::parse_pack_path(&path)?, len)))
+        .collect())
+}
+
+/// The snapshot objects in the bucket, by id, with their sizes.
+fn listed_snapshots(bucket: &Bucket) -> Result<Vec<(Id, u64)>> {
+    Ok(bucket
+        .list(pack::SNAPSHOTS_DIR)
+        .map_err(bucket_err)?
+        .into_iter()
+        .filter_map(|(path, len)| Some((pack::parse_snapshot_path(&path)?, len)))
+        .collect())
 }
 
 /// Reads and checks a pack's trailer with one suffix GET (two when the
