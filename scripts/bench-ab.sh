@@ -9,6 +9,10 @@
 # it (cold). Prints per step the median over the rounds for A and B and the
 # ratio B/A. IMAGE_DIR is made by ../shared/workload/make-images.sh when
 # missing (needs root).
+#
+# INIT_A / INIT_B add arguments to each side's `init`, so one binary can be
+# compared with itself across repository kinds, e.g. encrypted against plain:
+#   IMGSTORE_PASSWORD=bench INIT_B=--encryption scripts/bench-ab.sh BIN BIN
 set -euo pipefail
 cd "$(dirname "$0")/.."
 A=${1:?BIN_A}; B=${2:?BIN_B}
@@ -35,7 +39,9 @@ for r in $(seq "$ROUNDS"); do
     for who in A B; do
         bin=$A; [ "$who" = B ] && bin=$B
         R="$WORK/repo-$who"; rm -rf "$R" "$WORK/r.img"
-        "$bin" -r "$R" init 2>/dev/null
+        args=${INIT_A:-}; [ "$who" = B ] && args=${INIT_B:-}
+        # shellcheck disable=SC2086 # the arguments are words on purpose
+        "$bin" -r "$R" init $args >/dev/null 2>&1
         for g in 0 1 2 3; do
             step "backup disk-$g" "$who" "$bin" -r "$R" --no-progress backup "$IMG/disk-$g.img" --name disk
         done

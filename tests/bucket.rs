@@ -417,6 +417,19 @@ fn a_bucket_backed_repository_round_trips_every_command() {
     assert_same(&delta, &gens[2]);
     run_ok(&["verify", "--all"]);
     run_ok(&["check", "--read-data"]);
+    // The bucket's host side, without the key: every sealed object's
+    // ciphertext against its pack's entry hashes.
+    let o = run(
+        &mut s3_command(&env, &repo, &ep),
+        &["check", "--without-key", "--read-data", "--json"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        json(&String::from_utf8_lossy(&o.stdout))["chunks_read"]
+            .as_u64()
+            .unwrap()
+            > 100
+    );
 
     // NBD and FUSE read from the bucket, with the real clients.
     let with_pw = || {
@@ -712,6 +725,16 @@ fn an_altered_or_missing_pack_is_found_and_never_served() {
     fs::write(&img, seeded(6 << 20, 9)).unwrap();
     backup(&env, &repo, &ep, &img, "d");
     ok(&env, &repo, &ep, &["check", "--read-data"]);
+    // The keyless pass (what a host without the key runs) reads every
+    // pack against its name and each entry against its trailer hash.
+    let v = json(&ok(
+        &env,
+        &repo,
+        &ep,
+        &["check", "--without-key", "--read-data", "--json"],
+    ));
+    assert!(v["chunks_read"].as_u64().unwrap() > 40, "{v}");
+    assert!(v["bytes_read"].as_u64().unwrap() >= 6 << 20, "{v}");
     for mode in [MODE_FLIP, MODE_GONE] {
         proxy.mode.store(mode, SeqCst);
         let out = env.path("out.img");
@@ -746,6 +769,21 @@ fn an_altered_or_missing_pack_is_found_and_never_served() {
             v["damaged_snapshots"].as_array().map(|a| a.len()),
             Some(1),
             "mode {mode}: {v}"
+        );
+        let o = run(
+            &mut s3_command(&env, &repo, &ep),
+            &["check", "--without-key", "--read-data", "--json"],
+        );
+        let report = String::from_utf8_lossy(&o.stdout);
+        assert_eq!(o.status.code(), Some(5), "mode {mode}: {report}");
+        let v = json(&report);
+        assert!(
+            v["problems"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["what"].as_str().unwrap().starts_with("pack ")),
+            "mode {mode}: the keyless read names no pack: {v}"
         );
     }
     // The bucket answers truly again: the damage marks are lifted by the

@@ -251,6 +251,17 @@ fn tampering_with_stored_data_is_found_never_served() {
         .as_str()
         .unwrap()
         .to_string();
+    // Without the key, the host reads every sealed chunk through RocksDB's
+    // checksums: clean now, damaged once a byte is flipped below.
+    let o = run(
+        &env,
+        None,
+        &["check", "--without-key", "--read-data", "--json"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["chunks_read"].as_u64().unwrap() >= 24, "{v}");
+    assert!(v["bytes_read"].as_u64().unwrap() > 24 << 20, "{v}");
     let blob = fs::read_dir(env.repo().join("db"))
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -277,6 +288,15 @@ fn tampering_with_stored_data_is_found_never_served() {
     assert!(!out.exists());
     let o = run(&env, Some(PASS), &["check", "--read-data"]);
     assert_eq!(o.status.code(), Some(5));
+    let o = run(&env, None, &["check", "--without-key", "--read-data"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(5), "{text}");
+    assert!(text.contains("chunks table is damaged"), "{text}");
+    // Without --read-data the damage the keyed check marked is reported too.
+    let o = run(&env, None, &["check", "--without-key"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(5), "{text}");
+    assert!(text.contains("marked damaged earlier"), "{text}");
 }
 
 /// gc needs no key: the host of an encrypted repository (its server, or
@@ -348,6 +368,21 @@ fn check_without_the_key_agrees_with_the_keyed_check() {
         counts(&keyless)[4] > 0,
         "the forgotten snapshot left orphans"
     );
-    let o = run(&env, None, &["check", "--without-key", "--read-data"]);
-    assert_eq!(o.status.code(), Some(2), "reading data needs the key");
+    // Reading data without the key checks the ciphertext as stored: every
+    // stored chunk, orphans included.
+    let o = run(
+        &env,
+        None,
+        &["check", "--without-key", "--read-data", "--json"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        v["chunks_read"].as_u64().unwrap(),
+        counts(&keyed)[1],
+        "{v} vs {keyed}"
+    );
+    // Plaintext checks still need the key.
+    let o = run(&env, None, &["check", "--read-data"]);
+    assert_eq!(o.status.code(), Some(2), "reading plaintext needs the key");
 }

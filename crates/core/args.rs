@@ -375,9 +375,11 @@ pub struct CheckArgs {
     pub read_data_subset: Option<String>,
     /// An encrypted repository, checked without its key (on its server or
     /// a host of a copy): every record against its id, the reference graph
-    /// from the clear child ids, counts and orphans. Damage is named by
-    /// object, not by snapshot byte ranges.
-    #[arg(long, conflicts_with_all = ["read_data", "read_data_subset"])]
+    /// from the clear child ids, counts and orphans; with --read-data also
+    /// every stored chunk's ciphertext (RocksDB's checksums locally, the
+    /// pack's entry hashes in a bucket). Damage is named by object, not by
+    /// snapshot byte ranges.
+    #[arg(long, conflicts_with = "read_data_subset")]
     pub without_key: bool,
     /// Print one JSON object.
     #[arg(long)]

@@ -1,9 +1,9 @@
 //! The master key and what is derived from it.
 
-use chacha20poly1305::{KeyInit, XChaCha20Poly1305};
 use imgstore_format::Id;
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
+use crate::aead::XChaCha;
 use crate::CryptoError;
 
 /// Context strings of BLAKE3 `derive_key`: fixed forever (golden vectors).
@@ -41,8 +41,7 @@ pub struct Keys {
     pub(crate) record_nonce: [u8; 32],
     data: [u8; 32],
     chunker_seed: u64,
-    #[zeroize(skip)]
-    pub(crate) cipher: XChaCha20Poly1305,
+    pub(crate) cipher: XChaCha,
 }
 
 impl std::fmt::Debug for Keys {
@@ -61,7 +60,7 @@ impl Keys {
             record_nonce: blake3::derive_key(CTX_RECORD_NONCE, &master.0),
             data,
             chunker_seed: u64::from_le_bytes(seed[..8].try_into().expect("8 bytes")),
-            cipher: XChaCha20Poly1305::new(&data.into()),
+            cipher: XChaCha::new(data),
         }
     }
 

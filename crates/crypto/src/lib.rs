@@ -18,7 +18,8 @@
 //!   the holder of the store cannot test whether a known file or image is
 //!   inside. Deduplication works between hosts sharing the key and not
 //!   across repositories.
-//! * **XChaCha20-Poly1305** (RustCrypto) for every chunk frame and every
+//! * **XChaCha20-Poly1305** (HChaCha20 from RustCrypto, the bulk
+//!   ChaCha20-Poly1305 from `ring`: see the `aead` module) for every chunk frame and every
 //!   record, with the object's kind and id as associated data, so one object
 //!   cannot be passed off as another. Chunk frames get a random 192-bit
 //!   nonce. Records (region recipes, index pages, snapshot records) are
@@ -35,6 +36,7 @@
 //!   are keyed hashes or hashes of ciphertext: they reveal the shape of the
 //!   reference graph, not content.
 
+mod aead;
 mod keys;
 mod seal;
 mod slots;

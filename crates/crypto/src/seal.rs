@@ -10,8 +10,6 @@
 //!                associated data: every byte before the nonce
 //! ```
 
-use chacha20poly1305::aead::{Aead, Payload};
-use chacha20poly1305::XNonce;
 use imgstore_format::Id;
 
 use crate::{CryptoError, Keys};
@@ -34,20 +32,10 @@ impl Keys {
     }
 
     pub(crate) fn seal_chunk_with(&self, id: &Id, frame: &[u8], nonce: &[u8; NONCE]) -> Vec<u8> {
-        let ct = self
-            .cipher
-            .encrypt(
-                XNonce::from_slice(nonce),
-                Payload {
-                    msg: frame,
-                    aad: &chunk_ad(id),
-                },
-            )
-            .expect("XChaCha20-Poly1305 encrypts any length");
-        let mut out = Vec::with_capacity(1 + NONCE + ct.len());
+        let mut out = Vec::with_capacity(1 + NONCE + frame.len() + TAG);
         out.push(SEALED_CHUNK_MAGIC);
         out.extend_from_slice(nonce);
-        out.extend_from_slice(&ct);
+        self.cipher.seal_into(nonce, &chunk_ad(id), frame, &mut out);
         out
     }
 
@@ -60,15 +48,34 @@ impl Keys {
                 why: format!("{} bytes, not a sealed chunk", sealed.len()),
             });
         }
+        let nonce = sealed[1..1 + NONCE].try_into().expect("24 bytes");
         self.cipher
-            .decrypt(
-                XNonce::from_slice(&sealed[1..1 + NONCE]),
-                Payload {
-                    msg: &sealed[1 + NONCE..],
-                    aad: &chunk_ad(id),
-                },
-            )
+            .open(nonce, &chunk_ad(id), &sealed[1 + NONCE..])
             .map_err(|_| CryptoError::Forged { what })
+    }
+
+    /// Opens a sealed chunk frame stored as chunk `id` where it lies, with
+    /// no copy: returns the range of `sealed` that now holds the frame.
+    /// On failure `sealed` is left altered.
+    pub fn open_chunk_in_place(
+        &self,
+        id: &Id,
+        sealed: &mut [u8],
+    ) -> Result<std::ops::Range<usize>, CryptoError> {
+        let what = "sealed chunk";
+        if sealed.len() < 1 + NONCE + TAG || sealed[0] != SEALED_CHUNK_MAGIC {
+            return Err(CryptoError::Malformed {
+                what,
+                why: format!("{} bytes, not a sealed chunk", sealed.len()),
+            });
+        }
+        let (head, body) = sealed.split_at_mut(1 + NONCE);
+        let nonce: &[u8; NONCE] = head[1..].try_into().expect("24 bytes");
+        let n = self
+            .cipher
+            .open_in_place(nonce, &chunk_ad(id), body)
+            .map_err(|_| CryptoError::Forged { what })?;
+        Ok(1 + NONCE..1 + NONCE + n)
     }
 
     /// Seals a record's encoding with the ids it names (deterministic: the
@@ -87,33 +94,21 @@ impl Keys {
         h.update(&[kind.byte()]);
         h.update(encoding);
         let nonce: [u8; NONCE] = h.finalize().as_bytes()[..NONCE].try_into().expect("24");
-        let ct = self
-            .cipher
-            .encrypt(
-                XNonce::from_slice(&nonce),
-                Payload {
-                    msg: encoding,
-                    aad: &out,
-                },
-            )
-            .expect("XChaCha20-Poly1305 encrypts any length");
+        let mut body = Vec::with_capacity(encoding.len() + TAG);
+        self.cipher.seal_into(&nonce, &out, encoding, &mut body);
         out.extend_from_slice(&nonce);
-        out.extend_from_slice(&ct);
+        out.extend_from_slice(&body);
         out
     }
 
     /// Opens a sealed record of `kind`; returns its encoding.
     pub fn open_record(&self, kind: RecordKind, sealed: &[u8]) -> Result<Vec<u8>, CryptoError> {
         let (header_len, _) = parse(kind, sealed)?;
-        let nonce = &sealed[header_len..header_len + NONCE];
+        let nonce = sealed[header_len..header_len + NONCE]
+            .try_into()
+            .expect("24 bytes");
         self.cipher
-            .decrypt(
-                XNonce::from_slice(nonce),
-                Payload {
-                    msg: &sealed[header_len + NONCE..],
-                    aad: &sealed[..header_len],
-                },
-            )
+            .open(nonce, &sealed[..header_len], &sealed[header_len + NONCE..])
             .map_err(|_| CryptoError::Forged {
                 what: sealed_name(kind),
             })

@@ -1,9 +1,8 @@
 //! Key slots: the master key wrapped by a passphrase (argon2id) or a key
 //! file, stored in the repository config.
 
+use crate::aead::XChaCha;
 use argon2::{Algorithm, Argon2, Params, Version};
-use chacha20poly1305::aead::{Aead, Payload};
-use chacha20poly1305::{KeyInit, XChaCha20Poly1305, XNonce};
 use zeroize::Zeroizing;
 
 use crate::{hex, unhex, CryptoError, MasterKey};
@@ -108,17 +107,8 @@ pub(crate) fn slot_with(
         Secret::KeyFile(_) => (SlotKind::KeyFile, None),
     };
     let key = wrapping_key(kind, kdf, salt, secret)?;
-    let ct = XChaCha20Poly1305::new(&(*key).into())
-        .encrypt(
-            XNonce::from_slice(nonce),
-            Payload {
-                msg: &master.0,
-                aad: slot_ad(kind, id).as_bytes(),
-            },
-        )
-        .expect("encrypts");
     let mut wrapped = nonce.to_vec();
-    wrapped.extend_from_slice(&ct);
+    XChaCha::new(*key).seal_into(nonce, slot_ad(kind, id).as_bytes(), &master.0, &mut wrapped);
     Ok(KeySlot {
         id: id.to_string(),
         kind,
@@ -141,13 +131,11 @@ fn open_slot(slot: &KeySlot, secret: &Secret<'_>) -> Result<MasterKey, CryptoErr
     }
     let key = wrapping_key(slot.kind, slot.kdf, &salt, secret)?;
     let plain = Zeroizing::new(
-        XChaCha20Poly1305::new(&(*key).into())
-            .decrypt(
-                XNonce::from_slice(&wrapped[..24]),
-                Payload {
-                    msg: &wrapped[24..],
-                    aad: slot_ad(slot.kind, &slot.id).as_bytes(),
-                },
+        XChaCha::new(*key)
+            .open(
+                wrapped[..24].try_into().expect("24 bytes"),
+                slot_ad(slot.kind, &slot.id).as_bytes(),
+                &wrapped[24..],
             )
             .map_err(|_| CryptoError::WrongSecret)?,
     );

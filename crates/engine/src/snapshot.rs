@@ -267,7 +267,18 @@ impl<'a> SnapshotReader<'a> {
         let chunks = ids.len() as u64;
         ids.sort();
         ids.dedup();
-        let frames = self.frames(&ids, |id| base + offset_of(&entries, id))?;
+        let mut frames = self.frames(&ids, |id| base + offset_of(&entries, id))?;
+        // Each distinct chunk is opened once, where it lies (a region may
+        // name a chunk more than once).
+        let mut spans = Vec::with_capacity(frames.len());
+        for (id, f) in ids.iter().zip(frames.iter_mut()) {
+            spans.push(
+                self.repo
+                    .codec()
+                    .open_chunk_in_place(id, f)
+                    .map_err(|why| self.damaged(base + offset_of(&entries, id), *id, why))?,
+            );
+        }
         buf.reset(len);
         let (mut data_bytes, mut zero_bytes) = (0u64, 0u64);
         let mut pos = 0usize;
@@ -280,14 +291,10 @@ impl<'a> SnapshotReader<'a> {
                         zero_bytes += e.len as u64;
                     }
                     Some(id) => {
-                        let frame = &frames[ids.binary_search(&id).expect("id fetched")];
-                        let frame = self
-                            .repo
-                            .codec()
-                            .open_chunk(&id, frame)
-                            .map_err(|why| self.damaged(base + pos as u64, id, why))?;
+                        let i = ids.binary_search(&id).expect("id fetched");
+                        let frame = &frames[i][spans[i].clone()];
                         codec
-                            .decode_into(&frame, &mut buf[pos..end])
+                            .decode_into(frame, &mut buf[pos..end])
                             .map_err(|err| self.damaged(base + pos as u64, id, err.to_string()))?;
                         data_bytes += e.len as u64;
                     }

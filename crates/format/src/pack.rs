@@ -11,21 +11,34 @@
 //! ```
 //!
 //! A pack's name is the BLAKE3 hash (hex) of its trailer. The trailer names
-//! every entry (kind, id, length, raw length), so a pack is self-describing:
-//! the bucket alone is enough to rebuild the local index. Entries are
-//! verified where they are used — a chunk against its id after decoding, a
-//! record against its id as stored — so a pack needs no checksum of its own
-//! beyond its name.
+//! every entry (kind, id, length, raw length, and the BLAKE3 of its stored
+//! bytes), so a pack is self-describing: the bucket alone is enough to
+//! rebuild the local index. Entries are verified where they are used — a
+//! chunk against its id after decoding, a record against its id as stored.
+//! The entry hashes exist for whoever has no key: an encrypted chunk's id
+//! is a keyed hash of its plaintext, so without them the index's host (a
+//! server, a copy's host) could not tell an intact sealed chunk in the
+//! bucket from an altered one. Through the pack name, which the index
+//! holds, each entry's hash is bound to what was uploaded.
+//!
+//! Version 1 packs (`IMGPACK1`, written by the first format-4 builds) have
+//! 41-byte trailer entries without the hash; they stay readable, and are
+//! rewritten with hashes by a repack.
 
 use crate::codec::{Reader, Writer};
 use crate::{FormatError, Id, ObjectKind};
 
-/// Last 8 bytes of every pack.
-pub const PACK_MAGIC: &[u8; 8] = b"IMGPACK1";
+/// Last 8 bytes of every pack this build writes (version 2).
+pub const PACK_MAGIC: &[u8; 8] = b"IMGPACK2";
+/// Last 8 bytes of a version-1 pack (read, never written).
+pub const PACK_MAGIC_V1: &[u8; 8] = b"IMGPACK1";
 /// The fixed footer: entry count (u32 LE), trailer length (u32 LE), magic.
 pub const FOOTER_LEN: usize = 16;
-/// Bytes per trailer entry: kind (1), id (32), stored length (u32), raw length (u32).
-pub const TRAILER_ENTRY_LEN: usize = 41;
+/// Bytes per trailer entry: kind (1), id (32), stored length (u32), raw
+/// length (u32), BLAKE3 of the stored bytes (32).
+pub const TRAILER_ENTRY_LEN: usize = 73;
+/// Bytes per trailer entry of a version-1 pack (no hash).
+pub const TRAILER_ENTRY_LEN_V1: usize = 41;
 /// Most entries a pack may name (a 64 MiB pack of 4 KiB chunks has 16,384);
 /// a trailer claiming more is refused before anything is allocated.
 pub const MAX_PACK_ENTRIES: u32 = 1 << 20;
@@ -77,6 +90,17 @@ pub struct PackEntry {
     pub len: u32,
     /// For a chunk, its raw length; for a record, its stored length again.
     pub raw_len: u32,
+    /// BLAKE3 of the stored bytes; `None` in a version-1 pack.
+    pub hash: Option<Id>,
+}
+
+/// A pack's footer, decoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Footer {
+    /// Length of the trailer, before the footer.
+    pub trailer_len: u32,
+    /// 1 (`IMGPACK1`, no entry hashes) or 2.
+    pub version: u8,
 }
 
 /// A pack's trailer, decoded: entries in order, with their offsets.
@@ -105,29 +129,38 @@ impl Trailer {
     }
 
     /// The trailer's bytes followed by the footer; the pack name is the
-    /// BLAKE3 of the trailer part.
+    /// BLAKE3 of the trailer part. Version 2 when every entry has its hash
+    /// (as the writer always gives them), else version 1.
     pub fn encode(&self) -> (Vec<u8>, PackName) {
-        let mut w = Writer(Vec::with_capacity(
-            self.entries.len() * TRAILER_ENTRY_LEN + FOOTER_LEN,
-        ));
+        let v2 = self.entries.iter().all(|e| e.hash.is_some());
+        let per = if v2 {
+            TRAILER_ENTRY_LEN
+        } else {
+            TRAILER_ENTRY_LEN_V1
+        };
+        let mut w = Writer(Vec::with_capacity(self.entries.len() * per + FOOTER_LEN));
         for e in &self.entries {
             w.u8(e.kind as u8);
             w.bytes(e.id.as_bytes());
             w.u32(e.len);
             w.u32(e.raw_len);
+            if let (true, Some(h)) = (v2, e.hash) {
+                w.bytes(h.as_bytes());
+            }
         }
         let name = Id::hash(&w.0);
         let tlen = w.0.len() as u32;
         w.u32(self.entries.len() as u32);
         w.u32(tlen);
-        w.bytes(PACK_MAGIC);
+        w.bytes(if v2 { PACK_MAGIC } else { PACK_MAGIC_V1 });
         (w.0, name)
     }
 }
 
 /// Reads a pack's footer (its last [`FOOTER_LEN`] bytes): the trailer's
-/// length. `pack_len` is the object's size, checked against it.
-pub fn decode_footer(footer: &[u8], pack_len: u64) -> Result<u32, FormatError> {
+/// length and the pack's version. `pack_len` is the object's size, checked
+/// against it.
+pub fn decode_footer(footer: &[u8], pack_len: u64) -> Result<Footer, FormatError> {
     let bad = |why: String| FormatError::Invalid {
         what: "pack footer",
         why,
@@ -135,12 +168,14 @@ pub fn decode_footer(footer: &[u8], pack_len: u64) -> Result<u32, FormatError> {
     if footer.len() != FOOTER_LEN {
         return Err(bad(format!("{} bytes, not {FOOTER_LEN}", footer.len())));
     }
-    if &footer[8..] != PACK_MAGIC {
-        return Err(bad("no pack magic".into()));
-    }
+    let (version, per) = match &footer[8..] {
+        m if m == PACK_MAGIC => (2, TRAILER_ENTRY_LEN),
+        m if m == PACK_MAGIC_V1 => (1, TRAILER_ENTRY_LEN_V1),
+        _ => return Err(bad("no pack magic".into())),
+    };
     let count = u32::from_le_bytes(footer[..4].try_into().unwrap());
     let tlen = u32::from_le_bytes(footer[4..8].try_into().unwrap());
-    if count > MAX_PACK_ENTRIES || tlen as u64 != count as u64 * TRAILER_ENTRY_LEN as u64 {
+    if count > MAX_PACK_ENTRIES || tlen as u64 != count as u64 * per as u64 {
         return Err(bad(format!("{count} entries in a trailer of {tlen} bytes")));
     }
     if tlen as u64 + FOOTER_LEN as u64 > pack_len {
@@ -148,13 +183,18 @@ pub fn decode_footer(footer: &[u8], pack_len: u64) -> Result<u32, FormatError> {
             "a trailer of {tlen} bytes in a pack of {pack_len}"
         )));
     }
-    Ok(tlen)
+    Ok(Footer {
+        trailer_len: tlen,
+        version,
+    })
 }
 
-/// Decodes a trailer (without the footer), checks it hashes to `name` and
-/// that its entries fill the pack exactly (`pack_len` bytes in all).
+/// Decodes a trailer (without the footer) of a pack of `version`, checks it
+/// hashes to `name` and that its entries fill the pack exactly (`pack_len`
+/// bytes in all).
 pub fn decode_trailer(
     bytes: &[u8],
+    version: u8,
     name: &PackName,
     pack_len: u64,
 ) -> Result<Trailer, FormatError> {
@@ -165,7 +205,7 @@ pub fn decode_trailer(
         });
     }
     let mut r = Reader::new(bytes, "pack trailer");
-    let mut entries = Vec::with_capacity(bytes.len() / TRAILER_ENTRY_LEN);
+    let mut entries = Vec::with_capacity(bytes.len() / TRAILER_ENTRY_LEN_V1);
     while r.remaining() > 0 {
         let tag = r.u8()?;
         let kind = match tag {
@@ -182,11 +222,13 @@ pub fn decode_trailer(
         let id = r.id()?;
         let len = r.u32()?;
         let raw_len = r.u32()?;
+        let hash = if version >= 2 { Some(r.id()?) } else { None };
         entries.push(PackEntry {
             kind,
             id,
             len,
             raw_len,
+            hash,
         });
     }
     r.finish()?;
@@ -400,12 +442,14 @@ mod tests {
                     id: Id::hash(b"a"),
                     len: 10,
                     raw_len: 4096,
+                    hash: Some(Id::hash(b"0123456789")),
                 },
                 PackEntry {
                     kind: ObjectKind::Region,
                     id: Id::hash(b"r"),
                     len: 7,
                     raw_len: 7,
+                    hash: Some(Id::hash(b"recipe!")),
                 },
             ],
         }
@@ -416,9 +460,11 @@ mod tests {
         let t = sample();
         let (bytes, name) = t.encode();
         let pack_len = t.data_len() + bytes.len() as u64;
-        let tlen = decode_footer(&bytes[bytes.len() - FOOTER_LEN..], pack_len).unwrap();
+        let f = decode_footer(&bytes[bytes.len() - FOOTER_LEN..], pack_len).unwrap();
+        assert_eq!(f.version, 2);
+        let tlen = f.trailer_len;
         assert_eq!(tlen as usize, 2 * TRAILER_ENTRY_LEN);
-        let back = decode_trailer(&bytes[..tlen as usize], &name, pack_len).unwrap();
+        let back = decode_trailer(&bytes[..tlen as usize], 2, &name, pack_len).unwrap();
         assert_eq!(back, t);
         assert_eq!(back.offsets(), vec![0, 10]);
         // Golden: the layout of a trailer must never change silently.
@@ -428,10 +474,37 @@ mod tests {
         );
         assert_eq!(&bytes[..1], b"C");
         assert_eq!(&bytes[33..41], &[10, 0, 0, 0, 0, 16, 0, 0]);
+        assert_eq!(&bytes[41..73], Id::hash(b"0123456789").as_bytes());
+        assert_eq!(&bytes[73..74], b"R");
         assert_eq!(
             &bytes[bytes.len() - 16..bytes.len() - 8],
-            &[2, 0, 0, 0, 82, 0, 0, 0]
+            &[2, 0, 0, 0, 146, 0, 0, 0]
         );
+        assert_eq!(&bytes[bytes.len() - 8..], b"IMGPACK2");
+        assert_eq!(
+            name.to_hex().as_str(),
+            "597e9b7f41adc334ee46e92cad75a4e8467291d541918461700495ed7ce3b8e4"
+        );
+    }
+
+    #[test]
+    fn version_1_packs_still_decode() {
+        let mut t = sample();
+        for e in &mut t.entries {
+            e.hash = None;
+        }
+        let (bytes, name) = t.encode();
+        let pack_len = t.data_len() + bytes.len() as u64;
+        assert_eq!(&bytes[bytes.len() - 8..], b"IMGPACK1");
+        let f = decode_footer(&bytes[bytes.len() - FOOTER_LEN..], pack_len).unwrap();
+        assert_eq!(
+            (f.version, f.trailer_len as usize),
+            (1, 2 * TRAILER_ENTRY_LEN_V1)
+        );
+        let tb = &bytes[..f.trailer_len as usize];
+        assert_eq!(decode_trailer(tb, 1, &name, pack_len).unwrap(), t);
+        // The same bytes read as version 2 do not parse.
+        assert!(decode_trailer(tb, 2, &name, pack_len).is_err());
     }
 
     #[test]
@@ -440,8 +513,8 @@ mod tests {
         let (bytes, name) = t.encode();
         let tl = bytes.len() - FOOTER_LEN;
         let pack_len = t.data_len() + bytes.len() as u64;
-        assert!(decode_trailer(&bytes[..tl], &name, pack_len + 1).is_err());
-        assert!(decode_trailer(&bytes[..tl], &Id::hash(b"x"), pack_len).is_err());
+        assert!(decode_trailer(&bytes[..tl], 2, &name, pack_len + 1).is_err());
+        assert!(decode_trailer(&bytes[..tl], 2, &Id::hash(b"x"), pack_len).is_err());
         assert!(decode_footer(&bytes[tl..], 20).is_err());
         let mut f = bytes[tl..].to_vec();
         f[0] = 0xff;
@@ -499,7 +572,8 @@ mod tests {
         #[test]
         fn decoders_never_panic(b in proptest::collection::vec(any::<u8>(), 0..400), len in 0u64..10_000) {
             let _ = decode_footer(&b, len);
-            let _ = decode_trailer(&b, &Id::hash(&b), len);
+            let _ = decode_trailer(&b, 1, &Id::hash(&b), len);
+            let _ = decode_trailer(&b, 2, &Id::hash(&b), len);
             let _ = Location::decode(&b);
             let _ = PackStat::decode(&b);
             let _ = SnapshotObject::decode(&b, &Id::hash(&b));

@@ -95,6 +95,19 @@ impl Codec {
         }
     }
 
+    /// Opens a stored chunk where it lies (no copy): the range of `stored`
+    /// that holds the frame afterwards. On failure `stored` may be altered.
+    pub fn open_chunk_in_place(
+        &self,
+        id: &Id,
+        stored: &mut [u8],
+    ) -> std::result::Result<std::ops::Range<usize>, String> {
+        match self {
+            Codec::Plain => Ok(0..stored.len()),
+            Codec::Sealed(k) => k.open_chunk_in_place(id, stored).map_err(|e| e.to_string()),
+        }
+    }
+
     /// The stored form and id of a record encoding naming `children`.
     pub fn store_record(
         &self,

@@ -66,6 +66,7 @@ use rocksdb::{
 pub use error::StoreError;
 pub use gc::{BlobSpace, SweepOutcome, BLOB_GC_RATIO};
 pub use imgstore_repo::{DamageMark, ForgetOutcome, PutOutcome, Tally, Totals};
+pub use integrity::StoredBytesCheck;
 pub use lock::Lock;
 pub use packs::{BucketReport, RecoverOutcome, DEFAULT_PACK_SIZE, REPACK_GARBAGE};
 pub use sessions::{snapshot_ns_key, Scope};

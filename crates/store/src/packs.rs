@@ -88,19 +88,24 @@ struct OpenPack {
     entries: Vec<PackEntry>,
 }
 
-/// A sealed pack on its way to the bucket.
+/// A sealed pack on its way to the bucket. Sealing (under the write lock)
+/// only closes the pack; [`Packs::finish`] hashes its entries and writes
+/// its trailer outside the lock, which names it.
 pub(crate) struct Sealed {
     seq: u64,
+    /// Set by [`Packs::finish`].
     name: PackName,
     entries: Vec<PackEntry>,
+    /// The entries; after `finish`, the whole pack object.
     bytes: Arc<Vec<u8>>,
 }
 
 #[derive(Default)]
 struct Buffers {
     open: OpenPack,
-    /// Sealed packs not landed yet, by sequence number (readable).
-    sealed: HashMap<u64, (PackName, Arc<Vec<u8>>)>,
+    /// Sealed packs not landed yet, by sequence number (readable), with
+    /// their names once finished.
+    sealed: HashMap<u64, (Option<PackName>, Arc<Vec<u8>>)>,
     pending: HashMap<[u8; 33], Pending>,
     next_seq: u64,
     /// Uploads in progress.
@@ -243,6 +248,7 @@ impl Packs {
                 id: *id,
                 len: bytes.len() as u32,
                 raw_len: *raw_len,
+                hash: None,
             });
             b.pending.insert(
                 key,
@@ -271,23 +277,49 @@ impl Packs {
             seq: b.next_seq,
             ..Default::default()
         };
-        let OpenPack {
-            seq,
-            mut data,
-            entries,
-        } = std::mem::replace(&mut b.open, next);
-        let trailer = Trailer { entries };
-        let (tail, name) = trailer.encode();
-        data.extend_from_slice(&tail);
+        let OpenPack { seq, data, entries } = std::mem::replace(&mut b.open, next);
         let bytes = Arc::new(data);
-        b.sealed.insert(seq, (name, bytes.clone()));
+        b.sealed.insert(seq, (None, bytes.clone()));
         b.inflight += 1;
         Sealed {
             seq,
-            name,
-            entries: trailer.entries,
+            name: Id::ZERO,
+            entries,
             bytes,
         }
+    }
+
+    /// Hashes a sealed pack's entries (outside every lock), appends its
+    /// trailer and footer, and names it. Until then the pack is readable
+    /// but has no name, so gc cannot mistake it for a stray in the bucket
+    /// (it is not there yet).
+    fn finish(&self, s: &mut Sealed) {
+        let mut at = 0usize;
+        for e in &mut s.entries {
+            let end = at + e.len as usize;
+            e.hash = Some(Id::hash(&s.bytes[at..end]));
+            at = end;
+        }
+        let trailer = Trailer {
+            entries: std::mem::take(&mut s.entries),
+        };
+        let (tail, name) = trailer.encode();
+        s.entries = trailer.entries;
+        let mut b = self.lock();
+        // The only other handle is the readable copy in `sealed`; with it
+        // taken out the buffer can grow in place.
+        let slot = b.sealed.remove(&s.seq);
+        drop(slot);
+        let data = match Arc::get_mut(&mut s.bytes) {
+            Some(d) => d,
+            None => {
+                s.bytes = Arc::new(s.bytes.to_vec());
+                Arc::get_mut(&mut s.bytes).expect("a fresh Arc")
+            }
+        };
+        data.extend_from_slice(&tail);
+        b.sealed.insert(s.seq, (Some(name), s.bytes.clone()));
+        s.name = name;
     }
 
     /// Forgets a sealed pack's pending objects (landed, or lost with a
@@ -333,7 +365,11 @@ impl Packs {
     }
 
     fn in_flight_names(&self) -> HashSet<PackName> {
-        self.lock().sealed.values().map(|(n, _)| *n).collect()
+        self.lock()
+            .sealed
+            .values()
+            .filter_map(|(n, _)| *n)
+            .collect()
     }
 }
 
@@ -396,8 +432,9 @@ impl Store {
     /// Uploads a sealed pack and lands it (takes the write lock to land).
     /// Page entries are not landed (pages get their counts in the commit
     /// that names them): they are returned with their locations.
-    pub(crate) fn ship(&self, sealed: Sealed) -> Result<Vec<([u8; 33], Location)>> {
+    pub(crate) fn ship(&self, mut sealed: Sealed) -> Result<Vec<([u8; 33], Location)>> {
         let p = self.packs().expect("bucket-backed");
+        p.finish(&mut sealed);
         let path = pack_path(&sealed.name);
         if let Err(e) = p.bucket.put(&path, sealed.bytes.to_vec()) {
             let e = bucket_err(e);
@@ -921,13 +958,14 @@ impl Store {
         }
         sealed.extend(p.seal_open());
         let mut failed = None;
-        for s in sealed {
+        for mut s in sealed {
             if failed.is_some() {
                 // Nothing more is uploaded; the pack's objects keep their
                 // old locations.
                 p.retire(&s, None);
                 continue;
             }
+            p.finish(&mut s);
             if let Err(e) = p.bucket.put(&pack_path(&s.name), s.bytes.to_vec()) {
                 let e = bucket_err(e);
                 p.retire(&s, Some(e.to_string()));
@@ -1060,6 +1098,56 @@ impl Store {
             }
         }
         Ok(problems)
+    }
+
+    /// Without the key: every pack the index knows and the bucket lists
+    /// at its size is read whole, checked against its name, and each entry
+    /// against the hash its trailer records. (Missing and wrong-sized
+    /// packs are [`Store::check_bucket`]'s to report.)
+    pub(crate) fn check_packs_without_key(&self) -> Result<crate::integrity::StoredBytesCheck> {
+        let p = self.packs().expect("bucket-backed");
+        let mut out = crate::integrity::StoredBytesCheck::default();
+        let listed: HashMap<PackName, u64> = listed_packs(&p.bucket)?.into_iter().collect();
+        let mut known: Vec<(PackName, PackStat)> = self.pack_stats()?.into_iter().collect();
+        known.sort_by_key(|(n, _)| *n);
+        for (name, st) in known {
+            if listed.get(&name) != Some(&st.size) {
+                continue;
+            }
+            let bytes = match p.bucket.get(&pack_path(&name), pack::MAX_PACK_BYTES) {
+                Ok(b) => b,
+                Err(e) => {
+                    out.problems.push(format!("pack {name}: {e}"));
+                    continue;
+                }
+            };
+            let trailer = match read_trailer(&bytes, &name) {
+                Ok(t) => t,
+                Err(e) => {
+                    out.problems
+                        .push(format!("pack {name} is altered in {}: {e}", p.bucket.url()));
+                    continue;
+                }
+            };
+            if trailer.entries.iter().any(|e| e.hash.is_none()) {
+                out.unhashed_packs += 1;
+                continue;
+            }
+            for (e, off) in trailer.entries.iter().zip(trailer.offsets()) {
+                let stored = &bytes[off as usize..off as usize + e.len as usize];
+                out.objects += 1;
+                out.bytes += e.len as u64;
+                if e.hash != Some(Id::hash(stored)) {
+                    out.problems.push(format!(
+                        "pack {name} in {}: the {} {} in it is altered",
+                        p.bucket.url(),
+                        kind_word(e.kind),
+                        e.id
+                    ));
+                }
+            }
+        }
+        Ok(out)
     }
 
     fn check_pack_records(&self, name: &PackName, size: u64) -> std::result::Result<(), String> {
@@ -1457,7 +1545,8 @@ fn fetch_trailer(bucket: &Bucket, name: &PackName, len: u64) -> Result<Trailer> 
         .pop()
         .expect("one answer")
         .map_err(bucket_err)?;
-    let tlen = pack::decode_footer(&tail[tail.len() - FOOTER_LEN..], len).map_err(bad)? as u64;
+    let footer = pack::decode_footer(&tail[tail.len() - FOOTER_LEN..], len).map_err(bad)?;
+    let tlen = footer.trailer_len as u64;
     let need = tlen + FOOTER_LEN as u64;
     let trailer_bytes = if need <= guess {
         tail[(guess - need) as usize..tail.len() - FOOTER_LEN].to_vec()
@@ -1468,7 +1557,7 @@ fn fetch_trailer(bucket: &Bucket, name: &PackName, len: u64) -> Result<Trailer> 
             .expect("one answer")
             .map_err(bucket_err)?
     };
-    pack::decode_trailer(&trailer_bytes, name, len).map_err(bad)
+    pack::decode_trailer(&trailer_bytes, footer.version, name, len).map_err(bad)
 }
 
 /// The trailer of a whole pack in memory.
@@ -1484,9 +1573,15 @@ fn read_trailer(bytes: &[u8], name: &PackName) -> Result<Trailer> {
             why: format!("{len} bytes"),
         }));
     }
-    let tlen = pack::decode_footer(&bytes[bytes.len() - FOOTER_LEN..], len).map_err(bad)? as usize;
-    let start = bytes.len() - FOOTER_LEN - tlen;
-    pack::decode_trailer(&bytes[start..bytes.len() - FOOTER_LEN], name, len).map_err(bad)
+    let footer = pack::decode_footer(&bytes[bytes.len() - FOOTER_LEN..], len).map_err(bad)?;
+    let start = bytes.len() - FOOTER_LEN - footer.trailer_len as usize;
+    pack::decode_trailer(
+        &bytes[start..bytes.len() - FOOTER_LEN],
+        footer.version,
+        name,
+        len,
+    )
+    .map_err(bad)
 }
 
 /// A bounded local cache of whole packs (`cache/<pack name>`), filled as
@@ -1626,5 +1721,13 @@ impl PackCache {
             return None;
         }
         fs::read(self.path(name)).ok()
+    }
+}
+
+fn kind_word(kind: ObjectKind) -> &'static str {
+    match kind {
+        ObjectKind::Chunk => "chunk",
+        ObjectKind::Region => "region recipe",
+        ObjectKind::Page => "index page",
     }
 }
