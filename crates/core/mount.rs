@@ -12,7 +12,7 @@ use crate::args::MountArgs;
 use crate::commands::note;
 use crate::units::{format_time, parse_size};
 
-struct SnapImage(std::sync::Arc<ImageReader<'static>>);
+struct SnapImage(ImageReader<'static>);
 
 impl Image for SnapImage {
     fn size(&self) -> u64 {
@@ -80,18 +80,13 @@ pub fn mount(repo: &Path, a: MountArgs) -> anyhow::Result<()> {
         } else {
             time
         };
-        let reader = std::sync::Arc::new(ImageReader::new(&**store, id, s, per)?);
-        // Regions ahead of a sequential reader load on this thread; it ends
-        // with the process (after the unmount).
-        let worker = reader.clone();
-        std::thread::spawn(move || worker.prefetch_worker());
         entries.push(Entry {
             id: id.to_hex(),
             name: s.name.clone(),
             time_label,
             time: UNIX_EPOCH + Duration::from_nanos(s.time_ns.max(0) as u64),
             data_bytes: s.size - s.stats.zero_bytes.min(s.size),
-            image: Box::new(SnapImage(reader)),
+            image: Box::new(SnapImage(ImageReader::new(&**store, id, s, per)?)),
         });
     }
     note(&format!(

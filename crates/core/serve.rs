@@ -168,49 +168,39 @@ pub fn serve(repo: &Path, a: ServeArgs) -> anyhow::Result<()> {
     };
     let set = &set;
     std::thread::scope(|scope| -> anyhow::Result<()> {
-        // Each export's reader loads regions ahead of sequential clients.
-        for e in &set.exports {
-            scope.spawn(move || e.0.prefetch_worker());
-        }
-        let served = (|| -> anyhow::Result<()> {
-            if let Some(path) = &a.socket {
-                if std::fs::symlink_metadata(path).is_ok_and(|m| {
-                    use std::os::unix::fs::FileTypeExt;
-                    m.file_type().is_socket()
-                }) {
-                    // A socket left by an earlier server that was killed.
-                    let _ = std::fs::remove_file(path);
-                }
-                let l = UnixListener::bind(path)
-                    .with_context(|| format!("cannot listen on socket {}", path.display()))?;
-                describe(&format!("nbd+unix:///?socket={}", path.display()));
-                for conn in l.incoming() {
-                    let conn = conn.context("accept")?;
-                    scope.spawn(move || {
-                        if let Err(e) = imgstore_nbd::serve_connection(conn, set) {
-                            note(&format!("imgstore serve: client: {e}"));
-                        }
-                    });
-                }
-            } else {
-                let l = TcpListener::bind(&a.listen)
-                    .with_context(|| format!("cannot listen on {}", a.listen))?;
-                describe(&format!("nbd://{}", a.listen));
-                for conn in l.incoming() {
-                    let conn = conn.context("accept")?;
-                    let _ = conn.set_nodelay(true);
-                    scope.spawn(move || {
-                        if let Err(e) = imgstore_nbd::serve_connection(conn, set) {
-                            note(&format!("imgstore serve: client: {e}"));
-                        }
-                    });
-                }
+        if let Some(path) = &a.socket {
+            if std::fs::symlink_metadata(path).is_ok_and(|m| {
+                use std::os::unix::fs::FileTypeExt;
+                m.file_type().is_socket()
+            }) {
+                // A socket left by an earlier server that was killed.
+                let _ = std::fs::remove_file(path);
             }
-            Ok(())
-        })();
-        for e in &set.exports {
-            e.0.stop_prefetch();
+            let l = UnixListener::bind(path)
+                .with_context(|| format!("cannot listen on socket {}", path.display()))?;
+            describe(&format!("nbd+unix:///?socket={}", path.display()));
+            for conn in l.incoming() {
+                let conn = conn.context("accept")?;
+                scope.spawn(move || {
+                    if let Err(e) = imgstore_nbd::serve_connection(conn, set) {
+                        note(&format!("imgstore serve: client: {e}"));
+                    }
+                });
+            }
+        } else {
+            let l = TcpListener::bind(&a.listen)
+                .with_context(|| format!("cannot listen on {}", a.listen))?;
+            describe(&format!("nbd://{}", a.listen));
+            for conn in l.incoming() {
+                let conn = conn.context("accept")?;
+                let _ = conn.set_nodelay(true);
+                scope.spawn(move || {
+                    if let Err(e) = imgstore_nbd::serve_connection(conn, set) {
+                        note(&format!("imgstore serve: client: {e}"));
+                    }
+                });
+            }
         }
-        served
+        Ok(())
     })
 }

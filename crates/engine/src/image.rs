@@ -13,18 +13,11 @@
 //! fetch, decompressed and verified on all cores. Chunk by chunk, a
 //! sequential reader kept one core busy and waited on one small fetch per
 //! chunk (cp from FUSE took 3.1× a verify of the same snapshot).
-//!
-//! A sequential reader also has the next regions loaded ahead of it by a
-//! worker thread the caller runs ([`ImageReader::prefetch_worker`]), so
-//! decoding region r+1 overlaps the client's use of region r. Without it,
-//! the cores idled whenever the client copied or wrote what it had read
-//! (`nbdcopy` and `cp` from FUSE took twice a `verify`). A region being
-//! loaded is loaded once: a read that needs it waits for the load.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 
 use imgstore_format::{Id, Snapshot};
 use imgstore_repo::Repository;
@@ -95,30 +88,11 @@ pub struct ImageReader<'a> {
     recipes: Mutex<Lru<usize, Extents>>,
     chunks: Mutex<Lru<Id, Arc<Vec<u8>>>>,
     decompressed: AtomicU64,
-    /// Regions the prefetch worker loaded.
-    prefetched: AtomicU64,
     /// Where the last read ended, to tell sequential reading.
     last_end: AtomicU64,
     /// Whether whole regions fit the chunk cache twice over.
     region_loads: bool,
-    /// Regions to load ahead of a sequential reader, and those loading.
-    ahead: Mutex<Ahead>,
-    /// Signals the worker (work or stop) and waiting readers (a load ended).
-    wake: Condvar,
 }
-
-#[derive(Default)]
-struct Ahead {
-    queue: VecDeque<usize>,
-    loading: HashSet<usize>,
-    /// A worker runs and the cache holds the regions ahead.
-    running: bool,
-    stop: bool,
-}
-
-/// Regions loaded ahead of a sequential reader (each one region's worth of
-/// cache, so the cache must hold this many plus the one being read, twice).
-const REGIONS_AHEAD: usize = 2;
 
 /// A read starting within this distance of where the last one ended counts
 /// as sequential (readers keep several requests in flight, so they arrive
@@ -141,95 +115,9 @@ impl<'a> ImageReader<'a> {
             recipes: Mutex::new(Lru::new(4096)),
             chunks: Mutex::new(Lru::new(cache_bytes)),
             decompressed: AtomicU64::new(0),
-            prefetched: AtomicU64::new(0),
             last_end: AtomicU64::new(u64::MAX),
             region_loads: cache_bytes as u64 >= 2 * snapshot.region_size as u64,
-            ahead: Mutex::new(Ahead::default()),
-            wake: Condvar::new(),
         })
-    }
-
-    /// Loads regions ahead of sequential reads until [`Self::stop_prefetch`]:
-    /// run it on a thread of its own for the reader's lifetime. Does nothing
-    /// when the cache cannot hold the regions ahead. A failed load is left
-    /// for the read that needs the region, which reports it.
-    pub fn prefetch_worker(&self) {
-        let budget = (2 * (REGIONS_AHEAD + 1)) as u64 * self.region_size;
-        if !self.region_loads || self.chunks_budget() < budget {
-            return;
-        }
-        let mut a = self.lock_ahead();
-        a.running = !a.stop;
-        loop {
-            while a.queue.is_empty() && !a.stop {
-                a = self.wake.wait(a).unwrap_or_else(|p| p.into_inner());
-            }
-            if a.stop {
-                break;
-            }
-            let region = a.queue.pop_front().expect("not empty");
-            if !a.loading.insert(region) {
-                continue;
-            }
-            drop(a);
-            if self.load_region(region).is_ok() {
-                self.prefetched.fetch_add(1, Relaxed);
-            }
-            a = self.lock_ahead();
-            a.loading.remove(&region);
-            self.wake.notify_all();
-        }
-        a.running = false;
-        a.queue.clear();
-    }
-
-    /// Whether a prefetch worker is running.
-    pub fn prefetching(&self) -> bool {
-        self.lock_ahead().running
-    }
-
-    /// Regions the prefetch worker loaded so far.
-    pub fn prefetched_regions(&self) -> u64 {
-        self.prefetched.load(Relaxed)
-    }
-
-    /// Stops [`Self::prefetch_worker`] (it returns after the load in progress).
-    pub fn stop_prefetch(&self) {
-        self.lock_ahead().stop = true;
-        self.wake.notify_all();
-    }
-
-    fn lock_ahead(&self) -> std::sync::MutexGuard<'_, Ahead> {
-        self.ahead.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn chunks_budget(&self) -> u64 {
-        self.chunks.lock().unwrap_or_else(|p| p.into_inner()).budget as u64
-    }
-
-    /// Loads `region` for a read: waits when the worker is loading it, and
-    /// queues the regions after `upto` for the worker.
-    fn load_for_read(&self, region: usize, upto: usize) -> Result<(), EngineError> {
-        let mut a = self.lock_ahead();
-        while a.loading.contains(&region) {
-            a = self.wake.wait(a).unwrap_or_else(|p| p.into_inner());
-        }
-        a.queue.retain(|r| *r != region);
-        a.loading.insert(region);
-        drop(a);
-        let r = self.load_region(region);
-        let mut a = self.lock_ahead();
-        a.loading.remove(&region);
-        if a.running && region == upto {
-            let regions = self.size.div_ceil(self.region_size) as usize;
-            for next in upto + 1..(upto + 1 + REGIONS_AHEAD).min(regions) {
-                if !a.loading.contains(&next) && !a.queue.contains(&next) {
-                    a.queue.push_back(next);
-                }
-            }
-        }
-        self.wake.notify_all();
-        r
     }
 
     pub fn size(&self) -> u64 {
@@ -371,7 +259,7 @@ impl<'a> ImageReader<'a> {
             let first = (offset / self.region_size) as usize;
             let lastr = ((end - 1) / self.region_size) as usize;
             for region in first..=lastr {
-                self.load_for_read(region, lastr)?;
+                self.load_region(region)?;
             }
         }
         self.walk(offset, end, |pos, start, len, chunk, n| {

@@ -584,43 +584,6 @@ fn sequential_image_reads_load_whole_regions_and_still_refuse_damage() {
     damage_at(result, chunk, offset);
 }
 
-/// A reader with its prefetch worker: regions load ahead of the
-/// sequential reads (on the worker), each chunk is still decompressed
-/// once, and the bytes are exact.
-#[test]
-fn a_prefetching_reader_loads_ahead_once_and_reads_exact() {
-    let repo = repo();
-    let data = image(48 * MIB, 33);
-    let r = back_up(&repo, &data, None);
-    let reader = crate::ImageReader::new(&repo, &r.id, &r.snapshot, 64 * MIB).unwrap();
-    let mut out = vec![0u8; data.len()];
-    std::thread::scope(|s| {
-        s.spawn(|| reader.prefetch_worker());
-        let start = std::time::Instant::now();
-        while !reader.prefetching() {
-            assert!(start.elapsed() < std::time::Duration::from_secs(10));
-            std::thread::yield_now();
-        }
-        for (i, piece) in out.chunks_mut(128 * 1024).enumerate() {
-            reader.read_at((i * 128 * 1024) as u64, piece).unwrap();
-        }
-        reader.stop_prefetch();
-    });
-    assert!(out == data, "prefetched reads differ from the image");
-    assert!(reader.prefetched_regions() > 0, "the worker loaded nothing");
-    let unique: std::collections::HashSet<Id> = {
-        let sr = crate::SnapshotReader::open(&repo, &r.id, &r.snapshot).unwrap();
-        (0..sr.region_count())
-            .flat_map(|i| sr.entries(i).unwrap())
-            .filter_map(|e| e.chunk)
-            .collect()
-    };
-    assert_eq!(reader.decompressed_chunks(), unique.len() as u64);
-    // A stopped worker returns at once; reads go on without it.
-    reader.prefetch_worker();
-    assert!(!reader.prefetching());
-}
-
 fn sealed_repo() -> MemRepo {
     let params = imgstore_chunker::Params::with_avg(16 * 1024).unwrap();
     let keys = imgstore_crypto::Keys::derive(&imgstore_crypto::MasterKey::from_bytes([42; 32]));
