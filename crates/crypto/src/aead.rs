@@ -19,10 +19,7 @@ use chacha20::cipher::consts::U10;
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
-/// Nonce length (bytes).
-pub(crate) const NONCE: usize = 24;
-/// Tag length (bytes).
-pub(crate) const TAG: usize = 16;
+use imgstore_format::sealed::{SEAL_NONCE as NONCE, SEAL_TAG as TAG};
 
 /// An XChaCha20-Poly1305 key. Zeroed when dropped.
 #[derive(Clone, Zeroize, ZeroizeOnDrop)]

@@ -14,6 +14,7 @@ use imgstore_format::Id;
 
 use crate::{CryptoError, Keys};
 
+use imgstore_format::sealed::is_sealed_chunk;
 pub use imgstore_format::sealed::{
     RecordKind, SEALED_CHUNK_MAGIC, SEALED_RECORD_MAGIC, SEAL_NONCE as NONCE, SEAL_TAG as TAG,
 };
@@ -42,7 +43,7 @@ impl Keys {
     /// Opens a sealed chunk frame stored as chunk `id`.
     pub fn open_chunk(&self, id: &Id, sealed: &[u8]) -> Result<Vec<u8>, CryptoError> {
         let what = "sealed chunk";
-        if sealed.len() < 1 + NONCE + TAG || sealed[0] != SEALED_CHUNK_MAGIC {
+        if !is_sealed_chunk(sealed) {
             return Err(CryptoError::Malformed {
                 what,
                 why: format!("{} bytes, not a sealed chunk", sealed.len()),
@@ -63,7 +64,7 @@ impl Keys {
         sealed: &mut [u8],
     ) -> Result<std::ops::Range<usize>, CryptoError> {
         let what = "sealed chunk";
-        if sealed.len() < 1 + NONCE + TAG || sealed[0] != SEALED_CHUNK_MAGIC {
+        if !is_sealed_chunk(sealed) {
             return Err(CryptoError::Malformed {
                 what,
                 why: format!("{} bytes, not a sealed chunk", sealed.len()),

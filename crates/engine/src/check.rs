@@ -99,14 +99,6 @@ impl CheckReport {
     }
 }
 
-fn describe(kind: ObjectKind) -> &'static str {
-    match kind {
-        ObjectKind::Chunk => "chunk",
-        ObjectKind::Region => "region recipe",
-        ObjectKind::Page => "index page",
-    }
-}
-
 #[derive(Default)]
 struct Walk {
     problems: Vec<Problem>,
@@ -127,7 +119,7 @@ impl Walk {
         self.problems.push(Problem {
             object: Some((kind, id)),
             damaged: false,
-            what: format!("{} {id}: {what}", describe(kind)),
+            what: format!("{} {id}: {what}", kind.name()),
         });
     }
 
@@ -139,7 +131,7 @@ impl Walk {
         self.problems.push(Problem {
             object: Some((kind, id)),
             damaged: true,
-            what: format!("{} {id}: {why}", describe(kind)),
+            what: format!("{} {id}: {why}", kind.name()),
         });
         self.damaged.insert(key, why);
     }

@@ -100,6 +100,15 @@ pub enum ObjectKind {
 }
 
 impl ObjectKind {
+    /// The object's name in messages: "chunk", "region recipe", "index page".
+    pub fn name(self) -> &'static str {
+        match self {
+            ObjectKind::Chunk => "chunk",
+            ObjectKind::Region => "region recipe",
+            ObjectKind::Page => "index page",
+        }
+    }
+
     /// The 33-byte key `kind || id`.
     pub fn key(self, id: &Id) -> [u8; 33] {
         let mut k = [0u8; 33];

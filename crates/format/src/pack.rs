@@ -39,6 +39,15 @@ pub const FOOTER_LEN: usize = 16;
 pub const TRAILER_ENTRY_LEN: usize = 73;
 /// Bytes per trailer entry of a version-1 pack (no hash).
 pub const TRAILER_ENTRY_LEN_V1: usize = 41;
+/// Bytes per trailer entry in a pack of `version`.
+fn entry_len(version: u8) -> usize {
+    if version >= 2 {
+        TRAILER_ENTRY_LEN
+    } else {
+        TRAILER_ENTRY_LEN_V1
+    }
+}
+
 /// Most entries a pack may name (a 64 MiB pack of 4 KiB chunks has 16,384);
 /// a trailer claiming more is refused before anything is allocated.
 pub const MAX_PACK_ENTRIES: u32 = 1 << 20;
@@ -133,11 +142,7 @@ impl Trailer {
     /// (as the writer always gives them), else version 1.
     pub fn encode(&self) -> (Vec<u8>, PackName) {
         let v2 = self.entries.iter().all(|e| e.hash.is_some());
-        let per = if v2 {
-            TRAILER_ENTRY_LEN
-        } else {
-            TRAILER_ENTRY_LEN_V1
-        };
+        let per = entry_len(if v2 { 2 } else { 1 });
         let mut w = Writer(Vec::with_capacity(self.entries.len() * per + FOOTER_LEN));
         for e in &self.entries {
             w.u8(e.kind as u8);
@@ -168,11 +173,12 @@ pub fn decode_footer(footer: &[u8], pack_len: u64) -> Result<Footer, FormatError
     if footer.len() != FOOTER_LEN {
         return Err(bad(format!("{} bytes, not {FOOTER_LEN}", footer.len())));
     }
-    let (version, per) = match &footer[8..] {
-        m if m == PACK_MAGIC => (2, TRAILER_ENTRY_LEN),
-        m if m == PACK_MAGIC_V1 => (1, TRAILER_ENTRY_LEN_V1),
+    let version = match &footer[8..] {
+        m if m == PACK_MAGIC => 2,
+        m if m == PACK_MAGIC_V1 => 1,
         _ => return Err(bad("no pack magic".into())),
     };
+    let per = entry_len(version);
     let count = u32::from_le_bytes(footer[..4].try_into().unwrap());
     let tlen = u32::from_le_bytes(footer[4..8].try_into().unwrap());
     if count > MAX_PACK_ENTRIES || tlen as u64 != count as u64 * per as u64 {
@@ -205,7 +211,7 @@ pub fn decode_trailer(
         });
     }
     let mut r = Reader::new(bytes, "pack trailer");
-    let mut entries = Vec::with_capacity(bytes.len() / TRAILER_ENTRY_LEN_V1);
+    let mut entries = Vec::with_capacity(bytes.len() / entry_len(version));
     while r.remaining() > 0 {
         let tag = r.u8()?;
         let kind = match tag {

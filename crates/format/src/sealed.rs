@@ -48,6 +48,12 @@ impl RecordKind {
     }
 }
 
+/// Whether stored chunk bytes have a sealed chunk's shape: the magic byte,
+/// a nonce and at least a tag (whether they open needs the key).
+pub fn is_sealed_chunk(bytes: &[u8]) -> bool {
+    bytes.len() >= 1 + SEAL_NONCE + SEAL_TAG && bytes[0] == SEALED_CHUNK_MAGIC
+}
+
 /// Whether stored record bytes are sealed.
 pub fn is_sealed_record(bytes: &[u8]) -> bool {
     bytes.first() == Some(&SEALED_RECORD_MAGIC)

@@ -257,9 +257,7 @@ impl Store {
             };
             out.objects += 1;
             out.bytes += v.len() as u64;
-            let shaped = !sealed
-                || (v.len() >= 1 + 24 + 16 && v[0] == imgstore_format::sealed::SEALED_CHUNK_MAGIC);
-            if !shaped {
+            if sealed && !imgstore_format::sealed::is_sealed_chunk(&v) {
                 out.problems.push(format!(
                     "chunk {id}: stored value of {} bytes is not a sealed chunk",
                     v.len()

@@ -307,17 +307,9 @@ impl Packs {
         s.entries = trailer.entries;
         let mut b = self.lock();
         // The only other handle is the readable copy in `sealed`; with it
-        // taken out the buffer can grow in place.
-        let slot = b.sealed.remove(&s.seq);
-        drop(slot);
-        let data = match Arc::get_mut(&mut s.bytes) {
-            Some(d) => d,
-            None => {
-                s.bytes = Arc::new(s.bytes.to_vec());
-                Arc::get_mut(&mut s.bytes).expect("a fresh Arc")
-            }
-        };
-        data.extend_from_slice(&tail);
+        // taken out the buffer grows in place.
+        b.sealed.remove(&s.seq);
+        Arc::make_mut(&mut s.bytes).extend_from_slice(&tail);
         b.sealed.insert(s.seq, (Some(name), s.bytes.clone()));
         s.name = name;
     }
@@ -1141,7 +1133,7 @@ impl Store {
                     out.problems.push(format!(
                         "pack {name} in {}: the {} {} in it is altered",
                         p.bucket.url(),
-                        kind_word(e.kind),
+                        e.kind.name(),
                         e.id
                     ));
                 }
@@ -1721,13 +1713,5 @@ impl PackCache {
             return None;
         }
         fs::read(self.path(name)).ok()
-    }
-}
-
-fn kind_word(kind: ObjectKind) -> &'static str {
-    match kind {
-        ObjectKind::Chunk => "chunk",
-        ObjectKind::Region => "region recipe",
-        ObjectKind::Page => "index page",
     }
 }
