@@ -31,7 +31,11 @@ fn wait_up_to(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
 struct Mounted(Child, PathBuf);
 impl Drop for Mounted {
     fn drop(&mut self) {
-        let _ = Command::new("fusermount3").arg("-u").arg(&self.1).status();
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg(&self.1)
+            .stderr(Stdio::null())
+            .status();
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -123,17 +127,75 @@ fn mounted_snapshot_files_match_and_the_ext4_inside_mounts() {
     assert!(status.success(), "{status:?}");
     assert!(!mounted(&mnt));
 
-    // Ctrl-C (SIGINT) leaves no stale mount behind.
-    let m2 = start(&env, &mnt);
+    // Ctrl-C unmounts and ends the command with success.
+    let mut m2 = start_logged(&env, &mnt);
+    signal(&m2, "INT");
+    let status = exit_within(&mut m2, 30);
+    assert!(status.success(), "{status:?}");
+    assert!(!mounted(&mnt));
+    assert!(log_of(&m2).contains("unmounted"), "{}", log_of(&m2));
+
+    // SIGTERM with a file open in the tree: the tree leaves the namespace
+    // at once, the open file stays readable, and the command ends once it
+    // is closed.
+    let mut m3 = start_logged(&env, &mnt);
+    let mut open = fs::File::open(&by_id).unwrap();
+    signal(&m3, "TERM");
+    wait_for("the lazy unmount", || !mounted(&mnt));
+    let mut back = Vec::new();
+    std::io::Read::read_to_end(&mut open, &mut back).unwrap();
+    assert!(
+        back == src,
+        "the open file read back differently after SIGTERM"
+    );
+    drop(open);
+    let status = exit_within(&mut m3, 30);
+    assert!(status.success(), "{status:?}");
+    assert!(log_of(&m3).contains("unmounted"), "{}", log_of(&m3));
+}
+
+/// A mount whose standard error goes to a file beside the mount point.
+fn start_logged(env: &Env, mnt: &Path) -> Mounted {
+    fs::create_dir_all(mnt).unwrap();
+    let log = fs::File::create(mnt.with_extension("log")).unwrap();
+    let child = env
+        .command()
+        .arg("mount")
+        .arg(mnt)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let m = Mounted(child, mnt.to_path_buf());
+    wait_for("the mount", || mnt.join("by-id").is_dir());
+    m
+}
+
+fn log_of(m: &Mounted) -> String {
+    fs::read_to_string(m.1.with_extension("log")).unwrap()
+}
+
+fn signal(m: &Mounted, name: &str) {
     assert!(Command::new("kill")
-        .args(["-INT", &m2.0.id().to_string()])
+        .args([&format!("-{name}"), &m.0.id().to_string()])
         .status()
         .unwrap()
         .success());
-    // The unmount is done by fusermount3's auto-unmount helper once the
-    // process is gone: asynchronous, and slow on a loaded machine (the
-    // whole suite runs in parallel; CI once took longer than 20 s).
-    wait_up_to(90, "the unmount after SIGINT", || !mounted(&mnt));
+}
+
+/// Waits for the mount command to exit; fails after `secs` seconds.
+fn exit_within(m: &mut Mounted, secs: u64) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(status) = m.0.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the mount command did not exit within {secs} s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]

@@ -89,14 +89,74 @@ pub fn mount(repo: &Path, a: MountArgs) -> anyhow::Result<()> {
             image: Box::new(SnapImage(ImageReader::new(&**store, id, s, per)?)),
         });
     }
+    // Ctrl-C and SIGTERM unmount and end the command cleanly; the handlers
+    // are in place before the mount, so no signal finds it half set up.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the signal watcher")?;
+    let (mut int, mut term) = {
+        use tokio::signal::unix::{signal, SignalKind};
+        let _in_rt = rt.enter();
+        (
+            signal(SignalKind::interrupt()).context("cannot watch for Ctrl-C")?,
+            signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?,
+        )
+    };
+    let uid = rustix::process::geteuid().as_raw();
+    let gid = rustix::process::getegid().as_raw();
+    let mounted = imgstore_fuse::mount(entries, &a.mountpoint, uid, gid)
+        .with_context(|| format!("cannot mount at {}", a.mountpoint.display()))?;
     note(&format!(
         "mounted {} read-only at {} (by-name/NAME/TIME.img, by-id/ID.img); unmount with `fusermount3 -u {}` or Ctrl-C",
         crate::units::plural(snaps.len() as u64, "snapshot"),
         a.mountpoint.display(),
         a.mountpoint.display()
     ));
-    let uid = rustix::process::geteuid().as_raw();
-    let gid = rustix::process::getegid().as_raw();
-    imgstore_fuse::mount(entries, &a.mountpoint, uid, gid)
-        .with_context(|| format!("cannot mount at {}", a.mountpoint.display()))
+    let mountpoint = a.mountpoint.display();
+    rt.block_on(async {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let why = loop {
+            tokio::select! {
+                _ = int.recv() => break "Ctrl-C",
+                _ = term.recv() => break "SIGTERM",
+                _ = tick.tick() => if mounted.is_finished() {
+                    return mounted.wait().with_context(|| format!("serving {mountpoint} failed"));
+                },
+            }
+        };
+        mounted
+            .unmount()
+            .with_context(|| format!("cannot unmount {mountpoint} after {why}"))?;
+        // Files open in the tree stay readable until closed (a lazy
+        // unmount): a copy running from it finishes, then the command ends.
+        let mut told = false;
+        let started = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = int.recv() => return Err(stopped_busy(&mountpoint)),
+                _ = term.recv() => return Err(stopped_busy(&mountpoint)),
+                _ = tick.tick() => {
+                    if mounted.is_finished() {
+                        break;
+                    }
+                    if !told && started.elapsed() > Duration::from_secs(1) {
+                        told = true;
+                        note(&format!("{mountpoint} is unmounted; still serving the files open in it until they are closed (Ctrl-C again to stop now)"));
+                    }
+                }
+            }
+        }
+        mounted.wait().with_context(|| format!("serving {mountpoint} failed"))?;
+        note(&format!("unmounted {mountpoint} ({why})"));
+        Ok(())
+    })
+}
+
+/// A second signal while files were still open: the command ends, and
+/// their readers get I/O errors.
+fn stopped_busy(mountpoint: &dyn std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!(
+        "stopped while files in {mountpoint} were still open: their readers get I/O errors from now on"
+    )
 }

@@ -10,7 +10,8 @@
 
 use std::ffi::OsStr;
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -306,10 +307,18 @@ impl Filesystem for Fs {
     }
 }
 
-/// Mounts the tree read-only at `mountpoint` and serves it until it is
-/// unmounted (`fusermount3 -u`, or the process ends: the mount is made with
-/// auto-unmount where the FUSE configuration allows it).
-pub fn mount(entries: Vec<Entry>, mountpoint: &Path, uid: u32, gid: u32) -> io::Result<()> {
+/// A mounted tree, served by a session thread until it is unmounted.
+pub struct Mounted {
+    session: fuser::BackgroundSession,
+    mountpoint: PathBuf,
+}
+
+/// Mounts the tree read-only at `mountpoint` and serves it on a thread of
+/// its own, until [`Mounted::unmount`] or an unmount from outside
+/// (`fusermount3 -u`). If the process dies, the mount is made with
+/// auto-unmount where the FUSE configuration allows it, so no stale mount
+/// point stays behind.
+pub fn mount(entries: Vec<Entry>, mountpoint: &Path, uid: u32, gid: u32) -> io::Result<Mounted> {
     let mut names: Vec<String> = entries.iter().map(|e| e.name.clone()).collect();
     names.sort();
     names.dedup();
@@ -328,5 +337,49 @@ pub fn mount(entries: Vec<Entry>, mountpoint: &Path, uid: u32, gid: u32) -> io::
         MountOption::AutoUnmount,
         MountOption::AllowRoot,
     ];
-    fuser::mount2(fs, mountpoint, &opts)
+    Ok(Mounted {
+        session: fuser::spawn_mount2(fs, mountpoint, &opts)?,
+        mountpoint: mountpoint.to_path_buf(),
+    })
+}
+
+impl Mounted {
+    /// Whether the session has ended (the tree was unmounted from outside).
+    pub fn is_finished(&self) -> bool {
+        self.session.guard.is_finished()
+    }
+
+    /// Waits for the session to end, and says how it ended.
+    pub fn wait(self) -> io::Result<()> {
+        let guard = self.session.guard;
+        guard
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the FUSE session thread panicked")))
+    }
+
+    /// Unmounts the tree lazily, as `umount -l` does: it leaves the file
+    /// system's namespace now, and the session ends once the files open
+    /// in it are closed ([`Mounted::is_finished`] says when).
+    /// `fusermount3 -u -z` does it, so it works for the user who mounted as
+    /// for root.
+    pub fn unmount(&self) -> io::Result<()> {
+        let out = Command::new("fusermount3")
+            .arg("-u")
+            .arg("-z")
+            .arg("--")
+            .arg(&self.mountpoint)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()?;
+        if out.status.success() || self.is_finished() {
+            Ok(())
+        } else {
+            Err(io::Error::other(format!(
+                "fusermount3 -u {} failed: {}",
+                self.mountpoint.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )))
+        }
+    }
 }
