@@ -340,27 +340,31 @@ impl<'a, S: Read + Write> Conn<'a, S> {
         }
     }
 
+    // Replies are written as header, then payload from where it lies: the
+    // output buffering joins small pieces and passes large ones straight
+    // to the socket, so data is not copied into a reply buffer first.
     fn simple(&mut self, cookie: u64, error: u32, data: &[u8]) -> io::Result<()> {
-        let mut b = Vec::with_capacity(16 + data.len());
-        b.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-        b.extend_from_slice(&error.to_be_bytes());
-        b.extend_from_slice(&cookie.to_be_bytes());
-        b.extend_from_slice(data);
-        self.s.write_all(&b)
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+        h[4..8].copy_from_slice(&error.to_be_bytes());
+        h[8..16].copy_from_slice(&cookie.to_be_bytes());
+        self.s.write_all(&h)?;
+        self.s.write_all(data)
     }
 
     fn chunk(&mut self, cookie: u64, flags: u16, kind: u16, payload: &[&[u8]]) -> io::Result<()> {
         let len: usize = payload.iter().map(|p| p.len()).sum();
-        let mut b = Vec::with_capacity(20 + len);
-        b.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
-        b.extend_from_slice(&flags.to_be_bytes());
-        b.extend_from_slice(&kind.to_be_bytes());
-        b.extend_from_slice(&cookie.to_be_bytes());
-        b.extend_from_slice(&(len as u32).to_be_bytes());
+        let mut h = [0u8; 20];
+        h[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        h[4..6].copy_from_slice(&flags.to_be_bytes());
+        h[6..8].copy_from_slice(&kind.to_be_bytes());
+        h[8..16].copy_from_slice(&cookie.to_be_bytes());
+        h[16..20].copy_from_slice(&(len as u32).to_be_bytes());
+        self.s.write_all(&h)?;
         for p in payload {
-            b.extend_from_slice(p);
+            self.s.write_all(p)?;
         }
-        self.s.write_all(&b)
+        Ok(())
     }
 
     fn fail(&mut self, cookie: u64, errno: u32, msg: &str) -> io::Result<()> {
@@ -404,7 +408,6 @@ impl<'a, S: Read + Write> Conn<'a, S> {
             Err(err) => return self.fail(cookie, EIO, &err.to_string()),
         };
         let mut pos = offset;
-        let mut sent_any = false;
         for (n, zero) in map {
             if zero {
                 let mut p = pos.to_be_bytes().to_vec();
@@ -415,22 +418,11 @@ impl<'a, S: Read + Write> Conn<'a, S> {
                 if let Err(err) = e.read_at(pos, d) {
                     return self.fail(cookie, EIO, &err.to_string());
                 }
-                let o = pos.to_be_bytes();
                 let d = &buf[..n as usize];
-                let mut b = Vec::with_capacity(28 + d.len());
-                b.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
-                b.extend_from_slice(&0u16.to_be_bytes());
-                b.extend_from_slice(&REPLY_OFFSET_DATA.to_be_bytes());
-                b.extend_from_slice(&cookie.to_be_bytes());
-                b.extend_from_slice(&((d.len() + 8) as u32).to_be_bytes());
-                b.extend_from_slice(&o);
-                b.extend_from_slice(d);
-                self.s.write_all(&b)?;
+                self.chunk(cookie, 0, REPLY_OFFSET_DATA, &[&pos.to_be_bytes(), d])?;
             }
-            sent_any = true;
             pos += n;
         }
-        let _ = sent_any;
         self.chunk(cookie, REPLY_FLAG_DONE, REPLY_NONE, &[])
     }
 
