@@ -712,6 +712,99 @@ fn gc_in_the_bucket_deletes_repacks_and_removes_uncommitted_packs() {
     restores_exact(&env, &repo, &ep, &["latest", "--name", "c"], &c);
 }
 
+/// A reader opened before a gc that repacks the packs it reads (a `serve`
+/// left running across the nightly prune) finds the chunks' new packs,
+/// and says a snapshot forgotten meanwhile is gone, not damaged.
+#[test]
+fn an_export_outlives_a_gc_that_repacks_what_it_reads() {
+    if !have("nbdcopy") {
+        eprintln!("SKIP: nbdcopy (libnbd-bin) not installed");
+        return;
+    }
+    let env = Env::new();
+    let node = garage(&env);
+    let ep = node.endpoint();
+    let repo = env.repo();
+    init_in(&env, &repo, &ep, "outlive", SMALL_PACKS);
+    // `mixed` interleaves the kept image's 1 MiB pieces with random ones
+    // and is backed up first: the kept image's chunks sit in packs that
+    // are half garbage once `mixed` is forgotten, so gc repacks them.
+    let kept = texty(12 << 20, 951);
+    let mut mixed = Vec::new();
+    for (k, piece) in kept.chunks(1 << 20).enumerate() {
+        mixed.extend_from_slice(piece);
+        mixed.extend(seeded(1 << 20, 960 + k as u64));
+    }
+    let (kept_img, mixed_img) = (env.path("kept.img"), env.path("mixed.img"));
+    fs::write(&kept_img, &kept).unwrap();
+    fs::write(&mixed_img, &mixed).unwrap();
+    let mixed_id = backup(&env, &repo, &ep, &mixed_img, "mixed")["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let kept_id = backup(&env, &repo, &ep, &kept_img, "kept")["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let log = env.path("serve.log");
+    let sock = env.path("nbd.sock");
+    let server = s3_command(&env, &repo, &ep)
+        .args(["serve", "--all", "--socket"])
+        .arg(&sock)
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    struct Kill(Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let server = Kill(server);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "server never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let before = bucket_objects(&node);
+    let prune = ok(
+        &env,
+        &repo,
+        &ep,
+        &["forget", &mixed_id, "--prune", "--json"],
+    );
+    assert!(
+        bucket_objects(&node) < before,
+        "gc deleted no pack: the test proves nothing ({prune})"
+    );
+
+    let uri = |id: &str| format!("nbd+unix:///{id}?socket={}", sock.display());
+    let copy = env.path("kept-copy.img");
+    let o = Command::new("nbdcopy")
+        .arg(uri(&kept_id))
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_same(&copy, &kept_img);
+    let o = Command::new("nbdcopy")
+        .arg(uri(&mixed_id))
+        .arg(env.path("mixed-copy.img"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "a collected snapshot copied cleanly");
+    drop(server);
+    let said = fs::read_to_string(&log).unwrap();
+    assert!(
+        said.contains("was forgotten and its data deleted by a gc"),
+        "{said}"
+    );
+    assert!(!said.contains("check --read-data"), "{said}");
+}
+
 /// A bucket that answers with altered bytes, or says a pack is gone:
 /// `check --read-data` finds it and names the damaged snapshot; a restore
 /// fails with one line and never writes wrong bytes as the image.

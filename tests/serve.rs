@@ -378,3 +378,100 @@ fn writable_export_keeps_writes_in_an_overlay_and_backs_them_up() {
         "{err} {other}"
     );
 }
+
+/// Reads every data byte of `export` on `sock` with nbdcopy into `to`.
+fn nbdcopy(export: &str, sock: &str, to: &std::path::Path) -> std::process::Output {
+    Command::new("nbdcopy")
+        .arg(uri(export, sock))
+        .arg(to)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn an_export_outlives_a_gc_that_rewrites_the_files_it_reads() {
+    if !have("nbdcopy") {
+        eprintln!("SKIP: nbdcopy (libnbd-bin) not installed");
+        return;
+    }
+    let env = Env::new();
+    env.init();
+    // `mixed` interleaves the kept image's 4 MiB pieces with random ones
+    // and is backed up first, so the kept image's chunks share blob files
+    // with chunks that become garbage when `mixed` is forgotten: gc then
+    // rewrites the kept chunks into new files and deletes the old ones.
+    let kept = texty(48 << 20, 931);
+    let mut mixed = Vec::new();
+    for (k, piece) in kept.chunks(4 << 20).enumerate() {
+        mixed.extend_from_slice(piece);
+        mixed.extend(seeded(4 << 20, 940 + k as u64));
+    }
+    let (kept_img, mixed_img) = (env.path("kept.img"), env.path("mixed.img"));
+    fs::write(&kept_img, &kept).unwrap();
+    fs::write(&mixed_img, &mixed).unwrap();
+    let mixed_id = env.backup(&mixed_img, &["--name", "mixed"])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let kept_id = env.backup(&kept_img, &["--name", "kept"])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let blobs = || -> Vec<std::path::PathBuf> {
+        fs::read_dir(env.repo().join("db"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "blob"))
+            .collect()
+    };
+    let before = blobs();
+
+    // The server opens the repository now, and has read nothing yet.
+    let log = env.path("serve.log");
+    let sock = env.path("nbd.sock");
+    let child = env
+        .command()
+        .args(["serve", "--all", "--socket"])
+        .arg(&sock)
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !sock.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "server never listened"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let server = Server(child);
+    let sock = sock.display().to_string();
+
+    env.ok(&["forget", &mixed_id]);
+    env.ok(&["gc"]);
+    let after = blobs();
+    let deleted = before.iter().filter(|p| !after.contains(p)).count();
+    assert!(
+        deleted > 0 && after.iter().any(|p| !before.contains(p)),
+        "gc rewrote no blob file ({} before, {} after): the test proves nothing",
+        before.len(),
+        after.len()
+    );
+
+    // The kept snapshot still reads byte-exact through the old server.
+    let copy = env.path("kept-copy.img");
+    let o = nbdcopy(&kept_id, &sock, &copy);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_same(&copy, &kept_img);
+    // The forgotten one fails, and the server says why: not damage.
+    let o = nbdcopy(&mixed_id, &sock, &env.path("mixed-copy.img"));
+    assert!(!o.status.success(), "a collected snapshot copied cleanly");
+    drop(server);
+    let said = fs::read_to_string(&log).unwrap();
+    assert!(
+        said.contains("was forgotten and its data deleted by a gc"),
+        "{said}"
+    );
+    assert!(!said.contains("check --read-data"), "{said}");
+}

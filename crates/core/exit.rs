@@ -93,7 +93,7 @@ pub fn code_of(err: &anyhow::Error) -> u8 {
                 EngineError::ChunkDamaged { .. }
                 | EngineError::RecipeDamaged { .. }
                 | EngineError::DigestMismatch { .. } => DAMAGED,
-                EngineError::Select(_) => NOT_FOUND,
+                EngineError::Select(_) | EngineError::Collected { .. } => NOT_FOUND,
                 EngineError::Invalid { what, .. } if *what == "image name" || *what == "tag" => {
                     USAGE
                 }

@@ -23,7 +23,7 @@ use std::sync::Mutex;
 
 use imgstore_format::sealed::{record_children, RecordKind};
 use imgstore_format::{FrameCodec, Id, ObjectKind, Page, RefCount, Region, Snapshot, PAGE_REGIONS};
-use imgstore_repo::{DamageMark, Repository};
+use imgstore_repo::{ChunkFault, DamageMark, Repository};
 use rayon::prelude::*;
 
 use crate::{EngineError, Progress};
@@ -432,15 +432,27 @@ fn walk(
         pool.install(|| {
             selected.par_chunks(64).for_each(|batch| {
                 let ids: Vec<Id> = batch.iter().map(|c| c.0).collect();
-                let frames = match store.chunk_frames(&ids) {
+                let frames: Vec<Result<Vec<u8>, Option<String>>> = match store.chunk_frames(&ids) {
                     Ok(f) => f
                         .into_iter()
-                        .map(|r| r.map_err(|e| e.to_string()))
+                        .map(|r| {
+                            r.map_err(|e| match e {
+                                // Deleted by a gc in another process since
+                                // this check listed it: gone, not damaged.
+                                ChunkFault::Collected => None,
+                                e => Some(e.to_string()),
+                            })
+                        })
                         .collect(),
-                    Err(e) => vec![Err(format!("cannot be read: {e}")); ids.len()],
+                    Err(e) => vec![Err(Some(format!("cannot be read: {e}"))); ids.len()],
                 };
                 let mut buf = Vec::new();
                 for ((id, len), frame) in batch.iter().zip(frames) {
+                    let frame = match frame {
+                        Err(None) => continue,
+                        Err(Some(why)) => Err(why),
+                        Ok(f) => Ok(f),
+                    };
                     let verdict = frame.and_then(|f| {
                         bytes.fetch_add(f.len() as u64, Relaxed);
                         let f = store.codec().open_chunk(id, &f)?;

@@ -52,6 +52,8 @@ pub enum EngineError {
         chunk: Id,
         why: String,
     },
+    #[error("snapshot {snapshot} was forgotten and its data deleted by a gc while this command read it (at byte {offset}); nothing is damaged: read a snapshot that is kept")]
+    Collected { snapshot: String, offset: u64 },
     #[error("snapshot {snapshot}: region at byte {offset} is damaged: {source}")]
     RecipeDamaged {
         snapshot: String,

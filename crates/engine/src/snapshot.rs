@@ -179,12 +179,12 @@ impl<'a> SnapshotReader<'a> {
             .into_iter()
             .zip(ids)
             .map(|(r, id)| {
-                r.map_err(|fault| {
-                    let why = match fault {
-                        ChunkFault::Missing => "missing from the store".to_string(),
-                        ChunkFault::Unreadable(d) => format!("unreadable: {d}"),
-                    };
-                    self.damaged(offset_of(id), *id, why)
+                r.map_err(|fault| match fault {
+                    ChunkFault::Collected => EngineError::Collected {
+                        snapshot: self.label.clone(),
+                        offset: offset_of(id),
+                    },
+                    fault => self.damaged(offset_of(id), *id, fault.to_string()),
                 })
             })
             .collect()

@@ -215,6 +215,31 @@ fn missing_and_unreadable_chunks_name_their_offset() {
     );
 }
 
+/// A chunk a gc in another process deleted under a reader (its snapshot
+/// forgotten meanwhile) is said as such, never as damage: no damage mark,
+/// and `check --read-data` passes over it.
+#[test]
+fn a_chunk_collected_under_a_reader_is_not_damage() {
+    let repo = repo();
+    let gen = image(10 * MIB, 12);
+    let r = back_up(&repo, &gen, None);
+    let (chunk, _) = first_chunk(&repo, &r.snapshot, &r.id);
+    let all = check(&repo, ReadData::All, &NoProgress).unwrap();
+    assert!(all.problems.is_empty(), "{:?}", all.problems);
+
+    repo.collect_under_reader(&chunk);
+    let err = restore_to_vec(&repo, &r.id, &r.snapshot).unwrap_err();
+    assert!(
+        matches!(err, EngineError::Collected { .. }),
+        "a collected chunk reported as {err}"
+    );
+    assert!(err.damage_mark().is_none());
+    let report = check(&repo, ReadData::All, &NoProgress).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert!(report.damage_marks().is_empty());
+    assert_eq!(report.chunks_read, all.chunks_read - 1);
+}
+
 /// Removes the injected read error while keeping everything else.
 trait Readable {
     fn reopen_readable(&self) -> MemRepo;

@@ -139,6 +139,11 @@ pub fn encode_frames(frames: &[ChunkRead]) -> Vec<u8> {
             Ok(frame) => e.u8(FRAME_OK).bytes(frame),
             Err(ChunkFault::Missing) => e.u8(FRAME_MISSING),
             Err(ChunkFault::Unreadable(why)) => e.u8(FRAME_UNREADABLE).bytes(why.as_bytes()),
+            // A server reads its own current view, so it never finds a
+            // chunk collected under it; said as unreadable, no new tag.
+            Err(f @ ChunkFault::Collected) => {
+                e.u8(FRAME_UNREADABLE).bytes(f.to_string().as_bytes())
+            }
         };
     }
     e.finish()

@@ -66,6 +66,10 @@ pub enum ChunkFault {
     Missing,
     /// The repository has it but cannot read it (a checksum error, I/O).
     Unreadable(String),
+    /// It was there when this reader opened the repository, and a writer's
+    /// gc has deleted it since: the snapshot being read was forgotten
+    /// meanwhile. Not damage.
+    Collected,
 }
 
 impl std::fmt::Display for ChunkFault {
@@ -73,6 +77,9 @@ impl std::fmt::Display for ChunkFault {
         match self {
             ChunkFault::Missing => f.write_str("missing from the store"),
             ChunkFault::Unreadable(d) => write!(f, "unreadable: {d}"),
+            ChunkFault::Collected => {
+                f.write_str("deleted by a gc since this reader opened the repository")
+            }
         }
     }
 }

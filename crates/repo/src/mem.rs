@@ -37,6 +37,9 @@ struct State {
     pending: BTreeSet<Key>,
     /// Chunks whose reads fail as "unreadable" (injected).
     unreadable: BTreeSet<Id>,
+    /// Chunks whose reads say a gc collected them under this reader
+    /// (injected).
+    collected: BTreeSet<Id>,
 }
 
 /// An in-memory [`Repository`].
@@ -102,9 +105,18 @@ impl MemRepo {
         self.state().unreadable.insert(*id);
     }
 
-    /// Undoes [`MemRepo::make_unreadable`] for every chunk.
+    /// Makes reads of a chunk say what a read-only store says when a gc
+    /// in another process deleted the chunk after the store was opened.
+    pub fn collect_under_reader(&self, id: &Id) {
+        self.state().collected.insert(*id);
+    }
+
+    /// Undoes [`MemRepo::make_unreadable`] and
+    /// [`MemRepo::collect_under_reader`] for every chunk.
     pub fn clear_injected(&self) {
-        self.state().unreadable.clear();
+        let mut s = self.state();
+        s.unreadable.clear();
+        s.collected.clear();
     }
 
     /// Ids of every stored chunk frame, sorted.
@@ -140,6 +152,7 @@ impl MemRepo {
                 damaged: s.damaged.clone(),
                 pending: s.damaged.keys().copied().collect(),
                 unreadable: s.unreadable.clone(),
+                collected: s.collected.clone(),
             }),
         }
     }
@@ -245,6 +258,9 @@ impl Repository for MemRepo {
             .map(|id| {
                 if s.unreadable.contains(id) {
                     return Err(ChunkFault::Unreadable("injected read error".into()));
+                }
+                if s.collected.contains(id) {
+                    return Err(ChunkFault::Collected);
                 }
                 s.chunks.get(id).cloned().ok_or(ChunkFault::Missing)
             })

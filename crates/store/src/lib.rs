@@ -102,6 +102,16 @@ pub struct Store {
     codec: imgstore_repo::Codec,
     /// The bucket side of a bucket-backed repository (format 4).
     packs: Option<Box<packs::Packs>>,
+    /// A read-only store's newer view of the database, for chunk reads.
+    /// A read-only open sees the files live at that moment; a writer's gc
+    /// may since have rewritten the live chunks of a blob file into a new
+    /// one and deleted the old file (the files the tree itself uses stay
+    /// open, and readable, from the open). A chunk read that finds its
+    /// blob file gone reopens the database once and reads it there: a
+    /// chunk's bytes never change, only where they lie.
+    newer: Mutex<Option<std::sync::Arc<DB>>>,
+    /// The block cache, shared with a newer view.
+    cache: Cache,
     _lock: Option<Lock>,
 }
 
@@ -207,6 +217,26 @@ fn open_read_only(
         }
     }
 }
+
+fn read_only_options(cache: &Cache, bucket: bool) -> (Options, Vec<ColumnFamilyDescriptor>) {
+    let (mut opts, cfs) = db_options(false, cache, bucket);
+    // Readers (restore, verify, check, serve) mostly read blob files in the
+    // order backups wrote them: let the kernel read ahead (RocksDB's
+    // default advises "random", which turns it off). A cold restore of the
+    // workload's 2 GiB image: 1.32–1.45 s with the default, 1.09 s without.
+    opts.set_advise_random_on_open(false);
+    (opts, cfs)
+}
+
+/// Whether a read failed because a file of this reader's view was deleted
+/// (by the writer's compaction or blob rewrite) since the view was opened.
+fn file_vanished(e: &rocksdb::Error) -> bool {
+    e.kind() == rocksdb::ErrorKind::IOError && e.as_ref().contains("No such file or directory")
+}
+
+/// How many newer views one chunk read may open (a writer can delete files
+/// again between a reopen and the read).
+pub(crate) const VIEW_REFRESHES: usize = 3;
 
 impl Store {
     /// Creates a new repository at `dir` (which must not exist, or be an
@@ -378,16 +408,7 @@ impl Store {
                 let (opts, cfs) = db_options(false, &cache, bucket);
                 DB::open_cf_descriptors(&opts, &db_path, cfs)
             }
-            Mode::ReadOnly => open_read_only(&db_path, || {
-                let (mut opts, cfs) = db_options(false, &cache, bucket);
-                // Readers (restore, verify, check, serve) mostly read blob
-                // files in the order backups wrote them: let the kernel read
-                // ahead (RocksDB's default advises "random", which turns it
-                // off). A cold restore of the workload's 2 GiB image:
-                // 1.32–1.45 s with the default, 1.09 s without.
-                opts.set_advise_random_on_open(false);
-                (opts, cfs)
-            }),
+            Mode::ReadOnly => open_read_only(&db_path, || read_only_options(&cache, bucket)),
         }
         .map_err(|e| crate::error::db(&db_path, "open", e))?;
         let store = Store {
@@ -401,6 +422,8 @@ impl Store {
             pins: Mutex::new(sessions::Pins::default()),
             codec: imgstore_repo::Codec::Plain,
             packs,
+            newer: Mutex::new(None),
+            cache,
             _lock: lock,
         };
         let v = store
@@ -508,7 +531,67 @@ impl Store {
 
     fn local_chunk_frames(&self, ids: &[Id]) -> Vec<imgstore_repo::ChunkRead> {
         use imgstore_repo::ChunkFault;
-        let chunks = self.cf(cf::CHUNKS);
+        // The view this store opened first: what it lists is what it reads
+        // (a newer view may lack chunks of a snapshot forgotten since).
+        let reads = self.read_frames(&self.db, ids);
+        let mut view: Option<std::sync::Arc<DB>> = None;
+        let mut out: Vec<imgstore_repo::ChunkRead> = Vec::with_capacity(ids.len());
+        let mut vanished = Vec::new();
+        for (i, r) in reads.into_iter().enumerate() {
+            out.push(match r {
+                Ok(Some(v)) => Ok(v),
+                Ok(None) => Err(ChunkFault::Missing),
+                Err(e) => {
+                    if file_vanished(&e) {
+                        vanished.push(i);
+                    }
+                    Err(ChunkFault::Unreadable(
+                        crate::error::db(&self.dir, "read chunk", e).to_string(),
+                    ))
+                }
+            });
+        }
+        for _ in 0..VIEW_REFRESHES {
+            if vanished.is_empty() {
+                break;
+            }
+            let Some(db) = self.newer_view(view.as_ref()) else {
+                break;
+            };
+            let again: Vec<Id> = vanished.iter().map(|&i| ids[i]).collect();
+            let reads = self.read_frames(&db, &again);
+            let mut still = Vec::new();
+            for (i, r) in vanished.into_iter().zip(reads) {
+                out[i] = match r {
+                    Ok(Some(v)) => Ok(v),
+                    // It was there when this reader opened the repository:
+                    // only gc deletes chunks, so its snapshot was forgotten
+                    // meanwhile.
+                    Ok(None) => Err(ChunkFault::Collected),
+                    Err(e) => {
+                        if file_vanished(&e) {
+                            still.push(i);
+                        }
+                        Err(ChunkFault::Unreadable(
+                            crate::error::db(&self.dir, "read chunk", e).to_string(),
+                        ))
+                    }
+                };
+            }
+            vanished = still;
+            view = Some(db);
+        }
+        out
+    }
+
+    /// Frames of `ids` from `db`, in order (one batched lookup, keys sorted
+    /// so RocksDB reads blob files in order).
+    fn read_frames(
+        &self,
+        db: &DB,
+        ids: &[Id],
+    ) -> Vec<std::result::Result<Option<Vec<u8>>, rocksdb::Error>> {
+        let chunks = db.cf_handle(cf::CHUNKS).expect("column family exists");
         let mut sorted: Vec<(usize, &Id)> = ids.iter().enumerate().collect();
         sorted.sort_by_key(|(_, id)| **id);
         let keys: Vec<&[u8; 32]> = sorted.iter().map(|(_, id)| id.as_bytes()).collect();
@@ -517,18 +600,39 @@ impl Store {
         // to the blob, and parsing an unverified corrupt block can crash
         // RocksDB (found by the random-corruption test).
         let ro = rocksdb::ReadOptions::default();
-        let vals = self.db.batched_multi_get_cf_opt(chunks, keys, true, &ro);
-        let mut out: Vec<imgstore_repo::ChunkRead> = vec![Err(ChunkFault::Missing); ids.len()];
+        let vals = db.batched_multi_get_cf_opt(chunks, keys, true, &ro);
+        let mut out: Vec<_> = (0..ids.len()).map(|_| Ok(None)).collect();
         for ((i, _), v) in sorted.into_iter().zip(vals) {
-            out[i] = match v {
-                Ok(Some(v)) => Ok(v.to_vec()),
-                Ok(None) => Err(ChunkFault::Missing),
-                Err(e) => Err(ChunkFault::Unreadable(
-                    crate::error::db(&self.dir, "read chunk", e).to_string(),
-                )),
-            };
+            out[i] = v.map(|v| v.map(|v| v.to_vec()));
         }
         out
+    }
+
+    /// A view of the database newer than `seen` (the view a read just
+    /// used; `None` for the one opened with the store): the one another
+    /// reader opened meanwhile, or a fresh read-only open. `None` when the
+    /// store is a writer (its view is always current) or the open fails
+    /// (the read's own error then stands).
+    fn newer_view(&self, seen: Option<&std::sync::Arc<DB>>) -> Option<std::sync::Arc<DB>> {
+        if !matches!(self.mode, Mode::ReadOnly) {
+            return None;
+        }
+        let mut newer = self.newer.lock().unwrap_or_else(|p| p.into_inner());
+        let current = newer.as_ref();
+        let moved_on = match (current, seen) {
+            (Some(c), Some(s)) => !std::sync::Arc::ptr_eq(c, s),
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        if !moved_on {
+            let bucket = self.packs.is_some();
+            let db = open_read_only(&self.dir.join(DB_DIR), || {
+                read_only_options(&self.cache, bucket)
+            })
+            .ok()?;
+            *newer = Some(std::sync::Arc::new(db));
+        }
+        newer.clone()
     }
 
     pub(crate) fn get_refs(&self, keys: &[[u8; 33]]) -> Result<Vec<Option<RefCount>>> {

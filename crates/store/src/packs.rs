@@ -509,7 +509,13 @@ impl Store {
 
     /// Current locations of objects (None: not landed).
     pub(crate) fn current_locations(&self, keys: &[[u8; 33]]) -> Result<Vec<Option<Location>>> {
-        let (chunks, meta) = (self.cf(cf::CHUNKS), self.cf(cf::META));
+        self.locations_in(&self.db, keys)
+    }
+
+    /// Locations of `keys` as view `db` of the index has them.
+    fn locations_in(&self, db: &rocksdb::DB, keys: &[[u8; 33]]) -> Result<Vec<Option<Location>>> {
+        let cf = |name| db.cf_handle(name).expect("column family exists");
+        let (chunks, meta) = (cf(cf::CHUNKS), cf(cf::META));
         let lookups: Vec<(&rocksdb::ColumnFamily, Vec<u8>)> = keys
             .iter()
             .map(|k| match k[0] {
@@ -517,8 +523,7 @@ impl Store {
                 _ => (meta, loc_key(k)),
             })
             .collect();
-        self.db
-            .multi_get_cf(lookups.iter().map(|(c, k)| (*c, k.as_slice())))
+        db.multi_get_cf(lookups.iter().map(|(c, k)| (*c, k.as_slice())))
             .into_iter()
             .zip(keys)
             .map(|(r, k)| match r {
@@ -751,9 +756,45 @@ impl Store {
     /// parallel.
     pub(crate) fn bucket_chunk_frames(&self, ids: &[Id]) -> Result<Vec<imgstore_repo::ChunkRead>> {
         use imgstore_repo::ChunkFault;
+        // Read through the view this store opened; a read-only store whose
+        // packs were repacked and deleted by a writer's gc since then
+        // finds the chunks' new locations in a newer view (as for blob
+        // files in a local store, see `Store::newer`).
+        let (mut out, mut gone) = self.bucket_frames_in(&self.db, ids)?;
+        let mut view = None;
+        for _ in 0..crate::VIEW_REFRESHES {
+            if gone.is_empty() {
+                break;
+            }
+            let Some(db) = self.newer_view(view.as_ref()) else {
+                break;
+            };
+            let again: Vec<Id> = gone.iter().map(|&i| ids[i]).collect();
+            let (reads, still) = self.bucket_frames_in(&db, &again)?;
+            for (&i, r) in gone.iter().zip(reads) {
+                out[i] = match r {
+                    // It had a location when this reader opened the index.
+                    Err(ChunkFault::Missing) => Err(ChunkFault::Collected),
+                    r => r,
+                };
+            }
+            gone = still.into_iter().map(|j| gone[j]).collect();
+            view = Some(db);
+        }
+        Ok(out)
+    }
+
+    /// Frames of `ids` by the locations view `db` of the index gives, and
+    /// the positions of those whose pack no longer exists.
+    fn bucket_frames_in(
+        &self,
+        db: &rocksdb::DB,
+        ids: &[Id],
+    ) -> Result<(Vec<imgstore_repo::ChunkRead>, Vec<usize>)> {
+        use imgstore_repo::ChunkFault;
         let p = self.packs().expect("bucket-backed");
         let keys: Vec<[u8; 33]> = ids.iter().map(|id| ObjectKind::Chunk.key(id)).collect();
-        let locs = self.current_locations(&keys)?;
+        let locs = self.locations_in(db, &keys)?;
         let mut out: Vec<imgstore_repo::ChunkRead> = vec![Err(ChunkFault::Missing); ids.len()];
         let mut remote: HashMap<PackName, Vec<(usize, Location)>> = HashMap::new();
         for (i, (k, l)) in keys.iter().zip(locs).enumerate() {
@@ -769,8 +810,9 @@ impl Store {
                 },
             }
         }
+        let mut gone = Vec::new();
         if remote.is_empty() {
-            return Ok(out);
+            return Ok((out, gone));
         }
         // Merge runs of entries of one pack that lie close together.
         const GAP: u64 = 256 << 10;
@@ -817,13 +859,17 @@ impl Store {
                     return Err(bucket_err(e));
                 }
                 Err(e) => {
+                    let vanished = matches!(e, BucketError::NotFound { .. });
                     for (i, _) in m {
                         out[i] = Err(ChunkFault::Unreadable(e.to_string()));
+                        if vanished {
+                            gone.push(i);
+                        }
                     }
                 }
             }
         }
-        Ok(out)
+        Ok((out, gone))
     }
 
     /// gc's bucket part, after the sweep: snapshot objects the index does
