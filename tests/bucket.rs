@@ -730,11 +730,7 @@ fn an_export_outlives_a_gc_that_repacks_what_it_reads() {
     // and is backed up first: the kept image's chunks sit in packs that
     // are half garbage once `mixed` is forgotten, so gc repacks them.
     let kept = texty(12 << 20, 951);
-    let mut mixed = Vec::new();
-    for (k, piece) in kept.chunks(1 << 20).enumerate() {
-        mixed.extend_from_slice(piece);
-        mixed.extend(seeded(1 << 20, 960 + k as u64));
-    }
+    let mixed = interleaved_with_garbage(&kept, 1 << 20, 960);
     let (kept_img, mixed_img) = (env.path("kept.img"), env.path("mixed.img"));
     fs::write(&kept_img, &kept).unwrap();
     fs::write(&mixed_img, &mixed).unwrap();

@@ -17,6 +17,8 @@ impl Drop for Server {
     }
 }
 
+/// Starts `imgstore serve ARGS` on a socket in the test directory, its
+/// standard error in `serve.log` there.
 fn start(env: &Env, args: &[&str]) -> (Server, String) {
     let sock = env.path("nbd.sock");
     let child = env
@@ -26,7 +28,7 @@ fn start(env: &Env, args: &[&str]) -> (Server, String) {
         .arg("--socket")
         .arg(&sock)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(fs::File::create(env.path("serve.log")).unwrap())
         .spawn()
         .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
@@ -401,11 +403,7 @@ fn an_export_outlives_a_gc_that_rewrites_the_files_it_reads() {
     // with chunks that become garbage when `mixed` is forgotten: gc then
     // rewrites the kept chunks into new files and deletes the old ones.
     let kept = texty(48 << 20, 931);
-    let mut mixed = Vec::new();
-    for (k, piece) in kept.chunks(4 << 20).enumerate() {
-        mixed.extend_from_slice(piece);
-        mixed.extend(seeded(4 << 20, 940 + k as u64));
-    }
+    let mixed = interleaved_with_garbage(&kept, 4 << 20, 940);
     let (kept_img, mixed_img) = (env.path("kept.img"), env.path("mixed.img"));
     fs::write(&kept_img, &kept).unwrap();
     fs::write(&mixed_img, &mixed).unwrap();
@@ -427,26 +425,7 @@ fn an_export_outlives_a_gc_that_rewrites_the_files_it_reads() {
     let before = blobs();
 
     // The server opens the repository now, and has read nothing yet.
-    let log = env.path("serve.log");
-    let sock = env.path("nbd.sock");
-    let child = env
-        .command()
-        .args(["serve", "--all", "--socket"])
-        .arg(&sock)
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !sock.exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "server never listened"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    let server = Server(child);
-    let sock = sock.display().to_string();
+    let (server, sock) = start(&env, &["--all"]);
 
     env.ok(&["forget", &mixed_id]);
     env.ok(&["gc"]);
@@ -468,7 +447,7 @@ fn an_export_outlives_a_gc_that_rewrites_the_files_it_reads() {
     let o = nbdcopy(&mixed_id, &sock, &env.path("mixed-copy.img"));
     assert!(!o.status.success(), "a collected snapshot copied cleanly");
     drop(server);
-    let said = fs::read_to_string(&log).unwrap();
+    let said = fs::read_to_string(env.path("serve.log")).unwrap();
     assert!(
         said.contains("was forgotten and its data deleted by a gc"),
         "{said}"

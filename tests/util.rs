@@ -334,3 +334,16 @@ pub fn fuse_round_trip(mut cmd: std::process::Command, dir: &Path, snapshot: &st
         "the FUSE file of snapshot {snapshot} differs from the image"
     );
 }
+
+/// `kept` cut into `piece`-byte pieces, each followed by as many random
+/// bytes: backed up before `kept`, its chunks share blob files (or packs)
+/// with `kept`'s, and forgetting it leaves those half garbage, so gc
+/// rewrites (or repacks) them.
+pub fn interleaved_with_garbage(kept: &[u8], piece: usize, seed: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(2 * kept.len());
+    for (k, p) in kept.chunks(piece).enumerate() {
+        out.extend_from_slice(p);
+        out.extend(seeded(piece, seed + k as u64));
+    }
+    out
+}

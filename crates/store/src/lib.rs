@@ -524,73 +524,16 @@ impl Store {
     /// in order).
     pub fn chunk_frames(&self, ids: &[Id]) -> Result<Vec<imgstore_repo::ChunkRead>> {
         if self.packs.is_some() {
-            return self.bucket_chunk_frames(ids);
+            return self.read_through_views(ids, |db, ids| self.bucket_frames_in(db, ids));
         }
-        Ok(self.local_chunk_frames(ids))
+        self.read_through_views(ids, |db, ids| Ok(self.local_frames_in(db, ids)))
     }
 
-    fn local_chunk_frames(&self, ids: &[Id]) -> Vec<imgstore_repo::ChunkRead> {
+    /// Frames of `ids` from view `db` of the database (one batched lookup,
+    /// keys sorted so RocksDB reads blob files in order), and the positions
+    /// of those whose blob file was deleted after the view was opened.
+    fn local_frames_in(&self, db: &DB, ids: &[Id]) -> (Vec<imgstore_repo::ChunkRead>, Vec<usize>) {
         use imgstore_repo::ChunkFault;
-        // The view this store opened first: what it lists is what it reads
-        // (a newer view may lack chunks of a snapshot forgotten since).
-        let reads = self.read_frames(&self.db, ids);
-        let mut view: Option<std::sync::Arc<DB>> = None;
-        let mut out: Vec<imgstore_repo::ChunkRead> = Vec::with_capacity(ids.len());
-        let mut vanished = Vec::new();
-        for (i, r) in reads.into_iter().enumerate() {
-            out.push(match r {
-                Ok(Some(v)) => Ok(v),
-                Ok(None) => Err(ChunkFault::Missing),
-                Err(e) => {
-                    if file_vanished(&e) {
-                        vanished.push(i);
-                    }
-                    Err(ChunkFault::Unreadable(
-                        crate::error::db(&self.dir, "read chunk", e).to_string(),
-                    ))
-                }
-            });
-        }
-        for _ in 0..VIEW_REFRESHES {
-            if vanished.is_empty() {
-                break;
-            }
-            let Some(db) = self.newer_view(view.as_ref()) else {
-                break;
-            };
-            let again: Vec<Id> = vanished.iter().map(|&i| ids[i]).collect();
-            let reads = self.read_frames(&db, &again);
-            let mut still = Vec::new();
-            for (i, r) in vanished.into_iter().zip(reads) {
-                out[i] = match r {
-                    Ok(Some(v)) => Ok(v),
-                    // It was there when this reader opened the repository:
-                    // only gc deletes chunks, so its snapshot was forgotten
-                    // meanwhile.
-                    Ok(None) => Err(ChunkFault::Collected),
-                    Err(e) => {
-                        if file_vanished(&e) {
-                            still.push(i);
-                        }
-                        Err(ChunkFault::Unreadable(
-                            crate::error::db(&self.dir, "read chunk", e).to_string(),
-                        ))
-                    }
-                };
-            }
-            vanished = still;
-            view = Some(db);
-        }
-        out
-    }
-
-    /// Frames of `ids` from `db`, in order (one batched lookup, keys sorted
-    /// so RocksDB reads blob files in order).
-    fn read_frames(
-        &self,
-        db: &DB,
-        ids: &[Id],
-    ) -> Vec<std::result::Result<Option<Vec<u8>>, rocksdb::Error>> {
         let chunks = db.cf_handle(cf::CHUNKS).expect("column family exists");
         let mut sorted: Vec<(usize, &Id)> = ids.iter().enumerate().collect();
         sorted.sort_by_key(|(_, id)| **id);
@@ -601,11 +544,57 @@ impl Store {
         // RocksDB (found by the random-corruption test).
         let ro = rocksdb::ReadOptions::default();
         let vals = db.batched_multi_get_cf_opt(chunks, keys, true, &ro);
-        let mut out: Vec<_> = (0..ids.len()).map(|_| Ok(None)).collect();
+        let mut out: Vec<imgstore_repo::ChunkRead> = vec![Err(ChunkFault::Missing); ids.len()];
+        let mut vanished = Vec::new();
         for ((i, _), v) in sorted.into_iter().zip(vals) {
-            out[i] = v.map(|v| v.map(|v| v.to_vec()));
+            out[i] = match v {
+                Ok(Some(v)) => Ok(v.to_vec()),
+                Ok(None) => Err(ChunkFault::Missing),
+                Err(e) => {
+                    if file_vanished(&e) {
+                        vanished.push(i);
+                    }
+                    Err(ChunkFault::Unreadable(
+                        crate::error::db(&self.dir, "read chunk", e).to_string(),
+                    ))
+                }
+            };
         }
-        out
+        (out, vanished)
+    }
+
+    /// Reads `ids` with `read` through the view this store opened (what it
+    /// lists is what it reads), then the chunks whose blob file or pack
+    /// `read` found deleted through newer views (see [`Store::newer`]). A
+    /// chunk a newer view lacks was there at the open: only gc deletes
+    /// chunks, so its snapshot was forgotten meanwhile.
+    fn read_through_views(
+        &self,
+        ids: &[Id],
+        read: impl Fn(&DB, &[Id]) -> Result<(Vec<imgstore_repo::ChunkRead>, Vec<usize>)>,
+    ) -> Result<Vec<imgstore_repo::ChunkRead>> {
+        use imgstore_repo::ChunkFault;
+        let (mut out, mut gone) = read(&self.db, ids)?;
+        let mut view = None;
+        for _ in 0..VIEW_REFRESHES {
+            if gone.is_empty() {
+                break;
+            }
+            let Some(db) = self.newer_view(view.as_ref()) else {
+                break;
+            };
+            let again: Vec<Id> = gone.iter().map(|&i| ids[i]).collect();
+            let (reads, still) = read(&db, &again)?;
+            for (&i, r) in gone.iter().zip(reads) {
+                out[i] = match r {
+                    Err(ChunkFault::Missing) => Err(ChunkFault::Collected),
+                    r => r,
+                };
+            }
+            gone = still.into_iter().map(|j| gone[j]).collect();
+            view = Some(db);
+        }
+        Ok(out)
     }
 
     /// A view of the database newer than `seen` (the view a read just

@@ -750,43 +750,12 @@ impl Store {
         Ok(())
     }
 
-    /// Chunk frames of a bucket-backed store: pending ones from memory,
-    /// cached packs from disk, the rest with ranged GETs (adjacent entries
-    /// of a pack merged into one request), all packs of the call in
-    /// parallel.
-    pub(crate) fn bucket_chunk_frames(&self, ids: &[Id]) -> Result<Vec<imgstore_repo::ChunkRead>> {
-        use imgstore_repo::ChunkFault;
-        // Read through the view this store opened; a read-only store whose
-        // packs were repacked and deleted by a writer's gc since then
-        // finds the chunks' new locations in a newer view (as for blob
-        // files in a local store, see `Store::newer`).
-        let (mut out, mut gone) = self.bucket_frames_in(&self.db, ids)?;
-        let mut view = None;
-        for _ in 0..crate::VIEW_REFRESHES {
-            if gone.is_empty() {
-                break;
-            }
-            let Some(db) = self.newer_view(view.as_ref()) else {
-                break;
-            };
-            let again: Vec<Id> = gone.iter().map(|&i| ids[i]).collect();
-            let (reads, still) = self.bucket_frames_in(&db, &again)?;
-            for (&i, r) in gone.iter().zip(reads) {
-                out[i] = match r {
-                    // It had a location when this reader opened the index.
-                    Err(ChunkFault::Missing) => Err(ChunkFault::Collected),
-                    r => r,
-                };
-            }
-            gone = still.into_iter().map(|j| gone[j]).collect();
-            view = Some(db);
-        }
-        Ok(out)
-    }
-
-    /// Frames of `ids` by the locations view `db` of the index gives, and
+    /// Chunk frames of a bucket-backed store, by the locations view `db`
+    /// of the index gives: pending ones from memory, cached packs from
+    /// disk, the rest with ranged GETs (adjacent entries of a pack merged
+    /// into one request), all packs of the call in parallel. Also returns
     /// the positions of those whose pack no longer exists.
-    fn bucket_frames_in(
+    pub(crate) fn bucket_frames_in(
         &self,
         db: &rocksdb::DB,
         ids: &[Id],
