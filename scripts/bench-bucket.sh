@@ -41,14 +41,7 @@ GPID=$!
 trap 'kill $GPID 2>/dev/null || true' EXIT
 for _ in $(seq 100); do "$GARAGE" -c "$WORK/garage/garage.toml" bucket info bench >/dev/null 2>&1 && break; sleep 0.2; done
 
-timed() { # timed CMD... -> seconds; output in $WORK/last
-    sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
-    local t0 t1
-    t0=$(date +%s.%N)
-    "$@" > "$WORK/last" 2> "$WORK/err" || { echo "failed: $*"; cat "$WORK/err"; exit 1; }
-    t1=$(date +%s.%N)
-    echo "$t1 - $t0" | bc
-}
+. scripts/bench-lib.sh
 field() { python3 -c 'import json,sys
 v=json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
 for k in sys.argv[2].split("."): v=v[k]

@@ -36,14 +36,7 @@ received() {
     curl -sk -H "Authorization: Bearer $(cat "$WORK/admin.token")" "https://$ADDR/metrics" |
         awk '/^imgstore_received_bytes_total/ {print $2}'
 }
-timed() { # timed CMD... -> seconds on stdout, command output in $WORK/last
-    sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
-    local t0 t1
-    t0=$(date +%s.%N)
-    "$@" > "$WORK/last" 2> "$WORK/err" || { echo "failed: $*"; cat "$WORK/err"; exit 1; }
-    t1=$(date +%s.%N)
-    echo "$t1 - $t0" | bc
-}
+. scripts/bench-lib.sh
 printf 'generation\tlocal_s\tremote_s\tsent_bytes\tadded_bytes\tsent/added\n'
 for g in 0 1 2 3; do
     tl=$(timed "$BIN" -r "$L" --no-progress backup "$IMG/disk-$g.img" --name disk --json)

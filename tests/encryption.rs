@@ -253,13 +253,7 @@ fn tampering_with_stored_data_is_found_never_served() {
         .to_string();
     // Without the key, the host reads every sealed chunk through RocksDB's
     // checksums: clean now, damaged once a byte is flipped below.
-    let o = run(
-        &env,
-        None,
-        &["check", "--without-key", "--read-data", "--json"],
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let v = keyless_read_data(&env);
     assert!(v["chunks_read"].as_u64().unwrap() >= 24, "{v}");
     assert!(v["bytes_read"].as_u64().unwrap() > 24 << 20, "{v}");
     let blob = fs::read_dir(env.repo().join("db"))
@@ -370,13 +364,7 @@ fn check_without_the_key_agrees_with_the_keyed_check() {
     );
     // Reading data without the key checks the ciphertext as stored: every
     // stored chunk, orphans included.
-    let o = run(
-        &env,
-        None,
-        &["check", "--without-key", "--read-data", "--json"],
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let v = keyless_read_data(&env);
     assert_eq!(
         v["chunks_read"].as_u64().unwrap(),
         counts(&keyed)[1],
@@ -385,4 +373,15 @@ fn check_without_the_key_agrees_with_the_keyed_check() {
     // Plaintext checks still need the key.
     let o = run(&env, None, &["check", "--read-data"]);
     assert_eq!(o.status.code(), Some(2), "reading plaintext needs the key");
+}
+
+/// `check --without-key --read-data --json`, which must succeed; its report.
+fn keyless_read_data(env: &Env) -> serde_json::Value {
+    let o = run(
+        env,
+        None,
+        &["check", "--without-key", "--read-data", "--json"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
 }
