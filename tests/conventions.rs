@@ -102,6 +102,58 @@ fn a_mounted_device_is_never_overwritten() {
     assert!(got[..want.len()] == want[..], "restored onto the device");
 }
 
+/// Zero extents restored onto a device are zeroed by the device itself (a
+/// loop device, whose file then stays sparse), by plain and by delta
+/// restores, and read back as zeros over the random bytes it held.
+#[test]
+fn zeros_restored_onto_a_device_are_zeroed_by_the_device() {
+    let env = Env::new();
+    env.init();
+    let mut image = texty(8 << 20, 71);
+    image.extend(vec![0u8; 40 << 20]);
+    image.extend(seeded(8 << 20, 72));
+    image.extend(vec![0u8; 8 << 20]);
+    let img = env.path("thin.img");
+    fs::write(&img, &image).unwrap();
+    let id = env.backup(&img, &[])["id"].as_str().unwrap().to_string();
+    let backing = env.path("dev.bin");
+    fs::write(&backing, seeded(64 << 20, 73)).unwrap();
+    let Some(dev) = loop_device(&backing) else {
+        eprintln!("SKIP: no loop devices here (needs root and the loop module)");
+        return;
+    };
+    let plain = env.run(&["restore", &id, &dev, "--force"]);
+    let after_plain = (fs::read(&backing).unwrap(), allocated(&backing));
+    // Random bytes over the zero extent again, through the device: the
+    // delta restore must zero them.
+    let dirty = fs::OpenOptions::new().write(true).open(&dev).and_then(|f| {
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(&seeded(40 << 20, 74), 8 << 20)?;
+        f.sync_all()
+    });
+    let delta = env.run(&["restore", &id, &dev, "--delta", "--force"]);
+    let after_delta = (fs::read(&backing).unwrap(), allocated(&backing));
+    let _ = Command::new("losetup").args(["-d", &dev]).status();
+    assert!(plain.status.success(), "{}", stderr(&plain));
+    assert!(after_plain.0 == image, "the device differs from the image");
+    assert!(
+        after_plain.1 < 24 << 20,
+        "the device's zeros were written, not zeroed by it: {} bytes of its 64 MiB file allocated",
+        after_plain.1
+    );
+    dirty.unwrap();
+    assert!(delta.status.success(), "{}", stderr(&delta));
+    assert!(
+        after_delta.0 == image,
+        "the delta restore left the device differing"
+    );
+    assert!(
+        after_delta.1 < 24 << 20,
+        "the delta restore wrote its zeros: {} bytes allocated",
+        after_delta.1
+    );
+}
+
 #[test]
 fn empty_endless_and_blocking_sources_are_refused_quickly() {
     let env = Env::new();

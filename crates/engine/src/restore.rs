@@ -5,8 +5,8 @@
 //! fetches its region's chunks in one batched lookup, decompresses them,
 //! checks every chunk against its id, writes it at its offset and feeds the
 //! region's bytes to its part of the image digest. Zero extents are holes in
-//! a file target (which was created sparse), real zeros on a device or a
-//! stream. The image digest is compared with the snapshot's at the end; a
+//! a file target (which was created sparse), zeroed by the device where it
+//! can on a device ([`Zeroing`]), and real zeros on a stream. The image digest is compared with the snapshot's at the end; a
 //! file target is written under a temporary name and renamed into place
 //! only then, so a failed restore never leaves a plausible-looking image.
 
@@ -120,9 +120,16 @@ pub(crate) struct Out<'a> {
     file: &'a File,
     direct: Direct,
     path: &'a Path,
-    /// Write zero extents too (a device); a sparse file leaves them as holes.
+    /// Zero extents must become zeros on the target (a device); a sparse
+    /// file leaves them as holes.
     write_zeros: bool,
+    /// How this device takes zeros (see [`Zeroing`]), learnt on first use.
+    zeroing: Zeroing,
 }
+
+/// Zero gaps shorter than this are written with the data around them: a
+/// request to zero a range costs more than writing a few KiB.
+const MIN_ZERO_GAP: usize = 64 << 10;
 
 impl<'a> Out<'a> {
     fn new(file: &'a File, open_path: &Path, path: &'a Path, write_zeros: bool) -> Out<'a> {
@@ -131,12 +138,14 @@ impl<'a> Out<'a> {
             direct: Direct::open(open_path, true),
             path,
             write_zeros,
+            zeroing: Zeroing::default(),
         }
     }
 
-    /// Writes the region `buf` (restored, verified) at `base`: all of it on
-    /// a device, only its data entries (rounded out to whole 4 KiB blocks,
-    /// which hold zeros around them) on a sparse file.
+    /// Writes the region `buf` (restored, verified) at `base`: its data
+    /// entries (rounded out to whole 4 KiB blocks, which hold zeros around
+    /// them); on a device, the zero extents between them are zeroed too
+    /// (by the device where it can, see [`Zeroing`]).
     fn write_region(
         &self,
         base: u64,
@@ -145,20 +154,29 @@ impl<'a> Out<'a> {
     ) -> Result<(), EngineError> {
         let len = buf.len();
         let mut runs: Vec<(usize, usize)> = Vec::new();
-        if self.write_zeros {
-            runs.push((0, len));
-        } else {
-            let mut pos = 0;
-            for e in entries {
-                let end = pos + e.len as usize;
-                if e.chunk.is_some() {
-                    let (a, b) = (align_down(pos), align_up(end).min(len));
-                    match runs.last_mut() {
-                        Some(last) if last.1 >= a => last.1 = b,
-                        _ => runs.push((a, b)),
-                    }
+        let mut pos = 0;
+        for e in entries {
+            let end = pos + e.len as usize;
+            if e.chunk.is_some() {
+                let (a, b) = (align_down(pos), align_up(end).min(len));
+                // On a device a short gap is written with the data (the
+                // buffer holds its zeros).
+                let join = if self.write_zeros { MIN_ZERO_GAP } else { 0 };
+                match runs.last_mut() {
+                    Some(last) if last.1 + join >= a => last.1 = b,
+                    _ => runs.push((a, b)),
                 }
-                pos = end;
+            }
+            pos = end;
+        }
+        if self.write_zeros {
+            let mut at = 0;
+            for &(a, b) in runs.iter().chain(std::iter::once(&(len, len))) {
+                if a > at {
+                    self.zeroing
+                        .zero(self.file, self.path, base + at as u64, (a - at) as u64)?;
+                }
+                at = b;
             }
         }
         let whole = align_down(len);
@@ -181,6 +199,46 @@ impl<'a> Out<'a> {
             }
         }
         Ok(())
+    }
+}
+
+/// How a target takes a range of zeros, best first. A device is asked to
+/// zero the range itself with `fallocate(PUNCH_HOLE)`, which the kernel
+/// turns into WRITE ZEROES allowing unmap (a thin LV, an SSD or a loop
+/// device's file stays thin, and nothing crosses the bus); where the
+/// device cannot, `fallocate(ZERO_RANGE)`, which the kernel serves with
+/// WRITE ZEROES or by writing zero pages itself; else zeros are written
+/// from here. Either way the range reads back as zeros afterwards (the
+/// kernel's contract for both calls on a block device). A sparse file
+/// target is punched (its holes read as zeros). What failed once is not
+/// tried again for the rest of the restore.
+#[derive(Default)]
+pub(crate) struct Zeroing {
+    /// 0: punch; 1: zero range; 2: write zeros.
+    level: std::sync::atomic::AtomicU8,
+}
+
+impl Zeroing {
+    fn zero(&self, file: &File, path: &Path, at: u64, len: u64) -> Result<(), EngineError> {
+        use rustix::fs::FallocateFlags as F;
+        use std::sync::atomic::Ordering::Relaxed;
+        let modes = [F::PUNCH_HOLE | F::KEEP_SIZE, F::ZERO_RANGE | F::KEEP_SIZE];
+        let mut level = self.level.load(Relaxed);
+        while (level as usize) < modes.len() {
+            match rustix::fs::fallocate(file, modes[level as usize], at, len) {
+                Ok(()) => return Ok(()),
+                // Unsupported here, or the range not aligned to the
+                // device's blocks (an image's odd tail): the next way.
+                Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::INVAL => {
+                    if e == rustix::io::Errno::OPNOTSUPP {
+                        let _ = self.level.fetch_max(level + 1, Relaxed);
+                    }
+                    level += 1;
+                }
+                Err(e) => return Err(write_err(path, at)(e.into())),
+            }
+        }
+        write_zeros_at(file, path, at, len)
     }
 }
 
@@ -579,6 +637,7 @@ pub fn restore_delta(
         AtomicU64::new(0),
     );
     let file = &file;
+    let zeroing = Zeroing::default();
     let hashes: Vec<RegionHash> = io_pool()?.install(|| {
         (0..reader.region_count())
             .into_par_iter()
@@ -656,18 +715,7 @@ pub fn restore_delta(
                 }
                 for &(off, l) in &zero {
                     let at = base + off as u64;
-                    let punched = !device
-                        && rustix::fs::fallocate(
-                            file,
-                            rustix::fs::FallocateFlags::PUNCH_HOLE
-                                | rustix::fs::FallocateFlags::KEEP_SIZE,
-                            at,
-                            l as u64,
-                        )
-                        .is_ok();
-                    if !punched {
-                        write_zeros_at(file, path, at, l as u64)?;
-                    }
+                    zeroing.zero(file, path, at, l as u64)?;
                     buf[off..off + l].fill(0);
                     zeroed.fetch_add(l as u64, Relaxed);
                 }
