@@ -104,11 +104,12 @@ pub struct Store {
     packs: Option<Box<packs::Packs>>,
     /// A read-only store's newer view of the database, for chunk reads.
     /// A read-only open sees the files live at that moment; a writer's gc
-    /// may since have rewritten the live chunks of a blob file into a new
-    /// one and deleted the old file (the files the tree itself uses stay
-    /// open, and readable, from the open). A chunk read that finds its
-    /// blob file gone reopens the database once and reads it there: a
-    /// chunk's bytes never change, only where they lie.
+    /// may since have rewritten the live chunks of a blob file (or, in a
+    /// bucket, of a pack) into a new one and deleted the old (the SST
+    /// files the view uses stay open, and readable, from the open). A
+    /// chunk read that finds its blob file or pack gone reopens the
+    /// database once and reads it where that view says: a chunk's bytes
+    /// never change, only where they lie.
     newer: Mutex<Option<std::sync::Arc<DB>>>,
     /// The block cache, shared with a newer view.
     cache: Cache,
