@@ -41,6 +41,10 @@ pub struct Overlay {
     size: u64,
     /// One bit per block; the mutex also serialises writes.
     dirty: Mutex<Vec<u64>>,
+    /// Serialises flushes: each writes the bitmap through one temporary
+    /// file (two at once truncated and renamed it under each other; most
+    /// concurrent flushes failed, and the client saw EIO).
+    flushing: Mutex<()>,
 }
 
 fn bad(dir: &Path, why: String) -> EngineError {
@@ -189,6 +193,7 @@ impl Overlay {
             _lock: lock,
             size: base.size,
             dirty: Mutex::new(dirty),
+            flushing: Mutex::new(()),
         })
     }
 
@@ -336,6 +341,7 @@ impl Overlay {
     /// Makes every write so far durable: syncs the data, then replaces the
     /// bitmap atomically.
     pub fn flush(&self) -> Result<(), EngineError> {
+        let _one_at_a_time = self.flushing.lock().unwrap_or_else(|p| p.into_inner());
         let bits = self.dirty.lock().unwrap_or_else(|p| p.into_inner()).clone();
         self.data
             .sync_all()
