@@ -454,3 +454,76 @@ fn an_export_outlives_a_gc_that_rewrites_the_files_it_reads() {
     );
     assert!(!said.contains("check --read-data"), "{said}");
 }
+
+/// Ctrl-C or SIGTERM stops a writable export in order: a write its client
+/// never flushed (qemu-io in writeback mode, still connected) is kept in
+/// the overlay, the command exits 0 and removes its socket.
+#[test]
+fn a_stopped_writable_export_keeps_writes_never_flushed() {
+    if !have("qemu-io") || !have("nbdcopy") {
+        eprintln!("SKIP: qemu-io (qemu-utils) and nbdcopy (libnbd-bin) needed");
+        return;
+    }
+    let env = Env::new();
+    env.init();
+    let img = env.path("vm.img");
+    let data = seeded(8 << 20, 981);
+    fs::write(&img, &data).unwrap();
+    let id = env.backup(&img, &[])["id"].as_str().unwrap().to_string();
+    let overlay = env.path("overlay");
+    let (mut server, sock) = start(&env, &[&id, "--writable", overlay.to_str().unwrap()]);
+    let said = env.path("qemu-io.out");
+    let mut client = Command::new("qemu-io")
+        .args(["-t", "writeback", "-f", "raw"])
+        .arg(uri("", &sock))
+        .stdin(Stdio::piped())
+        .stdout(fs::File::create(&said).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let stdin = client.stdin.as_mut().unwrap();
+        writeln!(stdin, "write -P 0xab 0 65536").unwrap();
+        stdin.flush().unwrap();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !fs::read_to_string(&said)
+        .unwrap()
+        .contains("wrote 65536/65536")
+    {
+        assert!(std::time::Instant::now() < deadline, "qemu-io never wrote");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // The client is still connected and has flushed nothing.
+    assert!(Command::new("kill")
+        .args(["-TERM", &server.0.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = server.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "serve did not stop");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    drop(client.stdin.take());
+    let _ = client.wait();
+    assert!(status.success(), "{status:?}");
+    assert!(!std::path::Path::new(&sock).exists(), "the socket was left");
+    let log = fs::read_to_string(env.path("serve.log")).unwrap();
+    assert!(log.contains("every write is kept"), "{log}");
+
+    let (_server, sock) = start(&env, &[&id, "--writable", overlay.to_str().unwrap()]);
+    let view = env.path("view.img");
+    let o = nbdcopy("", &sock, &view);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut expected = data;
+    expected[..65536].fill(0xab);
+    assert!(
+        fs::read(&view).unwrap() == expected,
+        "the unflushed write was lost when serve stopped"
+    );
+}

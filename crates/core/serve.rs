@@ -167,7 +167,52 @@ pub fn serve(repo: &Path, a: ServeArgs) -> anyhow::Result<()> {
         }
     };
     let set = &set;
+    // Ctrl-C and SIGTERM stop the server in order: the overlay keeps every
+    // write made so far (flushed or not), the socket file goes. Watched
+    // from before the first connection.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the signal watcher")?;
+    let (mut int, mut term) = {
+        use tokio::signal::unix::{signal, SignalKind};
+        let _in_rt = rt.enter();
+        (
+            signal(SignalKind::interrupt()).context("cannot watch for Ctrl-C")?,
+            signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?,
+        )
+    };
     std::thread::scope(|scope| -> anyhow::Result<()> {
+        let socket = a.socket.clone();
+        let writable = a.writable.clone();
+        scope.spawn(move || {
+            let why = rt.block_on(async {
+                tokio::select! {
+                    _ = int.recv() => "Ctrl-C",
+                    _ = term.recv() => "SIGTERM",
+                }
+            });
+            let mut code = 0;
+            for e in &set.exports {
+                if let Some(o) = &e.1 {
+                    if let Err(err) = o.flush() {
+                        note(&format!("imgstore serve: {err}"));
+                        code = crate::exit::FAILURE as i32;
+                    }
+                }
+            }
+            if let Some(path) = &socket {
+                let _ = std::fs::remove_file(path);
+            }
+            match (&writable, code) {
+                (Some(dir), 0) => note(&format!(
+                    "stopped ({why}); every write is kept in the overlay in {}",
+                    dir.display()
+                )),
+                _ => note(&format!("stopped ({why})")),
+            }
+            std::process::exit(code);
+        });
         if let Some(path) = &a.socket {
             if std::fs::symlink_metadata(path).is_ok_and(|m| {
                 use std::os::unix::fs::FileTypeExt;
