@@ -316,7 +316,7 @@ fn writable_export_keeps_writes_in_an_overlay_and_backs_them_up() {
             .unwrap();
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(
-            !o.status.success() && err.contains("is in use by another"),
+            !o.status.success() && err.contains("is in use by a running"),
             "{err}"
         );
     }
@@ -495,6 +495,15 @@ fn a_stopped_writable_export_keeps_writes_never_flushed() {
         assert!(std::time::Instant::now() < deadline, "qemu-io never wrote");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+    // A backup of the overlay is refused while the server can still write
+    // into it.
+    let o = env.run(&["backup", "--from-export", overlay.to_str().unwrap()]);
+    assert!(!o.status.success(), "a live overlay was backed up");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("in use by a running"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     // The client is still connected and has flushed nothing.
     assert!(Command::new("kill")
         .args(["-TERM", &server.0.id().to_string()])
@@ -525,5 +534,24 @@ fn a_stopped_writable_export_keeps_writes_never_flushed() {
     assert!(
         fs::read(&view).unwrap() == expected,
         "the unflushed write was lost when serve stopped"
+    );
+    drop(_server);
+    // Stopped, the overlay backs up, and the snapshot holds the write.
+    let kept = env.ok(&[
+        "backup",
+        "--from-export",
+        overlay.to_str().unwrap(),
+        "--json",
+    ]);
+    let kept: serde_json::Value = serde_json::from_str(kept.lines().last().unwrap()).unwrap();
+    let back = env.path("back.img");
+    env.ok(&[
+        "restore",
+        kept["id"].as_str().unwrap(),
+        back.to_str().unwrap(),
+    ]);
+    assert!(
+        fs::read(&back).unwrap() == expected,
+        "the overlay's snapshot differs"
     );
 }

@@ -289,6 +289,13 @@ fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> {
     for t in &a.tags {
         imgstore_engine::check_tag(t)?;
     }
+    // The overlay is held for the whole backup: no server writes into it
+    // meanwhile, so the snapshot is the overlay as its server left it.
+    let _overlay_lock = a
+        .from_export
+        .as_deref()
+        .map(imgstore_engine::lock_overlay)
+        .transpose()?;
     let overlay = a
         .from_export
         .as_deref()

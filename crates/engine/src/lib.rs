@@ -61,7 +61,7 @@ pub use error::EngineError;
 pub use forget::{forget, plan_forget, record_damage, retag, ForgetPlan, ForgetRequest};
 pub use image::ImageReader;
 pub use names::{check_name, check_tag, NAME_MAX};
-pub use overlay::{overlay_info, Overlay, OverlayInfo, OVERLAY_BLOCK};
+pub use overlay::{lock_overlay, overlay_info, Overlay, OverlayInfo, OverlayLock, OVERLAY_BLOCK};
 pub use restore::{restore, restore_delta, DeltaReport, RestoreReport, Target};
 pub use select::{
     parent_for, parse_export_name, select, select_for_image, ParentChoice, Selector, SnapshotFilter,

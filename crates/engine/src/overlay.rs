@@ -108,6 +108,38 @@ fn ranges(bits: &[u64], size: u64) -> Vec<(u64, u64)> {
 }
 
 /// Reads an overlay directory's record and dirty ranges.
+/// The overlay in a directory held for this process alone: while it is
+/// held no `serve --writable` can write into it (and while one serves, it
+/// cannot be taken).
+pub struct OverlayLock(File);
+
+/// Takes the overlay lock of `dir`, or says who holds it. A backup of the
+/// overlay holds it for its whole run, so what it reads is the overlay as
+/// its server last left it, never an image still being written.
+pub fn lock_overlay(dir: &Path) -> Result<OverlayLock, EngineError> {
+    if !dir.join(META).is_file() {
+        // Checked first, so no lock file is left in a directory that is
+        // not an overlay.
+        overlay_info(dir)?;
+    }
+    let lock = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(dir.join("lock"))
+        .map_err(|e| io(dir, "cannot create the overlay lock", e))?;
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
+        |_| {
+            bad(
+                dir,
+                "is in use by a running `imgstore serve --writable` (or a backup of it): stop it first (Ctrl-C keeps every write)".into(),
+            )
+        },
+    )?;
+    Ok(OverlayLock(lock))
+}
+
 pub fn overlay_info(dir: &Path) -> Result<OverlayInfo, EngineError> {
     let text = fs::read_to_string(dir.join(META)).map_err(|e| {
         bad(
@@ -161,21 +193,7 @@ impl Overlay {
                 ));
             }
         }
-        let lock = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(dir.join("lock"))
-            .map_err(|e| io(dir, "cannot create the overlay lock", e))?;
-        rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
-            |_| {
-                bad(
-                    dir,
-                    "is in use by another `imgstore serve --writable`: stop it first".into(),
-                )
-            },
-        )?;
+        let lock = lock_overlay(dir)?.0;
         let data = OpenOptions::new()
             .read(true)
             .write(true)
