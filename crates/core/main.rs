@@ -17,6 +17,7 @@ mod progress;
 mod serve;
 mod server;
 mod source_command;
+mod stops;
 mod units;
 
 use std::io::Write;

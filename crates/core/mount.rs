@@ -89,20 +89,9 @@ pub fn mount(repo: &Path, a: MountArgs) -> anyhow::Result<()> {
             image: Box::new(SnapImage(ImageReader::new(&**store, id, s, per)?)),
         });
     }
-    // Ctrl-C and SIGTERM unmount and end the command cleanly; the handlers
-    // are in place before the mount, so no signal finds it half set up.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the signal watcher")?;
-    let (mut int, mut term) = {
-        use tokio::signal::unix::{signal, SignalKind};
-        let _in_rt = rt.enter();
-        (
-            signal(SignalKind::interrupt()).context("cannot watch for Ctrl-C")?,
-            signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?,
-        )
-    };
+    // Ctrl-C and SIGTERM unmount and end the command cleanly; watched
+    // before the mount, so no signal finds it half set up.
+    let (rt, mut stops) = crate::stops::watch()?;
     let uid = rustix::process::geteuid().as_raw();
     let gid = rustix::process::getegid().as_raw();
     let mounted = imgstore_fuse::mount(entries, &a.mountpoint, uid, gid)
@@ -118,8 +107,7 @@ pub fn mount(repo: &Path, a: MountArgs) -> anyhow::Result<()> {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         let why = loop {
             tokio::select! {
-                _ = int.recv() => break "Ctrl-C",
-                _ = term.recv() => break "SIGTERM",
+                why = stops.next() => break why,
                 _ = tick.tick() => if mounted.is_finished() {
                     return mounted.wait().with_context(|| format!("serving {mountpoint} failed"));
                 },
@@ -134,8 +122,7 @@ pub fn mount(repo: &Path, a: MountArgs) -> anyhow::Result<()> {
         let started = tokio::time::Instant::now();
         loop {
             tokio::select! {
-                _ = int.recv() => return Err(stopped_busy(&mountpoint)),
-                _ = term.recv() => return Err(stopped_busy(&mountpoint)),
+                _ = stops.next() => return Err(stopped_busy(&mountpoint)),
                 _ = tick.tick() => {
                     if mounted.is_finished() {
                         break;

@@ -170,28 +170,12 @@ pub fn serve(repo: &Path, a: ServeArgs) -> anyhow::Result<()> {
     // Ctrl-C and SIGTERM stop the server in order: the overlay keeps every
     // write made so far (flushed or not), the socket file goes. Watched
     // from before the first connection.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the signal watcher")?;
-    let (mut int, mut term) = {
-        use tokio::signal::unix::{signal, SignalKind};
-        let _in_rt = rt.enter();
-        (
-            signal(SignalKind::interrupt()).context("cannot watch for Ctrl-C")?,
-            signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?,
-        )
-    };
+    let (rt, mut stops) = crate::stops::watch()?;
     std::thread::scope(|scope| -> anyhow::Result<()> {
         let socket = a.socket.clone();
         let writable = a.writable.clone();
         scope.spawn(move || {
-            let why = rt.block_on(async {
-                tokio::select! {
-                    _ = int.recv() => "Ctrl-C",
-                    _ = term.recv() => "SIGTERM",
-                }
-            });
+            let why = rt.block_on(stops.next());
             let mut code = 0;
             for e in &set.exports {
                 if let Some(o) = &e.1 {
