@@ -110,11 +110,7 @@ fn nbd_clients_list_map_and_copy_snapshots_byte_exact() {
     for (export, src) in [(&new[..12], &img2), (old.as_str(), &img)] {
         let out = env.path("copy.img");
         let _ = fs::remove_file(&out);
-        let o = Command::new("nbdcopy")
-            .arg(uri(export, &sock))
-            .arg(&out)
-            .output()
-            .unwrap();
+        let o = nbdcopy(export, &sock, &out);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         assert_same(src, &out);
         // Sparse on the way out too: the holes were not written as data.
@@ -169,11 +165,7 @@ fn a_damaged_chunk_is_an_io_error_never_wrong_bytes() {
     fs::write(&blob, b).unwrap();
     let (_server, sock) = start(&env, &[&id]);
     let out = env.path("copy.img");
-    let o = Command::new("nbdcopy")
-        .arg(uri("", &sock))
-        .arg(&out)
-        .output()
-        .unwrap();
+    let o = nbdcopy("", &sock, &out);
     assert!(
         !o.status.success(),
         "a damaged snapshot must not copy cleanly"
@@ -291,11 +283,7 @@ fn writable_export_keeps_writes_in_an_overlay_and_backs_them_up() {
         expected[7 << 20..8 << 20].fill(0);
         expected[9 << 20..(9 << 20) + 4096].fill(0x66);
         let view = env.path("view.img");
-        let o = Command::new("nbdcopy")
-            .arg(uri("", &sock))
-            .arg(&view)
-            .output()
-            .unwrap();
+        let o = nbdcopy("", &sock, &view);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         assert!(
             fs::read(&view).unwrap() == expected,
@@ -329,11 +317,7 @@ fn writable_export_keeps_writes_in_an_overlay_and_backs_them_up() {
     {
         let (_server, sock) = start(&env, &[&id, "--writable", overlay.to_str().unwrap()]);
         let view = env.path("view2.img");
-        let o = Command::new("nbdcopy")
-            .arg(uri("", &sock))
-            .arg(&view)
-            .output()
-            .unwrap();
+        let o = nbdcopy("", &sock, &view);
         assert!(o.status.success());
         assert!(fs::read(&view).unwrap() == expected, "overlay not resumed");
     }

@@ -6,9 +6,10 @@
 //! checks every chunk against its id, writes it at its offset and feeds the
 //! region's bytes to its part of the image digest. Zero extents are holes in
 //! a file target (which was created sparse), zeroed by the device where it
-//! can on a device ([`Zeroing`]), and real zeros on a stream. The image digest is compared with the snapshot's at the end; a
-//! file target is written under a temporary name and renamed into place
-//! only then, so a failed restore never leaves a plausible-looking image.
+//! can on a device ([`Zeroing`]), and real zeros on a stream. The image
+//! digest is compared with the snapshot's at the end; a file target is
+//! written under a temporary name and renamed into place only then, so a
+//! failed restore never leaves a plausible-looking image.
 
 use std::cell::RefCell;
 use std::fs::{File, OpenOptions};
