@@ -15,19 +15,19 @@ use std::time::{Duration, Instant};
 
 use crate::util::*;
 
-const CONFIG: &str = "[namespaces]\nweb = [\"web-*\"]\ndb = [\"db-*\"]\n";
+pub(crate) const CONFIG: &str = "[namespaces]\nweb = [\"web-*\"]\ndb = [\"db-*\"]\n";
 
 /// A running `imgstore server`; killed (SIGKILL) on drop.
-struct Served {
-    child: Child,
-    addr: String,
-    fp: String,
-    log: PathBuf,
+pub(crate) struct Served {
+    pub(crate) child: Child,
+    pub(crate) addr: String,
+    pub(crate) fp: String,
+    pub(crate) log: PathBuf,
 }
 
 impl Served {
     /// Starts the server of `env`'s repository on `listen` (port 0: any).
-    fn start(env: &Env, listen: &str) -> Served {
+    pub(crate) fn start(env: &Env, listen: &str) -> Served {
         let log = env.path(&format!("server-{}.log", listen.replace([':', '.'], "_")));
         let mut child = env
             .command()
@@ -54,16 +54,16 @@ impl Served {
         }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("imgstores://{}/", self.addr)
     }
 
-    fn kill9(&mut self) {
+    pub(crate) fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 
-    fn assert_no_panic(&self) {
+    pub(crate) fn assert_no_panic(&self) {
         let log = fs::read_to_string(&self.log).unwrap_or_default();
         assert!(!log.contains("panicked"), "server log: {log}");
     }
@@ -76,7 +76,7 @@ impl Drop for Served {
 }
 
 /// A repository with the namespace config and one token per role.
-fn setup(env: &Env) -> Served {
+pub(crate) fn setup(env: &Env) -> Served {
     env.init();
     fs::create_dir_all(env.repo().join("server")).unwrap();
     fs::write(env.repo().join("server/config.toml"), CONFIG).unwrap();
@@ -105,14 +105,14 @@ fn setup(env: &Env) -> Served {
 }
 
 /// The imgstore binary as a client of `url` with token `token`.
-struct Client {
-    url: String,
-    fp: String,
-    token: PathBuf,
+pub(crate) struct Client {
+    pub(crate) url: String,
+    pub(crate) fp: String,
+    pub(crate) token: PathBuf,
 }
 
 impl Client {
-    fn new(env: &Env, s: &Served, token: &str) -> Client {
+    pub(crate) fn new(env: &Env, s: &Served, token: &str) -> Client {
         Client {
             url: s.url(),
             fp: s.fp.clone(),
@@ -128,19 +128,25 @@ impl Client {
         }
     }
 
-    fn command(&self) -> Command {
+    pub(crate) fn command(&self) -> Command {
         let mut c = Command::new(BIN);
         c.arg("-r")
             .arg(&self.url)
             .arg("--token-file")
             .arg(&self.token)
             .env("IMGSTORE_SERVER_FINGERPRINT", &self.fp)
+            // The test's own known-repositories record (`Env::state_dir`:
+            // the token lives in the test's directory).
+            .env(
+                "IMGSTORE_STATE_DIR",
+                self.token.parent().unwrap().join("state"),
+            )
             .env_remove("IMGSTORE_TOKEN")
             .env_remove("IMGSTORE_REPO");
         c
     }
 
-    fn run(&self, args: &[&str]) -> Output {
+    pub(crate) fn run(&self, args: &[&str]) -> Output {
         self.command()
             .args(args)
             .stdin(Stdio::null())
@@ -148,7 +154,7 @@ impl Client {
             .unwrap()
     }
 
-    fn ok(&self, args: &[&str]) -> String {
+    pub(crate) fn ok(&self, args: &[&str]) -> String {
         let o = self.run(args);
         assert!(
             o.status.success(),
@@ -161,7 +167,7 @@ impl Client {
     }
 
     /// Fails with exit `code` and a one-line error containing `needle`.
-    fn fails(&self, args: &[&str], code: i32, needle: &str) {
+    pub(crate) fn fails(&self, args: &[&str], code: i32, needle: &str) {
         let o = self.run(args);
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(code), "imgstore {args:?}: {err}");
@@ -172,18 +178,18 @@ impl Client {
         assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");
     }
 
-    fn backup(&self, path: &Path, extra: &[&str]) -> serde_json::Value {
+    pub(crate) fn backup(&self, path: &Path, extra: &[&str]) -> serde_json::Value {
         let mut args = vec!["backup", path.to_str().unwrap(), "--json"];
         args.extend_from_slice(extra);
         serde_json::from_str(&self.ok(&args)).unwrap()
     }
 
-    fn snapshots(&self) -> Vec<serde_json::Value> {
+    pub(crate) fn snapshots(&self) -> Vec<serde_json::Value> {
         serde_json::from_str(&self.ok(&["snapshots", "--json"])).unwrap()
     }
 }
 
-fn id_of(report: &serde_json::Value) -> String {
+pub(crate) fn id_of(report: &serde_json::Value) -> String {
     report["id"].as_str().unwrap().to_string()
 }
 

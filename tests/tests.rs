@@ -13,6 +13,7 @@ mod errors;
 mod fixture;
 mod gc;
 mod golden;
+mod hostile;
 mod incremental;
 mod integrity;
 mod mount;

@@ -1,5 +1,6 @@
 //! The master key and what is derived from it.
 
+use imgstore_format::sealed::{namespace_tag, NAMESPACE_TAG_LEN};
 use imgstore_format::Id;
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
@@ -42,6 +43,9 @@ pub struct Keys {
     data: [u8; 32],
     chunker_seed: u64,
     pub(crate) cipher: XChaCha,
+    /// The server namespace's tag the chunk ids of a backup carry
+    /// (`imgstore_format::sealed::namespace_tag`), if it runs in one.
+    tag: Option<[u8; NAMESPACE_TAG_LEN]>,
 }
 
 impl std::fmt::Debug for Keys {
@@ -61,12 +65,40 @@ impl Keys {
             data,
             chunker_seed: u64::from_le_bytes(seed[..8].try_into().expect("8 bytes")),
             cipher: XChaCha::new(data),
+            tag: None,
         }
     }
 
-    /// The id of a chunk: BLAKE3 keyed with the chunk-id key.
+    /// The same keys for a backup in server namespace `ns`: the chunk ids
+    /// it computes carry the namespace's tag in their first bytes.
+    pub fn in_namespace(&self, ns: &str) -> Keys {
+        Keys {
+            chunk_id: self.chunk_id,
+            record_nonce: self.record_nonce,
+            data: self.data,
+            chunker_seed: self.chunker_seed,
+            cipher: XChaCha::new(self.data),
+            tag: Some(namespace_tag(ns)),
+        }
+    }
+
+    /// The id of a chunk: BLAKE3 keyed with the chunk-id key, its first
+    /// bytes replaced by the namespace tag when there is one.
     pub fn chunk_id(&self, plaintext: &[u8]) -> Id {
-        Id(*blake3::keyed_hash(&self.chunk_id, plaintext).as_bytes())
+        let mut id = *blake3::keyed_hash(&self.chunk_id, plaintext).as_bytes();
+        if let Some(t) = &self.tag {
+            id[..NAMESPACE_TAG_LEN].copy_from_slice(t);
+        }
+        Id(id)
+    }
+
+    /// Whether `plaintext` is the content of chunk `id`, in whichever
+    /// namespace it was written: the keyed hash must match past the tag
+    /// bytes (192 bits; the AEAD, which binds the whole id, is checked
+    /// too when the chunk is opened).
+    pub fn chunk_id_matches(&self, plaintext: &[u8], id: &Id) -> bool {
+        let h = blake3::keyed_hash(&self.chunk_id, plaintext);
+        h.as_bytes()[NAMESPACE_TAG_LEN..] == id.as_bytes()[NAMESPACE_TAG_LEN..]
     }
 
     /// The seed the chunker's gear table is mixed with, so chunk lengths do

@@ -40,6 +40,16 @@ fn key_derivation_is_pinned() {
         "46274302a3ccb958abbe09c659103c989fbada24c812abb5464dcc5fef67745d"
     );
     assert_ne!(k.chunk_id(b"hello"), Id::hash(b"hello"), "ids are keyed");
+    // In server namespace "web" the first 8 bytes are its tag, the rest
+    // unchanged; ids from any namespace match their content.
+    let web = k.in_namespace("web");
+    assert_eq!(
+        web.chunk_id(b"hello").to_hex(),
+        "9be6fbfdc469c96eabbe09c659103c989fbada24c812abb5464dcc5fef67745d"
+    );
+    assert!(k.chunk_id_matches(b"hello", &web.chunk_id(b"hello")));
+    assert!(web.chunk_id_matches(b"hello", &k.chunk_id(b"hello")));
+    assert!(!k.chunk_id_matches(b"hellp", &web.chunk_id(b"hello")));
 }
 
 #[test]

@@ -673,7 +673,7 @@ pub fn restore_delta(
                 for e in &entries {
                     let s = &buf[pos..pos + e.len as usize];
                     match e.chunk {
-                        Some(c) if reader.repo().codec().chunk_id(s) != c => {
+                        Some(c) if !reader.repo().codec().chunk_matches(s, &c) => {
                             need.push((pos, e.len as usize, c))
                         }
                         None if !imgstore_chunker::is_zero(s) => {

@@ -213,7 +213,7 @@ impl<'a> SnapshotReader<'a> {
             .map_err(|why| self.damaged(offset, id, why))?;
         FrameCodec::with_thread(|c| c.decode(&frame, &mut out))
             .map_err(|e| self.damaged(offset, id, e.to_string()))?;
-        if out.len() as u64 != len || codec.chunk_id(&out) != id {
+        if out.len() as u64 != len || !codec.chunk_matches(&out, &id) {
             return Err(self.damaged(offset, id, "content does not match its id".into()));
         }
         Ok(out)
@@ -326,7 +326,7 @@ impl<'a> SnapshotReader<'a> {
         for e in entries {
             let end = pos + e.len as usize;
             if let Some(id) = e.chunk {
-                if self.repo.codec().chunk_id(&buf[pos..end]) != id {
+                if !self.repo.codec().chunk_matches(&buf[pos..end], &id) {
                     return self.damaged(
                         base + pos as u64,
                         id,

@@ -11,7 +11,19 @@
 //! ns:<name length, u8><namespace name><kind byte><object id, 32>
 //!                                      value: empty; the object was written or
 //!                                      committed under that server namespace
+//! attest:<snapshot id, 32>             value: u8 version (1) | i64 LE commit time (ns
+//!                                      since the epoch, the server's clock) | u8 n |
+//!                                      n bytes: the image name of the backup session
+//!                                      that committed the snapshot
 //! ```
+//!
+//! `attest:` entries are written by `imgstore server` at each commit (added
+//! within format 2, ignored by builds that do not know them): the server's
+//! own witness of who committed a snapshot and when. A sealed snapshot
+//! record hides its image name and time from the server, so a key holder
+//! could otherwise commit a record naming another namespace's image, or
+//! dated years ahead to outlive the real snapshots under retention; clients
+//! compare what they open against this witness (docs/SECURITY.md).
 //!
 //! `ns:` entries are written only by `imgstore server` (issue #14): they let
 //! it answer "is this chunk stored?" and "give me this object" to a client
@@ -39,6 +51,46 @@ pub fn parent_key(id: &Id) -> Vec<u8> {
     let mut k = PARENT_PREFIX.to_vec();
     k.extend_from_slice(id.as_bytes());
     k
+}
+
+/// Prefix of `meta` keys holding the server's witness of a commit.
+pub const ATTEST_PREFIX: &[u8] = b"attest:";
+
+/// The key of snapshot `id`'s commit witness.
+pub fn attest_key(id: &Id) -> Vec<u8> {
+    let mut k = ATTEST_PREFIX.to_vec();
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+/// Encodes a commit witness: the image name of the committing session
+/// (1–255 bytes) and the server's time of the commit.
+pub fn encode_attestation(image: &str, committed_ns: i64) -> Vec<u8> {
+    let name = &image.as_bytes()[..image.len().min(255)];
+    let mut v = Vec::with_capacity(10 + name.len());
+    v.push(1);
+    v.extend_from_slice(&committed_ns.to_le_bytes());
+    v.push(name.len() as u8);
+    v.extend_from_slice(name);
+    v
+}
+
+/// Decodes a commit witness: (image name, commit time in ns).
+pub fn decode_attestation(v: &[u8]) -> Result<(String, i64), FormatError> {
+    let bad = |why: &str| FormatError::Invalid {
+        what: "commit witness",
+        why: why.to_string(),
+    };
+    if v.len() < 10 || v[0] != 1 {
+        return Err(bad("not a version-1 witness"));
+    }
+    let t = i64::from_le_bytes(v[1..9].try_into().expect("8 bytes"));
+    let n = v[9] as usize;
+    if v.len() != 10 + n {
+        return Err(bad("its name length does not match"));
+    }
+    let name = std::str::from_utf8(&v[10..]).map_err(|_| bad("its name is not UTF-8"))?;
+    Ok((name.to_string(), t))
 }
 
 /// Prefix of `meta` keys caching all-zero region chaining values.
@@ -166,6 +218,30 @@ pub fn ns_key(name: &str, key: &[u8; 33]) -> Result<Vec<u8>, FormatError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn attestations_round_trip_and_reject_junk() {
+        let v = encode_attestation("web-1", 1_700_000_000_123_456_789);
+        assert_eq!(
+            v,
+            [
+                &[1u8][..],
+                &1_700_000_000_123_456_789i64.to_le_bytes(),
+                &[5],
+                b"web-1"
+            ]
+            .concat(),
+            "layout is frozen"
+        );
+        assert_eq!(
+            decode_attestation(&v).unwrap(),
+            ("web-1".to_string(), 1_700_000_000_123_456_789)
+        );
+        assert!(decode_attestation(&v[..v.len() - 1]).is_err());
+        assert!(decode_attestation(&[2; 12]).is_err());
+        assert!(decode_attestation(&[]).is_err());
+        assert_eq!(attest_key(&Id([3; 32]))[..7], *b"attest:");
+    }
 
     #[test]
     fn keys_round_trip_and_are_pinned() {

@@ -22,6 +22,33 @@ pub const SEAL_NONCE: usize = 24;
 /// Authentication tag length.
 pub const SEAL_TAG: usize = 16;
 
+/// Bytes of a namespace tag: the first bytes of every chunk id a backup in
+/// a server namespace of an encrypted repository writes.
+pub const NAMESPACE_TAG_LEN: usize = 8;
+
+/// Context of the tag derivation: fixed forever (golden vector).
+const CTX_NAMESPACE_TAG: &str = "imgstore 2026-12 namespace chunk-id tag";
+
+/// The tag of server namespace `ns`.
+///
+/// A server cannot check a sealed chunk against its keyed id, so in an
+/// encrypted repository it could not stop a key holder in one namespace
+/// from storing bytes under ids another namespace will use. Instead, a
+/// backup in namespace `ns` writes chunk ids whose first bytes are this
+/// tag (the rest is the keyed BLAKE3 of the content), and the server
+/// refuses, from a namespace's session, any chunk id without the
+/// namespace's tag: no namespace can write where another's ids point. The
+/// cost is deduplication across namespaces of an encrypted repository.
+pub fn namespace_tag(ns: &str) -> [u8; NAMESPACE_TAG_LEN] {
+    let h = blake3::derive_key(CTX_NAMESPACE_TAG, ns.as_bytes());
+    h[..NAMESPACE_TAG_LEN].try_into().expect("8 bytes")
+}
+
+/// Whether chunk id `id` carries namespace `ns`'s tag.
+pub fn has_namespace_tag(id: &Id, ns: &str) -> bool {
+    id.as_bytes()[..NAMESPACE_TAG_LEN] == namespace_tag(ns)
+}
+
 /// The kinds of stored records.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum RecordKind {
@@ -118,6 +145,23 @@ pub fn record_children(kind: RecordKind, bytes: &[u8]) -> Result<Vec<Id>, Format
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn namespace_tags_are_frozen() {
+        // Golden: changing the derivation would make every tagged id of an
+        // existing repository unwritable by its namespace.
+        assert_eq!(
+            namespace_tag("web").map(|b| format!("{b:02x}")).concat(),
+            GOLDEN_WEB_TAG
+        );
+        assert_ne!(namespace_tag("web"), namespace_tag("db"));
+        let mut id = Id([9; 32]);
+        assert!(!has_namespace_tag(&id, "web"));
+        id.0[..8].copy_from_slice(&namespace_tag("web"));
+        assert!(has_namespace_tag(&id, "web") && !has_namespace_tag(&id, "db"));
+    }
+
+    const GOLDEN_WEB_TAG: &str = "9be6fbfdc469c96e";
 
     #[test]
     fn children_of_plain_and_sealed_records() {

@@ -99,6 +99,49 @@ pub fn decode_snapshots(body: &[u8]) -> Result<Vec<(Id, Vec<u8>)>, Malformed> {
     Ok(out)
 }
 
+/// One server witness of a commit: the snapshot, the image name of the
+/// session that committed it, and the server's time of the commit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Witness {
+    pub id: Id,
+    pub image: String,
+    pub committed_ns: i64,
+}
+
+/// `GET /v1/witnesses`: `u32 n`, then `n` × (snapshot id, `u64` commit
+/// time in ns as two's complement, length-prefixed image name).
+pub fn encode_witnesses(list: &[Witness]) -> Vec<u8> {
+    let mut e = Enc::default();
+    e.u32(list.len() as u32);
+    for w in list {
+        e.id(&w.id).u64(w.committed_ns as u64).bytes(w.image.as_bytes());
+    }
+    e.finish()
+}
+
+pub fn decode_witnesses(body: &[u8]) -> Result<Vec<Witness>, Malformed> {
+    let mut d = Dec::new(body, "witness list");
+    let n = d.count(limits::SNAPSHOTS, 44)?;
+    let out = (0..n)
+        .map(|_| {
+            let id = d.id()?;
+            let committed_ns = d.u64()? as i64;
+            let name = d.bytes(255)?;
+            let image = String::from_utf8(name.to_vec()).map_err(|_| Malformed {
+                what: "witness list",
+                why: "an image name is not UTF-8".into(),
+            })?;
+            Ok(Witness {
+                id,
+                image,
+                committed_ns,
+            })
+        })
+        .collect::<Result<Vec<_>, Malformed>>()?;
+    d.end()?;
+    Ok(out)
+}
+
 /// `u32 n`, then `n` (snapshot id, parent id) pairs.
 pub fn encode_pairs(pairs: &[(Id, Id)]) -> Vec<u8> {
     let mut e = Enc::with_capacity(4 + pairs.len() * 64);
@@ -755,6 +798,7 @@ mod tests {
             let _ = decode_records(&body, n);
             let _ = decode_known(&body, n);
             let _ = decode_snapshots(&body);
+            let _ = decode_witnesses(&body);
             let _ = decode_pairs(&body);
             let _ = decode_frames(&body, n);
             let _ = decode_refs(&body, n);

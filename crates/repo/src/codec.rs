@@ -60,6 +60,25 @@ impl Codec {
         }
     }
 
+    /// Whether `plaintext` is the content of chunk `id` (a sealed
+    /// repository's ids may carry a namespace tag: `Keys::chunk_id_matches`).
+    pub fn chunk_matches(&self, plaintext: &[u8], id: &Id) -> bool {
+        match self {
+            Codec::Plain => Id::hash(plaintext) == *id,
+            Codec::Sealed(k) => k.chunk_id_matches(plaintext, id),
+        }
+    }
+
+    /// The same codec for a backup in server namespace `ns`: a sealed one's
+    /// chunk ids carry the namespace's tag; a plain one is unchanged (the
+    /// server checks plain chunks against their ids itself).
+    pub fn in_namespace(&self, ns: &str) -> Codec {
+        match self {
+            Codec::Plain => Codec::Plain,
+            Codec::Sealed(k) => Codec::Sealed(Arc::new(k.in_namespace(ns))),
+        }
+    }
+
     /// The seed of the chunker's gear table (0 for a plain repository,
     /// whose chunk boundaries must not change).
     pub fn chunker_seed(&self) -> u64 {

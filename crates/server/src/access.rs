@@ -39,6 +39,29 @@ pub struct ServerConfig {
     pub max_uploads: Option<usize>,
     /// Connections served at once (default 512).
     pub max_connections: Option<usize>,
+    /// Connections from one IP address at once (default 128), so one host
+    /// cannot take every connection slot.
+    pub max_connections_per_ip: Option<usize>,
+    /// A connection with no request in flight for this long is closed
+    /// (default "60s"): idle or silent connections cannot hold the slots.
+    pub idle_connection_timeout: Option<String>,
+    /// Longest time a request body may take to arrive, and longest silence
+    /// inside one (default "10m" and "30s").
+    pub body_timeout: Option<String>,
+    pub body_idle_timeout: Option<String>,
+    /// Request bodies held in memory at once, all requests together, in
+    /// MiB (default 1024). A request waits for its share before its body is
+    /// read; past 30 s of waiting it is answered 503.
+    pub max_body_memory_mib: Option<usize>,
+    /// Read requests answering with bulk data (`chunks/get`, `pages`,
+    /// `regions`) processed at once (default 4).
+    pub max_reads: Option<usize>,
+    /// Open backup sessions per token (default 16) and in all (default 1024).
+    pub max_sessions_per_token: Option<usize>,
+    pub max_sessions: Option<usize>,
+    /// How far in the future of the server's clock a snapshot's time may
+    /// be (default "10m"); a plain record past it is refused.
+    pub max_clock_skew: Option<String>,
     /// Namespace name → image-name patterns (`*` any run, `?` one character).
     #[serde(default)]
     pub namespaces: BTreeMap<String, Vec<String>>,

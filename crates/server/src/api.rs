@@ -28,7 +28,7 @@ type Shared = Arc<App>;
 pub(crate) struct ApiError(StatusCode, ErrorBody);
 
 impl ApiError {
-    fn new(status: StatusCode, code: &str, message: impl Into<String>) -> ApiError {
+    pub(crate) fn new(status: StatusCode, code: &str, message: impl Into<String>) -> ApiError {
         ApiError(
             status,
             ErrorBody {
@@ -39,7 +39,7 @@ impl ApiError {
             },
         )
     }
-    fn bad(message: impl Into<String>) -> ApiError {
+    pub(crate) fn bad(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, "malformed", message)
     }
     fn forbidden(message: impl Into<String>) -> ApiError {
@@ -116,7 +116,7 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| ApiError::internal(format!("request task failed: {e}")))?
 }
 
-fn caller(app: &App, headers: &HeaderMap) -> ApiResult<Caller> {
+pub(crate) fn caller(app: &App, headers: &HeaderMap) -> ApiResult<Caller> {
     let auth = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -220,7 +220,7 @@ fn ids_body(body: &[u8]) -> ApiResult<Vec<Id>> {
 }
 
 pub(crate) fn router(app: Shared) -> Router {
-    let small = DefaultBodyLimit::max(limits::JSON_BYTES.max(limits::IDS_PER_CALL * 32 + 64));
+    let small = DefaultBodyLimit::max(crate::guard::small_body_limit());
     Router::new()
         .route("/v1/health", get(health))
         .route("/metrics", get(metrics))
@@ -246,6 +246,7 @@ pub(crate) fn router(app: Shared) -> Router {
             post(put_zero_cvs).layer(DefaultBodyLimit::max(limits::ZERO_CVS * 40 + 16)),
         )
         .route("/v1/parents", get(parents))
+        .route("/v1/witnesses", get(witnesses))
         .route("/v1/snapshots/{id}/replace", post(replace))
         .route("/v1/forget", post(forget))
         .route("/v1/protect", post(protect))
@@ -257,6 +258,10 @@ pub(crate) fn router(app: Shared) -> Router {
         .route("/v1/sessions", post(open_session))
         .route("/v1/sessions/{id}", delete(close_session))
         .layer(small)
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            crate::guard::guard,
+        ))
         .layer(axum::middleware::from_fn_with_state(app.clone(), log))
         .with_state(app)
 }
@@ -341,12 +346,27 @@ async fn records(app: Shared, headers: HeaderMap, body: Bytes, kind: ObjectKind)
         }
         _ => None,
     };
+    let _read = read_slot(&app).await?;
     blocking(move || {
         let keys: Vec<[u8; 33]> = ids.iter().map(|id| kind.key(id)).collect();
         if let Some(i) = visible(&app, &c, &keys)?.iter().position(|v| !v) {
             return Err(RepoError::Missing { kind, id: ids[i] }.into());
         }
-        let recs = app.store.raw_records(kind, &ids)?;
+        let mut recs = Vec::with_capacity(ids.len());
+        let mut total = 0usize;
+        for batch in ids.chunks(64) {
+            for r in app.store.raw_records(kind, batch)? {
+                total += r.len() + 4;
+                if total > limits::FRAMES_REPLY_BYTES {
+                    return Err(ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "too_large",
+                        "the records asked for pass the answer limit: ask for fewer at once",
+                    ));
+                }
+                recs.push(r);
+            }
+        }
         if let Some(s) = scope {
             let mut pins = Vec::new();
             for r in &recs {
@@ -372,26 +392,61 @@ async fn regions(State(app): State<Shared>, headers: HeaderMap, body: Bytes) -> 
 async fn chunks_get(State(app): State<Shared>, headers: HeaderMap, body: Bytes) -> ApiResult {
     let c = caller(&app, &headers)?;
     let ids = ids_body(&body)?;
+    let _read = read_slot(&app).await?;
     blocking(move || {
         let keys: Vec<[u8; 33]> = ids.iter().map(|id| ObjectKind::Chunk.key(id)).collect();
         let vis = visible(&app, &c, &keys)?;
-        let mut frames = app.store.chunk_frames(&ids)?;
-        for (f, v) in frames.iter_mut().zip(vis) {
-            if !v {
-                *f = Err(ChunkFault::Missing);
+        // Read in small batches, stopping as soon as the answer would pass
+        // its limit: memory is bounded by the limit, not by what is asked
+        // (the same large chunk named many times, say).
+        let mut frames = Vec::with_capacity(ids.len());
+        let mut total = 0usize;
+        for (batch, vis) in ids.chunks(16).zip(vis.chunks(16)) {
+            let wanted: Vec<Id> = batch
+                .iter()
+                .zip(vis)
+                .filter(|(_, v)| **v)
+                .map(|(id, _)| *id)
+                .collect();
+            let mut read = app.store.chunk_frames(&wanted)?.into_iter();
+            for v in vis {
+                let f = if *v {
+                    read.next().unwrap_or(Err(ChunkFault::Missing))
+                } else {
+                    Err(ChunkFault::Missing)
+                };
+                total += f.as_ref().map_or(64, |b| b.len() + 8);
+                if total > limits::FRAMES_REPLY_BYTES {
+                    return Err(ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "too_large",
+                        "the frames asked for pass the answer limit: ask for fewer at once",
+                    ));
+                }
+                frames.push(f);
             }
         }
-        let body = proto::encode_frames(&frames);
-        if body.len() > limits::FRAMES_REPLY_BYTES {
-            return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                "the frames asked for pass the answer limit: ask for fewer at once",
-            ));
-        }
-        Ok(binary(body))
+        Ok(binary(proto::encode_frames(&frames)))
     })
     .await
+}
+
+/// A slot among the bulk answers built at once (`max_reads`).
+async fn read_slot(app: &Shared) -> ApiResult<tokio::sync::OwnedSemaphorePermit> {
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        app.reads.clone().acquire_owned(),
+    )
+    .await
+    .ok()
+    .and_then(Result::ok)
+    .ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            "the server is at its limit of bulk reads (max_reads): retry later",
+        )
+    })
 }
 
 async fn chunks_known(State(app): State<Shared>, headers: HeaderMap, body: Bytes) -> ApiResult {
@@ -419,10 +474,21 @@ async fn refs(
         let keys: Vec<[u8; 33]> = ids.iter().map(|id| kind.key(id)).collect();
         let vis = visible(&app, &c, &keys)?;
         let rcs = app.store.ref_counts(kind, &ids)?;
+        // A count is repository-wide: how many other snapshots and
+        // namespaces use an object. Others than admins learn only that an
+        // object of theirs is present (count 1) and its sizes.
+        let admin = c.is_admin();
         let out: Vec<Option<Vec<u8>>> = rcs
             .into_iter()
             .zip(vis)
-            .map(|(rc, v)| rc.filter(|_| v).map(|rc| rc.encode().to_vec()))
+            .map(|(rc, v)| {
+                rc.filter(|_| v).map(|mut rc| {
+                    if !admin {
+                        rc.count = rc.count.min(1);
+                    }
+                    rc.encode().to_vec()
+                })
+            })
             .collect();
         Ok(binary(proto::encode_refs(&out)))
     })
@@ -454,12 +520,6 @@ async fn put_region(
     require(&c, &[Role::Backup, Role::Admin], "write backups")?;
     let scope = session(&app, &c, &headers)?;
     let id = proto::parse_id(&id)?;
-    let gate = app.clone();
-    let _permit = gate
-        .uploads
-        .acquire()
-        .await
-        .map_err(|_| ApiError::internal("server shutting down"))?;
     blocking(move || {
         let (recipe, frames) = proto::decode_put_region(&body)?;
         if Id::hash(recipe) != id {
@@ -467,36 +527,74 @@ async fn put_region(
                 "region {id}: the recipe does not hash to its id"
             )));
         }
-        let named: HashSet<Id> = record_children(RecordKind::Region, recipe)
-            .map_err(|e| ApiError::bad(format!("region {id}: {e}")))?
-            .into_iter()
-            .collect();
-        // An encrypted repository's frames are sealed: only the client can
-        // check them (the AEAD binds each to its id).
-        let sealed = is_sealed_record(recipe);
-        let mut map = HashMap::with_capacity(frames.len());
+        let encrypted = app.store.config().encryption.is_some();
+        let lens = recipe_shape(&app, &scope, &id, recipe, encrypted)?;
+        let mut map: HashMap<Id, (Vec<u8>, u32)> = HashMap::with_capacity(frames.len());
         let mut raw = Vec::new();
+        let mut inflated = 0u64;
         for f in frames {
-            if !named.contains(&f.id) {
+            let Some(len) = lens.get(&f.id) else {
                 return Err(ApiError::bad(format!(
                     "region {id}: chunk {} is not in its recipe",
                     f.id
                 )));
+            };
+            if map.contains_key(&f.id) {
+                return Err(ApiError::bad(format!(
+                    "region {id}: chunk {} is sent twice",
+                    f.id
+                )));
             }
-            if !sealed {
-                // The chunk must be what its id says: a buggy or hostile
-                // client cannot store wrong bytes under an id others reuse.
-                raw.clear();
+            if let Some(len) = len {
+                // The recipe says how long the chunk is: the frame must
+                // agree before anything is decompressed, and all frames of
+                // a request together inflate to at most one region.
+                if f.raw_len != *len {
+                    return Err(ApiError::bad(format!(
+                        "region {id}: chunk {} is {} bytes in its recipe, {} in its frame",
+                        f.id, len, f.raw_len
+                    )));
+                }
+                inflated += u64::from(f.raw_len);
+                if inflated > u64::from(app.store.config().region_size) {
+                    return Err(ApiError::bad(format!(
+                        "region {id}: its frames hold more than one region of data"
+                    )));
+                }
+                // The chunk must be what its id says, whatever the client
+                // claims: no one can store wrong bytes under an id others
+                // reuse.
                 FrameCodec::with_thread(|codec| codec.decode(f.frame, &mut raw))
-                    .map_err(|e| ApiError::bad(format!("chunk {}: {e}", f.id)))?;
+                    .map_err(|e| ApiError::bad(format!("region {id}: chunk {}: {e}", f.id)))?;
                 if raw.len() != f.raw_len as usize || Id::hash(&raw) != f.id {
                     return Err(ApiError::bad(format!(
-                        "chunk {}: its content does not hash to its id",
+                        "region {id}: chunk {}: its content does not hash to its id",
                         f.id
                     )));
                 }
+            } else if !imgstore_format::sealed::is_sealed_chunk(f.frame) {
+                return Err(ApiError::bad(format!(
+                    "region {id}: chunk {} is not a sealed frame, and this repository is encrypted",
+                    f.id
+                )));
             }
             map.insert(f.id, (f.frame.to_vec(), f.raw_len));
+        }
+        // A chunk named but not sent must be one this namespace stored:
+        // otherwise whether another namespace holds it would show in the
+        // answer (stored or "missing"), and naming it would grant access.
+        if let (Some(ns), false) = (&scope.namespace, scope.global) {
+            let unsent: Vec<Id> = lens.keys().filter(|c| !map.contains_key(c)).copied().collect();
+            let keys: Vec<[u8; 33]> = unsent.iter().map(|c| ObjectKind::Chunk.key(c)).collect();
+            for (c, mine) in unsent.iter().zip(app.store.ns_marked(ns, &keys)?) {
+                if !mine {
+                    return Err(RepoError::Missing {
+                        kind: ObjectKind::Chunk,
+                        id: *c,
+                    }
+                    .into());
+                }
+            }
         }
         // Outside the caller's namespace nothing may show through: the
         // answer is what a private repository would say (every frame sent
@@ -525,6 +623,77 @@ async fn put_region(
     .await
 }
 
+/// The chunks a region recipe names, each with its length when the server
+/// can check the chunk (a plain repository) or `None` (an encrypted one,
+/// whose frames only the key opens). The recipe's shape must be the
+/// repository's: a plain repository takes no sealed records (their
+/// frames would go unchecked), an encrypted one no plain records.
+///
+/// In an encrypted repository a namespaced session's chunk ids must carry
+/// its namespace's tag (`imgstore_format::sealed::namespace_tag`): the
+/// server cannot check a sealed frame, so it keeps each namespace writing
+/// only where no other namespace's ids point.
+fn recipe_shape(
+    app: &App,
+    scope: &Scope,
+    id: &Id,
+    recipe: &[u8],
+    encrypted: bool,
+) -> ApiResult<HashMap<Id, Option<u32>>> {
+    let mut lens = HashMap::new();
+    if encrypted {
+        if !is_sealed_record(recipe) {
+            return Err(ApiError::bad(format!(
+                "region {id}: this repository is encrypted and takes only sealed recipes"
+            )));
+        }
+        let tagged = match (&scope.namespace, scope.global) {
+            (Some(ns), false) => Some(ns.as_str()),
+            _ => None,
+        };
+        for c in record_children(RecordKind::Region, recipe)
+            .map_err(|e| ApiError::bad(format!("region {id}: {e}")))?
+        {
+            if let Some(ns) = tagged {
+                if !imgstore_format::sealed::has_namespace_tag(&c, ns) {
+                    return Err(ApiError::bad(format!(
+                        "region {id}: chunk {c} does not carry namespace {ns:?}'s tag: a backup in a namespace of an encrypted repository writes only its own chunk ids (upgrade the client)"
+                    )));
+                }
+            }
+            lens.insert(c, None);
+        }
+        return Ok(lens);
+    }
+    if is_sealed_record(recipe) {
+        return Err(ApiError::bad(format!(
+            "region {id}: this repository is not encrypted and takes no sealed recipes"
+        )));
+    }
+    let region = imgstore_format::Region::decode(recipe)
+        .map_err(|e| ApiError::bad(format!("region {id}: {e}")))?;
+    let mut total = 0u64;
+    for e in &region.entries {
+        total += u64::from(e.len);
+        if let Some(c) = e.chunk {
+            match lens.insert(c, Some(e.len)) {
+                Some(Some(l)) if l != e.len => {
+                    return Err(ApiError::bad(format!(
+                        "region {id}: chunk {c} has two lengths in its recipe"
+                    )))
+                }
+                _ => {}
+            }
+        }
+    }
+    if total > u64::from(app.store.config().region_size) {
+        return Err(ApiError::bad(format!(
+            "region {id}: its recipe covers more than one region"
+        )));
+    }
+    Ok(lens)
+}
+
 async fn commit(State(app): State<Shared>, headers: HeaderMap, body: Bytes) -> ApiResult {
     let c = caller(&app, &headers)?;
     require(&c, &[Role::Backup, Role::Admin], "write backups")?;
@@ -535,27 +704,14 @@ async fn commit(State(app): State<Shared>, headers: HeaderMap, body: Bytes) -> A
             .map(|s| s.image.clone())
             .unwrap_or_default()
     };
-    let gate = app.clone();
-    let _permit = gate
-        .uploads
-        .acquire()
-        .await
-        .map_err(|_| ApiError::internal("server shutting down"))?;
     blocking(move || {
         let (record, parent, raw_pages) = proto::decode_commit(&body)?;
-        // A plain record names its image: it must be the session's. A
-        // sealed one hides it; its session's namespace still bounds it.
-        if !is_sealed_record(record) {
-            let snap = Snapshot::decode(record)
-                .map_err(|e| ApiError::bad(format!("snapshot record: {e}")))?;
-            if snap.name != image {
-                return Err(ApiError::bad(format!(
-                    "the session is for image {image:?}, the snapshot names {:?}",
-                    snap.name
-                )));
-            }
-        }
+        let encrypted = app.store.config().encryption.is_some();
+        check_commit(&app, &image, record, &raw_pages, encrypted)?;
         let pages: Vec<Vec<u8>> = raw_pages.iter().map(|p| p.to_vec()).collect();
+        if let (Some(ns), false) = (&scope.namespace, scope.global) {
+            namespace_owns(&app, ns, record, &pages)?;
+        }
         if let Some(p) = &parent {
             // The parent is display-only, but must be a snapshot this
             // caller sees (no linking into another namespace's history).
@@ -566,9 +722,13 @@ async fn commit(State(app): State<Shared>, headers: HeaderMap, body: Bytes) -> A
                 )));
             }
         }
+        let attest = imgstore_store::Attestation {
+            image: image.clone(),
+            committed_ns: now_ns(),
+        };
         let (id, added) = app
             .store
-            .commit_in(Some(&scope), record, &pages, parent.as_ref())?;
+            .commit_in(Some(&scope), record, &pages, parent.as_ref(), Some(&attest))?;
         app.store.end_session(scope.session);
         Metrics::add(&app.metrics.commits, 1);
         tracing::info!(token = %c.token, image = %image, snapshot = %id, "snapshot committed");
@@ -579,6 +739,102 @@ async fn commit(State(app): State<Shared>, headers: HeaderMap, body: Bytes) -> A
         .into_response())
     })
     .await
+}
+
+fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+/// The records of a commit have the repository's shape, and a plain
+/// snapshot record names the session's image and a time not in the
+/// future of the server's clock (a future-dated snapshot would outlive
+/// the real ones under `forget --keep-within` and `--keep-last`). A sealed
+/// record hides both: the server records its own witness beside it
+/// ([`imgstore_store::Attestation`]), which clients check after opening.
+fn check_commit(
+    app: &App,
+    image: &str,
+    record: &[u8],
+    pages: &[&[u8]],
+    encrypted: bool,
+) -> ApiResult<()> {
+    if encrypted {
+        if !is_sealed_record(record) || pages.iter().any(|p| !is_sealed_record(p)) {
+            return Err(ApiError::bad(
+                "this repository is encrypted and takes only sealed records",
+            ));
+        }
+        record_children(RecordKind::Snapshot, record)
+            .map_err(|e| ApiError::bad(format!("snapshot record: {e}")))?;
+        for p in pages {
+            record_children(RecordKind::Page, p)
+                .map_err(|e| ApiError::bad(format!("index page: {e}")))?;
+        }
+        return Ok(());
+    }
+    if is_sealed_record(record) || pages.iter().any(|p| is_sealed_record(p)) {
+        return Err(ApiError::bad(
+            "this repository is not encrypted and takes no sealed records",
+        ));
+    }
+    let snap =
+        Snapshot::decode(record).map_err(|e| ApiError::bad(format!("snapshot record: {e}")))?;
+    if snap.name != image {
+        return Err(ApiError::bad(format!(
+            "the session is for image {image:?}, the snapshot names {:?}",
+            snap.name
+        )));
+    }
+    let skew = app.limits.clock_skew.as_nanos() as i64;
+    if snap.time_ns > now_ns().saturating_add(skew) {
+        return Err(ApiError::bad(format!(
+            "the snapshot is dated in the future of the server's clock (more than {} ahead): fix the client's clock",
+            humantime::format_duration(app.limits.clock_skew)
+        )));
+    }
+    if snap.region_size != app.store.config().region_size {
+        return Err(ApiError::bad(format!(
+            "the snapshot's region size {} is not the repository's {}",
+            snap.region_size,
+            app.store.config().region_size
+        )));
+    }
+    for p in pages {
+        imgstore_format::Page::decode(p).map_err(|e| ApiError::bad(format!("index page: {e}")))?;
+    }
+    Ok(())
+}
+
+/// A namespaced writer names only what its namespace holds or sends now:
+/// pages it does not send must be marked for it, and so must the regions
+/// of the pages it sends. Otherwise the commit would tell it whether other
+/// namespaces hold them, and mark them readable for it.
+fn namespace_owns(app: &App, ns: &str, record: &[u8], pages: &[Vec<u8>]) -> ApiResult<()> {
+    let sent: HashSet<Id> = pages.iter().map(|p| Id::hash(p)).collect();
+    let named = record_children(RecordKind::Snapshot, record)
+        .map_err(|e| ApiError::bad(format!("snapshot record: {e}")))?;
+    let mut need: Vec<[u8; 33]> = named
+        .iter()
+        .filter(|p| !sent.contains(p))
+        .map(|p| ObjectKind::Page.key(p))
+        .collect();
+    for p in pages {
+        let regions = record_children(RecordKind::Page, p)
+            .map_err(|e| ApiError::bad(format!("index page: {e}")))?;
+        need.extend(regions.iter().map(|r| ObjectKind::Region.key(r)));
+    }
+    need.sort_unstable();
+    need.dedup();
+    for (k, mine) in need.iter().zip(app.store.ns_marked(ns, &need)?) {
+        if !mine {
+            let (kind, id) = ObjectKind::parse_key(k).expect("33-byte key");
+            return Err(RepoError::Missing { kind, id }.into());
+        }
+    }
+    Ok(())
 }
 
 #[derive(serde::Deserialize)]
@@ -601,13 +857,26 @@ async fn zero_cvs(
             limits::ZERO_CVS
         )));
     }
-    let end = ask
-        .start
-        .checked_add(ask.count)
-        .ok_or_else(|| ApiError::bad("start + count overflows"))?;
+    if ask.region_size != app.store.config().region_size {
+        return Err(ApiError::bad(format!(
+            "region size {} is not the repository's {}",
+            ask.region_size,
+            app.store.config().region_size
+        )));
+    }
+    // Indices past the largest image a snapshot can describe name nothing.
+    let regions_max = (1u64 << 60) / u64::from(ask.region_size);
+    if ask.start.checked_add(ask.count).is_none_or(|end| end > regions_max) {
+        return Err(ApiError::bad(format!(
+            "regions {}+{} are past the largest image ({regions_max} regions)",
+            ask.start, ask.count
+        )));
+    }
     blocking(move || {
-        let all = app.store.zero_cvs(ask.region_size, end)?;
-        Ok(binary(proto::encode_zero_cvs(&all[ask.start as usize..])))
+        let cvs = app
+            .store
+            .zero_cvs_range(ask.region_size, ask.start, ask.count)?;
+        Ok(binary(proto::encode_zero_cvs(&cvs)))
     })
     .await
 }
@@ -660,6 +929,27 @@ fn seen(app: &App, c: &Caller) -> ApiResult<Vec<(Id, Vec<u8>)>> {
         }
     }
     Ok(out)
+}
+
+/// The server's commit witnesses of the snapshots this caller sees.
+async fn witnesses(State(app): State<Shared>, headers: HeaderMap) -> ApiResult {
+    let c = caller(&app, &headers)?;
+    blocking(move || {
+        let seen = seen_ids(&app, &c)?;
+        let list: Vec<proto::Witness> = app
+            .store
+            .attestations()?
+            .into_iter()
+            .filter(|(id, _)| seen.contains(id))
+            .map(|(id, a)| proto::Witness {
+                id,
+                image: a.image,
+                committed_ns: a.committed_ns,
+            })
+            .collect();
+        Ok(binary(proto::encode_witnesses(&list)))
+    })
+    .await
 }
 
 async fn parents(State(app): State<Shared>, headers: HeaderMap) -> ApiResult {
@@ -778,10 +1068,53 @@ async fn mark_damage(
         .collect::<Result<Vec<_>, _>>()?;
     blocking(move || {
         let marks = only_visible(&app, &c, marks, |m| m.kind.key(&m.id))?;
+        // A mark lets the next upload of the object replace it: the server
+        // records only marks it can confirm, unless an admin sends them.
+        let marks = if c.is_admin() {
+            marks
+        } else {
+            confirmed_damage(&app, marks)?
+        };
         app.store.mark_damaged(&marks)?;
         Ok(StatusCode::NO_CONTENT.into_response())
     })
     .await
+}
+
+/// The marks whose objects the server itself finds damaged: a record
+/// that no longer hashes to its id (or is gone), a plain chunk that does
+/// not decode to its id. An encrypted chunk only the key opens: its marks
+/// are kept (they report what a client found), but a non-admin upload
+/// never replaces its bytes (`imgstore_store`'s healing rule).
+fn confirmed_damage(
+    app: &App,
+    marks: Vec<imgstore_repo::DamageMark>,
+) -> ApiResult<Vec<imgstore_repo::DamageMark>> {
+    let encrypted = app.store.config().encryption.is_some();
+    let mut out = Vec::new();
+    let mut raw = Vec::new();
+    for m in marks {
+        let damaged = match m.kind {
+            ObjectKind::Chunk => match app.store.chunk_frames(&[m.id])?.pop() {
+                Some(Ok(_)) if encrypted => true,
+                Some(Ok(frame)) => {
+                    FrameCodec::with_thread(|codec| codec.decode(&frame, &mut raw)).is_err()
+                        || Id::hash(&raw) != m.id
+                }
+                _ => true,
+            },
+            kind => match app.store.raw_records(kind, &[m.id]) {
+                Ok(r) => r.first().is_none_or(|r| Id::hash(r) != m.id),
+                Err(_) => true,
+            },
+        };
+        if damaged {
+            out.push(m);
+        } else {
+            tracing::warn!(kind = ?m.kind, id = %m.id, "damage mark refused: the object is intact here");
+        }
+    }
+    Ok(out)
 }
 
 async fn clear_damage(
@@ -883,9 +1216,20 @@ async fn open_session(
     let mut raw = [0u8; 8];
     getrandom::fill(&mut raw).map_err(|e| ApiError::internal(format!("no randomness: {e}")))?;
     let id = u64::from_le_bytes(raw);
-    app.sessions
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
+    let mut sessions = app.sessions.lock().unwrap_or_else(|p| p.into_inner());
+    let mine = sessions.values().filter(|s| s.token == c.token).count();
+    if mine >= app.limits.sessions_per_token || sessions.len() >= app.limits.sessions {
+        tracing::warn!(token = %c.token, open = mine, "session refused: too many open");
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_sessions",
+            format!(
+                "token {:?} has {mine} backup sessions open (limit {}, {} in all): finish or close some, or wait for them to expire",
+                c.token, app.limits.sessions_per_token, app.limits.sessions
+            ),
+        ));
+    }
+    sessions
         .insert(
             id,
             Session {
@@ -895,6 +1239,7 @@ async fn open_session(
                 last: Instant::now(),
             },
         );
+    drop(sessions);
     tracing::info!(token = %c.token, image = %req.image, session = %format!("{id:016x}"), "session opened");
     Ok(Json(proto::SessionReply {
         session: format!("{id:016x}"),

@@ -28,6 +28,7 @@
 
 pub mod access;
 mod api;
+mod guard;
 mod metrics;
 pub mod tls;
 
@@ -77,8 +78,71 @@ pub struct App {
     tokens: RwLock<(Option<SystemTime>, HashMap<String, TokenEntry>)>,
     pub(crate) sessions: Mutex<HashMap<u64, Session>>,
     pub(crate) idle: Duration,
-    pub(crate) uploads: tokio::sync::Semaphore,
+    pub(crate) uploads: Arc<tokio::sync::Semaphore>,
+    /// Bulk answers (chunks/get, pages, regions) being built.
+    pub(crate) reads: Arc<tokio::sync::Semaphore>,
+    /// Request-body memory, in KiB, shared by every request.
+    pub(crate) body_budget: Arc<tokio::sync::Semaphore>,
+    pub(crate) limits: Limits,
     pub(crate) metrics: metrics::Metrics,
+}
+
+/// The configured bounds, parsed once.
+#[derive(Clone, Debug)]
+pub(crate) struct Limits {
+    pub idle_connection: Duration,
+    pub body_total: Duration,
+    pub body_idle: Duration,
+    pub body_memory_kib: usize,
+    pub sessions_per_token: usize,
+    pub sessions: usize,
+    pub clock_skew: Duration,
+    pub connections: usize,
+    pub connections_per_ip: usize,
+}
+
+fn duration(field: &str, value: &Option<String>, default: Duration) -> Result<Duration, ServerError> {
+    match value {
+        Some(s) => humantime::parse_duration(s)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                ServerError::Invalid(format!(
+                    "{field} {s:?} is not a positive duration (e.g. 30s, 15m)"
+                ))
+            }),
+        None => Ok(default),
+    }
+}
+
+impl Limits {
+    fn from_config(c: &ServerConfig) -> Result<Limits, ServerError> {
+        let mib = c.max_body_memory_mib.unwrap_or(1024);
+        if !(16..=1 << 20).contains(&mib) {
+            return Err(ServerError::Invalid(format!(
+                "max_body_memory_mib {mib} is outside 16..=1048576"
+            )));
+        }
+        Ok(Limits {
+            idle_connection: duration(
+                "idle_connection_timeout",
+                &c.idle_connection_timeout,
+                Duration::from_secs(60),
+            )?,
+            body_total: duration("body_timeout", &c.body_timeout, Duration::from_secs(600))?,
+            body_idle: duration(
+                "body_idle_timeout",
+                &c.body_idle_timeout,
+                Duration::from_secs(30),
+            )?,
+            body_memory_kib: mib << 10,
+            sessions_per_token: c.max_sessions_per_token.unwrap_or(16).max(1),
+            sessions: c.max_sessions.unwrap_or(1024).max(1),
+            clock_skew: duration("max_clock_skew", &c.max_clock_skew, Duration::from_secs(600))?,
+            connections: c.max_connections.unwrap_or(512).max(1),
+            connections_per_ip: c.max_connections_per_ip.unwrap_or(128).max(1),
+        })
+    }
 }
 
 impl App {
@@ -96,14 +160,19 @@ impl App {
             None => Duration::from_secs(15 * 60),
         };
         let uploads = config.max_uploads.unwrap_or(8).max(1);
+        let reads = config.max_reads.unwrap_or(4).max(1);
+        let limits = Limits::from_config(&config)?;
         let app = App {
             store,
-            config,
             tokens_path,
             tokens: RwLock::new((None, HashMap::new())),
             sessions: Mutex::new(HashMap::new()),
             idle,
-            uploads: tokio::sync::Semaphore::new(uploads),
+            uploads: Arc::new(tokio::sync::Semaphore::new(uploads)),
+            reads: Arc::new(tokio::sync::Semaphore::new(reads)),
+            body_budget: Arc::new(tokio::sync::Semaphore::new(limits.body_memory_kib)),
+            limits,
+            config,
             metrics: metrics::Metrics::default(),
         };
         app.reload_tokens()?;
@@ -211,9 +280,7 @@ pub async fn serve(
 
     let router = api::router(app.clone());
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
-    let conns = Arc::new(tokio::sync::Semaphore::new(
-        app.config.max_connections.unwrap_or(512).max(1),
-    ));
+    let conns = Arc::new(tokio::sync::Semaphore::new(app.limits.connections));
     {
         let app = app.clone();
         tokio::spawn(async move {
@@ -225,6 +292,7 @@ pub async fn serve(
             }
         });
     }
+    let per_ip: Arc<Mutex<HashMap<std::net::IpAddr, usize>>> = Arc::default();
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer): (tokio::net::TcpStream, SocketAddr) = tokio::select! {
@@ -243,11 +311,33 @@ pub async fn serve(
             drop(tcp);
             continue;
         };
+        let Some(ip_slot) = IpSlot::take(&per_ip, peer.ip(), app.limits.connections_per_ip) else {
+            tracing::warn!(%peer, "connection refused: max_connections_per_ip reached");
+            drop(tcp);
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
-        let service = TowerToHyperService::new(router.clone());
         let acceptor = acceptor.clone();
+        let router = router.clone();
+        let idle = app.limits.idle_connection;
         tokio::spawn(async move {
             let _permit = permit;
+            let _ip_slot = ip_slot;
+            let activity = Arc::new(Activity::new());
+            let service = {
+                let activity = activity.clone();
+                tower::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    use tower::ServiceExt;
+                    let busy = Busy::start(&activity);
+                    let router = router.clone();
+                    async move {
+                        let resp = router.oneshot(req).await;
+                        drop(busy);
+                        resp
+                    }
+                })
+            };
+            let service = TowerToHyperService::new(service);
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             builder
                 .http1()
@@ -258,13 +348,12 @@ pub async fn serve(
                 .timer(hyper_util::rt::TokioTimer::new())
                 .keep_alive_interval(Some(Duration::from_secs(30)))
                 .keep_alive_timeout(Duration::from_secs(20))
+                .max_header_list_size(64 << 10)
                 .max_concurrent_streams(256);
-            let result = match acceptor {
+            let io: Box<dyn Io> = match acceptor {
                 Some(acc) => {
-                    let tls = match tokio::time::timeout(Duration::from_secs(15), acc.accept(tcp))
-                        .await
-                    {
-                        Ok(Ok(s)) => s,
+                    match tokio::time::timeout(Duration::from_secs(10), acc.accept(tcp)).await {
+                        Ok(Ok(s)) => Box::new(s),
                         Ok(Err(e)) => {
                             tracing::info!(%peer, error = %e, "TLS handshake failed");
                             return;
@@ -273,10 +362,30 @@ pub async fn serve(
                             tracing::info!(%peer, "TLS handshake timed out");
                             return;
                         }
-                    };
-                    builder.serve_connection(TokioIo::new(tls), service).await
+                    }
                 }
-                None => builder.serve_connection(TokioIo::new(tcp), service).await,
+                None => Box::new(tcp),
+            };
+            // Served until it ends, or until it has had no request in
+            // flight for `idle`: then shut down gracefully (HTTP/2 GOAWAY,
+            // or the HTTP/1 connection closed), and dropped if that takes
+            // over 10 s.
+            let conn = builder.serve_connection(TokioIo::new(io), service);
+            tokio::pin!(conn);
+            let tick = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+            let result = loop {
+                tokio::select! {
+                    r = conn.as_mut() => break r,
+                    _ = tokio::time::sleep(tick) => {
+                        if activity.idle_for() >= idle {
+                            tracing::debug!(%peer, "idle connection closed");
+                            conn.as_mut().graceful_shutdown();
+                            break tokio::time::timeout(Duration::from_secs(10), conn.as_mut())
+                                .await
+                                .unwrap_or(Ok(()));
+                        }
+                    }
+                }
             };
             if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
@@ -284,3 +393,85 @@ pub async fn serve(
         });
     }
 }
+
+/// Requests in flight on one connection, and when the last one ended.
+struct Activity {
+    inflight: std::sync::atomic::AtomicUsize,
+    last: Mutex<Instant>,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            inflight: 0.into(),
+            last: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// How long the connection has had nothing in flight (zero while busy).
+    fn idle_for(&self) -> Duration {
+        if self.inflight.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            return Duration::ZERO;
+        }
+        self.last.lock().unwrap_or_else(|p| p.into_inner()).elapsed()
+    }
+}
+
+/// One request in flight; ends (even when the client goes away and the
+/// request's future is dropped) when dropped.
+struct Busy(Arc<Activity>);
+
+impl Busy {
+    fn start(a: &Arc<Activity>) -> Busy {
+        a.inflight.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Busy(a.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        *self.0.last.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        self.0.inflight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A connection slot of one IP address, given back when dropped.
+struct IpSlot {
+    map: Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
+    ip: std::net::IpAddr,
+}
+
+impl IpSlot {
+    fn take(
+        map: &Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
+        ip: std::net::IpAddr,
+        max: usize,
+    ) -> Option<IpSlot> {
+        let mut m = map.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot {
+            map: map.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// A connection's byte stream: TLS or, on loopback only, plain TCP.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}

@@ -103,6 +103,40 @@ impl Store {
         Ok(out)
     }
 
+    /// Cached chaining values of all-zero regions `start..start + count`
+    /// (a seek to `start`, then at most `count` entries): what a server
+    /// answers, so the answer's size is the caller's `count`, never more.
+    pub fn zero_cvs_range(
+        &self,
+        region_size: u32,
+        start: u64,
+        count: u64,
+    ) -> Result<Vec<Option<[u8; 32]>>> {
+        use imgstore_format::meta::{parse_zero_cv, zero_cv_key, zero_cv_prefix};
+        let end = start.saturating_add(count);
+        let mut out = vec![None; count as usize];
+        let prefix = zero_cv_prefix(region_size);
+        let from = zero_cv_key(region_size, start);
+        let it = self.db.iterator_cf(
+            self.cf(cf::META),
+            rocksdb::IteratorMode::From(&from, rocksdb::Direction::Forward),
+        );
+        for item in it {
+            let (k, v) = item.map_err(|e| self.db_err("read zero chaining values", e))?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            match parse_zero_cv(&k, &v) {
+                Ok(Some((_, i, cv))) if (start..end).contains(&i) => {
+                    out[(i - start) as usize] = Some(cv);
+                }
+                Ok(Some((_, i, _))) if i >= end => break,
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+
     /// Adds cached all-zero region chaining values (not synced: a lost
     /// entry is computed again).
     pub fn put_zero_cvs(&self, region_size: u32, cvs: &[(u64, [u8; 32])]) -> Result<()> {
@@ -189,6 +223,20 @@ impl Store {
             b.delete_cf(meta, protect_key(old));
             b.put_cf(meta, protect_key(&id), []);
         }
+        // The server's witness and namespace marks follow the snapshot.
+        if let Some(w) = self
+            .db
+            .get_cf(meta, imgstore_format::meta::attest_key(old))
+            .map_err(|e| self.db_err("read commit witness", e))?
+        {
+            b.delete_cf(meta, imgstore_format::meta::attest_key(old));
+            b.put_cf(meta, imgstore_format::meta::attest_key(&id), w);
+        }
+        for ns in self.ns_names()? {
+            if self.ns_marked(&ns, &[crate::snapshot_ns_key(old)])?[0] {
+                self.mark_ns(&mut b, &ns, [&crate::snapshot_ns_key(&id)])?;
+            }
+        }
         for (child, parent) in self.parents()? {
             if child == *old {
                 b.delete_cf(meta, parent_key(old));
@@ -246,6 +294,7 @@ impl Store {
             }
             batch.delete_cf(snaps, id.as_bytes());
             batch.delete_cf(self.cf(cf::META), imgstore_format::meta::parent_key(id));
+            batch.delete_cf(self.cf(cf::META), imgstore_format::meta::attest_key(id));
         }
         let orphaned = self.sub_refs(&mut batch, &page_counts)?;
         self.write_synced(batch, "forget")?;

@@ -69,7 +69,7 @@ pub use imgstore_repo::{DamageMark, ForgetOutcome, PutOutcome, Tally, Totals};
 pub use integrity::StoredBytesCheck;
 pub use lock::Lock;
 pub use packs::{BucketReport, RecoverOutcome, DEFAULT_PACK_SIZE, REPACK_GARBAGE};
-pub use sessions::{snapshot_ns_key, Scope};
+pub use sessions::{snapshot_ns_key, Attestation, Scope};
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
 
@@ -771,12 +771,15 @@ impl Store {
                 .filter(|k| !items.iter().any(|i| i.0.key(&i.1) == **k))
                 .copied()
                 .collect();
-            items.extend(self.bucket_resend(&mut batch, &present, frames)?);
+            items.extend(self.bucket_resend(&mut batch, &present, frames, scope)?);
             items.push((ObjectKind::Region, *id, encoded, encoded.len() as u32));
         } else {
             for (cid, (frame, _)) in frames {
                 let k = ObjectKind::Chunk.key(cid);
-                if counts.contains_key(&k) && self.is_pending_damage(&k) {
+                if counts.contains_key(&k)
+                    && self.is_pending_damage(&k)
+                    && self.may_heal_chunk(scope, cid)
+                {
                     batch.put_cf(&chunks, cid.as_bytes(), frame);
                     self.healed(k);
                 }
@@ -809,6 +812,24 @@ impl Store {
         Ok(out)
     }
 
+    /// Whether a writer's frame may replace damaged chunk `id`. A server has
+    /// checked every frame of a plain repository against its id, but cannot
+    /// open an encrypted one's: there only a trusted writer (a local one,
+    /// or an admin's session) may replace stored bytes — otherwise a damage
+    /// mark would let any key holder swap another namespace's chunk for
+    /// bytes of its choosing.
+    /// A namespace's own chunks (ids with its tag, which no other
+    /// namespace can write) it may heal.
+    fn may_heal_chunk(&self, scope: Option<&Scope>, id: &Id) -> bool {
+        self.config.encryption.is_none()
+            || scope.is_none_or(|s| {
+                s.global
+                    || s.namespace.as_deref().is_some_and(|ns| {
+                        imgstore_format::sealed::has_namespace_tag(id, ns)
+                    })
+            })
+    }
+
     /// Bucket mode: of counted chunks `keys`, those that must be sent to
     /// the bucket again — not held (never landed) or marked damaged — with
     /// their frames from `frames`. A damaged one loses its old location in
@@ -818,16 +839,17 @@ impl Store {
         batch: &mut WriteBatch,
         keys: &[[u8; 33]],
         frames: &'a HashMap<Id, (Vec<u8>, u32)>,
+        scope: Option<&Scope>,
     ) -> Result<Vec<packs::Item<'a>>> {
         let held = self.held(keys)?;
         let mut items = Vec::new();
         let mut relocate = Vec::new();
         for (k, h) in keys.iter().zip(held) {
-            let damaged = self.is_pending_damage(k);
+            let cid = Id::from_slice(&k[1..]).expect("32 bytes");
+            let damaged = self.may_heal_chunk(scope, &cid) && self.is_pending_damage(k);
             if h && !damaged {
                 continue;
             }
-            let cid = Id::from_slice(&k[1..]).expect("32 bytes");
             let Some((frame, raw)) = frames.get(&cid) else {
                 if !h {
                     return Err(StoreError::Missing {
@@ -863,7 +885,7 @@ impl Store {
         let mut items = Vec::new();
         if self.packs.is_some() {
             let keys: Vec<[u8; 33]> = counts.keys().copied().collect();
-            items = self.bucket_resend(&mut batch, &keys, frames)?;
+            items = self.bucket_resend(&mut batch, &keys, frames, scope)?;
             if !self.held(&[*rkey])?[0] {
                 items.push((ObjectKind::Region, *id, encoded, encoded.len() as u32));
             }
@@ -879,7 +901,7 @@ impl Store {
         }
         for (cid, (frame, _)) in frames {
             let k = ObjectKind::Chunk.key(cid);
-            if self.packs.is_none() && self.is_pending_damage(&k) {
+            if self.packs.is_none() && self.is_pending_damage(&k) && self.may_heal_chunk(scope, cid) {
                 batch.put_cf(self.cf(cf::CHUNKS), cid.as_bytes(), frame);
                 self.healed(k);
             }
@@ -904,17 +926,19 @@ impl Store {
         pages: &[Vec<u8>],
         parent: Option<&Id>,
     ) -> Result<(Id, u64)> {
-        self.commit_in(None, snapshot, pages, parent)
+        self.commit_in(None, snapshot, pages, parent, None)
     }
 
     /// [`Store::commit`] for a server session: with a namespace, the pages
-    /// and the regions they name are marked for it.
+    /// and the regions they name are marked for it; with a witness, it is
+    /// recorded beside the snapshot (see [`Attestation`]).
     pub fn commit_in(
         &self,
         scope: Option<&Scope>,
         snapshot: &[u8],
         pages: &[Vec<u8>],
         parent: Option<&Id>,
+        attest: Option<&Attestation>,
     ) -> Result<(Id, u64)> {
         self.require_write()?;
         let id = Id::hash(snapshot);
@@ -931,7 +955,7 @@ impl Store {
             Some(_) => self.bucket_commit(snapshot, pages, parent)?,
             None => Vec::new(),
         };
-        let out = self.commit_local(scope, snapshot, parent, &named, &by_key, &page_locs);
+        let out = self.commit_local(scope, snapshot, parent, attest, &named, &by_key, &page_locs);
         self.committed(&id);
         out
     }
@@ -942,6 +966,7 @@ impl Store {
         scope: Option<&Scope>,
         snapshot: &[u8],
         parent: Option<&Id>,
+        attest: Option<&Attestation>,
         named: &[Id],
         by_key: &HashMap<[u8; 33], &Vec<u8>>,
         page_locs: &[([u8; 33], imgstore_format::pack::Location)],
@@ -1036,6 +1061,13 @@ impl Store {
             self.mark_ns(&mut batch, ns, keys.iter())?;
         }
         batch.put_cf(&self.cf(cf::SNAPSHOTS), id.as_bytes(), snapshot);
+        if let Some(a) = attest {
+            batch.put_cf(
+                self.cf(cf::META),
+                imgstore_format::meta::attest_key(&id),
+                imgstore_format::meta::encode_attestation(&a.image, a.committed_ns),
+            );
+        }
         if let Some(p) = parent {
             batch.put_cf(
                 self.cf(cf::META),

@@ -42,6 +42,34 @@ pub struct Scope {
     pub global: bool,
 }
 
+/// The server's witness of a commit, recorded beside the snapshot: the
+/// image name of the session that committed it and the server's clock at
+/// the commit. A sealed record hides both from the server; clients that
+/// open it compare (docs/SECURITY.md, "What a compromised host cannot do").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attestation {
+    pub image: String,
+    pub committed_ns: i64,
+}
+
+impl Store {
+    /// Every recorded commit witness, by snapshot id (malformed ones are
+    /// left out: a snapshot without a witness is checked as a local one).
+    pub fn attestations(&self) -> Result<HashMap<imgstore_format::Id, Attestation>> {
+        let mut out = HashMap::new();
+        self.scan_meta(meta::ATTEST_PREFIX, "read commit witnesses", |k, v| {
+            if let (Some(id), Ok((image, committed_ns))) = (
+                imgstore_format::Id::from_slice(&k[meta::ATTEST_PREFIX.len()..]),
+                meta::decode_attestation(v),
+            ) {
+                out.insert(id, Attestation { image, committed_ns });
+            }
+            Ok(true)
+        })?;
+        Ok(out)
+    }
+}
+
 /// The namespace-mark key of snapshot `id` (kind byte `S`): how a server
 /// lists a sealed snapshot, whose name it cannot read, to its namespace.
 pub fn snapshot_ns_key(id: &Id) -> [u8; 33] {

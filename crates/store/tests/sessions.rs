@@ -124,6 +124,7 @@ fn gc_leaves_what_a_live_session_was_told_is_stored() {
         &sn.encode(),
         &pages.iter().map(|p| p.encode()).collect::<Vec<_>>(),
         None,
+        None,
     )
     .unwrap();
     s.end_session(7);
@@ -185,6 +186,7 @@ fn namespaces_see_only_their_own_chunks() {
         Some(&a),
         &sn.encode(),
         &pages.iter().map(|p| p.encode()).collect::<Vec<_>>(),
+        None,
         None,
     )
     .unwrap();

@@ -1,0 +1,177 @@
+//! What every request passes before its handler runs: authentication from
+//! the headers alone, the route's body limit against the declared length,
+//! a share of the server's body memory, and a body read under timeouts.
+//!
+//! # Why here, and in this order
+//!
+//! An extractor-based handler reads its whole body before it can look at
+//! the token, so three unauthenticated connections could make the server
+//! hold gigabytes. Here nothing of a body is read until the caller is
+//! known, its declared length is within the route's limit, and the server
+//! has memory for it: request bodies held at once never exceed
+//! `max_body_memory_mib`, bulk uploads at once never exceed `max_uploads`
+//! (taken *before* the body is read, so waiting uploads hold nothing), and
+//! a body that trickles in (slowloris) is cut off by `body_idle_timeout`
+//! and `body_timeout`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use http_body_util::BodyExt;
+use imgstore_protocol::limits;
+
+use crate::api::{caller, ApiError};
+use crate::App;
+
+/// Largest body of a route (`None`: unknown route, left to the router).
+pub(crate) fn body_limit(method: &Method, path: &str) -> usize {
+    if method == Method::GET || method == Method::DELETE || method == Method::HEAD {
+        return 0;
+    }
+    if method == Method::PUT && path.starts_with("/v1/regions/") {
+        return limits::PUT_REGION_BYTES;
+    }
+    match path {
+        "/v1/commit" => limits::COMMIT_BYTES,
+        "/v1/zero-cvs" => limits::ZERO_CVS * 40 + 16,
+        _ => small_body_limit(),
+    }
+}
+
+/// Any other body: ids, JSON.
+pub(crate) fn small_body_limit() -> usize {
+    limits::JSON_BYTES.max(limits::IDS_PER_CALL * 32 + 64)
+}
+
+/// Routes whose bodies are bulk uploads: bounded in number at once.
+fn is_upload(method: &Method, path: &str) -> bool {
+    (method == Method::PUT && path.starts_with("/v1/regions/")) || path == "/v1/commit"
+}
+
+/// How long a request may wait for an upload slot or body memory.
+const QUEUE_WAIT: Duration = Duration::from_secs(30);
+
+fn busy(what: &str) -> Response {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "busy",
+        format!("the server is at its limit of {what}: retry later"),
+    )
+    .into_response()
+}
+
+/// The middleware: see the module doc.
+pub(crate) async fn guard(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    let path = req.uri().path().to_string();
+    if path == "/v1/health" {
+        return next.run(req).await;
+    }
+    if let Err(e) = caller(&app, req.headers()) {
+        return close(e.into_response());
+    }
+    let method = req.method().clone();
+    let limit = body_limit(&method, &path);
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .map(|v| v.to_str().ok().and_then(|s| s.parse::<u64>().ok()));
+    let declared = match declared {
+        Some(None) => return close(ApiError::bad("Content-Length is not a number").into_response()),
+        Some(Some(n)) => Some(n),
+        None => None,
+    };
+    if declared.is_some_and(|n| n > limit as u64) {
+        return close(too_large(limit));
+    }
+    let _upload = if is_upload(&method, &path) {
+        match tokio::time::timeout(QUEUE_WAIT, app.uploads.clone().acquire_owned()).await {
+            Ok(Ok(p)) => Some(p),
+            _ => return close(busy("concurrent uploads (max_uploads)")),
+        }
+    } else {
+        None
+    };
+    // A body's share of memory: what it declares, else the route's limit.
+    let need = declared.map_or(limit, |n| n as usize);
+    let kib = need.div_ceil(1024).min(app.limits.body_memory_kib);
+    let _memory = if kib > 0 {
+        match tokio::time::timeout(
+            QUEUE_WAIT,
+            app.body_budget.clone().acquire_many_owned(kib as u32),
+        )
+        .await
+        {
+            Ok(Ok(p)) => Some(p),
+            _ => return close(busy("request memory (max_body_memory_mib)")),
+        }
+    } else {
+        None
+    };
+    let (parts, body) = req.into_parts();
+    let bytes = match read_body(body, limit, need, &app.limits).await {
+        Ok(b) => b,
+        Err(r) => return close(r),
+    };
+    next.run(Request::from_parts(parts, Body::from(bytes))).await
+}
+
+fn too_large(limit: usize) -> Response {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too_large",
+        format!("the body passes this call's limit of {limit} bytes"),
+    )
+    .into_response()
+}
+
+/// An answer after which an HTTP/1 connection is not reused (the rest of
+/// an unread body is never read).
+fn close(mut r: Response) -> Response {
+    r.headers_mut().insert(
+        axum::http::header::CONNECTION,
+        axum::http::HeaderValue::from_static("close"),
+    );
+    r
+}
+
+/// Reads at most `limit` bytes, failing when nothing arrives for the idle
+/// timeout or the whole takes longer than the body timeout.
+async fn read_body(
+    mut body: Body,
+    limit: usize,
+    expect: usize,
+    limits: &crate::Limits,
+) -> Result<Bytes, Response> {
+    let deadline = Instant::now() + limits.body_total;
+    let mut buf: Vec<u8> = Vec::with_capacity(expect.min(limit));
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let frame = match tokio::time::timeout(left.min(limits.body_idle), body.frame()).await {
+            Err(_) => {
+                return Err(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "timeout",
+                    "the request body arrived too slowly (body_timeout, body_idle_timeout)",
+                )
+                .into_response())
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                return Err(ApiError::bad(format!("the request body broke off: {e}")).into_response())
+            }
+            Ok(Some(Ok(f))) => f,
+        };
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > limit {
+                return Err(too_large(limit));
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(Bytes::from(buf))
+}
