@@ -52,7 +52,8 @@ impl Raw {
             .arg(&out)
             .args(["-w", "%{http_code}"]);
         if let Some(t) = token {
-            c.arg("-H").arg(format!("Authorization: Bearer {}", t.trim()));
+            c.arg("-H")
+                .arg(format!("Authorization: Bearer {}", t.trim()));
         }
         for h in headers {
             c.arg("-H").arg(h);
@@ -88,7 +89,13 @@ impl Raw {
         self.call("GET", "/v1/health", None, None, &[]).0
     }
 
-    fn put_region(&self, token: &str, sess: &str, recipe: &[u8], frames: &[(Id, u32, Vec<u8>)]) -> (u16, String) {
+    fn put_region(
+        &self,
+        token: &str,
+        sess: &str,
+        recipe: &[u8],
+        frames: &[(Id, u32, Vec<u8>)],
+    ) -> (u16, String) {
         let body = proto::encode_put_region(
             recipe,
             frames.iter().map(|(id, raw_len, f)| proto::NewFrame {
@@ -109,7 +116,13 @@ impl Raw {
 
     fn commit(&self, token: &str, sess: &str, record: &[u8], pages: &[Vec<u8>]) -> (u16, String) {
         let body = proto::encode_commit(record, None, pages);
-        let (code, b) = self.call("POST", "/v1/commit", Some(token), Some(&body), &[sess.to_string()]);
+        let (code, b) = self.call(
+            "POST",
+            "/v1/commit",
+            Some(token),
+            Some(&body),
+            &[sess.to_string()],
+        );
         (code, String::from_utf8_lossy(&b).to_string())
     }
 
@@ -313,9 +326,18 @@ fn namespaces_are_no_oracle_and_grant_nothing_by_naming() {
         "the answers differ only by the id"
     );
     // Nothing became readable by naming it.
-    let (code, body) = raw.call("POST", "/v1/chunks/get", Some(&web_r), Some(&proto::encode_ids(&[x])), &[]);
+    let (code, body) = raw.call(
+        "POST",
+        "/v1/chunks/get",
+        Some(&web_r),
+        Some(&proto::encode_ids(&[x])),
+        &[],
+    );
     assert_eq!(code, 200);
-    assert!(proto::decode_frames(&body, 1).unwrap()[0].is_err(), "db's chunk readable by web");
+    assert!(
+        proto::decode_frames(&body, 1).unwrap()[0].is_err(),
+        "db's chunk readable by web"
+    );
     // Committing a snapshot that names db's index page.
     let (_, db_rec) = raw.snapshots(&admin).into_iter().next().unwrap();
     let db_snap = Snapshot::decode(&db_rec).unwrap();
@@ -324,7 +346,13 @@ fn namespaces_are_no_oracle_and_grant_nothing_by_naming() {
     let (code, msg) = raw.commit(&web, &sess, &fake.encode(), &[]);
     assert_eq!(code, 404, "commit naming db's page: {msg}");
     // And a page of its own naming db's region.
-    let (code, body) = raw.call("POST", "/v1/pages", Some(&admin), Some(&proto::encode_ids(&db_snap.pages)), &[]);
+    let (code, body) = raw.call(
+        "POST",
+        "/v1/pages",
+        Some(&admin),
+        Some(&proto::encode_ids(&db_snap.pages)),
+        &[],
+    );
     assert_eq!(code, 200);
     let db_page = Page::decode(&proto::decode_records(&body, 1).unwrap()[0]).unwrap();
     let page = db_page.encode();
@@ -343,13 +371,23 @@ fn namespaces_are_no_oracle_and_grant_nothing_by_naming() {
     let (_, rec) = raw.snapshots(&web_r).into_iter().next().unwrap();
     let pid = Snapshot::decode(&rec).unwrap().pages[0];
     let count = |tok: &str| {
-        let (code, b) = raw.call("POST", "/v1/refs/P", Some(tok), Some(&proto::encode_ids(&[pid])), &[]);
+        let (code, b) = raw.call(
+            "POST",
+            "/v1/refs/P",
+            Some(tok),
+            Some(&proto::encode_ids(&[pid])),
+            &[],
+        );
         assert_eq!(code, 200);
         let r = proto::decode_refs(&b, 1).unwrap().remove(0).unwrap();
         imgstore_format::RefCount::decode(&r).unwrap().count
     };
     assert_eq!(count(&admin), 2);
-    assert_eq!(count(&web_r), 1, "a repository-wide count shown to a namespace");
+    assert_eq!(
+        count(&web_r),
+        1,
+        "a repository-wide count shown to a namespace"
+    );
     s.assert_no_panic();
 }
 
@@ -375,7 +413,13 @@ fn damage_marks_cannot_make_the_server_replace_intact_data() {
         {"kind": "C", "id": x.to_hex(), "why": "forged"},
         {"kind": "C", "id": w.to_hex(), "why": "forged"},
     ]);
-    let (code, b) = raw.call("POST", "/v1/damage", Some(&web_r), Some(marks.to_string().as_bytes()), &[]);
+    let (code, b) = raw.call(
+        "POST",
+        "/v1/damage",
+        Some(&web_r),
+        Some(marks.to_string().as_bytes()),
+        &[],
+    );
     assert_eq!(code, 204, "{}", String::from_utf8_lossy(&b));
     assert!(raw.damage_marks(&admin).is_empty(), "forged marks recorded");
     // After a restart (marks pending), an upload of other bytes under the
@@ -453,7 +497,13 @@ fn zero_value_requests_past_any_image_are_refused() {
         r#"{"region_size":8388608,"start":18446744073709551615,"count":1}"#,
         r#"{"region_size":1,"start":0,"count":1048576}"#,
     ] {
-        let (code, b) = raw.call("POST", "/v1/zero-cvs/get", Some(&web), Some(body.as_bytes()), &[]);
+        let (code, b) = raw.call(
+            "POST",
+            "/v1/zero-cvs/get",
+            Some(&web),
+            Some(body.as_bytes()),
+            &[],
+        );
         assert_eq!(code, 400, "{body}: {}", String::from_utf8_lossy(&b));
     }
     let (code, _) = raw.call(
@@ -487,7 +537,17 @@ fn bodies_are_not_read_before_authentication() {
     let senders: Vec<Child> = (0..3)
         .map(|_| {
             Command::new("curl")
-                .args(["-sk", "--max-time", "60", "-o", "/dev/null", "-w", "%{http_code}", "-H", "Expect:"])
+                .args([
+                    "-sk",
+                    "--max-time",
+                    "60",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "-H",
+                    "Expect:",
+                ])
                 .arg("--data-binary")
                 .arg(format!("@{}", big.display()))
                 .arg(format!("{}/v1/commit", raw.base))
@@ -500,7 +560,10 @@ fn bodies_are_not_read_before_authentication() {
         let o = c.wait_with_output().unwrap();
         let code = String::from_utf8_lossy(&o.stdout).to_string();
         // 401, or the connection closed before curl finished sending.
-        assert!(code == "401" || code == "000", "unauthenticated body: {code}");
+        assert!(
+            code == "401" || code == "000",
+            "unauthenticated body: {code}"
+        );
     }
     let grown = vm_hwm(&s).saturating_sub(before);
     assert!(grown < 64 << 20, "peak memory grew by {grown} bytes");
@@ -537,7 +600,10 @@ fn silent_connections_are_closed_and_cannot_starve_the_server() {
         return;
     }
     let env = Env::new();
-    let s = setup_with(&env, "max_connections = 6\nidle_connection_timeout = \"2s\"");
+    let s = setup_with(
+        &env,
+        "max_connections = 6\nidle_connection_timeout = \"2s\"",
+    );
     let raw = Raw::new(&env, &s);
     let (host, port) = s.addr.rsplit_once(':').unwrap();
     // Six TLS connections that never send a request; the script reports
@@ -608,10 +674,27 @@ fn bulk_answers_are_bounded_before_they_are_built() {
     let web_r = token(&env, "web-restore");
     let (_, rec) = raw.snapshots(&web_r).into_iter().next().unwrap();
     let pages = Snapshot::decode(&rec).unwrap().pages;
-    let (_, b) = raw.call("POST", "/v1/pages", Some(&web_r), Some(&proto::encode_ids(&pages)), &[]);
+    let (_, b) = raw.call(
+        "POST",
+        "/v1/pages",
+        Some(&web_r),
+        Some(&proto::encode_ids(&pages)),
+        &[],
+    );
     let page = Page::decode(&proto::decode_records(&b, 1).unwrap()[0]).unwrap();
-    let regions: Vec<Id> = page.regions.iter().copied().filter(|r| *r != Id::ZERO).collect();
-    let (_, b) = raw.call("POST", "/v1/regions", Some(&web_r), Some(&proto::encode_ids(&regions)), &[]);
+    let regions: Vec<Id> = page
+        .regions
+        .iter()
+        .copied()
+        .filter(|r| *r != Id::ZERO)
+        .collect();
+    let (_, b) = raw.call(
+        "POST",
+        "/v1/regions",
+        Some(&web_r),
+        Some(&proto::encode_ids(&regions)),
+        &[],
+    );
     let largest = proto::decode_records(&b, regions.len())
         .unwrap()
         .iter()
@@ -620,10 +703,20 @@ fn bulk_answers_are_bounded_before_they_are_built() {
         .max_by_key(|e| e.len)
         .unwrap();
     let asked = largest.len as u64 * 4096;
-    assert!(asked > 512 << 20, "largest chunk {} too small for the test", largest.len);
+    assert!(
+        asked > 512 << 20,
+        "largest chunk {} too small for the test",
+        largest.len
+    );
     let before = vm_hwm(&s);
     let ids = vec![largest.chunk.unwrap(); 4096];
-    let (code, _) = raw.call("POST", "/v1/chunks/get", Some(&web_r), Some(&proto::encode_ids(&ids)), &[]);
+    let (code, _) = raw.call(
+        "POST",
+        "/v1/chunks/get",
+        Some(&web_r),
+        Some(&proto::encode_ids(&ids)),
+        &[],
+    );
     assert_eq!(code, 413);
     let grown = vm_hwm(&s).saturating_sub(before);
     assert!(
@@ -647,7 +740,13 @@ fn sessions_per_token_are_bounded() {
     for i in 0..4 {
         raw.session(&web, &format!("web-{i}"));
     }
-    let (code, b) = raw.call("POST", "/v1/sessions", Some(&web), Some(br#"{"image":"web-9"}"#), &[]);
+    let (code, b) = raw.call(
+        "POST",
+        "/v1/sessions",
+        Some(&web),
+        Some(br#"{"image":"web-9"}"#),
+        &[],
+    );
     assert_eq!(code, 429, "{}", String::from_utf8_lossy(&b));
     // Another token is not affected.
     raw.session(&token(&env, "db-backup"), "db-1");
@@ -685,23 +784,85 @@ fn every_endpoint_survives_random_and_mutated_bodies() {
         ("POST", "/v1/chunks/known".into(), ids.clone()),
         ("POST", "/v1/refs/C".into(), ids.clone()),
         ("POST", "/v1/forget".into(), ids.clone()),
-        ("PUT", format!("/v1/regions/{}", Id::hash(b"r").to_hex()), region),
+        (
+            "PUT",
+            format!("/v1/regions/{}", Id::hash(b"r").to_hex()),
+            region,
+        ),
         ("POST", "/v1/commit".into(), commit),
-        ("POST", "/v1/zero-cvs/get".into(), br#"{"region_size":8388608,"start":0,"count":4}"#.to_vec()),
-        ("POST", "/v1/zero-cvs".into(), vec![0, 0, 128, 0, 1, 0, 0, 0]),
-        ("POST", "/v1/sessions".into(), br#"{"image":"web-2"}"#.to_vec()),
-        ("POST", "/v1/damage".into(), br#"[{"kind":"C","id":"00","why":"x"}]"#.to_vec()),
-        ("POST", "/v1/damage/clear".into(), br#"[{"kind":"C","id":"00"}]"#.to_vec()),
-        ("POST", "/v1/protect".into(), br#"{"id":"00","protected":true}"#.to_vec()),
-        ("POST", "/v1/scan".into(), br#"{"what":"refs","after":"zz"}"#.to_vec()),
+        (
+            "POST",
+            "/v1/zero-cvs/get".into(),
+            br#"{"region_size":8388608,"start":0,"count":4}"#.to_vec(),
+        ),
+        (
+            "POST",
+            "/v1/zero-cvs".into(),
+            vec![0, 0, 128, 0, 1, 0, 0, 0],
+        ),
+        (
+            "POST",
+            "/v1/sessions".into(),
+            br#"{"image":"web-2"}"#.to_vec(),
+        ),
+        (
+            "POST",
+            "/v1/damage".into(),
+            br#"[{"kind":"C","id":"00","why":"x"}]"#.to_vec(),
+        ),
+        (
+            "POST",
+            "/v1/damage/clear".into(),
+            br#"[{"kind":"C","id":"00"}]"#.to_vec(),
+        ),
+        (
+            "POST",
+            "/v1/protect".into(),
+            br#"{"id":"00","protected":true}"#.to_vec(),
+        ),
+        (
+            "POST",
+            "/v1/scan".into(),
+            br#"{"what":"refs","after":"zz"}"#.to_vec(),
+        ),
         ("POST", "/v1/gc".into(), br#"{"dry_run":"yes"}"#.to_vec()),
-        ("POST", format!("/v1/snapshots/{}/replace", Id::hash(b"s").to_hex()), rec.clone()),
+        (
+            "POST",
+            format!("/v1/snapshots/{}/replace", Id::hash(b"s").to_hex()),
+            rec.clone(),
+        ),
     ];
     let mut seed = 1u64;
     for (method, path, valid) in &endpoints {
-        for round in 0..6u64 {
+        for round in 0..8u64 {
             seed += 1;
-            let body = match round % 3 {
+            let body = match round % 4 {
+                // Well-formed JSON carrying extreme numbers and long strings
+                // in every field a JSON route reads.
+                3 if valid.first() == Some(&b'{') || valid.first() == Some(&b'[') => {
+                    let n = |i: u64| match (seed + i) % 4 {
+                        0 => u64::MAX.to_string(),
+                        1 => (1u64 << 50).to_string(),
+                        2 => "0".to_string(),
+                        _ => (seed * 7919 + i).to_string(),
+                    };
+                    let long = "x".repeat(((seed as usize) * 997) % 70_000);
+                    format!(
+                        r#"{{"region_size":{},"start":{},"count":{},"image":"{long}","id":"{long}","kind":"{long}","why":"{long}","protected":true,"dry_run":true,"what":"refs","after":"{long}"}}"#,
+                        n(1),
+                        n(2),
+                        n(3)
+                    )
+                    .into_bytes()
+                }
+                3 => {
+                    // A binary body whose count field is huge.
+                    let mut b = valid.clone();
+                    if b.len() >= 4 {
+                        b[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+                    }
+                    b
+                }
                 0 => seeded((seed as usize * 37) % 700, seed),
                 1 => {
                     let mut b = valid.clone();
@@ -721,7 +882,13 @@ fn every_endpoint_survives_random_and_mutated_bodies() {
                 }
             };
             for tok in [&admin, &web, &web_r] {
-                let (code, resp) = raw.call(method, path, Some(tok), Some(&body), &[sess.clone()]);
+                let (code, resp) = raw.call(
+                    method,
+                    path,
+                    Some(tok),
+                    Some(&body),
+                    std::slice::from_ref(&sess),
+                );
                 assert!(
                     (400..500).contains(&code) || code == 200 || code == 204 || code == 503,
                     "{method} {path} round {round}: {code} {}",
@@ -761,7 +928,15 @@ fn encrypted_setup(env: &Env) -> Served {
         ("db-backup", "backup", Some("db")),
     ] {
         let out = env.path(&format!("{name}.token"));
-        let mut args = vec!["token", "add", name, "--role", role, "--output", out.to_str().unwrap()];
+        let mut args = vec![
+            "token",
+            "add",
+            name,
+            "--role",
+            role,
+            "--output",
+            out.to_str().unwrap(),
+        ];
         if let Some(ns) = ns {
             args.extend(["--namespace", ns]);
         }
@@ -825,11 +1000,23 @@ fn a_key_holder_in_one_namespace_cannot_plant_replace_or_impersonate_in_another(
     let img = env.path("db.img");
     fs::write(&img, seeded(3 << 20, 81)).unwrap();
     let db = Client::new(&env, &s, "db-backup");
-    ok_pass(&db, &["backup", img.to_str().unwrap(), "--name", "db-1", "--json"]);
+    ok_pass(
+        &db,
+        &["backup", img.to_str().unwrap(), "--name", "db-1", "--json"],
+    );
     let wimg = env.path("web.img");
     fs::write(&wimg, seeded(1 << 20, 82)).unwrap();
     let webc = Client::new(&env, &s, "web-backup");
-    ok_pass(&webc, &["backup", wimg.to_str().unwrap(), "--name", "web-1", "--json"]);
+    ok_pass(
+        &webc,
+        &[
+            "backup",
+            wimg.to_str().unwrap(),
+            "--name",
+            "web-1",
+            "--json",
+        ],
+    );
     let admin = token(&env, "admin");
     let web = token(&env, "web-backup");
     let web_r = token(&env, "web-restore");
@@ -840,18 +1027,44 @@ fn a_key_holder_in_one_namespace_cannot_plant_replace_or_impersonate_in_another(
     let rk = imgstore_crypto::RecordKind::Snapshot;
     let opened: Vec<(Id, Snapshot)> = snaps
         .iter()
-        .map(|(id, r)| (*id, Snapshot::decode(&k.open_record(rk, r).unwrap()).unwrap()))
+        .map(|(id, r)| {
+            (
+                *id,
+                Snapshot::decode(&k.open_record(rk, r).unwrap()).unwrap(),
+            )
+        })
         .collect();
     let (_, db_snap) = opened.iter().find(|(_, s)| s.name == "db-1").unwrap();
     let (web_id, web_snap) = opened.iter().find(|(_, s)| s.name == "web-1").unwrap();
-    let (_, b) = raw.call("POST", "/v1/pages", Some(&admin), Some(&proto::encode_ids(&db_snap.pages)), &[]);
+    let (_, b) = raw.call(
+        "POST",
+        "/v1/pages",
+        Some(&admin),
+        Some(&proto::encode_ids(&db_snap.pages)),
+        &[],
+    );
     let page = &proto::decode_records(&b, db_snap.pages.len()).unwrap()[0];
-    let regions = imgstore_format::sealed::record_children(imgstore_format::sealed::RecordKind::Page, page).unwrap();
-    let (_, b) = raw.call("POST", "/v1/regions", Some(&admin), Some(&proto::encode_ids(&regions[..1])), &[]);
+    let regions =
+        imgstore_format::sealed::record_children(imgstore_format::sealed::RecordKind::Page, page)
+            .unwrap();
+    let (_, b) = raw.call(
+        "POST",
+        "/v1/regions",
+        Some(&admin),
+        Some(&proto::encode_ids(&regions[..1])),
+        &[],
+    );
     let recipe0 = &proto::decode_records(&b, 1).unwrap()[0];
-    let db_chunks = imgstore_format::sealed::record_children(imgstore_format::sealed::RecordKind::Region, recipe0).unwrap();
+    let db_chunks = imgstore_format::sealed::record_children(
+        imgstore_format::sealed::RecordKind::Region,
+        recipe0,
+    )
+    .unwrap();
     let x = db_chunks[0];
-    assert!(imgstore_format::sealed::has_namespace_tag(&x, "db"), "db's ids carry db's tag");
+    assert!(
+        imgstore_format::sealed::has_namespace_tag(&x, "db"),
+        "db's ids carry db's tag"
+    );
     // 1. Plant: a sealed recipe naming x, with a frame sealed by the key
     // for x but holding other bytes. Refused: x is not web's to write.
     let sess = raw.session(&web, "web-evil");
@@ -865,12 +1078,27 @@ fn a_key_holder_in_one_namespace_cannot_plant_replace_or_impersonate_in_another(
     // The same with the id stripped of any tag (as keyed by the key alone).
     let mut untagged = x;
     untagged.0[..8].copy_from_slice(&k.chunk_id(b"other").0[..8]);
-    let rec = k.seal_record(imgstore_format::sealed::RecordKind::Region, b"recipe", &[untagged]);
-    let (code, _) = raw.put_region(&web, &sess, &rec, &[(untagged, 1, k.seal_chunk(&untagged, &evil).unwrap())]);
+    let rec = k.seal_record(
+        imgstore_format::sealed::RecordKind::Region,
+        b"recipe",
+        &[untagged],
+    );
+    let (code, _) = raw.put_region(
+        &web,
+        &sess,
+        &rec,
+        &[(untagged, 1, k.seal_chunk(&untagged, &evil).unwrap())],
+    );
     assert_eq!(code, 400);
     // 2. Replace through damage marks: db's chunk is not web's to mark.
     let marks = serde_json::json!([{"kind": "C", "id": x.to_hex(), "why": "forged"}]);
-    let (code, _) = raw.call("POST", "/v1/damage", Some(&web_r), Some(marks.to_string().as_bytes()), &[]);
+    let (code, _) = raw.call(
+        "POST",
+        "/v1/damage",
+        Some(&web_r),
+        Some(marks.to_string().as_bytes()),
+        &[],
+    );
     assert_eq!(code, 204);
     assert!(raw.damage_marks(&admin).is_empty());
     // 3. Impersonate: web's own snapshot re-sealed naming db-1, committed
@@ -880,14 +1108,22 @@ fn a_key_holder_in_one_namespace_cannot_plant_replace_or_impersonate_in_another(
     let mut fake = web_snap.clone();
     fake.name = "db-1".into();
     fake.time_ns += 1_000_000_000;
-    let sealed = k.seal_record(imgstore_format::sealed::RecordKind::Snapshot, &fake.encode(), &fake.pages);
+    let sealed = k.seal_record(
+        imgstore_format::sealed::RecordKind::Snapshot,
+        &fake.encode(),
+        &fake.pages,
+    );
     let sess = raw.session(&web, "web-x");
     let (code, msg) = raw.commit(&web, &sess, &sealed, &[]);
     assert_eq!(code, 200, "the server cannot read a sealed name: {msg}");
     let forged_name = Id::hash(&sealed);
     let mut future = web_snap.clone();
     future.time_ns += 365 * 86_400 * 1_000_000_000;
-    let sealed = k.seal_record(imgstore_format::sealed::RecordKind::Snapshot, &future.encode(), &future.pages);
+    let sealed = k.seal_record(
+        imgstore_format::sealed::RecordKind::Snapshot,
+        &future.encode(),
+        &future.pages,
+    );
     let sess = raw.session(&web, "web-1");
     let (code, msg) = raw.commit(&web, &sess, &sealed, &[]);
     assert_eq!(code, 200, "{msg}");
@@ -899,22 +1135,188 @@ fn a_key_holder_in_one_namespace_cannot_plant_replace_or_impersonate_in_another(
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let listed: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
     let names: Vec<&str> = listed.iter().filter_map(|v| v["name"].as_str()).collect();
-    assert_eq!(names.iter().filter(|n| **n == "db-1").count(), 1, "{names:?}");
-    assert_eq!(names.iter().filter(|n| **n == "web-1").count(), 1, "{names:?}");
+    assert_eq!(
+        names.iter().filter(|n| **n == "db-1").count(),
+        1,
+        "{names:?}"
+    );
+    assert_eq!(
+        names.iter().filter(|n| **n == "web-1").count(),
+        1,
+        "{names:?}"
+    );
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("witness"), "forged records not reported: {err}");
+    assert!(
+        err.contains("witness"),
+        "forged records not reported: {err}"
+    );
     let out = env.path("db.restored");
-    ok_pass(&adm, &["restore", "latest", "--name", "db-1", out.to_str().unwrap()]);
+    ok_pass(
+        &adm,
+        &["restore", "latest", "--name", "db-1", out.to_str().unwrap()],
+    );
     assert_same(&out, &img);
     // Retention of web keeps the real snapshot (the future one is not a
     // candidate), and db's history is untouched.
     ok_pass(&adm, &["forget", "--name", "web-1", "--keep-last", "1"]);
     let out = env.path("web.restored");
-    ok_pass(&adm, &["restore", "latest", "--name", "web-1", out.to_str().unwrap()]);
+    ok_pass(
+        &adm,
+        &[
+            "restore",
+            "latest",
+            "--name",
+            "web-1",
+            out.to_str().unwrap(),
+        ],
+    );
     assert_same(&out, &wimg);
     // The admin removes the forged records; the repository checks clean.
-    ok_pass(&adm, &["forget", &forged_name.to_hex(), &forged_time.to_hex()]);
+    ok_pass(
+        &adm,
+        &["forget", &forged_name.to_hex(), &forged_time.to_hex()],
+    );
     ok_pass(&adm, &["check", "--read-data"]);
     s.assert_no_panic();
 }
 
+/// The hostile-client scenario, plain repository: the web host is
+/// compromised (its backup and restore tokens) and tries, one after the
+/// other, everything above against the db namespace, while db backs up
+/// three generations of a real ext4 disk. Afterwards every db snapshot
+/// restores exact and `check --read-data` is clean.
+#[test]
+fn a_compromised_host_leaves_another_namespace_intact_plain() {
+    if !need_curl() {
+        return;
+    }
+    let env = Env::new();
+    let s = setup(&env);
+    let raw = Raw::new(&env, &s);
+    let gens = ext4_generations(&env);
+    let db = Client::new(&env, &s, "db-backup");
+    let admin_c = Client::new(&env, &s, "admin");
+    let web = token(&env, "web-backup");
+    let web_r = token(&env, "web-restore");
+    let admin = token(&env, "admin");
+    let db_chunks = |raw: &Raw| -> Vec<(Id, u32)> {
+        let snaps = raw.snapshots(&admin);
+        let mut out = Vec::new();
+        for (_, rec) in snaps {
+            let snap = Snapshot::decode(&rec).unwrap();
+            if snap.name != "db-disk" {
+                continue;
+            }
+            let (_, b) = raw.call(
+                "POST",
+                "/v1/pages",
+                Some(&admin),
+                Some(&proto::encode_ids(&snap.pages)),
+                &[],
+            );
+            for p in proto::decode_records(&b, snap.pages.len()).unwrap() {
+                let regions: Vec<Id> = Page::decode(&p)
+                    .unwrap()
+                    .regions
+                    .into_iter()
+                    .filter(|r| *r != Id::ZERO)
+                    .take(8)
+                    .collect();
+                let (_, b) = raw.call(
+                    "POST",
+                    "/v1/regions",
+                    Some(&admin),
+                    Some(&proto::encode_ids(&regions)),
+                    &[],
+                );
+                for r in proto::decode_records(&b, regions.len()).unwrap() {
+                    out.extend(
+                        Region::decode(&r)
+                            .unwrap()
+                            .entries
+                            .into_iter()
+                            .filter_map(|e| Some((e.chunk?, e.len))),
+                    );
+                }
+            }
+        }
+        out.truncate(16);
+        out
+    };
+    let mut restored = Vec::new();
+    for (g, img) in gens.iter().enumerate() {
+        let id = crate::server::id_of(&db.backup(img, &["--name", "db-disk"]));
+        restored.push((id, img.clone()));
+        let chunks = db_chunks(&raw);
+        assert!(!chunks.is_empty());
+        let sess = raw.session(&web, &format!("web-evil{g}"));
+        for (x, len) in &chunks {
+            let junk = raw_frame(&seeded(*len as usize, u64::from(*len)));
+            // Plant, fake-sealed and plain.
+            assert_eq!(
+                raw.put_region(
+                    &web,
+                    &sess,
+                    &fake_sealed(b'R', &[*x]),
+                    &[(*x, *len, junk.clone())]
+                )
+                .0,
+                400
+            );
+            assert_eq!(
+                raw.put_region(&web, &sess, &recipe(&[(*x, *len)]), &[(*x, *len, junk)])
+                    .0,
+                400
+            );
+            // Name without sending.
+            assert_eq!(
+                raw.put_region(&web, &sess, &recipe(&[(*x, *len)]), &[]).0,
+                404
+            );
+        }
+        // Damage marks on db's chunks, then a restart would make them pending.
+        let marks: Vec<serde_json::Value> = chunks
+            .iter()
+            .map(|(x, _)| serde_json::json!({"kind": "C", "id": x.to_hex(), "why": "forged"}))
+            .collect();
+        let (code, _) = raw.call(
+            "POST",
+            "/v1/damage",
+            Some(&web_r),
+            Some(serde_json::Value::from(marks).to_string().as_bytes()),
+            &[],
+        );
+        assert_eq!(code, 204);
+        assert!(raw.damage_marks(&admin).is_empty());
+        // Impersonate db's image, date into the future, junk records.
+        let (_, rec) = raw.snapshots(&admin).into_iter().next().unwrap();
+        let mut snap = Snapshot::decode(&rec).unwrap();
+        snap.name = "db-disk".into();
+        assert_eq!(raw.commit(&web, &sess, &snap.encode(), &[]).0, 400);
+        snap.name = format!("web-evil{g}");
+        snap.time_ns += 3 * 365 * 86_400 * 1_000_000_000;
+        assert_eq!(raw.commit(&web, &sess, &snap.encode(), &[]).0, 400);
+        assert_eq!(raw.commit(&web, &sess, &fake_sealed(b'S', &[]), &[]).0, 400);
+        // Crash attempt.
+        let (code, _) = raw.call(
+            "POST",
+            "/v1/zero-cvs/get",
+            Some(&web),
+            Some(br#"{"region_size":8388608,"start":1125899906842624,"count":1}"#),
+            &[],
+        );
+        assert_eq!(code, 400);
+    }
+    assert!(
+        raw.snapshots(&web_r).is_empty(),
+        "nothing was committed for web"
+    );
+    for (id, img) in &restored {
+        let out = env.path("restored.img");
+        let _ = fs::remove_file(&out);
+        admin_c.ok(&["restore", id, out.to_str().unwrap()]);
+        assert_same(&out, img);
+    }
+    admin_c.ok(&["check", "--read-data"]);
+    s.assert_no_panic();
+}

@@ -33,8 +33,16 @@ impl Env {
     /// set its stdio themselves.
     pub fn command(&self) -> Command {
         let mut c = Command::new(BIN);
-        c.arg("-r").arg(self.repo());
+        c.arg("-r")
+            .arg(self.repo())
+            .env("IMGSTORE_STATE_DIR", self.state_dir());
         c
+    }
+    /// Where clients of this test record the server repositories they
+    /// have seen (`known-repos.json`): never the user's own record, and
+    /// never another test's (whose server may have had the same port).
+    pub fn state_dir(&self) -> PathBuf {
+        self.path("state")
     }
     /// Runs imgstore with `-r repo` and `args`.
     pub fn run(&self, args: &[&str]) -> Output {

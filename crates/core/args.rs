@@ -17,6 +17,8 @@ any snapshot byte-exact (checked against its BLAKE3 digest).",
 Exit status:\n  0    success (diff: the snapshots are equal)\n  1    failure not listed below (diff: they differ)\n  2    bad arguments or usage (diff: trouble)\n  \
 3    no repository at the path, or not an imgstore repository\n  4    repository busy: another writer holds the lock (see --wait)\n  \
 5    damaged or wrong data found (check, verify, a restore that met damage)\n  6    snapshot not found, ambiguous, or several images and no --name\n  \
+7    a server or bucket could not be reached, or refused the token or operation\n  \
+8    a server's repository is not the one expected (plain although a key is given, or not the one recorded for its URL)\n  \
 141  stdout closed by its reader (restore - | head)\n\n\
 Names (--name) and tags: 1-128 letters, digits, '.', '_', '+', '-', starting with a letter, digit or '_'."
 )]
@@ -104,6 +106,13 @@ pub struct Cli {
     /// server cannot be reached before giving up.
     #[arg(long, global = true, value_name = "DURATION", default_value = "2m")]
     pub retry_for: String,
+
+    /// For a server repository: accept the repository the server now
+    /// answers with although it contradicts what this client recorded for
+    /// the URL (another repository id, or plain where it was encrypted), and
+    /// record it instead; only after replacing the repository on purpose.
+    #[arg(long, global = true)]
+    pub trust_new_repository: bool,
 
     #[command(subcommand)]
     pub command: Command,

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use imgstore_engine::{BackupOptions, ParentChoice, Selector, Source, Target};
 use imgstore_format::{Id, Snapshot};
+use imgstore_repo::{Repository, SnapshotList, UnreadableSnapshot};
 use imgstore_store::Store;
 use serde_json::json;
 
@@ -30,6 +31,9 @@ pub(crate) struct Settings {
     pub key_file: Option<PathBuf>,
     pub password_file: Option<PathBuf>,
     pub password_command: Option<String>,
+    /// Accept a server repository that contradicts the known-repositories
+    /// record (`--trust-new-repository`).
+    pub trust_new_repository: bool,
 }
 
 static SETTINGS: std::sync::OnceLock<Settings> = std::sync::OnceLock::new();
@@ -46,6 +50,7 @@ pub(crate) fn settings() -> &'static Settings {
         key_file: None,
         password_file: None,
         password_command: None,
+        trust_new_repository: false,
     })
 }
 
@@ -83,6 +88,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         key_file: cli.key_file.clone(),
         password_file: cli.password_file.clone(),
         password_command: cli.password_command.clone(),
+        trust_new_repository: cli.trust_new_repository,
     });
     let progress = !cli.no_progress && !cli.quiet;
     match cli.command {
@@ -134,6 +140,27 @@ pub(crate) fn note(text: &str) {
     if !settings().quiet {
         let _ = writeln!(std::io::stderr(), "{text}");
     }
+}
+
+/// One warning line on stderr (not with --quiet) per snapshot record that
+/// cannot be read and was skipped.
+pub(crate) fn warn_unreadable(bad: &[UnreadableSnapshot]) {
+    for u in bad {
+        note(&format!(
+            "imgstore: warning: snapshot {} cannot be read ({}): skipped; `imgstore check` reports it, `imgstore forget {}` removes it",
+            u.id,
+            u.why,
+            u.id.short()
+        ));
+    }
+}
+
+/// The repository's snapshots: those that can be read, and those that
+/// cannot, each of which is warned about on stderr and otherwise skipped.
+pub(crate) fn list_snapshots(store: &dyn Repository) -> anyhow::Result<SnapshotList> {
+    let list = store.list_snapshots()?;
+    warn_unreadable(&list.unreadable);
+    Ok(list)
 }
 
 /// A detail on stderr, only with --verbose.
@@ -336,8 +363,16 @@ fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> {
     // blocks written through the export are read.
     let from_overlay = match &overlay {
         Some(o) => {
-            let snaps = store.snapshots()?;
-            let Some((_, base)) = snaps.into_iter().find(|(id, _)| *id == o.base) else {
+            let listed = store.list_snapshots()?;
+            if let Some(u) = listed.unreadable(&o.base) {
+                return Err(u.error().into());
+            }
+            let Some((_, base)) = listed
+                .snapshots
+                .iter()
+                .find(|(id, _)| *id == o.base)
+                .cloned()
+            else {
                 return Err(exit::not_found(format!(
                     "the overlay's base snapshot {} is no longer in the repository (forgotten?): its writes cannot be completed into an image",
                     o.base.short()
@@ -364,6 +399,10 @@ fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> {
     imgstore_engine::check_name(&name)
         .context("the image name defaults to the source's file name: pass --name NAME")?;
     store.begin_backup(&name)?;
+    // Listed once, within the backup's server session: an unreadable
+    // record is never a parent or a base, and is warned about once they
+    // are chosen.
+    let listed = store.list_snapshots()?;
     let status = a.json_status.then(crate::progress::JsonStatus::new);
     let bar = Bar::new(progress && status.is_none());
     // The parent: regions equal to it at the same offset are not chunked.
@@ -372,7 +411,7 @@ fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> {
         (Some(p), false) => ParentChoice::Named(p.clone()),
         (None, false) => ParentChoice::Latest,
     };
-    let parent = imgstore_engine::parent_for(&store.snapshots()?, &name, &choice)?;
+    let parent = imgstore_engine::parent_for(&listed.snapshots, &name, &choice)?;
     if let Some((id, p)) = &parent {
         detail(&format!(
             "parent: {} ({}, {})",
@@ -393,7 +432,7 @@ fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> {
         _ if from_overlay.is_some() => from_overlay,
         (Some(base), Some(list)) => {
             let (base_id, base) =
-                imgstore_engine::select_for_image(&store.snapshots()?, base, &opts.name)
+                imgstore_engine::select_for_image(&listed.snapshots, base, &opts.name)
                     .with_context(|| format!("--base {base}"))?;
             let verify_unchanged = match &a.verify_unchanged {
                 Some(v) => crate::units::parse_fraction(v, "--verify-unchanged")?,
@@ -408,6 +447,7 @@ fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> {
         }
         _ => None,
     };
+    warn_unreadable(&listed.unreadable);
     let progress: &dyn imgstore_engine::Progress = match &status {
         Some(s) => s,
         None => &bar,
@@ -535,20 +575,36 @@ pub(crate) fn chosen_snapshots(
     name: Option<&str>,
 ) -> anyhow::Result<Vec<(Id, Snapshot)>> {
     check_name(name)?;
-    let all = store.snapshots()?;
+    // Unreadable records are warned about once the choice is made, so an
+    // error stays one line.
+    let all = store.list_snapshots()?;
     let mut out = if everything {
-        all
+        all.snapshots.clone()
     } else {
         names
             .iter()
-            .map(|s| Ok(imgstore_engine::select(&all, &Selector::parse(s)?, name)?))
+            .map(|s| {
+                Ok(imgstore_engine::select_listed(
+                    &all,
+                    &Selector::parse(s)?,
+                    name,
+                )?)
+            })
             .collect::<anyhow::Result<Vec<_>>>()?
     };
     out.sort_by_key(|(id, s)| (s.time_ns, *id));
     out.dedup_by_key(|(id, _)| *id);
     if out.is_empty() {
-        return Err(exit::not_found("the repository holds no snapshots"));
+        return Err(exit::not_found(if all.unreadable.is_empty() {
+            "the repository holds no snapshots".to_string()
+        } else {
+            format!(
+                "the repository holds no readable snapshots ({} cannot be read: `imgstore check` reports them)",
+                plural(all.unreadable.len() as u64, "snapshot record")
+            )
+        }));
     }
+    warn_unreadable(&all.unreadable);
     Ok(out)
 }
 
@@ -560,20 +616,33 @@ fn snapshots(repo: &Path, a: SnapshotsArgs) -> anyhow::Result<()> {
         hosts: a.host.clone(),
         tags: a.tag.clone(),
     };
-    let mut snaps = store.snapshots()?;
+    let SnapshotList {
+        snapshots: mut snaps,
+        unreadable,
+    } = list_snapshots(&*store)?;
     snaps.retain(|(_, s)| filter.matches(s));
     snaps.sort_by_key(|(id, s)| (s.time_ns, *id));
     let protected: std::collections::HashSet<Id> = store.protected()?.into_iter().collect();
     let parents: std::collections::HashMap<Id, Id> = store.parents()?.into_iter().collect();
     if a.json {
-        let v: Vec<_> = snaps
+        // Unreadable records first (their times are unknown), whatever the
+        // filters (so are their names): the last element stays the newest.
+        let v: Vec<_> = unreadable
             .iter()
-            .map(|(id, s)| {
+            .map(|u| {
+                json!({
+                    "schema_version": JSON_SCHEMA,
+                    "id": u.id.to_hex(),
+                    "short_id": u.id.short(),
+                    "unreadable": u.why,
+                })
+            })
+            .chain(snaps.iter().map(|(id, s)| {
                 let mut v = snapshot_json(id, s);
                 v["protected"] = json!(protected.contains(id));
                 v["parent"] = json!(parents.get(id).map(|p| p.to_hex()));
                 v
-            })
+            }))
             .collect();
         return emit(&format!("{}\n", serde_json::Value::Array(v)));
     }
@@ -602,7 +671,14 @@ fn snapshots(repo: &Path, a: SnapshotsArgs) -> anyhow::Result<()> {
             s.tags.join(",")
         ));
     }
-    out.push_str(&format!("{}\n", plural(snaps.len() as u64, "snapshot")));
+    out.push_str(&plural(snaps.len() as u64, "snapshot"));
+    if !unreadable.is_empty() {
+        out.push_str(&format!(
+            " ({} skipped: cannot be read)",
+            plural(unreadable.len() as u64, "record")
+        ));
+    }
+    out.push('\n');
     emit(&out)
 }
 
@@ -627,8 +703,9 @@ fn restore(repo: &Path, a: RestoreArgs, progress: bool) -> anyhow::Result<()> {
         ));
     }
     let store = open_read(repo)?;
-    let snaps = store.snapshots()?;
-    let (id, snap) = imgstore_engine::select(&snaps, &selector, a.name.as_deref())?;
+    let listed = store.list_snapshots()?;
+    let (id, snap) = imgstore_engine::select_listed(&listed, &selector, a.name.as_deref())?;
+    warn_unreadable(&listed.unreadable);
     if a.delta {
         if target == "-" {
             return Err(exit::usage(
@@ -731,9 +808,12 @@ fn diff(repo: &Path, a: DiffArgs) -> anyhow::Result<()> {
 fn diff_inner(repo: &Path, a: DiffArgs) -> anyhow::Result<bool> {
     check_name(a.name.as_deref())?;
     let store = open_read(repo)?;
-    let snaps = store.snapshots()?;
-    let (ia, sa) = imgstore_engine::select(&snaps, &Selector::parse(&a.a)?, a.name.as_deref())?;
-    let (ib, sb) = imgstore_engine::select(&snaps, &Selector::parse(&a.b)?, a.name.as_deref())?;
+    let snaps = store.list_snapshots()?;
+    let (ia, sa) =
+        imgstore_engine::select_listed(&snaps, &Selector::parse(&a.a)?, a.name.as_deref())?;
+    let (ib, sb) =
+        imgstore_engine::select_listed(&snaps, &Selector::parse(&a.b)?, a.name.as_deref())?;
+    warn_unreadable(&snaps.unreadable);
     let ranges = imgstore_engine::diff(&*store, (&ia, &sa), (&ib, &sb))?;
     let changed: u64 = ranges.iter().map(|r| r.1).sum();
     let differ = !ranges.is_empty();

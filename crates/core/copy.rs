@@ -23,6 +23,7 @@ pub fn copy(repo: &Path, a: CopyArgs, progress: bool) -> anyhow::Result<()> {
                 token_env: "IMGSTORE_FROM_TOKEN",
                 fingerprint: a.from_server_fingerprint.clone(),
                 ca_file: a.from_server_ca.clone(),
+                secret_means_encrypted: false,
             },
         )?),
         None => {
@@ -32,7 +33,7 @@ pub fn copy(repo: &Path, a: CopyArgs, progress: bool) -> anyhow::Result<()> {
         }
     };
     let mut chosen = if a.snapshots.is_empty() {
-        let mut all = src.snapshots()?;
+        let mut all = crate::commands::list_snapshots(&*src)?.snapshots;
         if let Some(n) = &a.name {
             all.retain(|(_, s)| &s.name == n);
         }
@@ -52,8 +53,15 @@ pub fn copy(repo: &Path, a: CopyArgs, progress: bool) -> anyhow::Result<()> {
         )));
     }
     let dst = open_writer(repo, "copy")?;
-    let present: std::collections::HashSet<Id> =
-        dst.snapshots()?.into_iter().map(|(id, _)| id).collect();
+    // Unreadable records here are not warned about (this command reads
+    // the source); an id among them is present all the same.
+    let here = dst.list_snapshots()?;
+    let present: std::collections::HashSet<Id> = here
+        .snapshots
+        .iter()
+        .map(|(id, _)| *id)
+        .chain(here.unreadable.iter().map(|u| u.id))
+        .collect();
     let parents: std::collections::HashMap<Id, Id> = src.parents()?.into_iter().collect();
     let mut copied: std::collections::HashSet<Id> = present.clone();
     let mut out = Vec::new();

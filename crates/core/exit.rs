@@ -10,9 +10,11 @@
 //! | 5 | damaged or wrong data found (`check`, `verify`, a restore that met damage) |
 //! | 6 | snapshot not found (or ambiguous, or several images and no `--name`) |
 //! | 7 | the server could not be reached, or refused the token or operation |
+//! | 8 | the server's repository is not the one expected: plain although a key or passphrase is given, or not what this client recorded for the URL (`known-repos.json`); nothing was sent |
 //! | 141 | stdout closed by its reader (`restore - \| head`): ends quietly |
 
 use imgstore_engine::EngineError;
+use imgstore_remote::known::TrustError;
 use imgstore_repo::RepoError;
 
 pub const FAILURE: u8 = 1;
@@ -22,6 +24,7 @@ pub const BUSY: u8 = 4;
 pub const DAMAGED: u8 = 5;
 pub const NOT_FOUND: u8 = 6;
 pub const REMOTE: u8 = 7;
+pub const UNTRUSTED: u8 = 8;
 pub const PIPE_CLOSED: u8 = 141;
 
 /// An error the binary raises itself, with the exit code it means.
@@ -70,6 +73,7 @@ fn repo_code(e: &RepoError) -> u8 {
         RepoError::Damaged { .. }
         | RepoError::Corrupt { .. }
         | RepoError::CorruptSnapshot { .. }
+        | RepoError::UnreadableSnapshot { .. }
         | RepoError::Missing { .. }
         | RepoError::Unreadable { .. } => DAMAGED,
         RepoError::NoSnapshot { .. } => NOT_FOUND,
@@ -103,6 +107,12 @@ pub fn code_of(err: &anyhow::Error) -> u8 {
         }
         if let Some(r) = cause.downcast_ref::<RepoError>() {
             return repo_code(r);
+        }
+        if let Some(t) = cause.downcast_ref::<TrustError>() {
+            return match t {
+                TrustError::Record { .. } => FAILURE,
+                _ => UNTRUSTED,
+            };
         }
     }
     FAILURE

@@ -75,6 +75,24 @@ fn read_secret(what: &str, confirm: bool) -> anyhow::Result<Source> {
     Ok(Source::Passphrase(Zeroizing::new(p.into_bytes())))
 }
 
+/// The secret this command was given, named for messages: a client given
+/// one expects an encrypted repository (a terminal prompt is not counted:
+/// it is only asked for when the repository is encrypted).
+pub(crate) fn secret_given() -> Option<&'static str> {
+    let s = settings();
+    if s.key_file.is_some() {
+        Some("a key file (--key-file or IMGSTORE_KEY_FILE)")
+    } else if s.password_file.is_some() {
+        Some("a password file (--password-file or IMGSTORE_PASSWORD_FILE)")
+    } else if s.password_command.is_some() {
+        Some("a password command (--password-command or IMGSTORE_PASSWORD_COMMAND)")
+    } else if std::env::var_os("IMGSTORE_PASSWORD").is_some() {
+        Some("a passphrase (IMGSTORE_PASSWORD)")
+    } else {
+        None
+    }
+}
+
 fn with_secret<T>(src: &Source, f: impl FnOnce(&Secret<'_>) -> T) -> anyhow::Result<T> {
     match src {
         Source::KeyFile(p) => {

@@ -53,6 +53,11 @@ fn main() -> ExitCode {
     // Repository files hold whole disks: readable by their owner only
     // (RocksDB creates its files with the process umask).
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    // One TLS provider for the whole process (ring, as the server, the
+    // client and the bucket use), installed before anything builds a
+    // client: rustls and reqwest users that look for the process default
+    // then find one instead of panicking ("No provider set").
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = match args::Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return parse_error(e),

@@ -41,8 +41,10 @@ fn open_for(repo: &Path, dry_run: bool, operation: &'static str) -> anyhow::Resu
 
 fn resolve(store: &dyn Repository, s: &str, name: Option<&str>) -> anyhow::Result<Id> {
     crate::commands::check_name(name)?;
-    let snaps = store.snapshots()?;
-    Ok(imgstore_engine::select(&snaps, &Selector::parse(s)?, name)?.0)
+    let snaps = store.list_snapshots()?;
+    let id = imgstore_engine::select_listed(&snaps, &Selector::parse(s)?, name)?.0;
+    crate::commands::warn_unreadable(&snaps.unreadable);
+    Ok(id)
 }
 
 pub fn forget(repo: &Path, a: ForgetArgs) -> anyhow::Result<()> {
@@ -96,20 +98,56 @@ pub fn forget(repo: &Path, a: ForgetArgs) -> anyhow::Result<()> {
     };
     let plan = imgstore_engine::plan_forget(&*store, &request, &filter)?;
     let decisions = &plan.decisions;
-    let remove: Vec<Id> = decisions.iter().filter(|d| !d.keep).map(|d| d.id).collect();
+    let remove = plan.remove();
     // Removed first, reported after: a refusal (a protected snapshot, a
     // server's append-only token) must not print "removed".
     if !a.dry_run {
         imgstore_engine::forget(&*store, &plan)?;
     }
+    // Records that cannot be read and were not named are never chosen by a
+    // policy: each is warned about (and, with a policy, listed as kept).
+    crate::commands::warn_unreadable(&plan.unreadable_kept);
+    let policy_run = a.snapshots.is_empty();
+    let unreadable: Vec<(&imgstore_repo::UnreadableSnapshot, bool)> = plan
+        .unreadable_removed
+        .iter()
+        .map(|u| (u, false))
+        .chain(
+            plan.unreadable_kept
+                .iter()
+                .filter(|_| policy_run)
+                .map(|u| (u, true)),
+        )
+        .collect();
+    let kept = decisions.iter().filter(|d| d.keep).count()
+        + unreadable.iter().filter(|(_, keep)| *keep).count();
     if a.json {
-        let v: Vec<_> = decisions
+        let v: Vec<_> = unreadable
             .iter()
-            .map(|d| json!({"schema_version": crate::commands::JSON_SCHEMA, "id": d.id.to_hex(), "name": d.name, "time": format_time(d.time_ns), "keep": d.keep, "reasons": d.reasons}))
+            .map(|(u, keep)| {
+                json!({
+                    "schema_version": crate::commands::JSON_SCHEMA,
+                    "id": u.id.to_hex(),
+                    "name": null,
+                    "time": null,
+                    "keep": keep,
+                    "reasons": if *keep { vec!["unreadable"] } else { vec![] },
+                    "unreadable": u.why,
+                })
+            })
+            .chain(decisions.iter().map(|d| json!({"schema_version": crate::commands::JSON_SCHEMA, "id": d.id.to_hex(), "name": d.name, "time": format_time(d.time_ns), "keep": d.keep, "reasons": d.reasons})))
             .collect();
         emit(&format!("{}\n", serde_json::Value::Array(v)))?;
     } else {
         let mut out = String::new();
+        for (u, keep) in &unreadable {
+            out.push_str(&format!(
+                "{:<6}  {}  (cannot be read: {})\n",
+                if *keep { "keep" } else { "remove" },
+                u.id.short(),
+                u.why
+            ));
+        }
         for d in decisions {
             out.push_str(&format!(
                 "{:<6}  {}  {}  {}  {}\n",
@@ -128,7 +166,7 @@ pub fn forget(repo: &Path, a: ForgetArgs) -> anyhow::Result<()> {
             } else {
                 "removed"
             },
-            decisions.len() - remove.len()
+            kept
         ));
         emit(&out)?;
     }
@@ -217,7 +255,8 @@ pub fn protect(repo: &Path, a: IdArg, on: bool) -> anyhow::Result<()> {
 
 pub fn stats(repo: &Path, a: StatsArgs) -> anyhow::Result<()> {
     let store = crate::commands::open_read(repo)?;
-    let snaps = store.snapshots()?;
+    let listed = store.list_snapshots()?;
+    let snaps = &listed.snapshots;
     let v = match &a.snapshot {
         None => {
             let t = store.totals()?;
@@ -230,6 +269,7 @@ pub fn stats(repo: &Path, a: StatsArgs) -> anyhow::Result<()> {
             let mut v = json!({
                 "schema_version": crate::commands::JSON_SCHEMA,
                 "snapshots": snaps.len(),
+                "unreadable_snapshots": listed.unreadable.len(),
                 "logical_bytes": logical,
                 "data_bytes": data,
                 "unique_chunk_bytes": t.objects.chunk_raw_bytes,
@@ -260,7 +300,7 @@ pub fn stats(repo: &Path, a: StatsArgs) -> anyhow::Result<()> {
         }
         Some(s) => {
             let (id, snap) =
-                imgstore_engine::select(&snaps, &Selector::parse(s)?, a.name.as_deref())?;
+                imgstore_engine::select_listed(&listed, &Selector::parse(s)?, a.name.as_deref())?;
             let reader = SnapshotReader::open(&*store, &id, &snap)?;
             let regions = reader.region_ids();
             let mut chunks = HashSet::new();
@@ -302,6 +342,7 @@ pub fn stats(repo: &Path, a: StatsArgs) -> anyhow::Result<()> {
             })
         }
     };
+    crate::commands::warn_unreadable(&listed.unreadable);
     if a.json {
         return emit(&format!("{v}\n"));
     }
@@ -315,6 +356,7 @@ fn stats_text(v: &serde_json::Value) -> String {
         ("id", "Snapshot"),
         ("name", "Name"),
         ("snapshots", "Snapshots"),
+        ("unreadable_snapshots", "Unreadable snapshot records"),
         ("logical_bytes", "Image bytes (all snapshots)"),
         ("data_bytes", "Data (non-zero) bytes"),
         ("zero_bytes", "Zero bytes"),
@@ -337,6 +379,9 @@ fn stats_text(v: &serde_json::Value) -> String {
     let mut out = String::new();
     for (k, label) in LABELS {
         let Some(val) = v.get(*k) else { continue };
+        if *k == "unreadable_snapshots" && val.as_u64() == Some(0) {
+            continue;
+        }
         let shown = match (k.ends_with("_bytes"), k.ends_with("_ratio"), val) {
             (true, _, serde_json::Value::Number(n)) => {
                 let n = n.as_u64().unwrap_or(0);

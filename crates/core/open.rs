@@ -6,6 +6,7 @@
 use std::path::Path;
 
 use anyhow::Context;
+use imgstore_remote::known::{KnownRepos, Seen, Trust, TrustError};
 use imgstore_remote::{RemoteOptions, RemoteRepo};
 use imgstore_repo::Repository;
 use imgstore_store::{Mode, Store};
@@ -77,6 +78,7 @@ fn connect(url: &str) -> anyhow::Result<RemoteRepo> {
             token_env: "IMGSTORE_TOKEN",
             fingerprint: s.server_fingerprint.clone(),
             ca_file: s.server_ca.clone(),
+            secret_means_encrypted: true,
         },
     )
 }
@@ -88,6 +90,10 @@ pub(crate) struct Credentials {
     pub token_env: &'static str,
     pub fingerprint: Option<String>,
     pub ca_file: Option<std::path::PathBuf>,
+    /// A key or passphrase given on this command is for this repository,
+    /// so it must be encrypted (false for `copy --from`, where the secret
+    /// may be the destination's).
+    pub secret_means_encrypted: bool,
 }
 
 pub(crate) fn connect_with(url: &str, c: &Credentials) -> anyhow::Result<RemoteRepo> {
@@ -111,8 +117,83 @@ pub(crate) fn connect_with(url: &str, c: &Credentials) -> anyhow::Result<RemoteR
         ca_file: c.ca_file.clone(),
         retry_for: settings().retry_for,
     })?;
+    // Only the hello has been exchanged: the repository's config is what
+    // the server *says*. Nothing is read or sent before it is checked
+    // against what this client knows (docs/SECURITY.md, "The client never
+    // downgrades").
+    let canonical = imgstore_remote::canonical_url(url).map_err(crate::exit::usage)?;
+    let known = known_repos()?;
+    let trust = known.check(&canonical, repo.config(), settings().trust_new_repository)?;
+    if c.secret_means_encrypted && repo.config().encryption.is_none() {
+        if let Some(secret) = crate::keys::secret_given() {
+            return Err(TrustError::PlainWithSecret {
+                url: canonical,
+                secret: secret.into(),
+            }
+            .into());
+        }
+    }
     let codec = crate::keys::codec_for(repo.config(), url)?;
+    // Recorded once the repository has opened (an encrypted one with this
+    // client's key): trust on first use, or the change the user accepted.
+    let seen = Seen::of(repo.config(), now());
+    match trust {
+        Trust::Recorded => {}
+        Trust::FirstContact => {
+            known.record(&canonical, seen)?;
+            crate::commands::detail(&format!(
+                "recorded {canonical} as {} repository {} in {}",
+                if repo.config().encryption.is_some() {
+                    "encrypted"
+                } else {
+                    "plain"
+                },
+                repo.config().id,
+                known.path().display()
+            ));
+        }
+        Trust::Replaced(old) => {
+            known.record(&canonical, seen)?;
+            crate::commands::note(&format!(
+                "{canonical} is now recorded as repository {} in place of {} (--trust-new-repository)",
+                repo.config().id,
+                old.id
+            ));
+        }
+    }
     Ok(repo.with_codec(codec))
+}
+
+/// The known-repositories record: in `IMGSTORE_STATE_DIR`, else
+/// `$XDG_STATE_HOME/imgstore`, else `~/.local/state/imgstore`.
+fn known_repos() -> anyhow::Result<KnownRepos> {
+    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+    if let Some(dir) = var("IMGSTORE_STATE_DIR") {
+        return Ok(KnownRepos::in_dir(dir));
+    }
+    // The XDG spec: a relative value is invalid and ignored.
+    let xdg = var("XDG_STATE_HOME")
+        .map(std::path::PathBuf::from)
+        .filter(|p| p.is_absolute());
+    if let Some(dir) = xdg {
+        return Ok(KnownRepos::in_dir(dir.join("imgstore")));
+    }
+    // HOME, else the account's home directory.
+    #[allow(deprecated)]
+    let home = std::env::home_dir().filter(|p| p.is_absolute());
+    match home {
+        Some(h) => Ok(KnownRepos::in_dir(h.join(".local/state/imgstore"))),
+        None => Err(crate::exit::usage(
+            "no directory for the known-repositories record: set IMGSTORE_STATE_DIR (or HOME)",
+        )),
+    }
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 /// Opens for reading: a local store read-only (no lock), or the server.

@@ -313,7 +313,7 @@ impl<'a> Ctx<'a> {
                 }
                 Kind::Data => {
                     let bytes = &data[e.offset..e.offset + e.len];
-                    let id = self.repo.codec().chunk_id(bytes);
+                    let id = self.repo.chunk_id(bytes);
                     data_ids.push(id);
                     data_slices.push(bytes);
                     entries.push(RecipeEntry {

@@ -5,10 +5,10 @@
 use std::collections::HashSet;
 
 use imgstore_format::{Id, ObjectKind};
-use imgstore_repo::{DamageMark, ForgetOutcome, RepoError, Repository};
+use imgstore_repo::{DamageMark, ForgetOutcome, RepoError, Repository, UnreadableSnapshot};
 
 use crate::policy::{self, Decision, Policy};
-use crate::{select, EngineError, Selector, SnapshotFilter};
+use crate::{select, select_unreadable, EngineError, Selector, SnapshotFilter};
 
 /// What to forget.
 #[derive(Clone, Debug)]
@@ -19,10 +19,17 @@ pub enum ForgetRequest {
     Policy(Policy),
 }
 
-/// The decision for every snapshot considered, in time order.
+/// The decision for every snapshot considered, in time order, and what
+/// became of the snapshot records that cannot be read.
 #[derive(Clone, Debug, Default)]
 pub struct ForgetPlan {
     pub decisions: Vec<Decision>,
+    /// Unreadable records the request named by id (or unique prefix):
+    /// removed with the plan. Only a name picks one.
+    pub unreadable_removed: Vec<UnreadableSnapshot>,
+    /// Unreadable records the request did not name: kept. A policy never
+    /// chooses one (its name and time are unknown), and never fails for it.
+    pub unreadable_kept: Vec<UnreadableSnapshot>,
 }
 
 impl ForgetPlan {
@@ -32,6 +39,7 @@ impl ForgetPlan {
             .iter()
             .filter(|d| !d.keep)
             .map(|d| d.id)
+            .chain(self.unreadable_removed.iter().map(|u| u.id))
             .collect()
     }
 }
@@ -39,15 +47,19 @@ impl ForgetPlan {
 /// Plans a forget over the snapshots `filter` matches (a policy applies per
 /// image name; named snapshots are looked up among those of
 /// `filter.name`). Protected snapshots are always kept by a policy and
-/// refused when named.
+/// refused when named. A record that cannot be read is never considered
+/// by a policy; an id (or unique prefix) names it whatever the filter, so
+/// that junk can be removed.
 pub fn plan_forget(
     repo: &dyn Repository,
     request: &ForgetRequest,
     filter: &SnapshotFilter,
 ) -> Result<ForgetPlan, EngineError> {
     let name = filter.name.as_deref();
-    let snaps = repo.snapshots()?;
+    let list = repo.list_snapshots()?;
+    let snaps = &list.snapshots;
     let protected = repo.protected()?;
+    let mut unreadable_removed: Vec<UnreadableSnapshot> = Vec::new();
     let decisions = match request {
         ForgetRequest::Policy(p) => {
             let group: Vec<_> = snaps
@@ -60,7 +72,16 @@ pub fn plan_forget(
         ForgetRequest::Snapshots(named) => {
             let mut remove = HashSet::new();
             for s in named {
-                let id = select(&snaps, &Selector::parse(s)?, name)?.0;
+                let sel = Selector::parse(s)?;
+                let id = match select_unreadable(&list, &sel, name)? {
+                    Some(u) => {
+                        if !unreadable_removed.contains(u) {
+                            unreadable_removed.push(u.clone());
+                        }
+                        u.id
+                    }
+                    None => select(snaps, &sel, name)?.0,
+                };
                 if protected.contains(&id) {
                     return Err(RepoError::Protected { id }.into());
                 }
@@ -81,7 +102,17 @@ pub fn plan_forget(
             d
         }
     };
-    Ok(ForgetPlan { decisions })
+    let unreadable_kept = list
+        .unreadable
+        .iter()
+        .filter(|u| !unreadable_removed.contains(u))
+        .cloned()
+        .collect();
+    Ok(ForgetPlan {
+        decisions,
+        unreadable_removed,
+        unreadable_kept,
+    })
 }
 
 /// Carries out a plan: its snapshots are removed at once (or none is, when
@@ -136,8 +167,12 @@ pub fn retag(
     for t in set.unwrap_or(&[]).iter().chain(add).chain(remove) {
         crate::check_tag(t)?;
     }
-    let snaps = repo.snapshots()?;
-    let (_, snap) = snaps
+    let list = repo.list_snapshots()?;
+    if let Some(u) = list.unreadable(id) {
+        return Err(u.error().into());
+    }
+    let (_, snap) = list
+        .snapshots
         .iter()
         .find(|(i, _)| i == id)
         .ok_or(RepoError::NoSnapshot { id: *id })?;

@@ -64,7 +64,8 @@ pub use names::{check_name, check_tag, NAME_MAX};
 pub use overlay::{lock_overlay, overlay_info, Overlay, OverlayInfo, OverlayLock, OVERLAY_BLOCK};
 pub use restore::{restore, restore_delta, DeltaReport, RestoreReport, Target};
 pub use select::{
-    parent_for, parse_export_name, select, select_for_image, ParentChoice, Selector, SnapshotFilter,
+    parent_for, parse_export_name, select, select_for_image, select_listed, select_unreadable,
+    ParentChoice, Selector, SnapshotFilter,
 };
 pub use snapshot::SnapshotReader;
 pub use source::{Source, SourceKind};

@@ -1,6 +1,7 @@
 //! Choosing a snapshot from what the user typed.
 
 use imgstore_format::{Id, Snapshot};
+use imgstore_repo::{SnapshotList, UnreadableSnapshot};
 
 use crate::EngineError;
 
@@ -100,6 +101,74 @@ pub fn select(
                 })
         }
     }
+}
+
+/// The unreadable record `sel` names: an id or prefix that matches exactly
+/// one unreadable record and no readable snapshot (of `name`, when given;
+/// an unreadable record's name is unknown, so it is matched whatever
+/// `name` is). `None` when `sel` is not an id or matches no unreadable
+/// record; an error when it matches one and something else too.
+pub fn select_unreadable<'a>(
+    list: &'a SnapshotList,
+    sel: &Selector,
+    name: Option<&str>,
+) -> Result<Option<&'a UnreadableSnapshot>, EngineError> {
+    let Selector::Id(prefix) = sel else {
+        return Ok(None);
+    };
+    let bad: Vec<&UnreadableSnapshot> = list
+        .unreadable
+        .iter()
+        .filter(|u| u.id.has_prefix(prefix))
+        .collect();
+    if bad.is_empty() {
+        return Ok(None);
+    }
+    let good: Vec<Id> = list
+        .snapshots
+        .iter()
+        .filter(|(id, s)| name.is_none_or(|n| s.name == n) && id.has_prefix(prefix))
+        .map(|(id, _)| *id)
+        .collect();
+    match (bad.as_slice(), good.len()) {
+        ([one], 0) => Ok(Some(one)),
+        _ => {
+            let n = bad.len() + good.len();
+            let all: Vec<String> = bad
+                .iter()
+                .map(|u| u.id)
+                .chain(good)
+                .take(5)
+                .map(|id| id.short())
+                .collect();
+            Err(EngineError::Select(format!(
+                "snapshot id {prefix} is ambiguous ({n} match: {}): give more characters",
+                all.join(", ")
+            )))
+        }
+    }
+}
+
+/// [`select`] over a listing: `latest` and times choose among the
+/// readable snapshots; an id that names an unreadable record is an error
+/// saying so (not "no such snapshot"), and a failed choice says how many
+/// records could not be read.
+pub fn select_listed(
+    list: &SnapshotList,
+    sel: &Selector,
+    name: Option<&str>,
+) -> Result<(Id, Snapshot), EngineError> {
+    if let Some(u) = select_unreadable(list, sel, name)? {
+        return Err(u.error().into());
+    }
+    select(&list.snapshots, sel, name).map_err(|e| match (e, list.unreadable.len()) {
+        (EngineError::Select(why), n) if n > 0 => EngineError::Select(format!(
+            "{why} ({n} snapshot record{} cannot be read: `imgstore check` reports {})",
+            if n == 1 { "" } else { "s" },
+            if n == 1 { "it" } else { "them" }
+        )),
+        (e, _) => e,
+    })
 }
 
 /// Which snapshots a listing or a retention policy considers: all given

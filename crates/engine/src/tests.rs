@@ -713,3 +713,101 @@ fn concurrent_overlay_flushes_leave_a_whole_bitmap() {
         assert!(b.iter().all(|&x| x == i as u8), "block {i} lost its write");
     }
 }
+
+/// A junk snapshot record (46 bytes shaped like a sealed record, which a
+/// store that can only check hashes accepts) is reported and skipped by
+/// everything that lists snapshots, never fatal: listing, selection,
+/// parent choice, retention; it is named only by its id, and removed so.
+#[test]
+fn one_unreadable_snapshot_record_is_skipped_never_fatal() {
+    use imgstore_format::sealed::{SEALED_RECORD_MAGIC, SEAL_NONCE, SEAL_TAG};
+    use imgstore_repo::RepoError;
+
+    use crate::{parent_for, select_listed, ParentChoice, Selector};
+
+    let repo = sealed_repo();
+    let g0 = image(6 * MIB, 71);
+    let mut g1 = g0.clone();
+    g1[MIB..MIB + 30_000].copy_from_slice(&image(30_000, 72));
+    let r0 = back_up(&repo, &g0, None);
+    let r1 = back_up(&repo, &g1, Some(&r0));
+    let mut junk = vec![SEALED_RECORD_MAGIC, b'S', 0, 0, 0, 0];
+    junk.extend(std::iter::repeat_n(0xa5u8, SEAL_NONCE + SEAL_TAG));
+    let (bad, _) = repo.commit(&junk, &[], None).unwrap();
+
+    assert!(repo.snapshots().is_err(), "the strict listing fails");
+    let list = repo.list_snapshots().unwrap();
+    assert_eq!(list.snapshots.len(), 2);
+    assert_eq!(list.unreadable.len(), 1);
+    assert_eq!(list.unreadable[0].id, bad);
+
+    // latest and the parent come from the readable ones; the junk by id
+    // is an error that says what it is.
+    let (id, _) = select_listed(&list, &Selector::Latest, Some("vm")).unwrap();
+    assert_eq!(id, r1.id);
+    let parent = parent_for(&list.snapshots, "vm", &ParentChoice::Latest).unwrap();
+    assert_eq!(parent.map(|p| p.0), Some(r1.id));
+    let err = select_listed(&list, &Selector::parse(&bad.to_hex()).unwrap(), None).unwrap_err();
+    assert!(
+        matches!(&err, EngineError::Repo(RepoError::UnreadableSnapshot { id, .. }) if *id == bad),
+        "{err}"
+    );
+    assert!(crate::retag(&repo, &bad, None, &["x".into()], &[]).is_err());
+    // A backup with a parent still works, and restores.
+    let r2 = back_up(&repo, &g1, Some(&r1));
+    assert_eq!(restore_to_vec(&repo, &r2.id, &r2.snapshot).unwrap(), g1);
+
+    // check reports it.
+    let report = check(&repo, ReadData::None, &NoProgress).unwrap();
+    assert!(!report.is_clean());
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.what.contains(&bad.to_hex())),
+        "{:?}",
+        report.problems
+    );
+    assert_eq!(
+        report.problems.len(),
+        1,
+        "only the record: {:?}",
+        report.problems
+    );
+
+    // A policy neither fails nor chooses it.
+    let keep_last = crate::policy::Policy {
+        last: 1,
+        ..Default::default()
+    };
+    let vm = crate::SnapshotFilter {
+        name: Some("vm".into()),
+        ..Default::default()
+    };
+    let plan = plan_forget(&repo, &ForgetRequest::Policy(keep_last), &vm).unwrap();
+    let mut removed = plan.remove();
+    removed.sort();
+    let mut want = vec![r0.id, r1.id];
+    want.sort();
+    assert_eq!(removed, want);
+    assert!(plan.unreadable_removed.is_empty());
+    assert_eq!(plan.unreadable_kept.len(), 1);
+    forget(&repo, &plan).unwrap();
+
+    // Named by a prefix, it is removed; nothing unreadable is left.
+    let hex = bad.to_hex();
+    let plan = plan_forget(
+        &repo,
+        &ForgetRequest::Snapshots(vec![hex[..12].to_string()]),
+        &vm,
+    )
+    .unwrap();
+    assert_eq!(plan.remove(), vec![bad]);
+    assert!(plan.decisions.is_empty() && plan.unreadable_kept.is_empty());
+    forget(&repo, &plan).unwrap();
+    let list = repo.list_snapshots().unwrap();
+    assert!(list.unreadable.is_empty());
+    assert_eq!(list.snapshots.len(), 1);
+    assert!(check(&repo, ReadData::All, &NoProgress).unwrap().is_clean());
+    assert_eq!(restore_to_vec(&repo, &r2.id, &r2.snapshot).unwrap(), g1);
+}

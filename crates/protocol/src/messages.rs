@@ -114,7 +114,9 @@ pub fn encode_witnesses(list: &[Witness]) -> Vec<u8> {
     let mut e = Enc::default();
     e.u32(list.len() as u32);
     for w in list {
-        e.id(&w.id).u64(w.committed_ns as u64).bytes(w.image.as_bytes());
+        e.id(&w.id)
+            .u64(w.committed_ns as u64)
+            .bytes(w.image.as_bytes());
     }
     e.finish()
 }

@@ -19,6 +19,7 @@
 //!   only after asking whether the snapshot exists (the server also treats
 //!   a repeated commit as a no-op).
 
+pub mod known;
 mod tls;
 
 use std::sync::Mutex;
@@ -85,11 +86,30 @@ pub fn base_url(location: &str) -> std::result::Result<(String, bool), String> {
     ))
 }
 
+/// The spelling of a server location its identity is recorded under
+/// ([`known::KnownRepos`]): scheme, lower-case host, explicit port, one
+/// slash — `imgstores://Backup.example/` and `imgstores://backup.example:8420`
+/// are one server.
+pub fn canonical_url(location: &str) -> std::result::Result<String, String> {
+    let (base, tls) = base_url(location)?;
+    let host = base
+        .split_once("://")
+        .map(|(_, h)| h)
+        .unwrap_or(&base)
+        .to_ascii_lowercase();
+    Ok(format!(
+        "{}://{host}/",
+        if tls { "imgstores" } else { "imgstore" }
+    ))
+}
+
 /// A repository on an `imgstore server`.
 pub struct RemoteRepo {
     conn: Conn,
     hello: proto::Hello,
     codec: imgstore_repo::Codec,
+    /// The codec of the current backup session's namespace, if it tags.
+    ns_codec: std::sync::RwLock<Option<imgstore_repo::Codec>>,
 }
 
 /// The connection: where, with which token, in which session.
@@ -119,18 +139,28 @@ impl RemoteRepo {
     /// Connects, checks the protocol version and the token.
     pub fn connect(opts: RemoteOptions) -> Result<RemoteRepo> {
         let (base, use_tls) = base_url(&opts.url).map_err(RepoError::Invalid)?;
-        let mut builder = reqwest::blocking::Client::builder()
+        // The TLS config is always given, with its provider (ring): reqwest
+        // built without one would look for a process-wide default, and
+        // panic ("No provider set") when there is none — it did for
+        // `imgstore://`. Plain HTTP gets a config that trusts nothing, and
+        // no redirect is followed (the protocol has none), so an answer
+        // cannot send the client elsewhere.
+        let config = if use_tls {
+            tls::client_config(&opts)
+        } else {
+            tls::plain_config()
+        }
+        .map_err(|detail| RepoError::Unreachable {
+            url: opts.url.clone(),
+            detail,
+        })?;
+        let builder = reqwest::blocking::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(600))
             .pool_idle_timeout(Duration::from_secs(60))
-            .user_agent(concat!("imgstore/", env!("CARGO_PKG_VERSION")));
-        if use_tls {
-            let config = tls::client_config(&opts).map_err(|detail| RepoError::Unreachable {
-                url: opts.url.clone(),
-                detail,
-            })?;
-            builder = builder.use_preconfigured_tls(config);
-        }
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("imgstore/", env!("CARGO_PKG_VERSION")))
+            .use_preconfigured_tls(config);
         let client = builder.build().map_err(|e| RepoError::Unreachable {
             url: opts.url.clone(),
             detail: e.to_string(),
@@ -159,6 +189,7 @@ impl RemoteRepo {
             conn,
             hello,
             codec: imgstore_repo::Codec::Plain,
+            ns_codec: Default::default(),
         })
     }
 
@@ -190,6 +221,13 @@ impl RemoteRepo {
             true,
         )?;
         let reply: proto::SessionReply = self.json(&body)?;
+        // In a namespace of an encrypted repository the backup's chunk ids
+        // carry the namespace's tag: the server accepts no others from it.
+        *self.ns_codec.write().unwrap_or_else(|p| p.into_inner()) = reply
+            .namespace
+            .as_deref()
+            .filter(|_| self.codec.is_sealed())
+            .map(|ns| self.codec.in_namespace(ns));
         *self.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(reply.session);
         Ok(())
     }
@@ -263,6 +301,9 @@ impl Conn {
                     .header("content-type", "application/json")
                     .body(serde_json::to_vec(v).expect("json")),
             };
+            // A 503 `busy` comes from the server's gate, before the body is
+            // read: nothing was done, so even a commit may be sent again.
+            let mut untouched = false;
             let failure = match req.send() {
                 Ok(resp) => {
                     let status = resp.status();
@@ -270,6 +311,9 @@ impl Conn {
                         Ok(bytes) if status.is_success() => return Ok(bytes),
                         Ok(bytes) => {
                             let transient = matches!(status.as_u16(), 502..=504 | 429);
+                            untouched = status.as_u16() == 503
+                                && serde_json::from_slice::<ErrorBody>(&bytes)
+                                    .is_ok_and(|e| e.code == "busy");
                             let err = self.error_from(status.as_u16(), &bytes);
                             if !transient {
                                 return Err(err);
@@ -287,7 +331,10 @@ impl Conn {
                     detail: chain(&e),
                 },
             };
-            if !idempotent || started.elapsed() + delay > self.retry_for || attempt >= 64 {
+            if !(idempotent || untouched)
+                || started.elapsed() + delay > self.retry_for
+                || attempt >= 64
+            {
                 return Err(failure);
             }
             // Jitter from the clock's low bits: clients that lost the same
@@ -453,6 +500,13 @@ impl Repository for RemoteRepo {
 
     fn codec(&self) -> &imgstore_repo::Codec {
         &self.codec
+    }
+
+    fn chunk_id(&self, plaintext: &[u8]) -> Id {
+        match &*self.ns_codec.read().unwrap_or_else(|p| p.into_inner()) {
+            Some(c) => c.chunk_id(plaintext),
+            None => self.codec.chunk_id(plaintext),
+        }
     }
 
     fn raw_records(&self, kind: ObjectKind, ids: &[Id]) -> Result<Vec<Vec<u8>>> {
@@ -701,6 +755,23 @@ impl Repository for RemoteRepo {
 
     // The records this token may see (all of them for an admin, damaged
     // ones included): what `check` and `copy` read.
+    fn witnesses(&self) -> Result<std::collections::HashMap<Id, imgstore_repo::Witness>> {
+        let body = self.call(reqwest::Method::GET, "/v1/witnesses", Body::None, true)?;
+        Ok(proto::decode_witnesses(&body)
+            .map_err(|e| self.malformed(e))?
+            .into_iter()
+            .map(|w| {
+                (
+                    w.id,
+                    imgstore_repo::Witness {
+                        image: w.image,
+                        committed_ns: w.committed_ns,
+                    },
+                )
+            })
+            .collect())
+    }
+
     fn snapshot_records(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         Ok(self
             .snapshot_list()?
@@ -748,5 +819,42 @@ mod tests {
         assert!(base_url("imgstores://user@h/").is_err());
         assert!(base_url("/local/path").is_err());
         assert!(is_remote("imgstores://x") && !is_remote("./imgstores"));
+    }
+
+    #[test]
+    fn canonical_urls() {
+        for spelling in [
+            "imgstores://Backup.Example/",
+            "imgstores://backup.example",
+            "imgstores://backup.example:8420/",
+        ] {
+            assert_eq!(
+                canonical_url(spelling).unwrap(),
+                "imgstores://backup.example:8420/"
+            );
+        }
+        assert_eq!(
+            canonical_url("imgstore://127.0.0.1:9/").unwrap(),
+            "imgstore://127.0.0.1:9/"
+        );
+        assert_eq!(
+            canonical_url("imgstores://[::1]").unwrap(),
+            "imgstores://[::1]:8420/"
+        );
+        assert!(canonical_url("/local").is_err());
+    }
+
+    /// `imgstore://` once panicked building its client ("No provider
+    /// set"): no process-wide rustls provider is installed here.
+    #[test]
+    fn a_plain_http_client_builds_without_a_process_wide_provider() {
+        let r = RemoteRepo::connect(RemoteOptions {
+            url: "imgstore://127.0.0.1:1/".into(),
+            token: "t".into(),
+            fingerprint: None,
+            ca_file: None,
+            retry_for: Duration::ZERO,
+        });
+        assert!(matches!(r, Err(RepoError::Unreachable { .. })));
     }
 }

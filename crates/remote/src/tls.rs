@@ -91,6 +91,19 @@ impl ServerCertVerifier for Pinned {
     }
 }
 
+/// The rustls config of a plain-HTTP client (`imgstore://`): never used
+/// for a handshake, since such a client connects in clear and follows no
+/// redirect, but given so that reqwest needs no process-wide provider. It
+/// trusts no certificate.
+pub fn plain_config() -> Result<rustls::ClientConfig, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS setup: {e}"))?
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth())
+}
+
 /// The rustls config for `opts`; an error says what to pass.
 pub fn client_config(opts: &RemoteOptions) -> Result<rustls::ClientConfig, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());

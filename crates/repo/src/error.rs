@@ -61,6 +61,9 @@ pub enum RepoError {
     },
     #[error("snapshot {id} is corrupt: {source}")]
     CorruptSnapshot { id: Id, source: FormatError },
+    /// A command named a snapshot whose record cannot be read.
+    #[error("snapshot {id} cannot be read ({why}): `imgstore check` reports it, `imgstore forget {}` removes it", id.short())]
+    UnreadableSnapshot { id: Id, why: String },
     #[error("snapshot {id} is protected: run `imgstore unprotect {}` first", id.short())]
     Protected { id: Id },
     #[error("no snapshot {id} in the repository")]

@@ -179,6 +179,20 @@ pub trait Repository: Send + Sync {
     /// How objects become stored bytes (plain, or sealed with the keys).
     fn codec(&self) -> &Codec;
 
+    /// The id a backup gives a chunk of `plaintext`: the codec's, except
+    /// that a server session in a namespace of an encrypted repository
+    /// tags it (`Codec::in_namespace`, docs/SECURITY.md).
+    fn chunk_id(&self, plaintext: &[u8]) -> Id {
+        self.codec().chunk_id(plaintext)
+    }
+
+    /// The server's witnesses of the commits it took, by snapshot id
+    /// (none for a repository no server wrote). [`Repository::list_snapshots`]
+    /// holds each snapshot to its witness.
+    fn witnesses(&self) -> Result<HashMap<Id, Witness>> {
+        Ok(HashMap::new())
+    }
+
     // --- reading ---
 
     /// Stored region recipes or index pages, in order, as stored (sealed
@@ -186,21 +200,48 @@ pub trait Repository: Send + Sync {
     fn raw_records(&self, kind: ObjectKind, ids: &[Id]) -> Result<Vec<Vec<u8>>>;
 
     /// Every snapshot, opened, decoded and checked against its id. A record
-    /// that does not decode is an error naming it
-    /// ([`Repository::snapshot_records`] gives them undecoded).
+    /// that does not decode is an error naming it: one bad record fails
+    /// the whole call. Commands use [`Repository::list_snapshots`], which
+    /// reports such a record and goes on;
+    /// [`Repository::snapshot_records`] gives them undecoded.
     fn snapshots(&self) -> Result<Vec<(Id, Snapshot)>> {
         let codec = self.codec();
         let mut out = Vec::new();
         for (k, v) in self.snapshot_records()? {
-            let id = Id::from_slice(&k).ok_or_else(|| {
-                RepoError::Invalid(format!("a snapshot key of {} bytes", k.len()))
-            })?;
-            let enc = codec.open_record(RecordKind::Snapshot, &id, &v)?;
-            let snap = Snapshot::decode(&enc)
-                .map_err(|source| RepoError::CorruptSnapshot { id, source })?;
-            out.push((id, snap));
+            let id = snapshot_key(&k)?;
+            out.push((id, open_snapshot(codec, &id, &v)?));
         }
         Ok(out)
+    }
+
+    /// Every snapshot this caller may see, split into those that open and
+    /// decode (checked against their ids) and those that do not, each with
+    /// why. A record that cannot be read — damaged on disk, or a junk
+    /// record a client committed that only looks sealed — is listed, never
+    /// fatal: it cannot hide the others. Only a failure of the repository
+    /// itself is an `Err`.
+    fn list_snapshots(&self) -> Result<SnapshotList> {
+        let codec = self.codec();
+        let witnesses = self.witnesses()?;
+        let mut list = SnapshotList::default();
+        for (k, v) in self.snapshot_records()? {
+            let id = snapshot_key(&k)?;
+            let opened = open_snapshot(codec, &id, &v).and_then(|s| match witnesses.get(&id) {
+                Some(w) => w.check(&id, s),
+                None => Ok(s),
+            });
+            match opened {
+                Ok(s) => list.snapshots.push((id, s)),
+                Err(e) => list.unreadable.push(UnreadableSnapshot {
+                    id,
+                    why: match e {
+                        RepoError::CorruptSnapshot { source, .. } => source.to_string(),
+                        other => other.to_string(),
+                    },
+                }),
+            }
+        }
+        Ok(list)
     }
 
     /// Index pages, opened, decoded and checked against their ids, in order.
@@ -312,6 +353,106 @@ pub trait Repository: Send + Sync {
 
     /// Calls `f(key)` for every orphan entry.
     fn scan_orphans(&self, f: &mut dyn FnMut(&[u8])) -> Result<()>;
+}
+
+/// A server's witness of a commit: the image name of the backup session
+/// that committed the snapshot and the server's clock at the commit.
+///
+/// A sealed snapshot record hides its image name and time from the server,
+/// so a key holder could commit one naming another namespace's image (an
+/// admin's `restore latest --name` would then restore the wrong disk), or
+/// dated years ahead (`forget --keep-last`/`--keep-within` would then keep
+/// it and drop the real ones). A snapshot that contradicts its witness is
+/// unreadable: reported, never used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Witness {
+    pub image: String,
+    pub committed_ns: i64,
+}
+
+/// How far a snapshot's own time may be past its witness's: the client's
+/// clock may run ahead of the server's by this much.
+pub const WITNESS_SKEW_NS: i64 = 3600 * 1_000_000_000;
+
+impl Witness {
+    /// `snap` if it agrees with this witness.
+    pub fn check(&self, id: &Id, snap: Snapshot) -> Result<Snapshot> {
+        let bad = |why: String| RepoError::CorruptSnapshot {
+            id: *id,
+            source: imgstore_format::FormatError::Invalid {
+                what: "snapshot record",
+                why,
+            },
+        };
+        if snap.name != self.image {
+            return Err(bad(format!(
+                "it names image {:?}, but the server's witness says it was committed by a backup of {:?}",
+                snap.name, self.image
+            )));
+        }
+        if snap.time_ns > self.committed_ns.saturating_add(WITNESS_SKEW_NS) {
+            return Err(bad(
+                "it is dated after the server's witness of its commit (more than an hour ahead)"
+                    .into(),
+            ));
+        }
+        Ok(snap)
+    }
+}
+
+/// A snapshot record that cannot be opened or decoded, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnreadableSnapshot {
+    pub id: Id,
+    pub why: String,
+}
+
+impl UnreadableSnapshot {
+    /// The error a command that needs this snapshot fails with.
+    pub fn error(&self) -> RepoError {
+        RepoError::UnreadableSnapshot {
+            id: self.id,
+            why: self.why.clone(),
+        }
+    }
+}
+
+/// What [`Repository::list_snapshots`] finds: the snapshots that can be
+/// read, and the records that cannot (kept apart, so a listing, a
+/// retention policy or a parent choice never stops at one bad record and
+/// never acts on it unknowingly).
+#[derive(Clone, Debug, Default)]
+pub struct SnapshotList {
+    /// Readable snapshots, in the repository's order.
+    pub snapshots: Vec<(Id, Snapshot)>,
+    /// Records that do not open or decode.
+    pub unreadable: Vec<UnreadableSnapshot>,
+}
+
+impl SnapshotList {
+    /// The unreadable record with this id, when there is one.
+    pub fn unreadable(&self, id: &Id) -> Option<&UnreadableSnapshot> {
+        self.unreadable.iter().find(|u| u.id == *id)
+    }
+
+    /// Whether a snapshot (readable or not) with this id is stored.
+    pub fn contains(&self, id: &Id) -> bool {
+        self.snapshots.iter().any(|(i, _)| i == id) || self.unreadable(id).is_some()
+    }
+}
+
+/// The id in a snapshot key; a key of another length is damage to the
+/// snapshot table itself.
+fn snapshot_key(k: &[u8]) -> Result<Id> {
+    Id::from_slice(k)
+        .ok_or_else(|| RepoError::Invalid(format!("a snapshot key of {} bytes", k.len())))
+}
+
+/// A stored snapshot record opened with the codec (checked against its id)
+/// and decoded.
+fn open_snapshot(codec: &Codec, id: &Id, stored: &[u8]) -> Result<Snapshot> {
+    let enc = codec.open_record(RecordKind::Snapshot, id, stored)?;
+    Snapshot::decode(&enc).map_err(|source| RepoError::CorruptSnapshot { id: *id, source })
 }
 
 /// Checks a [`Repository::replace_snapshot`] request against the stored

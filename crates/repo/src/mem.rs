@@ -666,3 +666,100 @@ impl Repository for MemRepo {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use imgstore_format::sealed::{SEALED_RECORD_MAGIC, SEAL_NONCE, SEAL_TAG};
+    use imgstore_format::{ChunkingConfig, Snapshot, SnapshotStats};
+
+    use super::*;
+
+    fn sealed() -> MemRepo {
+        let chunking = ChunkingConfig {
+            algorithm: "fastcdc-2020".into(),
+            min: 4096,
+            avg: 16384,
+            max: 65536,
+            zero_min: 4096,
+        };
+        let keys = imgstore_crypto::Keys::derive(&imgstore_crypto::MasterKey::from_bytes([9; 32]));
+        MemRepo::with_codec(
+            RepoConfig::new("00".repeat(16), 0, chunking, 3),
+            Codec::Sealed(Arc::new(keys)),
+        )
+    }
+
+    fn commit_snapshot(repo: &MemRepo, name: &str, t: i64) -> Id {
+        let s = Snapshot {
+            time_ns: t,
+            name: name.into(),
+            hostname: "h".into(),
+            source: "s".into(),
+            tags: vec![],
+            size: 0,
+            digest: [0; 32],
+            region_size: 1 << 23,
+            pages: vec![],
+            stats: SnapshotStats::default(),
+        };
+        let (_, stored) = repo
+            .codec()
+            .store_record(RecordKind::Snapshot, s.encode(), &s.pages);
+        repo.commit(&stored, &[], None).unwrap().0
+    }
+
+    /// 46 bytes shaped like a sealed snapshot record naming no page: what
+    /// a client can commit to a store that checks only the hash.
+    fn junk() -> Vec<u8> {
+        let mut j = vec![SEALED_RECORD_MAGIC, b'S', 0, 0, 0, 0];
+        j.extend((0..SEAL_NONCE + SEAL_TAG).map(|i| i as u8 ^ 0x5c));
+        assert_eq!(j.len(), 46);
+        j
+    }
+
+    #[test]
+    fn one_unreadable_record_is_listed_apart_and_can_be_forgotten() {
+        let repo = sealed();
+        let a = commit_snapshot(&repo, "vm", 10);
+        let b = commit_snapshot(&repo, "vm", 20);
+        let (bad, _) = repo.commit(&junk(), &[], None).unwrap();
+        // The strict listing fails on it; the listing reports it apart.
+        let err = repo.snapshots().unwrap_err();
+        assert!(
+            matches!(err, RepoError::CorruptSnapshot { id, .. } if id == bad),
+            "{err}"
+        );
+        let list = repo.list_snapshots().unwrap();
+        let mut ids: Vec<Id> = list.snapshots.iter().map(|(id, _)| *id).collect();
+        ids.sort();
+        let mut want = vec![a, b];
+        want.sort();
+        assert_eq!(ids, want);
+        assert_eq!(list.unreadable.len(), 1);
+        assert_eq!(list.unreadable[0].id, bad);
+        assert!(list.contains(&bad) && list.contains(&a));
+        let u = list.unreadable(&bad).unwrap();
+        assert!(!u.why.is_empty());
+        let msg = u.error().to_string();
+        assert!(
+            msg.contains(&bad.to_hex()) && msg.contains("forget"),
+            "{msg}"
+        );
+        // A record damaged after it was stored is listed apart too.
+        repo.state().snapshots.get_mut(&a).unwrap()[60] ^= 1;
+        let list = repo.list_snapshots().unwrap();
+        assert_eq!(list.snapshots.len(), 1);
+        assert_eq!(list.unreadable.len(), 2);
+        assert!(list
+            .unreadable(&a)
+            .is_some_and(|u| u.why.contains("does not hash")));
+        // Forgetting the junk by id works; what is left lists cleanly.
+        repo.forget(&[bad, a]).unwrap();
+        assert!(repo.snapshots().unwrap().iter().all(|(id, _)| *id == b));
+        let list = repo.list_snapshots().unwrap();
+        assert!(list.unreadable.is_empty());
+        assert_eq!(list.snapshots.len(), 1);
+    }
+}

@@ -584,7 +584,11 @@ async fn put_region(
         // otherwise whether another namespace holds it would show in the
         // answer (stored or "missing"), and naming it would grant access.
         if let (Some(ns), false) = (&scope.namespace, scope.global) {
-            let unsent: Vec<Id> = lens.keys().filter(|c| !map.contains_key(c)).copied().collect();
+            let unsent: Vec<Id> = lens
+                .keys()
+                .filter(|c| !map.contains_key(c))
+                .copied()
+                .collect();
             let keys: Vec<[u8; 33]> = unsent.iter().map(|c| ObjectKind::Chunk.key(c)).collect();
             for (c, mine) in unsent.iter().zip(app.store.ns_marked(ns, &keys)?) {
                 if !mine {
@@ -726,9 +730,9 @@ async fn commit(State(app): State<Shared>, headers: HeaderMap, body: Bytes) -> A
             image: image.clone(),
             committed_ns: now_ns(),
         };
-        let (id, added) = app
-            .store
-            .commit_in(Some(&scope), record, &pages, parent.as_ref(), Some(&attest))?;
+        let (id, added) =
+            app.store
+                .commit_in(Some(&scope), record, &pages, parent.as_ref(), Some(&attest))?;
         app.store.end_session(scope.session);
         Metrics::add(&app.metrics.commits, 1);
         tracing::info!(token = %c.token, image = %image, snapshot = %id, "snapshot committed");
@@ -866,7 +870,11 @@ async fn zero_cvs(
     }
     // Indices past the largest image a snapshot can describe name nothing.
     let regions_max = (1u64 << 60) / u64::from(ask.region_size);
-    if ask.start.checked_add(ask.count).is_none_or(|end| end > regions_max) {
+    if ask
+        .start
+        .checked_add(ask.count)
+        .is_none_or(|end| end > regions_max)
+    {
         return Err(ApiError::bad(format!(
             "regions {}+{} are past the largest image ({regions_max} regions)",
             ask.start, ask.count
@@ -1229,16 +1237,15 @@ async fn open_session(
             ),
         ));
     }
-    sessions
-        .insert(
-            id,
-            Session {
-                token: c.token.clone(),
-                image: req.image.clone(),
-                namespace: namespace.clone(),
-                last: Instant::now(),
-            },
-        );
+    sessions.insert(
+        id,
+        Session {
+            token: c.token.clone(),
+            image: req.image.clone(),
+            namespace: namespace.clone(),
+            last: Instant::now(),
+        },
+    );
     drop(sessions);
     tracing::info!(token = %c.token, image = %req.image, session = %format!("{id:016x}"), "session opened");
     Ok(Json(proto::SessionReply {

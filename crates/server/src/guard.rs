@@ -81,7 +81,9 @@ pub(crate) async fn guard(State(app): State<Arc<App>>, req: Request, next: Next)
         .get(axum::http::header::CONTENT_LENGTH)
         .map(|v| v.to_str().ok().and_then(|s| s.parse::<u64>().ok()));
     let declared = match declared {
-        Some(None) => return close(ApiError::bad("Content-Length is not a number").into_response()),
+        Some(None) => {
+            return close(ApiError::bad("Content-Length is not a number").into_response())
+        }
         Some(Some(n)) => Some(n),
         None => None,
     };
@@ -117,7 +119,8 @@ pub(crate) async fn guard(State(app): State<Arc<App>>, req: Request, next: Next)
         Ok(b) => b,
         Err(r) => return close(r),
     };
-    next.run(Request::from_parts(parts, Body::from(bytes))).await
+    next.run(Request::from_parts(parts, Body::from(bytes)))
+        .await
 }
 
 fn too_large(limit: usize) -> Response {
@@ -162,7 +165,9 @@ async fn read_body(
             }
             Ok(None) => break,
             Ok(Some(Err(e))) => {
-                return Err(ApiError::bad(format!("the request body broke off: {e}")).into_response())
+                return Err(
+                    ApiError::bad(format!("the request body broke off: {e}")).into_response()
+                )
             }
             Ok(Some(Ok(f))) => f,
         };

@@ -101,7 +101,11 @@ pub(crate) struct Limits {
     pub connections_per_ip: usize,
 }
 
-fn duration(field: &str, value: &Option<String>, default: Duration) -> Result<Duration, ServerError> {
+fn duration(
+    field: &str,
+    value: &Option<String>,
+    default: Duration,
+) -> Result<Duration, ServerError> {
     match value {
         Some(s) => humantime::parse_duration(s)
             .ok()
@@ -138,7 +142,11 @@ impl Limits {
             body_memory_kib: mib << 10,
             sessions_per_token: c.max_sessions_per_token.unwrap_or(16).max(1),
             sessions: c.max_sessions.unwrap_or(1024).max(1),
-            clock_skew: duration("max_clock_skew", &c.max_clock_skew, Duration::from_secs(600))?,
+            clock_skew: duration(
+                "max_clock_skew",
+                &c.max_clock_skew,
+                Duration::from_secs(600),
+            )?,
             connections: c.max_connections.unwrap_or(512).max(1),
             connections_per_ip: c.max_connections_per_ip.unwrap_or(128).max(1),
         })
@@ -413,7 +421,10 @@ impl Activity {
         if self.inflight.load(std::sync::atomic::Ordering::SeqCst) > 0 {
             return Duration::ZERO;
         }
-        self.last.lock().unwrap_or_else(|p| p.into_inner()).elapsed()
+        self.last
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed()
     }
 }
 
@@ -431,7 +442,9 @@ impl Busy {
 impl Drop for Busy {
     fn drop(&mut self) {
         *self.0.last.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
-        self.0.inflight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.0
+            .inflight
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

@@ -223,15 +223,10 @@ impl Store {
             b.delete_cf(meta, protect_key(old));
             b.put_cf(meta, protect_key(&id), []);
         }
-        // The server's witness and namespace marks follow the snapshot.
-        if let Some(w) = self
-            .db
-            .get_cf(meta, imgstore_format::meta::attest_key(old))
-            .map_err(|e| self.db_err("read commit witness", e))?
-        {
-            b.delete_cf(meta, imgstore_format::meta::attest_key(old));
-            b.put_cf(meta, imgstore_format::meta::attest_key(&id), w);
-        }
+        // The replacement is the replacer's (an admin's, or a local
+        // writer's) record: the old commit's witness does not describe it
+        // (it may be renamed). Namespace marks follow the snapshot.
+        b.delete_cf(meta, imgstore_format::meta::attest_key(old));
         for ns in self.ns_names()? {
             if self.ns_marked(&ns, &[crate::snapshot_ns_key(old)])?[0] {
                 self.mark_ns(&mut b, &ns, [&crate::snapshot_ns_key(&id)])?;

@@ -824,9 +824,9 @@ impl Store {
         self.config.encryption.is_none()
             || scope.is_none_or(|s| {
                 s.global
-                    || s.namespace.as_deref().is_some_and(|ns| {
-                        imgstore_format::sealed::has_namespace_tag(id, ns)
-                    })
+                    || s.namespace
+                        .as_deref()
+                        .is_some_and(|ns| imgstore_format::sealed::has_namespace_tag(id, ns))
             })
     }
 
@@ -901,7 +901,8 @@ impl Store {
         }
         for (cid, (frame, _)) in frames {
             let k = ObjectKind::Chunk.key(cid);
-            if self.packs.is_none() && self.is_pending_damage(&k) && self.may_heal_chunk(scope, cid) {
+            if self.packs.is_none() && self.is_pending_damage(&k) && self.may_heal_chunk(scope, cid)
+            {
                 batch.put_cf(self.cf(cf::CHUNKS), cid.as_bytes(), frame);
                 self.healed(k);
             }
@@ -960,7 +961,9 @@ impl Store {
         out
     }
 
-    /// The local batch of [`Store::commit_in`].
+    /// The local batch of [`Store::commit_in`] (one synced batch: the
+    /// witness is written with the snapshot or not at all).
+    #[allow(clippy::too_many_arguments)]
     fn commit_local(
         &self,
         scope: Option<&Scope>,

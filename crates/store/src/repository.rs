@@ -128,6 +128,22 @@ impl Repository for Store {
         Store::damage_pending(self)
     }
 
+    fn witnesses(&self) -> Result<std::collections::HashMap<Id, imgstore_repo::Witness>> {
+        Ok(self
+            .attestations()?
+            .into_iter()
+            .map(|(id, a)| {
+                (
+                    id,
+                    imgstore_repo::Witness {
+                        image: a.image,
+                        committed_ns: a.committed_ns,
+                    },
+                )
+            })
+            .collect())
+    }
+
     fn snapshot_records(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         Store::snapshot_records(self)
     }

@@ -62,7 +62,13 @@ impl Store {
                 imgstore_format::Id::from_slice(&k[meta::ATTEST_PREFIX.len()..]),
                 meta::decode_attestation(v),
             ) {
-                out.insert(id, Attestation { image, committed_ns });
+                out.insert(
+                    id,
+                    Attestation {
+                        image,
+                        committed_ns,
+                    },
+                );
             }
             Ok(true)
         })?;
