@@ -1320,3 +1320,52 @@ fn a_compromised_host_leaves_another_namespace_intact_plain() {
     admin_c.ok(&["check", "--read-data"]);
     s.assert_no_panic();
 }
+
+/// Item 8, the other half: a body that trickles in (slowloris) is cut off
+/// by the body idle timeout instead of holding its memory share and its
+/// upload slot for ever; the server answers others meanwhile.
+#[test]
+fn a_body_that_stops_arriving_is_cut_off() {
+    if !need_curl() || !have("python3") {
+        return;
+    }
+    let env = Env::new();
+    let s = setup_with(&env, "body_idle_timeout = \"1s\"\nmax_uploads = 1");
+    let raw = Raw::new(&env, &s);
+    let (host, port) = s.addr.rsplit_once(':').unwrap();
+    let admin = token(&env, "admin");
+    // HTTP/1.1 over TLS: headers of a 1 MB commit, 10 bytes of it, then
+    // silence. The script prints the status line the server sends, if
+    // any, within 15 s.
+    let script = r#"
+import socket, ssl, sys, time
+host, port, tok = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+ctx.set_alpn_protocols(["http/1.1"])
+s = ctx.wrap_socket(socket.create_connection((host, port), timeout=15), server_hostname="x")
+s.sendall(("POST /v1/commit HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\nContent-Length: 1000000\r\n\r\n" % tok).encode() + b"0123456789")
+start = time.time()
+try:
+    line = s.recv(64).split(b"\r\n")[0].decode()
+except Exception as e:
+    line = "error " + type(e).__name__
+print(line, round(time.time() - start, 1), flush=True)
+"#;
+    let o = Command::new("python3")
+        .args(["-c", script, host, port, &admin])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        out.starts_with("HTTP/1.1 408"),
+        "stalled body: {out:?} {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let secs: f64 = out.split_whitespace().last().unwrap().parse().unwrap();
+    assert!(secs < 10.0, "cut off after {secs} s");
+    // The upload slot it held is free again: another commit gets an answer
+    // (400 for its junk body), not 503 busy.
+    let (code, _) = raw.call("POST", "/v1/commit", Some(&admin), Some(b"junk"), &[]);
+    assert_eq!(code, 400);
+    s.assert_no_panic();
+}
