@@ -396,35 +396,49 @@ async fn chunks_get(State(app): State<Shared>, headers: HeaderMap, body: Bytes) 
     blocking(move || {
         let keys: Vec<[u8; 33]> = ids.iter().map(|id| ObjectKind::Chunk.key(id)).collect();
         let vis = visible(&app, &c, &keys)?;
-        // Read in small batches, stopping as soon as the answer would pass
-        // its limit: memory is bounded by the limit, not by what is asked
-        // (the same large chunk named many times, say).
+        // The answer's size is known before anything is read: each stored
+        // chunk's reference entry holds its stored length. An answer past
+        // its limit (the same large chunk named thousands of times, say) is
+        // refused without reading a byte of it.
+        let wanted: Vec<Id> = ids
+            .iter()
+            .zip(&vis)
+            .filter(|(_, v)| **v)
+            .map(|(id, _)| *id)
+            .collect();
+        let size: usize = app
+            .store
+            .ref_counts(ObjectKind::Chunk, &wanted)?
+            .iter()
+            .map(|rc| rc.map_or(64, |rc| rc.stored_len as usize + 8))
+            .sum::<usize>()
+            + (ids.len() - wanted.len()) * 8;
+        if size > limits::FRAMES_REPLY_BYTES {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                "the frames asked for pass the answer limit: ask for fewer at once",
+            ));
+        }
+        let mut read = app.store.chunk_frames(&wanted)?.into_iter();
         let mut frames = Vec::with_capacity(ids.len());
         let mut total = 0usize;
-        for (batch, vis) in ids.chunks(16).zip(vis.chunks(16)) {
-            let wanted: Vec<Id> = batch
-                .iter()
-                .zip(vis)
-                .filter(|(_, v)| **v)
-                .map(|(id, _)| *id)
-                .collect();
-            let mut read = app.store.chunk_frames(&wanted)?.into_iter();
-            for v in vis {
-                let f = if *v {
-                    read.next().unwrap_or(Err(ChunkFault::Missing))
-                } else {
-                    Err(ChunkFault::Missing)
-                };
-                total += f.as_ref().map_or(64, |b| b.len() + 8);
-                if total > limits::FRAMES_REPLY_BYTES {
-                    return Err(ApiError::new(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "too_large",
-                        "the frames asked for pass the answer limit: ask for fewer at once",
-                    ));
-                }
-                frames.push(f);
+        for v in &vis {
+            let f = if *v {
+                read.next().unwrap_or(Err(ChunkFault::Missing))
+            } else {
+                Err(ChunkFault::Missing)
+            };
+            // A stored length that lied (damage) cannot pass the limit.
+            total += f.as_ref().map_or(64, |b| b.len() + 8);
+            if total > limits::FRAMES_REPLY_BYTES {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large",
+                    "the frames asked for pass the answer limit: ask for fewer at once",
+                ));
             }
+            frames.push(f);
         }
         Ok(binary(proto::encode_frames(&frames)))
     })
@@ -661,7 +675,7 @@ fn recipe_shape(
             if let Some(ns) = tagged {
                 if !imgstore_format::sealed::has_namespace_tag(&c, ns) {
                     return Err(ApiError::bad(format!(
-                        "region {id}: chunk {c} does not carry namespace {ns:?}'s tag: a backup in a namespace of an encrypted repository writes only its own chunk ids (upgrade the client)"
+                        "region {id}: chunk {c} does not carry namespace {ns:?}'s tag, which every chunk id written from a namespace of an encrypted repository must (an older client: upgrade it; a copy of snapshots made outside the namespace: copy with an admin token)"
                     )));
                 }
             }

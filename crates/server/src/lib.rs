@@ -339,9 +339,10 @@ pub async fn serve(
                     let busy = Busy::start(&activity);
                     let router = router.clone();
                     async move {
+                        // Busy until the answer's body is sent (or dropped):
+                        // a client reading a large answer slowly is not idle.
                         let resp = router.oneshot(req).await;
-                        drop(busy);
-                        resp
+                        resp.map(|r| r.map(|inner| Tracked { inner, _busy: busy }))
                     }
                 })
             };
@@ -445,6 +446,32 @@ impl Drop for Busy {
         self.0
             .inflight
             .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// An answer's body that keeps its connection busy while it lives.
+struct Tracked<B> {
+    inner: B,
+    _busy: Busy,
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
