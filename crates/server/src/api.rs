@@ -570,7 +570,7 @@ async fn put_region(
                     )));
                 }
                 inflated += u64::from(f.raw_len);
-                if inflated > u64::from(app.store.config().region_size) {
+                if inflated > region_bound(&app) {
                     return Err(ApiError::bad(format!(
                         "region {id}: its frames hold more than one region of data"
                     )));
@@ -641,6 +641,12 @@ async fn put_region(
     .await
 }
 
+/// The most data one region may hold: the repository's region size, or a
+/// copied snapshot's up to 64 MiB (what an upload's body limit carries).
+fn region_bound(app: &App) -> u64 {
+    u64::from(app.store.config().region_size).max(64 << 20)
+}
+
 /// The chunks a region recipe names, each with its length when the server
 /// can check the chunk (a plain repository) or `None` (an encrypted one,
 /// whose frames only the key opens). The recipe's shape must be the
@@ -704,7 +710,7 @@ fn recipe_shape(
             }
         }
     }
-    if total > u64::from(app.store.config().region_size) {
+    if total > region_bound(&app) {
         return Err(ApiError::bad(format!(
             "region {id}: its recipe covers more than one region"
         )));
@@ -813,13 +819,6 @@ fn check_commit(
             humantime::format_duration(app.limits.clock_skew)
         )));
     }
-    if snap.region_size != app.store.config().region_size {
-        return Err(ApiError::bad(format!(
-            "the snapshot's region size {} is not the repository's {}",
-            snap.region_size,
-            app.store.config().region_size
-        )));
-    }
     for p in pages {
         imgstore_format::Page::decode(p).map_err(|e| ApiError::bad(format!("index page: {e}")))?;
     }
@@ -875,11 +874,11 @@ async fn zero_cvs(
             limits::ZERO_CVS
         )));
     }
-    if ask.region_size != app.store.config().region_size {
+    // Region sizes are powers of two of at least 1 MiB (FORMAT.md).
+    if !ask.region_size.is_power_of_two() || ask.region_size < 1 << 20 {
         return Err(ApiError::bad(format!(
-            "region size {} is not the repository's {}",
-            ask.region_size,
-            app.store.config().region_size
+            "region size {} is not a power of two of at least 1 MiB",
+            ask.region_size
         )));
     }
     // Indices past the largest image a snapshot can describe name nothing.
