@@ -710,7 +710,7 @@ fn recipe_shape(
             }
         }
     }
-    if total > region_bound(&app) {
+    if total > region_bound(app) {
         return Err(ApiError::bad(format!(
             "region {id}: its recipe covers more than one region"
         )));
