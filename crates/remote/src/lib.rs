@@ -15,9 +15,10 @@
 //!   CA file); there is no fallback to "accept anything".
 //! * **Retries**: idempotent calls (everything is content-addressed) are
 //!   retried with exponential backoff on connection failures and 502/503/
-//!   504, within a bounded time; a commit whose answer was lost is retried
-//!   only after asking whether the snapshot exists (the server also treats
-//!   a repeated commit as a no-op).
+//!   504, within a bounded time; a commit whose answer was lost is sent
+//!   again once (the server treats a repeated commit as a no-op), and a
+//!   503 `busy` from the server's gate, which answers before reading the
+//!   body, is retried for every call.
 
 pub mod known;
 mod tls;

@@ -9,7 +9,9 @@
 //! * [`MemRepo`] — everything in memory, with the same reference-count,
 //!   orphan, healing and gc rules, so the pipelines can be unit-tested
 //!   without a database and with damage injected on purpose;
-//! * later a remote client and an object-store backend (`docs/REMOTE.md`).
+//! * `imgstore_remote::RemoteRepo` — a repository on an `imgstore server`;
+//!   a bucket-backed repository is a `Store` whose frames live in packs
+//!   (`docs/REMOTE.md`).
 //!
 //! # Why the interface is shaped this way
 //!
