@@ -20,10 +20,11 @@ use std::time::{Duration, Instant};
 
 use crate::util::*;
 
-const ACCESS_KEY: &str = "GK0123456789abcdef01234567";
-const SECRET_KEY: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+pub(crate) const ACCESS_KEY: &str = "GK0123456789abcdef01234567";
+pub(crate) const SECRET_KEY: &str =
+    "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 const RPC_SECRET: &str = "fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210";
-const BUCKET: &str = "imgstore-test";
+pub(crate) const BUCKET: &str = "imgstore-test";
 
 fn garage_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("GARAGE_BIN") {
@@ -49,7 +50,7 @@ fn free_port() -> u16 {
 }
 
 /// One Garage node.
-struct Node {
+pub(crate) struct Node {
     child: Option<Child>,
     config: PathBuf,
     s3: u16,
@@ -138,7 +139,7 @@ rpc_bind_addr = \"127.0.0.1:{rpc}\"\nrpc_public_addr = \"127.0.0.1:{rpc}\"\nrpc_
         }
     }
 
-    fn endpoint(&self) -> String {
+    pub(crate) fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.s3)
     }
 }
@@ -150,7 +151,7 @@ impl Drop for Node {
 }
 
 /// A single Garage node with the test bucket and key.
-fn garage(env: &Env) -> Node {
+pub(crate) fn garage(env: &Env) -> Node {
     let (config, s3, rpc) = Node::write_config(&env.path("garage"), 1);
     let node = Node::spawn(&config, s3, rpc, true);
     // The default bucket exists once the single-node layout is applied.
@@ -215,7 +216,7 @@ fn bucket_bytes(node: &Node) -> f64 {
 }
 
 /// imgstore with the bucket's credentials and endpoint in its environment.
-fn s3_command(env: &Env, repo: &Path, endpoint: &str) -> Command {
+pub(crate) fn s3_command(env: &Env, repo: &Path, endpoint: &str) -> Command {
     let mut c = Command::new(BIN);
     c.arg("-r")
         .arg(repo)
@@ -233,7 +234,7 @@ fn run(c: &mut Command, args: &[&str]) -> Output {
     c.args(args).stdin(Stdio::null()).output().unwrap()
 }
 
-fn ok(env: &Env, repo: &Path, endpoint: &str, args: &[&str]) -> String {
+pub(crate) fn ok(env: &Env, repo: &Path, endpoint: &str, args: &[&str]) -> String {
     let o = run(&mut s3_command(env, repo, endpoint), args);
     assert!(
         o.status.success(),
@@ -541,7 +542,7 @@ fn backup_pw(
     ))
 }
 
-fn files_under(dir: &Path) -> Vec<PathBuf> {
+pub(crate) fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {

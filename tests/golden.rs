@@ -1,7 +1,7 @@
 //! Golden vectors: chunk boundaries *and ids* of a seeded input are pinned.
 //! A change that fails this test would stop new backups from deduplicating
-//! against every existing repository: that is a format change (bump
-//! FORMAT_VERSION and keep the old chunker), not a refactor.
+//! against every existing repository: that is a format change (a new
+//! `FormatVersion` variant, keeping the old chunker), not a refactor.
 
 use imgstore_chunker::{Chunker, Kind, Params};
 

@@ -919,29 +919,7 @@ fn encrypted_setup(env: &Env) -> Served {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    fs::create_dir_all(env.repo().join("server")).unwrap();
-    fs::write(env.repo().join("server/config.toml"), crate::server::CONFIG).unwrap();
-    for (name, role, ns) in [
-        ("admin", "admin", None),
-        ("web-backup", "backup", Some("web")),
-        ("web-restore", "restore", Some("web")),
-        ("db-backup", "backup", Some("db")),
-    ] {
-        let out = env.path(&format!("{name}.token"));
-        let mut args = vec![
-            "token",
-            "add",
-            name,
-            "--role",
-            role,
-            "--output",
-            out.to_str().unwrap(),
-        ];
-        if let Some(ns) = ns {
-            args.extend(["--namespace", ns]);
-        }
-        env.ok(&args);
-    }
+    crate::server::serve_config(env);
     Served::start(env, "127.0.0.1:0")
 }
 

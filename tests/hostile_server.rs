@@ -6,18 +6,19 @@
 //! `imgstore://` (plain HTTP on loopback) working at all.
 
 use std::fs;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 
+use crate::server::Served;
 use crate::util::*;
 
 /// Exit code of a server repository that is not the one expected.
 const UNTRUSTED: i32 = 8;
 
-/// A running `imgstore server`; killed on drop.
+/// A running `imgstore server` (killed on drop) and its certificate's
+/// fingerprint, if it serves TLS.
 struct Server {
-    child: Child,
+    served: Served,
     addr: String,
     fp: Option<String>,
 }
@@ -25,41 +26,16 @@ struct Server {
 impl Server {
     /// Serves `env`'s repository on `listen` with `extra` flags.
     fn start(env: &Env, listen: &str, extra: &[&str]) -> Server {
-        let mut child = env
-            .command()
-            .args(["server", "--listen", listen])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(fs::File::create(env.path("server.log")).unwrap())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let words: Vec<&str> = line.split_whitespace().collect();
-        assert!(
-            words.len() >= 3 && words[0] == "listening",
-            "server did not start: {line:?} {}",
-            fs::read_to_string(env.path("server.log")).unwrap_or_default()
-        );
+        let served = Served::start_with(env, listen, extra);
         Server {
-            child,
-            addr: words[2].to_string(),
-            fp: words.get(4).map(|s| s.to_string()),
+            addr: served.addr.clone(),
+            fp: (!served.fp.is_empty()).then(|| served.fp.clone()),
+            served,
         }
     }
 
     fn stop(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.served.kill9();
     }
 }
 

@@ -5,10 +5,10 @@
 //! backup or forget — flagged by `check`, and removable by its id.
 
 use std::fs;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 
+use crate::server::Served;
 use crate::util::*;
 
 const PASS: &str = "records test passphrase";
@@ -45,30 +45,6 @@ fn warns_about(err: &str, id: &str) {
             && lines[0].contains("imgstore forget"),
         "{err:?}"
     );
-}
-
-/// A running `imgstore server` of `env`'s repository on a loopback port:
-/// (process, address, certificate fingerprint). Killed by the caller.
-fn serve(env: &Env) -> (Child, String, String) {
-    let log = env.path("server.log");
-    let mut child = env
-        .command()
-        .args(["server", "--listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let words: Vec<&str> = line.split_whitespace().collect();
-    assert!(
-        words.len() == 5 && words[0] == "listening",
-        "server did not start: {line:?} {}",
-        fs::read_to_string(&log).unwrap_or_default()
-    );
-    (child, words[2].to_string(), words[4].to_string())
 }
 
 /// `curl` with a bearer token; returns the answer's body, which must be
@@ -205,7 +181,8 @@ fn one_junk_snapshot_record_is_reported_and_skipped_never_fatal() {
     assert_eq!(second["parent"], first["id"]);
 
     // The junk, the way a backup token can plant it.
-    let (mut server, addr, fp) = serve(&env);
+    let mut server = Served::start(&env, "127.0.0.1:0");
+    let (addr, fp) = (server.addr.clone(), server.fp.clone());
     let junk = plant_junk(&env, &addr);
     let short = &junk[..8];
 
@@ -260,8 +237,7 @@ fn one_junk_snapshot_record_is_reported_and_skipped_never_fatal() {
     let third: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(third["parent"].as_str(), Some(id2.as_str()));
     let id3 = third["id"].as_str().unwrap().to_string();
-    let _ = server.kill();
-    let _ = server.wait();
+    server.kill9();
 
     // On the repository's directory: the listing shows the good ones and
     // warns about the junk, once.

@@ -28,10 +28,16 @@ pub(crate) struct Served {
 impl Served {
     /// Starts the server of `env`'s repository on `listen` (port 0: any).
     pub(crate) fn start(env: &Env, listen: &str) -> Served {
+        Served::start_with(env, listen, &[])
+    }
+
+    /// [`Served::start`] with `extra` flags; `fp` is empty for plain HTTP.
+    pub(crate) fn start_with(env: &Env, listen: &str, extra: &[&str]) -> Served {
         let log = env.path(&format!("server-{}.log", listen.replace([':', '.'], "_")));
         let mut child = env
             .command()
             .args(["server", "--listen", listen])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(fs::File::create(&log).unwrap())
             .spawn()
@@ -42,14 +48,14 @@ impl Served {
             .unwrap();
         let words: Vec<&str> = line.split_whitespace().collect();
         assert!(
-            words.len() == 5 && words[0] == "listening",
+            words.len() >= 3 && words[0] == "listening",
             "server did not start: {line:?} {}",
             fs::read_to_string(&log).unwrap_or_default()
         );
         Served {
             child,
             addr: words[2].to_string(),
-            fp: words[4].to_string(),
+            fp: words.get(4).map_or(String::new(), |f| f.to_string()),
             log,
         }
     }
@@ -78,6 +84,13 @@ impl Drop for Served {
 /// A repository with the namespace config and one token per role.
 pub(crate) fn setup(env: &Env) -> Served {
     env.init();
+    serve_config(env);
+    Served::start(env, "127.0.0.1:0")
+}
+
+/// The namespace config and one token per role (`NAME.token` files) for
+/// `env`'s repository, initialised already (plain or encrypted).
+pub(crate) fn serve_config(env: &Env) {
     fs::create_dir_all(env.repo().join("server")).unwrap();
     fs::write(env.repo().join("server/config.toml"), CONFIG).unwrap();
     for (name, role, ns) in [
@@ -101,7 +114,6 @@ pub(crate) fn setup(env: &Env) -> Served {
         }
         env.ok(&args);
     }
-    Served::start(env, "127.0.0.1:0")
 }
 
 /// The imgstore binary as a client of `url` with token `token`.
@@ -995,28 +1007,7 @@ fn an_encrypted_repository_through_the_server_holds_no_plaintext() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    fs::create_dir_all(env.repo().join("server")).unwrap();
-    fs::write(env.repo().join("server/config.toml"), CONFIG).unwrap();
-    for (name, role, ns) in [
-        ("admin", "admin", None),
-        ("web-backup", "backup", Some("web")),
-        ("db-backup", "backup", Some("db")),
-    ] {
-        let out = env.path(&format!("{name}.token"));
-        let mut args = vec![
-            "token",
-            "add",
-            name,
-            "--role",
-            role,
-            "--output",
-            out.to_str().unwrap(),
-        ];
-        if let Some(ns) = ns {
-            args.extend(["--namespace", ns]);
-        }
-        env.ok(&args);
-    }
+    serve_config(&env);
     let mut s = Served::start(&env, "127.0.0.1:0");
     let web = Client::new(&env, &s, "web-backup");
     let img = env.path("web-secret.img");

@@ -22,11 +22,17 @@ pub enum FormatError {
     #[error("this is not an imgstore repository config ({why})")]
     NotRepository { why: String },
     #[error("repository format version {found} is newer than this imgstore supports ({supported}): upgrade imgstore")]
-    Newer { found: u32, supported: u32 },
+    Newer {
+        found: u32,
+        supported: crate::FormatVersion,
+    },
     #[error(
         "repository format version {found} is older than this imgstore can read (oldest {oldest})"
     )]
-    Older { found: u32, oldest: u32 },
+    Older {
+        found: u32,
+        oldest: crate::FormatVersion,
+    },
 }
 
 pub(crate) struct Writer(pub Vec<u8>);

@@ -2,10 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    FormatError, BUCKET_FORMAT_VERSION, ENCRYPTED_FORMAT_VERSION, FORMAT_VERSION,
-    MIN_FORMAT_VERSION, NEWEST_FORMAT_VERSION,
-};
+use crate::{FormatError, FormatVersion};
 
 /// Name of the config file at the top of a repository directory.
 pub const CONFIG_FILE: &str = "imgstore.json";
@@ -37,8 +34,9 @@ pub struct Compression {
 pub struct RepoConfig {
     /// Always "imgstore".
     pub format: String,
-    /// The format version the repository was created with.
-    pub version: u32,
+    /// The format version the repository was created with (stored as its
+    /// number).
+    pub version: FormatVersion,
     /// Random 128-bit repository id, hex.
     pub id: String,
     /// Creation time, seconds since the Unix epoch.
@@ -145,7 +143,7 @@ impl RepoConfig {
         let region_size = (chunking.max as u64 * 4).next_power_of_two().max(8 << 20) as u32;
         RepoConfig {
             format: "imgstore".into(),
-            version: FORMAT_VERSION,
+            version: FormatVersion::for_new(false, false),
             id,
             created,
             chunking,
@@ -158,16 +156,14 @@ impl RepoConfig {
 
     /// Makes this a bucket-backed repository's config (format 4).
     pub fn in_bucket(mut self, storage: Storage) -> Self {
-        self.version = BUCKET_FORMAT_VERSION;
+        self.version = FormatVersion::for_new(self.encryption.is_some(), true);
         self.storage = Some(storage);
         self
     }
 
     /// Makes this a new encrypted repository's config (format 3).
     pub fn encrypted(mut self, slots: Vec<KeySlot>) -> Self {
-        if self.storage.is_none() {
-            self.version = ENCRYPTED_FORMAT_VERSION;
-        }
+        self.version = FormatVersion::for_new(true, self.storage.is_some());
         self.encryption = Some(Encryption {
             scheme: ENCRYPTION_SCHEME.into(),
             slots,
@@ -199,19 +195,7 @@ impl RepoConfig {
                 why: "no version field".into(),
             }
         })?;
-        let version = u32::try_from(version).unwrap_or(u32::MAX);
-        if version > NEWEST_FORMAT_VERSION {
-            return Err(FormatError::Newer {
-                found: version,
-                supported: NEWEST_FORMAT_VERSION,
-            });
-        }
-        if version < MIN_FORMAT_VERSION {
-            return Err(FormatError::Older {
-                found: version,
-                oldest: MIN_FORMAT_VERSION,
-            });
-        }
+        FormatVersion::from_u32(u32::try_from(version).unwrap_or(u32::MAX))?;
         let c: RepoConfig = serde_json::from_value(v).map_err(|e| FormatError::Invalid {
             what: "repository config",
             why: e.to_string(),
@@ -225,8 +209,9 @@ impl RepoConfig {
             what: "repository config",
             why,
         };
-        match (&self.storage, self.version) {
-            (Some(st), BUCKET_FORMAT_VERSION) => {
+        let v = self.version;
+        match (&self.storage, v.in_bucket()) {
+            (Some(st), true) => {
                 if st.kind != "s3" {
                     return Err(bad(format!("unknown storage kind {}", st.kind)));
                 }
@@ -237,15 +222,15 @@ impl RepoConfig {
                     return Err(bad(format!("pack size {} out of 1-256 MiB", st.pack_size)));
                 }
             }
-            (None, BUCKET_FORMAT_VERSION) => {
-                return Err(bad("format 4 needs a storage section".into()))
+            (None, true) => return Err(bad(format!("format {v} needs a storage section"))),
+            (Some(_), false) => {
+                return Err(bad(format!("format {v} cannot keep data in a bucket")))
             }
-            (Some(_), v) => return Err(bad(format!("format {v} cannot keep data in a bucket"))),
-            (None, _) => {}
+            (None, false) => {}
         }
-        match (&self.encryption, self.version) {
-            (None, FORMAT_VERSION | BUCKET_FORMAT_VERSION) => {}
-            (Some(e), ENCRYPTED_FORMAT_VERSION | BUCKET_FORMAT_VERSION) => {
+        match &self.encryption {
+            None if !v.requires_encryption() => {}
+            Some(e) if v.allows_encryption() => {
                 if e.scheme != ENCRYPTION_SCHEME {
                     return Err(bad(format!("unknown encryption scheme {}", e.scheme)));
                 }
@@ -253,8 +238,8 @@ impl RepoConfig {
                     return Err(bad("an encrypted repository without key slots".into()));
                 }
             }
-            (None, v) => return Err(bad(format!("format {v} needs an encryption section"))),
-            (Some(_), v) => return Err(bad(format!("format {v} cannot be encrypted"))),
+            None => return Err(bad(format!("format {v} needs an encryption section"))),
+            Some(_) => return Err(bad(format!("format {v} cannot be encrypted"))),
         }
         if self.chunking.algorithm != "fastcdc-2020" {
             return Err(bad(format!(
@@ -302,6 +287,9 @@ mod tests {
     fn round_trip_and_region_size() {
         let c = cfg();
         assert_eq!(c.region_size, 8 << 20);
+        assert_eq!(c.version, FormatVersion::V2);
+        let json = String::from_utf8(c.to_json()).unwrap();
+        assert!(json.contains("\"version\": 2,"), "the bare number: {json}");
         assert_eq!(RepoConfig::from_json(&c.to_json()).unwrap(), c);
     }
 
@@ -317,7 +305,7 @@ mod tests {
             cache_bytes: 1 << 30,
         };
         let c = cfg().in_bucket(st.clone());
-        assert_eq!(c.version, BUCKET_FORMAT_VERSION);
+        assert_eq!(c.version, FormatVersion::V4);
         assert_eq!(RepoConfig::from_json(&c.to_json()).unwrap(), c);
         // Encryption keeps format 4 in a bucket.
         let mut e = c.clone();
@@ -334,13 +322,13 @@ mod tests {
         });
         assert!(RepoConfig::from_json(&e.to_json()).is_ok());
         let mut bad = c.clone();
-        bad.version = FORMAT_VERSION;
+        bad.version = FormatVersion::V2;
         assert!(RepoConfig::from_json(&bad.to_json()).is_err());
         let mut bad = c.clone();
         bad.storage.as_mut().unwrap().pack_size = 1;
         assert!(RepoConfig::from_json(&bad.to_json()).is_err());
         let mut bad = cfg();
-        bad.version = BUCKET_FORMAT_VERSION;
+        bad.version = FormatVersion::V4;
         assert!(RepoConfig::from_json(&bad.to_json()).is_err());
     }
 
@@ -351,7 +339,7 @@ mod tests {
             RepoConfig::from_json(j).unwrap_err(),
             FormatError::Newer {
                 found: 99,
-                supported: NEWEST_FORMAT_VERSION
+                supported: FormatVersion::newest()
             }
         );
         assert!(matches!(

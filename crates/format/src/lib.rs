@@ -23,6 +23,7 @@ mod overlay;
 pub mod pack;
 mod records;
 pub mod sealed;
+mod version;
 
 pub use codec::FormatError;
 pub use config::{
@@ -36,34 +37,7 @@ pub use frame::{
 pub use id::{Id, IdParseError};
 pub use overlay::{OverlayRecord, OVERLAY_FILE, OVERLAY_VERSION};
 pub use records::{Page, RecipeEntry, RefCount, Region, Snapshot, SnapshotStats};
-
-/// The repository format version this build writes.
-///
-/// Bump it (and add a migration or a reader for the old version, plus a
-/// fixture repository under `tests/fixtures/`) whenever any encoding in this
-/// crate changes. Do not modify the meaning of an existing version.
-pub const FORMAT_VERSION: u32 = 2;
-
-/// The format version of an encrypted repository: version 2's layout with
-/// every chunk frame and record sealed (`sealed`), key slots in the config.
-/// A plain repository stays version 2, so older builds still read it.
-pub const ENCRYPTED_FORMAT_VERSION: u32 = 3;
-
-/// The format version of a bucket-backed repository (plain or encrypted):
-/// chunk frames and copies of every record live in pack objects in an
-/// S3-compatible bucket (`pack`); the local `chunks` column family holds
-/// pack locations instead of frames. An older build refuses it instead of
-/// reading locations as frames.
-pub const BUCKET_FORMAT_VERSION: u32 = 4;
-
-/// The newest repository format version this build reads.
-pub const NEWEST_FORMAT_VERSION: u32 = BUCKET_FORMAT_VERSION;
-
-/// The oldest repository format version this build can read.
-///
-/// Version 2 added region chaining values to index pages. Version 1 was
-/// written only by pre-release builds and is not read.
-pub const MIN_FORMAT_VERSION: u32 = 2;
+pub use version::FormatVersion;
 
 /// Number of region ids in one index page (see [`Page`]). Part of the format.
 pub const PAGE_REGIONS: usize = 1024;

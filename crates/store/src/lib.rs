@@ -302,9 +302,13 @@ impl Store {
             let mut wo = WriteOptions::default();
             wo.set_sync(true);
             let mut b = WriteBatch::default();
-            // The config's version: 2 for a plain repository, 3 for an
-            // encrypted one (the config says which).
-            b.put_cf(&meta, META_FORMAT_KEY, config.version.to_le_bytes());
+            // The config's version (2 plain, 3 encrypted, 4 in a bucket),
+            // as its number.
+            b.put_cf(
+                &meta,
+                META_FORMAT_KEY,
+                config.version.as_u32().to_le_bytes(),
+            );
             db.write_opt(b, &wo)
                 .map_err(|e| crate::error::db(&db_path, "write", e))?;
         }
@@ -433,7 +437,7 @@ impl Store {
             .map_err(|e| store.db_err("read", e))?
             .map(|v| v.to_vec());
         match v.as_deref().and_then(|b| <[u8; 4]>::try_from(b).ok()) {
-            Some(b) if u32::from_le_bytes(b) == store.config.version => {}
+            Some(b) if u32::from_le_bytes(b) == store.config.version.as_u32() => {}
             other => {
                 return Err(StoreError::Format {
                     path: db_path,
