@@ -42,6 +42,14 @@ impl ApiError {
     pub(crate) fn bad(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, "malformed", message)
     }
+    /// An answer of `what` that would pass its limit.
+    fn answer_too_large(what: &str) -> ApiError {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("the {what} asked for pass the answer limit: ask for fewer at once"),
+        )
+    }
     fn forbidden(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
     }
@@ -358,11 +366,7 @@ async fn records(app: Shared, headers: HeaderMap, body: Bytes, kind: ObjectKind)
             for r in app.store.raw_records(kind, batch)? {
                 total += r.len() + 4;
                 if total > limits::FRAMES_REPLY_BYTES {
-                    return Err(ApiError::new(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "too_large",
-                        "the records asked for pass the answer limit: ask for fewer at once",
-                    ));
+                    return Err(ApiError::answer_too_large("records"));
                 }
                 recs.push(r);
             }
@@ -414,11 +418,7 @@ async fn chunks_get(State(app): State<Shared>, headers: HeaderMap, body: Bytes) 
             .sum::<usize>()
             + (ids.len() - wanted.len()) * 8;
         if size > limits::FRAMES_REPLY_BYTES {
-            return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                "the frames asked for pass the answer limit: ask for fewer at once",
-            ));
+            return Err(ApiError::answer_too_large("frames"));
         }
         let mut read = app.store.chunk_frames(&wanted)?.into_iter();
         let mut frames = Vec::with_capacity(ids.len());
@@ -432,11 +432,7 @@ async fn chunks_get(State(app): State<Shared>, headers: HeaderMap, body: Bytes) 
             // A stored length that lied (damage) cannot pass the limit.
             total += f.as_ref().map_or(64, |b| b.len() + 8);
             if total > limits::FRAMES_REPLY_BYTES {
-                return Err(ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "too_large",
-                    "the frames asked for pass the answer limit: ask for fewer at once",
-                ));
+                return Err(ApiError::answer_too_large("frames"));
             }
             frames.push(f);
         }

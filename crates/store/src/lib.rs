@@ -490,6 +490,39 @@ impl Store {
         crate::error::db(&self.dir.join(DB_DIR), op, e)
     }
 
+    /// Refuses a write of `incoming` bytes that the file system could not
+    /// take together with what the memtables hold unflushed. RocksDB meeting
+    /// ENOSPC in a background flush does not fail the writes waiting behind
+    /// it: its error recovery stalls them until space appears, and a backup
+    /// onto a full disk hung (found by the disk-full test under load). So
+    /// the store says "no space" itself, before the write, while earlier
+    /// snapshots are intact and the partial work is garbage for gc.
+    fn ensure_room(&self, incoming: u64) -> Result<()> {
+        let Ok(st) = rustix::fs::statvfs(&self.dir) else {
+            return Ok(());
+        };
+        let free = st.f_bavail.saturating_mul(st.f_frsize);
+        let unflushed: u64 = cf::ALL
+            .iter()
+            .filter_map(|n| {
+                self.db
+                    .property_int_value_cf(self.cf(n), "rocksdb.cur-size-all-mem-tables")
+                    .ok()
+                    .flatten()
+            })
+            .sum();
+        // Flushed data takes about what the memtables hold (values are
+        // stored as written); a margin covers SST and manifest overhead.
+        let need = (incoming + unflushed) + (incoming + unflushed) / 8 + (8 << 20);
+        if free < need {
+            return Err(StoreError::NoSpace {
+                path: self.dir.clone(),
+                detail: format!("{free} bytes free, {need} needed to write and flush"),
+            });
+        }
+        Ok(())
+    }
+
     fn require_write(&self) -> Result<()> {
         match self.mode {
             Mode::Write { .. } => Ok(()),
@@ -801,6 +834,7 @@ impl Store {
         if let Some(ns) = scope.and_then(|s| s.namespace.as_deref()) {
             self.mark_ns(&mut batch, ns, counts.keys().chain([&rkey]))?;
         }
+        self.ensure_room(capacity as u64)?;
         let mut wo = WriteOptions::default();
         wo.disable_wal(true);
         self.db
