@@ -31,6 +31,111 @@ pub const VERSION: u32 = 1;
 /// Path prefix of this version.
 pub const PREFIX: &str = "/v1";
 
+/// Every path of this version, in one place for the server's router and the
+/// client (`docs/PROTOCOL.md`, "Endpoints"). Parametrised routes have their
+/// pattern (the router's syntax) and a function building a concrete path.
+pub mod paths {
+    use imgstore_format::Id;
+
+    macro_rules! v1 {
+        ($p:literal) => {
+            concat!("/v1", $p)
+        };
+    }
+
+    pub const HEALTH: &str = v1!("/health");
+    /// Prometheus text; outside the versioned prefix, where scrapers look.
+    pub const METRICS: &str = "/metrics";
+    pub const HELLO: &str = v1!("/hello");
+    pub const SNAPSHOTS: &str = v1!("/snapshots");
+    pub const PAGES: &str = v1!("/pages");
+    pub const REGIONS: &str = v1!("/regions");
+    pub const CHUNKS_GET: &str = v1!("/chunks/get");
+    pub const CHUNKS_KNOWN: &str = v1!("/chunks/known");
+    pub const TOTALS: &str = v1!("/totals");
+    pub const COMMIT: &str = v1!("/commit");
+    pub const ZERO_CVS_GET: &str = v1!("/zero-cvs/get");
+    pub const ZERO_CVS: &str = v1!("/zero-cvs");
+    pub const PARENTS: &str = v1!("/parents");
+    pub const WITNESSES: &str = v1!("/witnesses");
+    pub const FORGET: &str = v1!("/forget");
+    pub const PROTECT: &str = v1!("/protect");
+    pub const PROTECTED: &str = v1!("/protected");
+    pub const GC: &str = v1!("/gc");
+    pub const DAMAGE: &str = v1!("/damage");
+    pub const DAMAGE_CLEAR: &str = v1!("/damage/clear");
+    pub const SCAN: &str = v1!("/scan");
+    pub const SESSIONS: &str = v1!("/sessions");
+
+    /// `PUT` of one region upload.
+    pub const REGION: &str = v1!("/regions/{id}");
+    /// Prefix of [`REGION`] paths.
+    pub const REGION_PREFIX: &str = v1!("/regions/");
+    pub fn region(id: &Id) -> String {
+        format!("{REGION_PREFIX}{}", id.to_hex())
+    }
+
+    pub const REFS: &str = v1!("/refs/{kind}");
+    pub fn refs(kind_letter: &str) -> String {
+        format!("{}/refs/{kind_letter}", crate::PREFIX)
+    }
+
+    pub const SESSION: &str = v1!("/sessions/{id}");
+    pub fn session(id: &str) -> String {
+        format!("{SESSIONS}/{id}")
+    }
+
+    pub const REPLACE: &str = v1!("/snapshots/{id}/replace");
+    pub fn replace(id: &Id) -> String {
+        format!("{SNAPSHOTS}/{}/replace", id.to_hex())
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn every_path_is_of_this_version_and_built_paths_match_their_routes() {
+            use super::*;
+            for p in [
+                HEALTH,
+                HELLO,
+                SNAPSHOTS,
+                PAGES,
+                REGIONS,
+                CHUNKS_GET,
+                CHUNKS_KNOWN,
+                TOTALS,
+                COMMIT,
+                ZERO_CVS_GET,
+                ZERO_CVS,
+                PARENTS,
+                WITNESSES,
+                FORGET,
+                PROTECT,
+                PROTECTED,
+                GC,
+                DAMAGE,
+                DAMAGE_CLEAR,
+                SCAN,
+                SESSIONS,
+                REGION,
+                REFS,
+                SESSION,
+                REPLACE,
+            ] {
+                assert!(
+                    p.starts_with(crate::PREFIX) && p[crate::PREFIX.len()..].starts_with('/'),
+                    "{p}"
+                );
+            }
+            let id = Id([0xab; 32]);
+            assert_eq!(region(&id), REGION.replace("{id}", &id.to_hex()));
+            assert_eq!(refs("C"), REFS.replace("{kind}", "C"));
+            assert_eq!(session("00ff"), SESSION.replace("{id}", "00ff"));
+            assert_eq!(replace(&id), REPLACE.replace("{id}", &id.to_hex()));
+        }
+    }
+}
+
 /// Default TCP port of `imgstore server`.
 pub const DEFAULT_PORT: u16 = 8420;
 

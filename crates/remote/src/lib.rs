@@ -174,7 +174,7 @@ impl RemoteRepo {
             session: Mutex::new(None),
             retry_for: opts.retry_for,
         };
-        let body = conn.call(reqwest::Method::GET, "/v1/hello", Body::None, false)?;
+        let body = conn.call(reqwest::Method::GET, proto::paths::HELLO, Body::None, false)?;
         let hello: proto::Hello = conn.json(&body)?;
         if hello.protocol != proto::VERSION {
             return Err(RepoError::Remote {
@@ -212,7 +212,7 @@ impl RemoteRepo {
         self.end_session();
         let body = self.call(
             reqwest::Method::POST,
-            "/v1/sessions",
+            proto::paths::SESSIONS,
             Body::Json(
                 serde_json::to_value(proto::SessionRequest {
                     image: image.into(),
@@ -243,7 +243,7 @@ impl RemoteRepo {
         if let Some(s) = s {
             let _ = self.call(
                 reqwest::Method::DELETE,
-                &format!("/v1/sessions/{s}"),
+                &proto::paths::session(&s),
                 Body::None,
                 false,
             );
@@ -403,8 +403,8 @@ impl Conn {
 
     fn records(&self, kind: ObjectKind, ids: &[Id]) -> Result<Vec<Vec<u8>>> {
         let path = match kind {
-            ObjectKind::Page => "/v1/pages",
-            _ => "/v1/regions",
+            ObjectKind::Page => proto::paths::PAGES,
+            _ => proto::paths::REGIONS,
         };
         let mut out = Vec::with_capacity(ids.len());
         for batch in ids.chunks(256) {
@@ -423,7 +423,7 @@ impl Conn {
             };
             let body = self.call(
                 reqwest::Method::POST,
-                "/v1/scan",
+                proto::paths::SCAN,
                 Body::Json(serde_json::to_value(req).expect("json")),
                 true,
             )?;
@@ -442,7 +442,12 @@ impl Conn {
     }
 
     fn snapshot_list(&self) -> Result<Vec<(Id, Vec<u8>)>> {
-        let body = self.call(reqwest::Method::GET, "/v1/snapshots", Body::None, true)?;
+        let body = self.call(
+            reqwest::Method::GET,
+            proto::paths::SNAPSHOTS,
+            Body::None,
+            true,
+        )?;
         proto::decode_snapshots(&body).map_err(|e| self.malformed(e))
     }
 }
@@ -535,7 +540,7 @@ impl Repository for RemoteRepo {
     fn chunk_frames(&self, ids: &[Id]) -> Result<Vec<ChunkRead>> {
         let mut out = Vec::with_capacity(ids.len());
         for batch in ids.chunks(512) {
-            let body = self.post_ids("/v1/chunks/get", batch)?;
+            let body = self.post_ids(proto::paths::CHUNKS_GET, batch)?;
             out.extend(proto::decode_frames(&body, batch.len()).map_err(|e| self.malformed(e))?);
         }
         Ok(out)
@@ -544,7 +549,7 @@ impl Repository for RemoteRepo {
     fn ref_counts(&self, kind: ObjectKind, ids: &[Id]) -> Result<Vec<Option<RefCount>>> {
         let mut out = Vec::with_capacity(ids.len());
         for batch in ids.chunks(limits::IDS_PER_CALL) {
-            let body = self.post_ids(&format!("/v1/refs/{}", proto::kind_letter(kind)), batch)?;
+            let body = self.post_ids(&proto::paths::refs(proto::kind_letter(kind)), batch)?;
             for r in proto::decode_refs(&body, batch.len()).map_err(|e| self.malformed(e))? {
                 out.push(match r {
                     Some(v) => Some(
@@ -559,7 +564,7 @@ impl Repository for RemoteRepo {
     }
 
     fn totals(&self) -> Result<Totals> {
-        let body = self.call(reqwest::Method::GET, "/v1/totals", Body::None, true)?;
+        let body = self.call(reqwest::Method::GET, proto::paths::TOTALS, Body::None, true)?;
         let t: proto::WireTotals = self.json(&body)?;
         Ok(Totals {
             objects: t.objects.into(),
@@ -569,7 +574,7 @@ impl Repository for RemoteRepo {
 
     fn storage_bytes(&self) -> Option<u64> {
         let body = self
-            .call(reqwest::Method::GET, "/v1/totals", Body::None, true)
+            .call(reqwest::Method::GET, proto::paths::TOTALS, Body::None, true)
             .ok()?;
         self.json::<proto::WireTotals>(&body)
             .ok()
@@ -579,7 +584,7 @@ impl Repository for RemoteRepo {
     fn chunks_known(&self, ids: &[Id]) -> Result<Vec<bool>> {
         let mut out = Vec::with_capacity(ids.len());
         for batch in ids.chunks(limits::IDS_PER_CALL) {
-            let body = self.post_ids("/v1/chunks/known", batch)?;
+            let body = self.post_ids(proto::paths::CHUNKS_KNOWN, batch)?;
             out.extend(proto::decode_known(&body, batch.len()).map_err(|e| self.malformed(e))?);
         }
         Ok(out)
@@ -596,7 +601,7 @@ impl Repository for RemoteRepo {
         );
         let reply = self.call(
             reqwest::Method::PUT,
-            &format!("/v1/regions/{}", id.to_hex()),
+            &proto::paths::region(id),
             Body::Bytes(body),
             true,
         )?;
@@ -608,7 +613,7 @@ impl Repository for RemoteRepo {
         let body = proto::encode_commit(record, parent, pages);
         match self.call(
             reqwest::Method::POST,
-            "/v1/commit",
+            proto::paths::COMMIT,
             Body::Bytes(body.clone()),
             false,
         ) {
@@ -619,8 +624,12 @@ impl Repository for RemoteRepo {
             Err(RepoError::Unreachable { .. }) => {
                 // The answer was lost: did the commit land? (The server
                 // treats a repeated commit as a no-op, so retrying is safe.)
-                let reply =
-                    self.call(reqwest::Method::POST, "/v1/commit", Body::Bytes(body), true)?;
+                let reply = self.call(
+                    reqwest::Method::POST,
+                    proto::paths::COMMIT,
+                    Body::Bytes(body),
+                    true,
+                )?;
                 let c: proto::Committed = self.json(&reply)?;
                 Ok((id, c.added_bytes))
             }
@@ -636,7 +645,7 @@ impl Repository for RemoteRepo {
             let ask = serde_json::json!({"region_size": region_size, "start": start, "count": n});
             let body = self.call(
                 reqwest::Method::POST,
-                "/v1/zero-cvs/get",
+                proto::paths::ZERO_CVS_GET,
                 Body::Json(ask),
                 true,
             )?;
@@ -650,7 +659,7 @@ impl Repository for RemoteRepo {
         for batch in cvs.chunks(limits::ZERO_CVS) {
             self.call(
                 reqwest::Method::POST,
-                "/v1/zero-cvs",
+                proto::paths::ZERO_CVS,
                 Body::Bytes(proto::encode_put_zero_cvs(region_size, batch)),
                 true,
             )?;
@@ -659,14 +668,19 @@ impl Repository for RemoteRepo {
     }
 
     fn parents(&self) -> Result<Vec<(Id, Id)>> {
-        let body = self.call(reqwest::Method::GET, "/v1/parents", Body::None, true)?;
+        let body = self.call(
+            reqwest::Method::GET,
+            proto::paths::PARENTS,
+            Body::None,
+            true,
+        )?;
         proto::decode_pairs(&body).map_err(|e| self.malformed(e))
     }
 
     fn replace_snapshot(&self, old: &Id, new: &[u8]) -> Result<Id> {
         let body = self.call(
             reqwest::Method::POST,
-            &format!("/v1/snapshots/{}/replace", old.to_hex()),
+            &proto::paths::replace(old),
             Body::Bytes(new.to_vec()),
             true,
         )?;
@@ -677,7 +691,7 @@ impl Repository for RemoteRepo {
     fn forget(&self, ids: &[Id]) -> Result<ForgetOutcome> {
         let body = self.call(
             reqwest::Method::POST,
-            "/v1/forget",
+            proto::paths::FORGET,
             Body::Bytes(proto::encode_ids(ids)),
             false,
         )?;
@@ -691,7 +705,7 @@ impl Repository for RemoteRepo {
         };
         self.call(
             reqwest::Method::POST,
-            "/v1/protect",
+            proto::paths::PROTECT,
             Body::Json(serde_json::to_value(req).expect("json")),
             true,
         )?;
@@ -699,14 +713,19 @@ impl Repository for RemoteRepo {
     }
 
     fn protected(&self) -> Result<Vec<Id>> {
-        let body = self.call(reqwest::Method::GET, "/v1/protected", Body::None, true)?;
+        let body = self.call(
+            reqwest::Method::GET,
+            proto::paths::PROTECTED,
+            Body::None,
+            true,
+        )?;
         proto::decode_ids(&body, limits::SNAPSHOTS).map_err(|e| self.malformed(e))
     }
 
     fn gc(&self, dry_run: bool) -> Result<GcOutcome> {
         let body = self.call(
             reqwest::Method::POST,
-            "/v1/gc",
+            proto::paths::GC,
             Body::Json(serde_json::json!({ "dry_run": dry_run })),
             true,
         )?;
@@ -714,7 +733,7 @@ impl Repository for RemoteRepo {
     }
 
     fn damage_marks(&self) -> Result<Vec<DamageMark>> {
-        let body = self.call(reqwest::Method::GET, "/v1/damage", Body::None, true)?;
+        let body = self.call(reqwest::Method::GET, proto::paths::DAMAGE, Body::None, true)?;
         let marks: Vec<proto::WireMark> = self.json(&body)?;
         marks
             .iter()
@@ -726,7 +745,7 @@ impl Repository for RemoteRepo {
         let wire: Vec<proto::WireMark> = marks.iter().map(proto::WireMark::from).collect();
         self.call(
             reqwest::Method::POST,
-            "/v1/damage",
+            proto::paths::DAMAGE,
             Body::Json(serde_json::to_value(wire).expect("json")),
             true,
         )?;
@@ -743,7 +762,7 @@ impl Repository for RemoteRepo {
             .collect();
         self.call(
             reqwest::Method::POST,
-            "/v1/damage/clear",
+            proto::paths::DAMAGE_CLEAR,
             Body::Json(serde_json::to_value(wire).expect("json")),
             true,
         )?;
@@ -757,7 +776,12 @@ impl Repository for RemoteRepo {
     // The records this token may see (all of them for an admin, damaged
     // ones included): what `check` and `copy` read.
     fn witnesses(&self) -> Result<std::collections::HashMap<Id, imgstore_repo::Witness>> {
-        let body = self.call(reqwest::Method::GET, "/v1/witnesses", Body::None, true)?;
+        let body = self.call(
+            reqwest::Method::GET,
+            proto::paths::WITNESSES,
+            Body::None,
+            true,
+        )?;
         Ok(proto::decode_witnesses(&body)
             .map_err(|e| self.malformed(e))?
             .into_iter()

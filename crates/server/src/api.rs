@@ -15,7 +15,7 @@ use axum::{Json, Router};
 use imgstore_format::sealed::{is_sealed_record, record_children, RecordKind};
 use imgstore_format::{FrameCodec, Id, ObjectKind, Snapshot};
 use imgstore_protocol as proto;
-use imgstore_protocol::{limits, ErrorBody, Role};
+use imgstore_protocol::{limits, paths, ErrorBody, Role};
 use imgstore_repo::{ChunkFault, RepoError, Repository};
 use imgstore_store::Scope;
 
@@ -230,41 +230,41 @@ fn ids_body(body: &[u8]) -> ApiResult<Vec<Id>> {
 pub(crate) fn router(app: Shared) -> Router {
     let small = DefaultBodyLimit::max(crate::guard::small_body_limit());
     Router::new()
-        .route("/v1/health", get(health))
-        .route("/metrics", get(metrics))
-        .route("/v1/hello", get(hello))
-        .route("/v1/snapshots", get(snapshots))
-        .route("/v1/pages", post(pages))
-        .route("/v1/regions", post(regions))
-        .route("/v1/chunks/get", post(chunks_get))
-        .route("/v1/chunks/known", post(chunks_known))
-        .route("/v1/refs/{kind}", post(refs))
-        .route("/v1/totals", get(totals))
+        .route(paths::HEALTH, get(health))
+        .route(paths::METRICS, get(metrics))
+        .route(paths::HELLO, get(hello))
+        .route(paths::SNAPSHOTS, get(snapshots))
+        .route(paths::PAGES, post(pages))
+        .route(paths::REGIONS, post(regions))
+        .route(paths::CHUNKS_GET, post(chunks_get))
+        .route(paths::CHUNKS_KNOWN, post(chunks_known))
+        .route(paths::REFS, post(refs))
+        .route(paths::TOTALS, get(totals))
         .route(
-            "/v1/regions/{id}",
+            paths::REGION,
             put(put_region).layer(DefaultBodyLimit::max(limits::PUT_REGION_BYTES)),
         )
         .route(
-            "/v1/commit",
+            paths::COMMIT,
             post(commit).layer(DefaultBodyLimit::max(limits::COMMIT_BYTES)),
         )
-        .route("/v1/zero-cvs/get", post(zero_cvs))
+        .route(paths::ZERO_CVS_GET, post(zero_cvs))
         .route(
-            "/v1/zero-cvs",
+            paths::ZERO_CVS,
             post(put_zero_cvs).layer(DefaultBodyLimit::max(limits::ZERO_CVS * 40 + 16)),
         )
-        .route("/v1/parents", get(parents))
-        .route("/v1/witnesses", get(witnesses))
-        .route("/v1/snapshots/{id}/replace", post(replace))
-        .route("/v1/forget", post(forget))
-        .route("/v1/protect", post(protect))
-        .route("/v1/protected", get(protected))
-        .route("/v1/gc", post(gc))
-        .route("/v1/damage", get(damage).post(mark_damage))
-        .route("/v1/damage/clear", post(clear_damage))
-        .route("/v1/scan", post(scan))
-        .route("/v1/sessions", post(open_session))
-        .route("/v1/sessions/{id}", delete(close_session))
+        .route(paths::PARENTS, get(parents))
+        .route(paths::WITNESSES, get(witnesses))
+        .route(paths::REPLACE, post(replace))
+        .route(paths::FORGET, post(forget))
+        .route(paths::PROTECT, post(protect))
+        .route(paths::PROTECTED, get(protected))
+        .route(paths::GC, post(gc))
+        .route(paths::DAMAGE, get(damage).post(mark_damage))
+        .route(paths::DAMAGE_CLEAR, post(clear_damage))
+        .route(paths::SCAN, post(scan))
+        .route(paths::SESSIONS, post(open_session))
+        .route(paths::SESSION, delete(close_session))
         .layer(small)
         .layer(axum::middleware::from_fn_with_state(
             app.clone(),

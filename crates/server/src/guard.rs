@@ -23,7 +23,7 @@ use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
-use imgstore_protocol::limits;
+use imgstore_protocol::{limits, paths};
 
 use crate::api::{caller, ApiError};
 use crate::App;
@@ -33,12 +33,12 @@ pub(crate) fn body_limit(method: &Method, path: &str) -> usize {
     if method == Method::GET || method == Method::DELETE || method == Method::HEAD {
         return 0;
     }
-    if method == Method::PUT && path.starts_with("/v1/regions/") {
+    if method == Method::PUT && path.starts_with(paths::REGION_PREFIX) {
         return limits::PUT_REGION_BYTES;
     }
     match path {
-        "/v1/commit" => limits::COMMIT_BYTES,
-        "/v1/zero-cvs" => limits::ZERO_CVS * 40 + 16,
+        paths::COMMIT => limits::COMMIT_BYTES,
+        paths::ZERO_CVS => limits::ZERO_CVS * 40 + 16,
         _ => small_body_limit(),
     }
 }
@@ -50,7 +50,7 @@ pub(crate) fn small_body_limit() -> usize {
 
 /// Routes whose bodies are bulk uploads: bounded in number at once.
 fn is_upload(method: &Method, path: &str) -> bool {
-    (method == Method::PUT && path.starts_with("/v1/regions/")) || path == "/v1/commit"
+    (method == Method::PUT && path.starts_with(paths::REGION_PREFIX)) || path == paths::COMMIT
 }
 
 /// How long a request may wait for an upload slot or body memory.
@@ -68,7 +68,7 @@ fn busy(what: &str) -> Response {
 /// The middleware: see the module doc.
 pub(crate) async fn guard(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
     let path = req.uri().path().to_string();
-    if path == "/v1/health" {
+    if path == paths::HEALTH {
         return next.run(req).await;
     }
     if let Err(e) = caller(&app, req.headers()) {
