@@ -1312,6 +1312,7 @@ fn a_body_that_stops_arriving_is_cut_off() {
     let raw = Raw::new(&env, &s);
     let (host, port) = s.addr.rsplit_once(':').unwrap();
     let admin = token(&env, "admin");
+    let sess = raw.session(&admin, "web-slow");
     // HTTP/1.1 over TLS: headers of a 1 MB commit, 10 bytes of it, then
     // silence. The script prints the status line the server sends, if
     // any, within 15 s.
@@ -1321,7 +1322,7 @@ host, port, tok = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
 ctx.set_alpn_protocols(["http/1.1"])
 s = ctx.wrap_socket(socket.create_connection((host, port), timeout=15), server_hostname="x")
-s.sendall(("POST /v1/commit HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\nContent-Length: 1000000\r\n\r\n" % tok).encode() + b"0123456789")
+s.sendall(("POST /v1/commit HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n%s\r\nContent-Length: 1000000\r\n\r\n" % (tok, sys.argv[4])).encode() + b"0123456789")
 start = time.time()
 try:
     line = s.recv(64).split(b"\r\n")[0].decode()
@@ -1330,7 +1331,7 @@ except Exception as e:
 print(line, round(time.time() - start, 1), flush=True)
 "#;
     let o = Command::new("python3")
-        .args(["-c", script, host, port, &admin])
+        .args(["-c", script, host, port, &admin, &sess])
         .output()
         .unwrap();
     let out = String::from_utf8_lossy(&o.stdout).to_string();
@@ -1343,7 +1344,140 @@ print(line, round(time.time() - start, 1), flush=True)
     assert!(secs < 10.0, "cut off after {secs} s");
     // The upload slot it held is free again: another commit gets an answer
     // (400 for its junk body), not 503 busy.
-    let (code, _) = raw.call("POST", "/v1/commit", Some(&admin), Some(b"junk"), &[]);
+    let (code, _) = raw.call(
+        "POST",
+        "/v1/commit",
+        Some(&admin),
+        Some(b"junk"),
+        std::slice::from_ref(&sess),
+    );
     assert_eq!(code, 400);
+    s.assert_no_panic();
+}
+
+/// Red-team finding, session 10: the commit answer must not tell a
+/// namespace whether another stores the same page (it said `added_bytes:
+/// 0` when db held it).
+#[test]
+fn the_commit_answer_says_nothing_of_other_namespaces() {
+    if !need_curl() || !have("python3") {
+        return;
+    }
+    let env = Env::new();
+    let s = setup(&env);
+    let raw = Raw::new(&env, &s);
+    let (dbfile, data, x) = one_chunk_file(&env, "db.img", 91);
+    Client::new(&env, &s, "db-backup").backup(&dbfile, &["--name", "db-1"]);
+    let admin = token(&env, "admin");
+    let web = token(&env, "web-backup");
+    let (_, rec) = raw.snapshots(&admin).into_iter().next().unwrap();
+    let db_snap = Snapshot::decode(&rec).unwrap();
+    let (_, b) = raw.call(
+        "POST",
+        "/v1/pages",
+        Some(&admin),
+        Some(&proto::encode_ids(&db_snap.pages)),
+        &[],
+    );
+    let page = proto::decode_records(&b, 1).unwrap().remove(0);
+    // web holds the same data: it uploads the region (sending the frame),
+    // then commits a snapshot whose page is byte for byte db's.
+    let sess = raw.session(&web, "web-same");
+    let (code, msg) = raw.put_region(
+        &web,
+        &sess,
+        &recipe(&[(x, data.len() as u32)]),
+        &[(x, data.len() as u32, raw_frame(&data))],
+    );
+    assert_eq!(code, 200, "{msg}");
+    let mut snap = db_snap.clone();
+    snap.name = "web-same".into();
+    let (code, msg) = raw.commit(&web, &sess, &snap.encode(), std::slice::from_ref(&page));
+    assert_eq!(code, 200, "{msg}");
+    let added = serde_json::from_str::<serde_json::Value>(&msg).unwrap()["added_bytes"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        added,
+        page.len() as u64,
+        "the answer shows that another namespace holds the page"
+    );
+    s.assert_no_panic();
+}
+
+/// Red-team finding: upload slots went to whoever asked first, a restore
+/// token included, and one host trickling bodies could hold all of them.
+/// Now only a writer with a live session waits for a slot, and one token
+/// holds at most half: with two slots, web holding its share with a body
+/// that barely arrives, db's backup completes.
+#[test]
+fn one_token_cannot_hold_every_upload_slot() {
+    if !need_curl() || !have("python3") {
+        return;
+    }
+    let env = Env::new();
+    let s = setup_with(&env, "max_uploads = 2");
+    let raw = Raw::new(&env, &s);
+    let web = token(&env, "web-backup");
+    let web_r = token(&env, "web-restore");
+    // A restore token is refused at once, before waiting for a slot.
+    let (code, _) = raw.call(
+        "PUT",
+        &format!("/v1/regions/{}", "00".repeat(32)),
+        Some(&web_r),
+        Some(b"x"),
+        &[],
+    );
+    assert_eq!(code, 403);
+    let sess = raw.session(&web, "web-slow");
+    let (host, port) = s.addr.rsplit_once(':').unwrap();
+    // Two uploads that send one byte every 5 s for 40 s.
+    let script = r#"
+import socket, ssl, sys, time
+host, port, tok, sess = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+ctx.set_alpn_protocols(["http/1.1"])
+socks = []
+for _ in range(2):
+    s = ctx.wrap_socket(socket.create_connection((host, port), timeout=60), server_hostname="x")
+    s.sendall(("PUT /v1/regions/%s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n%s\r\nContent-Length: 80000000\r\n\r\n" % ("00" * 32, tok, sess)).encode())
+    socks.append(s)
+print("holding", flush=True)
+end = time.time() + 40
+while time.time() < end:
+    for s in socks:
+        try: s.sendall(b"a")
+        except Exception: pass
+    time.sleep(5)
+"#;
+    let mut holder = Command::new("python3")
+        .args(["-c", script, host, port, &web, &sess])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    use std::io::BufRead;
+    let mut lines = std::io::BufReader::new(holder.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "holding");
+    std::thread::sleep(Duration::from_secs(1));
+    let img = env.path("db.img");
+    fs::write(&img, seeded(3 << 20, 92)).unwrap();
+    let db = Client::new(&env, &s, "db-backup");
+    let o = db.run(&[
+        "backup",
+        img.to_str().unwrap(),
+        "--name",
+        "db-1",
+        "--retry-for",
+        "20s",
+    ]);
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert!(
+        o.status.success(),
+        "db's backup was starved: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    restores_exact(&Client::new(&env, &s, "admin"), &env, "db-1", &img);
     s.assert_no_panic();
 }

@@ -148,7 +148,7 @@ pub(crate) fn caller(app: &App, headers: &HeaderMap) -> ApiResult<Caller> {
     })
 }
 
-fn require(c: &Caller, roles: &[Role], what: &str) -> ApiResult<()> {
+pub(crate) fn require(c: &Caller, roles: &[Role], what: &str) -> ApiResult<()> {
     if roles.contains(&c.role) {
         Ok(())
     } else {
@@ -193,7 +193,7 @@ fn only_visible<T>(
         .collect())
 }
 
-fn session(app: &App, c: &Caller, headers: &HeaderMap) -> ApiResult<Scope> {
+pub(crate) fn session(app: &App, c: &Caller, headers: &HeaderMap) -> ApiResult<Scope> {
     let id = headers
         .get(proto::SESSION_HEADER)
         .and_then(|v| v.to_str().ok())
@@ -729,9 +729,28 @@ async fn commit(State(app): State<Shared>, headers: HeaderMap, body: Bytes) -> A
         let encrypted = app.store.config().encryption.is_some();
         check_commit(&app, &image, record, &raw_pages, encrypted)?;
         let pages: Vec<Vec<u8>> = raw_pages.iter().map(|p| p.to_vec()).collect();
-        if let (Some(ns), false) = (&scope.namespace, scope.global) {
-            namespace_owns(&app, ns, record, &pages)?;
-        }
+        // What a private repository would answer: the bytes of the pages
+        // sent that this namespace did not hold, whatever others stored.
+        let private_added = match (&scope.namespace, scope.global) {
+            (Some(ns), false) => {
+                namespace_owns(&app, ns, record, &pages)?;
+                let mut by_id: HashMap<Id, u64> = HashMap::new();
+                for p in &pages {
+                    by_id.insert(Id::hash(p), p.len() as u64);
+                }
+                let ids: Vec<Id> = by_id.keys().copied().collect();
+                let keys: Vec<[u8; 33]> = ids.iter().map(|p| ObjectKind::Page.key(p)).collect();
+                let marked = app.store.ns_marked(ns, &keys)?;
+                Some(
+                    ids.iter()
+                        .zip(marked)
+                        .filter(|(_, m)| !m)
+                        .map(|(p, _)| by_id[p])
+                        .sum::<u64>(),
+                )
+            }
+            _ => None,
+        };
         if let Some(p) = &parent {
             // The parent is display-only, but must be a snapshot this
             // caller sees (no linking into another namespace's history).
@@ -749,6 +768,7 @@ async fn commit(State(app): State<Shared>, headers: HeaderMap, body: Bytes) -> A
         let (id, added) =
             app.store
                 .commit_in(Some(&scope), record, &pages, parent.as_ref(), Some(&attest))?;
+        let added = private_added.unwrap_or(added);
         app.store.end_session(scope.session);
         Metrics::add(&app.metrics.commits, 1);
         tracing::info!(token = %c.token, image = %image, snapshot = %id, "snapshot committed");
@@ -889,6 +909,7 @@ async fn zero_cvs(
             ask.start, ask.count
         )));
     }
+    let _read = read_slot(&app).await?;
     blocking(move || {
         let cvs = app
             .store

@@ -25,8 +25,10 @@ use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
 use imgstore_protocol::{limits, paths};
 
-use crate::api::{caller, ApiError};
+use crate::api::{caller, require, session, ApiError};
 use crate::App;
+use crate::Share;
+use imgstore_protocol::Role;
 
 /// Largest body of a route (`None`: unknown route, left to the router).
 pub(crate) fn body_limit(method: &Method, path: &str) -> usize {
@@ -53,6 +55,9 @@ fn is_upload(method: &Method, path: &str) -> bool {
     (method == Method::PUT && path.starts_with(paths::REGION_PREFIX)) || path == paths::COMMIT
 }
 
+/// Largest refused body still read (and dropped) before the answer.
+const DRAIN_MAX: usize = 64 << 10;
+
 /// How long a request may wait for an upload slot or body memory.
 const QUEUE_WAIT: Duration = Duration::from_secs(30);
 
@@ -71,10 +76,25 @@ pub(crate) async fn guard(State(app): State<Arc<App>>, req: Request, next: Next)
     if path == paths::HEALTH {
         return next.run(req).await;
     }
-    if let Err(e) = caller(&app, req.headers()) {
-        return close(e.into_response());
-    }
+    let who = match caller(&app, req.headers()) {
+        Ok(c) => c,
+        Err(e) => return close(e.into_response()),
+    };
     let method = req.method().clone();
+    // A body's length is told one way: both headers at once is how a
+    // declared length and the bytes read are made to disagree.
+    if req
+        .headers()
+        .contains_key(axum::http::header::TRANSFER_ENCODING)
+        && req
+            .headers()
+            .contains_key(axum::http::header::CONTENT_LENGTH)
+    {
+        return close(
+            ApiError::bad("Content-Length and Transfer-Encoding together: send one")
+                .into_response(),
+        );
+    }
     let limit = body_limit(&method, &path);
     let declared = req
         .headers()
@@ -91,31 +111,57 @@ pub(crate) async fn guard(State(app): State<Arc<App>>, req: Request, next: Next)
         return close(too_large(limit));
     }
     let _upload = if is_upload(&method, &path) {
+        // Only a writer in a live session of its own may wait for a slot,
+        // and one token holds at most its share of them: a restore token,
+        // or one compromised host trickling bodies, cannot stall everyone's
+        // backups.
+        if let Err(e) = require(&who, &[Role::Backup, Role::Admin], "write backups")
+            .and_then(|()| session(&app, &who, req.headers()).map(|_| ()))
+        {
+            // A small body is read and dropped first, so the client sees
+            // the answer rather than a reset connection; a large one is not.
+            if declared.is_some_and(|n| n <= DRAIN_MAX as u64) {
+                let (_, body) = req.into_parts();
+                let _ = read_body(body, DRAIN_MAX, 0, &app.limits).await;
+            }
+            return close(e.into_response());
+        }
+        let mine = app.token_share(&who.token, Share::Uploads);
+        let Ok(Ok(own)) = tokio::time::timeout(QUEUE_WAIT, mine.acquire_owned()).await else {
+            return close(busy("concurrent uploads of one token"));
+        };
         match tokio::time::timeout(QUEUE_WAIT, app.uploads.clone().acquire_owned()).await {
-            Ok(Ok(p)) => Some(p),
+            Ok(Ok(p)) => Some((own, p)),
             _ => return close(busy("concurrent uploads (max_uploads)")),
         }
     } else {
         None
     };
-    // A body's share of memory: what it declares, else the route's limit.
+    // A body's share of memory: what it declares (and then at most that is
+    // read), else the route's limit; one token holds at most its share.
     let need = declared.map_or(limit, |n| n as usize);
-    let kib = need.div_ceil(1024).min(app.limits.body_memory_kib);
+    let kib = need.div_ceil(1024).min(app.limits.body_memory_kib / 2);
     let _memory = if kib > 0 {
-        match tokio::time::timeout(
-            QUEUE_WAIT,
-            app.body_budget.clone().acquire_many_owned(kib as u32),
-        )
-        .await
-        {
-            Ok(Ok(p)) => Some(p),
+        let mine = app.token_share(&who.token, Share::Memory);
+        let wait = async {
+            let own = mine.acquire_many_owned(kib as u32).await.ok()?;
+            let all = app
+                .body_budget
+                .clone()
+                .acquire_many_owned(kib as u32)
+                .await
+                .ok()?;
+            Some((own, all))
+        };
+        match tokio::time::timeout(QUEUE_WAIT, wait).await {
+            Ok(Some(p)) => Some(p),
             _ => return close(busy("request memory (max_body_memory_mib)")),
         }
     } else {
         None
     };
     let (parts, body) = req.into_parts();
-    let bytes = match read_body(body, limit, need, &app.limits).await {
+    let bytes = match read_body(body, need, need, &app.limits).await {
         Ok(b) => b,
         Err(r) => return close(r),
     };

@@ -84,7 +84,18 @@ pub struct App {
     /// Request-body memory, in KiB, shared by every request.
     pub(crate) body_budget: Arc<tokio::sync::Semaphore>,
     pub(crate) limits: Limits,
+    /// Per token: its share of upload slots and of body memory (KiB).
+    shares: Mutex<HashMap<(String, Share), Arc<tokio::sync::Semaphore>>>,
     pub(crate) metrics: metrics::Metrics,
+}
+
+/// What one token may hold only part of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Share {
+    /// Half the upload slots (at least one).
+    Uploads,
+    /// Half the body memory.
+    Memory,
 }
 
 /// The configured bounds, parsed once.
@@ -180,6 +191,7 @@ impl App {
             reads: Arc::new(tokio::sync::Semaphore::new(reads)),
             body_budget: Arc::new(tokio::sync::Semaphore::new(limits.body_memory_kib)),
             limits,
+            shares: Mutex::new(HashMap::new()),
             config,
             metrics: metrics::Metrics::default(),
         };
@@ -212,6 +224,20 @@ impl App {
             }
         }
         Ok(n)
+    }
+
+    /// Token `token`'s share of `what` (created at first use; a token
+    /// file holds few tokens, so the map stays small).
+    pub(crate) fn token_share(&self, token: &str, what: Share) -> Arc<tokio::sync::Semaphore> {
+        let mut m = self.shares.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry((token.to_string(), what))
+            .or_insert_with(|| {
+                Arc::new(tokio::sync::Semaphore::new(match what {
+                    Share::Uploads => self.config.max_uploads.unwrap_or(8).max(2) / 2,
+                    Share::Memory => self.limits.body_memory_kib / 2,
+                }))
+            })
+            .clone()
     }
 
     /// Rereads the token file if it changed (tokens added or removed while
