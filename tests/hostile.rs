@@ -215,6 +215,26 @@ fn need_curl() -> bool {
     true
 }
 
+/// `python3` running `script` after a prelude that gives it the server's
+/// `host` and `port` (the script's own arguments follow at `sys.argv[3]`)
+/// and `tls(timeout, alpn)`: a raw TLS connection to the server that checks
+/// no certificate (the attacker needs none), HTTP/1.1 by default.
+fn python_tls(script: &str, s: &Served, args: &[&str]) -> Command {
+    const PRELUDE: &str = r#"
+import socket, ssl, sys, time
+host, port = sys.argv[1], int(sys.argv[2])
+def tls(timeout, alpn="http/1.1"):
+    ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+    if alpn: ctx.set_alpn_protocols([alpn])
+    return ctx.wrap_socket(socket.create_connection((host, port), timeout=timeout), server_hostname="x")
+"#;
+    let (host, port) = s.addr.rsplit_once(':').unwrap();
+    let mut c = Command::new("python3");
+    c.args(["-c", &format!("{PRELUDE}{script}"), host, port])
+        .args(args);
+    c
+}
+
 /// Items 1 and 3 (plain): a backup token plants bytes under the chunk id
 /// of data it expects another namespace to back up, with a recipe shaped
 /// like a sealed one (whose frames the server used not to check) and with
@@ -605,16 +625,12 @@ fn silent_connections_are_closed_and_cannot_starve_the_server() {
         "max_connections = 6\nidle_connection_timeout = \"2s\"",
     );
     let raw = Raw::new(&env, &s);
-    let (host, port) = s.addr.rsplit_once(':').unwrap();
     // Six TLS connections that never send a request; the script reports
     // how many the server closed, waiting at most 20 s.
     let script = r#"
-import socket, ssl, sys, time
-host, port = sys.argv[1], int(sys.argv[2])
-ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
 conns = []
 for _ in range(6):
-    s = ctx.wrap_socket(socket.create_connection((host, port), timeout=5), server_hostname="x")
+    s = tls(5, alpn=None)
     conns.append(s)
 print("open", flush=True)
 closed = 0
@@ -629,8 +645,7 @@ for s in conns:
 print("closed", closed, flush=True)
 time.sleep(30)
 "#;
-    let mut holder = Command::new("python3")
-        .args(["-c", script, host, port])
+    let mut holder = python_tls(script, &s, &[])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -1310,19 +1325,15 @@ fn a_body_that_stops_arriving_is_cut_off() {
     let env = Env::new();
     let s = setup_with(&env, "body_idle_timeout = \"1s\"\nmax_uploads = 1");
     let raw = Raw::new(&env, &s);
-    let (host, port) = s.addr.rsplit_once(':').unwrap();
     let admin = token(&env, "admin");
     let sess = raw.session(&admin, "web-slow");
     // HTTP/1.1 over TLS: headers of a 1 MB commit, 10 bytes of it, then
     // silence. The script prints the status line the server sends, if
     // any, within 15 s.
     let script = r#"
-import socket, ssl, sys, time
-host, port, tok = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
-ctx.set_alpn_protocols(["http/1.1"])
-s = ctx.wrap_socket(socket.create_connection((host, port), timeout=15), server_hostname="x")
-s.sendall(("POST /v1/commit HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n%s\r\nContent-Length: 1000000\r\n\r\n" % (tok, sys.argv[4])).encode() + b"0123456789")
+tok, sess = sys.argv[3], sys.argv[4]
+s = tls(15)
+s.sendall(("POST /v1/commit HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n%s\r\nContent-Length: 1000000\r\n\r\n" % (tok, sess)).encode() + b"0123456789")
 start = time.time()
 try:
     line = s.recv(64).split(b"\r\n")[0].decode()
@@ -1330,10 +1341,7 @@ except Exception as e:
     line = "error " + type(e).__name__
 print(line, round(time.time() - start, 1), flush=True)
 "#;
-    let o = Command::new("python3")
-        .args(["-c", script, host, port, &admin, &sess])
-        .output()
-        .unwrap();
+    let o = python_tls(script, &s, &[&admin, &sess]).output().unwrap();
     let out = String::from_utf8_lossy(&o.stdout).to_string();
     assert!(
         out.starts_with("HTTP/1.1 408"),
@@ -1430,16 +1438,12 @@ fn one_token_cannot_hold_every_upload_slot() {
     );
     assert_eq!(code, 403);
     let sess = raw.session(&web, "web-slow");
-    let (host, port) = s.addr.rsplit_once(':').unwrap();
     // Two uploads that send one byte every 5 s for 40 s.
     let script = r#"
-import socket, ssl, sys, time
-host, port, tok, sess = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
-ctx.set_alpn_protocols(["http/1.1"])
+tok, sess = sys.argv[3], sys.argv[4]
 socks = []
 for _ in range(2):
-    s = ctx.wrap_socket(socket.create_connection((host, port), timeout=60), server_hostname="x")
+    s = tls(60)
     s.sendall(("PUT /v1/regions/%s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n%s\r\nContent-Length: 80000000\r\n\r\n" % ("00" * 32, tok, sess)).encode())
     socks.append(s)
 print("holding", flush=True)
@@ -1450,8 +1454,7 @@ while time.time() < end:
         except Exception: pass
     time.sleep(5)
 "#;
-    let mut holder = Command::new("python3")
-        .args(["-c", script, host, port, &web, &sess])
+    let mut holder = python_tls(script, &s, &[&web, &sess])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
