@@ -4,34 +4,26 @@ use std::path::Path;
 
 use imgstore_engine::copy_snapshot;
 use imgstore_format::Id;
-use imgstore_store::{Mode, Store};
 use serde_json::json;
 
 use crate::args::CopyArgs;
 use crate::commands::{check_name, emit, note, open_writer};
-use crate::open::{connect_with, remote_url, Credentials, Repo};
+use crate::open::{open_source, Credentials};
 use crate::progress::Bar;
 use crate::units::{format_time, human_bytes, plural};
 
 pub fn copy(repo: &Path, a: CopyArgs, progress: bool) -> anyhow::Result<()> {
     check_name(a.name.as_deref())?;
-    let src = match remote_url(&a.from) {
-        Some(url) => Repo::Remote(connect_with(
-            url,
-            &Credentials {
-                token_file: a.from_token_file.clone(),
-                token_env: "IMGSTORE_FROM_TOKEN",
-                fingerprint: a.from_server_fingerprint.clone(),
-                ca_file: a.from_server_ca.clone(),
-                secret_means_encrypted: false,
-            },
-        )?),
-        None => {
-            let s = Store::open(&a.from, Mode::ReadOnly)?;
-            let codec = crate::keys::codec_for(s.config(), &a.from.display().to_string())?;
-            Repo::Local(s.with_codec(codec))
-        }
-    };
+    let src = open_source(
+        &a.from,
+        &Credentials {
+            token_file: a.from_token_file.clone(),
+            token_env: "IMGSTORE_FROM_TOKEN",
+            fingerprint: a.from_server_fingerprint.clone(),
+            ca_file: a.from_server_ca.clone(),
+            secret_means_encrypted: false,
+        },
+    )?;
     let mut chosen = if a.snapshots.is_empty() {
         let mut all = crate::commands::list_snapshots(&*src)?.snapshots;
         if let Some(n) = &a.name {

@@ -101,7 +101,7 @@ pub fn check(repo: &Path, a: CheckArgs, progress: bool) -> anyhow::Result<()> {
             // whole, and (with --read-data and the key) every record's copy
             // intact; without the key the pass below reads every pack.
             let records = !a.without_key && !matches!(read, ReadData::None);
-            problems.extend(s.check_bucket(records)?);
+            problems.extend(s.check_storage(records)?);
             if a.without_key && a.read_data {
                 let c = s.check_stored_bytes()?;
                 report.chunks_read = c.objects;

@@ -137,28 +137,6 @@ pub(crate) fn new_slots(location: &str) -> anyhow::Result<(MasterKey, Vec<KeySlo
     Ok((master, vec![slot]))
 }
 
-fn config_path(repo: &Path) -> std::path::PathBuf {
-    repo.join(imgstore_format::CONFIG_FILE)
-}
-
-fn save_config(repo: &Path, config: &RepoConfig) -> anyhow::Result<()> {
-    use std::io::Write;
-    let path = config_path(repo);
-    let tmp = path.with_extension("json.tmp");
-    let mut f =
-        std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-    f.write_all(&config.to_json())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("cannot replace {}", path.display()))?;
-    // A bucket-backed repository's key slots live in the bucket too (a
-    // rebuild from the bucket must be able to open it).
-    if config.storage.is_some() {
-        let store = imgstore_store::Store::open(repo, imgstore_store::Mode::ReadOnly)?;
-        store.put_bucket_config()?;
-    }
-    Ok(())
-}
-
 /// `imgstore key list|add|remove|passwd`, on a local repository (under its
 /// writer lock, so no other writer rewrites the config meanwhile).
 pub fn key(repo: &Path, a: KeyArgs) -> anyhow::Result<()> {
@@ -167,9 +145,12 @@ pub fn key(repo: &Path, a: KeyArgs) -> anyhow::Result<()> {
             "`imgstore key` changes the key slots of a repository on this machine: run it on the server with -r DIR",
         ));
     }
-    let _writer = crate::commands::open_writer(repo, "key")?;
-    let bytes = std::fs::read(config_path(repo)).context("cannot read the repository config")?;
-    let mut config = RepoConfig::from_json(&bytes)?;
+    // Under the writer lock, without the key: each action unlocks a slot
+    // itself when it needs the master key.
+    let Some(mut store) = crate::open::open_keyless(repo, false, "key")?.into_local() else {
+        return Err(exit::usage("`imgstore key` needs a repository directory"));
+    };
+    let mut config = store.config().clone();
     let location = repo.display().to_string();
     let Some(enc) = config.encryption.clone() else {
         return Err(exit::usage(format!(
@@ -220,7 +201,7 @@ pub fn key(repo: &Path, a: KeyArgs) -> anyhow::Result<()> {
             let mut enc = enc;
             enc.slots.push(slot);
             config.encryption = Some(enc);
-            save_config(repo, &config)?;
+            store.save_config(config)?;
             note(&format!("key slot {id} added"));
         }
         KeyAction::Remove { id } => {
@@ -240,7 +221,7 @@ pub fn key(repo: &Path, a: KeyArgs) -> anyhow::Result<()> {
                 ));
             }
             config.encryption = Some(enc);
-            save_config(repo, &config)?;
+            store.save_config(config)?;
             note(&format!("key slot {id} removed"));
         }
         KeyAction::Passwd { id } => {
@@ -258,7 +239,7 @@ pub fn key(repo: &Path, a: KeyArgs) -> anyhow::Result<()> {
             })??;
             enc.slots[i] = slot;
             config.encryption = Some(enc);
-            save_config(repo, &config)?;
+            store.save_config(config)?;
             note(&format!("key slot {id} has a new passphrase"));
         }
     }

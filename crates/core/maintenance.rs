@@ -18,10 +18,9 @@ use crate::units::{format_time, human_bytes, plural};
 /// dry run or as the writer `operation` otherwise (usage is measured first:
 /// opening for write preallocates a WAL file).
 fn open_for(repo: &Path, dry_run: bool, operation: &'static str) -> anyhow::Result<(u64, Repo)> {
-    let before = match crate::open::remote_url(repo) {
-        Some(_) => None,
-        None => Some(imgstore_store::disk_usage(repo)),
-    };
+    let dir_bytes = crate::open::remote_url(repo)
+        .is_none()
+        .then(|| imgstore_store::disk_usage(repo));
     let store = if operation == "gc" {
         // gc moves counts and deletes orphans by their clear child ids: it
         // needs no key, so an encrypted repository's host can run it.
@@ -31,12 +30,7 @@ fn open_for(repo: &Path, dry_run: bool, operation: &'static str) -> anyhow::Resu
     } else {
         crate::commands::open_writer(repo, operation)?
     };
-    let before = match before {
-        Some(_) if store.bucket_report().is_some() => store.disk_usage(),
-        Some(b) => b,
-        None => store.disk_usage(),
-    };
-    Ok((before, store))
+    Ok((store.usage_with(dir_bytes), store))
 }
 
 fn resolve(store: &dyn Repository, s: &str, name: Option<&str>) -> anyhow::Result<Id> {
@@ -174,14 +168,14 @@ pub fn forget(repo: &Path, a: ForgetArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     if a.prune {
-        run_gc(store, repo, before, false, a.json)?;
+        run_gc(store, before, false, a.json)?;
     }
     Ok(())
 }
 
 pub fn gc(repo: &Path, a: GcArgs) -> anyhow::Result<()> {
     let (before, store) = open_for(repo, a.dry_run, "gc")?;
-    run_gc(store, repo, before, a.dry_run, a.json)
+    run_gc(store, before, a.dry_run, a.json)
 }
 
 /// Sweeps and reclaims; `before` is the repository's disk usage measured
@@ -189,25 +183,11 @@ pub fn gc(repo: &Path, a: GcArgs) -> anyhow::Result<()> {
 /// size after is measured once the store is closed: RocksDB deletes the
 /// files compaction made obsolete by then, so the figure is space really
 /// returned to the file system.
-fn run_gc(
-    store: Repo,
-    repo: &Path,
-    before: u64,
-    dry_run: bool,
-    json_out: bool,
-) -> anyhow::Result<()> {
+fn run_gc(store: Repo, before: u64, dry_run: bool, json_out: bool) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let outcome = store.gc(dry_run)?;
     let (swept, rewrote) = (outcome.removed, outcome.rewrote);
-    let after = match (&store, dry_run) {
-        (_, true) => before,
-        (Repo::Remote(_), false) => store.disk_usage(),
-        (Repo::Local(s), false) if s.bucket_report().is_some() => store.disk_usage(),
-        (Repo::Local(_), false) => {
-            drop(store);
-            imgstore_store::disk_usage(repo)
-        }
-    };
+    let after = if dry_run { before } else { store.close() };
     let secs = started.elapsed().as_secs_f64();
     if json_out {
         return emit(&format!(
@@ -283,18 +263,13 @@ pub fn stats(repo: &Path, a: StatsArgs) -> anyhow::Result<()> {
                 "compression_ratio": t.objects.chunk_raw_bytes as f64 / t.objects.chunk_stored_bytes.max(1) as f64,
                 "repository_disk_bytes": store.disk_usage(),
             });
-            if let Some(local) = store.local() {
-                if let Some(url) = local.bucket_url() {
-                    // Packs in the bucket, and how much of them the index
-                    // still points to (gc repacks past 25% garbage).
-                    let packs = local.pack_stats()?;
-                    let bytes: u64 = packs.values().map(|p| p.size).sum();
-                    let live: u64 = packs.values().map(|p| p.live_bytes).sum();
-                    v["bucket"] = json!(url);
-                    v["packs"] = json!(packs.len());
-                    v["pack_bytes"] = json!(bytes);
-                    v["pack_live_bytes"] = json!(live);
-                }
+            if let Some(b) = store.bucket_report() {
+                // Packs in the bucket, and how much of them the index
+                // still points to (gc repacks past 25% garbage).
+                v["bucket"] = json!(b.url);
+                v["packs"] = json!(b.packs);
+                v["pack_bytes"] = json!(b.pack_bytes);
+                v["pack_live_bytes"] = json!(b.pack_live_bytes);
             }
             v
         }

@@ -38,6 +38,24 @@ impl Repo {
         }
     }
 
+    /// Bytes the repository occupies, its directory (if it has one)
+    /// measured as `dir_bytes` before it was opened: opening for write
+    /// preallocates a WAL file that is not the repository's.
+    pub fn usage_with(&self, dir_bytes: Option<u64>) -> u64 {
+        match (self, dir_bytes) {
+            (Repo::Local(s), Some(d)) => d + s.external_bytes(),
+            _ => self.disk_usage(),
+        }
+    }
+
+    /// Closes the repository; returns the bytes it occupies afterwards.
+    pub fn close(self) -> u64 {
+        match self {
+            Repo::Local(s) => s.close(),
+            Repo::Remote(r) => r.storage_bytes().unwrap_or(0),
+        }
+    }
+
     /// Request counts of a bucket-backed repository.
     pub fn bucket_report(&self) -> Option<imgstore_store::BucketReport> {
         match self {
@@ -54,6 +72,14 @@ impl Repo {
         }
     }
 
+    /// The local store, owned, when the repository is one.
+    pub fn into_local(self) -> Option<Store> {
+        match self {
+            Repo::Local(s) => Some(s),
+            Repo::Remote(_) => None,
+        }
+    }
+
     /// Opens the server session a backup of `image` runs in (nothing for a
     /// local repository, whose lock already makes this process the writer).
     pub fn begin_backup(&self, image: &str) -> anyhow::Result<()> {
@@ -61,6 +87,15 @@ impl Repo {
             r.begin_session(image)?;
         }
         Ok(())
+    }
+}
+
+/// Opens a repository to read from (the source of `copy`): a server with
+/// `creds`, or a local directory read-only, with its key if encrypted.
+pub(crate) fn open_source(repo: &Path, creds: &Credentials) -> anyhow::Result<Repo> {
+    match remote_url(repo) {
+        Some(url) => Ok(Repo::Remote(connect_with(url, creds)?)),
+        None => local(Store::open(repo, Mode::ReadOnly)?, repo),
     }
 }
 

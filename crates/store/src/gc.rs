@@ -21,14 +21,13 @@ use std::collections::HashMap;
 
 use imgstore_format::sealed::RecordKind;
 use imgstore_format::{cf, Id, ObjectKind, RefCount};
-use rocksdb::{BottommostLevelCompaction, CompactOptions, WriteBatch, WriteOptions};
+use rocksdb::WriteBatch;
 
+use crate::index::{Index, Refs};
 use crate::{ForgetOutcome, Result, Store, StoreError};
 
 /// Garbage share of blob bytes above which gc rewrites mixed blob files.
 pub const BLOB_GC_RATIO: f64 = 0.2;
-
-use imgstore_format::META_PROTECT_PREFIX as PROTECT_PREFIX;
 
 /// What a sweep deleted (or, dry, would delete).
 pub type SweepOutcome = crate::Tally;
@@ -43,12 +42,13 @@ pub struct BlobSpace {
 impl Store {
     /// Marks a snapshot protected (or not): `forget` refuses protected ones.
     pub fn set_protected(&self, id: &Id, protected: bool) -> Result<()> {
-        self.require_write()?;
-        let snaps = self.cf(cf::SNAPSHOTS);
+        self.ix.require_write()?;
+        let snaps = self.ix.cf(cf::SNAPSHOTS);
         if self
+            .ix
             .db
             .get_pinned_cf(snaps, id.as_bytes())
-            .map_err(|e| self.db_err("read", e))?
+            .map_err(|e| self.ix.db_err("read", e))?
             .is_none()
         {
             return Err(StoreError::NoSnapshot { id: *id });
@@ -56,27 +56,21 @@ impl Store {
         let mut b = WriteBatch::default();
         if protected {
             b.put_cf(
-                self.cf(cf::META),
+                self.ix.cf(cf::META),
                 imgstore_format::meta::protect_key(id),
                 [],
             );
         } else {
-            b.delete_cf(self.cf(cf::META), imgstore_format::meta::protect_key(id));
+            b.delete_cf(self.ix.cf(cf::META), imgstore_format::meta::protect_key(id));
         }
-        self.write_synced(b, "protect")?;
+        self.ix.write_synced(b, "protect")?;
         // The bucket's copy carries the flag too, for a rebuild.
-        self.put_snapshot_object(id)
+        self.frames.snapshot_changed(&self.ix, id)
     }
 
     /// Ids of protected snapshots.
     pub fn protected(&self) -> Result<Vec<Id>> {
-        let mut out = Vec::new();
-        self.scan_meta(PROTECT_PREFIX, "read protection marks", |k, _| {
-            let id = imgstore_format::meta::parse_protect_key(k).map_err(|e| self.meta_err(e))?;
-            out.extend(id);
-            Ok(true)
-        })?;
-        Ok(out)
+        self.ix.protected()
     }
 
     /// Cached all-zero region chaining values `0..count` for `region_size`
@@ -84,7 +78,7 @@ impl Store {
     pub fn zero_cvs(&self, region_size: u32, count: u64) -> Result<Vec<Option<[u8; 32]>>> {
         use imgstore_format::meta::{parse_zero_cv, zero_cv_prefix};
         let mut out = vec![None; count as usize];
-        self.scan_meta(
+        self.ix.scan_meta(
             &zero_cv_prefix(region_size),
             "read zero chaining values",
             |k, v| {
@@ -117,12 +111,12 @@ impl Store {
         let mut out = vec![None; count as usize];
         let prefix = zero_cv_prefix(region_size);
         let from = zero_cv_key(region_size, start);
-        let it = self.db.iterator_cf(
-            self.cf(cf::META),
+        let it = self.ix.db.iterator_cf(
+            self.ix.cf(cf::META),
             rocksdb::IteratorMode::From(&from, rocksdb::Direction::Forward),
         );
         for item in it {
-            let (k, v) = item.map_err(|e| self.db_err("read zero chaining values", e))?;
+            let (k, v) = item.map_err(|e| self.ix.db_err("read zero chaining values", e))?;
             if !k.starts_with(&prefix) {
                 break;
             }
@@ -140,82 +134,48 @@ impl Store {
     /// Adds cached all-zero region chaining values (not synced: a lost
     /// entry is computed again).
     pub fn put_zero_cvs(&self, region_size: u32, cvs: &[(u64, [u8; 32])]) -> Result<()> {
-        self.require_write()?;
+        self.ix.require_write()?;
         if cvs.is_empty() {
             return Ok(());
         }
         let mut b = WriteBatch::default();
         for (i, cv) in cvs {
             b.put_cf(
-                self.cf(cf::META),
+                self.ix.cf(cf::META),
                 imgstore_format::meta::zero_cv_key(region_size, *i),
                 cv,
             );
         }
-        self.db
+        self.ix
+            .db
             .write(b)
-            .map_err(|e| self.db_err("write zero chaining values", e))
+            .map_err(|e| self.ix.db_err("write zero chaining values", e))
     }
 
     /// Every recorded (snapshot, parent) pair.
     pub fn parents(&self) -> Result<Vec<(Id, Id)>> {
-        let mut out = Vec::new();
-        self.scan_meta(
-            imgstore_format::meta::PARENT_PREFIX,
-            "read parents",
-            |k, v| {
-                let pair =
-                    imgstore_format::meta::parse_parent(k, v).map_err(|e| self.meta_err(e))?;
-                out.extend(pair);
-                Ok(true)
-            },
-        )?;
-        Ok(out)
-    }
-
-    /// Calls `f(key, value)` for the `meta` entries whose keys start with
-    /// `prefix`, in key order, until it returns false.
-    pub(crate) fn scan_meta(
-        &self,
-        prefix: &[u8],
-        op: &'static str,
-        mut f: impl FnMut(&[u8], &[u8]) -> Result<bool>,
-    ) -> Result<()> {
-        for item in self.db.prefix_iterator_cf(self.cf(cf::META), prefix) {
-            let (k, v) = item.map_err(|e| self.db_err(op, e))?;
-            if !k.starts_with(prefix) || !f(&k, &v)? {
-                break;
-            }
-        }
-        Ok(())
-    }
-
-    /// A `meta` entry that does not decode.
-    fn meta_err(&self, source: imgstore_format::FormatError) -> StoreError {
-        StoreError::Format {
-            path: self.dir.join(imgstore_format::DB_DIR),
-            source,
-        }
+        self.ix.parents()
     }
 
     /// Replaces snapshot `old` by `new` (same pages) in one synced batch;
     /// protection and parent entries follow it.
     pub fn replace_snapshot(&self, old: &Id, new: &[u8]) -> Result<Id> {
         use imgstore_format::meta::{parent_key, protect_key};
-        self.require_write()?;
-        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
-        let snaps = self.cf(cf::SNAPSHOTS);
+        self.ix.require_write()?;
+        let _guard = self.ix.lock();
+        let snaps = self.ix.cf(cf::SNAPSHOTS);
         let v = self
+            .ix
             .db
             .get_pinned_cf(snaps, old.as_bytes())
-            .map_err(|e| self.db_err("read snapshot", e))?
+            .map_err(|e| self.ix.db_err("read snapshot", e))?
             .ok_or(StoreError::NoSnapshot { id: *old })?;
         let id = imgstore_repo::replacement(old, &v, new)?;
         let encoded = new;
         if id == *old {
             return Ok(id);
         }
-        let meta = self.cf(cf::META);
+        let meta = self.ix.cf(cf::META);
         let mut b = WriteBatch::default();
         b.delete_cf(snaps, old.as_bytes());
         b.put_cf(snaps, id.as_bytes(), encoded);
@@ -240,34 +200,24 @@ impl Store {
                 b.put_cf(meta, parent_key(&child), id.as_bytes());
             }
         }
-        self.write_synced(b, "replace snapshot")?;
-        if self.packs().is_some() {
-            self.put_snapshot_object(&id)?;
-            for (child, parent) in self.parents()? {
-                if parent == id {
-                    self.put_snapshot_object(&child)?;
-                }
+        self.ix.write_synced(b, "replace snapshot")?;
+        self.frames.snapshot_changed(&self.ix, &id)?;
+        for (child, parent) in self.parents()? {
+            if parent == id {
+                self.frames.snapshot_changed(&self.ix, &child)?;
             }
-            self.delete_snapshot_objects(&[*old])?;
         }
+        self.frames.snapshots_removed(&[*old])?;
         Ok(id)
-    }
-
-    pub(crate) fn write_synced(&self, batch: WriteBatch, op: &'static str) -> Result<()> {
-        let mut wo = WriteOptions::default();
-        wo.set_sync(true);
-        self.db
-            .write_opt(batch, &wo)
-            .map_err(|e| self.db_err(op, e))
     }
 
     /// Removes snapshots, in one synced batch. Refuses (removing nothing)
     /// when any is protected or missing.
     pub fn forget(&self, ids: &[Id]) -> Result<ForgetOutcome> {
-        self.require_write()?;
-        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        self.ix.require_write()?;
+        let _guard = self.ix.lock();
         let protected = self.protected()?;
-        let snaps = self.cf(cf::SNAPSHOTS);
+        let snaps = self.ix.cf(cf::SNAPSHOTS);
         let mut page_counts: HashMap<[u8; 33], u64> = HashMap::new();
         let mut batch = WriteBatch::default();
         let mut unique = ids.to_vec();
@@ -278,9 +228,10 @@ impl Store {
                 return Err(StoreError::Protected { id: *id });
             }
             let v = self
+                .ix
                 .db
                 .get_pinned_cf(snaps, id.as_bytes())
-                .map_err(|e| self.db_err("read snapshot", e))?
+                .map_err(|e| self.ix.db_err("read snapshot", e))?
                 .ok_or(StoreError::NoSnapshot { id: *id })?;
             let pages = imgstore_format::sealed::record_children(RecordKind::Snapshot, &v)
                 .map_err(|source| StoreError::CorruptSnapshot { id: *id, source })?;
@@ -288,59 +239,31 @@ impl Store {
                 *page_counts.entry(ObjectKind::Page.key(p)).or_default() += 1;
             }
             batch.delete_cf(snaps, id.as_bytes());
-            batch.delete_cf(self.cf(cf::META), imgstore_format::meta::parent_key(id));
-            batch.delete_cf(self.cf(cf::META), imgstore_format::meta::attest_key(id));
+            batch.delete_cf(self.ix.cf(cf::META), imgstore_format::meta::parent_key(id));
+            batch.delete_cf(self.ix.cf(cf::META), imgstore_format::meta::attest_key(id));
         }
-        let orphaned = self.sub_refs(&mut batch, &page_counts)?;
-        self.write_synced(batch, "forget")?;
+        let orphaned = self
+            .ix
+            .change_refs(&mut batch, &page_counts, Refs::Remove)?;
+        self.ix.write_synced(batch, "forget")?;
         // The snapshot objects go after the local records: one left behind
         // by a failure here is deleted by the next gc, before any pack.
-        let _ = self.delete_snapshot_objects(&unique);
+        let _ = self.frames.snapshots_removed(&unique);
         Ok(ForgetOutcome {
             snapshots: unique.len() as u64,
             pages_orphaned: orphaned.len() as u64,
         })
     }
 
-    /// Subtracts counts in `batch`; objects reaching zero are added to
-    /// `orphans` and returned.
-    fn sub_refs(
-        &self,
-        batch: &mut WriteBatch,
-        counts: &HashMap<[u8; 33], u64>,
-    ) -> Result<Vec<[u8; 33]>> {
-        let keys: Vec<[u8; 33]> = counts.keys().copied().collect();
-        let cur = self.get_refs(&keys)?;
-        let mut zero = Vec::new();
-        for (k, c) in keys.into_iter().zip(cur) {
-            let (kind, id) = ObjectKind::parse_key(&k).expect("33-byte key");
-            let mut rc = c.ok_or(StoreError::Missing { kind, id })?;
-            let n = counts[&k];
-            if rc.count < n {
-                return Err(StoreError::Invalid(format!(
-                    "{kind:?} {id} has {} references, {n} would be removed: run `imgstore check`",
-                    rc.count
-                )));
-            }
-            rc.count -= n;
-            batch.put_cf(self.cf(cf::REFS), k, rc.encode());
-            if rc.count == 0 {
-                batch.put_cf(self.cf(cf::ORPHANS), k, []);
-                zero.push(k);
-            }
-        }
-        Ok(zero)
-    }
-
     /// Deletes every orphan and, transitively, whatever only orphans
     /// referenced. With `dry_run`, computes the same totals without writing.
     pub fn sweep(&self, dry_run: bool, progress: &dyn Fn(&SweepOutcome)) -> Result<SweepOutcome> {
         if !dry_run {
-            self.require_write()?;
+            self.ix.require_write()?;
         }
         let mut out = SweepOutcome::default();
         if dry_run {
-            let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+            let _guard = self.ix.lock();
             return self.sweep_dry(out);
         }
         // Orphans pinned by a live server session stay listed; the scan
@@ -351,17 +274,18 @@ impl Store {
         loop {
             // The write mutex is held per batch, not for the whole sweep:
             // backups in the same process (a server) go on between batches.
-            let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+            let _guard = self.ix.lock();
             let mode = match &after {
                 None => rocksdb::IteratorMode::Start,
                 Some(k) => rocksdb::IteratorMode::From(k, rocksdb::Direction::Forward),
             };
             let listed: Vec<[u8; 33]> = self
+                .ix
                 .db
-                .iterator_cf(self.cf(cf::ORPHANS), mode)
+                .iterator_cf(self.ix.cf(cf::ORPHANS), mode)
                 .map(|r| {
                     r.map(|(k, _)| <[u8; 33]>::try_from(&k[..]).unwrap_or([0; 33]))
-                        .map_err(|e| self.db_err("scan orphans", e))
+                        .map_err(|e| self.ix.db_err("scan orphans", e))
                 })
                 .filter(|r| !matches!((r, &after), (Ok(k), Some(a)) if k == a))
                 .take(4096)
@@ -386,10 +310,10 @@ impl Store {
             };
             let mut batch = WriteBatch::default();
             let mut children: HashMap<[u8; 33], u64> = HashMap::new();
-            let rcs = self.get_refs(&orphans)?;
+            let rcs = self.ix.get_refs(&orphans)?;
             let mut gone: Vec<[u8; 33]> = Vec::new();
             for (k, rc) in orphans.iter().zip(rcs) {
-                batch.delete_cf(self.cf(cf::ORPHANS), k);
+                batch.delete_cf(self.ix.cf(cf::ORPHANS), k);
                 let Ok((kind, id)) = ObjectKind::parse_key(k) else {
                     continue;
                 };
@@ -402,22 +326,19 @@ impl Store {
                 deleted_in_pass = true;
                 for ns in &namespaces {
                     if let Ok(nk) = imgstore_format::meta::ns_key(ns, k) {
-                        batch.delete_cf(self.cf(cf::META), nk);
+                        batch.delete_cf(self.ix.cf(cf::META), nk);
                     }
                 }
-                batch.delete_cf(self.cf(cf::REFS), k);
+                batch.delete_cf(self.ix.cf(cf::REFS), k);
                 gone.push(*k);
                 out.add(kind, &rc);
-                match kind {
-                    ObjectKind::Chunk => batch.delete_cf(self.cf(cf::CHUNKS), id.as_bytes()),
-                    ObjectKind::Region | ObjectKind::Page => {
-                        batch.delete_cf(self.cf(cf::RECIPES), k)
-                    }
+                if kind != ObjectKind::Chunk {
+                    batch.delete_cf(self.ix.cf(cf::RECIPES), k);
                 }
             }
-            self.sub_refs(&mut batch, &children)?;
-            self.unlocate(&mut batch, &gone)?;
-            self.write_synced(batch, "gc")?;
+            self.ix.change_refs(&mut batch, &children, Refs::Remove)?;
+            self.frames.objects_removed(&self.ix, &mut batch, &gone)?;
+            self.ix.write_synced(batch, "gc")?;
             progress(&out);
         }
         Ok(out)
@@ -455,11 +376,12 @@ impl Store {
     /// The dry run: the same walk, with counts kept in memory.
     fn sweep_dry(&self, mut out: SweepOutcome) -> Result<SweepOutcome> {
         let mut pending: Vec<[u8; 33]> = self
+            .ix
             .db
-            .iterator_cf(self.cf(cf::ORPHANS), rocksdb::IteratorMode::Start)
+            .iterator_cf(self.ix.cf(cf::ORPHANS), rocksdb::IteratorMode::Start)
             .map(|r| {
                 r.map(|(k, _)| <[u8; 33]>::try_from(&k[..]).unwrap_or([0; 33]))
-                    .map_err(|e| self.db_err("scan orphans", e))
+                    .map_err(|e| self.ix.db_err("scan orphans", e))
             })
             .collect::<Result<_>>()?;
         let mut counts: HashMap<[u8; 33], RefCount> = HashMap::new();
@@ -469,7 +391,7 @@ impl Store {
             };
             let rc = match counts.get(&k) {
                 Some(rc) => *rc,
-                None => self.get_refs(&[k])?[0].unwrap_or_default(),
+                None => self.ix.get_refs(&[k])?[0].unwrap_or_default(),
             };
             if rc.count != 0 {
                 continue;
@@ -480,7 +402,7 @@ impl Store {
             for (ck, n) in children {
                 let cur = match counts.get(&ck) {
                     Some(rc) => *rc,
-                    None => self.get_refs(&[ck])?[0].unwrap_or_default(),
+                    None => self.ix.get_refs(&[ck])?[0].unwrap_or_default(),
                 };
                 let next = RefCount {
                     count: cur.count.saturating_sub(n),
@@ -504,64 +426,29 @@ impl Store {
 
     /// Blob file bytes and the garbage in them, from RocksDB's properties.
     pub fn blob_space(&self) -> Result<BlobSpace> {
-        let chunks = self.cf(cf::CHUNKS);
-        let prop = |name: &str| -> Result<u64> {
-            Ok(self
-                .db
-                .property_int_value_cf(chunks, name)
-                .map_err(|e| self.db_err("read property", e))?
-                .unwrap_or(0))
-        };
-        Ok(BlobSpace {
-            files_bytes: prop("rocksdb.live-blob-file-size")?,
-            garbage_bytes: prop("rocksdb.live-blob-file-garbage-size")?,
-        })
+        blob_space(&self.ix)
     }
 
-    /// Gives the space of deleted objects back to the file system: compacts
-    /// every column family (dropping dead keys and references, deleting blob
-    /// files nothing references), then, when garbage in blob files still
-    /// exceeds [`BLOB_GC_RATIO`], rewrites the live blobs out of them.
-    /// Returns whether the blob rewrite ran.
+    /// Gives the space of deleted objects back (see the frame store's
+    /// `reclaim`). Returns whether live data was rewritten.
     pub fn reclaim(&self) -> Result<bool> {
-        self.require_write()?;
-        if self.packs().is_some() {
-            // The data is in packs: gc deletes and repacks them.
-            return self.bucket_gc();
-        }
-        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
-        let compact = |name: &str| -> Result<()> {
-            let mut co = CompactOptions::default();
-            co.set_bottommost_level_compaction(BottommostLevelCompaction::Force);
-            co.set_exclusive_manual_compaction(true);
-            self.db
-                .compact_range_cf_opt(self.cf(name), None::<&[u8]>, None::<&[u8]>, &co);
-            Ok(())
-        };
-        for name in cf::ALL {
-            compact(name)?;
-        }
-        let space = self.blob_space()?;
-        let rewrite = space.files_bytes > 0
-            && space.garbage_bytes as f64 > BLOB_GC_RATIO * space.files_bytes as f64;
-        if rewrite {
-            let chunks = self.cf(cf::CHUNKS);
-            let set = |v: &[(&str, &str)]| {
-                self.db
-                    .set_options_cf(chunks, v)
-                    .map_err(|e| self.db_err("set options", e))
-            };
-            set(&[
-                ("enable_blob_garbage_collection", "true"),
-                ("blob_garbage_collection_age_cutoff", "1.0"),
-            ])?;
-            let r = compact(cf::CHUNKS);
-            set(&[
-                ("enable_blob_garbage_collection", "false"),
-                ("blob_garbage_collection_age_cutoff", "0.25"),
-            ])?;
-            r?;
-        }
-        Ok(rewrite)
+        self.ix.require_write()?;
+        self.frames.reclaim(&self.ix)
     }
+}
+
+/// Blob file bytes and the garbage in them, from RocksDB's properties.
+pub(crate) fn blob_space(ix: &Index) -> Result<BlobSpace> {
+    let chunks = ix.cf(cf::CHUNKS);
+    let prop = |name: &str| -> Result<u64> {
+        Ok(ix
+            .db
+            .property_int_value_cf(chunks, name)
+            .map_err(|e| ix.db_err("read property", e))?
+            .unwrap_or(0))
+    };
+    Ok(BlobSpace {
+        files_bytes: prop("rocksdb.live-blob-file-size")?,
+        garbage_bytes: prop("rocksdb.live-blob-file-garbage-size")?,
+    })
 }

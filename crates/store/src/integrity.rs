@@ -43,42 +43,43 @@ impl Store {
     /// Every damage mark in the repository.
     pub fn damage_marks(&self) -> Result<Vec<DamageMark>> {
         let mut out = Vec::new();
-        self.scan_meta(META_DAMAGED_PREFIX, "read damage marks", |k, v| {
-            // A malformed mark cannot name what to repair; check reports
-            // the objects themselves.
-            if let Ok(Some((kind, id, why))) = imgstore_format::meta::parse_damage_mark(k, v) {
-                out.push(DamageMark { kind, id, why });
-            }
-            Ok(true)
-        })?;
+        self.ix
+            .scan_meta(META_DAMAGED_PREFIX, "read damage marks", |k, v| {
+                // A malformed mark cannot name what to repair; check reports
+                // the objects themselves.
+                if let Ok(Some((kind, id, why))) = imgstore_format::meta::parse_damage_mark(k, v) {
+                    out.push(DamageMark { kind, id, why });
+                }
+                Ok(true)
+            })?;
         Ok(out)
     }
 
     /// Records damage marks (synced). A later backup of the same data repairs them.
     pub fn mark_damaged(&self, marks: &[DamageMark]) -> Result<()> {
-        self.require_write()?;
+        self.ix.require_write()?;
         let mut b = WriteBatch::default();
         for m in marks {
             b.put_cf(
-                self.cf(cf::META),
+                self.ix.cf(cf::META),
                 imgstore_format::meta::damaged_key(m.kind, &m.id),
                 m.why.as_bytes(),
             );
         }
-        self.write_synced(b, "mark damaged objects")
+        self.ix.write_synced(b, "mark damaged objects")
     }
 
     /// Deletes damage marks of objects found intact again (synced).
     pub fn clear_damaged(&self, objects: &[(ObjectKind, Id)]) -> Result<()> {
-        self.require_write()?;
+        self.ix.require_write()?;
         let mut b = WriteBatch::default();
         for (kind, id) in objects {
             b.delete_cf(
-                self.cf(cf::META),
+                self.ix.cf(cf::META),
                 imgstore_format::meta::damaged_key(*kind, id),
             );
         }
-        self.write_synced(b, "clear damage marks")
+        self.ix.write_synced(b, "clear damage marks")
     }
 
     /// Damage marks this writer has not repaired (yet).
@@ -121,29 +122,7 @@ impl Store {
     /// Raw snapshot records `(key, value)` in key order, undecoded, so one
     /// bad record does not hide the others.
     pub fn snapshot_records(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        let snaps = self.cf(cf::SNAPSHOTS);
-        let mut out = Vec::new();
-        for item in self.db.iterator_cf(&snaps, rocksdb::IteratorMode::Start) {
-            let (k, v) = item.map_err(|e| self.db_err("scan snapshots", e))?;
-            out.push((k.to_vec(), v.to_vec()));
-        }
-        Ok(out)
-    }
-
-    fn scan(
-        &self,
-        name: &'static str,
-        op: &'static str,
-        f: &mut dyn FnMut(&[u8], &[u8]),
-    ) -> Result<()> {
-        for item in self
-            .db
-            .iterator_cf(self.cf(name), rocksdb::IteratorMode::Start)
-        {
-            let (k, v) = item.map_err(|e| self.db_err(op, e))?;
-            f(&k, &v);
-        }
-        Ok(())
+        self.ix.snapshot_records()
     }
 
     /// One page of a scan of column family `what` (`snapshots`, `recipes`,
@@ -170,8 +149,8 @@ impl Store {
         };
         let mut out = Vec::new();
         let mut bytes = 0usize;
-        for item in self.db.iterator_cf(self.cf(name), mode) {
-            let (k, v) = item.map_err(|e| self.db_err("scan", e))?;
+        for item in self.ix.db.iterator_cf(self.ix.cf(name), mode) {
+            let (k, v) = item.map_err(|e| self.ix.db_err("scan", e))?;
             if after == Some(&k[..]) {
                 continue;
             }
@@ -188,17 +167,17 @@ impl Store {
 
     /// Calls `f(key, record)` for every region recipe and index page.
     pub fn scan_recipes(&self, f: &mut dyn FnMut(&[u8], &[u8])) -> Result<()> {
-        self.scan(cf::RECIPES, "scan recipes", f)
+        self.ix.scan(cf::RECIPES, "scan recipes", f)
     }
 
     /// Calls `f(key, count)` for every reference count entry.
     pub fn scan_refs(&self, f: &mut dyn FnMut(&[u8], &[u8])) -> Result<()> {
-        self.scan(cf::REFS, "scan reference counts", f)
+        self.ix.scan(cf::REFS, "scan reference counts", f)
     }
 
     /// Calls `f(key)` for every orphan entry.
     pub fn scan_orphans(&self, f: &mut dyn FnMut(&[u8])) -> Result<()> {
-        self.scan(cf::ORPHANS, "scan orphans", &mut |k, _| f(k))
+        self.ix.scan(cf::ORPHANS, "scan orphans", &mut |k, _| f(k))
     }
 }
 
@@ -225,46 +204,15 @@ impl Store {
     /// its trailer records. Whether the plaintext is what its id names
     /// needs the key (`check --read-data`).
     pub fn check_stored_bytes(&self) -> Result<StoredBytesCheck> {
-        if self.packs().is_some() {
-            return self.check_packs_without_key();
-        }
-        let mut out = StoredBytesCheck::default();
-        let sealed = self.config().encryption.is_some();
-        let mut ro = rocksdb::ReadOptions::default();
-        ro.set_verify_checksums(true);
-        ro.fill_cache(false);
-        let mut last: Option<Id> = None;
-        for item in self
-            .db
-            .iterator_cf_opt(self.cf(cf::CHUNKS), ro, rocksdb::IteratorMode::Start)
-        {
-            let (k, v) = match item {
-                Ok(kv) => kv,
-                Err(e) => {
-                    out.problems.push(format!(
-                        "the chunks table is damaged after chunk {}: {e} (run `imgstore check --read-data` with the key to name the snapshots it hurts)",
-                        last.map_or("(first)".to_string(), |id| id.to_string())
-                    ));
-                    break;
-                }
-            };
-            let Some(id) = Id::from_slice(&k) else {
-                out.problems.push(format!(
-                    "the chunks table holds a malformed key of {} bytes",
-                    k.len()
-                ));
-                continue;
-            };
-            out.objects += 1;
-            out.bytes += v.len() as u64;
-            if sealed && !imgstore_format::sealed::is_sealed_chunk(&v) {
-                out.problems.push(format!(
-                    "chunk {id}: stored value of {} bytes is not a sealed chunk",
-                    v.len()
-                ));
-            }
-            last = Some(id);
-        }
-        Ok(out)
+        self.frames
+            .verify(&self.ix, self.config().encryption.is_some())
+    }
+
+    /// The frame store's own consistency with the index (a bucket: every
+    /// pack the index knows is there at its size, every snapshot has its
+    /// object; with `read_data`, every record's copy intact). One line per
+    /// problem; nothing for a repository whose index is its storage.
+    pub fn check_storage(&self, read_data: bool) -> Result<Vec<String>> {
+        self.frames.check(&self.ix, read_data)
     }
 }

@@ -55,7 +55,9 @@ use imgstore_format::sealed::{record_children, RecordKind};
 use imgstore_format::{cf, Id, ObjectKind, RefCount, RepoConfig, Storage};
 use rocksdb::WriteBatch;
 
-use crate::{Result, Store, StoreError};
+use crate::frames::{FrameStore, Item, PageLocations};
+use crate::index::Index;
+use crate::{Result, Store, StoreError, StoredBytesCheck};
 
 /// Share of a pack's bytes that may be garbage before gc repacks it.
 pub const REPACK_GARBAGE: f64 = 0.25;
@@ -67,9 +69,6 @@ pub const DEFAULT_PACK_SIZE: u32 = 32 << 20;
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
 /// Largest snapshot object accepted from a bucket.
 const MAX_SNAPSHOT_BYTES: u64 = 16 << 20;
-
-/// An object to append to a pack: kind, id, stored bytes, raw length.
-pub(crate) type Item<'a> = (ObjectKind, Id, &'a [u8], u32);
 
 /// Where an object's bytes are until its pack lands.
 #[derive(Clone, Copy)]
@@ -127,12 +126,19 @@ pub(crate) struct Packs {
 }
 
 /// Request counts and cache figures of a bucket-backed store.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BucketReport {
+    /// The bucket's address (`s3://BUCKET/PREFIX` at its endpoint).
+    pub url: String,
     pub requests: Counts,
     pub cache_hits: u64,
     pub cache_misses: u64,
     pub cache_bytes: u64,
+    /// Packs the index knows, their bytes, and the bytes it still points
+    /// to (gc repacks past [`REPACK_GARBAGE`]).
+    pub packs: u64,
+    pub pack_bytes: u64,
+    pub pack_live_bytes: u64,
 }
 
 /// What [`Store::recover`] rebuilt.
@@ -214,16 +220,6 @@ impl Packs {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Buffers> {
         self.buf.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub(crate) fn report(&self) -> BucketReport {
-        let (hits, misses, bytes) = self.cache.figures();
-        BucketReport {
-            requests: self.bucket.counts(),
-            cache_hits: hits,
-            cache_misses: misses,
-            cache_bytes: bytes,
-        }
     }
 
     fn is_pending(&self, key: &[u8; 33]) -> bool {
@@ -365,56 +361,23 @@ impl Packs {
     }
 }
 
-impl Store {
-    pub(crate) fn packs(&self) -> Option<&Packs> {
-        self.packs.as_deref()
-    }
-
-    /// Request counts and cache figures, for a bucket-backed repository.
-    pub fn bucket_report(&self) -> Option<BucketReport> {
-        self.packs().map(Packs::report)
-    }
-
-    /// The bucket address of a bucket-backed repository.
-    pub fn bucket_url(&self) -> Option<String> {
-        self.packs().map(|p| p.bucket.url().to_string())
-    }
-
-    /// Which of `keys` have a location (landed in the bucket).
-    pub(crate) fn located(&self, keys: &[[u8; 33]]) -> Result<Vec<bool>> {
-        Ok(self
-            .current_locations(keys)?
-            .iter()
-            .map(Option::is_some)
-            .collect())
-    }
-
+impl Packs {
     /// Located or pending in this process: safe to rely on.
-    pub(crate) fn held(&self, keys: &[[u8; 33]]) -> Result<Vec<bool>> {
-        let Some(p) = self.packs() else {
-            return Ok(vec![true; keys.len()]);
-        };
-        let loc = self.located(keys)?;
+    fn located_or_pending(&self, ix: &Index, keys: &[[u8; 33]]) -> Result<Vec<bool>> {
+        let loc = located(ix, keys)?;
         Ok(keys
             .iter()
             .zip(loc)
-            .map(|(k, l)| l || p.is_pending(k))
+            .map(|(k, l)| l || self.is_pending(k))
             .collect())
-    }
-
-    /// Appends objects to the open pack (under the write lock); a pack
-    /// that filled up is returned for [`Store::ship`] after the lock is
-    /// released.
-    pub(crate) fn pack_append(&self, items: &[Item<'_>]) -> Vec<Sealed> {
-        self.packs().map(|p| p.append(items)).unwrap_or_default()
     }
 
     /// Uploads and lands packs sealed under the write lock (after it is
     /// released); the first failure is the result.
-    pub(crate) fn ship_all(&self, sealed: Vec<Sealed>) -> Result<()> {
+    pub(crate) fn ship_all(&self, ix: &Index, sealed: Vec<Sealed>) -> Result<()> {
         let mut first = None;
         for s in sealed {
-            if let Err(e) = self.ship(s) {
+            if let Err(e) = self.ship(ix, s) {
                 first.get_or_insert(e);
             }
         }
@@ -424,21 +387,20 @@ impl Store {
     /// Uploads a sealed pack and lands it (takes the write lock to land).
     /// Page entries are not landed (pages get their counts in the commit
     /// that names them): they are returned with their locations.
-    pub(crate) fn ship(&self, mut sealed: Sealed) -> Result<Vec<([u8; 33], Location)>> {
-        let p = self.packs().expect("bucket-backed");
-        p.finish(&mut sealed);
+    pub(crate) fn ship(&self, ix: &Index, mut sealed: Sealed) -> Result<Vec<([u8; 33], Location)>> {
+        self.finish(&mut sealed);
         let path = pack_path(&sealed.name);
-        if let Err(e) = p.bucket.put(&path, sealed.bytes.to_vec()) {
+        if let Err(e) = self.bucket.put(&path, sealed.bytes.to_vec()) {
             let e = bucket_err(e);
-            p.retire(&sealed, Some(e.to_string()));
+            self.retire(&sealed, Some(e.to_string()));
             return Err(e);
         }
-        p.cache.insert(&sealed.name, &sealed.bytes);
+        self.cache.insert(&sealed.name, &sealed.bytes);
         let out = {
-            let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
-            self.land(&sealed, &HashSet::new())
+            let _guard = ix.lock();
+            self.land(ix, &sealed, &HashSet::new())
         };
-        p.retire(&sealed, out.as_ref().err().map(|e| e.to_string()));
+        self.retire(&sealed, out.as_ref().err().map(|e| e.to_string()));
         out
     }
 
@@ -447,12 +409,13 @@ impl Store {
     /// and the pack's accounting. Called under the write lock.
     fn land(
         &self,
+        ix: &Index,
         sealed: &Sealed,
         retiring: &HashSet<PackName>,
     ) -> Result<Vec<([u8; 33], Location)>> {
         let keys: Vec<[u8; 33]> = sealed.entries.iter().map(|e| e.kind.key(&e.id)).collect();
-        let refs = self.get_refs(&keys)?;
-        let current = self.current_locations(&keys)?;
+        let refs = ix.get_refs(&keys)?;
+        let current = current_locations(ix, &keys)?;
         let mut batch = WriteBatch::default();
         let mut stat = PackStat {
             size: sealed.bytes.len() as u64,
@@ -487,54 +450,13 @@ impl Store {
             if rc.is_none() || !movable {
                 continue;
             }
-            self.put_location(&mut batch, k, &loc);
+            put_location(ix, &mut batch, k, &loc);
             stat.live_entries += 1;
             stat.live_bytes += e.len as u64;
         }
-        batch.put_cf(self.cf(cf::META), pack_key(&sealed.name), stat.encode());
-        let mut wo = rocksdb::WriteOptions::default();
-        wo.disable_wal(true);
-        self.db
-            .write_opt(batch, &wo)
-            .map_err(|e| self.db_err("land pack", e))?;
+        batch.put_cf(ix.cf(cf::META), pack_key(&sealed.name), stat.encode());
+        ix.write_unlogged(batch, "land pack")?;
         Ok(pages)
-    }
-
-    fn put_location(&self, batch: &mut WriteBatch, key: &[u8; 33], loc: &Location) {
-        match key[0] {
-            b'C' => batch.put_cf(self.cf(cf::CHUNKS), &key[1..], loc.encode()),
-            _ => batch.put_cf(self.cf(cf::META), loc_key(key), loc.encode()),
-        }
-    }
-
-    /// Current locations of objects (None: not landed).
-    pub(crate) fn current_locations(&self, keys: &[[u8; 33]]) -> Result<Vec<Option<Location>>> {
-        self.locations_in(&self.db, keys)
-    }
-
-    /// Locations of `keys` as view `db` of the index has them.
-    fn locations_in(&self, db: &rocksdb::DB, keys: &[[u8; 33]]) -> Result<Vec<Option<Location>>> {
-        let cf = |name| db.cf_handle(name).expect("column family exists");
-        let (chunks, meta) = (cf(cf::CHUNKS), cf(cf::META));
-        let lookups: Vec<(&rocksdb::ColumnFamily, Vec<u8>)> = keys
-            .iter()
-            .map(|k| match k[0] {
-                b'C' => (chunks, k[1..].to_vec()),
-                _ => (meta, loc_key(k)),
-            })
-            .collect();
-        db.multi_get_cf(lookups.iter().map(|(c, k)| (*c, k.as_slice())))
-            .into_iter()
-            .zip(keys)
-            .map(|(r, k)| match r {
-                Ok(None) => Ok(None),
-                Ok(Some(v)) => Location::decode(&v).map(Some).map_err(|source| {
-                    let (kind, id) = ObjectKind::parse_key(k).expect("33-byte key");
-                    StoreError::Corrupt { kind, id, source }
-                }),
-                Err(e) => Err(self.db_err("read locations", e)),
-            })
-            .collect()
     }
 
     /// The bucket part of a commit, before its local batch: uploads the
@@ -544,60 +466,60 @@ impl Store {
     /// locations, for the commit batch.
     pub(crate) fn bucket_commit(
         &self,
+        ix: &Index,
         snapshot: &[u8],
         pages: &[Vec<u8>],
         parent: Option<&Id>,
     ) -> Result<Vec<([u8; 33], Location)>> {
-        let p = self.packs().expect("bucket-backed");
         let id = Id::hash(snapshot);
         let sealed = {
-            let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+            let _guard = ix.lock();
             let keys: Vec<[u8; 33]> = pages
                 .iter()
                 .map(|b| ObjectKind::Page.key(&Id::hash(b)))
                 .collect();
-            let held = self.held(&keys)?;
+            let held = self.located_or_pending(ix, &keys)?;
             let items: Vec<Item<'_>> = pages
                 .iter()
                 .zip(&held)
                 .filter(|(_, h)| !**h)
                 .map(|(b, _)| (ObjectKind::Page, Id::hash(b), b.as_slice(), b.len() as u32))
                 .collect();
-            let mut sealed = p.append(&items);
-            sealed.extend(p.seal_open());
+            let mut sealed = self.append(&items);
+            sealed.extend(self.seal_open());
             sealed
         };
         let mut page_locs = Vec::new();
         let mut first_err = None;
         for s in sealed {
-            match self.ship(s) {
+            match self.ship(ix, s) {
                 Ok(l) => page_locs.extend(l),
                 Err(e) => {
                     first_err.get_or_insert(e);
                 }
             }
         }
-        if let Some(f) = p.drain() {
+        if let Some(f) = self.drain() {
             return Err(first_err.unwrap_or(StoreError::Unreachable {
-                url: p.bucket.url().to_string(),
+                url: self.bucket.url().to_string(),
                 detail: format!("an upload of this backup failed: {f}"),
             }));
         }
         if let Some(e) = first_err {
             return Err(e);
         }
-        self.check_landed(pages, &page_locs)?;
+        check_landed(ix, pages, &page_locs)?;
         let obj = SnapshotObject {
             protected: false,
             parent: parent.copied(),
             record: snapshot.to_vec(),
         };
-        p.committing
+        self.committing
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(|e| e.into_inner())
             .insert(id);
-        if let Err(e) = p.bucket.put(&pack::snapshot_path(&id), obj.encode()) {
-            self.committed(&id);
+        if let Err(e) = self.bucket.put(&pack::snapshot_path(&id), obj.encode()) {
+            self.end_commit(&id);
             return Err(bucket_err(e));
         }
         Ok(page_locs)
@@ -605,149 +527,11 @@ impl Store {
 
     /// The local part of a commit is done (or failed): its snapshot object
     /// is an ordinary one again for gc.
-    pub(crate) fn committed(&self, id: &Id) {
-        if let Some(p) = self.packs() {
-            p.committing
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(id);
-        }
-    }
-
-    /// Every page of the commit is located or being committed now, every
-    /// region a page names is located, and every chunk of a region the
-    /// commit makes live is located.
-    fn check_landed(&self, pages: &[Vec<u8>], page_locs: &[([u8; 33], Location)]) -> Result<()> {
-        let committing: HashSet<[u8; 33]> = page_locs.iter().map(|(k, _)| *k).collect();
-        let pkeys: Vec<[u8; 33]> = pages
-            .iter()
-            .map(|b| ObjectKind::Page.key(&Id::hash(b)))
-            .collect();
-        let loc = self.located(&pkeys)?;
-        let mut regions = HashSet::new();
-        for ((k, b), l) in pkeys.iter().zip(pages).zip(loc) {
-            if !l && !committing.contains(k) {
-                return Err(self.not_landed(k));
-            }
-            let (_, id) = ObjectKind::parse_key(k).expect("33-byte key");
-            let rs =
-                record_children(RecordKind::Page, b).map_err(|source| StoreError::Corrupt {
-                    kind: ObjectKind::Page,
-                    id,
-                    source,
-                })?;
-            regions.extend(rs.into_iter().map(|r| ObjectKind::Region.key(&r)));
-        }
-        let rkeys: Vec<[u8; 33]> = regions.into_iter().collect();
-        for chunk in rkeys.chunks(4096) {
-            let loc = self.located(chunk)?;
-            let rcs = self.get_refs(chunk)?;
-            let mut newly_live = Vec::new();
-            for ((k, l), rc) in chunk.iter().zip(loc).zip(rcs) {
-                if !l {
-                    return Err(self.not_landed(k));
-                }
-                if rc.is_some_and(|r| r.count == 0) {
-                    newly_live.push(*k);
-                }
-            }
-            for k in newly_live {
-                let (_, rid) = ObjectKind::parse_key(&k).expect("33-byte key");
-                let rec = self.raw_records(ObjectKind::Region, &[rid])?.remove(0);
-                let cs = record_children(RecordKind::Region, &rec).map_err(|source| {
-                    StoreError::Corrupt {
-                        kind: ObjectKind::Region,
-                        id: rid,
-                        source,
-                    }
-                })?;
-                let ckeys: Vec<[u8; 33]> = cs.iter().map(|c| ObjectKind::Chunk.key(c)).collect();
-                for (ck, l) in ckeys.iter().zip(self.located(&ckeys)?) {
-                    if !l {
-                        return Err(self.not_landed(ck));
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn not_landed(&self, key: &[u8; 33]) -> StoreError {
-        let (kind, id) = ObjectKind::parse_key(key).expect("33-byte key");
-        StoreError::Unreadable {
-            kind,
-            id,
-            detail: "it never reached the bucket (an upload failed): run the backup again".into(),
-        }
-    }
-
-    /// The commit batch's part: locations of the committed pages and their
-    /// packs' accounting.
-    pub(crate) fn commit_page_locations(
-        &self,
-        batch: &mut WriteBatch,
-        added: &HashSet<[u8; 33]>,
-        page_locs: &[([u8; 33], Location)],
-    ) -> Result<()> {
-        let mut by_pack: HashMap<PackName, (u32, u64)> = HashMap::new();
-        let mut done = HashSet::new();
-        for (k, loc) in page_locs {
-            if !added.contains(k) || !done.insert(*k) {
-                continue;
-            }
-            self.put_location(batch, k, loc);
-            let e = by_pack.entry(loc.pack).or_default();
-            e.0 += 1;
-            e.1 += loc.len as u64;
-        }
-        for (name, (n, bytes)) in by_pack {
-            let mut st = self.pack_stat(&name)?.unwrap_or_default();
-            st.live_entries += n;
-            st.live_bytes += bytes;
-            batch.put_cf(self.cf(cf::META), pack_key(&name), st.encode());
-        }
-        Ok(())
-    }
-
-    fn pack_stat(&self, name: &PackName) -> Result<Option<PackStat>> {
-        self.db
-            .get_pinned_cf(self.cf(cf::META), pack_key(name))
-            .map_err(|e| self.db_err("read pack stat", e))?
-            .map(|v| {
-                PackStat::decode(&v).map_err(|source| StoreError::Format {
-                    path: self.dir.join(imgstore_format::DB_DIR),
-                    source,
-                })
-            })
-            .transpose()
-    }
-
-    /// In a sweep batch: drops the locations of deleted objects and takes
-    /// them off their packs' accounting.
-    pub(crate) fn unlocate(&self, batch: &mut WriteBatch, deleted: &[[u8; 33]]) -> Result<()> {
-        if self.packs().is_none() || deleted.is_empty() {
-            return Ok(());
-        }
-        let locs = self.current_locations(deleted)?;
-        let mut by_pack: HashMap<PackName, (u32, u64)> = HashMap::new();
-        for (k, l) in deleted.iter().zip(locs) {
-            if k[0] != b'C' {
-                batch.delete_cf(self.cf(cf::META), loc_key(k));
-            }
-            if let Some(l) = l {
-                let e = by_pack.entry(l.pack).or_default();
-                e.0 += 1;
-                e.1 += l.len as u64;
-            }
-        }
-        for (name, (n, bytes)) in by_pack {
-            if let Some(mut st) = self.pack_stat(&name)? {
-                st.live_entries = st.live_entries.saturating_sub(n);
-                st.live_bytes = st.live_bytes.saturating_sub(bytes);
-                batch.put_cf(self.cf(cf::META), pack_key(&name), st.encode());
-            }
-        }
-        Ok(())
+    fn end_commit(&self, id: &Id) {
+        self.committing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
     }
 
     /// Chunk frames of a bucket-backed store, by the locations view `db`
@@ -757,23 +541,23 @@ impl Store {
     /// the positions of those whose pack no longer exists.
     pub(crate) fn bucket_frames_in(
         &self,
+        ix: &Index,
         db: &rocksdb::DB,
         ids: &[Id],
     ) -> Result<(Vec<imgstore_repo::ChunkRead>, Vec<usize>)> {
         use imgstore_repo::ChunkFault;
-        let p = self.packs().expect("bucket-backed");
         let keys: Vec<[u8; 33]> = ids.iter().map(|id| ObjectKind::Chunk.key(id)).collect();
-        let locs = self.locations_in(db, &keys)?;
+        let locs = locations_in(ix, db, &keys)?;
         let mut out: Vec<imgstore_repo::ChunkRead> = vec![Err(ChunkFault::Missing); ids.len()];
         let mut remote: HashMap<PackName, Vec<(usize, Location)>> = HashMap::new();
         for (i, (k, l)) in keys.iter().zip(locs).enumerate() {
             match l {
                 None => {
-                    if let Some(b) = p.pending_bytes(k) {
+                    if let Some(b) = self.pending_bytes(k) {
                         out[i] = Ok(b);
                     }
                 }
-                Some(l) => match p.cache.read(&l) {
+                Some(l) => match self.cache.read(&l) {
                     Some(b) => out[i] = Ok(b),
                     None => remote.entry(l.pack).or_default().push((i, l)),
                 },
@@ -816,10 +600,15 @@ impl Store {
                     .collect()
             })
             .collect();
-        for (answer, m) in p.bucket.get_parts(&reqs, &parts).into_iter().zip(members) {
+        for (answer, m) in self
+            .bucket
+            .get_parts(&reqs, &parts)
+            .into_iter()
+            .zip(members)
+        {
             match answer {
                 Ok(frames) => {
-                    p.cache.miss(m.len() as u64);
+                    self.cache.miss(m.len() as u64);
                     for ((i, _), f) in m.into_iter().zip(frames) {
                         out[i] = Ok(f);
                     }
@@ -845,43 +634,42 @@ impl Store {
     /// not hold, packs it does not know, packs with nothing live, and
     /// repacking of packs mostly garbage. Returns whether any pack was
     /// deleted or rewritten.
-    pub(crate) fn bucket_gc(&self) -> Result<bool> {
-        let p = self.packs().expect("bucket-backed");
+    pub(crate) fn bucket_gc(&self, ix: &Index) -> Result<bool> {
         // Checked again here, not only at open: a long-running writer (a
         // server) must not delete what a `recover` elsewhere now owns.
-        self.check_owner()?;
+        self.check_owner(ix)?;
         // Snapshot objects: delete strays (a commit that died before its
         // local batch), upload missing ones (a PUT that failed after it).
         {
-            let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
-            let listed: HashSet<Id> = listed_snapshots(&p.bucket)?
+            let _guard = ix.lock();
+            let listed: HashSet<Id> = listed_snapshots(&self.bucket)?
                 .into_iter()
                 .map(|(id, _)| id)
                 .collect();
-            let local: HashMap<Id, Vec<u8>> = self
+            let local: HashMap<Id, Vec<u8>> = ix
                 .snapshot_records()?
                 .into_iter()
                 .filter_map(|(k, v)| Some((Id::from_slice(&k)?, v)))
                 .collect();
-            let committing = p
+            let committing = self
                 .committing
                 .lock()
-                .unwrap_or_else(|p| p.into_inner())
+                .unwrap_or_else(|e| e.into_inner())
                 .clone();
             let strays: Vec<String> = listed
                 .iter()
                 .filter(|id| !local.contains_key(id) && !committing.contains(id))
                 .map(pack::snapshot_path)
                 .collect();
-            p.bucket.delete(&strays).map_err(bucket_err)?;
+            self.bucket.delete(&strays).map_err(bucket_err)?;
             for id in local.keys().filter(|id| !listed.contains(id)) {
-                self.put_snapshot_object(id)?;
+                self.put_snapshot_object(ix, id)?;
             }
         }
         let mut changed = false;
-        let known = self.pack_stats()?;
-        let inflight = p.in_flight_names();
-        let unknown: Vec<PackName> = listed_packs(&p.bucket)?
+        let known = pack_stats(ix)?;
+        let inflight = self.in_flight_names();
+        let unknown: Vec<PackName> = listed_packs(&self.bucket)?
             .into_iter()
             .map(|(n, _)| n)
             .filter(|n| !known.contains_key(n) && !inflight.contains(n))
@@ -889,16 +677,16 @@ impl Store {
         if !unknown.is_empty() {
             // Re-read under the lock: a pack that landed since the listing
             // is known now.
-            let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
-            let now = self.pack_stats()?;
-            let inflight = p.in_flight_names();
+            let _guard = ix.lock();
+            let now = pack_stats(ix)?;
+            let inflight = self.in_flight_names();
             let gone: Vec<String> = unknown
                 .iter()
                 .filter(|n| !now.contains_key(n) && !inflight.contains(n))
                 .map(pack_path)
                 .collect();
             changed |= !gone.is_empty();
-            p.bucket.delete(&gone).map_err(bucket_err)?;
+            self.bucket.delete(&gone).map_err(bucket_err)?;
         }
         // Dead packs: the accounting goes first (synced), then the object;
         // a crash between leaves an unknown pack, deleted next time.
@@ -908,13 +696,13 @@ impl Store {
             .map(|(n, _)| *n)
             .collect();
         if !dead.is_empty() {
-            let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+            let _guard = ix.lock();
             let mut b = WriteBatch::default();
             for n in &dead {
-                b.delete_cf(self.cf(cf::META), pack_key(n));
+                b.delete_cf(ix.cf(cf::META), pack_key(n));
             }
-            self.write_synced(b, "gc packs")?;
-            p.bucket
+            ix.write_synced(b, "gc packs")?;
+            self.bucket
                 .delete(&dead.iter().map(pack_path).collect::<Vec<_>>())
                 .map_err(bucket_err)?;
             changed = true;
@@ -927,7 +715,7 @@ impl Store {
             .map(|(n, _)| *n)
             .collect();
         for group in sparse.chunks(8) {
-            self.repack(group)?;
+            self.repack(ix, group)?;
             changed = true;
         }
         Ok(changed)
@@ -935,23 +723,22 @@ impl Store {
 
     /// Copies the live entries of `packs` into new packs, switches their
     /// locations, then deletes the old packs.
-    fn repack(&self, packs: &[PackName]) -> Result<()> {
-        let p = self.packs().expect("bucket-backed");
+    fn repack(&self, ix: &Index, packs: &[PackName]) -> Result<()> {
         let retiring: HashSet<PackName> = packs.iter().copied().collect();
         let mut sealed = Vec::new();
         for name in packs {
             let path = pack_path(name);
-            let bytes = match p.cache.whole(name) {
+            let bytes = match self.cache.whole(name) {
                 Some(b) => b,
-                None => p
+                None => self
                     .bucket
                     .get(&path, pack::MAX_PACK_BYTES)
                     .map_err(bucket_err)?,
             };
             let trailer = read_trailer(&bytes, name)?;
-            let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+            let _guard = ix.lock();
             let keys: Vec<[u8; 33]> = trailer.entries.iter().map(|e| e.kind.key(&e.id)).collect();
-            let cur = self.current_locations(&keys)?;
+            let cur = current_locations(ix, &keys)?;
             let mut items = Vec::new();
             for ((e, off), c) in trailer.entries.iter().zip(trailer.offsets()).zip(cur) {
                 if c.is_some_and(|c| c.pack == *name && c.offset == off) {
@@ -961,98 +748,75 @@ impl Store {
             }
             // Objects still pending elsewhere are skipped by append; these
             // are located, so none is.
-            sealed.extend(p.append(&items));
+            sealed.extend(self.append(&items));
         }
-        sealed.extend(p.seal_open());
+        sealed.extend(self.seal_open());
         let mut failed = None;
         for mut s in sealed {
             if failed.is_some() {
                 // Nothing more is uploaded; the pack's objects keep their
                 // old locations.
-                p.retire(&s, None);
+                self.retire(&s, None);
                 continue;
             }
-            p.finish(&mut s);
-            if let Err(e) = p.bucket.put(&pack_path(&s.name), s.bytes.to_vec()) {
+            self.finish(&mut s);
+            if let Err(e) = self.bucket.put(&pack_path(&s.name), s.bytes.to_vec()) {
                 let e = bucket_err(e);
-                p.retire(&s, Some(e.to_string()));
+                self.retire(&s, Some(e.to_string()));
                 failed = Some(e);
                 continue;
             }
-            p.cache.insert(&s.name, &s.bytes);
-            let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
-            let r = self.land(&s, &retiring);
-            p.retire(&s, r.as_ref().err().map(|e| e.to_string()));
+            self.cache.insert(&s.name, &s.bytes);
+            let _guard = ix.lock();
+            let r = self.land(ix, &s, &retiring);
+            self.retire(&s, r.as_ref().err().map(|e| e.to_string()));
             if let Err(e) = r {
                 failed = Some(e);
             }
         }
         if let Some(e) = failed {
             // The old packs stay: every object still has a location.
-            p.drain();
+            self.drain();
             return Err(e);
         }
-        p.drain();
+        self.drain();
         // The new locations are made durable before the old packs go.
-        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
-        self.flush_all()?;
+        let _guard = ix.lock();
+        ix.flush_all()?;
         let mut b = WriteBatch::default();
         for n in packs {
-            b.delete_cf(self.cf(cf::META), pack_key(n));
+            b.delete_cf(ix.cf(cf::META), pack_key(n));
         }
-        self.write_synced(b, "repack")?;
-        p.bucket
+        ix.write_synced(b, "repack")?;
+        self.bucket
             .delete(&packs.iter().map(pack_path).collect::<Vec<_>>())
             .map_err(bucket_err)?;
         for n in packs {
-            p.cache.remove(n);
+            self.cache.remove(n);
         }
         Ok(())
     }
 
-    /// Every `pack:` entry.
-    pub fn pack_stats(&self) -> Result<HashMap<PackName, PackStat>> {
-        let mut out = HashMap::new();
-        self.scan_meta(PACK_PREFIX, "read pack stats", |k, v| {
-            if let (Some(n), Ok(s)) = (Id::from_slice(&k[PACK_PREFIX.len()..]), PackStat::decode(v))
-            {
-                out.insert(n, s);
-            }
-            Ok(true)
-        })?;
-        Ok(out)
-    }
-
     /// Writes (or rewrites) a snapshot's object from the local index.
-    pub(crate) fn put_snapshot_object(&self, id: &Id) -> Result<()> {
-        let Some(p) = self.packs() else {
-            return Ok(());
-        };
-        let record = self
-            .db
-            .get_cf(self.cf(cf::SNAPSHOTS), id.as_bytes())
-            .map_err(|e| self.db_err("read snapshot", e))?
-            .ok_or(StoreError::NoSnapshot { id: *id })?;
+    pub(crate) fn put_snapshot_object(&self, ix: &Index, id: &Id) -> Result<()> {
+        let record = ix.snapshot_record(id)?;
         let obj = SnapshotObject {
-            protected: self.protected()?.contains(id),
-            parent: self
+            protected: ix.protected()?.contains(id),
+            parent: ix
                 .parents()?
                 .into_iter()
                 .find(|(c, _)| c == id)
-                .map(|(_, p)| p),
+                .map(|(_, parent)| parent),
             record,
         };
-        p.bucket
+        self.bucket
             .put(&pack::snapshot_path(id), obj.encode())
             .map_err(bucket_err)
     }
 
     /// Deletes snapshot objects (after a local forget or replace).
-    pub(crate) fn delete_snapshot_objects(&self, ids: &[Id]) -> Result<()> {
-        let Some(p) = self.packs() else {
-            return Ok(());
-        };
-        p.bucket
+    fn delete_snapshot_objects(&self, ids: &[Id]) -> Result<()> {
+        self.bucket
             .delete(&ids.iter().map(pack::snapshot_path).collect::<Vec<_>>())
             .map_err(bucket_err)
     }
@@ -1060,27 +824,24 @@ impl Store {
     /// `check` of the bucket: every pack the index knows is there with its
     /// size; with `read_data`, each pack's trailer matches its name and every
     /// record's copy hashes to its id. Returns one line per problem.
-    pub fn check_bucket(&self, read_data: bool) -> Result<Vec<String>> {
-        let Some(p) = self.packs() else {
-            return Ok(Vec::new());
-        };
+    pub(crate) fn check_bucket(&self, ix: &Index, read_data: bool) -> Result<Vec<String>> {
         let mut problems = Vec::new();
         // Every snapshot has its object (a rebuild from the bucket needs
         // it); gc uploads a missing one.
-        let objects: HashSet<Id> = listed_snapshots(&p.bucket)?
+        let objects: HashSet<Id> = listed_snapshots(&self.bucket)?
             .into_iter()
             .map(|(id, _)| id)
             .collect();
-        for (k, _) in self.snapshot_records()? {
+        for (k, _) in ix.snapshot_records()? {
             if let Some(id) = Id::from_slice(&k).filter(|id| !objects.contains(id)) {
                 problems.push(format!(
                     "snapshot {id} has no object in {}: a rebuild from the bucket would miss it (the next gc uploads it)",
-                    p.bucket.url()
+                    self.bucket.url()
                 ));
             }
         }
-        let known = self.pack_stats()?;
-        let listed: HashMap<PackName, u64> = listed_packs(&p.bucket)?.into_iter().collect();
+        let known = pack_stats(ix)?;
+        let listed: HashMap<PackName, u64> = listed_packs(&self.bucket)?.into_iter().collect();
         let mut names: Vec<&PackName> = known.keys().collect();
         names.sort();
         for n in names {
@@ -1088,12 +849,12 @@ impl Store {
             match listed.get(n) {
                 None => problems.push(format!(
                     "pack {n} is missing from {} ({} live objects in it)",
-                    p.bucket.url(),
+                    self.bucket.url(),
                     st.live_entries
                 )),
                 Some(len) if *len != st.size => problems.push(format!(
                     "pack {n} in {} is {len} bytes, the index says {}",
-                    p.bucket.url(),
+                    self.bucket.url(),
                     st.size
                 )),
                 Some(_) if read_data => {
@@ -1110,18 +871,20 @@ impl Store {
     /// Without the key: every pack the index knows and the bucket lists
     /// at its size is read whole, checked against its name, and each entry
     /// against the hash its trailer records. (Missing and wrong-sized
-    /// packs are [`Store::check_bucket`]'s to report.)
-    pub(crate) fn check_packs_without_key(&self) -> Result<crate::integrity::StoredBytesCheck> {
-        let p = self.packs().expect("bucket-backed");
+    /// packs are [`Packs::check_bucket`]'s to report.)
+    pub(crate) fn check_packs_without_key(
+        &self,
+        ix: &Index,
+    ) -> Result<crate::integrity::StoredBytesCheck> {
         let mut out = crate::integrity::StoredBytesCheck::default();
-        let listed: HashMap<PackName, u64> = listed_packs(&p.bucket)?.into_iter().collect();
-        let mut known: Vec<(PackName, PackStat)> = self.pack_stats()?.into_iter().collect();
+        let listed: HashMap<PackName, u64> = listed_packs(&self.bucket)?.into_iter().collect();
+        let mut known: Vec<(PackName, PackStat)> = pack_stats(ix)?.into_iter().collect();
         known.sort_by_key(|(n, _)| *n);
         for (name, st) in known {
             if listed.get(&name) != Some(&st.size) {
                 continue;
             }
-            let bytes = match p.bucket.get(&pack_path(&name), pack::MAX_PACK_BYTES) {
+            let bytes = match self.bucket.get(&pack_path(&name), pack::MAX_PACK_BYTES) {
                 Ok(b) => b,
                 Err(e) => {
                     out.problems.push(format!("pack {name}: {e}"));
@@ -1131,8 +894,10 @@ impl Store {
             let trailer = match read_trailer(&bytes, &name) {
                 Ok(t) => t,
                 Err(e) => {
-                    out.problems
-                        .push(format!("pack {name} is altered in {}: {e}", p.bucket.url()));
+                    out.problems.push(format!(
+                        "pack {name} is altered in {}: {e}",
+                        self.bucket.url()
+                    ));
                     continue;
                 }
             };
@@ -1147,7 +912,7 @@ impl Store {
                 if e.hash != Some(Id::hash(stored)) {
                     out.problems.push(format!(
                         "pack {name} in {}: the {} {} in it is altered",
-                        p.bucket.url(),
+                        self.bucket.url(),
                         e.kind.name(),
                         e.id
                     ));
@@ -1158,8 +923,7 @@ impl Store {
     }
 
     fn check_pack_records(&self, name: &PackName, size: u64) -> std::result::Result<(), String> {
-        let p = self.packs().expect("bucket-backed");
-        let trailer = fetch_trailer(&p.bucket, name, size).map_err(|e| e.to_string())?;
+        let trailer = fetch_trailer(&self.bucket, name, size).map_err(|e| e.to_string())?;
         let reqs: Vec<(String, std::ops::Range<u64>)> = trailer
             .entries
             .iter()
@@ -1173,7 +937,7 @@ impl Store {
             .filter(|e| e.kind != ObjectKind::Chunk)
             .map(|e| e.id)
             .collect();
-        for (r, id) in p.bucket.get_ranges(&reqs).into_iter().zip(ids) {
+        for (r, id) in self.bucket.get_ranges(&reqs).into_iter().zip(ids) {
             let b = r.map_err(|e| e.to_string())?;
             if Id::hash(&b) != id {
                 return Err(format!(
@@ -1184,20 +948,9 @@ impl Store {
         Ok(())
     }
 
-    pub(crate) fn flush_all(&self) -> Result<()> {
-        let handles: Vec<_> = cf::ALL.iter().map(|n| self.cf(n)).collect();
-        let refs: Vec<_> = handles.iter().collect();
-        let mut fo = rocksdb::FlushOptions::default();
-        fo.set_wait(true);
-        self.db
-            .flush_cfs_opt(&refs, &fo)
-            .map_err(|e| self.db_err("flush", e))
-    }
-
     /// Creates the bucket side of a new repository: refuses a prefix that
     /// already holds one, then writes the config object.
-    pub(crate) fn init_bucket(&self) -> Result<()> {
-        let config = self.config();
+    fn init_bucket(&self, ix: &Index, config: &RepoConfig) -> Result<()> {
         let storage = config.storage.as_ref().expect("bucket-backed");
         let bucket = connect(storage)?;
         if bucket
@@ -1214,46 +967,21 @@ impl Store {
         bucket
             .put(pack::CONFIG_OBJECT, config.to_json())
             .map_err(bucket_err)?;
-        self.take_bucket(&bucket)
-    }
-
-    /// Makes this index the bucket's owner (at `init` and `recover`): a
-    /// new index id in `meta`, and the `owner` object naming it.
-    fn take_bucket(&self, bucket: &Bucket) -> Result<()> {
-        let mut id = [0u8; 16];
-        getrandom::fill(&mut id).map_err(|e| StoreError::Invalid(format!("no randomness: {e}")))?;
-        let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
-        let mut b = WriteBatch::default();
-        b.put_cf(self.cf(cf::META), pack::META_INDEX_KEY, hex.as_bytes());
-        self.write_synced(b, "record the index id")?;
-        let owner = pack::Owner {
-            index: hex,
-            host: std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|h| h.trim().to_string())
-                .unwrap_or_default(),
-            since: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs() as i64)
-                .unwrap_or(0),
-        };
-        bucket
-            .put(pack::OWNER_OBJECT, owner.encode())
-            .map_err(bucket_err)
+        take_bucket(ix, &bucket)
     }
 
     /// A writer checks that its index still owns the bucket: after a
     /// `recover` elsewhere this directory is stale, and its gc would delete
     /// what the new index wrote.
-    pub(crate) fn check_owner(&self) -> Result<()> {
-        let p = self.packs().expect("bucket-backed");
-        let mine = self
+    pub(crate) fn check_owner(&self, ix: &Index) -> Result<()> {
+        let mine = ix
             .db
-            .get_cf(self.cf(cf::META), pack::META_INDEX_KEY)
-            .map_err(|e| self.db_err("read the index id", e))?;
-        let theirs = match p.bucket.get(pack::OWNER_OBJECT, MAX_CONFIG_BYTES) {
+            .get_cf(ix.cf(cf::META), pack::META_INDEX_KEY)
+            .map_err(|e| ix.db_err("read the index id", e))?;
+        let theirs = match self.bucket.get(pack::OWNER_OBJECT, MAX_CONFIG_BYTES) {
             Ok(b) => Some(
                 pack::Owner::decode(&b).map_err(|source| StoreError::Format {
-                    path: PathBuf::from(format!("{}/{}", p.bucket.url(), pack::OWNER_OBJECT)),
+                    path: PathBuf::from(format!("{}/{}", self.bucket.url(), pack::OWNER_OBJECT)),
                     source,
                 })?,
             ),
@@ -1264,29 +992,202 @@ impl Store {
             (Some(m), Some(o)) if m == o.index.as_bytes() => Ok(()),
             (_, Some(o)) => Err(StoreError::Storage(format!(
                 "{}: the bucket is written by another index (host {:?}, since {} s after the epoch, made by `imgstore recover`); this directory is stale: use that one, or rebuild here with `imgstore -r NEWDIR recover {}`",
-                p.bucket.url(),
+                self.bucket.url(),
                 o.host,
                 o.since,
-                p.bucket.url()
+                self.bucket.url()
             ))),
             (_, None) => Err(StoreError::Storage(format!(
                 "{}: the bucket has no owner object: run `imgstore -r NEWDIR recover {}` to rebuild an index that owns it",
-                p.bucket.url(),
-                p.bucket.url()
+                self.bucket.url(),
+                self.bucket.url()
             ))),
         }
     }
+}
 
-    /// Writes the config object again (after `key add|remove|passwd`).
-    pub fn put_bucket_config(&self) -> Result<()> {
-        let Some(p) = self.packs() else {
-            return Ok(());
-        };
-        let bytes = fs::read(self.dir.join(imgstore_format::CONFIG_FILE))
-            .map_err(crate::io_err(&self.dir, "read config"))?;
-        p.bucket.put(pack::CONFIG_OBJECT, bytes).map_err(bucket_err)
+/// The bucket as the frame store: what each step of the store does with
+/// packs (module docs: landing, commits, gc).
+impl FrameStore for Packs {
+    fn blob_files(&self) -> bool {
+        false
     }
 
+    fn created(&self, ix: &Index, config: &RepoConfig) -> Result<()> {
+        self.init_bucket(ix, config)
+    }
+
+    fn writer_opened(&self, ix: &Index, operation: &str) -> Result<()> {
+        // `init` and `recover` are about to take the bucket.
+        if operation == "init" || operation == "recover" {
+            return Ok(());
+        }
+        self.check_owner(ix)
+    }
+
+    /// Counted is not enough: the frame must be in the bucket (or on its
+    /// way there from this process).
+    fn held(&self, ix: &Index, keys: &[[u8; 33]]) -> Result<Vec<bool>> {
+        self.located_or_pending(ix, keys)
+    }
+
+    fn put_chunk<'a>(
+        &self,
+        _: &Index,
+        _: &mut WriteBatch,
+        out: &mut Vec<Item<'a>>,
+        item: Item<'a>,
+    ) {
+        out.push(item);
+    }
+
+    fn put_record_copy<'a>(&self, out: &mut Vec<Item<'a>>, item: Item<'a>) {
+        out.push(item);
+    }
+
+    /// A damaged chunk loses its old location in `batch`, so the new
+    /// copy's lands.
+    fn replace_chunks<'a>(
+        &self,
+        ix: &Index,
+        batch: &mut WriteBatch,
+        out: &mut Vec<Item<'a>>,
+        items: Vec<Item<'a>>,
+    ) -> Result<()> {
+        let keys: Vec<[u8; 33]> = items.iter().map(|(k, id, ..)| k.key(id)).collect();
+        for (_, id, ..) in &items {
+            batch.delete_cf(ix.cf(cf::CHUNKS), id.as_bytes());
+        }
+        unlocate(ix, batch, &keys)?;
+        out.extend(items);
+        Ok(())
+    }
+
+    /// Appends to the open pack under the lock; a pack that filled up is
+    /// uploaded and landed after it is released.
+    fn written(
+        &self,
+        ix: &Index,
+        guard: std::sync::MutexGuard<'_, ()>,
+        out: Vec<Item<'_>>,
+    ) -> Result<()> {
+        let sealed = self.append(&out);
+        drop(guard);
+        self.ship_all(ix, sealed)
+    }
+
+    fn read(
+        &self,
+        ix: &Index,
+        db: &rocksdb::DB,
+        ids: &[Id],
+    ) -> Result<(Vec<imgstore_repo::ChunkRead>, Vec<usize>)> {
+        self.bucket_frames_in(ix, db, ids)
+    }
+
+    /// By pack and offset, so reads of one pack merge into ranged GETs;
+    /// chunks without a location (missing) go last.
+    fn read_order(&self, ix: &Index, ids: &[Id]) -> Result<Vec<usize>> {
+        let mut at = Vec::with_capacity(ids.len());
+        for (n, group) in ids.chunks(8192).enumerate() {
+            let keys: Vec<[u8; 33]> = group.iter().map(|id| ObjectKind::Chunk.key(id)).collect();
+            for (i, l) in current_locations(ix, &keys)?.into_iter().enumerate() {
+                at.push((
+                    l.map(|l| (0u8, l.pack, l.offset))
+                        .unwrap_or((1, Id::ZERO, 0)),
+                    n * 8192 + i,
+                ));
+            }
+        }
+        at.sort_unstable();
+        Ok(at.into_iter().map(|(_, i)| i).collect())
+    }
+
+    fn prepare_commit(
+        &self,
+        ix: &Index,
+        snapshot: &[u8],
+        pages: &[Vec<u8>],
+        parent: Option<&Id>,
+    ) -> Result<PageLocations> {
+        self.bucket_commit(ix, snapshot, pages, parent)
+    }
+
+    fn in_commit(
+        &self,
+        ix: &Index,
+        batch: &mut WriteBatch,
+        added: &HashSet<[u8; 33]>,
+        pages: &PageLocations,
+    ) -> Result<()> {
+        commit_page_locations(ix, batch, added, pages)
+    }
+
+    fn committed(&self, id: &Id) {
+        self.end_commit(id);
+    }
+
+    /// The bucket's copy carries protection and parent too, for a rebuild.
+    fn snapshot_changed(&self, ix: &Index, id: &Id) -> Result<()> {
+        self.put_snapshot_object(ix, id)
+    }
+
+    fn snapshots_removed(&self, ids: &[Id]) -> Result<()> {
+        self.delete_snapshot_objects(ids)
+    }
+
+    fn objects_removed(&self, ix: &Index, batch: &mut WriteBatch, keys: &[[u8; 33]]) -> Result<()> {
+        // Locations are read before the chunk keys are deleted in `batch`
+        // (the batch is not visible to reads).
+        unlocate(ix, batch, keys)?;
+        for k in keys.iter().filter(|k| k[0] == b'C') {
+            batch.delete_cf(ix.cf(cf::CHUNKS), &k[1..]);
+        }
+        Ok(())
+    }
+
+    /// The data is in packs: gc deletes and repacks them.
+    fn reclaim(&self, ix: &Index) -> Result<bool> {
+        self.bucket_gc(ix)
+    }
+
+    fn verify(&self, ix: &Index, _: bool) -> Result<StoredBytesCheck> {
+        self.check_packs_without_key(ix)
+    }
+
+    fn check(&self, ix: &Index, read_data: bool) -> Result<Vec<String>> {
+        self.check_bucket(ix, read_data)
+    }
+
+    fn report(&self, ix: &Index) -> Option<BucketReport> {
+        let (hits, misses, bytes) = self.cache.figures();
+        let packs = pack_stats(ix).unwrap_or_default();
+        Some(BucketReport {
+            url: self.bucket.url().to_string(),
+            requests: self.bucket.counts(),
+            cache_hits: hits,
+            cache_misses: misses,
+            cache_bytes: bytes,
+            packs: packs.len() as u64,
+            pack_bytes: packs.values().map(|p| p.size).sum(),
+            pack_live_bytes: packs.values().map(|p| p.live_bytes).sum(),
+        })
+    }
+
+    fn external_bytes(&self, ix: &Index) -> Result<u64> {
+        Ok(pack_stats(ix)?.values().map(|s| s.size).sum())
+    }
+
+    /// Writes the config object again (after `key add|remove|passwd`): a
+    /// rebuild from the bucket must be able to open the repository.
+    fn config_saved(&self, bytes: &[u8]) -> Result<()> {
+        self.bucket
+            .put(pack::CONFIG_OBJECT, bytes.to_vec())
+            .map_err(bucket_err)
+    }
+}
+
+impl Store {
     /// Rebuilds a bucket-backed repository's local directory `dir` from the
     /// bucket alone: the config, every pack's trailer, every record's copy,
     /// every snapshot object; then the reference counts from the snapshots
@@ -1320,9 +1221,8 @@ impl Store {
         st.cache_bytes = storage.cache_bytes;
         let fresh = !dir.exists();
         let store = Store::create_local(dir, config, "recover")?;
-        match store
-            .rebuild_index(&bucket)
-            .and_then(|out| store.take_bucket(&bucket).map(|_| out))
+        match rebuild_index(&store.ix, &bucket)
+            .and_then(|out| take_bucket(&store.ix, &bucket).map(|_| out))
         {
             Ok(mut out) => {
                 out.requests = bucket.counts();
@@ -1339,176 +1239,396 @@ impl Store {
             }
         }
     }
+}
 
-    fn rebuild_index(&self, bucket: &Bucket) -> Result<RecoverOutcome> {
-        let mut out = RecoverOutcome::default();
-        let listed = listed_packs(bucket)?;
-        // Locations of everything the packs hold (first copy wins) and raw
-        // lengths of chunks.
-        let mut chunk_at: HashMap<Id, (Location, u32)> = HashMap::new();
-        let mut record_at: HashMap<[u8; 33], Location> = HashMap::new();
-        let mut sizes: HashMap<PackName, u64> = HashMap::new();
-        for (name, len) in listed {
-            let trailer = match fetch_trailer(bucket, &name, len) {
-                Ok(t) => t,
-                Err(_) => {
-                    out.rejected += 1;
-                    continue;
+/// Which of `keys` have a location (landed in the bucket).
+pub(crate) fn located(ix: &Index, keys: &[[u8; 33]]) -> Result<Vec<bool>> {
+    Ok(current_locations(ix, keys)?
+        .iter()
+        .map(Option::is_some)
+        .collect())
+}
+
+fn put_location(ix: &Index, batch: &mut WriteBatch, key: &[u8; 33], loc: &Location) {
+    match key[0] {
+        b'C' => batch.put_cf(ix.cf(cf::CHUNKS), &key[1..], loc.encode()),
+        _ => batch.put_cf(ix.cf(cf::META), loc_key(key), loc.encode()),
+    }
+}
+
+/// Current locations of objects (None: not landed).
+pub(crate) fn current_locations(ix: &Index, keys: &[[u8; 33]]) -> Result<Vec<Option<Location>>> {
+    locations_in(ix, &ix.db, keys)
+}
+
+/// Locations of `keys` as view `db` of the index has them.
+fn locations_in(ix: &Index, db: &rocksdb::DB, keys: &[[u8; 33]]) -> Result<Vec<Option<Location>>> {
+    let cf = |name| db.cf_handle(name).expect("column family exists");
+    let (chunks, meta) = (cf(cf::CHUNKS), cf(cf::META));
+    let lookups: Vec<(&rocksdb::ColumnFamily, Vec<u8>)> = keys
+        .iter()
+        .map(|k| match k[0] {
+            b'C' => (chunks, k[1..].to_vec()),
+            _ => (meta, loc_key(k)),
+        })
+        .collect();
+    db.multi_get_cf(lookups.iter().map(|(c, k)| (*c, k.as_slice())))
+        .into_iter()
+        .zip(keys)
+        .map(|(r, k)| match r {
+            Ok(None) => Ok(None),
+            Ok(Some(v)) => Location::decode(&v).map(Some).map_err(|source| {
+                let (kind, id) = ObjectKind::parse_key(k).expect("33-byte key");
+                StoreError::Corrupt { kind, id, source }
+            }),
+            Err(e) => Err(ix.db_err("read locations", e)),
+        })
+        .collect()
+}
+
+/// Every page of the commit is located or being committed now, every
+/// region a page names is located, and every chunk of a region the
+/// commit makes live is located.
+fn check_landed(ix: &Index, pages: &[Vec<u8>], page_locs: &[([u8; 33], Location)]) -> Result<()> {
+    let committing: HashSet<[u8; 33]> = page_locs.iter().map(|(k, _)| *k).collect();
+    let pkeys: Vec<[u8; 33]> = pages
+        .iter()
+        .map(|b| ObjectKind::Page.key(&Id::hash(b)))
+        .collect();
+    let loc = located(ix, &pkeys)?;
+    let mut regions = HashSet::new();
+    for ((k, b), l) in pkeys.iter().zip(pages).zip(loc) {
+        if !l && !committing.contains(k) {
+            return Err(not_landed(k));
+        }
+        let (_, id) = ObjectKind::parse_key(k).expect("33-byte key");
+        let rs = record_children(RecordKind::Page, b).map_err(|source| StoreError::Corrupt {
+            kind: ObjectKind::Page,
+            id,
+            source,
+        })?;
+        regions.extend(rs.into_iter().map(|r| ObjectKind::Region.key(&r)));
+    }
+    let rkeys: Vec<[u8; 33]> = regions.into_iter().collect();
+    for chunk in rkeys.chunks(4096) {
+        let loc = located(ix, chunk)?;
+        let rcs = ix.get_refs(chunk)?;
+        let mut newly_live = Vec::new();
+        for ((k, l), rc) in chunk.iter().zip(loc).zip(rcs) {
+            if !l {
+                return Err(not_landed(k));
+            }
+            if rc.is_some_and(|r| r.count == 0) {
+                newly_live.push(*k);
+            }
+        }
+        for k in newly_live {
+            let (_, rid) = ObjectKind::parse_key(&k).expect("33-byte key");
+            let rec = ix.raw_records(ObjectKind::Region, &[rid])?.remove(0);
+            let cs = record_children(RecordKind::Region, &rec).map_err(|source| {
+                StoreError::Corrupt {
+                    kind: ObjectKind::Region,
+                    id: rid,
+                    source,
                 }
-            };
-            out.packs += 1;
-            sizes.insert(name, len);
-            for (e, off) in trailer.entries.iter().zip(trailer.offsets()) {
-                let loc = Location {
-                    pack: name,
-                    offset: off,
-                    len: e.len,
-                };
-                match e.kind {
-                    ObjectKind::Chunk => {
-                        chunk_at.entry(e.id).or_insert((loc, e.raw_len));
-                    }
-                    k => {
-                        record_at.entry(k.key(&e.id)).or_insert(loc);
-                    }
+            })?;
+            let ckeys: Vec<[u8; 33]> = cs.iter().map(|c| ObjectKind::Chunk.key(c)).collect();
+            for (ck, l) in ckeys.iter().zip(located(ix, &ckeys)?) {
+                if !l {
+                    return Err(not_landed(ck));
                 }
             }
         }
-        // Records: fetched and checked against their ids.
-        let mut records: HashMap<[u8; 33], Vec<u8>> = HashMap::new();
-        let rkeys: Vec<[u8; 33]> = record_at.keys().copied().collect();
-        for group in rkeys.chunks(256) {
-            let reqs: Vec<(String, std::ops::Range<u64>)> = group
-                .iter()
-                .map(|k| {
-                    let l = record_at[k];
-                    (pack_path(&l.pack), l.offset..l.offset + l.len as u64)
-                })
-                .collect();
-            for (k, r) in group.iter().zip(bucket.get_ranges(&reqs)) {
-                match r {
-                    Ok(b) if Id::hash(&b).as_bytes() == &k[1..] => {
-                        records.insert(*k, b);
-                    }
-                    Ok(_) => out.rejected += 1,
-                    Err(e @ (BucketError::Unavailable { .. } | BucketError::Denied { .. })) => {
-                        return Err(bucket_err(e))
-                    }
-                    Err(_) => out.rejected += 1,
-                }
-            }
+    }
+    Ok(())
+}
+
+fn not_landed(key: &[u8; 33]) -> StoreError {
+    let (kind, id) = ObjectKind::parse_key(key).expect("33-byte key");
+    StoreError::Unreadable {
+        kind,
+        id,
+        detail: "it never reached the bucket (an upload failed): run the backup again".into(),
+    }
+}
+
+/// The commit batch's part: locations of the committed pages and their
+/// packs' accounting.
+pub(crate) fn commit_page_locations(
+    ix: &Index,
+    batch: &mut WriteBatch,
+    added: &HashSet<[u8; 33]>,
+    page_locs: &[([u8; 33], Location)],
+) -> Result<()> {
+    let mut by_pack: HashMap<PackName, (u32, u64)> = HashMap::new();
+    let mut done = HashSet::new();
+    for (k, loc) in page_locs {
+        if !added.contains(k) || !done.insert(*k) {
+            continue;
         }
-        // Snapshots.
-        let mut snapshots = Vec::new();
-        for (id, len) in listed_snapshots(bucket)? {
-            if len > MAX_SNAPSHOT_BYTES {
+        put_location(ix, batch, k, loc);
+        let e = by_pack.entry(loc.pack).or_default();
+        e.0 += 1;
+        e.1 += loc.len as u64;
+    }
+    for (name, (n, bytes)) in by_pack {
+        let mut st = pack_stat(ix, &name)?.unwrap_or_default();
+        st.live_entries += n;
+        st.live_bytes += bytes;
+        batch.put_cf(ix.cf(cf::META), pack_key(&name), st.encode());
+    }
+    Ok(())
+}
+
+fn pack_stat(ix: &Index, name: &PackName) -> Result<Option<PackStat>> {
+    ix.db
+        .get_pinned_cf(ix.cf(cf::META), pack_key(name))
+        .map_err(|e| ix.db_err("read pack stat", e))?
+        .map(|v| {
+            PackStat::decode(&v).map_err(|source| StoreError::Format {
+                path: ix.dir.join(imgstore_format::DB_DIR),
+                source,
+            })
+        })
+        .transpose()
+}
+
+/// In a sweep batch: drops the locations of deleted objects and takes
+/// them off their packs' accounting.
+pub(crate) fn unlocate(ix: &Index, batch: &mut WriteBatch, deleted: &[[u8; 33]]) -> Result<()> {
+    if deleted.is_empty() {
+        return Ok(());
+    }
+    let locs = current_locations(ix, deleted)?;
+    let mut by_pack: HashMap<PackName, (u32, u64)> = HashMap::new();
+    for (k, l) in deleted.iter().zip(locs) {
+        if k[0] != b'C' {
+            batch.delete_cf(ix.cf(cf::META), loc_key(k));
+        }
+        if let Some(l) = l {
+            let e = by_pack.entry(l.pack).or_default();
+            e.0 += 1;
+            e.1 += l.len as u64;
+        }
+    }
+    for (name, (n, bytes)) in by_pack {
+        if let Some(mut st) = pack_stat(ix, &name)? {
+            st.live_entries = st.live_entries.saturating_sub(n);
+            st.live_bytes = st.live_bytes.saturating_sub(bytes);
+            batch.put_cf(ix.cf(cf::META), pack_key(&name), st.encode());
+        }
+    }
+    Ok(())
+}
+
+/// Every `pack:` entry.
+pub(crate) fn pack_stats(ix: &Index) -> Result<HashMap<PackName, PackStat>> {
+    let mut out = HashMap::new();
+    ix.scan_meta(PACK_PREFIX, "read pack stats", |k, v| {
+        if let (Some(n), Ok(s)) = (Id::from_slice(&k[PACK_PREFIX.len()..]), PackStat::decode(v)) {
+            out.insert(n, s);
+        }
+        Ok(true)
+    })?;
+    Ok(out)
+}
+
+/// Makes this index the bucket's owner (at `init` and `recover`): a
+/// new index id in `meta`, and the `owner` object naming it.
+fn take_bucket(ix: &Index, bucket: &Bucket) -> Result<()> {
+    let mut id = [0u8; 16];
+    getrandom::fill(&mut id).map_err(|e| StoreError::Invalid(format!("no randomness: {e}")))?;
+    let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    let mut b = WriteBatch::default();
+    b.put_cf(ix.cf(cf::META), pack::META_INDEX_KEY, hex.as_bytes());
+    ix.write_synced(b, "record the index id")?;
+    let owner = pack::Owner {
+        index: hex,
+        host: std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_default(),
+        since: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0),
+    };
+    bucket
+        .put(pack::OWNER_OBJECT, owner.encode())
+        .map_err(bucket_err)
+}
+
+fn rebuild_index(ix: &Index, bucket: &Bucket) -> Result<RecoverOutcome> {
+    let mut out = RecoverOutcome::default();
+    let listed = listed_packs(bucket)?;
+    // Locations of everything the packs hold (first copy wins) and raw
+    // lengths of chunks.
+    let mut chunk_at: HashMap<Id, (Location, u32)> = HashMap::new();
+    let mut record_at: HashMap<[u8; 33], Location> = HashMap::new();
+    let mut sizes: HashMap<PackName, u64> = HashMap::new();
+    for (name, len) in listed {
+        let trailer = match fetch_trailer(bucket, &name, len) {
+            Ok(t) => t,
+            Err(_) => {
                 out.rejected += 1;
                 continue;
             }
-            let b = bucket
-                .get(&pack::snapshot_path(&id), MAX_SNAPSHOT_BYTES)
-                .map_err(bucket_err)?;
-            match SnapshotObject::decode(&b, &id) {
-                Ok(o) => snapshots.push((id, o)),
+        };
+        out.packs += 1;
+        sizes.insert(name, len);
+        for (e, off) in trailer.entries.iter().zip(trailer.offsets()) {
+            let loc = Location {
+                pack: name,
+                offset: off,
+                len: e.len,
+            };
+            match e.kind {
+                ObjectKind::Chunk => {
+                    chunk_at.entry(e.id).or_insert((loc, e.raw_len));
+                }
+                k => {
+                    record_at.entry(k.key(&e.id)).or_insert(loc);
+                }
+            }
+        }
+    }
+    // Records: fetched and checked against their ids.
+    let mut records: HashMap<[u8; 33], Vec<u8>> = HashMap::new();
+    let rkeys: Vec<[u8; 33]> = record_at.keys().copied().collect();
+    for group in rkeys.chunks(256) {
+        let reqs: Vec<(String, std::ops::Range<u64>)> = group
+            .iter()
+            .map(|k| {
+                let l = record_at[k];
+                (pack_path(&l.pack), l.offset..l.offset + l.len as u64)
+            })
+            .collect();
+        for (k, r) in group.iter().zip(bucket.get_ranges(&reqs)) {
+            match r {
+                Ok(b) if Id::hash(&b).as_bytes() == &k[1..] => {
+                    records.insert(*k, b);
+                }
+                Ok(_) => out.rejected += 1,
+                Err(e @ (BucketError::Unavailable { .. } | BucketError::Denied { .. })) => {
+                    return Err(bucket_err(e))
+                }
                 Err(_) => out.rejected += 1,
             }
         }
-        // Reference counts: one per stored parent naming the object, with
-        // multiplicity (what every write batch keeps).
-        let mut refs: HashMap<[u8; 33], u64> = HashMap::new();
-        for (_, o) in &snapshots {
-            if let Ok(ps) = record_children(RecordKind::Snapshot, &o.record) {
-                for p in ps {
-                    *refs.entry(ObjectKind::Page.key(&p)).or_default() += 1;
-                }
-            }
-        }
-        for (k, b) in &records {
-            let (kind, child) = match k[0] {
-                b'P' => (RecordKind::Page, ObjectKind::Region),
-                _ => (RecordKind::Region, ObjectKind::Chunk),
-            };
-            if let Ok(cs) = record_children(kind, b) {
-                for c in cs {
-                    *refs.entry(child.key(&c)).or_default() += 1;
-                }
-            }
-        }
-        let meta = self.cf(cf::META);
-        let mut batch = WriteBatch::default();
-        let mut stats: HashMap<PackName, PackStat> = sizes
-            .iter()
-            .map(|(n, s)| {
-                (
-                    *n,
-                    PackStat {
-                        size: *s,
-                        ..Default::default()
-                    },
-                )
-            })
-            .collect();
-        // One object: its count (and orphan entry), its location, its
-        // pack's accounting; batches are written as they fill.
-        let mut place =
-            |batch: &mut WriteBatch, k: &[u8; 33], rc: RefCount, loc: &Location| -> Result<()> {
-                batch.put_cf(self.cf(cf::REFS), k, rc.encode());
-                if rc.count == 0 {
-                    batch.put_cf(self.cf(cf::ORPHANS), k, []);
-                }
-                self.put_location(batch, k, loc);
-                let s = stats.entry(loc.pack).or_default();
-                s.live_entries += 1;
-                s.live_bytes += loc.len as u64;
-                if batch.len() > 50_000 {
-                    self.write_synced(std::mem::take(batch), "recover")?;
-                }
-                Ok(())
-            };
-        for (id, (loc, raw)) in &chunk_at {
-            let k = ObjectKind::Chunk.key(id);
-            let rc = RefCount {
-                count: refs.get(&k).copied().unwrap_or(0),
-                logical_len: *raw,
-                stored_len: loc.len,
-            };
-            place(&mut batch, &k, rc, loc)?;
-            out.chunks += 1;
-        }
-        for (k, b) in &records {
-            let rc = RefCount {
-                count: refs.get(k).copied().unwrap_or(0),
-                logical_len: b.len() as u32,
-                stored_len: b.len() as u32,
-            };
-            batch.put_cf(self.cf(cf::RECIPES), k, b);
-            place(&mut batch, k, rc, &record_at[k])?;
-            out.records += 1;
-        }
-        for (n, s) in &stats {
-            batch.put_cf(meta, pack_key(n), s.encode());
-        }
-        for (id, o) in &snapshots {
-            batch.put_cf(self.cf(cf::SNAPSHOTS), id.as_bytes(), &o.record);
-            if o.protected {
-                batch.put_cf(meta, imgstore_format::meta::protect_key(id), []);
-            }
-            if let Some(p) = o.parent {
-                batch.put_cf(meta, imgstore_format::meta::parent_key(id), p.as_bytes());
-            }
-            out.snapshots += 1;
-        }
-        out.missing = refs
-            .keys()
-            .filter(|k| match k[0] {
-                b'C' => Id::from_slice(&k[1..]).is_some_and(|id| !chunk_at.contains_key(&id)),
-                _ => !records.contains_key(*k),
-            })
-            .count() as u64;
-        self.write_synced(batch, "recover")?;
-        self.flush_all()?;
-        Ok(out)
     }
+    // Snapshots.
+    let mut snapshots = Vec::new();
+    for (id, len) in listed_snapshots(bucket)? {
+        if len > MAX_SNAPSHOT_BYTES {
+            out.rejected += 1;
+            continue;
+        }
+        let b = bucket
+            .get(&pack::snapshot_path(&id), MAX_SNAPSHOT_BYTES)
+            .map_err(bucket_err)?;
+        match SnapshotObject::decode(&b, &id) {
+            Ok(o) => snapshots.push((id, o)),
+            Err(_) => out.rejected += 1,
+        }
+    }
+    // Reference counts: one per stored parent naming the object, with
+    // multiplicity (what every write batch keeps).
+    let mut refs: HashMap<[u8; 33], u64> = HashMap::new();
+    for (_, o) in &snapshots {
+        if let Ok(ps) = record_children(RecordKind::Snapshot, &o.record) {
+            for page in ps {
+                *refs.entry(ObjectKind::Page.key(&page)).or_default() += 1;
+            }
+        }
+    }
+    for (k, b) in &records {
+        let (kind, child) = match k[0] {
+            b'P' => (RecordKind::Page, ObjectKind::Region),
+            _ => (RecordKind::Region, ObjectKind::Chunk),
+        };
+        if let Ok(cs) = record_children(kind, b) {
+            for c in cs {
+                *refs.entry(child.key(&c)).or_default() += 1;
+            }
+        }
+    }
+    let meta = ix.cf(cf::META);
+    let mut batch = WriteBatch::default();
+    let mut stats: HashMap<PackName, PackStat> = sizes
+        .iter()
+        .map(|(n, s)| {
+            (
+                *n,
+                PackStat {
+                    size: *s,
+                    ..Default::default()
+                },
+            )
+        })
+        .collect();
+    // One object: its count (and orphan entry), its location, its
+    // pack's accounting; batches are written as they fill.
+    let mut place =
+        |batch: &mut WriteBatch, k: &[u8; 33], rc: RefCount, loc: &Location| -> Result<()> {
+            batch.put_cf(ix.cf(cf::REFS), k, rc.encode());
+            if rc.count == 0 {
+                batch.put_cf(ix.cf(cf::ORPHANS), k, []);
+            }
+            put_location(ix, batch, k, loc);
+            let s = stats.entry(loc.pack).or_default();
+            s.live_entries += 1;
+            s.live_bytes += loc.len as u64;
+            if batch.len() > 50_000 {
+                ix.write_synced(std::mem::take(batch), "recover")?;
+            }
+            Ok(())
+        };
+    for (id, (loc, raw)) in &chunk_at {
+        let k = ObjectKind::Chunk.key(id);
+        let rc = RefCount {
+            count: refs.get(&k).copied().unwrap_or(0),
+            logical_len: *raw,
+            stored_len: loc.len,
+        };
+        place(&mut batch, &k, rc, loc)?;
+        out.chunks += 1;
+    }
+    for (k, b) in &records {
+        let rc = RefCount {
+            count: refs.get(k).copied().unwrap_or(0),
+            logical_len: b.len() as u32,
+            stored_len: b.len() as u32,
+        };
+        batch.put_cf(ix.cf(cf::RECIPES), k, b);
+        place(&mut batch, k, rc, &record_at[k])?;
+        out.records += 1;
+    }
+    for (n, s) in &stats {
+        batch.put_cf(meta, pack_key(n), s.encode());
+    }
+    for (id, o) in &snapshots {
+        batch.put_cf(ix.cf(cf::SNAPSHOTS), id.as_bytes(), &o.record);
+        if o.protected {
+            batch.put_cf(meta, imgstore_format::meta::protect_key(id), []);
+        }
+        if let Some(parent) = o.parent {
+            batch.put_cf(
+                meta,
+                imgstore_format::meta::parent_key(id),
+                parent.as_bytes(),
+            );
+        }
+        out.snapshots += 1;
+    }
+    out.missing = refs
+        .keys()
+        .filter(|k| match k[0] {
+            b'C' => Id::from_slice(&k[1..]).is_some_and(|id| !chunk_at.contains_key(&id)),
+            _ => !records.contains_key(*k),
+        })
+        .count() as u64;
+    ix.write_synced(batch, "recover")?;
+    ix.flush_all()?;
+    Ok(out)
 }
 
 /// The packs in the bucket, by name, with their sizes (other objects

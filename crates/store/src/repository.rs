@@ -30,28 +30,12 @@ impl Repository for Store {
     }
 
     fn read_order(&self, ids: &[Id]) -> Result<Vec<usize>> {
-        if self.packs().is_none() {
-            return Ok((0..ids.len()).collect());
-        }
-        let mut at = Vec::with_capacity(ids.len());
-        for (n, group) in ids.chunks(8192).enumerate() {
-            let keys: Vec<[u8; 33]> = group.iter().map(|id| ObjectKind::Chunk.key(id)).collect();
-            for (i, l) in self.current_locations(&keys)?.into_iter().enumerate() {
-                // Chunks without a location (missing) go last.
-                at.push((
-                    l.map(|l| (0u8, l.pack, l.offset))
-                        .unwrap_or((1, Id::ZERO, 0)),
-                    n * 8192 + i,
-                ));
-            }
-        }
-        at.sort_unstable();
-        Ok(at.into_iter().map(|(_, i)| i).collect())
+        self.frames.read_order(&self.ix, ids)
     }
 
     fn ref_counts(&self, kind: ObjectKind, ids: &[Id]) -> Result<Vec<Option<RefCount>>> {
         let keys: Vec<[u8; 33]> = ids.iter().map(|id| kind.key(id)).collect();
-        self.get_refs(&keys)
+        self.ix.get_refs(&keys)
     }
 
     fn totals(&self) -> Result<Totals> {
@@ -59,11 +43,7 @@ impl Repository for Store {
     }
 
     fn storage_bytes(&self) -> Option<u64> {
-        let packs: u64 = match self.packs() {
-            Some(_) => self.pack_stats().ok()?.values().map(|s| s.size).sum(),
-            None => 0,
-        };
-        Some(crate::disk_usage(self.dir()) + packs)
+        Store::storage_bytes(self).ok()
     }
 
     fn chunks_known(&self, ids: &[Id]) -> Result<Vec<bool>> {

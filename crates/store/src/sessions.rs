@@ -57,21 +57,22 @@ impl Store {
     /// left out: a snapshot without a witness is checked as a local one).
     pub fn attestations(&self) -> Result<HashMap<imgstore_format::Id, Attestation>> {
         let mut out = HashMap::new();
-        self.scan_meta(meta::ATTEST_PREFIX, "read commit witnesses", |k, v| {
-            if let (Some(id), Ok((image, committed_ns))) = (
-                imgstore_format::Id::from_slice(&k[meta::ATTEST_PREFIX.len()..]),
-                meta::decode_attestation(v),
-            ) {
-                out.insert(
-                    id,
-                    Attestation {
-                        image,
-                        committed_ns,
-                    },
-                );
-            }
-            Ok(true)
-        })?;
+        self.ix
+            .scan_meta(meta::ATTEST_PREFIX, "read commit witnesses", |k, v| {
+                if let (Some(id), Ok((image, committed_ns))) = (
+                    imgstore_format::Id::from_slice(&k[meta::ATTEST_PREFIX.len()..]),
+                    meta::decode_attestation(v),
+                ) {
+                    out.insert(
+                        id,
+                        Attestation {
+                            image,
+                            committed_ns,
+                        },
+                    );
+                }
+                Ok(true)
+            })?;
         Ok(out)
     }
 }
@@ -110,7 +111,7 @@ impl Store {
     /// pinned until the session puts a region naming it or ends. With a
     /// namespace, a chunk counts as present only if it is marked for it.
     pub fn session_chunks_known(&self, scope: &Scope, ids: &[Id]) -> Result<Vec<bool>> {
-        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let _guard = self.ix.lock();
         let mut known = self.chunks_known(ids)?;
         if let (Some(ns), false) = (&scope.namespace, scope.global) {
             let keys: Vec<[u8; 33]> = ids.iter().map(|id| ObjectKind::Chunk.key(id)).collect();
@@ -168,7 +169,7 @@ impl Store {
         ns: &str,
         keys: impl IntoIterator<Item = &'k [u8; 33]>,
     ) -> Result<()> {
-        let meta_cf = self.cf(cf::META);
+        let meta_cf = self.ix.cf(cf::META);
         let prefix = meta::ns_prefix(ns).map_err(|e| StoreError::Invalid(e.to_string()))?;
         let mut k = prefix.clone();
         for key in keys {
@@ -190,12 +191,13 @@ impl Store {
                 v
             })
             .collect();
-        self.db
-            .batched_multi_get_cf(self.cf(cf::META), full.iter(), false)
+        self.ix
+            .db
+            .batched_multi_get_cf(self.ix.cf(cf::META), full.iter(), false)
             .into_iter()
             .map(|r| {
                 r.map(|v| v.is_some())
-                    .map_err(|e| self.db_err("read namespace marks", e))
+                    .map_err(|e| self.ix.db_err("read namespace marks", e))
             })
             .collect()
     }
@@ -203,17 +205,7 @@ impl Store {
     /// Stored region recipes or index pages as stored (the caller checks
     /// them against their ids); an absent one is an error naming it.
     pub fn raw_records(&self, kind: ObjectKind, ids: &[Id]) -> Result<Vec<Vec<u8>>> {
-        let keys: Vec<[u8; 33]> = ids.iter().map(|id| kind.key(id)).collect();
-        self.db
-            .batched_multi_get_cf(self.cf(cf::RECIPES), keys.iter(), false)
-            .into_iter()
-            .zip(ids)
-            .map(|(r, id)| match r {
-                Ok(Some(v)) => Ok(v.to_vec()),
-                Ok(None) => Err(StoreError::Missing { kind, id: *id }),
-                Err(e) => Err(self.db_err("read recipe", e)),
-            })
-            .collect()
+        self.ix.raw_records(kind, ids)
     }
 
     /// Names of the namespaces that have marks (a seek per name, not a
@@ -222,12 +214,12 @@ impl Store {
         let mut names = Vec::new();
         let mut from = meta::NS_PREFIX.to_vec();
         loop {
-            let mut it = self.db.iterator_cf(
-                self.cf(cf::META),
+            let mut it = self.ix.db.iterator_cf(
+                self.ix.cf(cf::META),
                 rocksdb::IteratorMode::From(&from, rocksdb::Direction::Forward),
             );
             let Some(item) = it.next() else { break };
-            let (k, _) = item.map_err(|e| self.db_err("list namespaces", e))?;
+            let (k, _) = item.map_err(|e| self.ix.db_err("list namespaces", e))?;
             let Some(rest) = k.strip_prefix(meta::NS_PREFIX) else {
                 break;
             };
@@ -250,7 +242,7 @@ impl Store {
     /// written before it was served, or by an admin, is handed to a
     /// namespace. Returns the number of objects marked.
     pub fn adopt(&self, ns: &str, pages: &[Id]) -> Result<u64> {
-        self.require_write()?;
+        self.ix.require_write()?;
         let mut keys: HashSet<[u8; 33]> = HashSet::new();
         let mut regions: HashSet<Id> = HashSet::new();
         let children = |kind: ObjectKind, rk: RecordKind, id: &Id| -> Result<Vec<Id>> {
@@ -273,7 +265,7 @@ impl Store {
         }
         let mut batch = WriteBatch::default();
         self.mark_ns(&mut batch, ns, keys.iter())?;
-        self.write_synced(batch, "mark namespace")?;
+        self.ix.write_synced(batch, "mark namespace")?;
         Ok(keys.len() as u64)
     }
 }
