@@ -7,6 +7,7 @@ mod util;
 
 mod backup;
 mod bucket;
+mod conformance;
 mod conventions;
 mod encryption;
 mod errors;
