@@ -701,7 +701,7 @@ fn store_commit_and_read_back(s: &mut Subject) -> Log {
     assert_eq!(r.raw_records(ObjectKind::Region, &[r1]).unwrap(), [rec]);
     assert_eq!(
         r.raw_records(ObjectKind::Page, &[s1.page_id]).unwrap(),
-        [s1.page.clone()]
+        std::slice::from_ref(&s1.page)
     );
     assert_eq!(r.regions(&[r1]).unwrap()[0].entries.len(), 2);
     assert_eq!(r.pages(&[s1.page_id]).unwrap()[0].regions, [r1, r2]);
