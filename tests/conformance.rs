@@ -71,9 +71,10 @@
 //!   `Unreadable` ("it never reached the bucket (an upload failed)")
 //!   where others say `Missing`.
 //!
-//! Not covered: `ChunkFault::Collected` (a read-only local store reading
-//! what a writer's gc deleted since it opened): no kind but the local
-//! store's read-only view produces it, and it needs two processes' views.
+//! `ChunkFault::Collected` comes only from a store's read-only view (a
+//! reader opened before a writer's gc), so it has its own test over the
+//! local and bucket-backed kinds
+//! ([`a_reader_opened_before_gc_reports_collected_chunks`]).
 
 use std::collections::BTreeSet;
 use std::fmt::Debug;
@@ -1416,6 +1417,46 @@ fn remote() {
 #[test]
 fn remote_encrypted() {
     conform(Kind::Remote, true);
+}
+
+/// A reader that opened before a writer's gc deleted what it reads says
+/// so (`ChunkFault::Collected`: its snapshot was forgotten meanwhile), not
+/// "missing", which would be damage. Local and bucket-backed stores, whose
+/// read-only views outlive the blob files or packs a gc deletes; `MemRepo`
+/// only injects it (`collect_under_reader`), and a server reads through its
+/// own writer.
+#[test]
+fn a_reader_opened_before_gc_reports_collected_chunks() {
+    let garage_env = Env::new();
+    let node = garage(&garage_env);
+    for (kind, sealed) in [
+        (Kind::Local, false),
+        (Kind::Local, true),
+        (Kind::Bucket, false),
+        (Kind::Bucket, true),
+    ] {
+        let s = Subject::new(kind, sealed, Some(&node));
+        let r = s.repo();
+        let (r0, _) = put(r, &[0]);
+        let s0 = snap(r, "vm", 1, &[r0], 1);
+        commit(r, &s0, None);
+        let (r1, _) = put(r, &[1]);
+        commit(r, &snap(r, "vm", 2, &[r1], 2), None);
+        let reader = Store::open(&s.env.repo(), Mode::ReadOnly)
+            .unwrap()
+            .with_codec(codec(sealed));
+        assert_eq!(snapshot_ids(&reader).len(), 2);
+        r.forget(&[s0.id]).unwrap();
+        let removed = r.gc(false).unwrap().removed;
+        assert_eq!((removed.chunks, removed.regions), (1, 1));
+        assert_eq!(
+            read(&reader, &[0, 1]),
+            ["collected", "intact"],
+            "{}",
+            s.label()
+        );
+        assert_eq!(read(r, &[0, 1]), ["missing", "intact"]);
+    }
 }
 
 /// What a namespace token sees of a remote repository is what a private
