@@ -57,20 +57,6 @@
 //!   are refused, and its damage marks are kept only where the server can
 //!   confirm them ([`remote_namespace_tokens_get_private_answers`]).
 //!
-//! # Known disagreements (store side, reported, not fixed here)
-//!
-//! Marked `KNOWN DISAGREEMENT` where they are asserted as they are today,
-//! so a fix makes the assertion fail and the special case goes:
-//!
-//! * `Store::clear_damaged` leaves the mark pending for the open writer:
-//!   the cleared chunk stays unknown to `chunks_known` and counted by
-//!   `damage_pending` (local, bucket, and so remote), where `MemRepo` drops it.
-//! * A bucket-backed store reads chunks that gc collected from the open
-//!   (unsealed) pack of its writer: intact where others say `Missing`.
-//! * A bucket-backed store refuses a commit naming an absent region as
-//!   `Unreadable` ("it never reached the bucket (an upload failed)")
-//!   where others say `Missing`.
-//!
 //! `ChunkFault::Collected` comes only from a store's read-only view (a
 //! reader opened before a writer's gc), so it has its own test over the
 //! local and bucket-backed kinds
@@ -709,24 +695,10 @@ fn store_commit_and_read_back(s: &mut Subject) -> Log {
     let err = r
         .commit(&bad.record, std::slice::from_ref(&bad.page), None)
         .unwrap_err();
-    if s.kind == Kind::Bucket {
-        // KNOWN DISAGREEMENT (store, bucket-backed; reported, not fixed
-        // here while crates/store/src is refactored): `check_landed` finds
-        // the absent region without a pack location and refuses the commit
-        // as `Unreadable` "it never reached the bucket (an upload failed):
-        // run the backup again" (misleading: nothing was uploaded or
-        // failed) where every other kind says `Missing`. When this fails,
-        // the store was fixed: keep only the `else` branch.
-        assert!(
-            matches!(err, RepoError::Unreadable { kind: ObjectKind::Region, id, .. } if id == r3),
-            "{err}"
-        );
-    } else {
-        assert!(
-            matches!(err, RepoError::Missing { kind: ObjectKind::Region, id } if id == r3),
-            "{err}"
-        );
-    }
+    assert!(
+        matches!(err, RepoError::Missing { kind: ObjectKind::Region, id } if id == r3),
+        "{err}"
+    );
     let err = r.commit(&bad.record, &[], None).unwrap_err();
     assert!(
         matches!(err, RepoError::Missing { kind: ObjectKind::Page, id } if id == bad.page_id),
@@ -1027,19 +999,7 @@ fn uncommitted_regions_are_orphans(s: &mut Subject) -> Log {
     assert_eq!(r.totals().unwrap(), Totals::default());
     s.begin("vm");
     assert_eq!(r.chunks_known(&ids).unwrap(), [false, false]);
-    if s.kind == Kind::Bucket {
-        // KNOWN DISAGREEMENT (store, bucket-backed; crates/store/src is
-        // being refactored, so it is reported, not fixed here): gc deleted
-        // the chunks' index entries, but their frames still sit in the
-        // open (unsealed) pack of this writer, and `chunk_frames` answers
-        // from there (`bucket_frames_in` → `Packs::pending_bytes`), so the
-        // collected chunks read intact where every other kind says
-        // `ChunkFault::Missing`. When this assertion fails, the store was
-        // fixed: drop this branch.
-        assert_eq!(read(r, &[0, 1]), ["intact", "intact"]);
-    } else {
-        assert_eq!(read(r, &[0, 1]), ["missing", "missing"]);
-    }
+    assert_eq!(read(r, &[0, 1]), ["missing", "missing"]);
 
     // The same backup again stores everything anew.
     s.begin("vm");
@@ -1320,23 +1280,8 @@ fn damage_marks_and_healing(s: &mut Subject) -> Log {
     r.clear_damaged(&[(ObjectKind::Chunk, ids[1])]).unwrap();
     assert_eq!(r.damage_marks().unwrap(), [found]);
     s.begin("vm");
-    if s.kind == Kind::Memory {
-        assert_eq!(r.damage_pending(), 1);
-        assert_eq!(r.chunks_known(&ids).unwrap(), [false, true]);
-    } else {
-        // KNOWN DISAGREEMENT (store; crates/store/src is being refactored,
-        // so it is reported, not fixed here): `Store::clear_damaged`
-        // deletes the mark but leaves it pending for this writer
-        // (`Healing::pending`, loaded at open), so the cleared chunk still
-        // counts as unknown to `chunks_known` and in `damage_pending`,
-        // where `MemRepo` drops it (the trait: `chunks_known` is "stored
-        // and not marked damaged"). The server runs a `Store`, so remote
-        // repositories show it too. Harmless but wasteful: the next backup
-        // sends the chunk again. When this fails, the store was fixed:
-        // keep only the branch above.
-        assert_eq!(r.damage_pending(), 2 * usize::from(s.counts_pending()));
-        assert_eq!(r.chunks_known(&ids).unwrap(), [false, false]);
-    }
+    assert_eq!(r.damage_pending(), usize::from(s.counts_pending()));
+    assert_eq!(r.chunks_known(&ids).unwrap(), [false, true]);
     // The backup of the same data sends what counts as unknown again and
     // repairs it.
     let (again, o) = put(r, &[0]);

@@ -79,7 +79,14 @@ impl Store {
                 imgstore_format::meta::damaged_key(*kind, id),
             );
         }
-        self.ix.write_synced(b, "clear damage marks")
+        self.ix.write_synced(b, "clear damage marks")?;
+        // Found intact: this writer need not rewrite them either.
+        let mut h = self.heal.lock().unwrap_or_else(|p| p.into_inner());
+        for (kind, id) in objects {
+            h.pending.remove(&kind.key(id));
+        }
+        self.heal_pending.store(!h.pending.is_empty(), Relaxed);
+        Ok(())
     }
 
     /// Damage marks this writer has not repaired (yet).

@@ -550,10 +550,29 @@ impl Packs {
         let locs = locations_in(ix, db, &keys)?;
         let mut out: Vec<imgstore_repo::ChunkRead> = vec![Err(ChunkFault::Missing); ids.len()];
         let mut remote: HashMap<PackName, Vec<(usize, Location)>> = HashMap::new();
+        // Not landed yet: readable from this writer's memory while the
+        // index still counts it (gc may have collected it meanwhile; its
+        // bytes then stay in the pack as garbage, and it is missing).
+        let unlanded: Vec<[u8; 33]> = keys
+            .iter()
+            .zip(&locs)
+            .filter(|(_, l)| l.is_none())
+            .map(|(k, _)| *k)
+            .collect();
+        let counted: HashSet<[u8; 33]> = if unlanded.is_empty() {
+            HashSet::new()
+        } else {
+            unlanded
+                .iter()
+                .zip(ix.get_refs(&unlanded)?)
+                .filter(|(_, rc)| rc.is_some())
+                .map(|(k, _)| *k)
+                .collect()
+        };
         for (i, (k, l)) in keys.iter().zip(locs).enumerate() {
             match l {
                 None => {
-                    if let Some(b) = self.pending_bytes(k) {
+                    if let Some(b) = counted.contains(k).then(|| self.pending_bytes(k)).flatten() {
                         out[i] = Ok(b);
                     }
                 }
@@ -1315,6 +1334,11 @@ fn check_landed(ix: &Index, pages: &[Vec<u8>], page_locs: &[([u8; 33], Location)
         let rcs = ix.get_refs(chunk)?;
         let mut newly_live = Vec::new();
         for ((k, l), rc) in chunk.iter().zip(loc).zip(rcs) {
+            if rc.is_none() {
+                // Never stored at all: the commit names what no one sent.
+                let (kind, id) = ObjectKind::parse_key(k).expect("33-byte key");
+                return Err(StoreError::Missing { kind, id });
+            }
             if !l {
                 return Err(not_landed(k));
             }
