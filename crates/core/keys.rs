@@ -15,8 +15,9 @@ use imgstore_repo::Codec;
 use zeroize::Zeroizing;
 
 use crate::args::{KeyAction, KeyArgs};
-use crate::commands::{emit, note, settings};
 use crate::exit;
+use crate::output::{emit, note};
+use crate::settings::settings;
 
 /// Where a secret comes from.
 enum Source {
@@ -167,7 +168,7 @@ pub fn key(repo: &Path, a: KeyArgs) -> anyhow::Result<()> {
             "`imgstore key` changes the key slots of a repository on this machine: run it on the server with -r DIR",
         ));
     }
-    let _writer = crate::commands::open_writer(repo, "key")?;
+    let _writer = crate::open::open_writer(repo, "key")?;
     let bytes = std::fs::read(config_path(repo)).context("cannot read the repository config")?;
     let mut config = RepoConfig::from_json(&bytes)?;
     let location = repo.display().to_string();
