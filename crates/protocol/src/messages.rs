@@ -10,6 +10,31 @@ use crate::{Dec, Enc, Malformed};
 
 // ---------- ids, records, bitmaps ----------
 
+/// The one shape of every answer to a multi-get (records, frames,
+/// reference entries, zero values): `u32 n`, then `n` items of at least
+/// `min_item` bytes, one per thing asked for, in order. `n` must be
+/// `expected` (at most `limit`); `item` reads one; the body must end there.
+/// `noun` and `asked` name them in the error (`"3 frames for 4 ids"`).
+fn decode_answers<'a, T>(
+    body: &'a [u8],
+    what: &'static str,
+    (noun, asked): (&str, &str),
+    expected: usize,
+    (limit, min_item): (usize, usize),
+    mut item: impl FnMut(&mut Dec<'a>) -> Result<T, Malformed>,
+) -> Result<Vec<T>, Malformed> {
+    let mut d = Dec::new(body, what);
+    let n = d.count(limit, min_item)?;
+    if n != expected {
+        return Err(d.err(format!("{n} {noun} for {expected} {asked}")));
+    }
+    let out = (0..n)
+        .map(|_| item(&mut d))
+        .collect::<Result<Vec<_>, _>>()?;
+    d.end()?;
+    Ok(out)
+}
+
 /// `u32 n`, then `n` ids of 32 bytes.
 pub fn encode_ids(ids: &[Id]) -> Vec<u8> {
     let mut e = Enc::with_capacity(4 + ids.len() * 32);
@@ -41,16 +66,14 @@ pub fn encode_records<B: AsRef<[u8]>>(records: &[B]) -> Vec<u8> {
 
 /// Records answering a request for `expected` of them.
 pub fn decode_records(body: &[u8], expected: usize) -> Result<Vec<Vec<u8>>, Malformed> {
-    let mut d = Dec::new(body, "record list");
-    let n = d.count(limits::IDS_PER_CALL, 4)?;
-    if n != expected {
-        return Err(d.err(format!("{n} records for {expected} ids")));
-    }
-    let out = (0..n)
-        .map(|_| d.bytes(limits::RECORD_BYTES).map(<[u8]>::to_vec))
-        .collect::<Result<Vec<_>, _>>()?;
-    d.end()?;
-    Ok(out)
+    decode_answers(
+        body,
+        "record list",
+        ("records", "ids"),
+        expected,
+        (limits::IDS_PER_CALL, 4),
+        |d| d.bytes(limits::RECORD_BYTES).map(<[u8]>::to_vec),
+    )
 }
 
 /// One byte per id: 1 stored, 0 not.
@@ -195,24 +218,23 @@ pub fn encode_frames(frames: &[ChunkRead]) -> Vec<u8> {
 }
 
 pub fn decode_frames(body: &[u8], expected: usize) -> Result<Vec<ChunkRead>, Malformed> {
-    let mut d = Dec::new(body, "chunk frames");
-    let n = d.count(limits::IDS_PER_CALL, 1)?;
-    if n != expected {
-        return Err(d.err(format!("{n} frames for {expected} ids")));
-    }
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        out.push(match d.u8()? {
-            FRAME_OK => Ok(d.bytes(limits::FRAME_BYTES)?.to_vec()),
-            FRAME_MISSING => Err(ChunkFault::Missing),
-            FRAME_UNREADABLE => Err(ChunkFault::Unreadable(
-                String::from_utf8_lossy(d.bytes(4096)?).into_owned(),
-            )),
-            s => return Err(d.err(format!("unknown frame status {s}"))),
-        });
-    }
-    d.end()?;
-    Ok(out)
+    decode_answers(
+        body,
+        "chunk frames",
+        ("frames", "ids"),
+        expected,
+        (limits::IDS_PER_CALL, 1),
+        |d| {
+            Ok(match d.u8()? {
+                FRAME_OK => Ok(d.bytes(limits::FRAME_BYTES)?.to_vec()),
+                FRAME_MISSING => Err(ChunkFault::Missing),
+                FRAME_UNREADABLE => Err(ChunkFault::Unreadable(
+                    String::from_utf8_lossy(d.bytes(4096)?).into_owned(),
+                )),
+                s => return Err(d.err(format!("unknown frame status {s}"))),
+            })
+        },
+    )
 }
 
 /// Reference entries: `u32 n`, then per id a byte (1 present) and, when
@@ -230,20 +252,18 @@ pub fn encode_refs(refs: &[Option<Vec<u8>>]) -> Vec<u8> {
 }
 
 pub fn decode_refs(body: &[u8], expected: usize) -> Result<Vec<Option<Vec<u8>>>, Malformed> {
-    let mut d = Dec::new(body, "reference list");
-    let n = d.count(limits::IDS_PER_CALL, 1)?;
-    if n != expected {
-        return Err(d.err(format!("{n} entries for {expected} ids")));
-    }
-    let out = (0..n)
-        .map(|_| match d.u8()? {
+    decode_answers(
+        body,
+        "reference list",
+        ("entries", "ids"),
+        expected,
+        (limits::IDS_PER_CALL, 1),
+        |d| match d.u8()? {
             0 => Ok(None),
             1 => Ok(Some(d.bytes(64)?.to_vec())),
             v => Err(d.err(format!("unknown presence byte {v}"))),
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    d.end()?;
-    Ok(out)
+        },
+    )
 }
 
 // ---------- writing ----------
@@ -339,13 +359,13 @@ pub fn encode_zero_cvs(cvs: &[Option<[u8; 32]>]) -> Vec<u8> {
 }
 
 pub fn decode_zero_cvs(body: &[u8], expected: usize) -> Result<Vec<Option<[u8; 32]>>, Malformed> {
-    let mut d = Dec::new(body, "zero values");
-    let n = d.count(limits::ZERO_CVS, 33)?;
-    if n != expected {
-        return Err(d.err(format!("{n} values for {expected} asked")));
-    }
-    let out = (0..n)
-        .map(|_| {
+    decode_answers(
+        body,
+        "zero values",
+        ("values", "asked"),
+        expected,
+        (limits::ZERO_CVS, 33),
+        |d| {
             let flag = d.u8()?;
             let v: [u8; 32] = d.take(32)?.try_into().expect("32 bytes");
             match flag {
@@ -353,10 +373,8 @@ pub fn decode_zero_cvs(body: &[u8], expected: usize) -> Result<Vec<Option<[u8; 3
                 1 => Ok(Some(v)),
                 f => Err(d.err(format!("unknown flag {f}"))),
             }
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    d.end()?;
-    Ok(out)
+        },
+    )
 }
 
 /// New zero values: `u32` region size, `u32 n`, then `n` × (`u64` index, 32 bytes).
@@ -746,6 +764,33 @@ mod tests {
         assert!(
             decode_frames(&enc, 2).is_err(),
             "count must match the request"
+        );
+        // Every multi-get answer is held to the count asked for, in words
+        // naming what was answered.
+        let short = |e: Malformed| e.to_string();
+        assert_eq!(
+            short(decode_frames(&enc, 2).unwrap_err()),
+            "malformed chunk frames: 3 frames for 2 ids"
+        );
+        assert_eq!(
+            short(decode_records(&encode_records(&[b"r"]), 2).unwrap_err()),
+            "malformed record list: 1 records for 2 ids"
+        );
+        assert_eq!(
+            short(decode_refs(&encode_refs(&[None]), 0).unwrap_err()),
+            "malformed reference list: 1 entries for 0 ids"
+        );
+        assert_eq!(
+            short(decode_zero_cvs(&encode_zero_cvs(&[None]), 3).unwrap_err()),
+            "malformed zero values: 1 values for 3 asked"
+        );
+        assert_eq!(
+            decode_refs(&encode_refs(&[Some(vec![5]), None]), 2).unwrap(),
+            vec![Some(vec![5]), None]
+        );
+        assert_eq!(
+            decode_records(&encode_records(&[&b"a"[..], b"bc"]), 2).unwrap(),
+            vec![b"a".to_vec(), b"bc".to_vec()]
         );
 
         let body = encode_put_region(
