@@ -2,7 +2,7 @@
 //! small ones are JSON (the `serde` structs here).
 
 use imgstore_format::{Id, ObjectKind, RepoConfig};
-use imgstore_repo::{ChunkFault, ChunkRead, DamageMark, ForgetOutcome, GcOutcome, PutOutcome};
+use imgstore_repo::{ChunkFault, ChunkRead, DamageMark, Tally};
 use serde::{Deserialize, Serialize};
 
 use crate::limits;
@@ -453,6 +453,11 @@ pub struct ScanRequest {
 }
 
 // ---------- JSON bodies ----------
+//
+// The answers of `PUT regions/{id}`, `forget` and `gc` are the repository's
+// own outcome types (`imgstore_repo::PutOutcome`, `ForgetOutcome`,
+// `GcOutcome`, with `Tally`) serialized as they are, not copies of them;
+// the tests below pin their JSON.
 
 /// The roles a token can have (see `docs/SECURITY.md`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -512,77 +517,13 @@ pub struct SessionReply {
     pub idle_timeout_secs: u64,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WireTally {
-    pub chunks: u64,
-    pub chunk_raw_bytes: u64,
-    pub chunk_stored_bytes: u64,
-    pub regions: u64,
-    pub pages: u64,
-    pub recipe_bytes: u64,
-}
-
-impl From<imgstore_repo::Tally> for WireTally {
-    fn from(t: imgstore_repo::Tally) -> Self {
-        WireTally {
-            chunks: t.chunks,
-            chunk_raw_bytes: t.chunk_raw_bytes,
-            chunk_stored_bytes: t.chunk_stored_bytes,
-            regions: t.regions,
-            pages: t.pages,
-            recipe_bytes: t.recipe_bytes,
-        }
-    }
-}
-
-impl From<WireTally> for imgstore_repo::Tally {
-    fn from(t: WireTally) -> Self {
-        imgstore_repo::Tally {
-            chunks: t.chunks,
-            chunk_raw_bytes: t.chunk_raw_bytes,
-            chunk_stored_bytes: t.chunk_stored_bytes,
-            regions: t.regions,
-            pages: t.pages,
-            recipe_bytes: t.recipe_bytes,
-        }
-    }
-}
-
 /// `GET /v1/totals`.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 pub struct WireTotals {
-    pub objects: WireTally,
+    pub objects: Tally,
     pub orphans: u64,
     /// Bytes the repository occupies on the server's disk.
     pub storage_bytes: u64,
-}
-
-/// Answer of `PUT /v1/regions/{id}`.
-#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
-pub struct WirePut {
-    pub region_new: bool,
-    pub new_chunks: u64,
-    pub new_bytes: u64,
-}
-
-impl From<PutOutcome> for WirePut {
-    fn from(p: PutOutcome) -> Self {
-        WirePut {
-            region_new: p.region_new,
-            new_chunks: p.new_chunks,
-            new_bytes: p.new_bytes,
-        }
-    }
-}
-
-impl From<WirePut> for PutOutcome {
-    fn from(p: WirePut) -> Self {
-        PutOutcome {
-            region_new: p.region_new,
-            new_chunks: p.new_chunks,
-            new_bytes: p.new_bytes,
-        }
-    }
 }
 
 /// Answer of a commit or a snapshot replacement.
@@ -604,56 +545,8 @@ pub struct ProtectRequest {
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]
-pub struct WireForget {
-    pub snapshots: u64,
-    pub pages_orphaned: u64,
-}
-
-impl From<ForgetOutcome> for WireForget {
-    fn from(f: ForgetOutcome) -> Self {
-        WireForget {
-            snapshots: f.snapshots,
-            pages_orphaned: f.pages_orphaned,
-        }
-    }
-}
-
-impl From<WireForget> for ForgetOutcome {
-    fn from(f: WireForget) -> Self {
-        ForgetOutcome {
-            snapshots: f.snapshots,
-            pages_orphaned: f.pages_orphaned,
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 pub struct GcRequest {
     pub dry_run: bool,
-}
-
-#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
-pub struct WireGc {
-    pub removed: WireTally,
-    pub rewrote: bool,
-}
-
-impl From<GcOutcome> for WireGc {
-    fn from(g: GcOutcome) -> Self {
-        WireGc {
-            removed: g.removed.into(),
-            rewrote: g.rewrote,
-        }
-    }
-}
-
-impl From<WireGc> for GcOutcome {
-    fn from(g: WireGc) -> Self {
-        GcOutcome {
-            removed: g.removed.into(),
-            rewrote: g.rewrote,
-        }
-    }
 }
 
 /// A damage mark on the wire: kind letter (`C`, `R`, `P`), hex id, reason.
@@ -824,6 +717,62 @@ mod tests {
         assert_eq!(
             decode_scan(&s).unwrap(),
             (true, vec![(b"k".to_vec(), b"v".to_vec())])
+        );
+    }
+
+    /// The JSON answers docs/PROTOCOL.md gives, byte for byte: the
+    /// repository's outcome types are sent as they are, so a field renamed
+    /// there would change the wire.
+    #[test]
+    fn json_answers_are_pinned() {
+        use imgstore_repo::{ForgetOutcome, GcOutcome, PutOutcome};
+        let tally = Tally {
+            chunks: 1,
+            chunk_raw_bytes: 2,
+            chunk_stored_bytes: 3,
+            regions: 4,
+            pages: 5,
+            recipe_bytes: 6,
+        };
+        let tally_json = r#"{"chunks":1,"chunk_raw_bytes":2,"chunk_stored_bytes":3,"regions":4,"pages":5,"recipe_bytes":6}"#;
+        fn pinned<T>(v: &T, json: &str)
+        where
+            T: Serialize + serde::de::DeserializeOwned + std::fmt::Debug + PartialEq,
+        {
+            assert_eq!(serde_json::to_string(v).unwrap(), json);
+            assert_eq!(&serde_json::from_str::<T>(json).unwrap(), v);
+        }
+        pinned(&tally, tally_json);
+        pinned(
+            &PutOutcome {
+                region_new: true,
+                new_chunks: 7,
+                new_bytes: 8,
+            },
+            r#"{"region_new":true,"new_chunks":7,"new_bytes":8}"#,
+        );
+        pinned(
+            &ForgetOutcome {
+                snapshots: 9,
+                pages_orphaned: 10,
+            },
+            r#"{"snapshots":9,"pages_orphaned":10}"#,
+        );
+        pinned(
+            &GcOutcome {
+                removed: tally,
+                rewrote: false,
+            },
+            &format!(r#"{{"removed":{tally_json},"rewrote":false}}"#),
+        );
+        let totals = WireTotals {
+            objects: tally,
+            orphans: 11,
+            storage_bytes: 12,
+        };
+        assert_eq!(
+            serde_json::to_string(&totals).unwrap(),
+            format!(r#"{{"objects":{tally_json},"orphans":11,"storage_bytes":12}}"#)
         );
     }
 

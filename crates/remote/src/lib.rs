@@ -575,7 +575,7 @@ impl Repository for RemoteRepo {
         let body = self.call(reqwest::Method::GET, proto::paths::TOTALS, Body::None, true)?;
         let t: proto::WireTotals = self.json(&body)?;
         Ok(Totals {
-            objects: t.objects.into(),
+            objects: t.objects,
             orphans: t.orphans,
         })
     }
@@ -613,7 +613,7 @@ impl Repository for RemoteRepo {
             Body::Bytes(body),
             true,
         )?;
-        Ok(self.json::<proto::WirePut>(&reply)?.into())
+        self.json::<PutOutcome>(&reply)
     }
 
     fn commit(&self, record: &[u8], pages: &[Vec<u8>], parent: Option<&Id>) -> Result<(Id, u64)> {
@@ -703,7 +703,7 @@ impl Repository for RemoteRepo {
             Body::Bytes(proto::encode_ids(ids)),
             false,
         )?;
-        Ok(self.json::<proto::WireForget>(&body)?.into())
+        self.json::<ForgetOutcome>(&body)
     }
 
     fn set_protected(&self, id: &Id, protected: bool) -> Result<()> {
@@ -737,7 +737,7 @@ impl Repository for RemoteRepo {
             Body::Json(serde_json::json!({ "dry_run": dry_run })),
             true,
         )?;
-        Ok(self.json::<proto::WireGc>(&body)?.into())
+        self.json::<GcOutcome>(&body)
     }
 
     fn damage_marks(&self) -> Result<Vec<DamageMark>> {
