@@ -13,22 +13,11 @@ use std::hint::black_box;
 use std::path::Path;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use imgstore_chunker::testing::seeded;
 use imgstore_chunker::{Chunker, Params};
 use imgstore_engine::{BackupOptions, NoProgress, Source, Target};
 use imgstore_format::{Id, RecipeEntry, Region};
 use imgstore_store::Store;
-
-fn seeded(len: usize, mut s: u64) -> Vec<u8> {
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        s ^= s >> 12;
-        s ^= s << 25;
-        s ^= s >> 27;
-        v.extend_from_slice(&s.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
 
 /// Half random, half repetitive text: compresses about 2:1 like a system disk.
 fn disk_like(len: usize, seed: u64) -> Vec<u8> {

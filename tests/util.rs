@@ -102,18 +102,10 @@ pub fn scratch() -> PathBuf {
         .unwrap_or_else(std::env::temp_dir)
 }
 
-/// Deterministic pseudo-random bytes (xorshift64*).
-pub fn seeded(len: usize, mut s: u64) -> Vec<u8> {
-    s |= 1;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        s ^= s >> 12;
-        s ^= s << 25;
-        s ^= s >> 27;
-        v.extend_from_slice(&s.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
-    }
-    v.truncate(len);
-    v
+/// Deterministic pseudo-random bytes (xorshift64*, the chunker's golden
+/// generator); an even seed is made odd (0 would give only zeros).
+pub fn seeded(len: usize, s: u64) -> Vec<u8> {
+    imgstore_chunker::testing::seeded(len, s | 1)
 }
 
 /// Text-like compressible bytes.

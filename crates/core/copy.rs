@@ -7,9 +7,10 @@ use imgstore_format::Id;
 use serde_json::json;
 
 use crate::args::CopyArgs;
-use crate::commands::{check_name, emit, note, open_writer};
-use crate::open::{open_source, Credentials};
+use crate::open::{open_source, open_writer, Credentials};
+use crate::output::{emit, note};
 use crate::progress::Bar;
+use crate::select::check_name;
 use crate::units::{format_time, human_bytes, plural};
 
 pub fn copy(repo: &Path, a: CopyArgs, progress: bool) -> anyhow::Result<()> {
@@ -25,14 +26,14 @@ pub fn copy(repo: &Path, a: CopyArgs, progress: bool) -> anyhow::Result<()> {
         },
     )?;
     let mut chosen = if a.snapshots.is_empty() {
-        let mut all = crate::commands::list_snapshots(&*src)?.snapshots;
+        let mut all = crate::select::list_snapshots(&*src)?.snapshots;
         if let Some(n) = &a.name {
             all.retain(|(_, s)| &s.name == n);
         }
         all.sort_by_key(|(id, s)| (s.time_ns, *id));
         all
     } else {
-        crate::commands::chosen_snapshots(&*src, &a.snapshots, false, a.name.as_deref())?
+        crate::select::chosen_snapshots(&*src, &a.snapshots, false, a.name.as_deref())?
     };
     if chosen.is_empty() {
         return Err(crate::exit::not_found(format!(
@@ -99,7 +100,7 @@ pub fn copy(repo: &Path, a: CopyArgs, progress: bool) -> anyhow::Result<()> {
         let v: Vec<_> = out
             .into_iter()
             .map(|mut v| {
-                v["schema_version"] = json!(crate::commands::JSON_SCHEMA);
+                v["schema_version"] = json!(crate::output::JSON_SCHEMA);
                 v
             })
             .collect();

@@ -9,7 +9,7 @@ use imgstore_store::StoreError;
 use serde_json::json;
 
 use crate::args::{CheckArgs, VerifyArgs};
-use crate::commands::{emit, note};
+use crate::output::{emit, note};
 use crate::progress::Bar;
 use crate::units::{format_time, human_bytes, plural};
 
@@ -87,7 +87,7 @@ pub fn check(repo: &Path, a: CheckArgs, progress: bool) -> anyhow::Result<()> {
             }
             crate::open::open_keyless(repo, true, "check")?
         } else {
-            crate::commands::open_read(repo)?
+            crate::open::open_read(repo)?
         };
         let bar = Bar::new(progress);
         let mut report = if a.without_key {
@@ -211,7 +211,7 @@ fn report_text(r: &CheckReport, secs: f64) -> String {
 
 fn report_json(r: &CheckReport, secs: f64) -> serde_json::Value {
     json!({
-        "schema_version": crate::commands::JSON_SCHEMA,
+        "schema_version": crate::output::JSON_SCHEMA,
         "clean": r.is_clean(),
         "snapshots": r.snapshots,
         "chunks": r.chunks,
@@ -243,9 +243,8 @@ pub fn verify(repo: &Path, a: VerifyArgs, progress: bool) -> anyhow::Result<()> 
             "name the snapshots to verify (an id, a prefix or `latest`), or pass --all",
         ));
     }
-    let store = crate::commands::open_read(repo)?;
-    let chosen =
-        crate::commands::chosen_snapshots(&*store, &a.snapshots, a.all, a.name.as_deref())?;
+    let store = crate::open::open_read(repo)?;
+    let chosen = crate::select::chosen_snapshots(&*store, &a.snapshots, a.all, a.name.as_deref())?;
     let mut results = Vec::new();
     let mut failed = 0;
     let mut marks = Vec::new();
@@ -254,7 +253,7 @@ pub fn verify(repo: &Path, a: VerifyArgs, progress: bool) -> anyhow::Result<()> 
         let r = imgstore_engine::restore(&*store, id, snap, Target::Discard, &bar);
         drop(bar);
         let mut v = json!({
-            "schema_version": crate::commands::JSON_SCHEMA,
+            "schema_version": crate::output::JSON_SCHEMA,
             "id": id.to_hex(),
             "name": snap.name,
             "time": format_time(snap.time_ns),

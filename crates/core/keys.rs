@@ -15,8 +15,9 @@ use imgstore_repo::Codec;
 use zeroize::Zeroizing;
 
 use crate::args::{KeyAction, KeyArgs};
-use crate::commands::{emit, note, settings};
 use crate::exit;
+use crate::output::{emit, note};
+use crate::settings::settings;
 
 /// Where a secret comes from.
 enum Source {

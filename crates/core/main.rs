@@ -4,18 +4,26 @@
 //! thin on purpose.
 
 mod args;
+mod backup;
 mod commands;
 mod copy;
+mod diff;
 mod exit;
+mod init;
 mod integrity;
 mod keys;
 mod maintenance;
 mod mount;
 mod open;
+mod output;
 mod packaging;
 mod progress;
+mod restore;
+mod select;
 mod serve;
 mod server;
+mod settings;
+mod snapshots;
 mod source_command;
 mod stops;
 mod units;

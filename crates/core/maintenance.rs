@@ -11,7 +11,7 @@ use imgstore_repo::Repository;
 use serde_json::json;
 
 use crate::args::{ForgetArgs, GcArgs, IdArg, StatsArgs, TagArgs};
-use crate::commands::{emit, note};
+use crate::output::{emit, note};
 use crate::units::{format_time, human_bytes, plural};
 
 /// The repository's disk usage, then the repository opened read-only for a
@@ -26,18 +26,18 @@ fn open_for(repo: &Path, dry_run: bool, operation: &'static str) -> anyhow::Resu
         // needs no key, so an encrypted repository's host can run it.
         crate::open::open_keyless(repo, dry_run, operation)?
     } else if dry_run {
-        crate::commands::open_read(repo)?
+        crate::open::open_read(repo)?
     } else {
-        crate::commands::open_writer(repo, operation)?
+        crate::open::open_writer(repo, operation)?
     };
     Ok((store.usage_with(dir_bytes), store))
 }
 
 fn resolve(store: &dyn Repository, s: &str, name: Option<&str>) -> anyhow::Result<Id> {
-    crate::commands::check_name(name)?;
+    crate::select::check_name(name)?;
     let snaps = store.list_snapshots()?;
     let id = imgstore_engine::select_listed(&snaps, &Selector::parse(s)?, name)?.0;
-    crate::commands::warn_unreadable(&snaps.unreadable);
+    crate::output::warn_unreadable(&snaps.unreadable);
     Ok(id)
 }
 
@@ -84,7 +84,7 @@ pub fn forget(repo: &Path, a: ForgetArgs) -> anyhow::Result<()> {
     } else {
         ForgetRequest::Snapshots(a.snapshots.clone())
     };
-    crate::commands::check_name(a.name.as_deref())?;
+    crate::select::check_name(a.name.as_deref())?;
     let filter = imgstore_engine::SnapshotFilter {
         name: a.name.clone(),
         hosts: a.host.clone(),
@@ -100,7 +100,7 @@ pub fn forget(repo: &Path, a: ForgetArgs) -> anyhow::Result<()> {
     }
     // Records that cannot be read and were not named are never chosen by a
     // policy: each is warned about (and, with a policy, listed as kept).
-    crate::commands::warn_unreadable(&plan.unreadable_kept);
+    crate::output::warn_unreadable(&plan.unreadable_kept);
     let policy_run = a.snapshots.is_empty();
     let unreadable: Vec<(&imgstore_repo::UnreadableSnapshot, bool)> = plan
         .unreadable_removed
@@ -120,7 +120,7 @@ pub fn forget(repo: &Path, a: ForgetArgs) -> anyhow::Result<()> {
             .iter()
             .map(|(u, keep)| {
                 json!({
-                    "schema_version": crate::commands::JSON_SCHEMA,
+                    "schema_version": crate::output::JSON_SCHEMA,
                     "id": u.id.to_hex(),
                     "name": null,
                     "time": null,
@@ -129,7 +129,7 @@ pub fn forget(repo: &Path, a: ForgetArgs) -> anyhow::Result<()> {
                     "unreadable": u.why,
                 })
             })
-            .chain(decisions.iter().map(|d| json!({"schema_version": crate::commands::JSON_SCHEMA, "id": d.id.to_hex(), "name": d.name, "time": format_time(d.time_ns), "keep": d.keep, "reasons": d.reasons})))
+            .chain(decisions.iter().map(|d| json!({"schema_version": crate::output::JSON_SCHEMA, "id": d.id.to_hex(), "name": d.name, "time": format_time(d.time_ns), "keep": d.keep, "reasons": d.reasons})))
             .collect();
         emit(&format!("{}\n", serde_json::Value::Array(v)))?;
     } else {
@@ -193,7 +193,7 @@ fn run_gc(store: Repo, before: u64, dry_run: bool, json_out: bool) -> anyhow::Re
         return emit(&format!(
             "{}\n",
             json!({
-                "schema_version": crate::commands::JSON_SCHEMA,
+                "schema_version": crate::output::JSON_SCHEMA,
                 "dry_run": dry_run,
                 "chunks_removed": swept.chunks,
                 "regions_removed": swept.regions,
@@ -222,7 +222,7 @@ fn run_gc(store: Repo, before: u64, dry_run: bool, json_out: bool) -> anyhow::Re
 }
 
 pub fn protect(repo: &Path, a: IdArg, on: bool) -> anyhow::Result<()> {
-    let store = crate::commands::open_writer(repo, if on { "protect" } else { "unprotect" })?;
+    let store = crate::open::open_writer(repo, if on { "protect" } else { "unprotect" })?;
     let id = resolve(&*store, &a.snapshot, a.name.as_deref())?;
     store.set_protected(&id, on)?;
     note(&format!(
@@ -234,7 +234,7 @@ pub fn protect(repo: &Path, a: IdArg, on: bool) -> anyhow::Result<()> {
 }
 
 pub fn stats(repo: &Path, a: StatsArgs) -> anyhow::Result<()> {
-    let store = crate::commands::open_read(repo)?;
+    let store = crate::open::open_read(repo)?;
     let listed = store.list_snapshots()?;
     let snaps = &listed.snapshots;
     let v = match &a.snapshot {
@@ -247,7 +247,7 @@ pub fn stats(repo: &Path, a: StatsArgs) -> anyhow::Result<()> {
                 .sum();
             let stored = t.objects.chunk_stored_bytes + t.objects.recipe_bytes;
             let mut v = json!({
-                "schema_version": crate::commands::JSON_SCHEMA,
+                "schema_version": crate::output::JSON_SCHEMA,
                 "snapshots": snaps.len(),
                 "unreadable_snapshots": listed.unreadable.len(),
                 "logical_bytes": logical,
@@ -302,7 +302,7 @@ pub fn stats(repo: &Path, a: StatsArgs) -> anyhow::Result<()> {
             }
             let data = snap.size - snap.stats.zero_bytes.min(snap.size);
             json!({
-                "schema_version": crate::commands::JSON_SCHEMA,
+                "schema_version": crate::output::JSON_SCHEMA,
                 "id": id.to_hex(),
                 "name": snap.name,
                 "logical_bytes": snap.size,
@@ -317,7 +317,7 @@ pub fn stats(repo: &Path, a: StatsArgs) -> anyhow::Result<()> {
             })
         }
     };
-    crate::commands::warn_unreadable(&listed.unreadable);
+    crate::output::warn_unreadable(&listed.unreadable);
     if a.json {
         return emit(&format!("{v}\n"));
     }
@@ -379,16 +379,15 @@ pub fn tag(repo: &Path, a: TagArgs) -> anyhow::Result<()> {
             "nothing to change: give --add TAG, --remove TAG or --set TAG",
         ));
     }
-    let store = crate::commands::open_writer(repo, "tag")?;
-    let chosen =
-        crate::commands::chosen_snapshots(&*store, &a.snapshots, false, a.name.as_deref())?;
+    let store = crate::open::open_writer(repo, "tag")?;
+    let chosen = crate::select::chosen_snapshots(&*store, &a.snapshots, false, a.name.as_deref())?;
     let set = (!a.set.is_empty()).then_some(a.set.as_slice());
     let mut changed = 0u64;
     for (id, _) in &chosen {
         let new = imgstore_engine::retag(&*store, id, set, &a.add, &a.remove)?;
         if new != *id {
             changed += 1;
-            crate::commands::detail(&format!("snapshot {} is now {}", id.short(), new.short()));
+            crate::output::detail(&format!("snapshot {} is now {}", id.short(), new.short()));
             emit(&format!("{}\n", new.to_hex()))?;
         } else {
             emit(&format!("{}\n", id.to_hex()))?;

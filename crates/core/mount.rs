@@ -9,7 +9,7 @@ use imgstore_engine::ImageReader;
 use imgstore_fuse::{Entry, Image};
 
 use crate::args::MountArgs;
-use crate::commands::note;
+use crate::output::note;
 use crate::units::{format_time, parse_size};
 
 struct SnapImage(ImageReader<'static>);
@@ -54,8 +54,8 @@ pub fn mount(repo: &Path, a: MountArgs) -> anyhow::Result<()> {
     let cache = parse_size(&a.cache)? as usize;
     // The file system serves until unmounted, for the rest of the process:
     // the store and snapshot list live as long.
-    let store: &'static crate::open::Repo = Box::leak(Box::new(crate::commands::open_read(repo)?));
-    let snaps = crate::commands::chosen_snapshots(
+    let store: &'static crate::open::Repo = Box::leak(Box::new(crate::open::open_read(repo)?));
+    let snaps = crate::select::chosen_snapshots(
         &**store,
         &a.snapshots,
         a.snapshots.is_empty(),

@@ -11,7 +11,7 @@ use imgstore_remote::{RemoteOptions, RemoteRepo};
 use imgstore_repo::Repository;
 use imgstore_store::{Mode, Store};
 
-use crate::commands::settings;
+use crate::settings::settings;
 
 pub(crate) enum Repo {
     Local(Store),
@@ -176,7 +176,7 @@ pub(crate) fn connect_with(url: &str, c: &Credentials) -> anyhow::Result<RemoteR
         Trust::Recorded => {}
         Trust::FirstContact => {
             known.record(&canonical, seen)?;
-            crate::commands::detail(&format!(
+            crate::output::detail(&format!(
                 "recorded {canonical} as {} repository {} in {}",
                 if repo.config().encryption.is_some() {
                     "encrypted"
@@ -189,7 +189,7 @@ pub(crate) fn connect_with(url: &str, c: &Credentials) -> anyhow::Result<RemoteR
         }
         Trust::Replaced(old) => {
             known.record(&canonical, seen)?;
-            crate::commands::note(&format!(
+            crate::output::note(&format!(
                 "{canonical} is now recorded as repository {} in place of {} (--trust-new-repository)",
                 repo.config().id,
                 old.id

@@ -12,7 +12,7 @@ pub fn completions(a: CompletionsArgs) -> anyhow::Result<()> {
     let mut cmd = Cli::command();
     let mut out = Vec::new();
     clap_complete::generate(a.shell, &mut cmd, "imgstore", &mut out);
-    crate::commands::emit(&String::from_utf8_lossy(&out))
+    crate::output::emit(&String::from_utf8_lossy(&out))
 }
 
 fn render(cmd: clap::Command) -> anyhow::Result<Vec<u8>> {
@@ -26,7 +26,7 @@ fn render(cmd: clap::Command) -> anyhow::Result<Vec<u8>> {
 pub fn man(a: ManArgs) -> anyhow::Result<()> {
     let cmd = Cli::command();
     let Some(dir) = a.dir else {
-        return crate::commands::emit(&String::from_utf8_lossy(&render(cmd)?));
+        return crate::output::emit(&String::from_utf8_lossy(&render(cmd)?));
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let mut pages = vec![("imgstore.1".to_string(), render(cmd.clone())?)];
@@ -41,7 +41,7 @@ pub fn man(a: ManArgs) -> anyhow::Result<()> {
             .and_then(|mut f| f.write_all(page))
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
-    crate::commands::note(&format!(
+    crate::output::note(&format!(
         "wrote {} man pages to {}",
         pages.len(),
         dir.display()

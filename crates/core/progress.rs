@@ -85,7 +85,7 @@ impl JsonStatus {
         let done = self.done.load(std::sync::atomic::Ordering::Relaxed);
         let total = *self.total.lock().unwrap_or_else(|p| p.into_inner());
         serde_json::json!({
-            "schema_version": crate::commands::JSON_SCHEMA,
+            "schema_version": crate::output::JSON_SCHEMA,
             "message_type": "status",
             "seconds_elapsed": self.started.elapsed().as_secs_f64(),
             "bytes_done": done,
@@ -107,7 +107,7 @@ impl Progress for JsonStatus {
         if last.elapsed() >= std::time::Duration::from_secs(1) {
             *last = std::time::Instant::now();
             drop(last);
-            let _ = crate::commands::emit(&format!("{}\n", self.line()));
+            let _ = crate::output::emit(&format!("{}\n", self.line()));
         }
     }
 }

@@ -11,7 +11,7 @@ use imgstore_format::{Id, Snapshot};
 use imgstore_nbd::{Export, Exports};
 
 use crate::args::ServeArgs;
-use crate::commands::note;
+use crate::output::note;
 use crate::units::{format_time, human_bytes, parse_size};
 
 /// A snapshot, read-only or behind a copy-on-write overlay.
@@ -120,8 +120,8 @@ pub fn serve(repo: &Path, a: ServeArgs) -> anyhow::Result<()> {
         ));
     }
     let cache = parse_size(&a.cache)? as usize;
-    let store = crate::commands::open_read(repo)?;
-    let snaps = crate::commands::chosen_snapshots(&*store, &a.snapshots, a.all, a.name.as_deref())?;
+    let store = crate::open::open_read(repo)?;
+    let snaps = crate::select::chosen_snapshots(&*store, &a.snapshots, a.all, a.name.as_deref())?;
     let per_export = (cache / snaps.len()).max(8 << 20);
     if a.writable.is_some() && snaps.len() != 1 {
         return Err(crate::exit::usage(

@@ -10,8 +10,9 @@ use imgstore_server::{ServerConfig, TokenFile};
 use imgstore_store::{Mode, Store};
 
 use crate::args::{ServerArgs, TokenAction, TokenArgs};
-use crate::commands::{emit, note, settings};
 use crate::exit;
+use crate::output::{emit, note};
+use crate::settings::settings;
 
 fn local_dir(repo: &Path, what: &str) -> anyhow::Result<()> {
     if crate::open::remote_url(repo).is_some() {

@@ -255,22 +255,53 @@ impl Chunker {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// Seeded pseudo-random input for tests, golden vectors and benchmarks of
+/// every crate: one generator, here because the chunker's golden vectors
+/// (and those of the binary's tests) are pinned to its bytes. Not for
+/// anything secret; not part of the chunker's API.
+#[doc(hidden)]
+pub mod testing {
+    /// A xorshift generator's state (Marsaglia). A state of 0 stays 0.
+    #[derive(Clone, Copy, Debug)]
+    pub struct Xorshift(pub u64);
 
-    /// xorshift64*: a seeded, dependency-free byte source for golden vectors.
-    fn seeded(len: usize, mut state: u64) -> Vec<u8> {
+    impl Xorshift {
+        /// xorshift64 (shifts 13, 7, 17): the next state, which is the
+        /// output (the engine's test images).
+        pub fn next_plain(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+
+        /// xorshift64* (shifts 12, 25, 27, then a multiply): the output
+        /// [`seeded`] is made of.
+        pub fn next_star(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+    }
+
+    /// `len` bytes of xorshift64* from `state` as given (each output
+    /// little-endian): the bytes of the golden vectors.
+    pub fn seeded(len: usize, state: u64) -> Vec<u8> {
+        let mut rng = Xorshift(state);
         let mut v = Vec::with_capacity(len + 8);
         while v.len() < len {
-            state ^= state >> 12;
-            state ^= state << 25;
-            state ^= state >> 27;
-            v.extend_from_slice(&state.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+            v.extend_from_slice(&rng.next_star().to_le_bytes());
         }
         v.truncate(len);
         v
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::seeded;
+    use super::*;
 
     fn check_cover(region: &[u8], ext: &[Extent], p: Params) {
         let mut pos = 0;

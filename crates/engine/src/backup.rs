@@ -31,6 +31,7 @@ use rayon::prelude::*;
 
 use crate::aligned::AlignedBuf;
 use crate::digest::{image_digest, region_hasher, update_zeros, RegionHash};
+use crate::read::io_pool;
 use crate::snapshot::SnapshotReader;
 use crate::source::{RegionBuf, Source, SourceKind};
 use crate::{EngineError, Progress};
@@ -763,7 +764,7 @@ pub fn backup_changed(
                 sample.push(first);
             }
         }
-        let results: Vec<Result<u64, EngineError>> = crate::restore::io_pool()?.install(|| {
+        let results: Vec<Result<u64, EngineError>> = io_pool()?.install(|| {
             sample
                 .par_iter()
                 .map(|&i| {
@@ -792,7 +793,7 @@ pub fn backup_changed(
     let touched_ix: Vec<u64> = (0..n).filter(|&i| touched[i as usize]).collect();
     let read = AtomicU64::new(0);
     let (base_chunks, base_zeros) = (AtomicU64::new(0), AtomicU64::new(0));
-    crate::restore::io_pool()?.install(|| {
+    io_pool()?.install(|| {
         touched_ix
             .par_iter()
             .try_for_each(|&i| -> Result<(), EngineError> {

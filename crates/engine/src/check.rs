@@ -22,10 +22,11 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 
 use imgstore_format::sealed::{record_children, RecordKind};
-use imgstore_format::{FrameCodec, Id, ObjectKind, Page, RefCount, Region, Snapshot, PAGE_REGIONS};
+use imgstore_format::{Id, ObjectKind, Page, RefCount, Region, Snapshot, PAGE_REGIONS};
 use imgstore_repo::{ChunkFault, DamageMark, Repository};
 use rayon::prelude::*;
 
+use crate::read::{io_pool, ChunkReader};
 use crate::{EngineError, Progress};
 
 /// How much chunk data `check` reads.
@@ -439,11 +440,12 @@ fn walk(
         let bad = Mutex::new(Vec::new());
         let intact = Mutex::new(Vec::new());
         let (n, bytes) = (AtomicU64::new(0), AtomicU64::new(0));
-        let pool = crate::restore::io_pool()?;
+        let chunks = ChunkReader::new(store);
+        let pool = io_pool()?;
         pool.install(|| {
             selected.par_chunks(64).for_each(|batch| {
                 let ids: Vec<Id> = batch.iter().map(|c| c.0).collect();
-                let frames: Vec<Result<Vec<u8>, Option<String>>> = match store.chunk_frames(&ids) {
+                let frames: Vec<Result<Vec<u8>, Option<String>>> = match chunks.frames(&ids) {
                     Ok(f) => f
                         .into_iter()
                         .map(|r| {
@@ -466,19 +468,9 @@ fn walk(
                     };
                     let verdict = frame.and_then(|f| {
                         bytes.fetch_add(f.len() as u64, Relaxed);
-                        let f = store.codec().open_chunk(id, &f)?;
-                        FrameCodec::with_thread(|c| c.decode(&f, &mut buf))
-                            .map_err(|e| format!("does not decode ({e})"))?;
-                        if buf.len() != *len as usize {
-                            return Err(format!(
-                                "holds {} bytes, its reference entry says {len}",
-                                buf.len()
-                            ));
-                        }
-                        if !store.codec().chunk_matches(&buf, id) {
-                            return Err("content does not match its id".into());
-                        }
-                        Ok(())
+                        chunks
+                            .decode(id, &f, *len as u64, &mut buf)
+                            .map_err(|bad| bad.to_string())
                     });
                     match verdict {
                         Ok(()) if marked.contains(id) => {

@@ -12,6 +12,7 @@ use imgstore_format::{Id, RecipeEntry, Snapshot};
 use imgstore_repo::Repository;
 use rayon::prelude::*;
 
+use crate::read::io_pool;
 use crate::snapshot::SnapshotReader;
 use crate::EngineError;
 
@@ -32,7 +33,7 @@ pub fn diff(
     let rs = a.1.region_size as u64;
     let (na, nb) = (a.1.region_count(), b.1.region_count());
     let common = na.min(nb);
-    let pool = crate::restore::io_pool()?;
+    let pool = io_pool()?;
     let per_region: Vec<Vec<(u64, u64)>> = pool.install(|| {
         (0..common)
             .into_par_iter()

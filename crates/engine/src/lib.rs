@@ -46,6 +46,7 @@ mod image;
 mod names;
 mod overlay;
 pub mod policy;
+mod read;
 mod restore;
 mod select;
 mod snapshot;

@@ -24,6 +24,7 @@ use rayon::prelude::*;
 
 use crate::aligned::{align_down, align_up, write_direct, AlignedBuf, Direct};
 use crate::digest::{image_digest, region_hasher, RegionHash};
+use crate::read::{io_pool, pool};
 use crate::snapshot::SnapshotReader;
 use crate::{EngineError, Progress};
 
@@ -263,26 +264,6 @@ fn restore_region(
         o.write_region(index as u64 * reader.region_size(), &r.entries, buf)?;
     }
     Ok((r.hash, r.data_bytes, r.zero_bytes))
-}
-
-/// A rayon pool with two workers per core, for stages that mix I/O and CPU.
-pub(crate) fn io_pool() -> Result<rayon::ThreadPool, EngineError> {
-    pool(2)
-}
-
-/// A rayon pool with `per_core` workers per core.
-fn pool(per_core: usize) -> Result<rayon::ThreadPool, EngineError> {
-    let n = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2)
-        * per_core;
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .build()
-        .map_err(|e| EngineError::Invalid {
-            what: "thread pool",
-            why: e.to_string(),
-        })
 }
 
 fn write_err(path: &Path, offset: u64) -> impl FnOnce(std::io::Error) -> EngineError + '_ {

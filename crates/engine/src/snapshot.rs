@@ -21,6 +21,7 @@ use blake3::hazmat::HasherExt;
 
 use crate::aligned::AlignedBuf;
 use crate::digest::{region_hasher, RegionHash};
+use crate::read::{BadChunk, ChunkReader};
 use crate::EngineError;
 
 /// A snapshot opened for reading: its region index loaded.
@@ -174,7 +175,7 @@ impl<'a> SnapshotReader<'a> {
         ids: &[Id],
         offset_of: impl Fn(&Id) -> u64,
     ) -> Result<Vec<Vec<u8>>, EngineError> {
-        let reads = self.repo.chunk_frames(ids)?;
+        let reads = ChunkReader::new(self.repo).frames(ids)?;
         reads
             .into_iter()
             .zip(ids)
@@ -207,15 +208,16 @@ impl<'a> SnapshotReader<'a> {
         len: u64,
     ) -> Result<Vec<u8>, EngineError> {
         let mut out = Vec::new();
-        let codec = self.repo.codec();
-        let frame = codec
-            .open_chunk(&id, frame)
-            .map_err(|why| self.damaged(offset, id, why))?;
-        FrameCodec::with_thread(|c| c.decode(&frame, &mut out))
-            .map_err(|e| self.damaged(offset, id, e.to_string()))?;
-        if out.len() as u64 != len || !codec.chunk_matches(&out, &id) {
-            return Err(self.damaged(offset, id, "content does not match its id".into()));
-        }
+        ChunkReader::new(self.repo)
+            .decode(&id, frame, len, &mut out)
+            .map_err(|bad| {
+                let why = match bad {
+                    BadChunk::Sealed(why) | BadChunk::Decode(why) => why,
+                    // Wrong bytes, whatever their count.
+                    BadChunk::Length { .. } | BadChunk::Content => BadChunk::Content.to_string(),
+                };
+                self.damaged(offset, id, why)
+            })?;
         Ok(out)
     }
 

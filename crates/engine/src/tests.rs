@@ -24,24 +24,19 @@ fn repo() -> MemRepo {
     MemRepo::new(crate::new_repo_config(params, 3))
 }
 
-/// Deterministic pseudo-random bytes (xorshift), compressible by half: each
-/// 4 KiB block is random or a repeated byte.
+/// Deterministic pseudo-random bytes (xorshift64), compressible by half:
+/// each 4 KiB block is random or a repeated byte.
 fn image(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
+    let mut rng = imgstore_chunker::testing::Xorshift(seed | 1);
     let mut out = vec![0u8; len];
     for (i, block) in out.chunks_mut(4096).enumerate() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
+        let x = rng.next_plain();
         match x % 4 {
             0 => {} // a zero block
             1 => block.fill((x >> 8) as u8),
             _ => {
                 for b in block.iter_mut() {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    *b = x as u8;
+                    *b = rng.next_plain() as u8;
                 }
             }
         }

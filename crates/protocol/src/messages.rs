@@ -2,13 +2,38 @@
 //! small ones are JSON (the `serde` structs here).
 
 use imgstore_format::{Id, ObjectKind, RepoConfig};
-use imgstore_repo::{ChunkFault, ChunkRead, DamageMark, ForgetOutcome, GcOutcome, PutOutcome};
+use imgstore_repo::{ChunkFault, ChunkRead, DamageMark, Tally};
 use serde::{Deserialize, Serialize};
 
 use crate::limits;
 use crate::{Dec, Enc, Malformed};
 
 // ---------- ids, records, bitmaps ----------
+
+/// The one shape of every answer to a multi-get (records, frames,
+/// reference entries, zero values): `u32 n`, then `n` items of at least
+/// `min_item` bytes, one per thing asked for, in order. `n` must be
+/// `expected` (at most `limit`); `item` reads one; the body must end there.
+/// `noun` and `asked` name them in the error (`"3 frames for 4 ids"`).
+fn decode_answers<'a, T>(
+    body: &'a [u8],
+    what: &'static str,
+    (noun, asked): (&str, &str),
+    expected: usize,
+    (limit, min_item): (usize, usize),
+    mut item: impl FnMut(&mut Dec<'a>) -> Result<T, Malformed>,
+) -> Result<Vec<T>, Malformed> {
+    let mut d = Dec::new(body, what);
+    let n = d.count(limit, min_item)?;
+    if n != expected {
+        return Err(d.err(format!("{n} {noun} for {expected} {asked}")));
+    }
+    let out = (0..n)
+        .map(|_| item(&mut d))
+        .collect::<Result<Vec<_>, _>>()?;
+    d.end()?;
+    Ok(out)
+}
 
 /// `u32 n`, then `n` ids of 32 bytes.
 pub fn encode_ids(ids: &[Id]) -> Vec<u8> {
@@ -41,16 +66,14 @@ pub fn encode_records<B: AsRef<[u8]>>(records: &[B]) -> Vec<u8> {
 
 /// Records answering a request for `expected` of them.
 pub fn decode_records(body: &[u8], expected: usize) -> Result<Vec<Vec<u8>>, Malformed> {
-    let mut d = Dec::new(body, "record list");
-    let n = d.count(limits::IDS_PER_CALL, 4)?;
-    if n != expected {
-        return Err(d.err(format!("{n} records for {expected} ids")));
-    }
-    let out = (0..n)
-        .map(|_| d.bytes(limits::RECORD_BYTES).map(<[u8]>::to_vec))
-        .collect::<Result<Vec<_>, _>>()?;
-    d.end()?;
-    Ok(out)
+    decode_answers(
+        body,
+        "record list",
+        ("records", "ids"),
+        expected,
+        (limits::IDS_PER_CALL, 4),
+        |d| d.bytes(limits::RECORD_BYTES).map(<[u8]>::to_vec),
+    )
 }
 
 /// One byte per id: 1 stored, 0 not.
@@ -195,24 +218,23 @@ pub fn encode_frames(frames: &[ChunkRead]) -> Vec<u8> {
 }
 
 pub fn decode_frames(body: &[u8], expected: usize) -> Result<Vec<ChunkRead>, Malformed> {
-    let mut d = Dec::new(body, "chunk frames");
-    let n = d.count(limits::IDS_PER_CALL, 1)?;
-    if n != expected {
-        return Err(d.err(format!("{n} frames for {expected} ids")));
-    }
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        out.push(match d.u8()? {
-            FRAME_OK => Ok(d.bytes(limits::FRAME_BYTES)?.to_vec()),
-            FRAME_MISSING => Err(ChunkFault::Missing),
-            FRAME_UNREADABLE => Err(ChunkFault::Unreadable(
-                String::from_utf8_lossy(d.bytes(4096)?).into_owned(),
-            )),
-            s => return Err(d.err(format!("unknown frame status {s}"))),
-        });
-    }
-    d.end()?;
-    Ok(out)
+    decode_answers(
+        body,
+        "chunk frames",
+        ("frames", "ids"),
+        expected,
+        (limits::IDS_PER_CALL, 1),
+        |d| {
+            Ok(match d.u8()? {
+                FRAME_OK => Ok(d.bytes(limits::FRAME_BYTES)?.to_vec()),
+                FRAME_MISSING => Err(ChunkFault::Missing),
+                FRAME_UNREADABLE => Err(ChunkFault::Unreadable(
+                    String::from_utf8_lossy(d.bytes(4096)?).into_owned(),
+                )),
+                s => return Err(d.err(format!("unknown frame status {s}"))),
+            })
+        },
+    )
 }
 
 /// Reference entries: `u32 n`, then per id a byte (1 present) and, when
@@ -230,20 +252,18 @@ pub fn encode_refs(refs: &[Option<Vec<u8>>]) -> Vec<u8> {
 }
 
 pub fn decode_refs(body: &[u8], expected: usize) -> Result<Vec<Option<Vec<u8>>>, Malformed> {
-    let mut d = Dec::new(body, "reference list");
-    let n = d.count(limits::IDS_PER_CALL, 1)?;
-    if n != expected {
-        return Err(d.err(format!("{n} entries for {expected} ids")));
-    }
-    let out = (0..n)
-        .map(|_| match d.u8()? {
+    decode_answers(
+        body,
+        "reference list",
+        ("entries", "ids"),
+        expected,
+        (limits::IDS_PER_CALL, 1),
+        |d| match d.u8()? {
             0 => Ok(None),
             1 => Ok(Some(d.bytes(64)?.to_vec())),
             v => Err(d.err(format!("unknown presence byte {v}"))),
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    d.end()?;
-    Ok(out)
+        },
+    )
 }
 
 // ---------- writing ----------
@@ -339,13 +359,13 @@ pub fn encode_zero_cvs(cvs: &[Option<[u8; 32]>]) -> Vec<u8> {
 }
 
 pub fn decode_zero_cvs(body: &[u8], expected: usize) -> Result<Vec<Option<[u8; 32]>>, Malformed> {
-    let mut d = Dec::new(body, "zero values");
-    let n = d.count(limits::ZERO_CVS, 33)?;
-    if n != expected {
-        return Err(d.err(format!("{n} values for {expected} asked")));
-    }
-    let out = (0..n)
-        .map(|_| {
+    decode_answers(
+        body,
+        "zero values",
+        ("values", "asked"),
+        expected,
+        (limits::ZERO_CVS, 33),
+        |d| {
             let flag = d.u8()?;
             let v: [u8; 32] = d.take(32)?.try_into().expect("32 bytes");
             match flag {
@@ -353,10 +373,8 @@ pub fn decode_zero_cvs(body: &[u8], expected: usize) -> Result<Vec<Option<[u8; 3
                 1 => Ok(Some(v)),
                 f => Err(d.err(format!("unknown flag {f}"))),
             }
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    d.end()?;
-    Ok(out)
+        },
+    )
 }
 
 /// New zero values: `u32` region size, `u32 n`, then `n` × (`u64` index, 32 bytes).
@@ -435,6 +453,11 @@ pub struct ScanRequest {
 }
 
 // ---------- JSON bodies ----------
+//
+// The answers of `PUT regions/{id}`, `forget` and `gc` are the repository's
+// own outcome types (`imgstore_repo::PutOutcome`, `ForgetOutcome`,
+// `GcOutcome`, with `Tally`) serialized as they are, not copies of them;
+// the tests below pin their JSON.
 
 /// The roles a token can have (see `docs/SECURITY.md`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -494,77 +517,13 @@ pub struct SessionReply {
     pub idle_timeout_secs: u64,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WireTally {
-    pub chunks: u64,
-    pub chunk_raw_bytes: u64,
-    pub chunk_stored_bytes: u64,
-    pub regions: u64,
-    pub pages: u64,
-    pub recipe_bytes: u64,
-}
-
-impl From<imgstore_repo::Tally> for WireTally {
-    fn from(t: imgstore_repo::Tally) -> Self {
-        WireTally {
-            chunks: t.chunks,
-            chunk_raw_bytes: t.chunk_raw_bytes,
-            chunk_stored_bytes: t.chunk_stored_bytes,
-            regions: t.regions,
-            pages: t.pages,
-            recipe_bytes: t.recipe_bytes,
-        }
-    }
-}
-
-impl From<WireTally> for imgstore_repo::Tally {
-    fn from(t: WireTally) -> Self {
-        imgstore_repo::Tally {
-            chunks: t.chunks,
-            chunk_raw_bytes: t.chunk_raw_bytes,
-            chunk_stored_bytes: t.chunk_stored_bytes,
-            regions: t.regions,
-            pages: t.pages,
-            recipe_bytes: t.recipe_bytes,
-        }
-    }
-}
-
 /// `GET /v1/totals`.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 pub struct WireTotals {
-    pub objects: WireTally,
+    pub objects: Tally,
     pub orphans: u64,
     /// Bytes the repository occupies on the server's disk.
     pub storage_bytes: u64,
-}
-
-/// Answer of `PUT /v1/regions/{id}`.
-#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
-pub struct WirePut {
-    pub region_new: bool,
-    pub new_chunks: u64,
-    pub new_bytes: u64,
-}
-
-impl From<PutOutcome> for WirePut {
-    fn from(p: PutOutcome) -> Self {
-        WirePut {
-            region_new: p.region_new,
-            new_chunks: p.new_chunks,
-            new_bytes: p.new_bytes,
-        }
-    }
-}
-
-impl From<WirePut> for PutOutcome {
-    fn from(p: WirePut) -> Self {
-        PutOutcome {
-            region_new: p.region_new,
-            new_chunks: p.new_chunks,
-            new_bytes: p.new_bytes,
-        }
-    }
 }
 
 /// Answer of a commit or a snapshot replacement.
@@ -586,56 +545,8 @@ pub struct ProtectRequest {
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]
-pub struct WireForget {
-    pub snapshots: u64,
-    pub pages_orphaned: u64,
-}
-
-impl From<ForgetOutcome> for WireForget {
-    fn from(f: ForgetOutcome) -> Self {
-        WireForget {
-            snapshots: f.snapshots,
-            pages_orphaned: f.pages_orphaned,
-        }
-    }
-}
-
-impl From<WireForget> for ForgetOutcome {
-    fn from(f: WireForget) -> Self {
-        ForgetOutcome {
-            snapshots: f.snapshots,
-            pages_orphaned: f.pages_orphaned,
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 pub struct GcRequest {
     pub dry_run: bool,
-}
-
-#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
-pub struct WireGc {
-    pub removed: WireTally,
-    pub rewrote: bool,
-}
-
-impl From<GcOutcome> for WireGc {
-    fn from(g: GcOutcome) -> Self {
-        WireGc {
-            removed: g.removed.into(),
-            rewrote: g.rewrote,
-        }
-    }
-}
-
-impl From<WireGc> for GcOutcome {
-    fn from(g: WireGc) -> Self {
-        GcOutcome {
-            removed: g.removed.into(),
-            rewrote: g.rewrote,
-        }
-    }
 }
 
 /// A damage mark on the wire: kind letter (`C`, `R`, `P`), hex id, reason.
@@ -747,6 +658,33 @@ mod tests {
             decode_frames(&enc, 2).is_err(),
             "count must match the request"
         );
+        // Every multi-get answer is held to the count asked for, in words
+        // naming what was answered.
+        let short = |e: Malformed| e.to_string();
+        assert_eq!(
+            short(decode_frames(&enc, 2).unwrap_err()),
+            "malformed chunk frames: 3 frames for 2 ids"
+        );
+        assert_eq!(
+            short(decode_records(&encode_records(&[b"r"]), 2).unwrap_err()),
+            "malformed record list: 1 records for 2 ids"
+        );
+        assert_eq!(
+            short(decode_refs(&encode_refs(&[None]), 0).unwrap_err()),
+            "malformed reference list: 1 entries for 0 ids"
+        );
+        assert_eq!(
+            short(decode_zero_cvs(&encode_zero_cvs(&[None]), 3).unwrap_err()),
+            "malformed zero values: 1 values for 3 asked"
+        );
+        assert_eq!(
+            decode_refs(&encode_refs(&[Some(vec![5]), None]), 2).unwrap(),
+            vec![Some(vec![5]), None]
+        );
+        assert_eq!(
+            decode_records(&encode_records(&[&b"a"[..], b"bc"]), 2).unwrap(),
+            vec![b"a".to_vec(), b"bc".to_vec()]
+        );
 
         let body = encode_put_region(
             b"rec",
@@ -779,6 +717,62 @@ mod tests {
         assert_eq!(
             decode_scan(&s).unwrap(),
             (true, vec![(b"k".to_vec(), b"v".to_vec())])
+        );
+    }
+
+    /// The JSON answers docs/PROTOCOL.md gives, byte for byte: the
+    /// repository's outcome types are sent as they are, so a field renamed
+    /// there would change the wire.
+    #[test]
+    fn json_answers_are_pinned() {
+        use imgstore_repo::{ForgetOutcome, GcOutcome, PutOutcome};
+        let tally = Tally {
+            chunks: 1,
+            chunk_raw_bytes: 2,
+            chunk_stored_bytes: 3,
+            regions: 4,
+            pages: 5,
+            recipe_bytes: 6,
+        };
+        let tally_json = r#"{"chunks":1,"chunk_raw_bytes":2,"chunk_stored_bytes":3,"regions":4,"pages":5,"recipe_bytes":6}"#;
+        fn pinned<T>(v: &T, json: &str)
+        where
+            T: Serialize + serde::de::DeserializeOwned + std::fmt::Debug + PartialEq,
+        {
+            assert_eq!(serde_json::to_string(v).unwrap(), json);
+            assert_eq!(&serde_json::from_str::<T>(json).unwrap(), v);
+        }
+        pinned(&tally, tally_json);
+        pinned(
+            &PutOutcome {
+                region_new: true,
+                new_chunks: 7,
+                new_bytes: 8,
+            },
+            r#"{"region_new":true,"new_chunks":7,"new_bytes":8}"#,
+        );
+        pinned(
+            &ForgetOutcome {
+                snapshots: 9,
+                pages_orphaned: 10,
+            },
+            r#"{"snapshots":9,"pages_orphaned":10}"#,
+        );
+        pinned(
+            &GcOutcome {
+                removed: tally,
+                rewrote: false,
+            },
+            &format!(r#"{{"removed":{tally_json},"rewrote":false}}"#),
+        );
+        let totals = WireTotals {
+            objects: tally,
+            orphans: 11,
+            storage_bytes: 12,
+        };
+        assert_eq!(
+            serde_json::to_string(&totals).unwrap(),
+            format!(r#"{{"objects":{tally_json},"orphans":11,"storage_bytes":12}}"#)
         );
     }
 

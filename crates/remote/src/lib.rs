@@ -392,13 +392,27 @@ impl Conn {
         }
     }
 
-    fn post_ids(&self, path: &str, ids: &[Id]) -> Result<Vec<u8>> {
-        self.call(
-            reqwest::Method::POST,
-            path,
-            Body::Bytes(proto::encode_ids(ids)),
-            true,
-        )
+    /// A multi-get: `ids` asked `per_call` at a time (one POST of an id
+    /// list each, in order), each answer turned by `decode` into one item
+    /// per id it asked for.
+    fn get_many<T>(
+        &self,
+        path: &str,
+        ids: &[Id],
+        per_call: usize,
+        decode: impl Fn(&[u8], usize) -> Result<Vec<T>>,
+    ) -> Result<Vec<T>> {
+        let mut out = Vec::with_capacity(ids.len());
+        for batch in ids.chunks(per_call) {
+            let body = self.call(
+                reqwest::Method::POST,
+                path,
+                Body::Bytes(proto::encode_ids(batch)),
+                true,
+            )?;
+            out.extend(decode(&body, batch.len())?);
+        }
+        Ok(out)
     }
 
     fn records(&self, kind: ObjectKind, ids: &[Id]) -> Result<Vec<Vec<u8>>> {
@@ -406,12 +420,9 @@ impl Conn {
             ObjectKind::Page => proto::paths::PAGES,
             _ => proto::paths::REGIONS,
         };
-        let mut out = Vec::with_capacity(ids.len());
-        for batch in ids.chunks(256) {
-            let body = self.post_ids(path, batch)?;
-            out.extend(proto::decode_records(&body, batch.len()).map_err(|e| self.malformed(e))?);
-        }
-        Ok(out)
+        self.get_many(path, ids, 256, |body, n| {
+            proto::decode_records(body, n).map_err(|e| self.malformed(e))
+        })
     }
 
     fn scan(&self, what: proto::ScanWhat, f: &mut dyn FnMut(&[u8], &[u8])) -> Result<()> {
@@ -538,36 +549,33 @@ impl Repository for RemoteRepo {
     }
 
     fn chunk_frames(&self, ids: &[Id]) -> Result<Vec<ChunkRead>> {
-        let mut out = Vec::with_capacity(ids.len());
-        for batch in ids.chunks(512) {
-            let body = self.post_ids(proto::paths::CHUNKS_GET, batch)?;
-            out.extend(proto::decode_frames(&body, batch.len()).map_err(|e| self.malformed(e))?);
-        }
-        Ok(out)
+        self.get_many(proto::paths::CHUNKS_GET, ids, 512, |body, n| {
+            proto::decode_frames(body, n).map_err(|e| self.malformed(e))
+        })
     }
 
     fn ref_counts(&self, kind: ObjectKind, ids: &[Id]) -> Result<Vec<Option<RefCount>>> {
-        let mut out = Vec::with_capacity(ids.len());
-        for batch in ids.chunks(limits::IDS_PER_CALL) {
-            let body = self.post_ids(&proto::paths::refs(proto::kind_letter(kind)), batch)?;
-            for r in proto::decode_refs(&body, batch.len()).map_err(|e| self.malformed(e))? {
-                out.push(match r {
-                    Some(v) => Some(
+        let path = proto::paths::refs(proto::kind_letter(kind));
+        self.get_many(&path, ids, limits::IDS_PER_CALL, |body, n| {
+            proto::decode_refs(body, n)
+                .map_err(|e| self.malformed(e))?
+                .into_iter()
+                .map(|r| {
+                    r.map(|v| {
                         RefCount::decode(&v)
-                            .map_err(|e| self.broken(format!("reference entry: {e}")))?,
-                    ),
-                    None => None,
-                });
-            }
-        }
-        Ok(out)
+                            .map_err(|e| self.broken(format!("reference entry: {e}")))
+                    })
+                    .transpose()
+                })
+                .collect()
+        })
     }
 
     fn totals(&self) -> Result<Totals> {
         let body = self.call(reqwest::Method::GET, proto::paths::TOTALS, Body::None, true)?;
         let t: proto::WireTotals = self.json(&body)?;
         Ok(Totals {
-            objects: t.objects.into(),
+            objects: t.objects,
             orphans: t.orphans,
         })
     }
@@ -582,12 +590,12 @@ impl Repository for RemoteRepo {
     }
 
     fn chunks_known(&self, ids: &[Id]) -> Result<Vec<bool>> {
-        let mut out = Vec::with_capacity(ids.len());
-        for batch in ids.chunks(limits::IDS_PER_CALL) {
-            let body = self.post_ids(proto::paths::CHUNKS_KNOWN, batch)?;
-            out.extend(proto::decode_known(&body, batch.len()).map_err(|e| self.malformed(e))?);
-        }
-        Ok(out)
+        self.get_many(
+            proto::paths::CHUNKS_KNOWN,
+            ids,
+            limits::IDS_PER_CALL,
+            |body, n| proto::decode_known(body, n).map_err(|e| self.malformed(e)),
+        )
     }
 
     fn put_region(&self, id: &Id, encoded: &[u8], frames: &Frames) -> Result<PutOutcome> {
@@ -605,7 +613,7 @@ impl Repository for RemoteRepo {
             Body::Bytes(body),
             true,
         )?;
-        Ok(self.json::<proto::WirePut>(&reply)?.into())
+        self.json::<PutOutcome>(&reply)
     }
 
     fn commit(&self, record: &[u8], pages: &[Vec<u8>], parent: Option<&Id>) -> Result<(Id, u64)> {
@@ -695,7 +703,7 @@ impl Repository for RemoteRepo {
             Body::Bytes(proto::encode_ids(ids)),
             false,
         )?;
-        Ok(self.json::<proto::WireForget>(&body)?.into())
+        self.json::<ForgetOutcome>(&body)
     }
 
     fn set_protected(&self, id: &Id, protected: bool) -> Result<()> {
@@ -729,7 +737,7 @@ impl Repository for RemoteRepo {
             Body::Json(serde_json::json!({ "dry_run": dry_run })),
             true,
         )?;
-        Ok(self.json::<proto::WireGc>(&body)?.into())
+        self.json::<GcOutcome>(&body)
     }
 
     fn damage_marks(&self) -> Result<Vec<DamageMark>> {

@@ -48,6 +48,7 @@ use std::collections::HashMap;
 
 use imgstore_format::sealed::RecordKind;
 use imgstore_format::{Id, ObjectKind, Page, RefCount, Region, RepoConfig, Snapshot};
+use serde::{Deserialize, Serialize};
 
 pub use codec::Codec;
 pub use error::RepoError;
@@ -89,8 +90,13 @@ impl std::fmt::Display for ChunkFault {
 /// New chunk frames for [`Repository::put_region`]: id → (frame, raw length).
 pub type Frames = HashMap<Id, (Vec<u8>, u32)>;
 
+// `PutOutcome`, `Tally`, `ForgetOutcome` and `GcOutcome` are also the
+// JSON answers of `imgstore server` (docs/PROTOCOL.md), field for field:
+// renaming a field here changes the wire (imgstore-protocol's tests pin
+// each shape).
+
 /// What [`Repository::put_region`] added.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PutOutcome {
     /// The region recipe was not in the store before.
     pub region_new: bool,
@@ -102,7 +108,7 @@ pub struct PutOutcome {
 
 /// Counts and bytes of stored objects: what [`Repository::totals`] finds,
 /// what a gc frees.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tally {
     pub chunks: u64,
     /// Raw bytes of the chunks.
@@ -145,7 +151,7 @@ pub struct Totals {
 }
 
 /// What [`Repository::forget`] removed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ForgetOutcome {
     pub snapshots: u64,
     /// Pages no remaining snapshot references (now orphans).
@@ -153,7 +159,7 @@ pub struct ForgetOutcome {
 }
 
 /// What [`Repository::gc`] deleted (or, dry, would delete).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GcOutcome {
     pub removed: Tally,
     /// Whether live data was rewritten to give space back (the local store

@@ -511,7 +511,7 @@ async fn totals(State(app): State<Shared>, headers: HeaderMap) -> ApiResult {
     blocking(move || {
         let t = app.store.totals()?;
         Ok(Json(proto::WireTotals {
-            objects: t.objects.into(),
+            objects: t.objects,
             orphans: t.orphans,
             storage_bytes: app.store.storage_bytes().unwrap_or(0),
         })
@@ -632,7 +632,7 @@ async fn put_region(
         Metrics::add(&app.metrics.chunks_new, stored.new_chunks);
         Metrics::add(&app.metrics.chunk_bytes_new, stored.new_bytes);
         Metrics::add(&app.metrics.regions_put, 1);
-        Ok(Json(proto::WirePut::from(out)).into_response())
+        Ok(Json(out).into_response())
     })
     .await
 }
@@ -1032,7 +1032,7 @@ async fn forget(State(app): State<Shared>, headers: HeaderMap, body: Bytes) -> A
     blocking(move || {
         let out = app.store.forget(&ids)?;
         tracing::info!(token = %c.token, snapshots = out.snapshots, "snapshots forgotten");
-        Ok(Json(proto::WireForget::from(out)).into_response())
+        Ok(Json(out).into_response())
     })
     .await
 }
@@ -1078,7 +1078,7 @@ async fn gc(
         let out = app.store.gc(req.dry_run)?;
         Metrics::add(&app.metrics.gc_runs, 1);
         tracing::info!(token = %c.token, dry_run = req.dry_run, chunks = out.removed.chunks, "gc finished");
-        Ok(Json(proto::WireGc::from(out)).into_response())
+        Ok(Json(out).into_response())
     })
     .await
 }

@@ -1,0 +1,252 @@
+//! `backup`: a file, block device, stream, command's output or an
+//! overlay's writes into a new snapshot.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use imgstore_engine::{BackupOptions, ParentChoice, Source};
+use serde_json::json;
+
+use crate::args::BackupArgs;
+use crate::exit;
+use crate::open::open_writer;
+use crate::output::{bucket_json, detail, emit, note, snapshot_json, warn_unreadable};
+use crate::progress::Bar;
+use crate::select::check_name;
+use crate::units::{format_time, human_bytes, plural};
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+pub fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> {
+    check_name(a.name.as_deref())?;
+    for t in &a.tags {
+        imgstore_engine::check_tag(t)?;
+    }
+    // The overlay is held for the whole backup: no server writes into it
+    // meanwhile, so the snapshot is the overlay as its server left it.
+    let _overlay_lock = a
+        .from_export
+        .as_deref()
+        .map(imgstore_engine::lock_overlay)
+        .transpose()?;
+    let overlay = a
+        .from_export
+        .as_deref()
+        .map(imgstore_engine::overlay_info)
+        .transpose()?;
+    // A command is started only once the repository is ours: a busy or
+    // missing repository must not leave it running.
+    let early_store = if a.stdin_from_command {
+        Some(open_writer(repo, "backup")?)
+    } else {
+        None
+    };
+    let mut child = None;
+    let (source, default_name) = match (&overlay, a.source.as_deref()) {
+        (Some(o), _) => (Source::open(&o.data)?, None),
+        _ if a.stdin_from_command => {
+            let (src, c) = crate::source_command::spawn(&a.command)?;
+            child = Some(c);
+            (src, None)
+        }
+        (None, Some("-")) => (Source::stdin(), None),
+        (None, Some(p)) => {
+            let path = PathBuf::from(p);
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+            (Source::open(&path)?.with_direct_io(a.direct_io), name)
+        }
+        (None, None) => {
+            return Err(exit::usage(
+                "give SOURCE (a file, block device or -), --from-export DIR or --stdin-from-command -- COMMAND",
+            ))
+        }
+    };
+    let store = match early_store {
+        Some(s) => s,
+        None => open_writer(repo, "backup")?,
+    };
+    // An overlay's view is a changed-block backup of its base: only the
+    // blocks written through the export are read.
+    let from_overlay = match &overlay {
+        Some(o) => {
+            let listed = store.list_snapshots()?;
+            if let Some(u) = listed.unreadable(&o.base) {
+                return Err(u.error().into());
+            }
+            let Some((_, base)) = listed
+                .snapshots
+                .iter()
+                .find(|(id, _)| *id == o.base)
+                .cloned()
+            else {
+                return Err(exit::not_found(format!(
+                    "the overlay's base snapshot {} is no longer in the repository (forgotten?): its writes cannot be completed into an image",
+                    o.base.short()
+                )));
+            };
+            Some(imgstore_engine::ChangedBlocks {
+                base_id: o.base,
+                base,
+                ranges: o.dirty.clone(),
+                verify_unchanged: 0.0,
+            })
+        }
+        None => None,
+    };
+    let default_name = default_name.or(from_overlay.as_ref().map(|c| c.base.name.clone()));
+    let name = match a.name.or(default_name) {
+        Some(n) if !n.is_empty() => n,
+        _ => {
+            return Err(exit::usage(
+                "a backup from stdin needs a name: pass --name NAME",
+            ))
+        }
+    };
+    imgstore_engine::check_name(&name)
+        .context("the image name defaults to the source's file name: pass --name NAME")?;
+    store.begin_backup(&name)?;
+    // Listed once, within the backup's server session: an unreadable
+    // record is never a parent or a base, and is warned about once they
+    // are chosen.
+    let listed = store.list_snapshots()?;
+    let status = a.json_status.then(crate::progress::JsonStatus::new);
+    let bar = Bar::new(progress && status.is_none());
+    // The parent: regions equal to it at the same offset are not chunked.
+    let choice = match (&a.parent, a.no_parent) {
+        (_, true) => ParentChoice::None,
+        (Some(p), false) => ParentChoice::Named(p.clone()),
+        (None, false) => ParentChoice::Latest,
+    };
+    let parent = imgstore_engine::parent_for(&listed.snapshots, &name, &choice)?;
+    if let Some((id, p)) = &parent {
+        detail(&format!(
+            "parent: {} ({}, {})",
+            id.short(),
+            p.name,
+            format_time(p.time_ns)
+        ));
+    }
+    let opts = BackupOptions {
+        name,
+        tags: a.tags,
+        hostname: hostname(),
+        parent,
+        allow_empty: a.allow_empty,
+    };
+    let damaged = store.damage_pending();
+    let changed = match (&a.base, &a.changed) {
+        _ if from_overlay.is_some() => from_overlay,
+        (Some(base), Some(list)) => {
+            let (base_id, base) =
+                imgstore_engine::select_for_image(&listed.snapshots, base, &opts.name)
+                    .with_context(|| format!("--base {base}"))?;
+            let verify_unchanged = match &a.verify_unchanged {
+                Some(v) => crate::units::parse_fraction(v, "--verify-unchanged")?,
+                None => 0.0,
+            };
+            Some(imgstore_engine::ChangedBlocks {
+                base_id,
+                base,
+                ranges: read_ranges(list)?,
+                verify_unchanged,
+            })
+        }
+        _ => None,
+    };
+    warn_unreadable(&listed.unreadable);
+    let progress: &dyn imgstore_engine::Progress = match &status {
+        Some(s) => s,
+        None => &bar,
+    };
+    let result = match &changed {
+        Some(c) => imgstore_engine::backup_changed(&*store, &source, c, &opts, progress),
+        None => imgstore_engine::backup(&*store, source, &opts, progress),
+    };
+    // The command's exit status was checked at end of stream; a backup
+    // that stopped early does not leave it running.
+    drop(child);
+    let r = result?;
+    drop(bar);
+    let repaired = damaged - store.damage_pending();
+    let s = &r.snapshot;
+    let secs = s.stats.duration_ns as f64 / 1e9;
+    if a.json {
+        let mut v = snapshot_json(&r.id, s);
+        if status.is_some() {
+            v["message_type"] = json!("summary");
+        }
+        v["bytes_read"] = json!(r.bytes_read);
+        v["bytes_reused"] = json!(r.bytes_reused);
+        v["zero_bytes_cached"] = json!(r.zero_bytes_cached);
+        let parent = changed
+            .as_ref()
+            .map(|c| c.base_id)
+            .or(opts.parent.as_ref().map(|p| p.0));
+        v["parent"] = json!(parent.map(|p| p.to_string()));
+        v["repaired_objects"] = json!(repaired);
+        if let Some(b) = store.bucket_report() {
+            v["bucket"] = bucket_json(&b);
+        }
+        emit(&format!("{v}\n"))
+    } else {
+        note(&format!(
+            "backed up {} ({}) in {:.2} s ({}/s): {} chunks, {} new, {} added; {} zeros, {} read, {} unchanged from the parent",
+            s.name,
+            human_bytes(s.size),
+            secs,
+            human_bytes((s.size as f64 / secs.max(1e-9)) as u64),
+            s.stats.chunks,
+            s.stats.new_chunks,
+            human_bytes(s.stats.new_bytes),
+            human_bytes(s.stats.zero_bytes),
+            human_bytes(r.bytes_read),
+            human_bytes(r.bytes_reused),
+        ));
+        if repaired > 0 {
+            note(&format!(
+                "repaired {} found by an earlier check ({} still marked)",
+                plural(repaired as u64, "damaged object"),
+                store.damage_pending()
+            ));
+        }
+        emit(&format!("{}\n", r.id))
+    }
+}
+
+/// Reads a change list: `OFFSET LENGTH` per line (decimal or 0x hex; more
+/// fields are ignored, so `nbdinfo --map` output filtered to dirty extents
+/// works), blank lines and `#` comments skipped.
+fn read_ranges(list: &str) -> anyhow::Result<Vec<(u64, u64)>> {
+    let text = if list == "-" {
+        std::io::read_to_string(std::io::stdin())
+            .context("cannot read the change list from stdin")?
+    } else {
+        std::fs::read_to_string(list).with_context(|| format!("cannot read change list {list}"))?
+    };
+    let num = |s: &str| match s.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16).ok(),
+        None => s.parse::<u64>().ok(),
+    };
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut f = line.split_whitespace();
+        match (f.next().and_then(num), f.next().and_then(num)) {
+            (Some(o), Some(l)) => out.push((o, l)),
+            _ => {
+                return Err(exit::usage(format!(
+                "change list {list}, line {}: expected `OFFSET LENGTH` in bytes, found {line:?}",
+                n + 1
+            )))
+            }
+        }
+    }
+    Ok(out)
+}
