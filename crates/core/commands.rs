@@ -35,7 +35,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Verify(a) => crate::integrity::verify(&repo, a, progress),
         Command::Tag(a) => crate::maintenance::tag(&repo, a),
         Command::Copy(a) => crate::copy::copy(&repo, a, progress),
-        Command::Key(a) => crate::keys::key(&repo, a),
+        Command::Key(a) => crate::key::key(&repo, a),
         Command::Server(a) => crate::server::server(&repo, a),
         Command::Token(a) => crate::server::token(&repo, a),
         Command::Completions(_) | Command::Man(_) => unreachable!("handled above"),

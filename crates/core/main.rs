@@ -11,6 +11,7 @@ mod diff;
 mod exit;
 mod init;
 mod integrity;
+mod key;
 mod keys;
 mod maintenance;
 mod mount;
