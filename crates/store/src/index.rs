@@ -7,7 +7,7 @@
 //! or where the frame store keeps them (pack locations in a bucket).
 //! [`Index`] owns the database handle, the write mutex that serialises
 //! read-modify-write of counts, and the helpers every part of the store
-//! shares; the frame stores (`frames.rs`, `packs.rs`) get it as an argument.
+//! shares; the frame stores (`frames.rs`, `packs/`) get it as an argument.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

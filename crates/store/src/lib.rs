@@ -10,7 +10,7 @@
 //! [`Store`] is the index — what exists, reference counts, recipes,
 //! snapshots, the lock, sessions, healing — and holds one frame store
 //! (`frames.rs`) for the chunk frames: RocksDB blob files in `db/`, or
-//! packs in an S3-compatible bucket (`packs.rs`). Everything below is true
+//! packs in an S3-compatible bucket (`packs/`). Everything below is true
 //! of both; where they differ (what "written" and "durable" mean for a
 //! frame), the frame store's methods say.
 //!

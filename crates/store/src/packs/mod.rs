@@ -40,9 +40,6 @@
 //! of snapshots the index does not hold, are deleted.
 
 use std::collections::{HashMap, HashSet};
-use std::fs;
-use std::io::Write;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -52,12 +49,18 @@ use imgstore_format::pack::{
     Trailer, FOOTER_LEN, PACK_PREFIX,
 };
 use imgstore_format::sealed::{record_children, RecordKind};
-use imgstore_format::{cf, Id, ObjectKind, RefCount, RepoConfig, Storage};
+use imgstore_format::{cf, Id, ObjectKind, RepoConfig, Storage};
 use rocksdb::WriteBatch;
 
 use crate::frames::{FrameStore, Item, PageLocations};
 use crate::index::Index;
-use crate::{Result, Store, StoreError, StoredBytesCheck};
+use crate::{Result, StoreError, StoredBytesCheck};
+
+mod cache;
+mod recover;
+
+use cache::PackCache;
+use recover::take_bucket;
 
 /// Share of a pack's bytes that may be garbage before gc repacks it.
 pub const REPACK_GARBAGE: f64 = 0.25;
@@ -970,8 +973,7 @@ impl Packs {
     /// Creates the bucket side of a new repository: refuses a prefix that
     /// already holds one, then writes the config object.
     fn init_bucket(&self, ix: &Index, config: &RepoConfig) -> Result<()> {
-        let storage = config.storage.as_ref().expect("bucket-backed");
-        let bucket = connect(storage)?;
+        let bucket = &self.bucket;
         if bucket
             .size(pack::CONFIG_OBJECT)
             .map_err(bucket_err)?
@@ -986,7 +988,7 @@ impl Packs {
         bucket
             .put(pack::CONFIG_OBJECT, config.to_json())
             .map_err(bucket_err)?;
-        take_bucket(ix, &bucket)
+        take_bucket(ix, bucket)
     }
 
     /// A writer checks that its index still owns the bucket: after a
@@ -1206,60 +1208,6 @@ impl FrameStore for Packs {
     }
 }
 
-impl Store {
-    /// Rebuilds a bucket-backed repository's local directory `dir` from the
-    /// bucket alone: the config, every pack's trailer, every record's copy,
-    /// every snapshot object; then the reference counts from the snapshots
-    /// down. `storage` says where the bucket is (its endpoint, region and
-    /// cache size may differ from the config in the bucket).
-    pub fn recover(dir: &Path, storage: &Storage) -> Result<(Store, RecoverOutcome)> {
-        let bucket = connect(storage)?;
-        let bytes = bucket
-            .get(pack::CONFIG_OBJECT, MAX_CONFIG_BYTES)
-            .map_err(|e| match e {
-                BucketError::NotFound { url, .. } => StoreError::NotARepository {
-                    path: PathBuf::from(url),
-                    why: "no config object in it".into(),
-                },
-                e => bucket_err(e),
-            })?;
-        let mut config = RepoConfig::from_json(&bytes).map_err(|source| StoreError::Format {
-            path: PathBuf::from(format!("{}/config", bucket.url())),
-            source,
-        })?;
-        let Some(st) = config.storage.as_mut() else {
-            return Err(StoreError::Invalid(format!(
-                "{}: the config in the bucket is not a bucket-backed repository's",
-                bucket.url()
-            )));
-        };
-        st.endpoint = storage.endpoint.clone();
-        st.region = storage.region.clone();
-        st.bucket = storage.bucket.clone();
-        st.prefix = storage.prefix.clone();
-        st.cache_bytes = storage.cache_bytes;
-        let fresh = !dir.exists();
-        let store = Store::create_local(dir, config, "recover")?;
-        match rebuild_index(&store.ix, &bucket)
-            .and_then(|out| take_bucket(&store.ix, &bucket).map(|_| out))
-        {
-            Ok(mut out) => {
-                out.requests = bucket.counts();
-                Ok((store, out))
-            }
-            Err(e) => {
-                // A half-built index is worse than none: what this call
-                // created goes, so `recover` can simply be run again.
-                drop(store);
-                if fresh {
-                    let _ = fs::remove_dir_all(dir);
-                }
-                Err(e)
-            }
-        }
-    }
-}
-
 /// Which of `keys` have a location (landed in the bucket).
 pub(crate) fn located(ix: &Index, keys: &[[u8; 33]]) -> Result<Vec<bool>> {
     Ok(current_locations(ix, keys)?
@@ -1457,204 +1405,6 @@ pub(crate) fn pack_stats(ix: &Index) -> Result<HashMap<PackName, PackStat>> {
     Ok(out)
 }
 
-/// Makes this index the bucket's owner (at `init` and `recover`): a
-/// new index id in `meta`, and the `owner` object naming it.
-fn take_bucket(ix: &Index, bucket: &Bucket) -> Result<()> {
-    let mut id = [0u8; 16];
-    getrandom::fill(&mut id).map_err(|e| StoreError::Invalid(format!("no randomness: {e}")))?;
-    let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
-    let mut b = WriteBatch::default();
-    b.put_cf(ix.cf(cf::META), pack::META_INDEX_KEY, hex.as_bytes());
-    ix.write_synced(b, "record the index id")?;
-    let owner = pack::Owner {
-        index: hex,
-        host: std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_default(),
-        since: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0),
-    };
-    bucket
-        .put(pack::OWNER_OBJECT, owner.encode())
-        .map_err(bucket_err)
-}
-
-fn rebuild_index(ix: &Index, bucket: &Bucket) -> Result<RecoverOutcome> {
-    let mut out = RecoverOutcome::default();
-    let listed = listed_packs(bucket)?;
-    // Locations of everything the packs hold (first copy wins) and raw
-    // lengths of chunks.
-    let mut chunk_at: HashMap<Id, (Location, u32)> = HashMap::new();
-    let mut record_at: HashMap<[u8; 33], Location> = HashMap::new();
-    let mut sizes: HashMap<PackName, u64> = HashMap::new();
-    for (name, len) in listed {
-        let trailer = match fetch_trailer(bucket, &name, len) {
-            Ok(t) => t,
-            Err(_) => {
-                out.rejected += 1;
-                continue;
-            }
-        };
-        out.packs += 1;
-        sizes.insert(name, len);
-        for (e, off) in trailer.entries.iter().zip(trailer.offsets()) {
-            let loc = Location {
-                pack: name,
-                offset: off,
-                len: e.len,
-            };
-            match e.kind {
-                ObjectKind::Chunk => {
-                    chunk_at.entry(e.id).or_insert((loc, e.raw_len));
-                }
-                k => {
-                    record_at.entry(k.key(&e.id)).or_insert(loc);
-                }
-            }
-        }
-    }
-    // Records: fetched and checked against their ids.
-    let mut records: HashMap<[u8; 33], Vec<u8>> = HashMap::new();
-    let rkeys: Vec<[u8; 33]> = record_at.keys().copied().collect();
-    for group in rkeys.chunks(256) {
-        let reqs: Vec<(String, std::ops::Range<u64>)> = group
-            .iter()
-            .map(|k| {
-                let l = record_at[k];
-                (pack_path(&l.pack), l.offset..l.offset + l.len as u64)
-            })
-            .collect();
-        for (k, r) in group.iter().zip(bucket.get_ranges(&reqs)) {
-            match r {
-                Ok(b) if Id::hash(&b).as_bytes() == &k[1..] => {
-                    records.insert(*k, b);
-                }
-                Ok(_) => out.rejected += 1,
-                Err(e @ (BucketError::Unavailable { .. } | BucketError::Denied { .. })) => {
-                    return Err(bucket_err(e))
-                }
-                Err(_) => out.rejected += 1,
-            }
-        }
-    }
-    // Snapshots.
-    let mut snapshots = Vec::new();
-    for (id, len) in listed_snapshots(bucket)? {
-        if len > MAX_SNAPSHOT_BYTES {
-            out.rejected += 1;
-            continue;
-        }
-        let b = bucket
-            .get(&pack::snapshot_path(&id), MAX_SNAPSHOT_BYTES)
-            .map_err(bucket_err)?;
-        match SnapshotObject::decode(&b, &id) {
-            Ok(o) => snapshots.push((id, o)),
-            Err(_) => out.rejected += 1,
-        }
-    }
-    // Reference counts: one per stored parent naming the object, with
-    // multiplicity (what every write batch keeps).
-    let mut refs: HashMap<[u8; 33], u64> = HashMap::new();
-    for (_, o) in &snapshots {
-        if let Ok(ps) = record_children(RecordKind::Snapshot, &o.record) {
-            for page in ps {
-                *refs.entry(ObjectKind::Page.key(&page)).or_default() += 1;
-            }
-        }
-    }
-    for (k, b) in &records {
-        let (kind, child) = match k[0] {
-            b'P' => (RecordKind::Page, ObjectKind::Region),
-            _ => (RecordKind::Region, ObjectKind::Chunk),
-        };
-        if let Ok(cs) = record_children(kind, b) {
-            for c in cs {
-                *refs.entry(child.key(&c)).or_default() += 1;
-            }
-        }
-    }
-    let meta = ix.cf(cf::META);
-    let mut batch = WriteBatch::default();
-    let mut stats: HashMap<PackName, PackStat> = sizes
-        .iter()
-        .map(|(n, s)| {
-            (
-                *n,
-                PackStat {
-                    size: *s,
-                    ..Default::default()
-                },
-            )
-        })
-        .collect();
-    // One object: its count (and orphan entry), its location, its
-    // pack's accounting; batches are written as they fill.
-    let mut place =
-        |batch: &mut WriteBatch, k: &[u8; 33], rc: RefCount, loc: &Location| -> Result<()> {
-            batch.put_cf(ix.cf(cf::REFS), k, rc.encode());
-            if rc.count == 0 {
-                batch.put_cf(ix.cf(cf::ORPHANS), k, []);
-            }
-            put_location(ix, batch, k, loc);
-            let s = stats.entry(loc.pack).or_default();
-            s.live_entries += 1;
-            s.live_bytes += loc.len as u64;
-            if batch.len() > 50_000 {
-                ix.write_synced(std::mem::take(batch), "recover")?;
-            }
-            Ok(())
-        };
-    for (id, (loc, raw)) in &chunk_at {
-        let k = ObjectKind::Chunk.key(id);
-        let rc = RefCount {
-            count: refs.get(&k).copied().unwrap_or(0),
-            logical_len: *raw,
-            stored_len: loc.len,
-        };
-        place(&mut batch, &k, rc, loc)?;
-        out.chunks += 1;
-    }
-    for (k, b) in &records {
-        let rc = RefCount {
-            count: refs.get(k).copied().unwrap_or(0),
-            logical_len: b.len() as u32,
-            stored_len: b.len() as u32,
-        };
-        batch.put_cf(ix.cf(cf::RECIPES), k, b);
-        place(&mut batch, k, rc, &record_at[k])?;
-        out.records += 1;
-    }
-    for (n, s) in &stats {
-        batch.put_cf(meta, pack_key(n), s.encode());
-    }
-    for (id, o) in &snapshots {
-        batch.put_cf(ix.cf(cf::SNAPSHOTS), id.as_bytes(), &o.record);
-        if o.protected {
-            batch.put_cf(meta, imgstore_format::meta::protect_key(id), []);
-        }
-        if let Some(parent) = o.parent {
-            batch.put_cf(
-                meta,
-                imgstore_format::meta::parent_key(id),
-                parent.as_bytes(),
-            );
-        }
-        out.snapshots += 1;
-    }
-    out.missing = refs
-        .keys()
-        .filter(|k| match k[0] {
-            b'C' => Id::from_slice(&k[1..]).is_some_and(|id| !chunk_at.contains_key(&id)),
-            _ => !records.contains_key(*k),
-        })
-        .count() as u64;
-    ix.write_synced(batch, "recover")?;
-    ix.flush_all()?;
-    Ok(out)
-}
-
 /// The packs in the bucket, by name, with their sizes (other objects
 /// under `packs/` are ignored).
 fn listed_packs(bucket: &Bucket) -> Result<Vec<(PackName, u64)>> {
@@ -1733,144 +1483,4 @@ fn read_trailer(bytes: &[u8], name: &PackName) -> Result<Trailer> {
         len,
     )
     .map_err(bad)
-}
-
-/// A bounded local cache of whole packs (`cache/<pack name>`), filled as
-/// packs are uploaded, evicted least recently used first.
-struct PackCache {
-    dir: PathBuf,
-    limit: u64,
-    state: Mutex<CacheState>,
-}
-
-#[derive(Default)]
-struct CacheState {
-    files: HashMap<PackName, (u64, u64)>,
-    total: u64,
-    tick: u64,
-    hits: u64,
-    misses: u64,
-}
-
-impl PackCache {
-    fn open(dir: PathBuf, limit: u64) -> PackCache {
-        let mut st = CacheState::default();
-        if let Ok(rd) = fs::read_dir(&dir) {
-            let mut found: Vec<(std::time::SystemTime, PackName, u64)> = rd
-                .flatten()
-                .filter_map(|e| {
-                    let name = Id::from_hex(e.file_name().to_str()?).ok()?;
-                    let m = e.metadata().ok()?;
-                    Some((m.modified().ok()?, name, m.len()))
-                })
-                .collect();
-            found.sort();
-            for (_, name, len) in found {
-                st.tick += 1;
-                st.files.insert(name, (len, st.tick));
-                st.total += len;
-            }
-        }
-        PackCache {
-            dir,
-            limit,
-            state: Mutex::new(st),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, CacheState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn figures(&self) -> (u64, u64, u64) {
-        let s = self.lock();
-        (s.hits, s.misses, s.total)
-    }
-
-    fn miss(&self, n: u64) {
-        self.lock().misses += n;
-    }
-
-    fn path(&self, name: &PackName) -> PathBuf {
-        self.dir.join(name.to_hex())
-    }
-
-    /// Keeps an uploaded pack (best effort: a cache that cannot be written
-    /// only costs requests).
-    fn insert(&self, name: &PackName, bytes: &[u8]) {
-        let len = bytes.len() as u64;
-        if len > self.limit {
-            return;
-        }
-        if fs::create_dir_all(&self.dir).is_err() {
-            return;
-        }
-        let tmp = self.dir.join(format!("{}.tmp", name.to_hex()));
-        let ok = fs::File::create(&tmp)
-            .and_then(|mut f| f.write_all(bytes))
-            .and_then(|_| fs::rename(&tmp, self.path(name)))
-            .is_ok();
-        if !ok {
-            let _ = fs::remove_file(&tmp);
-            return;
-        }
-        let mut s = self.lock();
-        s.tick += 1;
-        let tick = s.tick;
-        if let Some((old, _)) = s.files.insert(*name, (len, tick)) {
-            s.total -= old;
-        }
-        s.total += len;
-        while s.total > self.limit {
-            let Some((victim, (vlen, _))) = s
-                .files
-                .iter()
-                .min_by_key(|(_, (_, t))| *t)
-                .map(|(n, v)| (*n, *v))
-            else {
-                break;
-            };
-            s.files.remove(&victim);
-            s.total -= vlen;
-            let _ = fs::remove_file(self.path(&victim));
-        }
-    }
-
-    fn remove(&self, name: &PackName) {
-        let mut s = self.lock();
-        if let Some((len, _)) = s.files.remove(name) {
-            s.total -= len;
-            let _ = fs::remove_file(self.path(name));
-        }
-    }
-
-    /// An entry's bytes from a cached pack (None: not cached).
-    fn read(&self, loc: &Location) -> Option<Vec<u8>> {
-        {
-            let mut s = self.lock();
-            if !s.files.contains_key(&loc.pack) {
-                return None;
-            }
-            s.tick += 1;
-            let t = s.tick;
-            if let Some(e) = s.files.get_mut(&loc.pack) {
-                e.1 = t;
-            }
-        }
-        let f = fs::File::open(self.path(&loc.pack)).ok()?;
-        let mut buf = vec![0u8; loc.len as usize];
-        if f.read_exact_at(&mut buf, loc.offset).is_err() {
-            self.remove(&loc.pack);
-            return None;
-        }
-        self.lock().hits += 1;
-        Some(buf)
-    }
-
-    fn whole(&self, name: &PackName) -> Option<Vec<u8>> {
-        if !self.lock().files.contains_key(name) {
-            return None;
-        }
-        fs::read(self.path(name)).ok()
-    }
 }
