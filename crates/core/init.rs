@@ -24,14 +24,11 @@ pub fn init(repo: &Path, a: InitArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("--chunk-size {}: {e}", a.chunk_size))?;
     let mut config = imgstore_engine::new_repo_config(p, a.compression_level);
     if let Some(url) = &a.storage {
-        let pack_size = parse_size(&a.pack_size)?;
-        if !(1 << 20..=256 << 20).contains(&pack_size) {
-            return Err(exit::usage(format!(
-                "--pack-size {}: choose 1M..256M",
-                a.pack_size
-            )));
-        }
-        config = config.in_bucket(storage_of(url, &a.bucket, pack_size as u32)?);
+        let pack_size = u32::try_from(parse_size(&a.pack_size)?)
+            .ok()
+            .filter(|s| imgstore_format::PACK_SIZES.contains(s))
+            .ok_or_else(|| exit::usage(format!("--pack-size {}: choose 1M..256M", a.pack_size)))?;
+        config = config.in_bucket(storage_of(url, &a.bucket, pack_size)?);
     }
     if a.encryption {
         let (_, slots) = crate::keys::new_slots(&repo.display().to_string())?;

@@ -87,6 +87,9 @@ impl Storage {
 
 /// The only encryption scheme: BLAKE3-derived sub-keys, keyed BLAKE3 chunk
 /// ids, XChaCha20-Poly1305 sealing (`imgstore-crypto`).
+/// Pack sizes a bucket-backed repository may use (1 MiB to 256 MiB).
+pub const PACK_SIZES: std::ops::RangeInclusive<u32> = 1 << 20..=256 << 20;
+
 pub const ENCRYPTION_SCHEME: &str = "xchacha20poly1305-blake3";
 
 /// The encryption section of an encrypted repository's config.
@@ -218,7 +221,7 @@ impl RepoConfig {
                 if st.bucket.is_empty() || st.region.is_empty() {
                     return Err(bad("a storage section without bucket or region".into()));
                 }
-                if !(1 << 20..=256 << 20).contains(&st.pack_size) {
+                if !PACK_SIZES.contains(&st.pack_size) {
                     return Err(bad(format!("pack size {} out of 1-256 MiB", st.pack_size)));
                 }
             }

@@ -28,7 +28,7 @@ mod version;
 pub use codec::FormatError;
 pub use config::{
     ChunkingConfig, Compression, Encryption, KdfParams, KeySlot, RepoConfig, SlotKind, Storage,
-    CONFIG_FILE, DB_DIR, ENCRYPTION_SCHEME, LOCK_FILE,
+    CONFIG_FILE, DB_DIR, ENCRYPTION_SCHEME, LOCK_FILE, PACK_SIZES,
 };
 pub use frame::{
     decode_chunk, decode_chunk_into, encode_chunk, ChunkCodec, FrameCodec, FRAME_HEADER_LEN,
