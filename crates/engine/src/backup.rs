@@ -674,7 +674,7 @@ pub(crate) fn commit_resending(
             let Some(reread) = reread else {
                 return Err(EngineError::RegionsLost {
                     repo: repo.location(),
-                    path: std::path::PathBuf::from(&meta.source),
+                    image: meta.opts.name.clone(),
                     regions: lost.len(),
                     why:
                         "the server restarted during the backup, and a stream cannot be read twice",
@@ -724,7 +724,7 @@ pub(crate) fn commit_resending(
     // over and over).
     Err(failed.unwrap_or(EngineError::RegionsLost {
         repo: repo.location(),
-        path: std::path::PathBuf::from(&meta.source),
+        image: meta.opts.name.clone(),
         regions: resent,
         why: "it lost them again each time they were sent: is the server restarting over and over?",
     }))

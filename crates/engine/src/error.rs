@@ -31,10 +31,10 @@ pub enum EngineError {
     },
     /// A server lost regions a backup had uploaded, and they could not be
     /// sent again.
-    #[error("{repo} lost {regions} regions this backup of {} had uploaded ({why}); no snapshot was written: run the backup again, it sends only what the server lacks", path.display())]
+    #[error("{repo} lost {regions} regions this backup of {image} had uploaded ({why}); no snapshot was written: run the backup again, it sends only what the server lacks")]
     RegionsLost {
         repo: String,
-        path: PathBuf,
+        image: String,
         regions: usize,
         why: &'static str,
     },
