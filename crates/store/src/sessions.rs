@@ -20,8 +20,12 @@
 //! Backup Server keeps chunks touched in the last 24 h; kopia waits out a
 //! safety interval).
 //!
-//! Pins live in memory: a crashed server forgets them, and with them every
-//! session — which is right, since those sessions cannot commit any more.
+//! Pins live in memory: a restarted server forgets them, and with them
+//! every session. A backup in flight then goes on in a new session that
+//! trusts nothing the lost one was told: its region uploads are checked as
+//! always, and before its commit [`Store::session_regions_known`] tells it
+//! which of the regions it names survived (pinning them) so it sends the
+//! others again (`docs/GC.md`, "Sessions after a server restart").
 
 use std::collections::{HashMap, HashSet};
 
