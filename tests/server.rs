@@ -1,17 +1,18 @@
 //! `imgstore server`: real server processes on loopback TLS, driven by the
 //! real binary as client — round trips of every command, roles and
 //! namespaces, concurrent writers with gc, kill -9, a faulty network
-//! (an in-test TCP proxy that adds latency and cuts connections), and
+//! (the `imgstore-shaper` link: latency, throughput caps, cuts), and
 //! hostile requests.
 
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use imgstore_shaper::{Link, Shaper};
 
 use crate::util::*;
 
@@ -132,7 +133,7 @@ impl Client {
         }
     }
 
-    fn via(&self, url: String) -> Client {
+    pub(crate) fn via(&self, url: String) -> Client {
         Client {
             url,
             fp: self.fp.clone(),
@@ -541,90 +542,17 @@ fn kill_9_of_the_server_loses_no_committed_snapshot() {
     s.assert_no_panic();
 }
 
-/// A TCP proxy between client and server: adds latency to every read and,
-/// when told, cuts every connection and refuses new ones for a while.
-struct Proxy {
-    port: u16,
-    cut_until_ms: Arc<AtomicU64>,
-    epoch: Instant,
-    cuts: Arc<AtomicU64>,
-}
-
-impl Proxy {
-    fn start(upstream: String, delay: Duration) -> Proxy {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        let cut_until_ms = Arc::new(AtomicU64::new(0));
-        let cuts = Arc::new(AtomicU64::new(0));
-        let epoch = Instant::now();
-        let (cu, gen) = (cut_until_ms.clone(), cuts.clone());
-        std::thread::spawn(move || {
-            for c in l.incoming().take(10_000) {
-                let Ok(c) = c else { continue };
-                if epoch.elapsed().as_millis() as u64 <= cu.load(SeqCst) {
-                    drop(c);
-                    continue;
-                }
-                let Ok(up) = TcpStream::connect(&upstream) else {
-                    continue;
-                };
-                let born = gen.load(SeqCst);
-                for (mut from, mut to) in
-                    [(c.try_clone().unwrap(), up.try_clone().unwrap()), (up, c)]
-                {
-                    let gen = gen.clone();
-                    std::thread::spawn(move || {
-                        from.set_read_timeout(Some(Duration::from_millis(50)))
-                            .unwrap();
-                        let mut buf = vec![0u8; 64 << 10];
-                        let deadline = Instant::now() + Duration::from_secs(600);
-                        while Instant::now() < deadline && gen.load(SeqCst) == born {
-                            match from.read(&mut buf) {
-                                Ok(0) => break,
-                                Ok(n) => {
-                                    std::thread::sleep(delay);
-                                    if to.write_all(&buf[..n]).is_err() {
-                                        break;
-                                    }
-                                }
-                                Err(e)
-                                    if e.kind() == std::io::ErrorKind::WouldBlock
-                                        || e.kind() == std::io::ErrorKind::TimedOut => {}
-                                Err(_) => break,
-                            }
-                        }
-                        let _ = from.shutdown(std::net::Shutdown::Both);
-                        let _ = to.shutdown(std::net::Shutdown::Both);
-                    });
-                }
-            }
-        });
-        Proxy {
-            port,
-            cut_until_ms,
-            epoch,
-            cuts,
-        }
-    }
-
-    /// Cuts every open connection and refuses new ones for `d`.
-    fn cut(&self, d: Duration) {
-        let until = (self.epoch.elapsed() + d).as_millis() as u64;
-        self.cut_until_ms.store(until, SeqCst);
-        self.cuts.fetch_add(1, SeqCst);
-    }
-
-    fn url(&self) -> String {
-        format!("imgstores://127.0.0.1:{}/", self.port)
-    }
+/// The URL of a server reached through `shaper` (an emulated WAN link).
+pub(crate) fn url_via(shaper: &imgstore_shaper::Shaper) -> String {
+    format!("imgstores://{}/", shaper.addr())
 }
 
 #[test]
 fn a_bad_network_is_survived_or_refused_clearly() {
     let env = Env::new();
     let s = setup(&env);
-    let proxy = Proxy::start(s.addr.clone(), Duration::from_millis(20));
-    let admin = Client::new(&env, &s, "admin").via(proxy.url());
+    let proxy = Shaper::start(&s.addr, Link::rtt(Duration::from_millis(40))).unwrap();
+    let admin = Client::new(&env, &s, "admin").via(url_via(&proxy));
     let img = env.path("web-net.img");
     let data = [seeded(12 << 20, 31), vec![0u8; 4 << 20], texty(8 << 20, 32)].concat();
     fs::write(&img, &data).unwrap();
@@ -645,9 +573,9 @@ fn a_bad_network_is_survived_or_refused_clearly() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(400));
-    proxy.cut(Duration::from_secs(2));
+    proxy.cut_for(Duration::from_secs(2));
     std::thread::sleep(Duration::from_millis(2600));
-    proxy.cut(Duration::from_secs(2));
+    proxy.cut_for(Duration::from_secs(2));
     let o = {
         let deadline = Instant::now() + Duration::from_secs(300);
         loop {
@@ -690,7 +618,7 @@ fn a_bad_network_is_survived_or_refused_clearly() {
             .spawn()
             .unwrap();
         std::thread::sleep(Duration::from_millis(*at));
-        proxy.cut(Duration::from_secs(3));
+        proxy.cut_for(Duration::from_secs(3));
         let o = k.wait_with_output().unwrap();
         let err = String::from_utf8_lossy(&o.stderr);
         match o.status.code() {

@@ -13,6 +13,7 @@ mod conformance;
 mod conventions;
 mod encryption;
 mod errors;
+mod faults;
 mod fixture;
 mod gc;
 mod golden;

@@ -103,7 +103,8 @@ pub struct Cli {
     pub password_command: Option<String>,
 
     /// For a server repository: how long to keep retrying requests while the
-    /// server cannot be reached before giving up.
+    /// server cannot be reached before giving up (the first one too: a
+    /// command started while its server is down or restarting waits).
     #[arg(long, global = true, value_name = "DURATION", default_value = "2m")]
     pub retry_for: String,
 

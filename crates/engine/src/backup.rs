@@ -26,7 +26,7 @@ use imgstore_format::sealed::RecordKind;
 use imgstore_format::{
     FrameCodec, Id, ObjectKind, Page, RecipeEntry, Region, Snapshot, SnapshotStats, PAGE_REGIONS,
 };
-use imgstore_repo::Repository;
+use imgstore_repo::{RepoError, Repository};
 use rayon::prelude::*;
 
 use crate::aligned::AlignedBuf;
@@ -64,6 +64,14 @@ pub struct BackupReport {
     /// repository's cache instead of being hashed.
     pub zero_bytes_cached: u64,
 }
+
+/// How many times a region is uploaded when the repository lost a chunk
+/// it had reported stored (see `Ctx::process`).
+const UPLOAD_TRIES: u32 = 3;
+
+/// How many times a commit is prepared (regions the repository lost sent
+/// again, then the commit tried) before a loss is reported as such.
+const COMMIT_ROUNDS: u32 = 6;
 
 /// The current time in nanoseconds since the epoch (a snapshot's time).
 fn now_ns() -> i64 {
@@ -334,16 +342,30 @@ impl<'a> Ctx<'a> {
         } else {
             let codec = self.repo.codec();
             let (rid, stored) = codec.store_record(RecordKind::Region, region.encode(), &data_ids);
-            // Only chunks the store does not have are compressed.
-            let known = self.repo.chunks_known(&data_ids)?;
+            // Only chunks the store does not have are compressed. A chunk
+            // it reported stored may be gone by the upload when the server
+            // lost the backup's session (it restarted: the chunk was written
+            // after its last flush, or a gc took it while nothing pinned
+            // it): the upload then fails naming it, and is asked again.
             let mut frames = HashMap::new();
-            for ((id, bytes), known) in data_ids.iter().zip(&data_slices).zip(known) {
-                if !known && !frames.contains_key(id) {
-                    let frame = codec.store_chunk(id, compress(bytes, self.level))?;
-                    frames.insert(*id, (frame, bytes.len() as u32));
+            let mut tries = 0;
+            let out = loop {
+                tries += 1;
+                let known = self.repo.chunks_known(&data_ids)?;
+                for ((id, bytes), known) in data_ids.iter().zip(&data_slices).zip(known) {
+                    if !known && !frames.contains_key(id) {
+                        let frame = codec.store_chunk(id, compress(bytes, self.level))?;
+                        frames.insert(*id, (frame, bytes.len() as u32));
+                    }
                 }
-            }
-            let out = self.repo.put_region(&rid, &stored, &frames)?;
+                match self.repo.put_region(&rid, &stored, &frames) {
+                    Err(imgstore_repo::RepoError::Missing {
+                        kind: ObjectKind::Chunk,
+                        id,
+                    }) if tries < UPLOAD_TRIES && !frames.contains_key(&id) => continue,
+                    r => break r?,
+                }
+            };
             self.counters.new_chunks.fetch_add(out.new_chunks, Relaxed);
             self.counters.new_bytes.fetch_add(out.new_bytes, Relaxed);
             rid
@@ -429,7 +451,25 @@ pub fn backup(
     };
     let bytes_reused = ctx.counters.reused_bytes.load(Relaxed);
     let zero_bytes_cached = ctx.counters.zero_cached_bytes.load(Relaxed);
-    let (id, snapshot) = commit_snapshot(repo, results, None, stats, meta)?;
+    let path = source.path().to_path_buf();
+    let pos = source.positional();
+    let reread = |i: u64| -> Result<RegionBuf, EngineError> {
+        let pos = pos.as_ref().expect("only a file or device is read again");
+        match pos.read_region(i, region_size, AlignedBuf::default())? {
+            Some((rb, _)) => Ok(rb),
+            None => Err(EngineError::SourceChanged {
+                path: path.clone(),
+                before: size,
+                after: i * region_size as u64,
+                at: i * region_size as u64,
+            }),
+        }
+    };
+    let reread: Option<&Reread<'_>> = match &pos {
+        Some(_) => Some(&reread),
+        None => None,
+    };
+    let (id, snapshot) = commit_resending(repo, results, None, stats, meta, reread)?;
     progress.finish();
     Ok(BackupReport {
         id,
@@ -580,6 +620,7 @@ fn read_sequential(
 }
 
 /// What a snapshot records besides its regions.
+#[derive(Clone)]
 pub(crate) struct Meta<'a> {
     pub time_ns: i64,
     pub opts: &'a BackupOptions,
@@ -591,11 +632,109 @@ pub(crate) struct Meta<'a> {
     pub parent: Option<Id>,
 }
 
+/// Reads region `index` of the source again (see [`commit_resending`]).
+pub(crate) type Reread<'a> = dyn Fn(u64) -> Result<RegionBuf, EngineError> + Sync + 'a;
+
+/// [`commit_snapshot`], first sending again the regions the repository
+/// says it may have lost since this backup stored them or read them from
+/// its parent ([`Repository::regions_to_resend`]: a server that restarted
+/// during the backup). Those regions are read again with `reread` and
+/// processed anew, without the parent (whose region may be what was
+/// lost); a source that cannot be read twice (a stream) fails instead.
+/// A commit that finds a region gone (lost after the check) goes round
+/// again, a bounded number of times.
+pub(crate) fn commit_resending(
+    repo: &dyn Repository,
+    mut results: Vec<(u64, Id, RegionHash)>,
+    digest: Option<[u8; 32]>,
+    mut stats: SnapshotStats,
+    meta: Meta<'_>,
+    reread: Option<&Reread<'_>>,
+) -> Result<(Id, Snapshot), EngineError> {
+    let mut failed: Option<EngineError> = None;
+    let mut resent = 0;
+    for _ in 0..COMMIT_ROUNDS {
+        let mut named: Vec<Id> = results
+            .iter()
+            .map(|r| r.1)
+            .filter(|r| *r != Id::ZERO)
+            .collect();
+        named.sort_unstable();
+        named.dedup();
+        let lost: std::collections::HashSet<Id> =
+            repo.regions_to_resend(&named)?.into_iter().collect();
+        if lost.is_empty() {
+            if let Some(e) = failed.take() {
+                // The commit found something missing that the repository
+                // does not say it lost: not a loss this can mend.
+                return Err(e);
+            }
+        } else {
+            failed = None;
+            let Some(reread) = reread else {
+                return Err(EngineError::RegionsLost {
+                    repo: repo.location(),
+                    image: meta.opts.name.clone(),
+                    regions: lost.len(),
+                    why:
+                        "the server restarted during the backup, and a stream cannot be read twice",
+                });
+            };
+            let indices: Vec<u64> = results
+                .iter()
+                .filter(|r| lost.contains(&r.1))
+                .map(|r| r.0)
+                .collect();
+            resent = lost.len();
+            let ctx = Ctx::new(repo, &crate::NoProgress)?;
+            io_pool()?.install(|| {
+                indices
+                    .par_iter()
+                    .try_for_each(|&i| ctx.process(&reread(i)?))
+            })?;
+            stats.new_chunks += ctx.counters.new_chunks.load(Relaxed);
+            stats.new_bytes += ctx.counters.new_bytes.load(Relaxed);
+            let redone = ctx.results.into_inner().unwrap_or_else(|p| p.into_inner());
+            let by_index: HashMap<u64, (Id, RegionHash)> =
+                redone.into_iter().map(|(i, id, h)| (i, (id, h))).collect();
+            for r in results.iter_mut() {
+                if let Some((id, h)) = by_index.get(&r.0) {
+                    r.1 = *id;
+                    r.2 = h.clone();
+                }
+            }
+            // Asked again before the commit: the server may have lost the
+            // session once more meanwhile (answered without a request if not).
+            continue;
+        }
+        match commit_snapshot(repo, &mut results, digest, stats, meta.clone()) {
+            Err(EngineError::Repo(RepoError::Missing {
+                kind: ObjectKind::Region,
+                id,
+            })) => {
+                failed = Some(EngineError::Repo(RepoError::Missing {
+                    kind: ObjectKind::Region,
+                    id,
+                }))
+            }
+            r => return r,
+        }
+    }
+    // The repository kept losing what was sent again (a server restarting
+    // over and over).
+    Err(failed.unwrap_or(EngineError::RegionsLost {
+        repo: repo.location(),
+        image: meta.opts.name.clone(),
+        regions: resent,
+        why: "it lost them again each time they were sent: is the server restarting over and over?",
+    }))
+}
+
 /// Builds the index pages from per-region results (any order), computes the
 /// image digest (unless given), and commits the snapshot.
 pub(crate) fn commit_snapshot(
     repo: &dyn Repository,
-    mut results: Vec<(u64, Id, RegionHash)>,
+    results: &mut [(u64, Id, RegionHash)],
     digest: Option<[u8; 32]>,
     mut stats: SnapshotStats,
     meta: Meta<'_>,
@@ -617,7 +756,6 @@ pub(crate) fn commit_snapshot(
             cvs: c.iter().map(|r| r.2.cv()).collect(),
         })
         .collect();
-    drop(results);
     let codec = repo.codec();
     let (page_ids, stored_pages): (Vec<Id>, Vec<Vec<u8>>) = pages
         .iter()
@@ -793,42 +931,45 @@ pub fn backup_changed(
     let touched_ix: Vec<u64> = (0..n).filter(|&i| touched[i as usize]).collect();
     let read = AtomicU64::new(0);
     let (base_chunks, base_zeros) = (AtomicU64::new(0), AtomicU64::new(0));
+    // Region `i` of the new image: the base's, overlaid with the changed
+    // bytes read from the source.
+    let build = |i: u64| -> Result<RegionBuf, EngineError> {
+        let offset = i * rs;
+        let len = len_of(i, size) as usize;
+        let mut buf = AlignedBuf::default();
+        if i < base_n {
+            let (c, z) = base_ctx.region_bytes(i as usize, &mut buf)?;
+            base_chunks.fetch_add(c, Relaxed);
+            base_zeros.fetch_add(z, Relaxed);
+        }
+        if buf.len() != len {
+            // The base's last region was shorter, or there was none.
+            let mut v = buf[..buf.len().min(len)].to_vec();
+            v.resize(len, 0);
+            buf = AlignedBuf::from_vec(v);
+        }
+        let start = ranges.partition_point(|r| r.1 <= offset);
+        for &(o, e) in ranges[start..]
+            .iter()
+            .take_while(|r| r.0 < offset + len as u64)
+        {
+            let (a, b) = (o.max(offset), e.min(offset + len as u64));
+            source.read_at(&mut buf[(a - offset) as usize..(b - offset) as usize], a)?;
+            read.fetch_add(b - a, Relaxed);
+        }
+        Ok(RegionBuf {
+            index: i,
+            offset,
+            data: buf,
+            all_hole: false,
+        })
+    };
     io_pool()?.install(|| {
         touched_ix
             .par_iter()
-            .try_for_each(|&i| -> Result<(), EngineError> {
-                let offset = i * rs;
-                let len = len_of(i, size) as usize;
-                let mut buf = AlignedBuf::default();
-                if i < base_n {
-                    let (c, z) = base_ctx.region_bytes(i as usize, &mut buf)?;
-                    base_chunks.fetch_add(c, Relaxed);
-                    base_zeros.fetch_add(z, Relaxed);
-                }
-                if buf.len() != len {
-                    // The base's last region was shorter, or there was none.
-                    let mut v = buf[..buf.len().min(len)].to_vec();
-                    v.resize(len, 0);
-                    buf = AlignedBuf::from_vec(v);
-                }
-                let start = ranges.partition_point(|r| r.1 <= offset);
-                for &(o, e) in ranges[start..]
-                    .iter()
-                    .take_while(|r| r.0 < offset + len as u64)
-                {
-                    let (a, b) = (o.max(offset), e.min(offset + len as u64));
-                    source.read_at(&mut buf[(a - offset) as usize..(b - offset) as usize], a)?;
-                    read.fetch_add(b - a, Relaxed);
-                }
-                ctx.process(&RegionBuf {
-                    index: i,
-                    offset,
-                    data: buf,
-                    all_hole: false,
-                })
-            })
+            .try_for_each(|&i| ctx.process(&build(i)?))
     })?;
-    bytes_read += read.into_inner();
+    bytes_read += read.load(Relaxed);
     let mut results = ctx.results.into_inner().unwrap_or_else(|p| p.into_inner());
     let mut bytes_reused = 0;
     for i in (0..n).filter(|&i| !touched[i as usize]) {
@@ -843,8 +984,8 @@ pub fn backup_changed(
     let digest = (n == 1 && !touched[0]).then_some(base.digest);
     // Re-read regions replaced their base counterparts.
     let mut stats = ctx.counters.stats();
-    stats.chunks += base.stats.chunks - base_chunks.into_inner().min(base.stats.chunks);
-    stats.zero_bytes += base.stats.zero_bytes - base_zeros.into_inner().min(base.stats.zero_bytes);
+    stats.chunks += base.stats.chunks - base_chunks.load(Relaxed).min(base.stats.chunks);
+    stats.zero_bytes += base.stats.zero_bytes - base_zeros.load(Relaxed).min(base.stats.zero_bytes);
     let meta = Meta {
         time_ns,
         opts,
@@ -854,7 +995,7 @@ pub fn backup_changed(
         started,
         parent: Some(changed.base_id),
     };
-    let (id, snapshot) = commit_snapshot(repo, results, digest, stats, meta)?;
+    let (id, snapshot) = commit_resending(repo, results, digest, stats, meta, Some(&build))?;
     progress.finish();
     Ok(BackupReport {
         id,

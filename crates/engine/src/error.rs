@@ -29,6 +29,15 @@ pub enum EngineError {
         offset: u64,
         len: u64,
     },
+    /// A server lost regions a backup had uploaded, and they could not be
+    /// sent again.
+    #[error("{repo} lost {regions} regions this backup of {image} had uploaded ({why}); no snapshot was written: run the backup again, it sends only what the server lacks")]
+    RegionsLost {
+        repo: String,
+        image: String,
+        regions: usize,
+        why: &'static str,
+    },
     #[error("source {} is empty (0 bytes); no snapshot was written: check the command that feeds it, or pass --allow-empty to keep an empty image", path.display())]
     EmptySource { path: PathBuf },
     #[error("target {}: {why}", path.display())]

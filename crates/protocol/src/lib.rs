@@ -52,6 +52,8 @@ pub mod paths {
     pub const REGIONS: &str = v1!("/regions");
     pub const CHUNKS_GET: &str = v1!("/chunks/get");
     pub const CHUNKS_KNOWN: &str = v1!("/chunks/known");
+    /// Which regions a session that replaced a lost one may still name.
+    pub const REGIONS_KNOWN: &str = v1!("/regions/known");
     pub const TOTALS: &str = v1!("/totals");
     pub const COMMIT: &str = v1!("/commit");
     pub const ZERO_CVS_GET: &str = v1!("/zero-cvs/get");
@@ -103,6 +105,7 @@ pub mod paths {
                 REGIONS,
                 CHUNKS_GET,
                 CHUNKS_KNOWN,
+                REGIONS_KNOWN,
                 TOTALS,
                 COMMIT,
                 ZERO_CVS_GET,

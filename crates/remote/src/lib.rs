@@ -15,14 +15,32 @@
 //!   CA file); there is no fallback to "accept anything".
 //! * **Retries**: idempotent calls (everything is content-addressed) are
 //!   retried with exponential backoff on connection failures and 502/503/
-//!   504, within a bounded time; a commit whose answer was lost is sent
-//!   again once (the server treats a repeated commit as a no-op), and a
-//!   503 `busy` from the server's gate, which answers before reading the
-//!   body, is retried for every call.
+//!   504, within a bounded time — the first contact too, so a client that
+//!   starts while its server restarts waits for it; only a TLS handshake
+//!   that refuses the server (a certificate that is not the pinned one)
+//!   fails at once. A commit whose answer was lost is sent again once
+//!   (the server treats a repeated commit as a no-op), and a 503 `busy`
+//!   from the server's gate, which answers before reading the body, is
+//!   retried for every call.
+//! * **Dead connections**: a server that lost power, or a NAT that dropped
+//!   the connection, sends no FIN or RST. HTTP/2 pings (every
+//!   [`KEEPALIVE_INTERVAL`], answered within [`KEEPALIVE_TIMEOUT`], also on
+//!   idle pooled connections) notice a connection that went silent within
+//!   seconds, whatever the size of the request in flight, and TCP
+//!   keepalive and `TCP_USER_TIMEOUT` do the same below plain HTTP; the
+//!   request then fails as any transport fault and is retried on a new
+//!   connection.
+//! * **Sessions that outlive the server's memory**: a backup's session
+//!   lives in the server's memory, so a server restart (or a session idle
+//!   past its timeout) forgets it. A call answered "no such session" opens
+//!   a new session for the same image and is sent again in it; before the
+//!   commit, [`Repository::regions_to_resend`] asks which regions uploaded
+//!   in the lost session are still there (`docs/GC.md`).
 
 pub mod known;
 mod tls;
 
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -119,9 +137,36 @@ pub struct Conn {
     base: String,
     client: reqwest::blocking::Client,
     token: String,
-    session: Mutex<Option<String>>,
+    session: Mutex<Option<Session>>,
+    /// Held while a lost session is replaced: the workers that find it
+    /// lost at once open one new session, not one each.
+    renewing: Mutex<()>,
+    /// Sessions opened to replace lost ones, since the connection opened.
+    renewals: AtomicU64,
+    /// `renewals` when the regions a commit names were last known to be
+    /// held for the current session (at its start, or by
+    /// [`Repository::regions_to_resend`]).
+    checked: AtomicU64,
     retry_for: Duration,
 }
+
+/// The backup session calls are made in.
+#[derive(Clone, Debug)]
+struct Session {
+    id: String,
+    image: String,
+    namespace: Option<String>,
+}
+
+/// How often an HTTP/2 connection with nothing received lately is pinged.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a ping may go unanswered before the connection counts as dead
+/// (its requests fail, and are retried on a new one).
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Below HTTP: how long sent data may stay unacknowledged, and when an
+/// idle connection's peer is first probed (then every 5 s, 3 times).
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
+const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(15);
 
 impl std::ops::Deref for RemoteRepo {
     type Target = Conn;
@@ -155,7 +200,17 @@ impl RemoteRepo {
             url: opts.url.clone(),
             detail,
         })?;
-        let builder = reqwest::blocking::Client::builder()
+        // Dead-connection detection is configured on the async builder the
+        // blocking one wraps (the blocking builder does not expose it).
+        let alive = reqwest::Client::builder()
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .http2_keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .http2_keep_alive_while_idle(true)
+            .tcp_keepalive(TCP_KEEPALIVE_IDLE)
+            .tcp_keepalive_interval(Duration::from_secs(5))
+            .tcp_keepalive_retries(3)
+            .tcp_user_timeout(TCP_USER_TIMEOUT);
+        let builder = reqwest::blocking::ClientBuilder::from(alive)
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(600))
             .pool_idle_timeout(Duration::from_secs(60))
@@ -172,9 +227,13 @@ impl RemoteRepo {
             client,
             token: opts.token.trim().to_string(),
             session: Mutex::new(None),
+            renewing: Mutex::new(()),
+            renewals: AtomicU64::new(0),
+            checked: AtomicU64::new(0),
             retry_for: opts.retry_for,
         };
-        let body = conn.call(reqwest::Method::GET, proto::paths::HELLO, Body::None, false)?;
+        // Retried like any read: a server that is not up yet is waited for.
+        let body = conn.call(reqwest::Method::GET, proto::paths::HELLO, Body::None, true)?;
         let hello: proto::Hello = conn.json(&body)?;
         if hello.protocol != proto::VERSION {
             return Err(RepoError::Remote {
@@ -210,26 +269,16 @@ impl RemoteRepo {
     /// what the backup relies on until it commits.
     pub fn begin_session(&self, image: &str) -> Result<()> {
         self.end_session();
-        let body = self.call(
-            reqwest::Method::POST,
-            proto::paths::SESSIONS,
-            Body::Json(
-                serde_json::to_value(proto::SessionRequest {
-                    image: image.into(),
-                })
-                .expect("json"),
-            ),
-            true,
-        )?;
-        let reply: proto::SessionReply = self.json(&body)?;
+        let session = self.open_session(image)?;
         // In a namespace of an encrypted repository the backup's chunk ids
         // carry the namespace's tag: the server accepts no others from it.
-        *self.ns_codec.write().unwrap_or_else(|p| p.into_inner()) = reply
+        *self.ns_codec.write().unwrap_or_else(|p| p.into_inner()) = session
             .namespace
             .as_deref()
             .filter(|_| self.codec.is_sealed())
             .map(|ns| self.codec.in_namespace(ns));
-        *self.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(reply.session);
+        self.checked.store(self.renewals.load(SeqCst), SeqCst);
+        *self.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(session);
         Ok(())
     }
 
@@ -243,11 +292,16 @@ impl RemoteRepo {
         if let Some(s) = s {
             let _ = self.call(
                 reqwest::Method::DELETE,
-                &proto::paths::session(&s),
+                &proto::paths::session(&s.id),
                 Body::None,
                 false,
             );
         }
+    }
+
+    /// Sessions opened so far to replace ones the server lost.
+    pub fn sessions_renewed(&self) -> u64 {
+        self.renewals.load(SeqCst)
     }
 }
 
@@ -267,8 +321,54 @@ impl Conn {
         self.broken(e.to_string())
     }
 
+    /// Opens a session for a backup of `image` (not yet the current one).
+    fn open_session(&self, image: &str) -> Result<Session> {
+        let body = self.call(
+            reqwest::Method::POST,
+            proto::paths::SESSIONS,
+            Body::Json(
+                serde_json::to_value(proto::SessionRequest {
+                    image: image.into(),
+                })
+                .expect("json"),
+            ),
+            true,
+        )?;
+        let reply: proto::SessionReply = self.json(&body)?;
+        Ok(Session {
+            id: reply.session,
+            image: image.into(),
+            namespace: reply.namespace,
+        })
+    }
+
+    /// Replaces session `lost`, which the server no longer knows, by a new
+    /// one for the same image (unless another thread already did).
+    fn renew_session(&self, lost: &str) -> Result<()> {
+        let _one = self.renewing.lock().unwrap_or_else(|p| p.into_inner());
+        let old = match &*self.session.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(s) if s.id == lost => s.clone(),
+            // Replaced meanwhile, or ended: the caller sends its request
+            // again with whatever is current.
+            _ => return Ok(()),
+        };
+        let new = self.open_session(&old.image)?;
+        if new.namespace != old.namespace {
+            // The chunk ids sent so far carry the old namespace's tag.
+            return Err(self.broken(format!(
+                "the server lost backup session {lost} and now files image {:?} under namespace {:?}, not {:?}: start the backup again",
+                old.image, new.namespace, old.namespace
+            )));
+        }
+        *self.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(new);
+        self.renewals.fetch_add(1, SeqCst);
+        Ok(())
+    }
+
     /// One request with retries. `idempotent` calls are retried on
-    /// transport failures and 502/503/504 until `retry_for` has passed.
+    /// transport failures and 429/502/503/504 until `retry_for` has passed;
+    /// a call the server answers "no such session" for is sent again in a
+    /// new session for the same image (see the crate docs).
     fn call(
         &self,
         method: reqwest::Method,
@@ -279,18 +379,27 @@ impl Conn {
         let started = Instant::now();
         let mut delay = Duration::from_millis(100);
         let mut attempt = 0u32;
+        let mut renewed = 0u32;
+        // Bounded in time by `retry_for`, and in count: the backoff reaches
+        // 5 s after 6 attempts, so this many are never reached in time.
+        let max_attempts = 64 + (self.retry_for.as_secs() / 4).min(1 << 20) as u32;
         loop {
             attempt += 1;
             let mut req = self
                 .client
                 .request(method.clone(), format!("{}{path}", self.base))
                 .bearer_auth(&self.token);
-            if let Some(s) = self
-                .session
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .as_ref()
-            {
+            // Opening a session is the one call that never runs in one.
+            let sent = match path {
+                proto::paths::SESSIONS => None,
+                _ => self
+                    .session
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_ref()
+                    .map(|s| s.id.clone()),
+            };
+            if let Some(s) = &sent {
                 req = req.header(proto::SESSION_HEADER, s.as_str());
             }
             req = match &body {
@@ -311,38 +420,65 @@ impl Conn {
                     match read_bounded(resp) {
                         Ok(bytes) if status.is_success() => return Ok(bytes),
                         Ok(bytes) => {
+                            let code = serde_json::from_slice::<ErrorBody>(&bytes)
+                                .map(|e| e.code)
+                                .unwrap_or_default();
+                            // The server no longer knows the session (it
+                            // restarted, or the session idled out): nothing
+                            // was done, and the call goes on in a new one.
+                            if let (410, "no_session", Some(lost)) =
+                                (status.as_u16(), code.as_str(), &sent)
+                            {
+                                if renewed < MAX_RENEWALS {
+                                    renewed += 1;
+                                    self.renew_session(lost)?;
+                                    continue;
+                                }
+                            }
                             let transient = matches!(status.as_u16(), 502..=504 | 429);
-                            untouched = status.as_u16() == 503
-                                && serde_json::from_slice::<ErrorBody>(&bytes)
-                                    .is_ok_and(|e| e.code == "busy");
+                            untouched = status.as_u16() == 503 && code == "busy";
                             let err = self.error_from(status.as_u16(), &bytes);
                             if !transient {
                                 return Err(err);
                             }
                             err
                         }
-                        Err(e) => RepoError::Unreachable {
-                            url: self.location.clone(),
-                            detail: chain(&e),
-                        },
+                        Err(e) => self.unreachable(chain(&e)),
                     }
                 }
-                Err(e) => RepoError::Unreachable {
-                    url: self.location.clone(),
-                    detail: chain(&e),
-                },
+                // A TLS handshake that refused the server will refuse it
+                // again: no waiting.
+                Err(e) if handshake_refused(&e) => return Err(self.unreachable(chain(&e))),
+                Err(e) => self.unreachable(chain(&e)),
             };
-            if !(idempotent || untouched)
-                || started.elapsed() + delay > self.retry_for
-                || attempt >= 64
-            {
-                return Err(failure);
+            let elapsed = started.elapsed();
+            if !(idempotent || untouched) || elapsed >= self.retry_for || attempt >= max_attempts {
+                return Err(match failure {
+                    RepoError::Unreachable { url, detail } if attempt > 1 => {
+                        RepoError::Unreachable {
+                            url,
+                            detail: format!(
+                                "{detail} (tried {attempt} times in {:.1} s)",
+                                elapsed.as_secs_f64()
+                            ),
+                        }
+                    }
+                    other => other,
+                });
             }
             // Jitter from the clock's low bits: clients that lost the same
-            // server do not come back in lockstep.
-            let jitter = Duration::from_millis(u64::from(started.elapsed().subsec_nanos() % 100));
-            std::thread::sleep(delay + jitter);
+            // server do not come back in lockstep. The last wait ends when
+            // `retry_for` does, for one more try.
+            let jitter = Duration::from_millis(u64::from(elapsed.subsec_nanos() % 100));
+            std::thread::sleep((delay + jitter).min(self.retry_for - elapsed));
             delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    fn unreachable(&self, detail: String) -> RepoError {
+        RepoError::Unreachable {
+            url: self.location.clone(),
+            detail,
         }
     }
 
@@ -482,6 +618,35 @@ fn read_bounded(resp: reqwest::blocking::Response) -> std::io::Result<Vec<u8>> {
         ));
     }
     Ok(out)
+}
+
+/// How many times one call may find its session lost and replace it.
+const MAX_RENEWALS: u32 = 4;
+
+/// Whether a request failed in a TLS handshake that refused the server
+/// (a certificate that is not the pinned one, an alert): waiting does not
+/// change that. A connection refused, reset or cut mid-handshake is an I/O
+/// error instead, and is retried.
+fn handshake_refused(e: &reqwest::Error) -> bool {
+    fn rustls_in(mut cur: Option<&(dyn std::error::Error + 'static)>) -> bool {
+        // Bounded: error chains are short, and each step goes deeper.
+        for _ in 0..32 {
+            let Some(c) = cur else { return false };
+            if c.is::<rustls::Error>() {
+                return true;
+            }
+            // An I/O error's `source` skips the error it wraps (and the
+            // connector wraps rustls's I/O error in another).
+            cur = match c.downcast_ref::<std::io::Error>() {
+                Some(io) => io
+                    .get_ref()
+                    .map(|inner| inner as &(dyn std::error::Error + 'static)),
+                None => c.source(),
+            };
+        }
+        false
+    }
+    e.is_connect() && rustls_in(Some(e))
 }
 
 /// An error with its causes, on one line (reqwest hides the interesting
@@ -643,6 +808,37 @@ impl Repository for RemoteRepo {
             }
             Err(e) => Err(e),
         }
+    }
+
+    // Only once the session was replaced: until then it pinned every region
+    // it uploaded or read from its parent's pages, and the server that
+    // pinned them has not restarted. A renewal during the lookup makes its
+    // earlier answers (and pins) stale: asked again, a bounded few times.
+    fn regions_to_resend(&self, ids: &[Id]) -> Result<Vec<Id>> {
+        for _ in 0..MAX_RENEWALS {
+            let epoch = self.renewals.load(SeqCst);
+            if self.checked.load(SeqCst) == epoch {
+                return Ok(Vec::new());
+            }
+            let known = self.get_many(
+                proto::paths::REGIONS_KNOWN,
+                ids,
+                limits::IDS_PER_CALL,
+                |body, n| proto::decode_known(body, n).map_err(|e| self.malformed(e)),
+            )?;
+            if self.renewals.load(SeqCst) == epoch {
+                self.checked.store(epoch, SeqCst);
+                return Ok(ids
+                    .iter()
+                    .zip(known)
+                    .filter(|(_, k)| !k)
+                    .map(|(id, _)| *id)
+                    .collect());
+            }
+        }
+        Err(self.broken(format!(
+            "the server lost this backup's session {MAX_RENEWALS} times while it was asked which regions it holds: start the backup again"
+        )))
     }
 
     fn zero_cvs(&self, region_size: u32, count: u64) -> Result<Vec<Option<[u8; 32]>>> {

@@ -301,6 +301,23 @@ pub trait Repository: Send + Sync {
     /// bytes new pages added.
     fn commit(&self, snapshot: &[u8], pages: &[Vec<u8>], parent: Option<&Id>) -> Result<(Id, u64)>;
 
+    /// Before a commit: of the regions a backup will name (`ids`, stored
+    /// earlier by this writer or reused from its parent), those it must
+    /// send again because the repository may no longer hold them for it.
+    ///
+    /// A repository that keeps what this writer gave it (a local store, in
+    /// this process) answers none without looking: the default. A server
+    /// that lost the backup's session — it restarted, losing the regions
+    /// written since its last flush and the pins that kept gc off the
+    /// others — asks which it still holds, pinning those for the session
+    /// that replaced the lost one (`docs/GC.md`). A commit naming a region
+    /// that is gone fails as [`RepoError::Missing`]; asking again then
+    /// finds it.
+    fn regions_to_resend(&self, ids: &[Id]) -> Result<Vec<Id>> {
+        let _ = ids;
+        Ok(Vec::new())
+    }
+
     /// Cached chaining values of all-zero regions of `region_size` with
     /// indices `0..count` (None where not cached). They depend only on the
     /// region size and index, so every image's first backup can share them.

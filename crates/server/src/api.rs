@@ -238,6 +238,7 @@ pub(crate) fn router(app: Shared) -> Router {
         .route(paths::REGIONS, post(regions))
         .route(paths::CHUNKS_GET, post(chunks_get))
         .route(paths::CHUNKS_KNOWN, post(chunks_known))
+        .route(paths::REGIONS_KNOWN, post(regions_known))
         .route(paths::REFS, post(refs))
         .route(paths::TOTALS, get(totals))
         .route(
@@ -466,6 +467,21 @@ async fn chunks_known(State(app): State<Shared>, headers: HeaderMap, body: Bytes
     let ids = ids_body(&body)?;
     blocking(move || {
         let known = app.store.session_chunks_known(&scope, &ids)?;
+        Ok(binary(proto::encode_known(&known)))
+    })
+    .await
+}
+
+/// A session that replaced a lost one asks which regions it may still
+/// name (those it uploaded before, its parent's): the present ones are
+/// pinned for it, the others it sends again.
+async fn regions_known(State(app): State<Shared>, headers: HeaderMap, body: Bytes) -> ApiResult {
+    let c = caller(&app, &headers)?;
+    require(&c, &[Role::Backup, Role::Admin], "write backups")?;
+    let scope = session(&app, &c, &headers)?;
+    let ids = ids_body(&body)?;
+    blocking(move || {
+        let known = app.store.session_regions_known(&scope, &ids)?;
         Ok(binary(proto::encode_known(&known)))
     })
     .await

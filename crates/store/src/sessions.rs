@@ -20,8 +20,12 @@
 //! Backup Server keeps chunks touched in the last 24 h; kopia waits out a
 //! safety interval).
 //!
-//! Pins live in memory: a crashed server forgets them, and with them every
-//! session — which is right, since those sessions cannot commit any more.
+//! Pins live in memory: a restarted server forgets them, and with them
+//! every session. A backup in flight then goes on in a new session that
+//! trusts nothing the lost one was told: its region uploads are checked as
+//! always, and before its commit [`Store::session_regions_known`] tells it
+//! which of the regions it names survived (pinning them) so it sends the
+//! others again (`docs/GC.md`, "Sessions after a server restart").
 
 use std::collections::{HashMap, HashSet};
 
@@ -124,6 +128,57 @@ impl Store {
         for (id, k) in ids.iter().zip(&known) {
             if *k {
                 set.insert(ObjectKind::Chunk.key(id));
+            }
+        }
+        Ok(known)
+    }
+
+    /// For a session that took over a backup from one the server lost (it
+    /// restarted, or the session expired): of the regions the backup will
+    /// name in its commit, which are stored, whole and not marked damaged
+    /// (with a namespace: marked for it). Each one reported present is
+    /// pinned for the session in the same critical section as the lookup,
+    /// as [`Store::session_chunks_known`] does for chunks; the backup sends
+    /// the others again.
+    ///
+    /// "Whole": in a frame store that can lose writes after the index
+    /// counted them (a bucket's open pack dies with its process), the
+    /// region's record copy and every chunk it names must be held too.
+    pub fn session_regions_known(&self, scope: &Scope, ids: &[Id]) -> Result<Vec<bool>> {
+        let _guard = self.ix.lock();
+        let keys: Vec<[u8; 33]> = ids.iter().map(|id| ObjectKind::Region.key(id)).collect();
+        let mut known: Vec<bool> = keys
+            .iter()
+            .zip(self.ix.get_refs(&keys)?)
+            .map(|(k, rc)| rc.is_some() && !self.is_pending_damage(k))
+            .collect();
+        if !self.frames.blob_files() {
+            for ((k, id), known) in keys.iter().zip(ids).zip(known.iter_mut()) {
+                if !*known {
+                    continue;
+                }
+                let recipe = self.ix.raw_records(ObjectKind::Region, &[*id])?;
+                let chunks = record_children(RecordKind::Region, &recipe[0]).map_err(|source| {
+                    StoreError::Corrupt {
+                        kind: ObjectKind::Region,
+                        id: *id,
+                        source,
+                    }
+                })?;
+                *known = self.frames.held(&self.ix, &[*k])?[0]
+                    && self.chunks_known(&chunks)?.iter().all(|c| *c);
+            }
+        }
+        if let (Some(ns), false) = (&scope.namespace, scope.global) {
+            for (k, mine) in known.iter_mut().zip(self.ns_marked(ns, &keys)?) {
+                *k &= mine;
+            }
+        }
+        let mut pins = self.pins();
+        let set = pins.by_session.entry(scope.session).or_default();
+        for (k, known) in keys.iter().zip(&known) {
+            if *known {
+                set.insert(*k);
             }
         }
         Ok(known)

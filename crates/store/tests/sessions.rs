@@ -231,3 +231,59 @@ fn a_repeated_commit_changes_nothing() {
     Repository::gc(&s, false).unwrap();
     assert_eq!(Repository::totals(&s).unwrap().objects.chunks, 0);
 }
+
+/// A session that replaced a lost one (the server restarted: no pins
+/// survived) asks which regions it may still name: a region another
+/// session left as an orphan is reported and pinned, so gc keeps it for
+/// the commit; one gc took before the question is reported absent (the
+/// backup sends it again); one of another namespace is absent for it.
+#[test]
+fn a_replacing_session_is_told_which_regions_survived_and_they_are_pinned() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    let lost = scope(10, Some("a"), false);
+    let (kept, _r1, enc1) = region(&[7]);
+    let (taken, _r2, enc2) = region(&[8]);
+    s.put_region_in(Some(&lost), &kept, &enc1, &frames(&[7]))
+        .unwrap();
+    s.put_region_in(Some(&lost), &taken, &enc2, &frames(&[8]))
+        .unwrap();
+    // The server restarts: the lost session's pins are gone, and a gc
+    // runs before the backup comes back for one of the regions.
+    s.end_session(10);
+    let next = scope(11, Some("a"), false);
+    assert_eq!(s.session_regions_known(&next, &[kept]).unwrap(), vec![true]);
+    let out = Repository::gc(&s, false).unwrap();
+    assert_eq!(
+        (out.removed.regions, out.removed.chunks),
+        (1, 1),
+        "only the unpinned region goes"
+    );
+    assert_eq!(
+        s.session_regions_known(&next, &[kept, taken]).unwrap(),
+        vec![true, false]
+    );
+    assert_eq!(
+        s.session_regions_known(&scope(12, Some("b"), false), &[kept])
+            .unwrap(),
+        vec![false],
+        "another namespace's region is not reported"
+    );
+    // Sent again, the lost region lands, and the commit naming both holds.
+    s.put_region_in(Some(&next), &taken, &enc2, &frames(&[8]))
+        .unwrap();
+    let (sn, pages) = snap(&[kept, taken], 5);
+    s.commit_in(
+        Some(&next),
+        &sn.encode(),
+        &pages.iter().map(|p| p.encode()).collect::<Vec<_>>(),
+        None,
+        None,
+    )
+    .unwrap();
+    s.end_session(11);
+    s.end_session(12);
+    Repository::gc(&s, false).unwrap();
+    let t = Repository::totals(&s).unwrap();
+    assert_eq!((t.objects.regions, t.objects.chunks, t.orphans), (2, 2, 0));
+}
