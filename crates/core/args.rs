@@ -719,4 +719,22 @@ pub struct RestoreArgs {
     /// Print the result as one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// Instant recovery: serve the snapshot over NBD at once (writable) while it is restored into TARGET underneath; resumable with the same command.
+    #[arg(long, conflicts_with_all = ["delta", "json"])]
+    pub live: bool,
+    /// With --live: TCP address to serve on (loopback by default).
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:10809", requires = "live")]
+    pub listen: String,
+    /// With --live: serve on a Unix socket instead of TCP.
+    #[arg(long, value_name = "PATH", conflicts_with = "listen", requires = "live")]
+    pub socket: Option<std::path::PathBuf>,
+    /// With --live: the state file recording which blocks of TARGET are restored (default: in IMGSTORE_STATE_DIR, keyed by TARGET's path).
+    #[arg(long, value_name = "FILE", requires = "live")]
+    pub state: Option<std::path::PathBuf>,
+    /// With --live: a JSON status line on stdout about once a second.
+    #[arg(long, requires = "live")]
+    pub json_status: bool,
+    /// With --live: decompressed-chunk cache for the client's reads.
+    #[arg(long, value_name = "SIZE", default_value = "256M", requires = "live")]
+    pub cache: String,
 }
