@@ -5,9 +5,9 @@
 //! progress lines, and stopping in order on Ctrl-C/SIGTERM.
 //!
 //! `IMGSTORE_LIVE_TEST_PAUSE_MS` (undocumented for users, for the test
-//! suite only) pauses the copy that long after each region, so tests can
-//! overlap client I/O and kill -9 with a copy still running on small
-//! images.
+//! suite only) makes the copy run on one thread and pause that long after
+//! each region, so tests can overlap client I/O and kill -9 with a copy
+//! still running on small images, on any number of cores.
 
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
@@ -165,7 +165,10 @@ pub fn restore_live(
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
         .map(Duration::from_millis);
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
+    let threads = match pause {
+        Some(_) => 1,
+        None => std::thread::available_parallelism().map_or(2, |n| n.get()) * 2,
+    };
     let opts = LiveOptions {
         cache_bytes: parse_size(&a.cache)? as usize,
         copy_threads: threads,
