@@ -458,7 +458,13 @@ fn a_server_that_dies_fails_only_missing_blocks_and_resume_completes() {
     let target = env.path("target.img");
     let t = target.to_str().unwrap().to_string();
     let addr = served.addr.clone();
-    let mut live = Live::start(admin.command(), env.dir.path(), &[&id, &t], 1500);
+    // A client read of a missing block waits --retry-for for the server.
+    let mut live = Live::start(
+        admin.command(),
+        env.dir.path(),
+        &[&id, &t, "--retry-for", "1s"],
+        1500,
+    );
     let uri = live.uri();
     // Block 0 is final (copied, or read now), then the server dies.
     assert!(qemu_read(&uri, 0, 4096).unwrap() == img[..4096]);
