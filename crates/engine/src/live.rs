@@ -824,7 +824,10 @@ impl<'a> LiveTarget<'a> {
                             }
                         }
                         if let Some(p) = self.opts.region_pause {
-                            std::thread::sleep(p);
+                            let until = Instant::now() + p;
+                            while Instant::now() < until && !stop.load(Relaxed) {
+                                std::thread::sleep(Duration::from_millis(20));
+                            }
                         }
                         let mut last = last_checkpoint.lock().unwrap_or_else(|p| p.into_inner());
                         if last.elapsed() >= self.opts.checkpoint_every {
