@@ -28,7 +28,7 @@ SIZE=$(stat -c %s "$IMG")
 SOCK="$WORK/live.sock"
 URI="nbd+unix:///?socket=$SOCK"
 P=; SRV=
-cleanup() { kill "${P:-0}" "${SRV:-0}" 2>/dev/null || true; }
+cleanup() { for p in $P $SRV; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
 drop() { sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true; }
 now() { date +%s.%N; }

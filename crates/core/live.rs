@@ -167,7 +167,7 @@ pub fn restore_live(
         .map(Duration::from_millis);
     let threads = match pause {
         Some(_) => 1,
-        None => std::thread::available_parallelism().map_or(2, |n| n.get()) * 2,
+        None => std::thread::available_parallelism().map_or(2, |n| n.get()) * 3,
     };
     let opts = LiveOptions {
         cache_bytes: parse_size(&a.cache)? as usize,

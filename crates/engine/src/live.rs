@@ -49,7 +49,7 @@ use std::time::{Duration, Instant};
 use imgstore_format::{Id, Snapshot};
 use imgstore_repo::Repository;
 
-use crate::aligned::AlignedBuf;
+use crate::aligned::{align_down, write_direct, AlignedBuf, Direct};
 use crate::image::ImageReader;
 use crate::restore::{open_device_exclusive, Zeroing};
 use crate::snapshot::SnapshotReader;
@@ -135,6 +135,8 @@ pub struct LiveTarget<'a> {
     size: u64,
     region_size: u64,
     file: File,
+    /// TARGET opened for direct writes, for the copy (when allowed).
+    direct: Direct,
     path: PathBuf,
     device: bool,
     state: PathBuf,
@@ -411,6 +413,7 @@ impl<'a> LiveTarget<'a> {
             size,
             region_size,
             file,
+            direct: Direct::open(path, true),
             path: path.to_path_buf(),
             device,
             state: state.to_path_buf(),
@@ -759,8 +762,25 @@ impl<'a> LiveTarget<'a> {
                     }
                 }
             } else {
+                // Direct where the file system allows (the copy never reads
+                // back what it writes), whole 4 KiB blocks; the image's
+                // partial last block through the page cache.
                 let s = &buf[(a - base) as usize..(e - base) as usize];
-                self.file.write_all_at(s, a).map_err(self.target_err(a))?;
+                let whole = align_down(s.len());
+                let mut from = 0;
+                if let Some(d) = self.direct.usable(s).filter(|_| whole > 0) {
+                    match write_direct(d, &s[..whole], a) {
+                        Ok(()) => from = whole,
+                        Err(err) if self.direct.refuses(&err) => {}
+                        Err(err) => return Err(self.target_err(a)(err)),
+                    }
+                }
+                if from < s.len() {
+                    let at = a + from as u64;
+                    self.file
+                        .write_all_at(&s[from..], at)
+                        .map_err(self.target_err(at))?;
+                }
             }
         }
         for &(a, e, _) in &runs {
