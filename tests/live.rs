@@ -224,7 +224,13 @@ fn writes(size: u64, seed: u64) -> Vec<W> {
 
 /// Serves, reads and writes during the copy, then checks TARGET (`read_back`
 /// gives its first `size` bytes) against the reference.
-fn live_round_trip(env: &Env, id: &str, target: &str, force: bool, read_back: impl Fn() -> Vec<u8>) {
+fn live_round_trip(
+    env: &Env,
+    id: &str,
+    target: &str,
+    force: bool,
+    read_back: impl Fn() -> Vec<u8>,
+) {
     let img = image();
     let size = img.len() as u64;
     let mut args = vec![id, target];
@@ -255,7 +261,10 @@ fn live_round_trip(env: &Env, id: &str, target: &str, force: bool, read_back: im
         .status()
         .unwrap();
     assert!(st.success(), "nbdcopy");
-    assert!(fs::read(&copy).unwrap() == want, "the export as nbdcopy read it");
+    assert!(
+        fs::read(&copy).unwrap() == want,
+        "the export as nbdcopy read it"
+    );
     live.wait_for("now holds the snapshot plus", 120);
     let (code, log, status) = live.stop();
     assert_eq!(code, Some(0), "{log}");
@@ -424,9 +433,7 @@ fn kill_9_at_random_moments_then_resume_loses_no_flushed_write() {
             assert_eq!(err.trim_end().lines().count(), 1, "{err}");
         }
         // A write that overlaps a loose range makes those bytes certain again.
-        loose.retain(|&(a, b)| {
-            !done.iter().any(|w| w.off <= a && b <= w.off + w.len)
-        });
+        loose.retain(|&(a, b)| !done.iter().any(|w| w.off <= a && b <= w.off + w.len));
     }
     assert!(n > 0, "no write completed in any round");
     // The same command completes the restore.

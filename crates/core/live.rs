@@ -180,7 +180,11 @@ pub fn restore_live(
     let export = LiveExport {
         live,
         name: id.to_hex(),
-        describe: format!("live restore of {} ({}) into {target}", id.short(), snap.name),
+        describe: format!(
+            "live restore of {} ({}) into {target}",
+            id.short(),
+            snap.name
+        ),
         last_note: Mutex::new(None),
     };
     let export = &export;

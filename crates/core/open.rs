@@ -201,7 +201,9 @@ pub(crate) fn connect_with(url: &str, c: &Credentials) -> anyhow::Result<RemoteR
 
 /// The known-repositories record, in [`state_dir`].
 fn known_repos() -> anyhow::Result<KnownRepos> {
-    Ok(KnownRepos::in_dir(state_dir("the known-repositories record")?))
+    Ok(KnownRepos::in_dir(state_dir(
+        "the known-repositories record",
+    )?))
 }
 
 /// imgstore's state directory: `IMGSTORE_STATE_DIR`, else

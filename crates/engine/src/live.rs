@@ -322,9 +322,7 @@ impl<'a> LiveTarget<'a> {
             }
         }
         let meta = std::fs::metadata(path);
-        let device = meta
-            .as_ref()
-            .is_ok_and(|m| m.file_type().is_block_device());
+        let device = meta.as_ref().is_ok_and(|m| m.file_type().is_block_device());
         let start = if previous.is_some() {
             LiveStart::Resumed
         } else {
@@ -366,7 +364,7 @@ impl<'a> LiveTarget<'a> {
                     .open(path)
                     .map_err(|e| bad(crate::source::describe_io(&e)))?
             }
-            (Err(e), _) => return Err(bad(crate::source::describe_io(&e))),
+            (Err(e), _) => return Err(bad(crate::source::describe_io(e))),
             (Ok(_), None) if !force => {
                 return Err(bad(if device {
                     "is a block device: everything on it would be overwritten; pass --force to restore onto it".into()
@@ -388,8 +386,7 @@ impl<'a> LiveTarget<'a> {
         };
         if device {
             let mut f = &file;
-            let dev_size =
-                std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0)).map_err(werr)?;
+            let dev_size = std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0)).map_err(werr)?;
             if dev_size < size {
                 return Err(bad(format!(
                     "device holds {dev_size} bytes, smaller than the {size}-byte image: use a larger device"
@@ -551,7 +548,9 @@ impl<'a> LiveTarget<'a> {
         for (a, e, f) in self.runs(offset, end) {
             let dst = &mut buf[(a - offset) as usize..(e - offset) as usize];
             if f {
-                self.file.read_exact_at(dst, a).map_err(self.target_err(a))?;
+                self.file
+                    .read_exact_at(dst, a)
+                    .map_err(self.target_err(a))?;
                 continue;
             }
             let mut pos = a;
@@ -563,7 +562,9 @@ impl<'a> LiveTarget<'a> {
                 let g = lock(self.stripe(b));
                 if self.is_final(b) {
                     drop(g);
-                    self.file.read_exact_at(d, pos).map_err(self.target_err(pos))?;
+                    self.file
+                        .read_exact_at(d, pos)
+                        .map_err(self.target_err(pos))?;
                 } else {
                     self.fetch_block(b, &mut block)?;
                     self.file
@@ -604,9 +605,13 @@ impl<'a> LiveTarget<'a> {
                 let g = lock(self.stripe(b));
                 if self.is_final(b) {
                     drop(g);
-                    self.file.write_all_at(s, pos).map_err(self.target_err(pos))?;
+                    self.file
+                        .write_all_at(s, pos)
+                        .map_err(self.target_err(pos))?;
                 } else if n as u64 == blen {
-                    self.file.write_all_at(s, pos).map_err(self.target_err(pos))?;
+                    self.file
+                        .write_all_at(s, pos)
+                        .map_err(self.target_err(pos))?;
                     self.set_final(b);
                 } else {
                     self.fetch_block(b, &mut block)?;
@@ -667,9 +672,7 @@ impl<'a> LiveTarget<'a> {
     pub fn flush(&self) -> Result<(), EngineError> {
         let _g = lock(&self.persist);
         let bits: Vec<u64> = self.bits.iter().map(|w| w.load(Relaxed)).collect();
-        self.file
-            .sync_data()
-            .map_err(self.target_err(self.size))?;
+        self.file.sync_data().map_err(self.target_err(self.size))?;
         let bytes = encode_state(&self.id, self.size, self.blocks, &bits);
         write_atomic(&self.state, &bytes).map_err(|e| {
             state_err(

@@ -221,7 +221,13 @@ pub(crate) struct Zeroing {
 }
 
 impl Zeroing {
-    pub(crate) fn zero(&self, file: &File, path: &Path, at: u64, len: u64) -> Result<(), EngineError> {
+    pub(crate) fn zero(
+        &self,
+        file: &File,
+        path: &Path,
+        at: u64,
+        len: u64,
+    ) -> Result<(), EngineError> {
         use rustix::fs::FallocateFlags as F;
         use std::sync::atomic::Ordering::Relaxed;
         let modes = [F::PUNCH_HOLE | F::KEEP_SIZE, F::ZERO_RANGE | F::KEEP_SIZE];
