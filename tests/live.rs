@@ -503,3 +503,55 @@ fn a_server_that_dies_fails_only_missing_blocks_and_resume_completes() {
     assert!(fs::read(&target).unwrap() == want, "TARGET after resume");
     served.assert_no_panic();
 }
+
+#[test]
+fn an_encrypted_repository_restores_live() {
+    if !have("qemu-io") {
+        eprintln!("SKIP: qemu-io is needed");
+        return;
+    }
+    const PASS: &str = "live passphrase";
+    let env = Env::new();
+    let with_pass = || {
+        let mut c = env.command();
+        c.env("IMGSTORE_PASSWORD", PASS);
+        c
+    };
+    let o = with_pass().args(["init", "--encryption"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let img = image();
+    let size = img.len() as u64;
+    let src = env.path("src.img");
+    fs::write(&src, &img).unwrap();
+    let o = with_pass()
+        .args(["backup", src.to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let id = v["id"].as_str().unwrap().to_string();
+    let target = env.path("target.img");
+    let live = Live::start(
+        with_pass(),
+        env.dir.path(),
+        &[&id, target.to_str().unwrap()],
+        300,
+    );
+    let uri = live.uri();
+    assert!(qemu_read(&uri, size - 4096, 4096).unwrap() == img[size as usize - 4096..]);
+    let w = W {
+        off: 40 * MIB as u64 + 10,
+        len: 70_000,
+        pattern: 0x3d,
+    };
+    qemu_ok(&uri, &[w.cmd(), "flush".into()]);
+    live.wait_for("now holds the snapshot plus", 120);
+    let (code, log, _) = live.stop();
+    assert_eq!(code, Some(0), "{log}");
+    let mut want = img;
+    w.apply(&mut want);
+    assert!(
+        fs::read(&target).unwrap() == want,
+        "TARGET != snapshot + write"
+    );
+}
