@@ -21,6 +21,7 @@ mod hostile;
 mod hostile_server;
 mod incremental;
 mod integrity;
+mod live;
 mod mount;
 mod records;
 mod roundtrip;

@@ -141,7 +141,8 @@ imgstore backup /dev/vg0/vm --base latest --changed dirty-ranges.txt --verify-un
     #[command(
         after_help = "SNAPSHOT is a full id, a unique id prefix, or `latest`; with --at TIME it may be \
 omitted.\n\nExamples:\n  imgstore restore 1a2b3c4d restored.img\n  imgstore restore latest --name vm-root /dev/vg0/vm-root\n  \
-imgstore restore --at '2026-11-01 03:00' --name vm-root old.img\n  imgstore restore latest - | sha256sum"
+imgstore restore --at '2026-11-01 03:00' --name vm-root old.img\n  imgstore restore latest - | sha256sum\n  \
+imgstore restore latest --name vm-root /dev/vg0/vm-root --force --live --socket /run/vm-root.sock"
     )]
     Restore(RestoreArgs),
     /// Remove snapshots, by id or by a retention policy (per --name group).
@@ -720,4 +721,32 @@ pub struct RestoreArgs {
     /// Print the result as one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// Instant recovery: serve the snapshot over NBD at once (writable) while it is restored into TARGET underneath; resumable with the same command.
+    #[arg(long, conflicts_with_all = ["delta", "json"])]
+    pub live: bool,
+    /// With --live: TCP address to serve on (loopback by default).
+    #[arg(
+        long,
+        value_name = "ADDR:PORT",
+        default_value = "127.0.0.1:10809",
+        requires = "live"
+    )]
+    pub listen: String,
+    /// With --live: serve on a Unix socket instead of TCP.
+    #[arg(
+        long,
+        value_name = "PATH",
+        conflicts_with = "listen",
+        requires = "live"
+    )]
+    pub socket: Option<std::path::PathBuf>,
+    /// With --live: the state file recording which blocks of TARGET are restored (default: in IMGSTORE_STATE_DIR, keyed by TARGET's path).
+    #[arg(long, value_name = "FILE", requires = "live")]
+    pub state: Option<std::path::PathBuf>,
+    /// With --live: a JSON status line on stdout about once a second.
+    #[arg(long, requires = "live")]
+    pub json_status: bool,
+    /// With --live: decompressed-chunk cache for the client's reads.
+    #[arg(long, value_name = "SIZE", default_value = "256M", requires = "live")]
+    pub cache: String,
 }

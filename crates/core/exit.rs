@@ -3,7 +3,7 @@
 //! | code | meaning |
 //! |---|---|
 //! | 0 | success (`diff`: the snapshots are equal) |
-//! | 1 | failure not listed below (`diff`: the snapshots differ) |
+//! | 1 | failure not listed below (`diff`: the snapshots differ; `restore --live`: stopped before TARGET was complete) |
 //! | 2 | bad arguments or usage (`diff`: trouble, as `diff(1)`) |
 //! | 3 | no repository at the path, or not an imgstore repository |
 //! | 4 | repository busy: another writer holds its lock |

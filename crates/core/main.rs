@@ -13,6 +13,7 @@ mod init;
 mod integrity;
 mod key;
 mod keys;
+mod live;
 mod maintenance;
 mod mount;
 mod open;

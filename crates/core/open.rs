@@ -199,28 +199,36 @@ pub(crate) fn connect_with(url: &str, c: &Credentials) -> anyhow::Result<RemoteR
     Ok(repo.with_codec(codec))
 }
 
-/// The known-repositories record: in `IMGSTORE_STATE_DIR`, else
-/// `$XDG_STATE_HOME/imgstore`, else `~/.local/state/imgstore`.
+/// The known-repositories record, in [`state_dir`].
 fn known_repos() -> anyhow::Result<KnownRepos> {
+    Ok(KnownRepos::in_dir(state_dir(
+        "the known-repositories record",
+    )?))
+}
+
+/// imgstore's state directory: `IMGSTORE_STATE_DIR`, else
+/// `$XDG_STATE_HOME/imgstore`, else `~/.local/state/imgstore`. `what` names
+/// what is kept there, for the error when there is none.
+pub(crate) fn state_dir(what: &str) -> anyhow::Result<std::path::PathBuf> {
     let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
     if let Some(dir) = var("IMGSTORE_STATE_DIR") {
-        return Ok(KnownRepos::in_dir(dir));
+        return Ok(dir.into());
     }
     // The XDG spec: a relative value is invalid and ignored.
     let xdg = var("XDG_STATE_HOME")
         .map(std::path::PathBuf::from)
         .filter(|p| p.is_absolute());
     if let Some(dir) = xdg {
-        return Ok(KnownRepos::in_dir(dir.join("imgstore")));
+        return Ok(dir.join("imgstore"));
     }
     // HOME, else the account's home directory.
     #[allow(deprecated)]
     let home = std::env::home_dir().filter(|p| p.is_absolute());
     match home {
-        Some(h) => Ok(KnownRepos::in_dir(h.join(".local/state/imgstore"))),
-        None => Err(crate::exit::usage(
-            "no directory for the known-repositories record: set IMGSTORE_STATE_DIR (or HOME)",
-        )),
+        Some(h) => Ok(h.join(".local/state/imgstore")),
+        None => Err(crate::exit::usage(format!(
+            "no directory for {what}: set IMGSTORE_STATE_DIR (or HOME)"
+        ))),
     }
 }
 

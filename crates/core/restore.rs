@@ -17,10 +17,10 @@ use crate::units::{format_time, human_bytes, parse_time};
 
 pub fn restore(repo: &Path, a: RestoreArgs, progress: bool) -> anyhow::Result<()> {
     check_name(a.name.as_deref())?;
-    let (selector, target) = match (&a.at, a.second) {
+    let (selector, target) = match (&a.at, a.second.clone()) {
         (Some(at), None) => (
             Selector::At(parse_time(at).map_err(|e| exit::usage(e.to_string()))?),
-            a.first,
+            a.first.clone(),
         ),
         (Some(_), Some(_)) => {
             return Err(exit::usage("give either SNAPSHOT or --at TIME, not both"))
@@ -39,6 +39,9 @@ pub fn restore(repo: &Path, a: RestoreArgs, progress: bool) -> anyhow::Result<()
     let listed = store.list_snapshots()?;
     let (id, snap) = imgstore_engine::select_listed(&listed, &selector, a.name.as_deref())?;
     warn_unreadable(&listed.unreadable);
+    if a.live {
+        return crate::live::restore_live(&*store, &id, &snap, &target, &a, progress);
+    }
     if a.delta {
         if target == "-" {
             return Err(exit::usage(

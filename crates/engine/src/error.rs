@@ -75,6 +75,8 @@ pub enum EngineError {
         want: String,
         got: String,
     },
+    #[error("live-restore state {}: {why}", path.display())]
+    LiveState { path: PathBuf, why: String },
     #[error("{0}")]
     Select(String),
     #[error("invalid {what}: {why}")]

@@ -8,6 +8,8 @@
 //! * [`restore()`] rebuilds an image from a snapshot in parallel with
 //!   positional writes, leaving holes in files, verifying every chunk and the
 //!   whole-image BLAKE3 digest.
+//! * [`LiveTarget`] serves a snapshot as a writable disk while restoring
+//!   it into its target underneath (instant recovery).
 //! * [`check()`] proves the repository whole (structure, reference counts,
 //!   optionally every chunk's content) and maps damage to snapshots and
 //!   byte ranges.
@@ -43,6 +45,7 @@ pub mod digest;
 mod error;
 mod forget;
 mod image;
+mod live;
 mod names;
 mod overlay;
 pub mod policy;
@@ -61,6 +64,9 @@ pub use diff::diff;
 pub use error::EngineError;
 pub use forget::{forget, plan_forget, record_damage, retag, ForgetPlan, ForgetRequest};
 pub use image::ImageReader;
+pub use live::{
+    LiveOptions, LiveStart, LiveStats, LiveTarget, LIVE_BLOCK, LIVE_STATE_MAGIC, LIVE_STATE_VERSION,
+};
 pub use names::{check_name, check_tag, NAME_MAX};
 pub use overlay::{lock_overlay, overlay_info, Overlay, OverlayInfo, OverlayLock, OVERLAY_BLOCK};
 pub use restore::{restore, restore_delta, DeltaReport, RestoreReport, Target};

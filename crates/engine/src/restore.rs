@@ -221,7 +221,13 @@ pub(crate) struct Zeroing {
 }
 
 impl Zeroing {
-    fn zero(&self, file: &File, path: &Path, at: u64, len: u64) -> Result<(), EngineError> {
+    pub(crate) fn zero(
+        &self,
+        file: &File,
+        path: &Path,
+        at: u64,
+        len: u64,
+    ) -> Result<(), EngineError> {
         use rustix::fs::FallocateFlags as F;
         use std::sync::atomic::Ordering::Relaxed;
         let modes = [F::PUNCH_HOLE | F::KEEP_SIZE, F::ZERO_RANGE | F::KEEP_SIZE];
@@ -443,7 +449,7 @@ fn check_digest(reader: &SnapshotReader<'_>, hashes: &[RegionHash]) -> Result<()
 /// restore) with `O_EXCL`, which the kernel refuses while the device is
 /// mounted or held by another exclusive user (a mounted partition, LVM,
 /// RAID, a VM). The refusal names the mount points it can find.
-fn open_device_exclusive(path: &Path, read: bool) -> Result<File, EngineError> {
+pub(crate) fn open_device_exclusive(path: &Path, read: bool) -> Result<File, EngineError> {
     let bad = |why: String| EngineError::BadTarget {
         path: path.to_path_buf(),
         why,
