@@ -632,9 +632,12 @@ pub struct RecoverArgs {
 
 #[derive(Args, Debug)]
 pub struct BackupArgs {
-    /// Image file, block device, or - for stdin (omit with --from-export or --stdin-from-command).
+    /// Image file (raw, or a VM format: qcow2, vmdk, vhdx, vdi, vpc, qed), block device, NBD URI (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH), or - for stdin (omit with --from-export or --stdin-from-command).
     #[arg(required_unless_present_any = ["from_export", "stdin_from_command"])]
     pub source: Option<String>,
+    /// The image's format instead of QEMU's probe (qcow2, vmdk, vhdx, vdi, vpc, qed, raw); `raw` reads the file as it is.
+    #[arg(long, value_name = "FORMAT", conflicts_with_all = ["from_export", "stdin_from_command"])]
+    pub format: Option<String>,
     /// Back up what COMMAND writes to its stdout; a non-zero exit status
     /// fails the backup (no snapshot). Needs --name.
     #[arg(long, requires = "name", conflicts_with_all = ["source", "from_export", "base"])]

@@ -69,7 +69,7 @@ pub use select::{
     ParentChoice, Selector, SnapshotFilter,
 };
 pub use snapshot::SnapshotReader;
-pub use source::{Source, SourceKind};
+pub use source::{BlockReader, Source, SourceKind};
 
 /// The config of a new repository chunking with `params`: a random id, the
 /// current time, the region size derived from `params.max`.
