@@ -114,8 +114,39 @@ fn backup_and_restore_raw(env: &Env, img: &Path, view: &Path, name: &str) -> ser
     r
 }
 
+/// Restores snapshot `id` into a new `fmt` image and compares it with
+/// `original` (`qemu-img compare`: the guest views are identical); the
+/// image is thin.
+fn restore_into_format(env: &Env, id: &str, original: &Path, fmt: &str) {
+    let stem = original.file_stem().unwrap().to_str().unwrap();
+    let out = env.path(&format!("{stem}.restored.{fmt}"));
+    let r: serde_json::Value =
+        serde_json::from_str(&env.ok(&["restore", id, s(&out), "--format", fmt, "--json"]))
+            .unwrap();
+    assert_eq!(r["format"], fmt);
+    let info: serde_json::Value =
+        serde_json::from_str(&qemu_img(&["info", "--output=json", s(&out)])).unwrap();
+    assert_eq!(info["format"], fmt);
+    let virtual_size = info["virtual-size"].as_u64().unwrap();
+    assert_eq!(virtual_size, r["size"].as_u64().unwrap());
+    assert!(
+        info["actual-size"].as_u64().unwrap() < virtual_size / 2,
+        "{fmt} restore is not thin: {info}"
+    );
+    let cmp = qemu_img(&["compare", "-f", fmt, "-F", fmt, s(original), s(&out)]);
+    assert!(cmp.contains("identical"), "{cmp}");
+    // Nothing else left beside it (no temporary image).
+    let stray: Vec<_> = fs::read_dir(env.dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(stray.is_empty(), "{stray:?}");
+}
+
 #[test]
-fn vm_formats_back_up_the_guest_view_and_share_every_chunk_with_the_raw_disk() {
+fn vm_formats_back_up_the_guest_view_share_every_chunk_with_the_raw_disk_and_restore_into_their_format(
+) {
     if !qemu() {
         return;
     }
@@ -170,14 +201,41 @@ fn vm_formats_back_up_the_guest_view_and_share_every_chunk_with_the_raw_disk() {
     assert_eq!(r_base["digest"], r_raw["digest"]);
     assert_eq!(r_base["new_chunks"].as_u64().unwrap(), 0, "{r_base}");
 
-    // vmdk and vhdx (and vdi), made from the raw disk: the same disk.
+    // Restored back into qcow2: the same guest view, thin.
+    restore_into_format(&env, r["id"].as_str().unwrap(), &top, "qcow2");
+
+    // vmdk and vhdx (and vdi), made from the raw disk: the same disk, and
+    // restored back into their formats.
     for fmt in ["vmdk", "vhdx", "vdi"] {
         let img = env.path(&format!("disk.{fmt}"));
         qemu_img(&["convert", "-O", fmt, s(&raw), s(&img)]);
         let r = backup_and_restore_raw(&env, &img, &raw, fmt);
         assert_eq!(r["digest"], r_raw["digest"], "{fmt}");
         assert_eq!(r["new_chunks"].as_u64().unwrap(), 0, "{fmt}: {r}");
+        restore_into_format(&env, r["id"].as_str().unwrap(), &img, fmt);
     }
+    // A restore into a format refuses to overwrite, and names the formats.
+    let again = env.path("top.restored.qcow2");
+    env.fails(
+        &[
+            "restore",
+            r_base["id"].as_str().unwrap(),
+            s(&again),
+            "--format",
+            "qcow2",
+        ],
+        "--force",
+    );
+    env.fails(
+        &[
+            "restore",
+            r_base["id"].as_str().unwrap(),
+            s(&env.path("x.img")),
+            "--format",
+            "ext4",
+        ],
+        "qcow2",
+    );
     // --format overrides the probe: raw reads the qcow2 container itself.
     let r = env.backup(&base, &["--name", "container", "--format", "raw"]);
     assert_eq!(r["digest"].as_str().unwrap(), b3(&base));

@@ -9,9 +9,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
 
-use imgstore_engine::{BlockReader, Source};
+use imgstore_engine::{BlockReader, BlockWriter, Source};
 use imgstore_nbd::client::{Client, ClientError, Command, Uri, TIMEOUT};
 use imgstore_nbd::STATE_ZERO;
+
+use anyhow::Context;
 
 use crate::exit;
 
@@ -20,9 +22,9 @@ const BASE_ALLOCATION: &str = "base:allocation";
 /// Most connections opened to one export (one per reading thread).
 const MAX_CONNECTIONS: usize = 4;
 
-/// An NBD export read over a few connections, each used by one thread at
-/// a time with several requests in flight.
-pub struct NbdReader {
+/// An NBD export read (or written) over a few connections, each used by
+/// one thread at a time with several requests in flight.
+pub struct NbdDisk {
     label: String,
     size: u64,
     conns: Vec<Mutex<Option<Client>>>,
@@ -58,10 +60,10 @@ fn io_error(e: ClientError) -> std::io::Error {
     }
 }
 
-impl NbdReader {
+impl NbdDisk {
     /// Connects to `uri`: one connection, and more (up to one per core)
     /// when the server says several connections see the same data.
-    pub fn connect(uri: &Uri, label: &str) -> anyhow::Result<NbdReader> {
+    pub fn connect(uri: &Uri, label: &str) -> anyhow::Result<NbdDisk> {
         let first = Client::connect(uri, &[BASE_ALLOCATION], TIMEOUT).map_err(|e| {
             let hint = match &e {
                 ClientError::Connect(_) => ": is the server running, and the address right?",
@@ -93,7 +95,7 @@ impl NbdReader {
                 }
             }
         }
-        Ok(NbdReader {
+        Ok(NbdDisk {
             label: label.to_string(),
             size,
             conns,
@@ -133,7 +135,7 @@ impl NbdReader {
     }
 }
 
-impl Drop for NbdReader {
+impl Drop for NbdDisk {
     /// Ends each session politely (`NBD_CMD_DISC`).
     fn drop(&mut self) {
         for c in &mut self.conns {
@@ -145,7 +147,7 @@ impl Drop for NbdReader {
     }
 }
 
-impl BlockReader for NbdReader {
+impl BlockReader for NbdDisk {
     fn size(&self) -> u64 {
         self.size
     }
@@ -203,6 +205,25 @@ impl BlockReader for NbdReader {
     }
 }
 
+impl BlockWriter for NbdDisk {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn write_extents(&self, writes: &[(u64, &[u8])]) -> std::io::Result<()> {
+        let mut cmds: Vec<Command<'_>> =
+            writes.iter().map(|&(o, d)| Command::Write(o, d)).collect();
+        self.with(|c| c.run(&mut cmds))
+    }
+
+    fn flush(&self) -> std::io::Result<()> {
+        for _ in 0..self.conns.len() {
+            self.with(|c| c.run(&mut [Command::Flush]))?;
+        }
+        Ok(())
+    }
+}
+
 /// A VM image being read through a private QEMU daemon; the daemon stops
 /// when this is dropped.
 pub struct VmSource {
@@ -241,7 +262,7 @@ pub fn open_vm_image(path: &Path, format: &str) -> anyhow::Result<VmSource> {
         &imgstore_qemu::ExportOptions { writable: false },
     )?;
     let label = path.display().to_string();
-    let reader = NbdReader::connect(daemon.uri(), &label)?;
+    let reader = NbdDisk::connect(daemon.uri(), &label)?;
     // Connected: the socket goes, so nothing else reaches the export and
     // nothing is left behind.
     daemon.seal();
@@ -251,10 +272,83 @@ pub fn open_vm_image(path: &Path, format: &str) -> anyhow::Result<VmSource> {
     })
 }
 
+/// Restores snapshot `id` into a new image at `path` in `format` (thin:
+/// only data is written, through a private writable QEMU export of a
+/// fresh `qemu-img create` image), under a temporary name renamed into
+/// place once the digest checked and QEMU closed the image cleanly.
+pub fn restore_into_image(
+    store: &dyn imgstore_repo::Repository,
+    id: &imgstore_format::Id,
+    snap: &imgstore_format::Snapshot,
+    path: &Path,
+    format: &str,
+    force: bool,
+    progress: &dyn imgstore_engine::Progress,
+) -> anyhow::Result<imgstore_engine::RestoreReport> {
+    if !imgstore_qemu::WRITABLE_FORMATS.contains(&format) {
+        return Err(exit::usage(format!(
+            "--format {format}: a restore writes one of {} (or restore raw without --format)",
+            imgstore_qemu::WRITABLE_FORMATS.join(", ")
+        )));
+    }
+    match imgstore_engine::Target::resolve(path, force)? {
+        imgstore_engine::Target::File { .. } => {}
+        _ => {
+            return Err(exit::usage(format!(
+                "{}: --format {format} writes a new image file; give a file path (an existing file with --force)",
+                path.display()
+            )))
+        }
+    }
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.imgstore-{}.tmp", std::process::id()));
+    /// Removes the temporary image unless it was renamed into place.
+    struct Temp<'a>(&'a Path, bool);
+    impl Drop for Temp<'_> {
+        fn drop(&mut self) {
+            if !self.1 {
+                let _ = std::fs::remove_file(self.0);
+            }
+        }
+    }
+    let mut temp = Temp(&tmp, false);
+    imgstore_qemu::create(&tmp, format, snap.size)?;
+    let mut daemon = imgstore_qemu::Export::start(
+        &tmp,
+        format,
+        &imgstore_qemu::ExportOptions { writable: true },
+    )?;
+    let label = path.display().to_string();
+    let disk = NbdDisk::connect(daemon.uri(), &label)?;
+    daemon.seal();
+    let report = imgstore_engine::restore(
+        store,
+        id,
+        snap,
+        imgstore_engine::Target::Writer {
+            label,
+            writer: Box::new(disk),
+        },
+        progress,
+    )?;
+    daemon.stop()?;
+    std::fs::rename(&tmp, path).with_context(|| {
+        format!(
+            "cannot rename the restored image into place as {}",
+            path.display()
+        )
+    })?;
+    temp.1 = true;
+    Ok(report)
+}
+
 /// Opens an NBD URI as a source.
 pub fn open_nbd(uri: &str) -> anyhow::Result<Source> {
     let parsed = Uri::parse(uri).map_err(|e| exit::usage(e.to_string()))?;
-    let reader = NbdReader::connect(&parsed, uri)?;
+    let reader = NbdDisk::connect(&parsed, uri)?;
     Ok(Source::from_block_reader(
         &PathBuf::from(uri),
         Box::new(reader),

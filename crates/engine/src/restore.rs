@@ -42,6 +42,26 @@ pub enum Target {
         label: String,
         out: Box<dyn Write + Send>,
     },
+    /// A fresh disk written at offsets through a [`BlockWriter`] (a VM
+    /// image exported over NBD): only data is written, zero extents are
+    /// left as they are — zeros, on a new thin image.
+    Writer {
+        label: String,
+        writer: Box<dyn BlockWriter>,
+    },
+}
+
+/// A disk written at offsets through something other than a file
+/// descriptor (a new VM image exported over NBD). It must read as zeros
+/// wherever nothing is written. Several threads call it at once.
+pub trait BlockWriter: Send + Sync {
+    /// The disk's size in bytes.
+    fn size(&self) -> u64;
+    /// Writes each `(offset, bytes)`; several at once, so it can keep
+    /// several requests in flight.
+    fn write_extents(&self, writes: &[(u64, &[u8])]) -> std::io::Result<()>;
+    /// Makes everything written durable.
+    fn flush(&self) -> std::io::Result<()>;
 }
 
 impl Target {
@@ -119,8 +139,7 @@ pub struct RestoreReport {
 /// Where a restore writes regions: positional writes to a file or device,
 /// direct I/O while the file system allows it.
 pub(crate) struct Out<'a> {
-    file: &'a File,
-    direct: Direct,
+    to: To<'a>,
     path: &'a Path,
     /// Zero extents must become zeros on the target (a device); a sparse
     /// file leaves them as holes.
@@ -133,11 +152,16 @@ pub(crate) struct Out<'a> {
 /// request to zero a range costs more than writing a few KiB.
 const MIN_ZERO_GAP: usize = 64 << 10;
 
+/// What an [`Out`] writes to.
+enum To<'a> {
+    File(&'a File, Direct),
+    Writer(&'a dyn BlockWriter),
+}
+
 impl<'a> Out<'a> {
     fn new(file: &'a File, open_path: &Path, path: &'a Path, write_zeros: bool) -> Out<'a> {
         Out {
-            file,
-            direct: Direct::open(open_path, true),
+            to: To::File(file, Direct::open(open_path, true)),
             path,
             write_zeros,
             zeroing: Zeroing::default(),
@@ -171,12 +195,22 @@ impl<'a> Out<'a> {
             }
             pos = end;
         }
+        let (file, direct) = match &self.to {
+            To::File(f, d) => (*f, d),
+            To::Writer(w) => {
+                let writes: Vec<(u64, &[u8])> = runs
+                    .iter()
+                    .map(|&(a, b)| (base + a as u64, &buf[a..b]))
+                    .collect();
+                return w.write_extents(&writes).map_err(write_err(self.path, base));
+            }
+        };
         if self.write_zeros {
             let mut at = 0;
             for &(a, b) in runs.iter().chain(std::iter::once(&(len, len))) {
                 if a > at {
                     self.zeroing
-                        .zero(self.file, self.path, base + at as u64, (a - at) as u64)?;
+                        .zero(file, self.path, base + at as u64, (a - at) as u64)?;
                 }
                 at = b;
             }
@@ -187,16 +221,15 @@ impl<'a> Out<'a> {
             // everything when direct I/O is refused, through the page cache.
             let mut from = a;
             let b0 = b.min(whole);
-            if let Some(d) = self.direct.usable(buf).filter(|_| b0 > a) {
+            if let Some(d) = direct.usable(buf).filter(|_| b0 > a) {
                 match write_direct(d, &buf[a..b0], base + a as u64) {
                     Ok(()) => from = b0,
-                    Err(e) if self.direct.refuses(&e) => {}
+                    Err(e) if direct.refuses(&e) => {}
                     Err(e) => return Err(write_err(self.path, base + a as u64)(e)),
                 }
             }
             if from < b {
-                self.file
-                    .write_all_at(&buf[from..b], base + from as u64)
+                file.write_all_at(&buf[from..b], base + from as u64)
                     .map_err(write_err(self.path, base + from as u64))?;
             }
         }
@@ -372,6 +405,29 @@ pub fn restore(
         Target::Discard => {
             let r = positional(None)?;
             check_digest(&reader, &r.0)?;
+            r
+        }
+        Target::Writer { label, writer } => {
+            let path = PathBuf::from(&label);
+            if writer.size() != snapshot.size {
+                return Err(EngineError::BadTarget {
+                    path,
+                    why: format!(
+                        "holds {} bytes, not the image's {}",
+                        writer.size(),
+                        snapshot.size
+                    ),
+                });
+            }
+            let out = Out {
+                to: To::Writer(&*writer),
+                path: &path,
+                write_zeros: false,
+                zeroing: Zeroing::default(),
+            };
+            let r = positional(Some(&out))?;
+            check_digest(&reader, &r.0)?;
+            writer.flush().map_err(write_err(&path, snapshot.size))?;
             r
         }
         Target::Stream { label, mut out } => {
