@@ -300,11 +300,8 @@ pub fn restore_into_image(
             )))
         }
     }
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.imgstore-{}.tmp", std::process::id()));
+    imgstore_engine::remove_stale_temps(path);
+    let tmp = imgstore_engine::temp_path(path);
     /// Removes the temporary image unless it was renamed into place.
     struct Temp<'a>(&'a Path, bool);
     impl Drop for Temp<'_> {

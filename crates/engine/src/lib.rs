@@ -63,7 +63,10 @@ pub use forget::{forget, plan_forget, record_damage, retag, ForgetPlan, ForgetRe
 pub use image::ImageReader;
 pub use names::{check_name, check_tag, NAME_MAX};
 pub use overlay::{lock_overlay, overlay_info, Overlay, OverlayInfo, OverlayLock, OVERLAY_BLOCK};
-pub use restore::{restore, restore_delta, BlockWriter, DeltaReport, RestoreReport, Target};
+pub use restore::{
+    remove_stale_temps, restore, restore_delta, temp_path, BlockWriter, DeltaReport, RestoreReport,
+    Target,
+};
 pub use select::{
     parent_for, parse_export_name, select, select_for_image, select_listed, select_unreadable,
     ParentChoice, Selector, SnapshotFilter,

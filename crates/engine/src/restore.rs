@@ -560,7 +560,7 @@ fn mounts_of(path: &Path) -> Vec<String> {
 /// Removes temporary files an interrupted restore to `path` left behind
 /// (`.NAME.imgstore-partial-PID` whose process no longer runs), so retrying
 /// cleans up after a Ctrl-C or a crash.
-fn remove_stale_temps(path: &Path) {
+pub fn remove_stale_temps(path: &Path) {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -584,7 +584,10 @@ fn remove_stale_temps(path: &Path) {
     }
 }
 
-fn temp_path(path: &Path) -> PathBuf {
+/// The hidden name a restore to `path` writes under until the image is
+/// complete (`.NAME.imgstore-partial-PID`); [`remove_stale_temps`] removes
+/// those an interrupted restore left.
+pub fn temp_path(path: &Path) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
