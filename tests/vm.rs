@@ -585,7 +585,10 @@ fn a_qemu_dirty_bitmap_over_nbd_drives_a_changed_block_backup_that_reads_only_wh
         dirty_bytes,
         "only the dirty extents were read"
     );
-    assert!(full["bytes_read"].as_u64().unwrap() > 2 * dirty_bytes, "{full}");
+    assert!(
+        full["bytes_read"].as_u64().unwrap() > 2 * dirty_bytes,
+        "{full}"
+    );
     let out = env.path("inc.img");
     env.ok(&["restore", inc["id"].as_str().unwrap(), s(&out)]);
     assert_same(&out, &view);

@@ -144,7 +144,7 @@ pub struct BucketReport {
     pub pack_live_bytes: u64,
 }
 
-/// What [`Store::recover`] rebuilt.
+/// What [`Store::recover`](crate::Store::recover) rebuilt.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RecoverOutcome {
     pub packs: u64,
