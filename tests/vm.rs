@@ -203,6 +203,31 @@ fn vm_formats_back_up_the_guest_view_share_every_chunk_with_the_raw_disk_and_res
 
     // Restored back into qcow2: the same guest view, thin.
     restore_into_format(&env, r["id"].as_str().unwrap(), &top, "qcow2");
+    // --delta onto a qcow2 holding the older disk: only what differs is
+    // read back and written, through QEMU, in place.
+    let older = env.path("older.qcow2");
+    env.ok(&[
+        "restore",
+        r_raw["id"].as_str().unwrap(),
+        s(&older),
+        "--format",
+        "qcow2",
+    ]);
+    let d: serde_json::Value = serde_json::from_str(&env.ok(&[
+        "restore",
+        r["id"].as_str().unwrap(),
+        s(&older),
+        "--delta",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(d["format"], "qcow2", "{d}");
+    assert!(d["written_bytes"].as_u64().unwrap() < 1 << 20, "{d}");
+    assert!(d["read_bytes"].as_u64().unwrap() < size / 2, "{d}");
+    let cmp = qemu_img(&["compare", s(&top), s(&older)]);
+    assert!(cmp.contains("identical"), "{cmp}");
+    let info = qemu_img(&["info", "--output=json", s(&older)]);
+    assert!(info.contains("\"format\": \"qcow2\""), "{info}");
 
     // vmdk and vhdx (and vdi), made from the raw disk: the same disk, and
     // restored back into their formats.

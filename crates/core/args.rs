@@ -716,8 +716,8 @@ pub struct RestoreArgs {
     /// Overwrite an existing regular file or block device (refused without it).
     #[arg(long)]
     pub force: bool,
-    /// Write a new VM image in this format (qcow2, vmdk, vhdx, vdi, vpc, qed) through QEMU's block layer; zero extents stay unallocated. Default: raw.
-    #[arg(long, value_name = "FORMAT", conflicts_with = "delta")]
+    /// Write a new VM image in this format (qcow2, vmdk, vhdx, vdi, vpc, qed) through QEMU's block layer; zero extents stay unallocated. Default: raw. With --delta: the target's format, instead of QEMU's probe.
+    #[arg(long, value_name = "FORMAT")]
     pub format: Option<String>,
     /// TARGET already holds a version of the image: write only the chunks that differ.
     #[arg(long)]

@@ -46,9 +46,18 @@ pub fn restore(repo: &Path, a: RestoreArgs, progress: bool) -> anyhow::Result<()
                 "--delta writes onto an existing file or block device, not stdout",
             ));
         }
+        let path = Path::new(&target);
+        // A VM image (qcow2, ...) is written through QEMU, in its format.
+        let vm_format = if path.is_file() {
+            crate::vm::vm_format(path, a.format.as_deref())?
+        } else {
+            None
+        };
         let bar = Bar::new(progress);
-        let r =
-            imgstore_engine::restore_delta(&*store, &id, &snap, Path::new(&target), a.force, &bar)?;
+        let r = match &vm_format {
+            Some(f) => crate::vm::restore_delta_into_image(&*store, &id, &snap, path, f, &bar)?,
+            None => imgstore_engine::restore_delta(&*store, &id, &snap, path, a.force, &bar)?,
+        };
         drop(bar);
         if a.json {
             return emit(&format!(
@@ -59,6 +68,7 @@ pub fn restore(repo: &Path, a: RestoreArgs, progress: bool) -> anyhow::Result<()
                     "name": snap.name,
                     "size": snap.size,
                     "target": target,
+                    "format": vm_format.as_deref().unwrap_or("raw"),
                     "read_bytes": r.read_bytes,
                     "written_bytes": r.written_bytes,
                     "skipped_bytes": r.skipped_bytes,

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
 
-use imgstore_engine::{BlockReader, BlockWriter, Source};
+use imgstore_engine::{BlockReader, BlockWriter, DeltaDisk, Source};
 use imgstore_nbd::client::{Client, ClientError, Command, Uri, TIMEOUT};
 use imgstore_nbd::STATE_ZERO;
 
@@ -224,6 +224,33 @@ impl BlockWriter for NbdDisk {
     }
 }
 
+impl DeltaDisk for NbdDisk {
+    fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.with(|c| {
+            if !c.can_write_zeroes() {
+                let zeros = vec![0u8; imgstore_nbd::client::MAX_IO];
+                let mut cmds = Vec::new();
+                let mut at = 0;
+                while at < len {
+                    let n = (len - at).min(zeros.len() as u64) as usize;
+                    cmds.push(Command::Write(offset + at, &zeros[..n]));
+                    at += n as u64;
+                }
+                return c.run(&mut cmds);
+            }
+            // Requests carry 32-bit lengths: 1 GiB at a time.
+            let mut cmds = Vec::new();
+            let mut at = 0;
+            while at < len {
+                let n = (len - at).min(1 << 30);
+                cmds.push(Command::WriteZeroes(offset + at, n));
+                at += n;
+            }
+            c.run(&mut cmds)
+        })
+    }
+}
+
 /// A VM image being read through a private QEMU daemon; the daemon stops
 /// when this is dropped.
 pub struct VmSource {
@@ -339,6 +366,32 @@ pub fn restore_into_image(
         )
     })?;
     temp.1 = true;
+    Ok(report)
+}
+
+/// `restore --delta` onto an existing VM image at `path` in `format`:
+/// exported writable by a private QEMU daemon, only its data read (block
+/// status), only what differs written; QEMU closes it cleanly at the end.
+/// Writes are in place, as onto a raw file.
+pub fn restore_delta_into_image(
+    store: &dyn imgstore_repo::Repository,
+    id: &imgstore_format::Id,
+    snap: &imgstore_format::Snapshot,
+    path: &Path,
+    format: &str,
+    progress: &dyn imgstore_engine::Progress,
+) -> anyhow::Result<imgstore_engine::DeltaReport> {
+    let mut daemon = imgstore_qemu::Export::start(
+        path,
+        format,
+        &imgstore_qemu::ExportOptions { writable: true },
+    )?;
+    let label = path.display().to_string();
+    let disk = NbdDisk::connect(daemon.uri(), &label)?;
+    daemon.seal();
+    let report = imgstore_engine::restore_delta_disk(store, id, snap, &label, &disk, progress)?;
+    drop(disk);
+    daemon.stop()?;
     Ok(report)
 }
 

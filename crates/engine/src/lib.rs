@@ -64,8 +64,8 @@ pub use image::ImageReader;
 pub use names::{check_name, check_tag, NAME_MAX};
 pub use overlay::{lock_overlay, overlay_info, Overlay, OverlayInfo, OverlayLock, OVERLAY_BLOCK};
 pub use restore::{
-    remove_stale_temps, restore, restore_delta, temp_path, BlockWriter, DeltaReport, RestoreReport,
-    Target,
+    remove_stale_temps, restore, restore_delta, restore_delta_disk, temp_path, BlockWriter,
+    DeltaDisk, DeltaReport, RestoreReport, Target,
 };
 pub use select::{
     parent_for, parse_export_name, select, select_for_image, select_listed, select_unreadable,
