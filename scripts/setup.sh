@@ -2,7 +2,9 @@
 # Installs what building and testing imgstore needs on Debian, when missing:
 # clang/libclang (RocksDB's bindings), a C++ compiler, e2fsprogs and xorriso
 # (test images), libnbd-bin and qemu-utils (NBD clients the serve tests
-# drive), curl (hostile requests to the server). Safe to run repeatedly; does nothing when all is present.
+# drive; qemu-img and qemu-storage-daemon read and write VM image formats,
+# qemu-nbd serves the NBD source tests), setpriv (util-linux: the QEMU
+# daemon dies with imgstore), curl (hostile requests to the server). Safe to run repeatedly; does nothing when all is present.
 set -euo pipefail
 need=()
 command -v clang >/dev/null 2>&1 || need+=(clang)
@@ -13,6 +15,8 @@ command -v mkfs.ext4 >/dev/null 2>&1 || need+=(e2fsprogs)
 command -v xorriso >/dev/null 2>&1 || need+=(xorriso)
 command -v nbdinfo >/dev/null 2>&1 || need+=(libnbd-bin)
 command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
+command -v qemu-storage-daemon >/dev/null 2>&1 || need+=(qemu-utils)
+command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
 command -v fusermount3 >/dev/null 2>&1 || need+=(fuse3)
 command -v groff >/dev/null 2>&1 || need+=(groff-base)
 command -v script >/dev/null 2>&1 || need+=(bsdutils)

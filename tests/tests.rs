@@ -28,3 +28,4 @@ mod roundtrip;
 mod serve;
 mod server;
 mod snapshots;
+mod vm;

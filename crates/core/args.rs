@@ -634,9 +634,12 @@ pub struct RecoverArgs {
 
 #[derive(Args, Debug)]
 pub struct BackupArgs {
-    /// Image file, block device, or - for stdin (omit with --from-export or --stdin-from-command).
+    /// Image file (raw, or a VM format: qcow2, vmdk, vhdx, vdi, vpc, qed), block device, NBD URI (nbd://HOST:PORT/EXPORT, port 10809 when omitted; nbd+unix:///EXPORT?socket=PATH), or - for stdin (omit with --from-export or --stdin-from-command).
     #[arg(required_unless_present_any = ["from_export", "stdin_from_command"])]
     pub source: Option<String>,
+    /// The image's format instead of QEMU's probe (qcow2, vmdk, vhdx, vdi, vpc, qed, raw); `raw` reads the file as it is.
+    #[arg(long, value_name = "FORMAT", conflicts_with_all = ["from_export", "stdin_from_command"])]
+    pub format: Option<String>,
     /// Back up what COMMAND writes to its stdout; a non-zero exit status
     /// fails the backup (no snapshot). Needs --name.
     #[arg(long, requires = "name", conflicts_with_all = ["source", "from_export", "base"])]
@@ -715,6 +718,9 @@ pub struct RestoreArgs {
     /// Overwrite an existing regular file or block device (refused without it).
     #[arg(long)]
     pub force: bool,
+    /// Write a new VM image in this format (qcow2, vmdk, vhdx, vdi, vpc, qed) through QEMU's block layer; zero extents stay unallocated. Default: raw. With --delta: the target's format, instead of QEMU's probe.
+    #[arg(long, value_name = "FORMAT")]
+    pub format: Option<String>,
     /// TARGET already holds a version of the image: write only the chunks that differ.
     #[arg(long)]
     pub delta: bool,

@@ -1,10 +1,10 @@
-//! `backup`: a file, block device, stream, command's output or an
-//! overlay's writes into a new snapshot.
+//! `backup`: a file, block device, VM image (through QEMU), NBD export,
+//! stream, command's output or an overlay's writes into a new snapshot.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use imgstore_engine::{BackupOptions, ParentChoice, Source};
+use imgstore_engine::{BackupOptions, ParentChoice, Source, SourceKind};
 use serde_json::json;
 
 use crate::args::BackupArgs;
@@ -46,6 +46,9 @@ pub fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> 
         None
     };
     let mut child = None;
+    // The QEMU daemon reading a VM image: stopped when the backup ends,
+    // whichever way.
+    let mut vm_daemon = None;
     let (source, default_name) = match (&overlay, a.source.as_deref()) {
         (Some(o), _) => (Source::open(&o.data)?, None),
         _ if a.stdin_from_command => {
@@ -54,10 +57,33 @@ pub fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> 
             (src, None)
         }
         (None, Some("-")) => (Source::stdin(), None),
+        (None, Some(p)) if imgstore_nbd::client::Uri::is_uri(p) => {
+            (crate::vm::open_nbd(p)?, crate::vm::nbd_default_name(p))
+        }
         (None, Some(p)) => {
             let path = PathBuf::from(p);
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-            (Source::open(&path)?.with_direct_io(a.direct_io), name)
+            let source = Source::open(&path)?;
+            let format = a.format.as_deref();
+            let vm_format = match source.kind() {
+                SourceKind::File => crate::vm::vm_format(&path, format)?,
+                _ if format.is_some_and(|f| f != "raw") => {
+                    return Err(exit::usage(format!(
+                        "--format {}: {p} is a block device, read as raw; convert a VM image on a device with qemu-img first",
+                        format.unwrap_or_default()
+                    )))
+                }
+                _ => None,
+            };
+            match vm_format {
+                Some(f) => {
+                    let vm = crate::vm::open_vm_image(&path, &f)?;
+                    detail(&format!("{p}: {f} image, read through QEMU's block layer"));
+                    vm_daemon = Some(vm.daemon);
+                    (vm.source, name)
+                }
+                None => (source.with_direct_io(a.direct_io), name),
+            }
         }
         (None, None) => {
             return Err(exit::usage(
@@ -169,6 +195,7 @@ pub fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> 
     // The command's exit status was checked at end of stream; a backup
     // that stopped early does not leave it running.
     drop(child);
+    drop(vm_daemon);
     let r = result?;
     drop(bar);
     let repaired = damaged - store.damage_pending();

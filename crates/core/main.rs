@@ -29,6 +29,7 @@ mod snapshots;
 mod source_command;
 mod stops;
 mod units;
+mod vm;
 
 use std::io::Write;
 use std::process::ExitCode;

@@ -1,5 +1,6 @@
 //! `restore`: a snapshot onto a file, a block device or stdout, whole or
-//! (`--delta`) only where the target differs.
+//! (`--delta`) only where the target differs; or into a new VM image
+//! (`--format qcow2`, vmdk, vhdx, ...) through QEMU's block layer.
 
 use std::path::Path;
 
@@ -48,9 +49,18 @@ pub fn restore(repo: &Path, a: RestoreArgs, progress: bool) -> anyhow::Result<()
                 "--delta writes onto an existing file or block device, not stdout",
             ));
         }
+        let path = Path::new(&target);
+        // A VM image (qcow2, ...) is written through QEMU, in its format.
+        let vm_format = if path.is_file() {
+            crate::vm::vm_format(path, a.format.as_deref())?
+        } else {
+            None
+        };
         let bar = Bar::new(progress);
-        let r =
-            imgstore_engine::restore_delta(&*store, &id, &snap, Path::new(&target), a.force, &bar)?;
+        let r = match &vm_format {
+            Some(f) => crate::vm::restore_delta_into_image(&*store, &id, &snap, path, f, &bar)?,
+            None => imgstore_engine::restore_delta(&*store, &id, &snap, path, a.force, &bar)?,
+        };
         drop(bar);
         if a.json {
             return emit(&format!(
@@ -61,6 +71,7 @@ pub fn restore(repo: &Path, a: RestoreArgs, progress: bool) -> anyhow::Result<()
                     "name": snap.name,
                     "size": snap.size,
                     "target": target,
+                    "format": vm_format.as_deref().unwrap_or("raw"),
                     "read_bytes": r.read_bytes,
                     "written_bytes": r.written_bytes,
                     "skipped_bytes": r.skipped_bytes,
@@ -84,6 +95,25 @@ pub fn restore(repo: &Path, a: RestoreArgs, progress: bool) -> anyhow::Result<()
         return Ok(());
     }
     let target_label = target.clone();
+    if let Some(format) = a.format.as_deref().filter(|f| *f != "raw") {
+        if target == "-" {
+            return Err(exit::usage(format!(
+                "--format {format} writes an image file, not stdout: give a file path"
+            )));
+        }
+        let bar = Bar::new(progress);
+        let r = crate::vm::restore_into_image(
+            &*store,
+            &id,
+            &snap,
+            Path::new(&target),
+            format,
+            a.force,
+            &bar,
+        )?;
+        drop(bar);
+        return report(a.json, &id, &snap, &target_label, Some(format), r, &store);
+    }
     let target = if target == "-" {
         Target::Stream {
             label: "stdout".into(),
@@ -95,24 +125,39 @@ pub fn restore(repo: &Path, a: RestoreArgs, progress: bool) -> anyhow::Result<()
     let bar = Bar::new(progress && target_label != "-");
     let r = imgstore_engine::restore(&*store, &id, &snap, target, &bar)?;
     drop(bar);
+    report(a.json, &id, &snap, &target_label, None, r, &store)
+}
+
+/// Prints what a restore did.
+fn report(
+    json: bool,
+    id: &Id,
+    snap: &imgstore_format::Snapshot,
+    target_label: &str,
+    format: Option<&str>,
+    r: imgstore_engine::RestoreReport,
+    store: &crate::open::Repo,
+) -> anyhow::Result<()> {
     let line = format!(
-        "restored {} ({}, {} taken {}) to {} in {:.2} s: {} data, {} zeros; digest verified",
+        "restored {} ({}, {} taken {}) to {}{} in {:.2} s: {} data, {} zeros; digest verified",
         id.short(),
         snap.name,
         human_bytes(snap.size),
         format_time(snap.time_ns),
         target_label,
+        format.map(|f| format!(" ({f})")).unwrap_or_default(),
         r.seconds,
         human_bytes(r.data_bytes),
         human_bytes(r.zero_bytes),
     );
-    if a.json && target_label != "-" {
+    if json && target_label != "-" {
         let v = json!({
             "schema_version": JSON_SCHEMA,
             "id": id.to_hex(),
             "name": snap.name,
             "size": snap.size,
             "target": target_label,
+            "format": format.unwrap_or("raw"),
             "data_bytes": r.data_bytes,
             "zero_bytes": r.zero_bytes,
             "seconds": r.seconds,

@@ -1,7 +1,8 @@
 //! The backup pipeline.
 //!
 //! ```text
-//!  files, devices: one thread per core, each taking the next region index
+//!  files, devices, block readers: one thread per core, each taking the
+//!  next region index
 //!  streams: one reader thread feeding rayon workers through a channel
 //!
 //!  region i: SEEK_DATA, read into a    →  region chaining value (image digest)
@@ -402,7 +403,8 @@ pub fn backup(
     }
     // Holes of a file or device take their chaining values from the cache
     // (4 MiB of them per TiB of image).
-    if let (Some(size), SourceKind::File | SourceKind::BlockDevice) = (source.size(), source.kind())
+    if let (Some(size), SourceKind::File | SourceKind::BlockDevice | SourceKind::Reader) =
+        (source.size(), source.kind())
     {
         ctx.zero_cvs = repo.zero_cvs(region_size as u32, size.div_ceil(region_size as u64))?;
         distrust_unless_sample_holds(&mut ctx.zero_cvs, region_size as u64);

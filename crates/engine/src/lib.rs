@@ -69,13 +69,16 @@ pub use live::{
 };
 pub use names::{check_name, check_tag, NAME_MAX};
 pub use overlay::{lock_overlay, overlay_info, Overlay, OverlayInfo, OverlayLock, OVERLAY_BLOCK};
-pub use restore::{restore, restore_delta, DeltaReport, RestoreReport, Target};
+pub use restore::{
+    remove_stale_temps, restore, restore_delta, restore_delta_disk, temp_path, BlockWriter,
+    DeltaDisk, DeltaReport, RestoreReport, Target,
+};
 pub use select::{
     parent_for, parse_export_name, select, select_for_image, select_listed, select_unreadable,
     ParentChoice, Selector, SnapshotFilter,
 };
 pub use snapshot::SnapshotReader;
-pub use source::{Source, SourceKind};
+pub use source::{BlockReader, Source, SourceKind};
 
 /// The config of a new repository chunking with `params`: a random id, the
 /// current time, the region size derived from `params.max`.

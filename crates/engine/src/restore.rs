@@ -42,6 +42,26 @@ pub enum Target {
         label: String,
         out: Box<dyn Write + Send>,
     },
+    /// A fresh disk written at offsets through a [`BlockWriter`] (a VM
+    /// image exported over NBD): only data is written, zero extents are
+    /// left as they are — zeros, on a new thin image.
+    Writer {
+        label: String,
+        writer: Box<dyn BlockWriter>,
+    },
+}
+
+/// A disk written at offsets through something other than a file
+/// descriptor (a new VM image exported over NBD). It must read as zeros
+/// wherever nothing is written. Several threads call it at once.
+pub trait BlockWriter: Send + Sync {
+    /// The disk's size in bytes.
+    fn size(&self) -> u64;
+    /// Writes each `(offset, bytes)`; several at once, so it can keep
+    /// several requests in flight.
+    fn write_extents(&self, writes: &[(u64, &[u8])]) -> std::io::Result<()>;
+    /// Makes everything written durable.
+    fn flush(&self) -> std::io::Result<()>;
 }
 
 impl Target {
@@ -119,8 +139,7 @@ pub struct RestoreReport {
 /// Where a restore writes regions: positional writes to a file or device,
 /// direct I/O while the file system allows it.
 pub(crate) struct Out<'a> {
-    file: &'a File,
-    direct: Direct,
+    to: To<'a>,
     path: &'a Path,
     /// Zero extents must become zeros on the target (a device); a sparse
     /// file leaves them as holes.
@@ -133,11 +152,16 @@ pub(crate) struct Out<'a> {
 /// request to zero a range costs more than writing a few KiB.
 const MIN_ZERO_GAP: usize = 64 << 10;
 
+/// What an [`Out`] writes to.
+enum To<'a> {
+    File(&'a File, Direct),
+    Writer(&'a dyn BlockWriter),
+}
+
 impl<'a> Out<'a> {
     fn new(file: &'a File, open_path: &Path, path: &'a Path, write_zeros: bool) -> Out<'a> {
         Out {
-            file,
-            direct: Direct::open(open_path, true),
+            to: To::File(file, Direct::open(open_path, true)),
             path,
             write_zeros,
             zeroing: Zeroing::default(),
@@ -171,12 +195,22 @@ impl<'a> Out<'a> {
             }
             pos = end;
         }
+        let (file, direct) = match &self.to {
+            To::File(f, d) => (*f, d),
+            To::Writer(w) => {
+                let writes: Vec<(u64, &[u8])> = runs
+                    .iter()
+                    .map(|&(a, b)| (base + a as u64, &buf[a..b]))
+                    .collect();
+                return w.write_extents(&writes).map_err(write_err(self.path, base));
+            }
+        };
         if self.write_zeros {
             let mut at = 0;
             for &(a, b) in runs.iter().chain(std::iter::once(&(len, len))) {
                 if a > at {
                     self.zeroing
-                        .zero(self.file, self.path, base + at as u64, (a - at) as u64)?;
+                        .zero(file, self.path, base + at as u64, (a - at) as u64)?;
                 }
                 at = b;
             }
@@ -187,16 +221,15 @@ impl<'a> Out<'a> {
             // everything when direct I/O is refused, through the page cache.
             let mut from = a;
             let b0 = b.min(whole);
-            if let Some(d) = self.direct.usable(buf).filter(|_| b0 > a) {
+            if let Some(d) = direct.usable(buf).filter(|_| b0 > a) {
                 match write_direct(d, &buf[a..b0], base + a as u64) {
                     Ok(()) => from = b0,
-                    Err(e) if self.direct.refuses(&e) => {}
+                    Err(e) if direct.refuses(&e) => {}
                     Err(e) => return Err(write_err(self.path, base + a as u64)(e)),
                 }
             }
             if from < b {
-                self.file
-                    .write_all_at(&buf[from..b], base + from as u64)
+                file.write_all_at(&buf[from..b], base + from as u64)
                     .map_err(write_err(self.path, base + from as u64))?;
             }
         }
@@ -380,6 +413,29 @@ pub fn restore(
             check_digest(&reader, &r.0)?;
             r
         }
+        Target::Writer { label, writer } => {
+            let path = PathBuf::from(&label);
+            if writer.size() != snapshot.size {
+                return Err(EngineError::BadTarget {
+                    path,
+                    why: format!(
+                        "holds {} bytes, not the image's {}",
+                        writer.size(),
+                        snapshot.size
+                    ),
+                });
+            }
+            let out = Out {
+                to: To::Writer(&*writer),
+                path: &path,
+                write_zeros: false,
+                zeroing: Zeroing::default(),
+            };
+            let r = positional(Some(&out))?;
+            check_digest(&reader, &r.0)?;
+            writer.flush().map_err(write_err(&path, snapshot.size))?;
+            r
+        }
         Target::Stream { label, mut out } => {
             // Regions are rebuilt in parallel a window at a time and written in order.
             let window = rayon::current_num_threads().max(1) * 2;
@@ -510,7 +566,7 @@ fn mounts_of(path: &Path) -> Vec<String> {
 /// Removes temporary files an interrupted restore to `path` left behind
 /// (`.NAME.imgstore-partial-PID` whose process no longer runs), so retrying
 /// cleans up after a Ctrl-C or a crash.
-fn remove_stale_temps(path: &Path) {
+pub fn remove_stale_temps(path: &Path) {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -534,7 +590,10 @@ fn remove_stale_temps(path: &Path) {
     }
 }
 
-fn temp_path(path: &Path) -> PathBuf {
+/// The hidden name a restore to `path` writes under until the image is
+/// complete (`.NAME.imgstore-partial-PID`); [`remove_stale_temps`] removes
+/// those an interrupted restore left.
+pub fn temp_path(path: &Path) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -573,7 +632,6 @@ pub fn restore_delta(
     force: bool,
     progress: &dyn Progress,
 ) -> Result<DeltaReport, EngineError> {
-    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
     let started = Instant::now();
     let bad = |why: String| EngineError::BadTarget {
         path: path.to_path_buf(),
@@ -616,6 +674,161 @@ pub fn restore_delta(
     } else {
         file.set_len(snapshot.size).map_err(write_err(path, 0))?;
     }
+    let io = FileDelta {
+        file: &file,
+        path,
+        zeroing: Zeroing::default(),
+    };
+    delta_into(repo, id, snapshot, &io, started, progress)
+}
+
+/// Restores snapshot `id` onto `disk`, which holds some version of the
+/// image (a VM image exported over NBD), as [`restore_delta`] does onto a
+/// file: only its data extents are read, only chunks that differ are
+/// written, only blocks that must become zero are zeroed; the digest is
+/// checked at the end. `label` names the disk in errors.
+pub fn restore_delta_disk(
+    repo: &dyn Repository,
+    id: &Id,
+    snapshot: &Snapshot,
+    label: &str,
+    disk: &dyn DeltaDisk,
+    progress: &dyn Progress,
+) -> Result<DeltaReport, EngineError> {
+    let started = Instant::now();
+    let path = PathBuf::from(label);
+    let size = crate::source::BlockReader::size(disk);
+    if size != snapshot.size {
+        return Err(EngineError::BadTarget {
+            path,
+            why: format!(
+                "holds {size} bytes, not the image's {}: --delta needs a disk of the image's size",
+                snapshot.size
+            ),
+        });
+    }
+    let io = DiskDelta { disk, path: &path };
+    delta_into(repo, id, snapshot, &io, started, progress)
+}
+
+/// A disk a delta restore reads and writes at offsets: a [`BlockReader`]
+/// and a [`BlockWriter`] that can also zero ranges.
+pub trait DeltaDisk: crate::source::BlockReader + BlockWriter {
+    /// Makes `len` bytes at `offset` read as zeros.
+    fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()>;
+}
+
+/// What a delta restore does to its target, whatever it is.
+trait DeltaIo: Sync {
+    /// Fills `buf` (zeroed) with the target's bytes at `base`, reading
+    /// only data extents; returns how many bytes were read.
+    fn read(&self, base: u64, buf: &mut [u8]) -> Result<u64, EngineError>;
+    fn write(&self, at: u64, data: &[u8]) -> Result<(), EngineError>;
+    fn zero(&self, at: u64, len: u64) -> Result<(), EngineError>;
+    fn sync(&self, size: u64) -> Result<(), EngineError>;
+}
+
+struct FileDelta<'a> {
+    file: &'a File,
+    path: &'a Path,
+    zeroing: Zeroing,
+}
+
+impl DeltaIo for FileDelta<'_> {
+    fn read(&self, base: u64, buf: &mut [u8]) -> Result<u64, EngineError> {
+        // Holes of a sparse target read as the zeros they are: only its
+        // data extents are read.
+        let end = base + buf.len() as u64;
+        let mut at = base;
+        let mut read = 0;
+        while at < end {
+            let (data, hole) = crate::source::data_extent(self.file, at, end);
+            if data >= end {
+                break;
+            }
+            let dst = &mut buf[(data - base) as usize..(hole - base) as usize];
+            self.file
+                .read_exact_at(dst, data)
+                .map_err(|e| EngineError::TargetWrite {
+                    path: self.path.to_path_buf(),
+                    offset: data,
+                    source: e,
+                })?;
+            read += hole - data;
+            at = hole;
+        }
+        Ok(read)
+    }
+    fn write(&self, at: u64, data: &[u8]) -> Result<(), EngineError> {
+        self.file
+            .write_all_at(data, at)
+            .map_err(write_err(self.path, at))
+    }
+    fn zero(&self, at: u64, len: u64) -> Result<(), EngineError> {
+        self.zeroing.zero(self.file, self.path, at, len)
+    }
+    fn sync(&self, size: u64) -> Result<(), EngineError> {
+        self.file.sync_all().map_err(write_err(self.path, size))
+    }
+}
+
+struct DiskDelta<'a> {
+    disk: &'a dyn DeltaDisk,
+    path: &'a Path,
+}
+
+impl DeltaIo for DiskDelta<'_> {
+    fn read(&self, base: u64, buf: &mut [u8]) -> Result<u64, EngineError> {
+        let err = |offset, source| EngineError::TargetWrite {
+            path: self.path.to_path_buf(),
+            offset,
+            source,
+        };
+        let end = base + buf.len() as u64;
+        let extents = self
+            .disk
+            .data_extents(base, end)
+            .map_err(|e| err(base, e))?;
+        let mut pos = base;
+        for &(a, b) in &extents {
+            if a < pos || b <= a || b > end {
+                return Err(err(
+                    base,
+                    std::io::Error::other("the disk reported extents out of order"),
+                ));
+            }
+            pos = b;
+        }
+        self.disk
+            .read_extents(base, buf, &extents)
+            .map_err(|e| err(base, e))?;
+        Ok(extents.iter().map(|e| e.1 - e.0).sum())
+    }
+    fn write(&self, at: u64, data: &[u8]) -> Result<(), EngineError> {
+        self.disk
+            .write_extents(&[(at, data)])
+            .map_err(write_err(self.path, at))
+    }
+    fn zero(&self, at: u64, len: u64) -> Result<(), EngineError> {
+        self.disk
+            .write_zeroes(at, len)
+            .map_err(write_err(self.path, at))
+    }
+    fn sync(&self, size: u64) -> Result<(), EngineError> {
+        self.disk.flush().map_err(write_err(self.path, size))
+    }
+}
+
+/// The delta restore proper, onto any [`DeltaIo`].
+fn delta_into(
+    repo: &dyn Repository,
+    id: &Id,
+    snapshot: &Snapshot,
+    io: &dyn DeltaIo,
+    started: Instant,
+    progress: &dyn Progress,
+) -> Result<DeltaReport, EngineError> {
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
     let reader = SnapshotReader::open(repo, id, snapshot)?;
     progress.start(Some(snapshot.size));
     let (read, written, skipped, zeroed) = (
@@ -624,8 +837,6 @@ pub fn restore_delta(
         AtomicU64::new(0),
         AtomicU64::new(0),
     );
-    let file = &file;
-    let zeroing = Zeroing::default();
     let hashes: Vec<RegionHash> = io_pool()?.install(|| {
         (0..reader.region_count())
             .into_par_iter()
@@ -633,26 +844,8 @@ pub fn restore_delta(
                 let base = index as u64 * snapshot.region_size as u64;
                 let entries = reader.entries(index)?;
                 let len = reader.region_len(index) as usize;
-                // Holes of a sparse target read as the zeros they are: only
-                // its data extents are read.
                 let mut buf = vec![0u8; len];
-                let end = base + len as u64;
-                let mut at = base;
-                while at < end {
-                    let (data, hole) = crate::source::data_extent(file, at, end);
-                    if data >= end {
-                        break;
-                    }
-                    let dst = &mut buf[(data - base) as usize..(hole - base) as usize];
-                    file.read_exact_at(dst, data)
-                        .map_err(|e| EngineError::TargetWrite {
-                            path: path.to_path_buf(),
-                            offset: data,
-                            source: e,
-                        })?;
-                    read.fetch_add(hole - data, Relaxed);
-                    at = hole;
-                }
+                read.fetch_add(io.read(base, &mut buf)?, Relaxed);
                 // Pass 1: which extents differ.
                 let mut pos = 0usize;
                 let mut need: Vec<(usize, usize, Id)> = Vec::new();
@@ -696,14 +889,14 @@ pub fn restore_delta(
                         let frame = &frames[ids.binary_search(&c).expect("fetched")];
                         let at = base + off as u64;
                         let out = reader.decode_verified(frame, c, at, l as u64)?;
-                        file.write_all_at(&out, at).map_err(write_err(path, at))?;
+                        io.write(at, &out)?;
                         buf[off..off + l].copy_from_slice(&out);
                         written.fetch_add(l as u64, Relaxed);
                     }
                 }
                 for &(off, l) in &zero {
                     let at = base + off as u64;
-                    zeroing.zero(file, path, at, l as u64)?;
+                    io.zero(at, l as u64)?;
                     buf[off..off + l].fill(0);
                     zeroed.fetch_add(l as u64, Relaxed);
                 }
@@ -715,7 +908,7 @@ pub fn restore_delta(
             .collect::<Result<_, _>>()
     })?;
     check_digest(&reader, &hashes)?;
-    file.sync_all().map_err(write_err(path, snapshot.size))?;
+    io.sync(snapshot.size)?;
     progress.finish();
     Ok(DeltaReport {
         read_bytes: read.into_inner(),

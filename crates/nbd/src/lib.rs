@@ -19,9 +19,14 @@
 //!   are writable (a copy-on-write overlay), and are refused with `EPERM`
 //!   otherwise.
 //!
+//! The [`client`] module is the other side: an NBD client for reading
+//! (and writing) exports that other servers offer — QEMU's, above all.
+//!
 //! A library never prints: errors are returned to the caller.
 
 use std::io::{self, Read, Write};
+
+pub mod client;
 
 /// What an export offers.
 pub trait Export: Sync {
@@ -127,8 +132,10 @@ const EPERM: u32 = 1;
 const EIO: u32 = 5;
 const EINVAL: u32 = 22;
 
-const STATE_HOLE: u32 = 1;
-const STATE_ZERO: u32 = 2;
+/// `base:allocation` status flag: the extent is not allocated.
+pub const STATE_HOLE: u32 = 1;
+/// `base:allocation` status flag: the extent reads as zeros.
+pub const STATE_ZERO: u32 = 2;
 
 /// The one metadata context served, and its id.
 const BASE_ALLOCATION: &str = "base:allocation";

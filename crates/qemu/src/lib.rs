@@ -1,0 +1,390 @@
+//! VM disk images (qcow2, vmdk, vhdx, vdi, vpc, qed, raw) read and written
+//! through QEMU's own block layer: `qemu-img info` says what an image is,
+//! and a private `qemu-storage-daemon` exports it over NBD on a Unix
+//! socket in a private temporary directory, for the NBD client to read
+//! (or, for a restore, write).
+//!
+//! Why a crate of its own: it is the one place that starts QEMU's
+//! programs and owns their lifetime — a daemon is killed and collected
+//! when its [`Export`] is dropped, however the caller ends, and is started
+//! under `setpriv --pdeathsig KILL` so that it dies with the process that
+//! started it even when that process is killed outright. Why QEMU's block
+//! layer and not a parser of our own: it follows backing chains, reads
+//! compressed and encrypted-at-rest clusters, snapshots and every format's
+//! corner cases exactly as the hypervisor that wrote the image does.
+//!
+//! A library never prints: errors are returned to the caller.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use imgstore_nbd::client::{Address, Uri};
+
+/// Formats imgstore reads and writes through QEMU (`--format`).
+pub const FORMATS: &[&str] = &["qcow2", "vmdk", "vhdx", "vdi", "vpc", "qed", "raw"];
+
+/// Formats a restore can write.
+pub const WRITABLE_FORMATS: &[&str] = &["qcow2", "vmdk", "vhdx", "vdi", "vpc", "qed"];
+
+/// What went wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum QemuError {
+    /// A QEMU program is not installed.
+    #[error(
+        "{program} is not installed: install QEMU's tools (Debian: apt-get install qemu-utils)"
+    )]
+    Missing { program: &'static str },
+    /// QEMU could not open or understand the image.
+    #[error("{}: {why}", path.display())]
+    Image { path: PathBuf, why: String },
+    /// Starting, reaching or stopping the daemon failed.
+    #[error("qemu-storage-daemon for {}: {why}", path.display())]
+    Daemon { path: PathBuf, why: String },
+}
+
+/// What `qemu-img info` says about an image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageInfo {
+    /// The format (given, or probed by QEMU).
+    pub format: String,
+    /// The size of the disk the guest sees.
+    pub virtual_size: u64,
+    /// The backing file, resolved as QEMU resolves it.
+    pub backing: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+struct RawInfo {
+    format: String,
+    #[serde(rename = "virtual-size")]
+    virtual_size: u64,
+    #[serde(rename = "full-backing-filename")]
+    backing: Option<String>,
+    encrypted: Option<bool>,
+}
+
+fn program(name: &'static str) -> Result<Command, QemuError> {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
+        .unwrap_or(false);
+    if !found {
+        return Err(QemuError::Missing { program: name });
+    }
+    Ok(Command::new(name))
+}
+
+/// Whether QEMU's tools are installed (`qemu-img` and `qemu-storage-daemon`).
+pub fn available() -> bool {
+    program("qemu-img").is_ok() && program("qemu-storage-daemon").is_ok()
+}
+
+/// The last line of a QEMU program's stderr, without the program's name
+/// and the option it was parsing (which repeats the whole JSON).
+fn qemu_message(stderr: &[u8]) -> String {
+    let text = String::from_utf8_lossy(stderr);
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("no message")
+        .trim();
+    let line = match line.find("}: ") {
+        Some(i) if line.contains(" --") => &line[i + 3..],
+        _ => line,
+    };
+    let line = line
+        .strip_prefix("qemu-img: ")
+        .or_else(|| line.strip_prefix("qemu-storage-daemon: "))
+        .unwrap_or(line);
+    line.to_string()
+}
+
+/// What the image at `path` is (`qemu-img info`); `format` forces the
+/// format instead of letting QEMU probe it. An image locked by a running
+/// VM is refused (back such a disk up over NBD instead).
+pub fn info(path: &Path, format: Option<&str>) -> Result<ImageInfo, QemuError> {
+    let mut c = program("qemu-img")?;
+    c.args(["info", "--output=json"]);
+    if let Some(f) = format {
+        c.args(["-f", f]);
+    }
+    let out = c
+        .arg("--")
+        .arg(path)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| QemuError::Image {
+            path: path.to_path_buf(),
+            why: format!("cannot run qemu-img: {e}"),
+        })?;
+    if !out.status.success() {
+        let msg = qemu_message(&out.stderr);
+        let why = if msg.contains("lock") {
+            format!("{msg} (is a running VM using it? back its disk up over NBD instead)")
+        } else {
+            format!("QEMU cannot open it as a disk image: {msg}")
+        };
+        return Err(QemuError::Image {
+            path: path.to_path_buf(),
+            why,
+        });
+    }
+    let raw: RawInfo = serde_json::from_slice(&out.stdout).map_err(|e| QemuError::Image {
+        path: path.to_path_buf(),
+        why: format!("unexpected qemu-img info output: {e}"),
+    })?;
+    if raw.encrypted == Some(true) {
+        return Err(QemuError::Image {
+            path: path.to_path_buf(),
+            why: "is encrypted by QEMU: decrypt it first (qemu-img convert with --object secret)"
+                .into(),
+        });
+    }
+    Ok(ImageInfo {
+        format: raw.format,
+        virtual_size: raw.virtual_size,
+        backing: raw.backing,
+    })
+}
+
+/// Creates a new, empty (thin) image of `size` bytes in `format`.
+pub fn create(path: &Path, format: &str, size: u64) -> Result<(), QemuError> {
+    let out = program("qemu-img")?
+        .args(["create", "-q", "-f", format, "--"])
+        .arg(path)
+        .arg(size.to_string())
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| QemuError::Image {
+            path: path.to_path_buf(),
+            why: format!("cannot run qemu-img: {e}"),
+        })?;
+    if !out.status.success() {
+        return Err(QemuError::Image {
+            path: path.to_path_buf(),
+            why: format!(
+                "cannot create a {format} image: {}",
+                qemu_message(&out.stderr)
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// How an image is exported.
+#[derive(Clone, Debug, Default)]
+pub struct ExportOptions {
+    /// Clients may write (a restore into the image).
+    pub writable: bool,
+}
+
+/// A private `qemu-storage-daemon` exporting one image over NBD. Dropping
+/// it kills the daemon, waits for it and removes its directory.
+pub struct Export {
+    child: Option<Child>,
+    dir: Option<tempfile::TempDir>,
+    uri: Uri,
+    path: PathBuf,
+}
+
+/// The name of the one export the daemon serves.
+const EXPORT_NAME: &str = "disk";
+
+/// How long the daemon may take to open the image and listen.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a clean stop may take (writes flushed) before the daemon is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(120);
+
+impl Export {
+    /// Starts a daemon exporting the image at `path` in `format`; returns
+    /// once it listens. Backing files are opened as the image names them,
+    /// read-only.
+    pub fn start(path: &Path, format: &str, opts: &ExportOptions) -> Result<Export, QemuError> {
+        let daemon_err = |why: String| QemuError::Daemon {
+            path: path.to_path_buf(),
+            why,
+        };
+        if !FORMATS.contains(&format) {
+            return Err(QemuError::Image {
+                path: path.to_path_buf(),
+                why: format!(
+                    "format {format:?} is not one imgstore reads through QEMU ({})",
+                    FORMATS.join(", ")
+                ),
+            });
+        }
+        let mut cmd = program("setpriv")?;
+        program("qemu-storage-daemon")?;
+        let dir = tempfile::Builder::new()
+            .prefix("imgstore-qemu-")
+            .tempdir()
+            .map_err(|e| daemon_err(format!("cannot make its private directory: {e}")))?;
+        let socket = dir.path().join("nbd.sock");
+        let stderr = dir.path().join("stderr");
+        let abs = std::path::absolute(path)
+            .map_err(|e| daemon_err(format!("cannot resolve the path: {e}")))?;
+        let ro = !opts.writable;
+        let blockdev = serde_json::json!({
+            "driver": format,
+            "node-name": "disk",
+            "read-only": ro,
+            "file": {"driver": "file", "filename": abs, "read-only": ro},
+        });
+        let server = serde_json::json!({
+            "addr": {"type": "unix", "path": socket},
+            "max-connections": 0,
+        });
+        let export = serde_json::json!({
+            "type": "nbd",
+            "id": "export",
+            "node-name": "disk",
+            "name": EXPORT_NAME,
+            "writable": opts.writable,
+        });
+        let err_file = std::fs::File::create(&stderr)
+            .map_err(|e| daemon_err(format!("cannot make its log: {e}")))?;
+        // setpriv sets the parent-death signal and execs the daemon: if
+        // this process dies (Ctrl-C, SIGTERM, kill -9), the kernel kills
+        // the daemon. Its own process group keeps a terminal's Ctrl-C from
+        // reaching it first: the caller sees its own errors, not the
+        // daemon's disappearance. (The signal follows the thread that
+        // spawned the daemon: start it from the thread that outlives it.)
+        use std::os::unix::process::CommandExt;
+        cmd.args(["--pdeathsig", "KILL", "--", "qemu-storage-daemon"])
+            .arg("--blockdev")
+            .arg(blockdev.to_string())
+            .arg("--nbd-server")
+            .arg(server.to_string())
+            .arg("--export")
+            .arg(export.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err_file)
+            .process_group(0);
+        let child = cmd
+            .spawn()
+            .map_err(|e| daemon_err(format!("cannot start it: {e}")))?;
+        let mut e = Export {
+            child: Some(child),
+            dir: Some(dir),
+            uri: Uri {
+                address: Address::Unix(socket.clone()),
+                export: EXPORT_NAME.into(),
+            },
+            path: path.to_path_buf(),
+        };
+        let started = Instant::now();
+        loop {
+            if socket.exists() {
+                return Ok(e);
+            }
+            let c = e.child.as_mut().expect("running");
+            if let Ok(Some(status)) = c.try_wait() {
+                let msg = std::fs::read(&stderr).unwrap_or_default();
+                e.child = None;
+                let why = if msg.is_empty() {
+                    format!("the daemon ended ({status})")
+                } else {
+                    qemu_message(&msg)
+                };
+                return Err(QemuError::Image {
+                    path: path.to_path_buf(),
+                    why: format!("QEMU cannot open it: {why}"),
+                });
+            }
+            if started.elapsed() > START_TIMEOUT {
+                return Err(daemon_err(format!(
+                    "did not listen within {} s",
+                    START_TIMEOUT.as_secs()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Where the export is.
+    pub fn uri(&self) -> &Uri {
+        &self.uri
+    }
+
+    /// The daemon's process id (while it runs).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Removes the socket and its directory: connections already open go
+    /// on, nobody else can connect, and nothing is left on disk whatever
+    /// happens to this process later.
+    pub fn seal(&mut self) {
+        if let Some(d) = self.dir.take() {
+            let _ = d.close();
+        }
+    }
+
+    /// Stops the daemon cleanly (SIGTERM: QEMU flushes and closes the
+    /// image) and checks that it ended well; what a writer calls after its
+    /// last flush.
+    pub fn stop(mut self) -> Result<(), QemuError> {
+        let Some(mut c) = self.child.take() else {
+            return Ok(());
+        };
+        let pid = rustix::process::Pid::from_raw(c.id() as i32).expect("a child's pid");
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        let started = Instant::now();
+        let status = loop {
+            match c.try_wait() {
+                Ok(Some(s)) => break s,
+                Ok(None) if started.elapsed() < STOP_TIMEOUT => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                _ => {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    return Err(QemuError::Daemon {
+                        path: self.path.clone(),
+                        why: format!(
+                            "did not stop within {} s and was killed",
+                            STOP_TIMEOUT.as_secs()
+                        ),
+                    });
+                }
+            }
+        };
+        if !status.success() {
+            return Err(QemuError::Daemon {
+                path: self.path.clone(),
+                why: format!("ended badly ({status})"),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Export {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_lose_the_json() {
+        let m = b"qemu-storage-daemon: --blockdev {\"driver\":\"qcow2\"}: Could not open backing file: Could not open 'b.qcow2': No such file or directory\n";
+        assert_eq!(
+            qemu_message(m),
+            "Could not open backing file: Could not open 'b.qcow2': No such file or directory"
+        );
+        assert_eq!(
+            qemu_message(b"qemu-img: Could not open 'x': Unsupported qcow2 version 7\n"),
+            "Could not open 'x': Unsupported qcow2 version 7"
+        );
+    }
+}
