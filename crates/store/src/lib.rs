@@ -208,7 +208,16 @@ impl Store {
             .and_then(|d| d.sync_all())
             .map_err(io_err(dir, "fsync"))?;
         drop(lock);
-        Store::open(dir, Mode::Write { operation })
+        // Reopened as the writer. A child another thread of this process
+        // forks in this instant shares the lock's descriptor until it
+        // execs (close-on-exec acts only then), so the lock can look held
+        // for a moment after the drop: wait that out (seen as "busy: init"
+        // in the parallel test suite).
+        Store::open_waiting(
+            dir,
+            Mode::Write { operation },
+            std::time::Duration::from_secs(2),
+        )
     }
 
     /// Opens an existing repository; a writer that finds the lock held
