@@ -310,6 +310,27 @@ fn bad_vm_images_fail_in_one_line_without_a_snapshot_or_a_helper_left() {
     env.fails(&["backup", s(&good), "--format", "ext4"], "--format ext4");
     env.fails(&["backup", s(&raw), "--format", "qcow2"], "small.img");
 
+    // An image a running VM writes (a writable daemon stands in for it):
+    // refused, pointing to NBD, the VM's own way out.
+    let sock = env.path("busy.sock");
+    let busy = start(
+        Command::new("qemu-storage-daemon").args([
+            "--blockdev",
+            &format!(
+                r#"{{"driver":"qcow2","node-name":"d","file":{{"driver":"file","filename":"{}"}}}}"#,
+                good.display()
+            ),
+            "--nbd-server",
+            &format!(r#"{{"addr":{{"type":"unix","path":"{}"}}}}"#, sock.display()),
+            "--export",
+            r#"{"type":"nbd","id":"e","node-name":"d","name":"vm","writable":true}"#,
+        ]),
+        || sock.exists(),
+    );
+    let err = env.fails(&["backup", s(&good)], "over NBD");
+    assert!(err.contains("another process"), "{err}");
+    stop(busy);
+
     for o in [env.run(&["backup", s(&bad)]), env.run(&["backup", s(&top)])] {
         assert_eq!(o.status.code(), Some(1));
     }

@@ -705,7 +705,7 @@ pub fn restore_delta_disk(
     delta_into(repo, id, snapshot, &io, started, progress)
 }
 
-/// A disk a delta restore reads and writes at offsets: a [`BlockReader`]
+/// A disk a delta restore reads and writes at offsets: a [`BlockReader`](crate::BlockReader)
 /// and a [`BlockWriter`] that can also zero ranges.
 pub trait DeltaDisk: crate::source::BlockReader + BlockWriter {
     /// Makes `len` bytes at `offset` read as zeros.
