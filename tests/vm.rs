@@ -310,6 +310,27 @@ fn bad_vm_images_fail_in_one_line_without_a_snapshot_or_a_helper_left() {
     env.fails(&["backup", s(&good), "--format", "ext4"], "--format ext4");
     env.fails(&["backup", s(&raw), "--format", "qcow2"], "small.img");
 
+    // An image a running VM writes (a writable daemon stands in for it):
+    // refused, pointing to NBD, the VM's own way out.
+    let sock = env.path("busy.sock");
+    let busy = start(
+        Command::new("qemu-storage-daemon").args([
+            "--blockdev",
+            &format!(
+                r#"{{"driver":"qcow2","node-name":"d","file":{{"driver":"file","filename":"{}"}}}}"#,
+                good.display()
+            ),
+            "--nbd-server",
+            &format!(r#"{{"addr":{{"type":"unix","path":"{}"}}}}"#, sock.display()),
+            "--export",
+            r#"{"type":"nbd","id":"e","node-name":"d","name":"vm","writable":true}"#,
+        ]),
+        || sock.exists(),
+    );
+    let err = env.fails(&["backup", s(&good)], "over NBD");
+    assert!(err.contains("another process"), "{err}");
+    stop(busy);
+
     for o in [env.run(&["backup", s(&bad)]), env.run(&["backup", s(&top)])] {
         assert_eq!(o.status.code(), Some(1));
     }
@@ -321,8 +342,25 @@ fn bad_vm_images_fail_in_one_line_without_a_snapshot_or_a_helper_left() {
     assert_no_helper_left(s(env.dir.path()));
 }
 
+/// A helper server a test started: killed and collected when dropped, so
+/// a failing assertion leaves none running.
+struct Helper(Child);
+
+impl Helper {
+    fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts `cmd` and waits (at most 30 s) until `ready` holds.
-fn start(cmd: &mut Command, ready: impl Fn() -> bool) -> Child {
+fn start(cmd: &mut Command, ready: impl Fn() -> bool) -> Helper {
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -331,16 +369,18 @@ fn start(cmd: &mut Command, ready: impl Fn() -> bool) -> Child {
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     while !ready() {
-        assert!(Instant::now() < deadline, "{cmd:?} did not start");
-        assert!(child.try_wait().unwrap().is_none(), "{cmd:?} ended");
+        if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} did not start");
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
-    child
+    Helper(child)
 }
 
-fn stop(mut c: Child) {
-    let _ = c.kill();
-    let _ = c.wait();
+fn stop(h: Helper) {
+    drop(h);
 }
 
 fn free_port() -> u16 {

@@ -105,7 +105,10 @@ fn qemu_message(stderr: &[u8]) -> String {
 /// VM is refused (back such a disk up over NBD instead).
 pub fn info(path: &Path, format: Option<&str>) -> Result<ImageInfo, QemuError> {
     let mut c = program("qemu-img")?;
-    c.args(["info", "--output=json"]);
+    // -U: probing needs no lock, so a raw image a VM has open is still
+    // read as before; the daemon that reads a VM format takes QEMU's
+    // shared lock and refuses an image a running VM writes.
+    c.args(["info", "--output=json", "-U"]);
     if let Some(f) = format {
         c.args(["-f", f]);
     }
@@ -120,11 +123,7 @@ pub fn info(path: &Path, format: Option<&str>) -> Result<ImageInfo, QemuError> {
         })?;
     if !out.status.success() {
         let msg = qemu_message(&out.stderr);
-        let why = if msg.contains("lock") {
-            format!("{msg} (is a running VM using it? back its disk up over NBD instead)")
-        } else {
-            format!("QEMU cannot open it as a disk image: {msg}")
-        };
+        let why = format!("QEMU cannot open it as a disk image: {msg}");
         return Err(QemuError::Image {
             path: path.to_path_buf(),
             why,
@@ -277,7 +276,10 @@ impl Export {
         };
         let started = Instant::now();
         loop {
-            if socket.exists() {
+            // Listening once a connection is accepted (the socket file
+            // appears at bind, just before listen); the probe connection
+            // is closed at once.
+            if socket.exists() && std::os::unix::net::UnixStream::connect(&socket).is_ok() {
                 return Ok(e);
             }
             let c = e.child.as_mut().expect("running");
@@ -289,9 +291,15 @@ impl Export {
                 } else {
                     qemu_message(&msg)
                 };
+                let all = String::from_utf8_lossy(&msg);
+                let hint = if all.contains("lock") || all.contains("another process") {
+                    " (is a running VM using it? back its disk up over NBD instead)"
+                } else {
+                    ""
+                };
                 return Err(QemuError::Image {
                     path: path.to_path_buf(),
-                    why: format!("QEMU cannot open it: {why}"),
+                    why: format!("QEMU cannot open it: {why}{hint}"),
                 });
             }
             if started.elapsed() > START_TIMEOUT {
