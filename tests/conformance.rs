@@ -207,6 +207,7 @@ fn connect(env: &Env, served: &Served, token: &str, sealed: bool) -> RemoteRepo 
         fingerprint: Some(served.fp.clone()),
         ca_file: None,
         retry_for: Duration::from_secs(10),
+        limits: Default::default(),
     })
     .unwrap()
     .with_codec(codec(sealed))

@@ -26,3 +26,4 @@ mod roundtrip;
 mod serve;
 mod server;
 mod snapshots;
+mod wan;

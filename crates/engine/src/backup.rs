@@ -31,7 +31,7 @@ use rayon::prelude::*;
 
 use crate::aligned::AlignedBuf;
 use crate::digest::{image_digest, region_hasher, update_zeros, RegionHash};
-use crate::read::io_pool;
+use crate::read::{threads, workers};
 use crate::snapshot::SnapshotReader;
 use crate::source::{RegionBuf, Source, SourceKind};
 use crate::{EngineError, Progress};
@@ -133,6 +133,8 @@ struct Ctx<'a> {
     zero_cvs: Vec<Option<[u8; 32]>>,
     /// Values this backup computed that the cache lacked.
     new_zero_cvs: Mutex<Vec<(u64, [u8; 32])>>,
+    /// Which of the parent's regions were taken unchanged, by index.
+    reused: Vec<AtomicBool>,
 }
 
 impl<'a> Ctx<'a> {
@@ -147,6 +149,7 @@ impl<'a> Ctx<'a> {
             progress,
             zero_cvs: Vec::new(),
             new_zero_cvs: Mutex::new(Vec::new()),
+            reused: Vec::new(),
         })
     }
 
@@ -161,25 +164,19 @@ impl<'a> Ctx<'a> {
         index: u64,
         len: usize,
         hasher: &blake3::Hasher,
-    ) -> Result<bool, EngineError> {
+    ) -> bool {
         use blake3::hazmat::HasherExt;
         let i = index as usize;
         if i >= p.region_count() || p.region_len(i) != len as u64 {
-            return Ok(false);
+            return false;
         }
         let cv = hasher.finalize_non_root();
         if cv != p.region_cv(i) {
-            return Ok(false);
+            return false;
         }
-        let entries = p.entries(i)?;
-        let chunks = entries.iter().filter(|e| e.chunk.is_some()).count() as u64;
-        let zeros: u64 = entries
-            .iter()
-            .filter(|e| e.chunk.is_none())
-            .map(|e| e.len as u64)
-            .sum();
-        self.counters.chunks.fetch_add(chunks, Relaxed);
-        self.counters.zero_bytes.fetch_add(zeros, Relaxed);
+        // Its chunks and zero bytes are counted at the end, from the
+        // parent's totals (see `reused_share`): no call per region.
+        self.reused[i].store(true, Relaxed);
         self.counters.reused_bytes.fetch_add(len as u64, Relaxed);
         // The value just compared is the region's share of the digest; only
         // the first region keeps its hasher (it may be the root).
@@ -189,7 +186,7 @@ impl<'a> Ctx<'a> {
             RegionHash::Cv(cv)
         };
         self.done(index, len, p.region_id(i), hash);
-        Ok(true)
+        true
     }
 
     /// Records region `index` (`len` bytes of the image) as `rid` with its
@@ -294,7 +291,7 @@ impl<'a> Ctx<'a> {
         } else {
             hasher.update(data);
             if let Some(p) = &self.parent {
-                if self.reuse(p, rb.index, data.len(), &hasher)? {
+                if self.reuse(p, rb.index, data.len(), &hasher) {
                     return Ok(());
                 }
             }
@@ -375,7 +372,11 @@ pub fn backup(
     // while any are marked every region is processed in full.
     if let Some((pid, parent)) = &opts.parent {
         if parent.region_size as usize == region_size && repo.damage_pending() == 0 {
-            ctx.parent = Some(SnapshotReader::open(repo, pid, parent)?);
+            let p = SnapshotReader::open(repo, pid, parent)?;
+            ctx.reused = (0..p.region_count())
+                .map(|_| AtomicBool::new(false))
+                .collect();
+            ctx.parent = Some(p);
         }
     }
     // Holes of a file or device take their chaining values from the cache
@@ -393,6 +394,11 @@ pub fn backup(
         None => read_sequential(&ctx, &mut source, region_size),
     };
     work?;
+    if let Some(p) = &ctx.parent {
+        let (chunks, zeros) = reused_share(p, &ctx.reused)?;
+        ctx.counters.chunks.fetch_add(chunks, Relaxed);
+        ctx.counters.zero_bytes.fetch_add(zeros, Relaxed);
+    }
     let size = ctx.counters.image_bytes.load(Relaxed);
     if let Some(before) = initial_size {
         let now = source.current_size().unwrap_or(before);
@@ -440,6 +446,29 @@ pub fn backup(
     })
 }
 
+/// The data chunks and zero bytes of the parent's regions a backup took
+/// unchanged (`reused`, by index): the parent's totals less those of the
+/// regions it did not take. Only the recipes of those are read, so an
+/// incremental backup asks for the recipes of its changed regions, in
+/// batched calls, instead of one call per unchanged region (a round trip
+/// each to a server). A parent's totals are its regions' sums (every
+/// backup counts them so, and `backup_changed` relies on them the same
+/// way).
+fn reused_share(p: &SnapshotReader<'_>, reused: &[AtomicBool]) -> Result<(u64, u64), EngineError> {
+    let rest: Vec<usize> = (0..p.region_count())
+        .filter(|&i| !reused[i].load(Relaxed))
+        .collect();
+    if rest.len() == p.region_count() {
+        return Ok((0, 0));
+    }
+    let (chunks, zeros) = p.tally(&rest)?;
+    let stats = &p.snapshot().stats;
+    Ok((
+        stats.chunks.saturating_sub(chunks),
+        stats.zero_bytes.saturating_sub(zeros),
+    ))
+}
+
 /// Recomputes up to 64 cached zero chaining values spread over the table
 /// (about 2 ms each) before any is used; if one is wrong the whole table is
 /// dropped, so every value is computed again and the cache rewritten. A
@@ -480,9 +509,9 @@ fn read_parallel(
     // while another waited for its read — first backup of the workload's
     // disk-0 2.80–2.84 s instead of 3.07–3.15 s — but its region and heap
     // raised peak RSS over 128 MiB (8 GiB image: 141 MiB).
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2);
+    // A repository behind a network link asks for more (`in_flight`):
+    // the extra threads wait on round trips, not on the CPU.
+    let threads = workers(ctx.repo, 1);
     // Regions advised to the kernel ahead of the one being read (see
     // `Positional::prefetch`), 128 MiB of them: the page cache holds them,
     // not the heap. On the workload (cold cache) a window of 16 × 8 MiB
@@ -540,6 +569,11 @@ fn read_sequential(
     source: &mut Source,
     region_size: usize,
 ) -> (Result<(), EngineError>, u64) {
+    // One worker per core, more for a repository behind a network link.
+    let pool = match threads(workers(ctx.repo, 1)) {
+        Ok(p) => p,
+        Err(e) => return (Err(e), 0),
+    };
     let (tx, rx) = crossbeam_channel::bounded::<RegionBuf>(1);
     let (free_tx, free_rx) = crossbeam_channel::unbounded::<AlignedBuf>();
     let stop = AtomicBool::new(false);
@@ -563,10 +597,12 @@ fn read_sequential(
             }
             Ok(bytes_read)
         });
-        let work = rx.into_iter().par_bridge().try_for_each(|rb| {
-            let r = ctx.process(&rb);
-            let _ = free_tx.send(rb.data);
-            r
+        let work = pool.install(|| {
+            rx.into_iter().par_bridge().try_for_each(|rb| {
+                let r = ctx.process(&rb);
+                let _ = free_tx.send(rb.data);
+                r
+            })
         });
         if work.is_err() {
             stop.store(true, Relaxed);
@@ -764,7 +800,7 @@ pub fn backup_changed(
                 sample.push(first);
             }
         }
-        let results: Vec<Result<u64, EngineError>> = io_pool()?.install(|| {
+        let results: Vec<Result<u64, EngineError>> = threads(workers(repo, 2))?.install(|| {
             sample
                 .par_iter()
                 .map(|&i| {
@@ -793,7 +829,7 @@ pub fn backup_changed(
     let touched_ix: Vec<u64> = (0..n).filter(|&i| touched[i as usize]).collect();
     let read = AtomicU64::new(0);
     let (base_chunks, base_zeros) = (AtomicU64::new(0), AtomicU64::new(0));
-    io_pool()?.install(|| {
+    threads(workers(repo, 2))?.install(|| {
         touched_ix
             .par_iter()
             .try_for_each(|&i| -> Result<(), EngineError> {

@@ -23,8 +23,10 @@
 pub mod known;
 mod tls;
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use imgstore_limit::{Limits, Paced, Rate};
 
 use imgstore_format::{Id, ObjectKind, RefCount, RepoConfig, Snapshot};
 use imgstore_protocol as proto;
@@ -50,6 +52,8 @@ pub struct RemoteOptions {
     pub ca_file: Option<std::path::PathBuf>,
     /// How long to keep retrying a failing request.
     pub retry_for: Duration,
+    /// Upload and download rate limits (`--limit-upload`/`--limit-download`).
+    pub limits: Limits,
 }
 
 /// Is `location` a server URL (rather than a local path)?
@@ -111,6 +115,68 @@ pub struct RemoteRepo {
     codec: imgstore_repo::Codec,
     /// The codec of the current backup session's namespace, if it tags.
     ns_codec: std::sync::RwLock<Option<imgstore_repo::Codec>>,
+    /// Calls to keep in flight beyond one per core ([`Repository::in_flight`]).
+    in_flight: usize,
+    /// Region uploads in flight, at most the token's upload share
+    /// ([`proto::Hello::uploads`]): one more would wait at the server's
+    /// gate with its body in the connection's window, where enough of them
+    /// would starve the uploads being read.
+    uploads: Slots,
+}
+
+/// A counting semaphore: at most `max` holders at once.
+struct Slots {
+    held: Mutex<usize>,
+    freed: std::sync::Condvar,
+    max: usize,
+}
+
+impl Slots {
+    fn new(max: usize) -> Slots {
+        Slots {
+            held: Mutex::new(0),
+            freed: std::sync::Condvar::new(),
+            max: max.max(1),
+        }
+    }
+
+    /// Waits for a slot; it is given back when the guard drops.
+    fn take(&self) -> SlotGuard<'_> {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        while *held >= self.max {
+            held = self.freed.wait(held).unwrap_or_else(|p| p.into_inner());
+        }
+        *held += 1;
+        SlotGuard(self)
+    }
+}
+
+struct SlotGuard<'a>(&'a Slots);
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        *self.0.held.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+        self.0.freed.notify_one();
+    }
+}
+
+/// Receive window of one HTTP/2 stream: a region's `chunks/get` answer
+/// (its compressed frames, a few MiB) arrives without waiting for a window
+/// update.
+const STREAM_WINDOW: u32 = 16 << 20;
+/// Receive window of the connection: bytes the server may have in flight
+/// to this client at once. 64 MiB covers 3.4 Gbit/s at 150 ms RTT.
+const CONNECTION_WINDOW: u32 = 64 << 20;
+
+/// Calls to keep in flight beyond one per core for a link of round-trip
+/// time `rtt`: one per 10 ms, at most 32. A backup worker spends about
+/// 50 ms of CPU on a changed 8 MiB region and two round trips
+/// (`chunks/known`, the upload) waiting; a restore worker one round trip.
+/// So at 150 ms RTT, 15 more workers keep two cores busy. Each worker holds
+/// one region (8 MiB) and its frames, which bounds the memory this costs:
+/// about 32 × 16 MiB at most.
+fn in_flight_for(rtt: Duration) -> usize {
+    ((rtt.as_micros() + 5_000) / 10_000).min(32) as usize
 }
 
 /// The connection: where, with which token, in which session.
@@ -121,6 +187,9 @@ pub struct Conn {
     token: String,
     session: Mutex<Option<String>>,
     retry_for: Duration,
+    /// The round-trip time measured at connect.
+    rtt: std::sync::OnceLock<Duration>,
+    limits: Limits,
 }
 
 impl std::ops::Deref for RemoteRepo {
@@ -132,7 +201,8 @@ impl std::ops::Deref for RemoteRepo {
 
 enum Body {
     None,
-    Bytes(Vec<u8>),
+    /// Bytes (cloned per attempt without copying).
+    Bytes(bytes::Bytes),
     Json(serde_json::Value),
 }
 
@@ -155,10 +225,31 @@ impl RemoteRepo {
             url: opts.url.clone(),
             detail,
         })?;
+        // Under a download limit the windows shrink to a quarter second of
+        // the rate: the server cannot run further ahead of the paced reads
+        // than that (and a quarter second still covers the round trip of
+        // any link under 250 ms at the full rate).
+        let (stream_window, connection_window) = match &opts.limits.download {
+            Some(rate) => {
+                let w = (rate.bytes_per_second() / 4).clamp(64 << 10, CONNECTION_WINDOW as u64)
+                    as u32;
+                (w.min(STREAM_WINDOW), w)
+            }
+            None => (STREAM_WINDOW, CONNECTION_WINDOW),
+        };
         let builder = reqwest::blocking::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(600))
             .pool_idle_timeout(Duration::from_secs(60))
+            // HTTP/2 flow control: how much the server may send before this
+            // client has read it. hyper's defaults (2 MiB a stream, 5 MiB a
+            // connection) cap a restore at 5 MiB per round trip (33 MB/s at
+            // 150 ms RTT) and cost a chunks/get answer larger than 2 MiB an
+            // extra round trip. The answers are read as they arrive, so
+            // the windows bound memory only while the reader is slower
+            // than the link.
+            .http2_initial_stream_window_size(stream_window)
+            .http2_initial_connection_window_size(connection_window)
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("imgstore/", env!("CARGO_PKG_VERSION")))
             .use_preconfigured_tls(config);
@@ -173,6 +264,8 @@ impl RemoteRepo {
             token: opts.token.trim().to_string(),
             session: Mutex::new(None),
             retry_for: opts.retry_for,
+            rtt: std::sync::OnceLock::new(),
+            limits: opts.limits.clone(),
         };
         let body = conn.call(reqwest::Method::GET, proto::paths::HELLO, Body::None, false)?;
         let hello: proto::Hello = conn.json(&body)?;
@@ -186,12 +279,22 @@ impl RemoteRepo {
                 ),
             });
         }
+        let rtt = conn.round_trip();
+        let uploads = Slots::new(hello.uploads.unwrap_or(4) as usize);
         Ok(RemoteRepo {
             conn,
             hello,
             codec: imgstore_repo::Codec::Plain,
             ns_codec: Default::default(),
+            in_flight: in_flight_for(rtt),
+            uploads,
         })
+    }
+
+    /// The round-trip time measured at connect (the quicker of two
+    /// `/v1/health` requests on the open connection).
+    pub fn rtt(&self) -> Duration {
+        self.conn.rtt.get().copied().unwrap_or_default()
     }
 
     /// Uses `codec` (the keys of an encrypted repository): the client seals
@@ -256,6 +359,39 @@ impl Conn {
         serde_json::from_slice(body).map_err(|e| self.broken(format!("unexpected answer: {e}")))
     }
 
+    /// A request body, paced by the upload limit when there is one.
+    fn outgoing(&self, bytes: bytes::Bytes) -> reqwest::blocking::Body {
+        match &self.limits.upload {
+            Some(rate) => {
+                let len = bytes.len() as u64;
+                reqwest::blocking::Body::sized(
+                    Paced::new(std::io::Cursor::new(bytes), rate.clone()),
+                    len,
+                )
+            }
+            None => bytes.into(),
+        }
+    }
+
+    /// Measures the round-trip time: the quicker of two `/v1/health`
+    /// requests (no token, no body) on the connection `hello` opened.
+    fn round_trip(&self) -> Duration {
+        let best = (0..2)
+            .filter_map(|_| {
+                let t = Instant::now();
+                let r = self
+                    .client
+                    .get(format!("{}{}", self.base, proto::paths::HEALTH))
+                    .send()
+                    .ok()?;
+                read_bounded(r, None).ok()?;
+                Some(t.elapsed())
+            })
+            .min()
+            .unwrap_or_default();
+        *self.rtt.get_or_init(|| best)
+    }
+
     fn broken(&self, detail: String) -> RepoError {
         RepoError::Remote {
             url: self.location.clone(),
@@ -297,10 +433,10 @@ impl Conn {
                 Body::None => req,
                 Body::Bytes(b) => req
                     .header("content-type", "application/octet-stream")
-                    .body(b.clone()),
+                    .body(self.outgoing(b.clone())),
                 Body::Json(v) => req
                     .header("content-type", "application/json")
-                    .body(serde_json::to_vec(v).expect("json")),
+                    .body(self.outgoing(serde_json::to_vec(v).expect("json").into())),
             };
             // A 503 `busy` comes from the server's gate, before the body is
             // read: nothing was done, so even a commit may be sent again.
@@ -308,7 +444,7 @@ impl Conn {
             let failure = match req.send() {
                 Ok(resp) => {
                     let status = resp.status();
-                    match read_bounded(resp) {
+                    match read_bounded(resp, self.limits.download.as_ref()) {
                         Ok(bytes) if status.is_success() => return Ok(bytes),
                         Ok(bytes) => {
                             let transient = matches!(status.as_u16(), 502..=504 | 429);
@@ -407,7 +543,7 @@ impl Conn {
             let body = self.call(
                 reqwest::Method::POST,
                 path,
-                Body::Bytes(proto::encode_ids(batch)),
+                Body::Bytes(proto::encode_ids(batch).into()),
                 true,
             )?;
             out.extend(decode(&body, batch.len())?);
@@ -467,7 +603,13 @@ impl Conn {
 /// its place) cannot make it allocate more.
 const ANSWER_LIMIT: u64 = limits::FRAMES_REPLY_BYTES as u64 + (1 << 20);
 
-fn read_bounded(resp: reqwest::blocking::Response) -> std::io::Result<Vec<u8>> {
+/// Reads an answer's body, at most [`ANSWER_LIMIT`] bytes, paced by the
+/// download limit when there is one (the server is then held back by the
+/// connection's flow control).
+fn read_bounded(
+    resp: reqwest::blocking::Response,
+    limit: Option<&Arc<Rate>>,
+) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
     if resp.content_length().is_some_and(|n| n > ANSWER_LIMIT) {
         return Err(std::io::Error::other(
@@ -475,7 +617,12 @@ fn read_bounded(resp: reqwest::blocking::Response) -> std::io::Result<Vec<u8>> {
         ));
     }
     let mut out = Vec::new();
-    resp.take(ANSWER_LIMIT + 1).read_to_end(&mut out)?;
+    match limit {
+        Some(rate) => Paced::new(resp, rate.clone())
+            .take(ANSWER_LIMIT + 1)
+            .read_to_end(&mut out)?,
+        None => resp.take(ANSWER_LIMIT + 1).read_to_end(&mut out)?,
+    };
     if out.len() as u64 > ANSWER_LIMIT {
         return Err(std::io::Error::other(
             "the answer passes the protocol's size limit",
@@ -548,6 +695,10 @@ impl Repository for RemoteRepo {
             .collect()
     }
 
+    fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
     fn chunk_frames(&self, ids: &[Id]) -> Result<Vec<ChunkRead>> {
         self.get_many(proto::paths::CHUNKS_GET, ids, 512, |body, n| {
             proto::decode_frames(body, n).map_err(|e| self.malformed(e))
@@ -607,10 +758,11 @@ impl Repository for RemoteRepo {
                 frame,
             }),
         );
+        let _slot = self.uploads.take();
         let reply = self.call(
             reqwest::Method::PUT,
             &proto::paths::region(id),
-            Body::Bytes(body),
+            Body::Bytes(body.into()),
             true,
         )?;
         self.json::<PutOutcome>(&reply)
@@ -618,7 +770,7 @@ impl Repository for RemoteRepo {
 
     fn commit(&self, record: &[u8], pages: &[Vec<u8>], parent: Option<&Id>) -> Result<(Id, u64)> {
         let id = Id::hash(record);
-        let body = proto::encode_commit(record, parent, pages);
+        let body = bytes::Bytes::from(proto::encode_commit(record, parent, pages));
         match self.call(
             reqwest::Method::POST,
             proto::paths::COMMIT,
@@ -668,7 +820,7 @@ impl Repository for RemoteRepo {
             self.call(
                 reqwest::Method::POST,
                 proto::paths::ZERO_CVS,
-                Body::Bytes(proto::encode_put_zero_cvs(region_size, batch)),
+                Body::Bytes(proto::encode_put_zero_cvs(region_size, batch).into()),
                 true,
             )?;
         }
@@ -689,7 +841,7 @@ impl Repository for RemoteRepo {
         let body = self.call(
             reqwest::Method::POST,
             &proto::paths::replace(old),
-            Body::Bytes(new.to_vec()),
+            Body::Bytes(bytes::Bytes::copy_from_slice(new)),
             true,
         )?;
         let c: proto::Committed = self.json(&body)?;
@@ -700,7 +852,7 @@ impl Repository for RemoteRepo {
         let body = self.call(
             reqwest::Method::POST,
             proto::paths::FORGET,
-            Body::Bytes(proto::encode_ids(ids)),
+            Body::Bytes(proto::encode_ids(ids).into()),
             false,
         )?;
         self.json::<ForgetOutcome>(&body)
@@ -887,6 +1039,7 @@ mod tests {
             fingerprint: None,
             ca_file: None,
             retry_for: Duration::ZERO,
+            limits: Limits::default(),
         });
         assert!(matches!(r, Err(RepoError::Unreachable { .. })));
     }

@@ -274,6 +274,17 @@ pub trait Repository: Send + Sync {
         Ok((0..ids.len()).collect())
     }
 
+    /// How many calls the engine should keep in flight beyond one per
+    /// core, so that calls waiting on a network round trip do not leave
+    /// the link idle: 0 (the default) for a repository whose calls cost
+    /// only CPU and local I/O; for a server, sized from the round-trip time
+    /// measured at connect. The engine runs that many more workers in its
+    /// backup and restore pipelines, each holding one region's buffers, so
+    /// it also bounds the memory those pipelines use.
+    fn in_flight(&self) -> usize {
+        0
+    }
+
     /// Reference entries of objects of one kind (None when absent).
     fn ref_counts(&self, kind: ObjectKind, ids: &[Id]) -> Result<Vec<Option<RefCount>>>;
 
