@@ -3,10 +3,13 @@
 # (imgstore-shaper: one-way latency as a timestamped queue, optional
 # throughput cap), on the shared workload.
 #
-#   scripts/bench-wan.sh BIN SHAPER [IMAGE_DIR] [WORK_DIR]
+#   scripts/bench-wan.sh "BIN..." SHAPER [IMAGE_DIR] [WORK_DIR]
 #
-# BIN is the imgstore binary, SHAPER the imgstore-shaper binary
-# (`cargo build --release -p imgstore-shaper`). For each link in LINKS
+# BIN is the imgstore binary, or several (quoted, space-separated: say a
+# before and an after binary), measured one after the other on each link
+# so that a busy machine's noise falls on both; SHAPER is the
+# imgstore-shaper binary (`cargo build --release -p imgstore-shaper`). For
+# each link in LINKS
 # (default "0ms 50ms 150ms 0ms@200mbit 50ms@200mbit 150ms@200mbit": RTT,
 # and a cap on both directions), a fresh repository:
 #   backup  the four generations disk-0 .. disk-3 (seconds, summed),
@@ -23,7 +26,8 @@
 # flight), scripts/wan-requests.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BIN=$(realpath "${1:?BIN}")
+BINS=()
+for b in ${1:?BIN}; do BINS+=("$(realpath "$b")"); done
 SHAPER=$(realpath "${2:?SHAPER}")
 IMG=${3:-/var/tmp/imgstore-bench/images}
 WORK=${4:-/var/tmp/imgstore-bench/wan}
@@ -76,11 +80,13 @@ TOML
     for _ in $(seq 100); do "$GARAGE" -c "$WORK/garage/garage.toml" bucket info bench >/dev/null 2>&1 && break; sleep 0.2; done
 fi
 
-printf 'target\tlink\tbackup_s\tup_bytes\tbackup_floor_s\tbackup/floor\trestore_s\tdown_bytes\trestore_floor_s\trestore/floor\n'
+printf 'binary\ttarget\tlink\tbackup_s\tup_bytes\tbackup_floor_s\tbackup/floor\trestore_s\tdown_bytes\trestore_floor_s\trestore/floor\n'
 for link in $LINKS; do
+  for BIN in "${BINS[@]}"; do
+    name=$(basename "$BIN")
     rtt=${link%%@*}
     rate=; [ "$link" != "$rtt" ] && rate=${link#*@}
-    tag=${link//@/-}
+    tag=$name-${link//@/-}
     R="$WORK/repo"; rm -rf "$R" "$WORK/shaper.tsv" "$WORK/out.img" "$WORK/admin.token"
     shaper_args=(--rtt "$rtt" --stats "$WORK/shaper.tsv")
     [ -n "$rate" ] && shaper_args+=(--rate "$rate")
@@ -123,10 +129,10 @@ for link in $LINKS; do
     if [ -n "$rate" ]; then
         r=$(rate_bytes "$rate")
         fb=$(echo "$up / $r" | bc -l); fr=$(echo "$down / $r" | bc -l)
-        printf '%s\t%s\t%.1f\t%s\t%.1f\t%.2f\t%.1f\t%s\t%.1f\t%.2f\n' "$TARGET" "$link" "$tb" "$up" "$fb" \
+        printf '%s\t%s\t%s\t%.1f\t%s\t%.1f\t%.2f\t%.1f\t%s\t%.1f\t%.2f\n' "$name" "$TARGET" "$link" "$tb" "$up" "$fb" \
             "$(echo "$tb / $fb" | bc -l)" "$tr" "$down" "$fr" "$(echo "$tr / $fr" | bc -l)"
     else
-        printf '%s\t%s\t%.1f\t%s\t-\t-\t%.1f\t%s\t-\t-\n' "$TARGET" "$link" "$tb" "$up" "$tr" "$down"
+        printf '%s\t%s\t%s\t%.1f\t%s\t-\t-\t%.1f\t%s\t-\t-\n' "$name" "$TARGET" "$link" "$tb" "$up" "$tr" "$down"
     fi
     kill "$SH" 2>/dev/null || true
     if [ "$TARGET" = server ]; then
@@ -135,4 +141,5 @@ for link in $LINKS; do
         python3 scripts/wan-requests.py "$WORK/server-$tag.log" > "$WORK/requests-$tag.txt"
     fi
     wait "$SH" 2>/dev/null || true
+  done
 done

@@ -18,12 +18,7 @@ use crate::util::*;
 /// An image of `mib` MiB: incompressible data, zeros, text.
 fn image(mib: usize, seed: u64) -> Vec<u8> {
     let q = (mib << 20) / 4;
-    [
-        seeded(2 * q, seed),
-        vec![0u8; q],
-        texty(q, seed + 1),
-    ]
-    .concat()
+    [seeded(2 * q, seed), vec![0u8; q], texty(q, seed + 1)].concat()
 }
 
 #[test]

@@ -135,6 +135,20 @@ struct Ctx<'a> {
     new_zero_cvs: Mutex<Vec<(u64, [u8; 32])>>,
     /// Which of the parent's regions were taken unchanged, by index.
     reused: Vec<AtomicBool>,
+    /// While uploader threads run ([`with_uploads`]): where the workers
+    /// hand them their regions.
+    uploads: Mutex<Option<crossbeam_channel::Sender<Upload>>>,
+    /// An upload failed: the workers stop, and the backup fails with
+    /// `upload_error`.
+    upload_failed: AtomicBool,
+    upload_error: Mutex<Option<EngineError>>,
+}
+
+/// A region to store: its id, its stored recipe and its new frames.
+struct Upload {
+    rid: Id,
+    stored: Vec<u8>,
+    frames: imgstore_repo::Frames,
 }
 
 impl<'a> Ctx<'a> {
@@ -150,6 +164,9 @@ impl<'a> Ctx<'a> {
             zero_cvs: Vec::new(),
             new_zero_cvs: Mutex::new(Vec::new()),
             reused: Vec::new(),
+            uploads: Mutex::new(None),
+            upload_failed: AtomicBool::new(false),
+            upload_error: Mutex::new(None),
         })
     }
 
@@ -240,6 +257,28 @@ impl<'a> Ctx<'a> {
             return None;
         }
         *self.zero_cvs.get(index as usize)?
+    }
+
+    /// Stores a region: hands it to the uploader threads when they run,
+    /// else stores it here.
+    fn store_region(&self, up: Upload) -> Result<(), EngineError> {
+        if self.upload_failed.load(Relaxed) {
+            return Err(upload_stopped());
+        }
+        let tx = self
+            .uploads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        match tx {
+            Some(tx) => tx.send(up).map_err(|_| upload_stopped()),
+            None => {
+                let out = self.repo.put_region(&up.rid, &up.stored, &up.frames)?;
+                self.counters.new_chunks.fetch_add(out.new_chunks, Relaxed);
+                self.counters.new_bytes.fetch_add(out.new_bytes, Relaxed);
+                Ok(())
+            }
+        }
     }
 
     fn process(&self, rb: &RegionBuf) -> Result<(), EngineError> {
@@ -340,9 +379,11 @@ impl<'a> Ctx<'a> {
                     frames.insert(*id, (frame, bytes.len() as u32));
                 }
             }
-            let out = self.repo.put_region(&rid, &stored, &frames)?;
-            self.counters.new_chunks.fetch_add(out.new_chunks, Relaxed);
-            self.counters.new_bytes.fetch_add(out.new_bytes, Relaxed);
+            self.store_region(Upload {
+                rid,
+                stored,
+                frames,
+            })?;
             rid
         };
         self.done(
@@ -352,6 +393,77 @@ impl<'a> Ctx<'a> {
             RegionHash::from_hasher(rb.index, hasher),
         );
         Ok(())
+    }
+}
+
+/// What a worker returns when an upload failed; [`with_uploads`] reports
+/// the upload's own error instead.
+fn upload_stopped() -> EngineError {
+    EngineError::Invalid {
+        what: "backup",
+        why: "stopped: a region upload failed".into(),
+    }
+}
+
+/// Runs `work` (the workers, which call [`Ctx::process`]) with
+/// `Repository::uploads_in_flight` uploader threads storing the regions it
+/// hands over, through a channel of as many places: the workers chunk and
+/// compress the next regions while the link carries the last ones, and
+/// wait when it is behind. Memory: each uploader and each place holds one
+/// region's frames. Without uploaders (a local store), `work` alone.
+fn with_uploads(
+    ctx: &Ctx<'_>,
+    work: impl FnOnce() -> (Result<(), EngineError>, u64),
+) -> (Result<(), EngineError>, u64) {
+    let n = ctx.repo.uploads_in_flight();
+    if n == 0 {
+        return work();
+    }
+    let (tx, rx) = crossbeam_channel::bounded::<Upload>(n);
+    *ctx.uploads.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+    let (result, read) = std::thread::scope(|s| {
+        for _ in 0..n {
+            let rx = rx.clone();
+            s.spawn(move || {
+                for up in rx {
+                    if ctx.upload_failed.load(Relaxed) {
+                        continue;
+                    }
+                    match ctx.repo.put_region(&up.rid, &up.stored, &up.frames) {
+                        Ok(out) => {
+                            ctx.counters.new_chunks.fetch_add(out.new_chunks, Relaxed);
+                            ctx.counters.new_bytes.fetch_add(out.new_bytes, Relaxed);
+                        }
+                        Err(e) => {
+                            let mut first =
+                                ctx.upload_error.lock().unwrap_or_else(|p| p.into_inner());
+                            if first.is_none() {
+                                *first = Some(e.into());
+                            }
+                            ctx.upload_failed.store(true, Relaxed);
+                        }
+                    }
+                }
+            });
+        }
+        drop(rx);
+        let r = work();
+        if r.0.is_err() {
+            // Nothing queued is needed any more.
+            ctx.upload_failed.store(true, Relaxed);
+        }
+        // Closing the channel lets the uploaders finish what is queued.
+        *ctx.uploads.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        r
+    });
+    match ctx
+        .upload_error
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+    {
+        Some(e) => (Err(e), read),
+        None => (result, read),
     }
 }
 
@@ -369,30 +481,48 @@ pub fn backup(
     let region_size = repo.config().region_size as usize;
     let mut ctx = Ctx::new(repo, progress)?;
     // Damaged objects are rewritten by backing the same data up again, so
-    // while any are marked every region is processed in full.
-    if let Some((pid, parent)) = &opts.parent {
-        if parent.region_size as usize == region_size && repo.damage_pending() == 0 {
-            let p = SnapshotReader::open(repo, pid, parent)?;
-            ctx.reused = (0..p.region_count())
-                .map(|_| AtomicBool::new(false))
-                .collect();
-            ctx.parent = Some(p);
-        }
+    // while any are marked every region is processed in full. Holes of a
+    // file or device take their chaining values from the cache (4 MiB of
+    // them per TiB of image). The parent's index and the cache are asked
+    // for at once: over a link, one round trip instead of two.
+    let holes = match (source.size(), source.kind()) {
+        (Some(size), SourceKind::File | SourceKind::BlockDevice) => Some(size),
+        _ => None,
+    };
+    let (parent, zero_cvs) = std::thread::scope(|s| {
+        let zeros = holes.map(|size| {
+            s.spawn(move || repo.zero_cvs(region_size as u32, size.div_ceil(region_size as u64)))
+        });
+        let parent = match &opts.parent {
+            Some((pid, parent))
+                if parent.region_size as usize == region_size && repo.damage_pending() == 0 =>
+            {
+                Some(SnapshotReader::open(repo, pid, parent))
+            }
+            _ => None,
+        };
+        (
+            parent.transpose(),
+            zeros.map(|h| h.join().expect("zero chaining values thread panicked")),
+        )
+    });
+    if let Some(p) = parent? {
+        ctx.reused = (0..p.region_count())
+            .map(|_| AtomicBool::new(false))
+            .collect();
+        ctx.parent = Some(p);
     }
-    // Holes of a file or device take their chaining values from the cache
-    // (4 MiB of them per TiB of image).
-    if let (Some(size), SourceKind::File | SourceKind::BlockDevice) = (source.size(), source.kind())
-    {
-        ctx.zero_cvs = repo.zero_cvs(region_size as u32, size.div_ceil(region_size as u64))?;
+    if let Some(cvs) = zero_cvs {
+        ctx.zero_cvs = cvs?;
         distrust_unless_sample_holds(&mut ctx.zero_cvs, region_size as u64);
     }
     progress.start(source.size());
     let initial_size = source.size();
 
-    let (work, bytes_read) = match source.positional() {
+    let (work, bytes_read) = with_uploads(&ctx, || match source.positional() {
         Some(pos) => read_parallel(&ctx, &pos, region_size),
         None => read_sequential(&ctx, &mut source, region_size),
-    };
+    });
     work?;
     if let Some(p) = &ctx.parent {
         let (chunks, zeros) = reused_share(p, &ctx.reused)?;
@@ -829,41 +959,47 @@ pub fn backup_changed(
     let touched_ix: Vec<u64> = (0..n).filter(|&i| touched[i as usize]).collect();
     let read = AtomicU64::new(0);
     let (base_chunks, base_zeros) = (AtomicU64::new(0), AtomicU64::new(0));
-    threads(workers(repo, 2))?.install(|| {
-        touched_ix
-            .par_iter()
-            .try_for_each(|&i| -> Result<(), EngineError> {
-                let offset = i * rs;
-                let len = len_of(i, size) as usize;
-                let mut buf = AlignedBuf::default();
-                if i < base_n {
-                    let (c, z) = base_ctx.region_bytes(i as usize, &mut buf)?;
-                    base_chunks.fetch_add(c, Relaxed);
-                    base_zeros.fetch_add(z, Relaxed);
-                }
-                if buf.len() != len {
-                    // The base's last region was shorter, or there was none.
-                    let mut v = buf[..buf.len().min(len)].to_vec();
-                    v.resize(len, 0);
-                    buf = AlignedBuf::from_vec(v);
-                }
-                let start = ranges.partition_point(|r| r.1 <= offset);
-                for &(o, e) in ranges[start..]
-                    .iter()
-                    .take_while(|r| r.0 < offset + len as u64)
-                {
-                    let (a, b) = (o.max(offset), e.min(offset + len as u64));
-                    source.read_at(&mut buf[(a - offset) as usize..(b - offset) as usize], a)?;
-                    read.fetch_add(b - a, Relaxed);
-                }
-                ctx.process(&RegionBuf {
-                    index: i,
-                    offset,
-                    data: buf,
-                    all_hole: false,
+    let pool = threads(workers(repo, 2))?;
+    let (work, _) = with_uploads(&ctx, || {
+        let r = pool.install(|| {
+            touched_ix
+                .par_iter()
+                .try_for_each(|&i| -> Result<(), EngineError> {
+                    let offset = i * rs;
+                    let len = len_of(i, size) as usize;
+                    let mut buf = AlignedBuf::default();
+                    if i < base_n {
+                        let (c, z) = base_ctx.region_bytes(i as usize, &mut buf)?;
+                        base_chunks.fetch_add(c, Relaxed);
+                        base_zeros.fetch_add(z, Relaxed);
+                    }
+                    if buf.len() != len {
+                        // The base's last region was shorter, or there was none.
+                        let mut v = buf[..buf.len().min(len)].to_vec();
+                        v.resize(len, 0);
+                        buf = AlignedBuf::from_vec(v);
+                    }
+                    let start = ranges.partition_point(|r| r.1 <= offset);
+                    for &(o, e) in ranges[start..]
+                        .iter()
+                        .take_while(|r| r.0 < offset + len as u64)
+                    {
+                        let (a, b) = (o.max(offset), e.min(offset + len as u64));
+                        source
+                            .read_at(&mut buf[(a - offset) as usize..(b - offset) as usize], a)?;
+                        read.fetch_add(b - a, Relaxed);
+                    }
+                    ctx.process(&RegionBuf {
+                        index: i,
+                        offset,
+                        data: buf,
+                        all_hole: false,
+                    })
                 })
-            })
-    })?;
+        });
+        (r, 0)
+    });
+    work?;
     bytes_read += read.into_inner();
     let mut results = ctx.results.into_inner().unwrap_or_else(|p| p.into_inner());
     let mut bytes_reused = 0;

@@ -334,7 +334,14 @@ pub fn restore(
                             .zip(entries)
                             .map(|(i, e)| {
                                 let r = REGION_BUF.with(|b| {
-                                    restore_region(&reader, i, Some(e), &mut b.borrow_mut(), out, false)
+                                    restore_region(
+                                        &reader,
+                                        i,
+                                        Some(e),
+                                        &mut b.borrow_mut(),
+                                        out,
+                                        false,
+                                    )
                                 })?;
                                 progress.advance(reader.region_len(i));
                                 Ok(r)
@@ -427,7 +434,9 @@ pub fn restore(
                         .par_iter_mut()
                         .zip(entries)
                         .enumerate()
-                        .map(|(k, (b, e))| restore_region(&reader, start + k, Some(e), b, None, true))
+                        .map(|(k, (b, e))| {
+                            restore_region(&reader, start + k, Some(e), b, None, true)
+                        })
                         .collect::<Result<_, EngineError>>()
                 })?;
                 for (b, p) in bufs.iter().zip(parts) {

@@ -234,10 +234,7 @@ impl<'a> SnapshotReader<'a> {
         let mut start = 0;
         while start < indices.len() {
             let mut end = start + 1;
-            while end < indices.len()
-                && indices[end] == indices[end - 1] + 1
-                && end - start < 256
-            {
+            while end < indices.len() && indices[end] == indices[end - 1] + 1 && end - start < 256 {
                 end += 1;
             }
             let (a, b) = (indices[start], indices[end - 1] + 1);

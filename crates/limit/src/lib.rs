@@ -144,7 +144,11 @@ mod tests {
             .unwrap();
         assert!(out == data);
         // 100,000 bytes at 204,800 B/s: the last piece starts after ~0.45 s.
-        assert!(t.elapsed() >= Duration::from_millis(400), "{:?}", t.elapsed());
+        assert!(
+            t.elapsed() >= Duration::from_millis(400),
+            "{:?}",
+            t.elapsed()
+        );
         assert_eq!(rate.piece(), 4096);
     }
 

@@ -115,12 +115,12 @@ pub struct RemoteRepo {
     codec: imgstore_repo::Codec,
     /// The codec of the current backup session's namespace, if it tags.
     ns_codec: std::sync::RwLock<Option<imgstore_repo::Codec>>,
-    /// Calls to keep in flight beyond one per core ([`Repository::in_flight`]).
-    in_flight: usize,
-    /// Region uploads in flight, at most the token's upload share
-    /// ([`proto::Hello::uploads`]): one more would wait at the server's
-    /// gate with its body in the connection's window, where enough of them
-    /// would starve the uploads being read.
+    /// Region uploads in flight: at most twice the token's upload share
+    /// ([`proto::Hello::uploads`]), so that while the server reads one
+    /// share the next is on its way. The others wait at the server's gate
+    /// with their bodies in the connection's window; the server's stream
+    /// window (an eighth of its connection window) keeps them from filling
+    /// it and starving the uploads being read.
     uploads: Slots,
 }
 
@@ -170,11 +170,12 @@ const CONNECTION_WINDOW: u32 = 64 << 20;
 
 /// Calls to keep in flight beyond one per core for a link of round-trip
 /// time `rtt`: one per 10 ms, at most 32. A backup worker spends about
-/// 50 ms of CPU on a changed 8 MiB region and two round trips
-/// (`chunks/known`, the upload) waiting; a restore worker one round trip.
-/// So at 150 ms RTT, 15 more workers keep two cores busy. Each worker holds
-/// one region (8 MiB) and its frames, which bounds the memory this costs:
-/// about 32 × 16 MiB at most.
+/// 50 ms of CPU on a changed 8 MiB region and one round trip
+/// (`chunks/known`) waiting, its upload going on behind it
+/// ([`Repository::uploads_in_flight`]); a restore worker one round trip
+/// (`chunks/get`). So at 150 ms RTT, 15 more workers keep two cores busy.
+/// Each worker holds one region (8 MiB) and its frames, which bounds the
+/// memory this costs: about 32 × 16 MiB at most.
 fn in_flight_for(rtt: Duration) -> usize {
     ((rtt.as_micros() + 5_000) / 10_000).min(32) as usize
 }
@@ -187,8 +188,8 @@ pub struct Conn {
     token: String,
     session: Mutex<Option<String>>,
     retry_for: Duration,
-    /// The round-trip time measured at connect.
-    rtt: std::sync::OnceLock<Duration>,
+    /// The quickest small request seen: the link's round-trip time.
+    rtt: Mutex<Option<Duration>>,
     limits: Limits,
 }
 
@@ -231,8 +232,8 @@ impl RemoteRepo {
         // any link under 250 ms at the full rate).
         let (stream_window, connection_window) = match &opts.limits.download {
             Some(rate) => {
-                let w = (rate.bytes_per_second() / 4).clamp(64 << 10, CONNECTION_WINDOW as u64)
-                    as u32;
+                let w =
+                    (rate.bytes_per_second() / 4).clamp(64 << 10, CONNECTION_WINDOW as u64) as u32;
                 (w.min(STREAM_WINDOW), w)
             }
             None => (STREAM_WINDOW, CONNECTION_WINDOW),
@@ -264,7 +265,7 @@ impl RemoteRepo {
             token: opts.token.trim().to_string(),
             session: Mutex::new(None),
             retry_for: opts.retry_for,
-            rtt: std::sync::OnceLock::new(),
+            rtt: Mutex::new(None),
             limits: opts.limits.clone(),
         };
         let body = conn.call(reqwest::Method::GET, proto::paths::HELLO, Body::None, false)?;
@@ -279,22 +280,26 @@ impl RemoteRepo {
                 ),
             });
         }
-        let rtt = conn.round_trip();
-        let uploads = Slots::new(hello.uploads.unwrap_or(4) as usize);
+        let uploads = Slots::new(2 * hello.uploads.unwrap_or(4) as usize);
         Ok(RemoteRepo {
             conn,
             hello,
             codec: imgstore_repo::Codec::Plain,
             ns_codec: Default::default(),
-            in_flight: in_flight_for(rtt),
             uploads,
         })
     }
 
-    /// The round-trip time measured at connect (the quicker of two
-    /// `/v1/health` requests on the open connection).
+    /// The round-trip time: the quickest small request seen (listing the
+    /// snapshots, which every command that backs up or reads does first),
+    /// or one `/v1/health` request when there was none yet.
     pub fn rtt(&self) -> Duration {
-        self.conn.rtt.get().copied().unwrap_or_default()
+        let seen = *self.conn.rtt.lock().unwrap_or_else(|p| p.into_inner());
+        seen.unwrap_or_else(|| {
+            let t = Instant::now();
+            self.conn.timed(|| self.conn.ping());
+            t.elapsed()
+        })
     }
 
     /// Uses `codec` (the keys of an encrypted repository): the client seals
@@ -373,23 +378,28 @@ impl Conn {
         }
     }
 
-    /// Measures the round-trip time: the quicker of two `/v1/health`
-    /// requests (no token, no body) on the connection `hello` opened.
-    fn round_trip(&self) -> Duration {
-        let best = (0..2)
-            .filter_map(|_| {
-                let t = Instant::now();
-                let r = self
-                    .client
-                    .get(format!("{}{}", self.base, proto::paths::HEALTH))
-                    .send()
-                    .ok()?;
-                read_bounded(r, None).ok()?;
-                Some(t.elapsed())
-            })
-            .min()
-            .unwrap_or_default();
-        *self.rtt.get_or_init(|| best)
+    /// Runs `f`, a small request, and keeps its time as the round-trip
+    /// time when it is the quickest yet.
+    fn timed<T>(&self, f: impl FnOnce() -> T) -> T {
+        let t = Instant::now();
+        let out = f();
+        let took = t.elapsed();
+        let mut rtt = self.rtt.lock().unwrap_or_else(|p| p.into_inner());
+        if rtt.is_none_or(|r| took < r) {
+            *rtt = Some(took);
+        }
+        out
+    }
+
+    /// `GET /v1/health` (no token, no body), its answer ignored.
+    fn ping(&self) {
+        if let Ok(r) = self
+            .client
+            .get(format!("{}{}", self.base, proto::paths::HEALTH))
+            .send()
+        {
+            let _ = read_bounded(r, None);
+        }
     }
 
     fn broken(&self, detail: String) -> RepoError {
@@ -589,12 +599,14 @@ impl Conn {
     }
 
     fn snapshot_list(&self) -> Result<Vec<(Id, Vec<u8>)>> {
-        let body = self.call(
-            reqwest::Method::GET,
-            proto::paths::SNAPSHOTS,
-            Body::None,
-            true,
-        )?;
+        let body = self.timed(|| {
+            self.call(
+                reqwest::Method::GET,
+                proto::paths::SNAPSHOTS,
+                Body::None,
+                true,
+            )
+        })?;
         proto::decode_snapshots(&body).map_err(|e| self.malformed(e))
     }
 }
@@ -696,7 +708,21 @@ impl Repository for RemoteRepo {
     }
 
     fn in_flight(&self) -> usize {
-        self.in_flight
+        in_flight_for(self.rtt())
+    }
+
+    fn uploads_in_flight(&self) -> usize {
+        self.uploads.max
+    }
+
+    // The witnesses and the records at once: one round trip, not two.
+    fn list_snapshots(&self) -> Result<imgstore_repo::SnapshotList> {
+        let (witnesses, records) = std::thread::scope(|s| {
+            let w = s.spawn(|| self.witnesses());
+            let r = self.snapshot_records();
+            (w.join().expect("witnesses thread panicked"), r)
+        });
+        imgstore_repo::snapshot_list(&self.codec, &witnesses?, records?)
     }
 
     fn chunk_frames(&self, ids: &[Id]) -> Result<Vec<ChunkRead>> {

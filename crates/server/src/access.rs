@@ -40,7 +40,10 @@ pub struct ServerConfig {
     /// HTTP/2 receive window of a connection, in MiB (default 32): how
     /// much a client may send before the server has read it, so a
     /// connection uploads at most this much per round trip (32 MiB at
-    /// 150 ms RTT: 1.7 Gbit/s). One stream may use a quarter of it. Data
+    /// 150 ms RTT: 1.7 Gbit/s). One stream may use an eighth of it, so
+    /// uploads waiting at the gate for a slot (a client keeps at most
+    /// twice its share in flight) cannot fill it and starve those being
+    /// read. Data
     /// received and not yet read is held in memory: at most this much per
     /// connection.
     pub http2_window_mib: Option<usize>,

@@ -171,7 +171,7 @@ impl Limits {
             connections: c.max_connections.unwrap_or(512).max(1),
             connections_per_ip: c.max_connections_per_ip.unwrap_or(128).max(1),
             h2_connection_window: window << 20,
-            h2_stream_window: (window << 20) / 4,
+            h2_stream_window: (window << 20) / 8,
         })
     }
 }
@@ -371,10 +371,8 @@ pub async fn serve(
         let acceptor = acceptor.clone();
         let router = router.clone();
         let idle = app.limits.idle_connection;
-        let (conn_window, stream_window) = (
-            app.limits.h2_connection_window,
-            app.limits.h2_stream_window,
-        );
+        let (conn_window, stream_window) =
+            (app.limits.h2_connection_window, app.limits.h2_stream_window);
         tokio::spawn(async move {
             let _permit = permit;
             let _ip_slot = ip_slot;
