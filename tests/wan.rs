@@ -138,3 +138,71 @@ fn a_rate_without_a_unit_or_below_the_minimum_is_refused() {
         admin.fails(&a, 2, needle);
     }
 }
+
+/// A bucket-backed repository whose bucket (Garage) is behind a 30 ms RTT
+/// link: a backup and a restore with the pack cache off (every read goes
+/// to the bucket) are exact, and `--limit-upload` holds at the link there
+/// too (the paced transport: a pack PUT is handed over a piece at a time).
+#[test]
+fn a_bucket_behind_a_slow_link_is_exact_and_its_upload_limit_holds() {
+    use crate::bucket::{garage, ok, BUCKET};
+    let env = Env::new();
+    let node = garage(&env);
+    let link = Shaper::start(("127.0.0.1", node.s3), Link::rtt(Duration::from_millis(30))).unwrap();
+    let ep = format!("http://{}", link.addr());
+    let repo = env.repo();
+    let url = format!("s3://{BUCKET}/wan");
+    ok(
+        &env,
+        &repo,
+        &ep,
+        &[
+            "init",
+            "--storage",
+            &url,
+            "--pack-size",
+            "2M",
+            "--cache-size",
+            "0",
+        ],
+    );
+    let img = env.path("bucket-wan.img");
+    let data = image(12, 81);
+    fs::write(&img, &data).unwrap();
+    let rate: u64 = 3 << 20;
+    let before = link.elapsed();
+    ok(
+        &env,
+        &repo,
+        &ep,
+        &[
+            "--limit-upload",
+            "3M",
+            "backup",
+            img.to_str().unwrap(),
+            "--name",
+            "bw",
+            "-q",
+        ],
+    );
+    let up = link.traffic(Dir::Up).since(before);
+    assert!(up.total() > 6 << 20, "{} bytes up", up.total());
+    let peak = up.peak(Duration::from_secs(1));
+    assert!(
+        peak <= rate + rate / 10,
+        "{peak} bytes reached the bucket in one second under --limit-upload 3M ({rate} B/s)"
+    );
+    let out = env.path("bucket-out.img");
+    let down_before = link.bytes(Dir::Down);
+    ok(
+        &env,
+        &repo,
+        &ep,
+        &["restore", "latest", "--name", "bw", out.to_str().unwrap()],
+    );
+    assert_same(&out, &img);
+    assert!(
+        link.bytes(Dir::Down) - down_before > 6 << 20,
+        "the restore read the bucket through the link"
+    );
+}

@@ -75,6 +75,7 @@ pub(crate) fn init(cli: &Cli) -> anyhow::Result<()> {
         rate(&cli.limit_upload, "--limit-upload")?,
         rate(&cli.limit_download, "--limit-download")?,
     );
+    imgstore_bucket::set_limits(limits.clone());
     let _ = SETTINGS.set(Settings {
         quiet: cli.quiet,
         verbose: cli.verbose,
