@@ -524,11 +524,6 @@ pub fn backup(
         None => read_sequential(&ctx, &mut source, region_size),
     });
     work?;
-    if let Some(p) = &ctx.parent {
-        let (chunks, zeros) = reused_share(p, &ctx.reused)?;
-        ctx.counters.chunks.fetch_add(chunks, Relaxed);
-        ctx.counters.zero_bytes.fetch_add(zeros, Relaxed);
-    }
     let size = ctx.counters.image_bytes.load(Relaxed);
     if let Some(before) = initial_size {
         let now = source.current_size().unwrap_or(before);
@@ -565,7 +560,12 @@ pub fn backup(
     };
     let bytes_reused = ctx.counters.reused_bytes.load(Relaxed);
     let zero_bytes_cached = ctx.counters.zero_cached_bytes.load(Relaxed);
-    let (id, snapshot) = commit_snapshot(repo, results, None, stats, meta)?;
+    // The chunks and zeros of the regions taken from the parent are
+    // counted while the new pages are looked up: one round trip, not two.
+    let parent = ctx.parent.as_ref();
+    let reused = &ctx.reused;
+    let share = parent.map(|p| move || reused_share(p, reused));
+    let (id, snapshot) = commit_snapshot(repo, results, None, stats, meta, share)?;
     progress.finish();
     Ok(BackupReport {
         id,
@@ -759,13 +759,20 @@ pub(crate) struct Meta<'a> {
 
 /// Builds the index pages from per-region results (any order), computes the
 /// image digest (unless given), and commits the snapshot.
-pub(crate) fn commit_snapshot(
+///
+/// `more`, when given, counts (data chunks, zero bytes) the results do not
+/// (regions taken from a parent); it runs while the pages are looked up.
+pub(crate) fn commit_snapshot<F>(
     repo: &dyn Repository,
     mut results: Vec<(u64, Id, RegionHash)>,
     digest: Option<[u8; 32]>,
     mut stats: SnapshotStats,
     meta: Meta<'_>,
-) -> Result<(Id, Snapshot), EngineError> {
+    more: Option<F>,
+) -> Result<(Id, Snapshot), EngineError>
+where
+    F: FnOnce() -> Result<(u64, u64), EngineError> + Send,
+{
     results.sort_by_key(|r| r.0);
     debug_assert!(results.iter().enumerate().all(|(i, r)| r.0 == i as u64));
     let region_size = meta.region_size;
@@ -799,7 +806,20 @@ pub(crate) fn commit_snapshot(
         .unzip();
     let mut page_bytes = 0u64;
     let mut seen = std::collections::HashSet::new();
-    let known = repo.ref_counts(ObjectKind::Page, &page_ids)?;
+    let (known, more) = std::thread::scope(|s| {
+        let more = more.map(|f| s.spawn(f));
+        let known = repo.ref_counts(ObjectKind::Page, &page_ids);
+        (
+            known,
+            more.map(|h| h.join().expect("counting thread panicked")),
+        )
+    });
+    if let Some(m) = more {
+        let (chunks, zeros) = m?;
+        stats.chunks += chunks;
+        stats.zero_bytes += zeros;
+    }
+    let known = known?;
     for ((pid, p), known) in page_ids.iter().zip(&stored_pages).zip(known) {
         if seen.insert(*pid) && known.is_none() {
             page_bytes += p.len() as u64;
@@ -1026,7 +1046,8 @@ pub fn backup_changed(
         started,
         parent: Some(changed.base_id),
     };
-    let (id, snapshot) = commit_snapshot(repo, results, digest, stats, meta)?;
+    let none: Option<fn() -> Result<(u64, u64), EngineError>> = None;
+    let (id, snapshot) = commit_snapshot(repo, results, digest, stats, meta, none)?;
     progress.finish();
     Ok(BackupReport {
         id,

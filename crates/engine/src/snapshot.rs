@@ -227,26 +227,38 @@ impl<'a> SnapshotReader<'a> {
     }
 
     /// Data chunks (with repeats) and zero bytes of the regions `indices`,
-    /// their recipes read in batched calls.
+    /// their recipes read in batched calls (a few thousand at a time, so
+    /// memory stays small whatever the image).
     pub(crate) fn tally(&self, indices: &[usize]) -> Result<(u64, u64), EngineError> {
         let (mut chunks, mut zeros) = (0u64, 0u64);
-        // Runs of neighbouring indices, at most 256 regions a call.
-        let mut start = 0;
-        while start < indices.len() {
-            let mut end = start + 1;
-            while end < indices.len() && indices[end] == indices[end - 1] + 1 && end - start < 256 {
-                end += 1;
+        for batch in indices.chunks(4096) {
+            let mut ids: Vec<Id> = Vec::with_capacity(batch.len());
+            for &i in batch {
+                match self.region_ids[i] {
+                    rid if rid == Id::ZERO => zeros += self.region_len(i),
+                    rid => ids.push(rid),
+                }
             }
-            let (a, b) = (indices[start], indices[end - 1] + 1);
-            for entries in self.entries_of(a..b)? {
-                for e in entries {
+            let mut unique = ids.clone();
+            unique.sort();
+            unique.dedup();
+            let regions = self.repo.regions(&unique).map_err(|e| {
+                let first = batch.first().copied().unwrap_or(0);
+                EngineError::RecipeDamaged {
+                    snapshot: self.label.clone(),
+                    offset: first as u64 * self.region_size(),
+                    source: Box::new(e),
+                }
+            })?;
+            for rid in ids {
+                let region = &regions[unique.binary_search(&rid).expect("fetched")];
+                for e in &region.entries {
                     match e.chunk {
                         Some(_) => chunks += 1,
                         None => zeros += e.len as u64,
                     }
                 }
             }
-            start = end;
         }
         Ok((chunks, zeros))
     }

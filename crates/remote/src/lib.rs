@@ -185,6 +185,11 @@ pub struct Conn {
     location: String,
     base: String,
     client: reqwest::blocking::Client,
+    /// Region uploads and commits go on a connection of their own: uploads
+    /// waiting at the server's gate hold data in their connection's
+    /// window, which must not stall the small calls (`chunks/known`) the
+    /// workers wait on.
+    upload_client: reqwest::blocking::Client,
     token: String,
     session: Mutex<Option<String>>,
     retry_for: Duration,
@@ -238,30 +243,35 @@ impl RemoteRepo {
             }
             None => (STREAM_WINDOW, CONNECTION_WINDOW),
         };
-        let builder = reqwest::blocking::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .timeout(Duration::from_secs(600))
-            .pool_idle_timeout(Duration::from_secs(60))
-            // HTTP/2 flow control: how much the server may send before this
-            // client has read it. hyper's defaults (2 MiB a stream, 5 MiB a
-            // connection) cap a restore at 5 MiB per round trip (33 MB/s at
-            // 150 ms RTT) and cost a chunks/get answer larger than 2 MiB an
-            // extra round trip. The answers are read as they arrive, so
-            // the windows bound memory only while the reader is slower
-            // than the link.
-            .http2_initial_stream_window_size(stream_window)
-            .http2_initial_connection_window_size(connection_window)
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("imgstore/", env!("CARGO_PKG_VERSION")))
-            .use_preconfigured_tls(config);
-        let client = builder.build().map_err(|e| RepoError::Unreachable {
-            url: opts.url.clone(),
-            detail: e.to_string(),
-        })?;
+        let builder = || {
+            reqwest::blocking::Client::builder()
+                .connect_timeout(Duration::from_secs(10))
+                .timeout(Duration::from_secs(600))
+                .pool_idle_timeout(Duration::from_secs(60))
+                // HTTP/2 flow control: how much the server may send before this
+                // client has read it. hyper's defaults (2 MiB a stream, 5 MiB a
+                // connection) cap a restore at 5 MiB per round trip (33 MB/s at
+                // 150 ms RTT) and cost a chunks/get answer larger than 2 MiB an
+                // extra round trip. The answers are read as they arrive, so
+                // the windows bound memory only while the reader is slower
+                // than the link.
+                .http2_initial_stream_window_size(stream_window)
+                .http2_initial_connection_window_size(connection_window)
+                .redirect(reqwest::redirect::Policy::none())
+                .user_agent(concat!("imgstore/", env!("CARGO_PKG_VERSION")))
+                .use_preconfigured_tls(config.clone())
+        };
+        let build = || {
+            builder().build().map_err(|e| RepoError::Unreachable {
+                url: opts.url.clone(),
+                detail: e.to_string(),
+            })
+        };
         let conn = Conn {
             location: opts.url.clone(),
             base,
-            client,
+            client: build()?,
+            upload_client: build()?,
             token: opts.token.trim().to_string(),
             session: Mutex::new(None),
             retry_for: opts.retry_for,
@@ -422,13 +432,35 @@ impl Conn {
         body: Body,
         idempotent: bool,
     ) -> Result<Vec<u8>> {
+        self.call_on(&self.client, method, path, body, idempotent)
+    }
+
+    /// [`Conn::call`] on the upload connection.
+    fn upload(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Body,
+        idempotent: bool,
+    ) -> Result<Vec<u8>> {
+        self.call_on(&self.upload_client, method, path, body, idempotent)
+    }
+
+    /// [`Conn::call`] on `client`'s connection.
+    fn call_on(
+        &self,
+        client: &reqwest::blocking::Client,
+        method: reqwest::Method,
+        path: &str,
+        body: Body,
+        idempotent: bool,
+    ) -> Result<Vec<u8>> {
         let started = Instant::now();
         let mut delay = Duration::from_millis(100);
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            let mut req = self
-                .client
+            let mut req = client
                 .request(method.clone(), format!("{}{path}", self.base))
                 .bearer_auth(&self.token);
             if let Some(s) = self
@@ -785,7 +817,7 @@ impl Repository for RemoteRepo {
             }),
         );
         let _slot = self.uploads.take();
-        let reply = self.call(
+        let reply = self.upload(
             reqwest::Method::PUT,
             &proto::paths::region(id),
             Body::Bytes(body.into()),
@@ -797,7 +829,7 @@ impl Repository for RemoteRepo {
     fn commit(&self, record: &[u8], pages: &[Vec<u8>], parent: Option<&Id>) -> Result<(Id, u64)> {
         let id = Id::hash(record);
         let body = bytes::Bytes::from(proto::encode_commit(record, parent, pages));
-        match self.call(
+        match self.upload(
             reqwest::Method::POST,
             proto::paths::COMMIT,
             Body::Bytes(body.clone()),
@@ -810,7 +842,7 @@ impl Repository for RemoteRepo {
             Err(RepoError::Unreachable { .. }) => {
                 // The answer was lost: did the commit land? (The server
                 // treats a repeated commit as a no-op, so retrying is safe.)
-                let reply = self.call(
+                let reply = self.upload(
                     reqwest::Method::POST,
                     proto::paths::COMMIT,
                     Body::Bytes(body),
