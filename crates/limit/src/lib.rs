@@ -9,21 +9,26 @@
 //! limit however many are in flight. Pieces are at most [`Rate::piece`]
 //! bytes (1/50 s of the rate, 1 KiB to 64 KiB), so over any one-second
 //! window the traffic passes the rate by at most one piece per stream in
-//! flight — and an idle link gives no credit: a burst after a pause is
-//! paced like any other traffic.
+//! flight and 20 ms of credit (a sender woken late catches up on that
+//! much, no more) — so a burst after a pause is paced like any other
+//! traffic.
 //!
 //! Where the pacing applies is up to the client: an upload's body is
 //! handed to the connection no faster than its `Rate` allows, and an
 //! answer's body is read no faster than the download `Rate`, so the
 //! sender is held back by the transport's flow control.
 //!
-//! No crate: a token bucket with a burst (governor, leaky-bucket) lets a
-//! pause build credit, which breaks the "any one-second window" bound this
-//! is tested against; the virtual clock is a dozen lines.
+//! No crate: the rate limiters on crates.io (governor, leaky-bucket) count
+//! cells or tokens, not a blocking reader's bytes, and their bursts are
+//! sized in those; the virtual clock with a fixed 20 ms credit is a dozen
+//! lines.
 
 use std::io::Read;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// How much of an idle link a late sender may catch up on.
+const CREDIT: Duration = Duration::from_millis(20);
 
 /// A rate limit on one direction of traffic: bytes per second.
 #[derive(Debug)]
@@ -58,7 +63,11 @@ impl Rate {
     pub fn reserve(&self, n: usize) -> Duration {
         let now = Instant::now();
         let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
-        let start = (*free).max(now);
+        // A sender that is late (scheduled late on a busy machine, or
+        // between requests) catches up on at most CREDIT of the link, so
+        // late wake-ups do not leave the rate unused, and a pause does not
+        // build up a burst.
+        let start = (*free).max(now.checked_sub(CREDIT).unwrap_or(now));
         *free = start + Duration::from_secs_f64(n as f64 / self.bytes_per_second as f64);
         start - now
     }
