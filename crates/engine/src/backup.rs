@@ -745,6 +745,9 @@ fn read_sequential(
     }
 }
 
+/// A counting step of [`commit_snapshot`]: (data chunks, zero bytes).
+type Counted = fn() -> Result<(u64, u64), EngineError>;
+
 /// What a snapshot records besides its regions.
 pub(crate) struct Meta<'a> {
     pub time_ns: i64,
@@ -1046,8 +1049,7 @@ pub fn backup_changed(
         started,
         parent: Some(changed.base_id),
     };
-    let none: Option<fn() -> Result<(u64, u64), EngineError>> = None;
-    let (id, snapshot) = commit_snapshot(repo, results, digest, stats, meta, none)?;
+    let (id, snapshot) = commit_snapshot(repo, results, digest, stats, meta, None::<Counted>)?;
     progress.finish();
     Ok(BackupReport {
         id,

@@ -355,7 +355,8 @@ impl Store {
     }
 
     /// Stored frames of several chunks, in order, each with its own
-    /// outcome (see [`Index::read_through_views`]).
+    /// outcome: through the view this store opened, then, for frames whose
+    /// file or pack a writer deleted since, through newer views.
     pub fn chunk_frames(&self, ids: &[Id]) -> Result<Vec<imgstore_repo::ChunkRead>> {
         self.ix
             .read_through_views(ids, |db, ids| self.frames.read(&self.ix, db, ids))
