@@ -109,9 +109,9 @@ pub struct Cli {
 
     /// For a server or bucket-backed repository: most bytes per second
     /// sent to it (request bodies: chunk uploads, commits, bucket PUTs), to
-    /// leave room on the link. RATE is a size per second — 50M is 50 MiB/s
-    /// (K, M, G: powers of 1024, "/s" optional) — or bits per second —
-    /// 200Mbit, 1Gbit, 800kbit (powers of 1000).
+    /// leave room on the link. RATE is a size per second (50M is 50 MiB/s;
+    /// K, M, G: powers of 1024; "/s" optional) or bits per second (200Mbit,
+    /// 1Gbit, 800kbit: powers of 1000).
     #[arg(
         long,
         global = true,
