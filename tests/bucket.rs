@@ -53,7 +53,7 @@ fn free_port() -> u16 {
 pub(crate) struct Node {
     child: Option<Child>,
     config: PathBuf,
-    s3: u16,
+    pub(crate) s3: u16,
     rpc: u16,
     log: PathBuf,
 }

@@ -116,7 +116,7 @@ enum Backend {
     /// A server on the subject's directory, and an admin's connection.
     Remote {
         served: Served,
-        repo: Option<RemoteRepo>,
+        repo: Option<Box<RemoteRepo>>,
     },
 }
 
@@ -207,6 +207,7 @@ fn connect(env: &Env, served: &Served, token: &str, sealed: bool) -> RemoteRepo 
         fingerprint: Some(served.fp.clone()),
         ca_file: None,
         retry_for: Duration::from_secs(10),
+        limits: Default::default(),
     })
     .unwrap()
     .with_codec(codec(sealed))
@@ -250,7 +251,7 @@ impl Subject {
                 let repo = connect(&env, &served, "admin", sealed);
                 Backend::Remote {
                     served,
-                    repo: Some(repo),
+                    repo: Some(Box::new(repo)),
                 }
             }
         };
@@ -274,13 +275,13 @@ impl Subject {
         match &self.backend {
             Backend::Memory(m) => m,
             Backend::Store(s) => s.as_ref().expect("open"),
-            Backend::Remote { repo, .. } => repo.as_ref().expect("connected"),
+            Backend::Remote { repo, .. } => repo.as_deref().expect("connected"),
         }
     }
 
     fn remote(&self) -> Option<&RemoteRepo> {
         match &self.backend {
-            Backend::Remote { repo, .. } => repo.as_ref(),
+            Backend::Remote { repo, .. } => repo.as_deref(),
             _ => None,
         }
     }
@@ -332,7 +333,7 @@ impl Subject {
                 drop(repo.take());
                 served.kill9();
                 *served = Served::start(&self.env, "127.0.0.1:0");
-                *repo = Some(connect(&self.env, served, "admin", sealed));
+                *repo = Some(Box::new(connect(&self.env, served, "admin", sealed)));
             }
         }
     }

@@ -29,3 +29,4 @@ mod serve;
 mod server;
 mod snapshots;
 mod vm;
+mod wan;

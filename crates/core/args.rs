@@ -108,6 +108,30 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "DURATION", default_value = "2m")]
     pub retry_for: String,
 
+    /// For a server or bucket-backed repository: most bytes per second
+    /// sent to it (request bodies: chunk uploads, commits, bucket PUTs), to
+    /// leave room on the link. RATE is a size per second (50M is 50 MiB/s;
+    /// K, M, G: powers of 1024; "/s" optional) or bits per second (200Mbit,
+    /// 1Gbit, 800kbit: powers of 1000).
+    #[arg(
+        long,
+        global = true,
+        env = "IMGSTORE_LIMIT_UPLOAD",
+        value_name = "RATE"
+    )]
+    pub limit_upload: Option<String>,
+
+    /// For a server or bucket-backed repository: most bytes per second
+    /// received from it (answer bodies: restores, checks, bucket GETs);
+    /// RATE as for --limit-upload.
+    #[arg(
+        long,
+        global = true,
+        env = "IMGSTORE_LIMIT_DOWNLOAD",
+        value_name = "RATE"
+    )]
+    pub limit_download: Option<String>,
+
     /// For a server repository: accept the repository the server now
     /// answers with although it contradicts what this client recorded for
     /// the URL (another repository id, or plain where it was encrypted), and

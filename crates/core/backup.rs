@@ -134,11 +134,19 @@ pub fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> 
     };
     imgstore_engine::check_name(&name)
         .context("the image name defaults to the source's file name: pass --name NAME")?;
-    store.begin_backup(&name)?;
-    // Listed once, within the backup's server session: an unreadable
-    // record is never a parent or a base, and is warned about once they
-    // are chosen.
-    let listed = store.list_snapshots()?;
+    // Listed once, as the backup's server session opens (both at once:
+    // one round trip over a slow link, not two; the parent's pages are
+    // read within the session): an unreadable record is never a parent or
+    // a base, and is warned about once they are chosen.
+    let (begun, listed) = std::thread::scope(|s| {
+        let listed = s.spawn(|| store.list_snapshots());
+        (
+            store.begin_backup(&name),
+            listed.join().expect("listing thread panicked"),
+        )
+    });
+    begun?;
+    let listed = listed?;
     let status = a.json_status.then(crate::progress::JsonStatus::new);
     let bar = Bar::new(progress && status.is_none());
     // The parent: regions equal to it at the same offset are not chunked.

@@ -151,6 +151,7 @@ pub(crate) fn connect_with(url: &str, c: &Credentials) -> anyhow::Result<RemoteR
         fingerprint: c.fingerprint.clone(),
         ca_file: c.ca_file.clone(),
         retry_for: settings().retry_for,
+        limits: settings().limits.clone(),
     })?;
     // Only the hello has been exchanged: the repository's config is what
     // the server *says*. Nothing is read or sent before it is checked

@@ -20,6 +20,9 @@ pub(crate) struct Settings {
     pub server_fingerprint: Option<String>,
     pub server_ca: Option<PathBuf>,
     pub retry_for: std::time::Duration,
+    /// `--limit-upload` / `--limit-download`, shared by every server and
+    /// bucket this process reaches.
+    pub limits: imgstore_limit::Limits,
     /// For an encrypted repository: where the secret comes from.
     pub key_file: Option<PathBuf>,
     pub password_file: Option<PathBuf>,
@@ -40,6 +43,7 @@ pub(crate) fn settings() -> &'static Settings {
         server_fingerprint: None,
         server_ca: None,
         retry_for: std::time::Duration::from_secs(120),
+        limits: imgstore_limit::Limits::default(),
         key_file: None,
         password_file: None,
         password_command: None,
@@ -62,6 +66,16 @@ pub(crate) fn init(cli: &Cli) -> anyhow::Result<()> {
             cli.retry_for
         ))
     })?;
+    let rate = |v: &Option<String>, flag: &str| {
+        v.as_deref()
+            .map(|r| crate::units::parse_rate(r, flag))
+            .transpose()
+    };
+    let limits = imgstore_limit::Limits::new(
+        rate(&cli.limit_upload, "--limit-upload")?,
+        rate(&cli.limit_download, "--limit-download")?,
+    );
+    imgstore_bucket::set_limits(limits.clone());
     let _ = SETTINGS.set(Settings {
         quiet: cli.quiet,
         verbose: cli.verbose,
@@ -70,6 +84,7 @@ pub(crate) fn init(cli: &Cli) -> anyhow::Result<()> {
         server_fingerprint: cli.server_fingerprint.clone(),
         server_ca: cli.server_ca.clone(),
         retry_for,
+        limits,
         key_file: cli.key_file.clone(),
         password_file: cli.password_file.clone(),
         password_command: cli.password_command.clone(),

@@ -23,6 +23,44 @@ pub fn parse_size(s: &str) -> anyhow::Result<u64> {
         .with_context(|| format!("'{s}' is too large"))
 }
 
+/// A rate (`--limit-upload`, `--limit-download`) in bytes per second:
+/// a size per second (`50M` = 50 MiB/s; K, M, G are powers of 1024, `/s`
+/// optional) or bits per second (`200Mbit`, `1Gbit`, `800kbit`: powers of
+/// 1000). A bare number is refused: restic's limits are KiB/s and
+/// imgstore's sizes bytes, so it would be too easy to misread.
+pub fn parse_rate(s: &str, flag: &str) -> anyhow::Result<u64> {
+    let bad = |why: &str| crate::exit::usage(format!("{flag} {s}: {why}"));
+    let t = s.trim().to_ascii_lowercase();
+    let t = t.strip_suffix("/s").unwrap_or(&t);
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .ok()
+        .filter(|n: &f64| n.is_finite() && *n > 0.0)
+        .ok_or_else(|| bad("not a positive rate (e.g. 50M for 50 MiB/s, 200Mbit)"))?;
+    let per_second = match unit.trim() {
+        "k" | "kb" | "kib" => n * 1024.0,
+        "m" | "mb" | "mib" => n * (1u64 << 20) as f64,
+        "g" | "gb" | "gib" => n * (1u64 << 30) as f64,
+        "kbit" => n * 1e3 / 8.0,
+        "mbit" => n * 1e6 / 8.0,
+        "gbit" => n * 1e9 / 8.0,
+        "" => {
+            return Err(bad(
+                "give a unit: K, M or G per second (50M is 50 MiB/s) or kbit, Mbit, Gbit",
+            ))
+        }
+        _ => return Err(bad("unknown unit (use K, M, G or kbit, Mbit, Gbit)")),
+    };
+    if per_second < 1024.0 {
+        return Err(bad("below the smallest limit, 1K (1 KiB/s)"));
+    }
+    Ok(per_second as u64)
+}
+
 /// Bytes in binary units, e.g. "1.5 GiB".
 pub fn human_bytes(n: u64) -> String {
     const U: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];

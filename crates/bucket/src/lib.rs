@@ -25,8 +25,23 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use imgstore_limit::Limits;
 use opendal::layers::{ConcurrentLimitLayer, RetryLayer, TimeoutLayer};
-use opendal::{ErrorKind, Operator};
+use opendal::{ErrorKind, HttpTransporter, Operator};
+
+mod paced;
+
+/// The process's `--limit-upload` / `--limit-download`, which every bucket
+/// it connects to afterwards shares (and shares with any server
+/// repository it reaches, when the caller gives those the same
+/// [`Limits`]).
+static LIMITS: std::sync::OnceLock<Limits> = std::sync::OnceLock::new();
+
+/// Sets the rate limits of every bucket this process connects to from now
+/// on; the first call wins.
+pub fn set_limits(limits: Limits) {
+    let _ = LIMITS.set(limits);
+}
 
 /// Largest object written with one PUT (S3 allows 5 GiB; a pack is at
 /// most 256 MiB and one entry): a multipart upload costs two more requests and buys parallelism
@@ -176,6 +191,8 @@ pub struct Bucket {
     url: String,
     tuning: Tuning,
     stats: Arc<Stats>,
+    /// The round-trip time, measured once when first asked.
+    rtt: std::sync::OnceLock<Duration>,
 }
 
 impl Bucket {
@@ -214,6 +231,20 @@ impl Bucket {
                     .with_jitter(),
             )
             .layer(ConcurrentLimitLayer::new(tuning.concurrency));
+        // Under a rate limit, requests go through the paced transport.
+        let op = match LIMITS.get().filter(|l| !l.is_none()) {
+            Some(limits) => {
+                let transport =
+                    paced::PacedTransport::new(limits.clone()).map_err(|e| BucketError::Spec {
+                        why: format!("{url}: cannot build the HTTP client: {e}"),
+                    })?;
+                let ctx = op
+                    .base_context()
+                    .with_http_transport(HttpTransporter::new(transport));
+                op.with_context(ctx)
+            }
+            None => op,
+        };
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("imgstore-bucket")
@@ -228,12 +259,29 @@ impl Bucket {
             url,
             tuning,
             stats: Arc::default(),
+            rtt: std::sync::OnceLock::new(),
         })
     }
 
     /// `s3://BUCKET/PREFIX`, for messages.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// The round-trip time to the bucket: the quicker of two HEAD requests
+    /// (of an object that need not exist), measured the first time this is
+    /// asked, for sizing how many requests to keep in flight.
+    pub fn rtt(&self) -> Duration {
+        *self.rtt.get_or_init(|| {
+            (0..2)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    let _ = self.rt.block_on(self.op.stat("config"));
+                    t.elapsed()
+                })
+                .min()
+                .unwrap_or_default()
+        })
     }
 
     /// Request and byte counts so far.

@@ -24,12 +24,27 @@ pub(crate) fn io_pool() -> Result<rayon::ThreadPool, EngineError> {
     pool(2)
 }
 
-/// A rayon pool with `per_core` workers per core.
-pub(crate) fn pool(per_core: usize) -> Result<rayon::ThreadPool, EngineError> {
-    let n = std::thread::available_parallelism()
+/// The machine's cores (2 when it cannot tell).
+pub(crate) fn cores() -> usize {
+    std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2)
-        * per_core;
+}
+
+/// Workers for a stage whose every step makes one call to `repo`:
+/// `per_core` per core, or one per core plus the calls the repository
+/// wants in flight ([`Repository::in_flight`]) when that is more.
+pub(crate) fn workers(repo: &dyn Repository, per_core: usize) -> usize {
+    (cores() * per_core).max(cores() + repo.in_flight())
+}
+
+/// A rayon pool with `per_core` workers per core.
+pub(crate) fn pool(per_core: usize) -> Result<rayon::ThreadPool, EngineError> {
+    threads(cores() * per_core)
+}
+
+/// A rayon pool of `n` workers.
+pub(crate) fn threads(n: usize) -> Result<rayon::ThreadPool, EngineError> {
     rayon::ThreadPoolBuilder::new()
         .num_threads(n)
         .build()

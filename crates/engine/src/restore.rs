@@ -24,7 +24,7 @@ use rayon::prelude::*;
 
 use crate::aligned::{align_down, align_up, write_direct, AlignedBuf, Direct};
 use crate::digest::{image_digest, region_hasher, RegionHash};
-use crate::read::{io_pool, pool};
+use crate::read::{io_pool, threads, workers};
 use crate::snapshot::SnapshotReader;
 use crate::{EngineError, Progress};
 
@@ -293,12 +293,13 @@ thread_local! {
 fn restore_region(
     reader: &SnapshotReader<'_>,
     index: usize,
+    entries: Option<Vec<RecipeEntry>>,
     buf: &mut AlignedBuf,
     out: Option<&Out<'_>>,
     need_bytes: bool,
 ) -> Result<(RegionHash, u64, u64), EngineError> {
     let write_zeros = out.is_some_and(|o| o.write_zeros);
-    let r = reader.rebuild(index, buf, need_bytes || write_zeros)?;
+    let r = reader.rebuild_with(index, entries, buf, need_bytes || write_zeros)?;
     if let Some(o) = out {
         o.write_region(index as u64 * reader.region_size(), &r.entries, buf)?;
     }
@@ -325,6 +326,10 @@ fn write_zeros_at(file: &File, path: &Path, mut pos: u64, mut len: u64) -> Resul
     Ok(())
 }
 
+/// Regions whose recipes a restore fetches in one call (2 GiB of image at
+/// 8 MiB regions; about 1.2 MiB of recipes).
+const RECIPE_BATCH: usize = 256;
+
 /// Restores snapshot `id` to `target`, verifying every chunk and the image digest.
 pub fn restore(
     repo: &dyn Repository,
@@ -337,22 +342,62 @@ pub fn restore(
     let reader = SnapshotReader::open(repo, id, snapshot)?;
     progress.start(Some(snapshot.size));
     let n = reader.region_count();
+    // Three workers per core: while some wait for a blob read or a
+    // direct write, others decompress and hash (2 per core: 1.71–1.85 s
+    // for the workload's disk-0, 3: 1.52–1.67 s, 4: no better and
+    // +23 MiB). A repository behind a network link asks for more
+    // (`Repository::in_flight`): each worker has one region's `chunks/get`
+    // in flight.
+    let workers = workers(repo, 3);
     let positional = |out: Option<&Out<'_>>| -> Result<(Vec<RegionHash>, u64, u64), EngineError> {
-        // Three workers per core: while some wait for a blob read or a
-        // direct write, others decompress and hash (2 per core: 1.71–1.85 s
-        // for the workload's disk-0, 3: 1.52–1.67 s, 4: no better and
-        // +23 MiB).
-        let pool = pool(3)?;
-        let parts: Vec<(RegionHash, u64, u64)> = pool.install(|| {
-            (0..n)
-                .into_par_iter()
-                .map(|i| {
-                    let r = REGION_BUF
-                        .with(|b| restore_region(&reader, i, &mut b.borrow_mut(), out, false))?;
-                    progress.advance(reader.region_len(i));
-                    Ok(r)
-                })
-                .collect::<Result<_, EngineError>>()
+        let pool = threads(workers)?;
+        let mut parts: Vec<(RegionHash, u64, u64)> = Vec::with_capacity(n);
+        pool.install(|| -> Result<(), EngineError> {
+            // Recipes a batch at a time, the next batch's fetched while
+            // this one is restored: one call per RECIPE_BATCH regions.
+            let batches: Vec<std::ops::Range<usize>> = (0..n)
+                .step_by(RECIPE_BATCH)
+                .map(|s| s..(s + RECIPE_BATCH).min(n))
+                .collect();
+            let mut next = match batches.first() {
+                Some(r) => Some(reader.entries_of(r.clone())?),
+                None => None,
+            };
+            for (k, range) in batches.iter().enumerate() {
+                let entries = next.take().expect("fetched ahead");
+                let (done, following) = rayon::join(
+                    || {
+                        range
+                            .clone()
+                            .into_par_iter()
+                            .zip(entries)
+                            .map(|(i, e)| {
+                                let r = REGION_BUF.with(|b| {
+                                    restore_region(
+                                        &reader,
+                                        i,
+                                        Some(e),
+                                        &mut b.borrow_mut(),
+                                        out,
+                                        false,
+                                    )
+                                })?;
+                                progress.advance(reader.region_len(i));
+                                Ok(r)
+                            })
+                            .collect::<Result<Vec<_>, EngineError>>()
+                    },
+                    || {
+                        batches
+                            .get(k + 1)
+                            .map(|r| reader.entries_of(r.clone()))
+                            .transpose()
+                    },
+                );
+                parts.extend(done?);
+                next = following?;
+            }
+            Ok(())
         })?;
         let (d, z) = parts.iter().fold((0, 0), |(d, z), p| (d + p.1, z + p.2));
         Ok((parts.into_iter().map(|p| p.0).collect(), d, z))
@@ -438,17 +483,24 @@ pub fn restore(
         }
         Target::Stream { label, mut out } => {
             // Regions are rebuilt in parallel a window at a time and written in order.
-            let window = rayon::current_num_threads().max(1) * 2;
+            let window = workers * 2 / 3;
+            let pool = threads(workers)?;
             let mut hashes = Vec::with_capacity(n);
             let (mut data, mut zeros, mut written) = (0u64, 0u64, 0u64);
             let mut bufs: Vec<AlignedBuf> = (0..window).map(|_| AlignedBuf::default()).collect();
             for start in (0..n).step_by(window) {
                 let end = (start + window).min(n);
-                let parts: Vec<(RegionHash, u64, u64)> = bufs[..end - start]
-                    .par_iter_mut()
-                    .enumerate()
-                    .map(|(k, b)| restore_region(&reader, start + k, b, None, true))
-                    .collect::<Result<_, EngineError>>()?;
+                let entries = reader.entries_of(start..end)?;
+                let parts: Vec<(RegionHash, u64, u64)> = pool.install(|| {
+                    bufs[..end - start]
+                        .par_iter_mut()
+                        .zip(entries)
+                        .enumerate()
+                        .map(|(k, (b, e))| {
+                            restore_region(&reader, start + k, Some(e), b, None, true)
+                        })
+                        .collect::<Result<_, EngineError>>()
+                })?;
                 for (b, p) in bufs.iter().zip(parts) {
                     if let Err(e) = out.write_all(b) {
                         if e.kind() == std::io::ErrorKind::BrokenPipe {

@@ -168,6 +168,101 @@ impl<'a> SnapshotReader<'a> {
         Ok(region.entries)
     }
 
+    /// Recipes of the regions `range` (one batched call for those stored,
+    /// instead of one call each: a round trip each to a server), in order,
+    /// each checked to cover its region's length.
+    pub(crate) fn entries_of(
+        &self,
+        range: std::ops::Range<usize>,
+    ) -> Result<Vec<Vec<RecipeEntry>>, EngineError> {
+        let mut ids: Vec<Id> = self.region_ids[range.clone()]
+            .iter()
+            .copied()
+            .filter(|id| *id != Id::ZERO)
+            .collect();
+        ids.sort();
+        ids.dedup();
+        let regions = self.repo.regions(&ids).map_err(|e| {
+            let named = match &e {
+                imgstore_repo::RepoError::Missing { id, .. }
+                | imgstore_repo::RepoError::Corrupt { id, .. }
+                | imgstore_repo::RepoError::Unreadable { id, .. } => Some(*id),
+                _ => None,
+            };
+            let index = range
+                .clone()
+                .find(|&i| Some(self.region_ids[i]) == named)
+                .unwrap_or(range.start);
+            EngineError::RecipeDamaged {
+                snapshot: self.label.clone(),
+                offset: index as u64 * self.region_size(),
+                source: Box::new(e),
+            }
+        })?;
+        range
+            .map(|i| {
+                let rid = self.region_ids[i];
+                let len = self.region_len(i);
+                if rid == Id::ZERO {
+                    return Ok(vec![RecipeEntry {
+                        len: len as u32,
+                        chunk: None,
+                    }]);
+                }
+                let region = &regions[ids.binary_search(&rid).expect("fetched")];
+                if region.len() != len {
+                    return Err(EngineError::RecipeDamaged {
+                        snapshot: self.label.clone(),
+                        offset: i as u64 * self.region_size(),
+                        source: format!(
+                            "region {rid} covers {} bytes, expected {len}",
+                            region.len()
+                        )
+                        .into(),
+                    });
+                }
+                Ok(region.entries.clone())
+            })
+            .collect()
+    }
+
+    /// Data chunks (with repeats) and zero bytes of the regions `indices`,
+    /// their recipes read in batched calls (a few thousand at a time, so
+    /// memory stays small whatever the image).
+    pub(crate) fn tally(&self, indices: &[usize]) -> Result<(u64, u64), EngineError> {
+        let (mut chunks, mut zeros) = (0u64, 0u64);
+        for batch in indices.chunks(4096) {
+            let mut ids: Vec<Id> = Vec::with_capacity(batch.len());
+            for &i in batch {
+                match self.region_ids[i] {
+                    rid if rid == Id::ZERO => zeros += self.region_len(i),
+                    rid => ids.push(rid),
+                }
+            }
+            let mut unique = ids.clone();
+            unique.sort();
+            unique.dedup();
+            let regions = self.repo.regions(&unique).map_err(|e| {
+                let first = batch.first().copied().unwrap_or(0);
+                EngineError::RecipeDamaged {
+                    snapshot: self.label.clone(),
+                    offset: first as u64 * self.region_size(),
+                    source: Box::new(e),
+                }
+            })?;
+            for rid in ids {
+                let region = &regions[unique.binary_search(&rid).expect("fetched")];
+                for e in &region.entries {
+                    match e.chunk {
+                        Some(_) => chunks += 1,
+                        None => zeros += e.len as u64,
+                    }
+                }
+            }
+        }
+        Ok((chunks, zeros))
+    }
+
     /// Stored frames of `ids` (in order); a missing or unreadable chunk is
     /// damage at the image offset `offset_of` gives for it.
     pub fn frames(
@@ -243,6 +338,18 @@ impl<'a> SnapshotReader<'a> {
         buf: &mut AlignedBuf,
         need_bytes: bool,
     ) -> Result<Rebuilt, EngineError> {
+        self.rebuild_with(index, None, buf, need_bytes)
+    }
+
+    /// [`SnapshotReader::rebuild`] with the region's recipe when the caller
+    /// fetched it already ([`SnapshotReader::entries_of`]).
+    pub(crate) fn rebuild_with(
+        &self,
+        index: usize,
+        entries: Option<Vec<RecipeEntry>>,
+        buf: &mut AlignedBuf,
+        need_bytes: bool,
+    ) -> Result<Rebuilt, EngineError> {
         let base = index as u64 * self.region_size();
         let len = self.region_len(index) as usize;
         if self.region_ids[index] == Id::ZERO && index > 0 {
@@ -264,7 +371,10 @@ impl<'a> SnapshotReader<'a> {
                 chunks: 0,
             });
         }
-        let entries = self.entries(index)?;
+        let entries = match entries {
+            Some(e) => e,
+            None => self.entries(index)?,
+        };
         let mut ids: Vec<Id> = entries.iter().filter_map(|e| e.chunk).collect();
         let chunks = ids.len() as u64;
         ids.sort();

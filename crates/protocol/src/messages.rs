@@ -498,6 +498,14 @@ pub struct Hello {
     pub role: Role,
     pub token: String,
     pub namespaces: Vec<String>,
+    /// Region uploads and commits this token may have in the server's
+    /// hands at once (its share of `max_uploads`). A client that sends
+    /// more has the others wait at the gate, their bodies filling the
+    /// connection's HTTP/2 window meanwhile; so it keeps at most this many
+    /// in flight. Absent from servers before it was added (then 4, the
+    /// default share).
+    #[serde(default)]
+    pub uploads: Option<u32>,
 }
 
 /// `POST /v1/sessions`: a write session for a backup of `image`.

@@ -41,8 +41,10 @@ pub mod known;
 mod tls;
 
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use imgstore_limit::{Limits, Paced, Rate};
 
 use imgstore_format::{Id, ObjectKind, RefCount, RepoConfig, Snapshot};
 use imgstore_protocol as proto;
@@ -68,6 +70,8 @@ pub struct RemoteOptions {
     pub ca_file: Option<std::path::PathBuf>,
     /// How long to keep retrying a failing request.
     pub retry_for: Duration,
+    /// Upload and download rate limits (`--limit-upload`/`--limit-download`).
+    pub limits: Limits,
 }
 
 /// Is `location` a server URL (rather than a local path)?
@@ -129,6 +133,69 @@ pub struct RemoteRepo {
     codec: imgstore_repo::Codec,
     /// The codec of the current backup session's namespace, if it tags.
     ns_codec: std::sync::RwLock<Option<imgstore_repo::Codec>>,
+    /// Region uploads in flight: at most twice the token's upload share
+    /// ([`proto::Hello::uploads`]), so that while the server reads one
+    /// share the next is on its way. The others wait at the server's gate
+    /// with their bodies in the connection's window; the server's stream
+    /// window (an eighth of its connection window) keeps them from filling
+    /// it and starving the uploads being read.
+    uploads: Slots,
+}
+
+/// A counting semaphore: at most `max` holders at once.
+struct Slots {
+    held: Mutex<usize>,
+    freed: std::sync::Condvar,
+    max: usize,
+}
+
+impl Slots {
+    fn new(max: usize) -> Slots {
+        Slots {
+            held: Mutex::new(0),
+            freed: std::sync::Condvar::new(),
+            max: max.max(1),
+        }
+    }
+
+    /// Waits for a slot; it is given back when the guard drops.
+    fn take(&self) -> SlotGuard<'_> {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        while *held >= self.max {
+            held = self.freed.wait(held).unwrap_or_else(|p| p.into_inner());
+        }
+        *held += 1;
+        SlotGuard(self)
+    }
+}
+
+struct SlotGuard<'a>(&'a Slots);
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        *self.0.held.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+        self.0.freed.notify_one();
+    }
+}
+
+/// Receive window of one HTTP/2 stream: a region's `chunks/get` answer
+/// (its compressed frames, a few MiB) arrives without waiting for a window
+/// update.
+const STREAM_WINDOW: u32 = 16 << 20;
+/// Receive window of the connection: bytes the server may have in flight
+/// to this client at once. 64 MiB covers 3.4 Gbit/s at 150 ms RTT.
+const CONNECTION_WINDOW: u32 = 64 << 20;
+
+/// Calls to keep in flight beyond one per core for a link of round-trip
+/// time `rtt`: one per 10 ms, at most 32. A backup worker spends about
+/// 50 ms of CPU on a changed 8 MiB region and one round trip
+/// (`chunks/known`) waiting, its upload going on behind it
+/// ([`Repository::uploads_in_flight`]); a restore worker one round trip
+/// (`chunks/get`). So at 150 ms RTT, 15 more workers keep two cores busy.
+/// Each worker holds one region (8 MiB) and its frames, which bounds the
+/// memory this costs: about 32 × 16 MiB at most.
+fn in_flight_for(rtt: Duration) -> usize {
+    ((rtt.as_micros() + 5_000) / 10_000).min(32) as usize
 }
 
 /// The connection: where, with which token, in which session.
@@ -136,6 +203,11 @@ pub struct Conn {
     location: String,
     base: String,
     client: reqwest::blocking::Client,
+    /// Region uploads and commits go on a connection of their own: uploads
+    /// waiting at the server's gate hold data in their connection's
+    /// window, which must not stall the small calls (`chunks/known`) the
+    /// workers wait on.
+    upload_client: reqwest::blocking::Client,
     token: String,
     session: Mutex<Option<Session>>,
     /// Held while a lost session is replaced: the workers that find it
@@ -148,6 +220,9 @@ pub struct Conn {
     /// [`Repository::regions_to_resend`]).
     checked: AtomicU64,
     retry_for: Duration,
+    /// The quickest small request seen: the link's round-trip time.
+    rtt: Mutex<Option<Duration>>,
+    limits: Limits,
 }
 
 /// The backup session calls are made in.
@@ -177,7 +252,8 @@ impl std::ops::Deref for RemoteRepo {
 
 enum Body {
     None,
-    Bytes(Vec<u8>),
+    /// Bytes (cloned per attempt without copying).
+    Bytes(bytes::Bytes),
     Json(serde_json::Value),
 }
 
@@ -200,37 +276,65 @@ impl RemoteRepo {
             url: opts.url.clone(),
             detail,
         })?;
-        // Dead-connection detection is configured on the async builder the
-        // blocking one wraps (the blocking builder does not expose it).
-        let alive = reqwest::Client::builder()
-            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-            .http2_keep_alive_timeout(KEEPALIVE_TIMEOUT)
-            .http2_keep_alive_while_idle(true)
-            .tcp_keepalive(TCP_KEEPALIVE_IDLE)
-            .tcp_keepalive_interval(Duration::from_secs(5))
-            .tcp_keepalive_retries(3)
-            .tcp_user_timeout(TCP_USER_TIMEOUT);
-        let builder = reqwest::blocking::ClientBuilder::from(alive)
-            .connect_timeout(Duration::from_secs(10))
-            .timeout(Duration::from_secs(600))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("imgstore/", env!("CARGO_PKG_VERSION")))
-            .use_preconfigured_tls(config);
-        let client = builder.build().map_err(|e| RepoError::Unreachable {
-            url: opts.url.clone(),
-            detail: e.to_string(),
-        })?;
+        // Under a download limit the windows shrink to a quarter second of
+        // the rate: the server cannot run further ahead of the paced reads
+        // than that (and a quarter second still covers the round trip of
+        // any link under 250 ms at the full rate).
+        let (stream_window, connection_window) = match &opts.limits.download {
+            Some(rate) => {
+                let w =
+                    (rate.bytes_per_second() / 4).clamp(64 << 10, CONNECTION_WINDOW as u64) as u32;
+                (w.min(STREAM_WINDOW), w)
+            }
+            None => (STREAM_WINDOW, CONNECTION_WINDOW),
+        };
+        let builder = || {
+            // Dead-connection detection is configured on the async builder
+            // the blocking one wraps (the blocking builder does not expose it).
+            let alive = reqwest::Client::builder()
+                .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+                .http2_keep_alive_timeout(KEEPALIVE_TIMEOUT)
+                .http2_keep_alive_while_idle(true)
+                .tcp_keepalive(TCP_KEEPALIVE_IDLE)
+                .tcp_keepalive_interval(Duration::from_secs(5))
+                .tcp_keepalive_retries(3)
+                .tcp_user_timeout(TCP_USER_TIMEOUT);
+            reqwest::blocking::ClientBuilder::from(alive)
+                .connect_timeout(Duration::from_secs(10))
+                .timeout(Duration::from_secs(600))
+                .pool_idle_timeout(Duration::from_secs(60))
+                // HTTP/2 flow control: how much the server may send before this
+                // client has read it. hyper's defaults (2 MiB a stream, 5 MiB a
+                // connection) cap a restore at 5 MiB per round trip (33 MB/s at
+                // 150 ms RTT) and cost a chunks/get answer larger than 2 MiB an
+                // extra round trip. The answers are read as they arrive, so
+                // the windows bound memory only while the reader is slower
+                // than the link.
+                .http2_initial_stream_window_size(stream_window)
+                .http2_initial_connection_window_size(connection_window)
+                .redirect(reqwest::redirect::Policy::none())
+                .user_agent(concat!("imgstore/", env!("CARGO_PKG_VERSION")))
+                .use_preconfigured_tls(config.clone())
+        };
+        let build = || {
+            builder().build().map_err(|e| RepoError::Unreachable {
+                url: opts.url.clone(),
+                detail: e.to_string(),
+            })
+        };
         let conn = Conn {
             location: opts.url.clone(),
             base,
-            client,
+            client: build()?,
+            upload_client: build()?,
             token: opts.token.trim().to_string(),
             session: Mutex::new(None),
             renewing: Mutex::new(()),
             renewals: AtomicU64::new(0),
             checked: AtomicU64::new(0),
             retry_for: opts.retry_for,
+            rtt: Mutex::new(None),
+            limits: opts.limits.clone(),
         };
         // Retried like any read: a server that is not up yet is waited for.
         let body = conn.call(reqwest::Method::GET, proto::paths::HELLO, Body::None, true)?;
@@ -245,11 +349,25 @@ impl RemoteRepo {
                 ),
             });
         }
+        let uploads = Slots::new(2 * hello.uploads.unwrap_or(4) as usize);
         Ok(RemoteRepo {
             conn,
             hello,
             codec: imgstore_repo::Codec::Plain,
             ns_codec: Default::default(),
+            uploads,
+        })
+    }
+
+    /// The round-trip time: the quickest small request seen (listing the
+    /// snapshots, which every command that backs up or reads does first),
+    /// or one `/v1/health` request when there was none yet.
+    pub fn rtt(&self) -> Duration {
+        let seen = *self.conn.rtt.lock().unwrap_or_else(|p| p.into_inner());
+        seen.unwrap_or_else(|| {
+            let t = Instant::now();
+            self.conn.timed(|| self.conn.ping());
+            t.elapsed()
         })
     }
 
@@ -308,6 +426,44 @@ impl RemoteRepo {
 impl Conn {
     fn json<T: serde::de::DeserializeOwned>(&self, body: &[u8]) -> Result<T> {
         serde_json::from_slice(body).map_err(|e| self.broken(format!("unexpected answer: {e}")))
+    }
+
+    /// A request body, paced by the upload limit when there is one.
+    fn outgoing(&self, bytes: bytes::Bytes) -> reqwest::blocking::Body {
+        match &self.limits.upload {
+            Some(rate) => {
+                let len = bytes.len() as u64;
+                reqwest::blocking::Body::sized(
+                    Paced::new(std::io::Cursor::new(bytes), rate.clone()),
+                    len,
+                )
+            }
+            None => bytes.into(),
+        }
+    }
+
+    /// Runs `f`, a small request, and keeps its time as the round-trip
+    /// time when it is the quickest yet.
+    fn timed<T>(&self, f: impl FnOnce() -> T) -> T {
+        let t = Instant::now();
+        let out = f();
+        let took = t.elapsed();
+        let mut rtt = self.rtt.lock().unwrap_or_else(|p| p.into_inner());
+        if rtt.is_none_or(|r| took < r) {
+            *rtt = Some(took);
+        }
+        out
+    }
+
+    /// `GET /v1/health` (no token, no body), its answer ignored.
+    fn ping(&self) {
+        if let Ok(r) = self
+            .client
+            .get(format!("{}{}", self.base, proto::paths::HEALTH))
+            .send()
+        {
+            let _ = read_bounded(r, None);
+        }
     }
 
     fn broken(&self, detail: String) -> RepoError {
@@ -376,6 +532,29 @@ impl Conn {
         body: Body,
         idempotent: bool,
     ) -> Result<Vec<u8>> {
+        self.call_on(&self.client, method, path, body, idempotent)
+    }
+
+    /// [`Conn::call`] on the upload connection.
+    fn upload(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Body,
+        idempotent: bool,
+    ) -> Result<Vec<u8>> {
+        self.call_on(&self.upload_client, method, path, body, idempotent)
+    }
+
+    /// [`Conn::call`] on `client`'s connection.
+    fn call_on(
+        &self,
+        client: &reqwest::blocking::Client,
+        method: reqwest::Method,
+        path: &str,
+        body: Body,
+        idempotent: bool,
+    ) -> Result<Vec<u8>> {
         let started = Instant::now();
         let mut delay = Duration::from_millis(100);
         let mut attempt = 0u32;
@@ -385,8 +564,7 @@ impl Conn {
         let max_attempts = 64 + (self.retry_for.as_secs() / 4).min(1 << 20) as u32;
         loop {
             attempt += 1;
-            let mut req = self
-                .client
+            let mut req = client
                 .request(method.clone(), format!("{}{path}", self.base))
                 .bearer_auth(&self.token);
             // Opening a session is the one call that never runs in one.
@@ -406,10 +584,10 @@ impl Conn {
                 Body::None => req,
                 Body::Bytes(b) => req
                     .header("content-type", "application/octet-stream")
-                    .body(b.clone()),
+                    .body(self.outgoing(b.clone())),
                 Body::Json(v) => req
                     .header("content-type", "application/json")
-                    .body(serde_json::to_vec(v).expect("json")),
+                    .body(self.outgoing(serde_json::to_vec(v).expect("json").into())),
             };
             // A 503 `busy` comes from the server's gate, before the body is
             // read: nothing was done, so even a commit may be sent again.
@@ -417,7 +595,7 @@ impl Conn {
             let failure = match req.send() {
                 Ok(resp) => {
                     let status = resp.status();
-                    match read_bounded(resp) {
+                    match read_bounded(resp, self.limits.download.as_ref()) {
                         Ok(bytes) if status.is_success() => return Ok(bytes),
                         Ok(bytes) => {
                             let code = serde_json::from_slice::<ErrorBody>(&bytes)
@@ -543,7 +721,7 @@ impl Conn {
             let body = self.call(
                 reqwest::Method::POST,
                 path,
-                Body::Bytes(proto::encode_ids(batch)),
+                Body::Bytes(proto::encode_ids(batch).into()),
                 true,
             )?;
             out.extend(decode(&body, batch.len())?);
@@ -589,12 +767,14 @@ impl Conn {
     }
 
     fn snapshot_list(&self) -> Result<Vec<(Id, Vec<u8>)>> {
-        let body = self.call(
-            reqwest::Method::GET,
-            proto::paths::SNAPSHOTS,
-            Body::None,
-            true,
-        )?;
+        let body = self.timed(|| {
+            self.call(
+                reqwest::Method::GET,
+                proto::paths::SNAPSHOTS,
+                Body::None,
+                true,
+            )
+        })?;
         proto::decode_snapshots(&body).map_err(|e| self.malformed(e))
     }
 }
@@ -603,7 +783,13 @@ impl Conn {
 /// its place) cannot make it allocate more.
 const ANSWER_LIMIT: u64 = limits::FRAMES_REPLY_BYTES as u64 + (1 << 20);
 
-fn read_bounded(resp: reqwest::blocking::Response) -> std::io::Result<Vec<u8>> {
+/// Reads an answer's body, at most [`ANSWER_LIMIT`] bytes, paced by the
+/// download limit when there is one (the server is then held back by the
+/// connection's flow control).
+fn read_bounded(
+    resp: reqwest::blocking::Response,
+    limit: Option<&Arc<Rate>>,
+) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
     if resp.content_length().is_some_and(|n| n > ANSWER_LIMIT) {
         return Err(std::io::Error::other(
@@ -611,7 +797,12 @@ fn read_bounded(resp: reqwest::blocking::Response) -> std::io::Result<Vec<u8>> {
         ));
     }
     let mut out = Vec::new();
-    resp.take(ANSWER_LIMIT + 1).read_to_end(&mut out)?;
+    match limit {
+        Some(rate) => Paced::new(resp, rate.clone())
+            .take(ANSWER_LIMIT + 1)
+            .read_to_end(&mut out)?,
+        None => resp.take(ANSWER_LIMIT + 1).read_to_end(&mut out)?,
+    };
     if out.len() as u64 > ANSWER_LIMIT {
         return Err(std::io::Error::other(
             "the answer passes the protocol's size limit",
@@ -713,6 +904,24 @@ impl Repository for RemoteRepo {
             .collect()
     }
 
+    fn in_flight(&self) -> usize {
+        in_flight_for(self.rtt())
+    }
+
+    fn uploads_in_flight(&self) -> usize {
+        self.uploads.max
+    }
+
+    // The witnesses and the records at once: one round trip, not two.
+    fn list_snapshots(&self) -> Result<imgstore_repo::SnapshotList> {
+        let (witnesses, records) = std::thread::scope(|s| {
+            let w = s.spawn(|| self.witnesses());
+            let r = self.snapshot_records();
+            (w.join().expect("witnesses thread panicked"), r)
+        });
+        imgstore_repo::snapshot_list(&self.codec, &witnesses?, records?)
+    }
+
     fn chunk_frames(&self, ids: &[Id]) -> Result<Vec<ChunkRead>> {
         self.get_many(proto::paths::CHUNKS_GET, ids, 512, |body, n| {
             proto::decode_frames(body, n).map_err(|e| self.malformed(e))
@@ -772,10 +981,11 @@ impl Repository for RemoteRepo {
                 frame,
             }),
         );
-        let reply = self.call(
+        let _slot = self.uploads.take();
+        let reply = self.upload(
             reqwest::Method::PUT,
             &proto::paths::region(id),
-            Body::Bytes(body),
+            Body::Bytes(body.into()),
             true,
         )?;
         self.json::<PutOutcome>(&reply)
@@ -783,8 +993,8 @@ impl Repository for RemoteRepo {
 
     fn commit(&self, record: &[u8], pages: &[Vec<u8>], parent: Option<&Id>) -> Result<(Id, u64)> {
         let id = Id::hash(record);
-        let body = proto::encode_commit(record, parent, pages);
-        match self.call(
+        let body = bytes::Bytes::from(proto::encode_commit(record, parent, pages));
+        match self.upload(
             reqwest::Method::POST,
             proto::paths::COMMIT,
             Body::Bytes(body.clone()),
@@ -797,7 +1007,7 @@ impl Repository for RemoteRepo {
             Err(RepoError::Unreachable { .. }) => {
                 // The answer was lost: did the commit land? (The server
                 // treats a repeated commit as a no-op, so retrying is safe.)
-                let reply = self.call(
+                let reply = self.upload(
                     reqwest::Method::POST,
                     proto::paths::COMMIT,
                     Body::Bytes(body),
@@ -864,7 +1074,7 @@ impl Repository for RemoteRepo {
             self.call(
                 reqwest::Method::POST,
                 proto::paths::ZERO_CVS,
-                Body::Bytes(proto::encode_put_zero_cvs(region_size, batch)),
+                Body::Bytes(proto::encode_put_zero_cvs(region_size, batch).into()),
                 true,
             )?;
         }
@@ -885,7 +1095,7 @@ impl Repository for RemoteRepo {
         let body = self.call(
             reqwest::Method::POST,
             &proto::paths::replace(old),
-            Body::Bytes(new.to_vec()),
+            Body::Bytes(bytes::Bytes::copy_from_slice(new)),
             true,
         )?;
         let c: proto::Committed = self.json(&body)?;
@@ -896,7 +1106,7 @@ impl Repository for RemoteRepo {
         let body = self.call(
             reqwest::Method::POST,
             proto::paths::FORGET,
-            Body::Bytes(proto::encode_ids(ids)),
+            Body::Bytes(proto::encode_ids(ids).into()),
             false,
         )?;
         self.json::<ForgetOutcome>(&body)
@@ -1083,6 +1293,7 @@ mod tests {
             fingerprint: None,
             ca_file: None,
             retry_for: Duration::ZERO,
+            limits: Limits::default(),
         });
         assert!(matches!(r, Err(RepoError::Unreachable { .. })));
     }

@@ -229,27 +229,8 @@ pub trait Repository: Send + Sync {
     /// fatal: it cannot hide the others. Only a failure of the repository
     /// itself is an `Err`.
     fn list_snapshots(&self) -> Result<SnapshotList> {
-        let codec = self.codec();
         let witnesses = self.witnesses()?;
-        let mut list = SnapshotList::default();
-        for (k, v) in self.snapshot_records()? {
-            let id = snapshot_key(&k)?;
-            let opened = open_snapshot(codec, &id, &v).and_then(|s| match witnesses.get(&id) {
-                Some(w) => w.check(&id, s),
-                None => Ok(s),
-            });
-            match opened {
-                Ok(s) => list.snapshots.push((id, s)),
-                Err(e) => list.unreadable.push(UnreadableSnapshot {
-                    id,
-                    why: match e {
-                        RepoError::CorruptSnapshot { source, .. } => source.to_string(),
-                        other => other.to_string(),
-                    },
-                }),
-            }
-        }
-        Ok(list)
+        snapshot_list(self.codec(), &witnesses, self.snapshot_records()?)
     }
 
     /// Index pages, opened, decoded and checked against their ids, in order.
@@ -272,6 +253,28 @@ pub trait Repository: Send + Sync {
     /// share one ranged request instead of one each.
     fn read_order(&self, ids: &[Id]) -> Result<Vec<usize>> {
         Ok((0..ids.len()).collect())
+    }
+
+    /// How many calls the engine should keep in flight beyond one per
+    /// core, so that calls waiting on a network round trip do not leave
+    /// the link idle: 0 (the default) for a repository whose calls cost
+    /// only CPU and local I/O; for a server, sized from the round-trip time
+    /// measured at connect. The engine runs that many more workers in its
+    /// backup and restore pipelines, each holding one region's buffers, so
+    /// it also bounds the memory those pipelines use.
+    fn in_flight(&self) -> usize {
+        0
+    }
+
+    /// How many [`Repository::put_region`] calls a backup should keep in
+    /// flight on their own threads while its workers go on to the next
+    /// regions: 0 (the default) where a worker stores its own region (a
+    /// local store, whose writes cost CPU and disk the workers share);
+    /// more where an upload mostly waits on a link, whose bandwidth and
+    /// latency then overlap the chunking and compressing instead of adding
+    /// to them. Each holds one region's new frames.
+    fn uploads_in_flight(&self) -> usize {
+        0
     }
 
     /// Reference entries of objects of one kind (None when absent).
@@ -378,6 +381,35 @@ pub trait Repository: Send + Sync {
 
     /// Calls `f(key)` for every orphan entry.
     fn scan_orphans(&self, f: &mut dyn FnMut(&[u8])) -> Result<()>;
+}
+
+/// [`Repository::list_snapshots`] from what it reads: the stored records
+/// `(key, record)`, opened with `codec`, each held to its witness when it
+/// has one. (A server's client fetches both at once.)
+pub fn snapshot_list(
+    codec: &Codec,
+    witnesses: &HashMap<Id, Witness>,
+    records: Vec<(Vec<u8>, Vec<u8>)>,
+) -> Result<SnapshotList> {
+    let mut list = SnapshotList::default();
+    for (k, v) in records {
+        let id = snapshot_key(&k)?;
+        let opened = open_snapshot(codec, &id, &v).and_then(|s| match witnesses.get(&id) {
+            Some(w) => w.check(&id, s),
+            None => Ok(s),
+        });
+        match opened {
+            Ok(s) => list.snapshots.push((id, s)),
+            Err(e) => list.unreadable.push(UnreadableSnapshot {
+                id,
+                why: match e {
+                    RepoError::CorruptSnapshot { source, .. } => source.to_string(),
+                    other => other.to_string(),
+                },
+            }),
+        }
+    }
+    Ok(list)
 }
 
 /// A server's witness of a commit: the image name of the backup session

@@ -37,6 +37,16 @@ pub struct ServerConfig {
     /// Requests carrying bulk bodies (region uploads, commits) processed at
     /// once; bounds the server's memory to about this × 80 MiB (default 8).
     pub max_uploads: Option<usize>,
+    /// HTTP/2 receive window of a connection, in MiB (default 32): how
+    /// much a client may send before the server has read it, so a
+    /// connection uploads at most this much per round trip (32 MiB at
+    /// 150 ms RTT: 1.7 Gbit/s). One stream may use an eighth of it, so
+    /// uploads waiting at the gate for a slot (a client keeps at most
+    /// twice its share in flight) cannot fill it and starve those being
+    /// read. Data
+    /// received and not yet read is held in memory: at most this much per
+    /// connection.
+    pub http2_window_mib: Option<usize>,
     /// Connections served at once (default 512).
     pub max_connections: Option<usize>,
     /// Connections from one IP address at once (default 128), so one host

@@ -333,6 +333,7 @@ async fn hello(State(app): State<Shared>, headers: HeaderMap) -> ApiResult {
         server: format!("imgstore {}", env!("CARGO_PKG_VERSION")),
         config: app.store.config().clone(),
         role: c.role,
+        uploads: Some(app.upload_share() as u32),
         token: c.token,
         namespaces: c.namespaces,
     })

@@ -110,6 +110,9 @@ pub(crate) struct Limits {
     pub clock_skew: Duration,
     pub connections: usize,
     pub connections_per_ip: usize,
+    /// HTTP/2 receive window of a connection, and of one stream in it.
+    pub h2_connection_window: u32,
+    pub h2_stream_window: u32,
 }
 
 fn duration(
@@ -132,6 +135,13 @@ fn duration(
 
 impl Limits {
     fn from_config(c: &ServerConfig) -> Result<Limits, ServerError> {
+        let window = c.http2_window_mib.unwrap_or(32);
+        if !(1..=1024).contains(&window) {
+            return Err(ServerError::Invalid(format!(
+                "http2_window_mib {window} is outside 1..=1024"
+            )));
+        }
+        let window = window as u32;
         let mib = c.max_body_memory_mib.unwrap_or(1024);
         if !(16..=1 << 20).contains(&mib) {
             return Err(ServerError::Invalid(format!(
@@ -160,6 +170,8 @@ impl Limits {
             )?,
             connections: c.max_connections.unwrap_or(512).max(1),
             connections_per_ip: c.max_connections_per_ip.unwrap_or(128).max(1),
+            h2_connection_window: window << 20,
+            h2_stream_window: (window << 20) / 8,
         })
     }
 }
@@ -228,12 +240,17 @@ impl App {
 
     /// Token `token`'s share of `what` (created at first use; a token
     /// file holds few tokens, so the map stays small).
+    /// Upload slots one token may hold at once: half of `max_uploads`.
+    pub(crate) fn upload_share(&self) -> usize {
+        self.config.max_uploads.unwrap_or(8).max(2) / 2
+    }
+
     pub(crate) fn token_share(&self, token: &str, what: Share) -> Arc<tokio::sync::Semaphore> {
         let mut m = self.shares.lock().unwrap_or_else(|p| p.into_inner());
         m.entry((token.to_string(), what))
             .or_insert_with(|| {
                 Arc::new(tokio::sync::Semaphore::new(match what {
-                    Share::Uploads => self.config.max_uploads.unwrap_or(8).max(2) / 2,
+                    Share::Uploads => self.upload_share(),
                     Share::Memory => self.limits.body_memory_kib / 2,
                 }))
             })
@@ -354,6 +371,8 @@ pub async fn serve(
         let acceptor = acceptor.clone();
         let router = router.clone();
         let idle = app.limits.idle_connection;
+        let (conn_window, stream_window) =
+            (app.limits.h2_connection_window, app.limits.h2_stream_window);
         tokio::spawn(async move {
             let _permit = permit;
             let _ip_slot = ip_slot;
@@ -384,7 +403,9 @@ pub async fn serve(
                 .keep_alive_interval(Some(Duration::from_secs(30)))
                 .keep_alive_timeout(Duration::from_secs(20))
                 .max_header_list_size(64 << 10)
-                .max_concurrent_streams(256);
+                .max_concurrent_streams(256)
+                .initial_connection_window_size(conn_window)
+                .initial_stream_window_size(stream_window);
             let io: Box<dyn Io> = match acceptor {
                 Some(acc) => {
                     match tokio::time::timeout(Duration::from_secs(10), acc.accept(tcp)).await {

@@ -34,8 +34,9 @@
 //!   writer per direction), which is nothing for the few connections an
 //!   HTTP/2 client opens, and keeps the timing code plain.
 //! * A virtual-finish-time token bucket (each read reserves its slot on
-//!   the link and sleeps until then) paces to within one read (at most
-//!   5 ms of the rate) at any rate.
+//!   the link and sleeps until then, with at most 20 ms of credit for a
+//!   thread that woke late) paces to within one read (at most 5 ms of the
+//!   rate) plus that credit, at any rate.
 
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
@@ -183,6 +184,9 @@ struct Shared {
 const POLL: Duration = Duration::from_millis(20);
 /// Largest read.
 const READ_MAX: usize = 64 << 10;
+/// How far a late sender may catch up on an idle link (a token bucket's
+/// depth, in time).
+const CREDIT: Duration = Duration::from_millis(20);
 /// Accepted connections before the shaper stops accepting (a bound for
 /// tests; far more than a benchmark opens).
 const MAX_CONNECTIONS: u64 = 1_000_000;
@@ -428,7 +432,13 @@ impl Shared {
         };
         let done = {
             let mut free = lock(&self.pacers[dir.index()]);
-            let start = (*free).max(Instant::now());
+            // A sender that was late (this thread scheduled late on a busy
+            // machine) may catch up on at most CREDIT of the link: without
+            // it every late wake-up is lost for good and the link carries
+            // less than its rate; with it, a one-second window carries at
+            // most 2% more.
+            let now = Instant::now();
+            let start = (*free).max(now.checked_sub(CREDIT).unwrap_or(now));
             *free = start + Duration::from_secs_f64(n as f64 / rate as f64);
             *free
         };

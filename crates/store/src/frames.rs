@@ -158,6 +158,16 @@ pub(crate) trait FrameStore: Send + Sync {
     /// Request counts, cache and pack figures of a bucket.
     fn report(&self, ix: &Index) -> Option<BucketReport>;
 
+    /// `Repository::in_flight`: 0 for frames on local disk.
+    fn in_flight(&self) -> usize {
+        0
+    }
+
+    /// `Repository::uploads_in_flight`: 0 for frames on local disk.
+    fn uploads_in_flight(&self) -> usize {
+        0
+    }
+
     /// Bytes kept outside the repository's directory.
     fn external_bytes(&self, ix: &Index) -> Result<u64>;
 

@@ -33,6 +33,14 @@ impl Repository for Store {
         self.frames.read_order(&self.ix, ids)
     }
 
+    fn in_flight(&self) -> usize {
+        self.frames.in_flight()
+    }
+
+    fn uploads_in_flight(&self) -> usize {
+        self.frames.uploads_in_flight()
+    }
+
     fn ref_counts(&self, kind: ObjectKind, ids: &[Id]) -> Result<Vec<Option<RefCount>>> {
         let keys: Vec<[u8; 33]> = ids.iter().map(|id| kind.key(id)).collect();
         self.ix.get_refs(&keys)

@@ -1180,6 +1180,22 @@ impl FrameStore for Packs {
         self.check_bucket(ix, read_data)
     }
 
+    /// One more reader per 10 ms of the bucket's round trip (at most 32),
+    /// as for a server: a restore worker waits a round trip for each
+    /// region's ranged GETs.
+    fn in_flight(&self) -> usize {
+        let rtt = self.bucket.rtt();
+        ((rtt.as_micros() + 5_000) / 10_000).min(32) as usize
+    }
+
+    /// Two: a `put_region` that fills a pack uploads it (32 MiB by
+    /// default) before it returns, so the backup's workers hand their
+    /// regions to two uploader threads and go on chunking while a pack
+    /// crosses the link (and the next fills meanwhile).
+    fn uploads_in_flight(&self) -> usize {
+        2
+    }
+
     fn report(&self, ix: &Index) -> Option<BucketReport> {
         let (hits, misses, bytes) = self.cache.figures();
         let packs = pack_stats(ix).unwrap_or_default();
