@@ -346,16 +346,7 @@ impl<'a> LiveTarget<'a> {
                 )))
             }
             (Err(e), None) if e.kind() == std::io::ErrorKind::NotFound => {
-                let parent = path
-                    .parent()
-                    .filter(|p| !p.as_os_str().is_empty())
-                    .unwrap_or(Path::new("."));
-                if !parent.is_dir() {
-                    return Err(bad(format!(
-                        "directory {} does not exist",
-                        parent.display()
-                    )));
-                }
+                crate::restore::parent_dir_exists(path).map_err(bad)?;
                 OpenOptions::new()
                     .read(true)
                     .write(true)

@@ -107,16 +107,7 @@ impl Target {
                 })
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let parent = path
-                    .parent()
-                    .filter(|p| !p.as_os_str().is_empty())
-                    .unwrap_or(Path::new("."));
-                if !parent.is_dir() {
-                    return Err(bad(format!(
-                        "directory {} does not exist",
-                        parent.display()
-                    )));
-                }
+                crate::restore::parent_dir_exists(path).map_err(bad)?;
                 Ok(Target::File {
                     path: path.to_path_buf(),
                 })
@@ -969,4 +960,18 @@ fn delta_into(
         zeroed_bytes: zeroed.into_inner(),
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Whether the directory a new target file would go in exists: the error
+/// names it.
+pub(crate) fn parent_dir_exists(path: &Path) -> Result<(), String> {
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if parent.is_dir() {
+        Ok(())
+    } else {
+        Err(format!("directory {} does not exist", parent.display()))
+    }
 }

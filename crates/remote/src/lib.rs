@@ -191,9 +191,10 @@ const CONNECTION_WINDOW: u32 = 64 << 20;
 /// 50 ms of CPU on a changed 8 MiB region and one round trip
 /// (`chunks/known`) waiting, its upload going on behind it
 /// ([`Repository::uploads_in_flight`]); a restore worker one round trip
-/// (`chunks/get`). So at 150 ms RTT, 15 more workers keep two cores busy.
-/// Each worker holds one region (8 MiB) and its frames, which bounds the
-/// memory this costs: about 32 × 16 MiB at most.
+/// (`chunks/get`). So at 150 ms RTT, 15 more restore workers keep two
+/// cores busy; a backup, whose workers only wait for `chunks/known`, takes
+/// half as many. Each worker holds one region (8 MiB) and its frames,
+/// which bounds the memory this costs: about 32 × 16 MiB at most.
 fn in_flight_for(rtt: Duration) -> usize {
     ((rtt.as_micros() + 5_000) / 10_000).min(32) as usize
 }
