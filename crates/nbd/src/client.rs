@@ -704,8 +704,9 @@ impl Client {
             pending.push_back((at, n));
             at += n;
         }
-        // cookie → (offset, length asked, extents so far)
-        let mut inflight: HashMap<u64, (u64, u64, Vec<(u64, u32)>)> = HashMap::new();
+        /// A request in flight: offset, length asked, extents so far.
+        type Asked = (u64, u64, Vec<(u64, u32)>);
+        let mut inflight: HashMap<u64, Asked> = HashMap::new();
         let mut out: Vec<(u64, u64, u32)> = Vec::new();
         let mut chunks = 0u64;
         while !pending.is_empty() || !inflight.is_empty() {
