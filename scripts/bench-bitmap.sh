@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Changed-block backups from a managed qcow2 dirty bitmap (#28):
 #
-#   scripts/bench-bitmap.sh BIN [WORK_DIR] [RUNS]
+#   scripts/bench-bitmap.sh BIN [WORK_DIR] [RUNS] [EXTENTS]
 #
 # A 20 GiB qcow2 holding 4 GiB of random data (64 extents of 64 MiB,
 # spread over the disk) is backed up once with `--bitmap bench` (a full
-# read; the bitmap is added). Then RUNS times (default 3): 2% of the disk
-# (410 MiB: 41 extents of 10 MiB of new random data, inside the data) is
-# rewritten with qemu-io, and the same state is backed up
+# read; the bitmap is added). Then RUNS times (default 3): EXTENTS extents
+# of 10 MiB of new random data, inside the data, are rewritten with
+# qemu-io (default 41: 410 MiB, 2% of the disk; 8 is 2% of the data), and
+# the same state is backed up
 #   - full:  a full re-read (`--parent` the previous snapshot: equal regions
 #            are not chunked, but every byte is read and hashed),
 #   - dirty: the dirty extents alone read by qemu-io (the floor),
@@ -20,6 +21,7 @@ set -euo pipefail
 BIN=${1:?BIN}
 WORK=${2:-/var/tmp/imgstore-bench-bitmap}
 RUNS=${3:-3}
+EXTENTS=${4:-41}
 GIB=$((1 << 30)); MIB=$((1 << 20))
 rm -rf "$WORK"; mkdir -p "$WORK"
 trap 'rm -rf "$WORK"' EXIT
@@ -44,7 +46,7 @@ FULLS=(); DIRTYS=(); BITS=()
 for r in $(seq 1 "$RUNS"); do
   # 41 extents of 10 MiB of fresh random data inside the data extents.
   CMDS=(); READS=()
-  for j in $(seq 0 40); do
+  for j in $(seq 0 $((EXTENTS - 1))); do
     off=$(( (j % 64) * 320 * MIB + ((j * 7 + r * 13) % 54) * MIB ))
     openssl rand -out "$PIECE.$j" $((10 * MIB))
     CMDS+=(-c "write -s $PIECE.$j $off 10M"); READS+=(-c "read -q $off 10M")
