@@ -515,6 +515,7 @@ fn snap(repo: &dyn Repository, name: &str, t: i64, regions: &[Id], cv: u8) -> Sn
         region_size: 8 << 20,
         pages: vec![page_id],
         stats: SnapshotStats::default(),
+        bitmap: None,
     };
     let (id, record) = record_of(repo, &snap);
     Snap {

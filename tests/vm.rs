@@ -658,3 +658,463 @@ fn a_qemu_dirty_bitmap_over_nbd_drives_a_changed_block_backup_that_reads_only_wh
     env.ok(&["restore", inc["id"].as_str().unwrap(), s(&out)]);
     assert_same(&out, &view);
 }
+
+/// A QMP connection to a test's `qemu-storage-daemon` (one JSON object a
+/// line each way; events skipped).
+struct Qmp {
+    r: std::io::BufReader<std::os::unix::net::UnixStream>,
+    w: std::os::unix::net::UnixStream,
+}
+
+impl Qmp {
+    fn connect(sock: &Path) -> Qmp {
+        use std::io::BufRead;
+        let s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut q = Qmp {
+            r: std::io::BufReader::new(s.try_clone().unwrap()),
+            w: s,
+        };
+        let mut greeting = String::new();
+        q.r.read_line(&mut greeting).unwrap();
+        assert!(greeting.contains("QMP"), "{greeting}");
+        q.ok("qmp_capabilities", serde_json::json!({}));
+        q
+    }
+
+    fn execute(&mut self, cmd: &str, args: serde_json::Value) -> serde_json::Value {
+        use std::io::{BufRead, Write};
+        let msg = serde_json::json!({"execute": cmd, "arguments": args});
+        self.w.write_all(format!("{msg}\n").as_bytes()).unwrap();
+        for _ in 0..100 {
+            let mut line = String::new();
+            assert!(self.r.read_line(&mut line).unwrap() > 0, "QMP closed");
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            if v.get("event").is_none() {
+                return v;
+            }
+        }
+        panic!("{cmd}: no answer");
+    }
+
+    fn ok(&mut self, cmd: &str, args: serde_json::Value) -> serde_json::Value {
+        let v = self.execute(cmd, args.clone());
+        assert!(v.get("return").is_some(), "{cmd} {args}: {v}");
+        v["return"].clone()
+    }
+
+    /// Replaces export `id` (read-only, of node `d`) by one offering `bitmaps`.
+    fn reexport(&mut self, id: &str, bitmaps: &[&str]) {
+        self.ok("block-export-del", serde_json::json!({"id": id}));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self
+            .ok("query-block-exports", serde_json::json!({}))
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["id"] == id)
+        {
+            assert!(Instant::now() < deadline, "export {id} not removed");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.ok(
+            "block-export-add",
+            serde_json::json!({"type": "nbd", "id": id, "node-name": "d", "name": id,
+                "writable": false, "bitmaps": bitmaps}),
+        );
+    }
+}
+
+/// Runs a backup with `--json`; returns its report and its stderr.
+fn backup_noting(env: &Env, src: &str, extra: &[&str]) -> (serde_json::Value, String) {
+    let mut args = vec!["backup", src, "--json"];
+    args.extend_from_slice(extra);
+    let o = env.run(&args);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "imgstore {args:?}: {err}");
+    (serde_json::from_slice(&o.stdout).unwrap(), err)
+}
+
+/// The names and flags of a qcow2 image's persistent bitmaps.
+fn bitmaps_of(img: &Path) -> Vec<(String, Vec<String>)> {
+    let info: serde_json::Value =
+        serde_json::from_str(&qemu_img(&["info", "-U", "--output=json", s(img)])).unwrap();
+    info["format-specific"]["data"]["bitmaps"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|b| {
+                    let flags = b["flags"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|f| f.as_str().unwrap().to_string())
+                        .collect();
+                    (b["name"].as_str().unwrap().to_string(), flags)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A "running VM": `qemu-storage-daemon` with a QMP socket serves a qcow2
+/// holding a real ext4 as a writable NBD export (the guest's writes) and
+/// a read-only export for backups. The first backup records with
+/// `--checkpoint` that bitmap b1 (added over QMP) tracks what follows; 5%
+/// of the disk is written through the writable export; then, as libvirt
+/// does, b2 is added and b1 frozen in one transaction and b1 exported:
+/// `--bitmap b1 --checkpoint b2` reads about the dirty bytes only, and
+/// gives the snapshot a full read of the same disk gives. A backup that
+/// gives b1 again (its parent says b2 holds the changes since) reads the
+/// whole disk and says why.
+#[test]
+fn a_running_vm_backs_up_incrementally_from_its_dirty_bitmap_over_nbd() {
+    if !qemu() {
+        return;
+    }
+    let env = Env::new();
+    env.init();
+    let raw = ext4(&env);
+    let qcow = env.path("vm.qcow2");
+    qemu_img(&["convert", "-O", "qcow2", s(&raw), s(&qcow)]);
+    let (sock, qmp_sock) = (env.path("nbd.sock"), env.path("qmp.sock"));
+    let _daemon = start(
+        Command::new("qemu-storage-daemon").args([
+            "--blockdev",
+            &format!(
+                r#"{{"driver":"qcow2","node-name":"d","file":{{"driver":"file","filename":"{}"}}}}"#,
+                qcow.display()
+            ),
+            "--chardev",
+            &format!("socket,id=m,path={},server=on,wait=off", qmp_sock.display()),
+            "--monitor",
+            "chardev=m",
+            "--nbd-server",
+            &format!(r#"{{"addr":{{"type":"unix","path":"{}"}}}}"#, sock.display()),
+            "--export",
+            r#"{"type":"nbd","id":"w","node-name":"d","name":"w","writable":true}"#,
+            "--export",
+            r#"{"type":"nbd","id":"r","node-name":"d","name":"r","writable":false}"#,
+        ]),
+        || sock.exists() && qmp_sock.exists(),
+    );
+    let mut qmp = Qmp::connect(&qmp_sock);
+    qmp.ok(
+        "block-dirty-bitmap-add",
+        serde_json::json!({"node": "d", "name": "b1"}),
+    );
+    let uri = format!("nbd+unix:///r?socket={}", sock.display());
+    let (first, _) = backup_noting(&env, &uri, &["--name", "vm", "--checkpoint", "b1"]);
+    assert_eq!(first["digest"].as_str().unwrap(), b3(&raw));
+    assert_eq!(first["bitmap"]["next"], "b1");
+    assert_eq!(first["bitmap"]["read"], serde_json::Value::Null);
+    // The guest writes 5% of the 48 MiB disk, in three places.
+    let written: u64 = (1024 + 960 + 512) << 10;
+    run(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x5a 3M 1M",
+        "-c",
+        "write -P 0x11 20M 960k",
+        "-c",
+        "write -P 0x77 40M 512k",
+        &format!("nbd+unix:///w?socket={}", sock.display()),
+    ]));
+    qmp.ok(
+        "transaction",
+        serde_json::json!({"actions": [
+            {"type": "block-dirty-bitmap-add", "data": {"node": "d", "name": "b2"}},
+            {"type": "block-dirty-bitmap-disable", "data": {"node": "d", "name": "b1"}},
+        ]}),
+    );
+    qmp.reexport("r", &["b1"]);
+    let view = env.path("vm.view");
+    qemu_img(&["convert", "-U", "-O", "raw", s(&qcow), s(&view)]);
+    let (inc, note) = backup_noting(
+        &env,
+        &uri,
+        &["--name", "vm", "--bitmap", "b1", "--checkpoint", "b2"],
+    );
+    assert!(!note.contains("whole disk"), "{note}");
+    let size = inc["size"].as_u64().unwrap();
+    let read = inc["bytes_read"].as_u64().unwrap();
+    assert!(
+        read >= written && read < size / 8,
+        "read {read} of {size} for {written} written"
+    );
+    assert_eq!(inc["parent"], first["id"]);
+    assert_eq!(inc["bitmap"]["read"], "b1");
+    assert_eq!(inc["bitmap"]["next"], "b2");
+    let (full, _) = backup_noting(&env, &uri, &["--name", "full", "--no-parent"]);
+    assert_eq!(inc["digest"], full["digest"]);
+    assert_eq!(inc["digest"].as_str().unwrap(), b3(&view));
+    // Same chunks, same recipe: nothing new was stored for the full read.
+    assert_eq!(full["new_chunks"], 0, "{full}");
+    // b1 again: its parent says b2 holds the changes since it.
+    let (again, note) = backup_noting(&env, &uri, &["--name", "vm", "--bitmap", "b1"]);
+    assert!(
+        note.contains("--bitmap b1:")
+            && note.contains("\"b2\"")
+            && note.contains("reading the whole disk"),
+        "{note}"
+    );
+    assert_eq!(again["digest"], full["digest"]);
+    assert_eq!(again["bytes_read"], full["bytes_read"], "{again}");
+    // --verify-unchanged keeps working with --bitmap (b2 is frozen and
+    // exported as well: nothing was written since the backup it follows,
+    // so its extents are empty and a share of the rest is checked).
+    qmp.ok(
+        "block-dirty-bitmap-disable",
+        serde_json::json!({"node": "d", "name": "b2"}),
+    );
+    qmp.reexport("r", &["b1", "b2"]);
+    let (checked, note) = backup_noting(
+        &env,
+        &uri,
+        &[
+            "--name",
+            "vm",
+            "--parent",
+            inc["id"].as_str().unwrap(),
+            "--bitmap",
+            "b2",
+            "--verify-unchanged",
+            "10%",
+        ],
+    );
+    assert!(!note.contains("whole disk"), "{note}");
+    assert_eq!(checked["digest"], full["digest"]);
+    let verified = checked["bytes_read"].as_u64().unwrap();
+    assert!(verified > 0 && verified < size, "{checked}");
+    let out = env.path("inc.img");
+    env.ok(&["restore", inc["id"].as_str().unwrap(), s(&out)]);
+    assert_same(&out, &view);
+}
+
+/// A bitmap the NBD export does not offer: one line naming it and what to
+/// do, a non-zero exit, no snapshot; nothing left running once the
+/// server is stopped.
+#[test]
+fn a_bitmap_the_nbd_export_does_not_offer_fails_in_one_line_without_a_snapshot() {
+    if !qemu() {
+        return;
+    }
+    let env = Env::new();
+    env.init();
+    let raw = ext4(&env);
+    let sock = env.path("nbd.sock");
+    let daemon = start(
+        Command::new("qemu-storage-daemon").args([
+            "--blockdev",
+            &format!(
+                r#"{{"driver":"raw","node-name":"d","read-only":true,"file":{{"driver":"file","filename":"{}","read-only":true}}}}"#,
+                raw.display()
+            ),
+            "--nbd-server",
+            &format!(r#"{{"addr":{{"type":"unix","path":"{}"}}}}"#, sock.display()),
+            "--export",
+            r#"{"type":"nbd","id":"e","node-name":"d","name":"vm"}"#,
+        ]),
+        || sock.exists(),
+    );
+    let uri = format!("nbd+unix:///vm?socket={}", sock.display());
+    let err = env.fails(
+        &["backup", &uri, "--bitmap", "nightly"],
+        "does not offer bitmap \"nightly\"",
+    );
+    assert!(err.contains("or back up without --bitmap"), "{err}");
+    // Bad inputs of the flags themselves.
+    env.fails(&["backup", &uri, "--bitmap", ""], "a bitmap name is");
+    env.fails(
+        &["backup", s(&raw), "--checkpoint", "x"],
+        "--checkpoint names the bitmap of an NBD export",
+    );
+    env.fails(&["backup", s(&raw), "--bitmap", "x"], "needs a qcow2 image");
+    env.fails(
+        &["backup", &uri, "--verify-unchanged", "1%"],
+        "give it with --changed or --bitmap",
+    );
+    stop(daemon);
+    assert_eq!(env.ok(&["snapshots", "--json"]).trim(), "[]");
+    assert_no_helper_left(s(env.dir.path()));
+}
+
+/// `--bitmap` on a stopped qcow2: imgstore adds the bitmap on the first
+/// backup (a full read), then each backup reads only what was written
+/// since the last successful one, and rotates the bitmap after its commit
+/// (the image holds only the new generation). A backup that fails (the
+/// repository busy) leaves the old generation in place, usable.
+#[test]
+fn a_stopped_qcow2_managed_bitmap_reads_only_what_changed_and_rotates_after_each_commit() {
+    if !qemu() || !have("flock") {
+        return;
+    }
+    let env = Env::new();
+    env.init();
+    let raw = ext4(&env);
+    let qcow = env.path("vm.qcow2");
+    qemu_img(&["convert", "-O", "qcow2", s(&raw), s(&qcow)]);
+    let view = env.path("vm.view");
+    let check = |r: &serde_json::Value| {
+        guest_view(&qcow, &view);
+        assert_eq!(r["digest"].as_str().unwrap(), b3(&view), "{r}");
+        let gens = bitmaps_of(&qcow);
+        assert_eq!(gens.len(), 1, "{gens:?}");
+        assert_eq!(gens[0].0, r["bitmap"]["next"].as_str().unwrap());
+        assert_eq!(gens[0].1, ["auto"], "{gens:?}");
+        gens[0].0.clone()
+    };
+    let (first, note) = backup_noting(&env, s(&qcow), &["--bitmap", "nightly"]);
+    assert!(note.contains("first backup with this bitmap"), "{note}");
+    let full_read = first["bytes_read"].as_u64().unwrap();
+    let g1 = check(&first);
+    assert!(g1.starts_with("nightly-"), "{g1}");
+    let writes: [&[&str]; 2] = [
+        &["write -P 0x5a 3M 1M", "write -P 0x11 20M 960k"],
+        &["write -P 0x77 40M 512k", "write -P 0x21 8M 64k"],
+    ];
+    let mut last = first;
+    let mut gen = g1;
+    for (round, w) in writes.iter().enumerate() {
+        let mut cmd = Command::new("qemu-io");
+        cmd.args(["-f", "qcow2"]);
+        for c in w.iter() {
+            cmd.args(["-c", c]);
+        }
+        run(cmd.arg(&qcow));
+        let written: u64 = w
+            .iter()
+            .map(|c| {
+                let len = c.rsplit(' ').next().unwrap();
+                match len.strip_suffix('M') {
+                    Some(m) => m.parse::<u64>().unwrap() << 20,
+                    None => len.strip_suffix('k').unwrap().parse::<u64>().unwrap() << 10,
+                }
+            })
+            .sum();
+        if round == 0 {
+            // A backup that fails (the repository is busy) after the
+            // daemon opened the image: the generation stays, usable.
+            let lock = env.repo().join("lock");
+            let holder = start(
+                Command::new("flock").args(["-o", s(&lock), "sleep", "60"]),
+                || true,
+            );
+            std::thread::sleep(Duration::from_millis(300));
+            let o = env.run(&["backup", s(&qcow), "--bitmap", "nightly"]);
+            assert_eq!(o.status.code(), Some(4), "{o:?}");
+            stop(holder);
+            assert_eq!(bitmaps_of(&qcow), [(gen.clone(), vec!["auto".to_string()])]);
+        }
+        let (r, note) = backup_noting(&env, s(&qcow), &["--bitmap", "nightly"]);
+        assert!(!note.contains("whole disk"), "{note}");
+        assert_eq!(r["bytes_read"].as_u64().unwrap(), written, "{r}");
+        assert!(
+            written * 2 < full_read,
+            "{written} written, {full_read} in a full read"
+        );
+        assert_eq!(r["bitmap"]["read"].as_str().unwrap(), gen);
+        assert_eq!(r["parent"], last["id"]);
+        let next = check(&r);
+        assert_ne!(next, gen);
+        gen = next;
+        last = r;
+    }
+    let out = env.path("last.img");
+    env.ok(&["restore", last["id"].as_str().unwrap(), s(&out)]);
+    assert_same(&out, &view);
+    assert_eq!(
+        env.ok(&["snapshots", "--json"]).matches("\"id\"").count(),
+        3
+    );
+    assert_no_helper_left(s(&qcow));
+}
+
+/// A managed bitmap that does not belong to the parent is never trusted:
+/// a parent taken without a bitmap, a generation deleted, one recreated
+/// under the bitmap's name, one left `in-use` by a QEMU killed with the
+/// image open read-write. Each backup reads the whole disk, says why in
+/// one line, gives the exact snapshot, and leaves one fresh generation.
+#[test]
+fn a_managed_bitmap_that_does_not_belong_to_the_parent_means_a_full_read_with_a_note() {
+    if !qemu() {
+        return;
+    }
+    let env = Env::new();
+    env.init();
+    let raw = ext4(&env);
+    let qcow = env.path("vm.qcow2");
+    qemu_img(&["convert", "-O", "qcow2", s(&raw), s(&qcow)]);
+    let view = env.path("vm.view");
+    let plain = env.backup(&qcow, &[]);
+    let full_read = plain["bytes_read"].as_u64().unwrap();
+    let mut pattern = 0x30;
+    let mut write = || {
+        pattern += 1;
+        run(Command::new("qemu-io").args([
+            "-f",
+            "qcow2",
+            "-c",
+            &format!("write -P {pattern} 6M 256k"),
+            s(&qcow),
+        ]));
+    };
+    let full = |why: &str| {
+        let (r, note) = backup_noting(&env, s(&qcow), &["--bitmap", "nightly"]);
+        assert!(
+            note.contains(why) && note.contains("reading the whole disk"),
+            "expected {why:?}: {note}"
+        );
+        assert_eq!(note.trim_end().lines().count(), 1, "{note}");
+        assert!(r["bytes_read"].as_u64().unwrap() * 2 > full_read, "{r}");
+        assert_eq!(r["bitmap"]["read"], serde_json::Value::Null);
+        guest_view(&qcow, &view);
+        assert_eq!(r["digest"].as_str().unwrap(), b3(&view));
+        let gens = bitmaps_of(&qcow);
+        assert_eq!(
+            gens.iter().filter(|g| g.0.starts_with("nightly-")).count(),
+            1,
+            "{gens:?}"
+        );
+        let g = gens.iter().find(|g| g.0 == r["bitmap"]["next"]).unwrap();
+        assert_eq!(g.1, ["auto"]);
+        g.0.clone()
+    };
+    // The parent was taken without a bitmap.
+    write();
+    let gen = full("was not taken with --bitmap");
+    // The generation deleted (another tool cleared it).
+    write();
+    qemu_img(&["bitmap", "--remove", s(&qcow), &gen]);
+    let gen = full("holds no bitmap");
+    // Recreated under the bitmap's name (and a generation of its own).
+    write();
+    qemu_img(&["bitmap", "--remove", s(&qcow), &gen]);
+    qemu_img(&["bitmap", "--add", s(&qcow), "nightly"]);
+    qemu_img(&["bitmap", "--add", s(&qcow), "nightly-0000000000000000"]);
+    let gen = full("holds no bitmap");
+    // A crash: a QEMU that had the image open read-write is killed.
+    write();
+    let sock = env.path("crash.sock");
+    let crashed = start(
+        Command::new("qemu-storage-daemon").args([
+            "--blockdev",
+            &format!(
+                r#"{{"driver":"qcow2","node-name":"d","file":{{"driver":"file","filename":"{}"}}}}"#,
+                qcow.display()
+            ),
+            "--nbd-server",
+            &format!(r#"{{"addr":{{"type":"unix","path":"{}"}}}}"#, sock.display()),
+        ]),
+        || sock.exists(),
+    );
+    let pid = crashed.id();
+    run(Command::new("kill").args(["-9", &pid.to_string()]));
+    stop(crashed);
+    assert!(bitmaps_of(&qcow)
+        .iter()
+        .any(|(n, f)| *n == gen && f.iter().any(|f| f == "in-use")));
+    full("marked in-use");
+    assert_no_helper_left(s(&qcow));
+}

@@ -153,7 +153,9 @@ pub enum Command {
     /// Back up a disk image, block device or stdin as a new snapshot.
     #[command(
         after_help = "Examples:\n  imgstore backup disk.img\n  imgstore backup /dev/vg0/vm-root --name vm-root --tag daily\n  dd if=/dev/sdb bs=4M | imgstore backup - --name sdb\n  imgstore backup disk.img --json\n  \
-imgstore backup /dev/vg0/vm --base latest --changed dirty-ranges.txt --verify-unchanged 1%"
+imgstore backup /dev/vg0/vm --base latest --changed dirty-ranges.txt --verify-unchanged 1%\n  \
+imgstore backup /var/lib/libvirt/images/web01.qcow2 --bitmap imgstore   # stopped VM: only what changed\n  \
+imgstore backup 'nbd+unix:///vda?socket=/run/bk.sock' --name web01 --bitmap ckpt-1 --checkpoint ckpt-2"
     )]
     Backup(BackupArgs),
     /// List snapshots.
@@ -695,9 +697,15 @@ pub struct BackupArgs {
     /// File of `OFFSET LENGTH` lines (bytes; `#` comments; - for stdin) listing what changed since --base.
     #[arg(long, value_name = "RANGES", requires = "base")]
     pub changed: Option<String>,
-    /// With --changed: read this share of the unchanged regions too and fail if they differ from --base.
-    #[arg(long, value_name = "N%", requires = "changed")]
+    /// With --changed or --bitmap: read this share of the unchanged regions too and fail if they differ from the base.
+    #[arg(long, value_name = "N%")]
     pub verify_unchanged: Option<String>,
+    /// Read only the blocks QEMU dirty bitmap NAME marks written since the parent snapshot: an NBD export's `qemu:dirty-bitmap:NAME`, or, for a stopped qcow2 file, a persistent bitmap imgstore adds and rotates itself. A bitmap that does not belong to the parent means a full read, with a note.
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["base", "changed", "from_export", "stdin_from_command"])]
+    pub bitmap: Option<String>,
+    /// NBD source: the bitmap that records the writes made from this backup on (e.g. a libvirt checkpoint's), which the next backup reads with --bitmap (default: --bitmap's NAME).
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["base", "changed", "from_export", "stdin_from_command"])]
+    pub checkpoint: Option<String>,
     /// Take unchanged regions from this snapshot (default: the latest of the same name).
     #[arg(long, value_name = "SNAPSHOT", conflicts_with_all = ["no_parent", "base", "from_export"])]
     pub parent: Option<String>,

@@ -23,6 +23,30 @@ fn hostname() -> String {
 
 pub fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> {
     check_name(a.name.as_deref())?;
+    if let Some(b) = &a.bitmap {
+        crate::bitmap::check_bitmap_name(b, "--bitmap")?;
+    }
+    if let Some(c) = &a.checkpoint {
+        crate::bitmap::check_bitmap_name(c, "--checkpoint")?;
+    }
+    if a.verify_unchanged.is_some() && a.changed.is_none() && a.bitmap.is_none() {
+        return Err(exit::usage(
+            "--verify-unchanged checks a changed-block backup: give it with --changed or --bitmap",
+        ));
+    }
+    let verify_unchanged = match &a.verify_unchanged {
+        Some(v) => crate::units::parse_fraction(v, "--verify-unchanged")?,
+        None => 0.0,
+    };
+    let is_nbd = a
+        .source
+        .as_deref()
+        .is_some_and(imgstore_nbd::client::Uri::is_uri);
+    if a.checkpoint.is_some() && !is_nbd {
+        return Err(exit::usage(
+            "--checkpoint names the bitmap of an NBD export that records the writes after this backup; a qcow2 file's bitmap (--bitmap) is rotated by imgstore itself",
+        ));
+    }
     for t in &a.tags {
         imgstore_engine::check_tag(t)?;
     }
@@ -49,22 +73,53 @@ pub fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> 
     // The QEMU daemon reading a VM image: stopped when the backup ends,
     // whichever way.
     let mut vm_daemon = None;
+    // --bitmap on a stopped qcow2: the daemon that manages its bitmaps;
+    // the source is opened once the parent is known.
+    let mut managed = None;
+    // --bitmap on an NBD export: its dirty extents.
+    let mut nbd_dirty = None;
     let (source, default_name) = match (&overlay, a.source.as_deref()) {
-        (Some(o), _) => (Source::open(&o.data)?, None),
+        (Some(o), _) => (Some(Source::open(&o.data)?), None),
         _ if a.stdin_from_command => {
             let (src, c) = crate::source_command::spawn(&a.command)?;
             child = Some(c);
-            (src, None)
+            (Some(src), None)
         }
-        (None, Some("-")) => (Source::stdin(), None),
+        (None, Some("-")) if a.bitmap.is_some() => {
+            return Err(exit::usage(
+                "--bitmap reads a qcow2 file or an NBD export at offsets, not a stream",
+            ))
+        }
+        (None, Some("-")) => (Some(Source::stdin()), None),
         (None, Some(p)) if imgstore_nbd::client::Uri::is_uri(p) => {
-            (crate::vm::open_nbd(p)?, crate::vm::nbd_default_name(p))
+            let source = match &a.bitmap {
+                Some(b) => {
+                    let (source, dirty) = crate::vm::open_nbd_bitmap(p, b)?;
+                    nbd_dirty = Some(dirty);
+                    source
+                }
+                None => crate::vm::open_nbd(p)?,
+            };
+            (Some(source), crate::vm::nbd_default_name(p))
         }
         (None, Some(p)) => {
             let path = PathBuf::from(p);
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
             let source = Source::open(&path)?;
             let format = a.format.as_deref();
+            if let Some(b) = &a.bitmap {
+                if source.kind() != SourceKind::File || format.is_some_and(|f| f != "qcow2") {
+                    return Err(exit::usage(format!(
+                        "--bitmap on a local source needs a qcow2 image file (QEMU keeps persistent bitmaps only there); {p} is not one: back it up without --bitmap, or over NBD from the QEMU that tracks its writes"
+                    )));
+                }
+                let info = imgstore_qemu::info(&path, Some(format.unwrap_or("qcow2")))
+                    .or_else(|_| imgstore_qemu::info(&path, None))?;
+                let m = crate::bitmap::Managed::start(&path, info, b)?;
+                detail(&format!("{p}: qcow2 image, bitmap {b} managed by imgstore"));
+                managed = Some(m);
+                (None, name)
+            } else {
             let vm_format = match source.kind() {
                 SourceKind::File => crate::vm::vm_format(&path, format)?,
                 _ if format.is_some_and(|f| f != "raw") => {
@@ -80,9 +135,10 @@ pub fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> 
                     let vm = crate::vm::open_vm_image(&path, &f)?;
                     detail(&format!("{p}: {f} image, read through QEMU's block layer"));
                     vm_daemon = Some(vm.daemon);
-                    (vm.source, name)
+                    (Some(vm.source), name)
                 }
-                None => (source.with_direct_io(a.direct_io), name),
+                None => (Some(source.with_direct_io(a.direct_io)), name),
+            }
             }
         }
         (None, None) => {
@@ -164,24 +220,48 @@ pub fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> 
             format_time(p.time_ns)
         ));
     }
+    // A bitmap's dirty extents, when it belongs to the parent.
+    let (source, plan) = match (source, managed.as_mut()) {
+        (Some(source), None) if is_nbd && (a.bitmap.is_some() || a.checkpoint.is_some()) => {
+            let size = source.size().unwrap_or_default();
+            let plan = crate::bitmap::plan_nbd(
+                a.source.as_deref().unwrap_or_default(),
+                a.bitmap.as_deref(),
+                a.checkpoint.as_deref(),
+                nbd_dirty.take(),
+                size,
+                parent.as_ref(),
+                verify_unchanged,
+            );
+            (source, Some(plan))
+        }
+        (Some(source), _) => (source, None),
+        (None, Some(m)) => {
+            let (source, plan) = m.open(parent.as_ref(), verify_unchanged)?;
+            (source, Some(plan))
+        }
+        (None, None) => unreachable!("a source or a managed image"),
+    };
+    let (bitmap_changed, bitmap) = match plan {
+        Some(p) => (p.changed, Some(p.record)),
+        None => (None, None),
+    };
     let opts = BackupOptions {
         name,
         tags: a.tags,
         hostname: hostname(),
         parent,
         allow_empty: a.allow_empty,
+        bitmap,
     };
     let damaged = store.damage_pending();
     let changed = match (&a.base, &a.changed) {
         _ if from_overlay.is_some() => from_overlay,
+        _ if bitmap_changed.is_some() => bitmap_changed,
         (Some(base), Some(list)) => {
             let (base_id, base) =
                 imgstore_engine::select_for_image(&listed.snapshots, base, &opts.name)
                     .with_context(|| format!("--base {base}"))?;
-            let verify_unchanged = match &a.verify_unchanged {
-                Some(v) => crate::units::parse_fraction(v, "--verify-unchanged")?,
-                None => 0.0,
-            };
             Some(imgstore_engine::ChangedBlocks {
                 base_id,
                 base,
@@ -197,14 +277,23 @@ pub fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> 
         None => &bar,
     };
     let result = match &changed {
-        Some(c) => imgstore_engine::backup_changed(&*store, &source, c, &opts, progress),
+        Some(c) => {
+            let r = imgstore_engine::backup_changed(&*store, &source, c, &opts, progress);
+            drop(source);
+            r
+        }
         None => imgstore_engine::backup(&*store, source, &opts, progress),
     };
     // The command's exit status was checked at end of stream; a backup
     // that stopped early does not leave it running.
     drop(child);
     drop(vm_daemon);
+    // A failed backup drops the managed daemon, which stops cleanly: the
+    // image keeps the bitmap it had. Rotation waits for the commit.
     let r = result?;
+    if let Some(m) = managed {
+        m.finish();
+    }
     drop(bar);
     let repaired = damaged - store.damage_pending();
     let s = &r.snapshot;

@@ -5,6 +5,7 @@
 
 mod args;
 mod backup;
+mod bitmap;
 mod commands;
 mod copy;
 mod diff;

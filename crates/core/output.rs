@@ -74,6 +74,16 @@ pub(crate) fn snapshot_json(id: &Id, s: &Snapshot) -> serde_json::Value {
         "new_chunks": s.stats.new_chunks,
         "new_bytes": s.stats.new_bytes,
         "seconds": s.stats.duration_ns as f64 / 1e9,
+        "bitmap": s.bitmap.as_ref().map(|b| json!({
+            "kind": match b.kind {
+                imgstore_format::BitmapKind::Nbd => "nbd",
+                imgstore_format::BitmapKind::Managed => "managed",
+            },
+            "name": b.name,
+            "read": (!b.read.is_empty()).then_some(&b.read),
+            "next": b.next,
+            "source": b.source,
+        })),
     })
 }
 

@@ -64,7 +64,16 @@ impl NbdDisk {
     /// Connects to `uri`: one connection, and more (up to one per core)
     /// when the server says several connections see the same data.
     pub fn connect(uri: &Uri, label: &str) -> anyhow::Result<NbdDisk> {
-        let first = Client::connect(uri, &[BASE_ALLOCATION], TIMEOUT).map_err(|e| {
+        NbdDisk::connect_with(uri, label, None)
+    }
+
+    /// As [`NbdDisk::connect`], negotiating metadata context `extra` too
+    /// (a dirty bitmap's) on every connection.
+    pub fn connect_with(uri: &Uri, label: &str, extra: Option<&str>) -> anyhow::Result<NbdDisk> {
+        let mut contexts = vec![BASE_ALLOCATION];
+        contexts.extend(extra);
+        let contexts = &contexts[..];
+        let first = Client::connect(uri, contexts, TIMEOUT).map_err(|e| {
             let hint = match &e {
                 ClientError::Connect(_) => ": is the server running, and the address right?",
                 ClientError::Refused { .. } => ": list the exports with nbdinfo --list",
@@ -87,8 +96,8 @@ impl NbdDisk {
             // (qemu-nbd without --shared) leaves a handshake unanswered:
             // extra connections get a short wait, and are only a speed-up.
             for _ in 1..want {
-                match Client::connect(uri, &[BASE_ALLOCATION], std::time::Duration::from_secs(2)) {
-                    Ok(c) if c.size() == size => {
+                match Client::connect(uri, contexts, std::time::Duration::from_secs(2)) {
+                    Ok(c) if c.size() == size && extra.is_none_or(|x| c.context(x)) => {
                         conns.push(Mutex::new(Some(c)));
                     }
                     _ => break,
@@ -102,6 +111,31 @@ impl NbdDisk {
             next: AtomicUsize::new(0),
             failed: Mutex::new(None),
         })
+    }
+
+    /// Whether the server agreed to metadata context `name`.
+    pub fn has_context(&self, name: &str) -> bool {
+        self.with(|c| Ok(c.context(name))).unwrap_or(false)
+    }
+
+    /// The extents metadata context `context` (a `qemu:dirty-bitmap:`)
+    /// marks dirty, as `(offset, length)`, merged and in order: block
+    /// status of the whole export, several requests in flight.
+    pub fn dirty_extents(&self, context: &str) -> anyhow::Result<Vec<(u64, u64)>> {
+        let all = self
+            .with(|c| c.block_status_range(context, 0, self.size))
+            .with_context(|| format!("{}: block status of {context}", self.label))?;
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (o, l, f) in all {
+            if f & imgstore_nbd::client::STATE_DIRTY == 0 {
+                continue;
+            }
+            match out.last_mut() {
+                Some(last) if last.0 + last.1 == o => last.1 += l,
+                _ => out.push((o, l)),
+            }
+        }
+        Ok(out)
     }
 
     /// Runs `f` on one of the connections; a connection that failed is
@@ -286,7 +320,10 @@ pub fn open_vm_image(path: &Path, format: &str) -> anyhow::Result<VmSource> {
     let mut daemon = imgstore_qemu::Export::start(
         path,
         format,
-        &imgstore_qemu::ExportOptions { writable: false },
+        &imgstore_qemu::ExportOptions {
+            writable: false,
+            ..Default::default()
+        },
     )?;
     let label = path.display().to_string();
     let reader = NbdDisk::connect(daemon.uri(), &label)?;
@@ -343,7 +380,10 @@ pub fn restore_into_image(
     let mut daemon = imgstore_qemu::Export::start(
         &tmp,
         format,
-        &imgstore_qemu::ExportOptions { writable: true },
+        &imgstore_qemu::ExportOptions {
+            writable: true,
+            ..Default::default()
+        },
     )?;
     let label = path.display().to_string();
     let disk = NbdDisk::connect(daemon.uri(), &label)?;
@@ -384,7 +424,10 @@ pub fn restore_delta_into_image(
     let mut daemon = imgstore_qemu::Export::start(
         path,
         format,
-        &imgstore_qemu::ExportOptions { writable: true },
+        &imgstore_qemu::ExportOptions {
+            writable: true,
+            ..Default::default()
+        },
     )?;
     let label = path.display().to_string();
     let disk = NbdDisk::connect(daemon.uri(), &label)?;
@@ -402,6 +445,33 @@ pub fn open_nbd(uri: &str) -> anyhow::Result<Source> {
     Ok(Source::from_block_reader(
         &PathBuf::from(uri),
         Box::new(reader),
+    ))
+}
+
+/// The NBD metadata context QEMU offers a dirty bitmap under.
+pub fn bitmap_context(bitmap: &str) -> String {
+    format!("qemu:dirty-bitmap:{bitmap}")
+}
+
+/// Opens an NBD URI as a source together with the dirty extents of QEMU
+/// dirty bitmap `bitmap`, which the export must offer.
+pub fn open_nbd_bitmap(uri: &str, bitmap: &str) -> anyhow::Result<(Source, Vec<(u64, u64)>)> {
+    let parsed = Uri::parse(uri).map_err(|e| exit::usage(e.to_string()))?;
+    let context = bitmap_context(bitmap);
+    let reader = NbdDisk::connect_with(&parsed, uri, Some(&context))?;
+    if !reader.has_context(&context) {
+        return Err(exit::Coded {
+            code: exit::FAILURE,
+            msg: format!(
+                "NBD source {uri} does not offer bitmap {bitmap:?} (metadata context {context}): export it with the disk (QMP block-export-add \"bitmaps\", or the checkpoint of virsh backup-begin), or back up without --bitmap"
+            ),
+        }
+        .into());
+    }
+    let dirty = reader.dirty_extents(&context)?;
+    Ok((
+        Source::from_block_reader(&PathBuf::from(uri), Box::new(reader)),
+        dirty,
     ))
 }
 

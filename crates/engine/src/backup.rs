@@ -25,7 +25,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use imgstore_chunker::{Chunker, Extent, Kind, Params};
 use imgstore_format::sealed::RecordKind;
 use imgstore_format::{
-    FrameCodec, Id, ObjectKind, Page, RecipeEntry, Region, Snapshot, SnapshotStats, PAGE_REGIONS,
+    FrameCodec, Id, ObjectKind, Page, RecipeEntry, Region, Snapshot, SnapshotBitmap, SnapshotStats,
+    PAGE_REGIONS,
 };
 use imgstore_repo::{RepoError, Repository};
 use rayon::prelude::*;
@@ -50,6 +51,9 @@ pub struct BackupOptions {
     /// Keep a 0-byte image as a snapshot (refused otherwise: an empty
     /// stream is usually a failed pipeline, not an empty disk).
     pub allow_empty: bool,
+    /// The changed-block bitmap the backup is taken with, recorded in the
+    /// snapshot (see [`crate::parent_bitmap`]).
+    pub bitmap: Option<SnapshotBitmap>,
 }
 
 /// The result of a backup.
@@ -1015,6 +1019,7 @@ where
         region_size: region_size as u32,
         pages: page_ids,
         stats,
+        bitmap: meta.opts.bitmap.clone(),
     };
     let (_, record) = codec.store_record(RecordKind::Snapshot, snapshot.encode(), &snapshot.pages);
     let (id, _) = repo.commit(&record, &stored_pages, meta.parent.as_ref())?;

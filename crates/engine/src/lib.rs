@@ -38,6 +38,7 @@
 
 mod aligned;
 mod backup;
+mod bitmap;
 mod check;
 mod copy;
 mod diff;
@@ -58,6 +59,7 @@ mod source;
 mod tests;
 
 pub use backup::{backup, backup_changed, chunker_for, BackupOptions, BackupReport, ChangedBlocks};
+pub use bitmap::{parent_bitmap, BitmapMismatch};
 pub use check::{check, check_structure, CheckReport, DamagedSnapshot, Problem, ReadData};
 pub use copy::{copy_snapshot, CopyReport};
 pub use diff::diff;

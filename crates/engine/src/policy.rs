@@ -176,6 +176,7 @@ mod tests {
             region_size: 1 << 23,
             pages: vec![],
             stats: SnapshotStats::default(),
+            bitmap: None,
         };
         (s.id(), s)
     }

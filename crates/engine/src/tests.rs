@@ -59,6 +59,7 @@ fn back_up(repo: &dyn Repository, data: &[u8], parent: Option<&BackupReport>) ->
         hostname: "test".into(),
         parent: parent.map(|p| (p.id, p.snapshot.clone())),
         allow_empty: false,
+        bitmap: None,
     };
     backup(repo, src, &opts, &NoProgress).unwrap()
 }

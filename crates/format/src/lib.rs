@@ -36,7 +36,9 @@ pub use frame::{
 };
 pub use id::{Id, IdParseError};
 pub use overlay::{OverlayRecord, OVERLAY_FILE, OVERLAY_VERSION};
-pub use records::{Page, RecipeEntry, RefCount, Region, Snapshot, SnapshotStats};
+pub use records::{
+    BitmapKind, Page, RecipeEntry, RefCount, Region, Snapshot, SnapshotBitmap, SnapshotStats,
+};
 pub use version::FormatVersion;
 
 /// Number of region ids in one index page (see [`Page`]). Part of the format.

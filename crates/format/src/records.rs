@@ -182,11 +182,41 @@ pub struct SnapshotStats {
     pub duration_ns: u64,
 }
 
+/// How a changed-block tracking bitmap was used by a backup, recorded in
+/// its snapshot so that the next backup can tell whether the bitmap it is
+/// given belongs to its parent (`--bitmap`, `--checkpoint`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotBitmap {
+    pub kind: BitmapKind,
+    /// The name given with `--bitmap` (empty when only `--checkpoint` was).
+    pub name: String,
+    /// The bitmap whose dirty extents this backup read; empty when it read
+    /// the whole source.
+    pub read: String,
+    /// The bitmap that records the writes made after this snapshot: what
+    /// the next backup must read for its dirty extents to be complete. For
+    /// a managed bitmap, `NAME-` and the generation token (16 hex digits).
+    pub next: String,
+    /// The source's identity: the NBD URI as given, or the image file's
+    /// canonical path.
+    pub source: String,
+}
+
+/// Who keeps a recorded bitmap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BitmapKind {
+    /// A `qemu:dirty-bitmap:NAME` of an NBD export, kept by whoever runs
+    /// QEMU (QMP, libvirt).
+    Nbd = 1,
+    /// A persistent bitmap in a qcow2 file, added and rotated by imgstore.
+    Managed = 2,
+}
+
 /// A snapshot record (value in the `snapshots` column family; its key, the
 /// snapshot id, is the BLAKE3 of this encoding).
 ///
 /// ```text
-/// u8   version = 1
+/// u8   version = 1, or 2 when a bitmap section follows the stats
 /// i64  time, nanoseconds since the Unix epoch (UTC)
 /// str  name            (str = u16 length + UTF-8 bytes)
 /// str  hostname
@@ -197,7 +227,13 @@ pub struct SnapshotStats {
 /// u32  region size in bytes
 /// u32  page count p, then p × 32-byte page ids
 /// u64 ×5  stats: chunks, zero_bytes, new_chunks, new_bytes, duration_ns
+/// version 2 only (a backup with --bitmap or --checkpoint):
+/// u8   bitmap kind (1 = an NBD export's bitmap, 2 = a managed qcow2 bitmap)
+/// str  bitmap name, str bitmap read, str next bitmap, str source identity
 /// ```
+///
+/// A snapshot without a bitmap is still written as version 1, byte for
+/// byte as before, so its id does not change.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Snapshot {
     pub time_ns: i64,
@@ -210,14 +246,23 @@ pub struct Snapshot {
     pub region_size: u32,
     pub pages: Vec<Id>,
     pub stats: SnapshotStats,
+    /// The changed-block bitmap the backup was taken with (version 2).
+    pub bitmap: Option<SnapshotBitmap>,
 }
 
 impl Snapshot {
+    /// A record without a bitmap.
     const VERSION: u8 = 1;
+    /// A record with a bitmap section.
+    const VERSION_BITMAP: u8 = 2;
 
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer(Vec::with_capacity(200 + self.pages.len() * 32));
-        w.u8(Self::VERSION);
+        w.u8(if self.bitmap.is_some() {
+            Self::VERSION_BITMAP
+        } else {
+            Self::VERSION
+        });
         w.i64(self.time_ns);
         w.str(&self.name);
         w.str(&self.hostname);
@@ -243,6 +288,13 @@ impl Snapshot {
         ] {
             w.u64(v);
         }
+        if let Some(b) = &self.bitmap {
+            w.u8(b.kind as u8);
+            w.str(&b.name);
+            w.str(&b.read);
+            w.str(&b.next);
+            w.str(&b.source);
+        }
         w.0
     }
 
@@ -254,7 +306,7 @@ impl Snapshot {
     pub fn decode(buf: &[u8]) -> Result<Snapshot, FormatError> {
         let mut r = Reader::new(buf, "snapshot record");
         let v = r.u8()?;
-        if v != Self::VERSION {
+        if v != Self::VERSION && v != Self::VERSION_BITMAP {
             return Err(FormatError::Version {
                 what: "snapshot record",
                 version: v,
@@ -281,6 +333,27 @@ impl Snapshot {
             new_bytes: r.u64()?,
             duration_ns: r.u64()?,
         };
+        let bitmap = if v == Self::VERSION_BITMAP {
+            let kind = match r.u8()? {
+                1 => BitmapKind::Nbd,
+                2 => BitmapKind::Managed,
+                tag => {
+                    return Err(FormatError::BadTag {
+                        what: "snapshot bitmap kind",
+                        tag,
+                    })
+                }
+            };
+            Some(SnapshotBitmap {
+                kind,
+                name: r.str()?,
+                read: r.str()?,
+                next: r.str()?,
+                source: r.str()?,
+            })
+        } else {
+            None
+        };
         r.finish()?;
         let snap = Snapshot {
             time_ns,
@@ -293,6 +366,7 @@ impl Snapshot {
             region_size,
             pages,
             stats,
+            bitmap,
         };
         snap.check_shape()?;
         Ok(snap)
@@ -390,12 +464,86 @@ mod tests {
                 new_bytes: 4,
                 duration_ns: 5,
             },
+            bitmap: None,
         }
+    }
+
+    fn snap_with_bitmap() -> Snapshot {
+        Snapshot {
+            size: 8 << 20,
+            pages: vec![Id([1; 32])],
+            bitmap: Some(SnapshotBitmap {
+                kind: BitmapKind::Managed,
+                name: "nightly".into(),
+                read: "nightly-00112233aabbccdd".into(),
+                next: "nightly-445566778899eeff".into(),
+                source: "/vm/web01.qcow2".into(),
+            }),
+            ..snap()
+        }
+    }
+
+    /// Golden vector: the bytes of a record with a bitmap (version 2) and
+    /// one without (version 1, unchanged by the bitmap's addition), pinned
+    /// by their ids; an encoding change fails here.
+    #[test]
+    fn snapshot_encodings_are_pinned() {
+        let v1 = snap();
+        let b = v1.encode();
+        assert_eq!(b[0], 1);
+        assert_eq!(
+            v1.id().to_hex(),
+            "cf802fcbeb3948db92ae44495fa52408b32036efa582d515e856d36cf09dc4c7",
+            "the version-1 encoding changed: existing snapshot ids would change"
+        );
+        let v2 = snap_with_bitmap();
+        let b = v2.encode();
+        assert_eq!(b[0], 2);
+        // The bitmap section is the tail: kind, then four strings.
+        let mut tail = vec![2u8];
+        for s in [
+            "nightly",
+            "nightly-00112233aabbccdd",
+            "nightly-445566778899eeff",
+            "/vm/web01.qcow2",
+        ] {
+            tail.extend_from_slice(&(s.len() as u16).to_le_bytes());
+            tail.extend_from_slice(s.as_bytes());
+        }
+        assert!(b.ends_with(&tail));
+        let mut without = b[..b.len() - tail.len()].to_vec();
+        without[0] = 1;
+        assert_eq!(
+            Snapshot::decode(&without).unwrap(),
+            Snapshot {
+                bitmap: None,
+                ..v2.clone()
+            }
+        );
+        assert_eq!(
+            v2.id().to_hex(),
+            "890983b9a970f2a812bfdcaec41a5cee308a48e4dd87013ec420b9d96110337c"
+        );
+        assert_eq!(Snapshot::decode(&b).unwrap(), v2);
+        // A version-2 record must hold its bitmap section, whole.
+        let mut cut = b.clone();
+        cut.truncate(b.len() - 3);
+        assert!(Snapshot::decode(&cut).is_err());
+        let mut bad_kind = b.clone();
+        let at = b.len() - tail.len();
+        bad_kind[at] = 9;
+        assert!(Snapshot::decode(&bad_kind).is_err());
+        // Version 3 is not known.
+        let mut v3 = b;
+        v3[0] = 3;
+        assert!(Snapshot::decode(&v3).is_err());
     }
 
     #[test]
     fn records_round_trip() {
         let s = snap();
+        assert_eq!(Snapshot::decode(&s.encode()).unwrap(), s);
+        let s = snap_with_bitmap();
         assert_eq!(Snapshot::decode(&s.encode()).unwrap(), s);
         let r = Region {
             entries: vec![
@@ -443,8 +591,8 @@ mod tests {
         }
 
         #[test]
-        fn mutated_snapshots_never_panic(pos in 0usize..400, val in any::<u8>()) {
-            let mut b = snap().encode();
+        fn mutated_snapshots_never_panic(pos in 0usize..400, val in any::<u8>(), bm in any::<bool>()) {
+            let mut b = if bm { snap_with_bitmap() } else { snap() }.encode();
             let p = pos % b.len();
             b[p] = val;
             if let Ok(s) = Snapshot::decode(&b) {

@@ -249,6 +249,9 @@ const WINDOW: usize = 16;
 /// Largest read or write sent as one request (QEMU accepts 32 MiB).
 pub const MAX_IO: usize = 4 << 20;
 
+/// Largest range one block status request asks about (1 GiB).
+pub const STATUS_SPAN: u64 = 1 << 30;
+
 /// One connection to one export, after the handshake.
 pub struct Client {
     s: Stream,
@@ -663,61 +666,13 @@ impl Client {
         let mut out = Vec::new();
         // One chunk per agreed context, then done.
         for _ in 0..=self.contexts.len() + 1 {
-            let mut h = [0u8; 20];
-            self.s.read_exact(&mut h)?;
-            let magic = u32::from_be_bytes(h[..4].try_into().expect("4"));
-            if magic == SIMPLE_REPLY_MAGIC {
-                let errno = u32::from_be_bytes(h[4..8].try_into().expect("4"));
-                return Err(ClientError::Command {
-                    what: "block status",
-                    offset,
-                    errno,
-                    msg: String::new(),
-                });
-            }
-            if magic != STRUCTURED_REPLY_MAGIC
-                || u64::from_be_bytes(h[8..16].try_into().expect("8")) != cookie
-            {
+            let (got, done) = self.status_chunk(id, offset, &mut out)?;
+            if got != cookie {
                 return Err(ClientError::Protocol("bad block status reply".into()));
             }
-            let flags = u16::from_be_bytes(h[4..6].try_into().expect("2"));
-            let kind = u16::from_be_bytes(h[6..8].try_into().expect("2"));
-            let plen = u32::from_be_bytes(h[16..20].try_into().expect("4")) as usize;
-            if plen > 8 << 20 {
-                return Err(ClientError::Protocol("huge block status reply".into()));
-            }
-            let mut p = vec![0u8; plen];
-            self.s.read_exact(&mut p)?;
-            match kind {
-                REPLY_BLOCK_STATUS => {
-                    if u32_at(&p, 0) == Some(id) {
-                        for e in p[4..].chunks_exact(8) {
-                            let l = u32::from_be_bytes(e[..4].try_into().expect("4")) as u64;
-                            let f = u32::from_be_bytes(e[4..].try_into().expect("4"));
-                            out.push((l, f));
-                        }
-                    }
-                }
-                REPLY_NONE => {}
-                k if k & (1 << 15) != 0 => {
-                    let errno = u32_at(&p, 0).unwrap_or(EIO);
-                    let ml = u16_at(&p, 4).unwrap_or(0) as usize;
-                    return Err(ClientError::Command {
-                        what: "block status",
-                        offset,
-                        errno,
-                        msg: String::from_utf8_lossy(p.get(6..6 + ml).unwrap_or(&[])).into_owned(),
-                    });
-                }
-                _ => {
-                    return Err(ClientError::Protocol(
-                        "unexpected block status chunk".into(),
-                    ))
-                }
-            }
-            if flags & REPLY_FLAG_DONE != 0 {
-                if out.is_empty() || out.iter().any(|e| e.0 == 0) {
-                    return Err(ClientError::Protocol("empty block status extent".into()));
+            if done {
+                if out.is_empty() {
+                    return Err(ClientError::Protocol("empty block status reply".into()));
                 }
                 return Ok(out);
             }
@@ -725,6 +680,147 @@ impl Client {
         Err(ClientError::Protocol(
             "a block status reply of endless chunks".into(),
         ))
+    }
+
+    /// Every extent of metadata context `context` in `from..end`, as
+    /// `(offset, length, flags)` in order, covering the range exactly:
+    /// block status requests of at most [`STATUS_SPAN`] bytes, up to 16 in
+    /// flight, each asked again from where a short answer ended. Empty
+    /// when the context was not agreed on.
+    pub fn block_status_range(
+        &mut self,
+        context: &str,
+        from: u64,
+        end: u64,
+    ) -> Result<Vec<(u64, u64, u32)>, ClientError> {
+        let Some(&id) = self.contexts.get(context) else {
+            return Ok(Vec::new());
+        };
+        let end = end.min(self.size);
+        let mut pending: std::collections::VecDeque<(u64, u64)> = Default::default();
+        let mut at = from;
+        while at < end {
+            let n = (end - at).min(STATUS_SPAN);
+            pending.push_back((at, n));
+            at += n;
+        }
+        /// A request in flight: offset, length asked, extents so far.
+        type Asked = (u64, u64, Vec<(u64, u32)>);
+        let mut inflight: HashMap<u64, Asked> = HashMap::new();
+        let mut out: Vec<(u64, u64, u32)> = Vec::new();
+        let mut chunks = 0u64;
+        while !pending.is_empty() || !inflight.is_empty() {
+            while inflight.len() < WINDOW {
+                let Some((o, n)) = pending.pop_front() else {
+                    break;
+                };
+                let cookie = self.send(CMD_BLOCK_STATUS, 0, o, n as u32, &[])?;
+                inflight.insert(cookie, (o, n, Vec::new()));
+            }
+            chunks += 1;
+            if chunks > 1 << 24 {
+                return Err(ClientError::Protocol(
+                    "block status replies that do not end".into(),
+                ));
+            }
+            let mut got = Vec::new();
+            let (cookie, done) = self.status_chunk(id, from, &mut got)?;
+            let Some(req) = inflight.get_mut(&cookie) else {
+                return Err(ClientError::Protocol(
+                    "a block status reply to no request".into(),
+                ));
+            };
+            req.2.extend(got);
+            if done {
+                let (o, n, extents) = inflight.remove(&cookie).expect("in flight");
+                if extents.is_empty() {
+                    return Err(ClientError::Protocol("empty block status reply".into()));
+                }
+                let mut pos = o;
+                for (l, f) in extents {
+                    if pos >= o + n {
+                        break;
+                    }
+                    let e = (pos + l).min(o + n);
+                    out.push((pos, e - pos, f));
+                    pos = e;
+                }
+                if pos < o + n {
+                    pending.push_front((pos, o + n - pos));
+                }
+            }
+        }
+        out.sort_unstable_by_key(|e| e.0);
+        Ok(out)
+    }
+
+    /// Reads one structured reply chunk of a block status request; the
+    /// extents of context `id` are appended to `out`. Returns the request's
+    /// cookie and whether the reply is done (a done reply without extents,
+    /// or with an empty one, is refused).
+    fn status_chunk(
+        &mut self,
+        id: u32,
+        offset: u64,
+        out: &mut Vec<(u64, u32)>,
+    ) -> Result<(u64, bool), ClientError> {
+        let mut h = [0u8; 20];
+        self.s.read_exact(&mut h)?;
+        let magic = u32::from_be_bytes(h[..4].try_into().expect("4"));
+        if magic == SIMPLE_REPLY_MAGIC {
+            let errno = u32::from_be_bytes(h[4..8].try_into().expect("4"));
+            return Err(ClientError::Command {
+                what: "block status",
+                offset,
+                errno,
+                msg: String::new(),
+            });
+        }
+        if magic != STRUCTURED_REPLY_MAGIC {
+            return Err(ClientError::Protocol("bad block status reply".into()));
+        }
+        let cookie = u64::from_be_bytes(h[8..16].try_into().expect("8"));
+        let flags = u16::from_be_bytes(h[4..6].try_into().expect("2"));
+        let kind = u16::from_be_bytes(h[6..8].try_into().expect("2"));
+        let plen = u32::from_be_bytes(h[16..20].try_into().expect("4")) as usize;
+        if plen > 8 << 20 {
+            return Err(ClientError::Protocol("huge block status reply".into()));
+        }
+        let mut p = vec![0u8; plen];
+        self.s.read_exact(&mut p)?;
+        match kind {
+            REPLY_BLOCK_STATUS => {
+                if u32_at(&p, 0) == Some(id) {
+                    let before = out.len();
+                    for e in p[4..].chunks_exact(8) {
+                        let l = u32::from_be_bytes(e[..4].try_into().expect("4")) as u64;
+                        let f = u32::from_be_bytes(e[4..].try_into().expect("4"));
+                        out.push((l, f));
+                    }
+                    if out.len() == before || out[before..].iter().any(|e| e.0 == 0) {
+                        return Err(ClientError::Protocol("empty block status extent".into()));
+                    }
+                }
+            }
+            REPLY_NONE => {}
+            k if k & (1 << 15) != 0 => {
+                let errno = u32_at(&p, 0).unwrap_or(EIO);
+                let ml = u16_at(&p, 4).unwrap_or(0) as usize;
+                return Err(ClientError::Command {
+                    what: "block status",
+                    offset,
+                    errno,
+                    msg: String::from_utf8_lossy(p.get(6..6 + ml).unwrap_or(&[])).into_owned(),
+                });
+            }
+            _ => {
+                return Err(ClientError::Protocol(
+                    "unexpected block status chunk".into(),
+                ))
+            }
+        }
+        let done = flags & REPLY_FLAG_DONE != 0;
+        Ok((cookie, done))
     }
 
     /// Ends the session politely (`NBD_CMD_DISC`).
@@ -875,6 +971,23 @@ mod tests {
                 assert_eq!(map.iter().map(|e| e.0).sum::<u64>(), 9 << 20);
                 assert_eq!(map[0], (65536, STATE_HOLE | STATE_ZERO));
                 assert_eq!(map[1].1, 0);
+                // The pipelined form answers the same extents, at offsets,
+                // exactly covering the range asked (here from inside one).
+                let range = c
+                    .block_status_range("base:allocation", 4096, 9 << 20)
+                    .unwrap();
+                assert_eq!(range[0], (4096, 65536 - 4096, STATE_HOLE | STATE_ZERO));
+                let mut pos = 4096;
+                for e in &range {
+                    assert_eq!(e.0, pos);
+                    pos += e.1;
+                }
+                assert_eq!(pos, 9 << 20);
+                assert_eq!(range[1].2, 0);
+                assert!(c
+                    .block_status_range("qemu:dirty-bitmap:x", 0, 4096)
+                    .unwrap()
+                    .is_empty());
                 let mut a = vec![7u8; 5 << 20];
                 let mut b = vec![7u8; 1000];
                 c.run(&mut [Command::Read(0, &mut a), Command::Read(8 << 20, &mut b)])

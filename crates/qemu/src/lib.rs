@@ -41,6 +41,13 @@ pub enum QemuError {
     /// Starting, reaching or stopping the daemon failed.
     #[error("qemu-storage-daemon for {}: {why}", path.display())]
     Daemon { path: PathBuf, why: String },
+    /// The daemon refused a QMP command (or its monitor failed).
+    #[error("qemu-storage-daemon for {}: {command}: {why}", path.display())]
+    Qmp {
+        path: PathBuf,
+        command: &'static str,
+        why: String,
+    },
 }
 
 /// What `qemu-img info` says about an image.
@@ -52,6 +59,31 @@ pub struct ImageInfo {
     pub virtual_size: u64,
     /// The backing file, resolved as QEMU resolves it.
     pub backing: Option<String>,
+    /// The persistent dirty bitmaps a qcow2 image holds.
+    pub bitmaps: Vec<BitmapInfo>,
+}
+
+/// A persistent dirty bitmap of a qcow2 image, as `qemu-img info` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+pub struct BitmapInfo {
+    pub name: String,
+    /// `auto` (enabled: it records writes whenever the image is opened
+    /// read-write), `in-use` (the image is open read-write, or was not
+    /// closed cleanly: then the bitmap may have missed writes).
+    pub flags: Vec<String>,
+    pub granularity: u64,
+}
+
+impl BitmapInfo {
+    /// Marked in use: opened read-write and not (yet) closed cleanly.
+    pub fn in_use(&self) -> bool {
+        self.flags.iter().any(|f| f == "in-use")
+    }
+
+    /// Enabled: records the writes made while the image is open.
+    pub fn enabled(&self) -> bool {
+        self.flags.iter().any(|f| f == "auto")
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -62,6 +94,18 @@ struct RawInfo {
     #[serde(rename = "full-backing-filename")]
     backing: Option<String>,
     encrypted: Option<bool>,
+    #[serde(rename = "format-specific")]
+    format_specific: Option<FormatSpecific>,
+}
+
+#[derive(serde::Deserialize)]
+struct FormatSpecific {
+    data: Option<FormatData>,
+}
+
+#[derive(serde::Deserialize)]
+struct FormatData {
+    bitmaps: Option<Vec<BitmapInfo>>,
 }
 
 fn program(name: &'static str) -> Result<Command, QemuError> {
@@ -140,10 +184,16 @@ pub fn info(path: &Path, format: Option<&str>) -> Result<ImageInfo, QemuError> {
                 .into(),
         });
     }
+    let bitmaps = raw
+        .format_specific
+        .and_then(|f| f.data)
+        .and_then(|d| d.bitmaps)
+        .unwrap_or_default();
     Ok(ImageInfo {
         format: raw.format,
         virtual_size: raw.virtual_size,
         backing: raw.backing,
+        bitmaps,
     })
 }
 
@@ -176,6 +226,13 @@ pub fn create(path: &Path, format: &str, size: u64) -> Result<(), QemuError> {
 pub struct ExportOptions {
     /// Clients may write (a restore into the image).
     pub writable: bool,
+    /// Managing the image's dirty bitmaps: the image is opened read-write
+    /// (QEMU's lock keeps a VM from opening it meanwhile) with a QMP
+    /// monitor, and the export — read-only — is added only by
+    /// [`Export::export`], with or without a bitmap. Dropping the daemon
+    /// then stops it cleanly (SIGTERM), so the image's bitmaps are written
+    /// back and not left marked in use.
+    pub manage_bitmaps: bool,
 }
 
 /// A private `qemu-storage-daemon` exporting one image over NBD. Dropping
@@ -185,7 +242,89 @@ pub struct Export {
     dir: Option<tempfile::TempDir>,
     uri: Uri,
     path: PathBuf,
+    /// The QMP monitor (`manage_bitmaps`), connected before the directory
+    /// holding its socket is removed.
+    qmp: Option<Qmp>,
 }
+
+/// The non-persistent, disabled copy of a bitmap that an export offers
+/// (QEMU exports only a bitmap that no longer changes).
+pub const EXPORTED_BITMAP: &str = "__imgstore_read";
+
+/// A QMP connection: one JSON object per line each way.
+struct Qmp {
+    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
+    writer: std::os::unix::net::UnixStream,
+}
+
+impl Qmp {
+    fn connect(socket: &Path) -> std::io::Result<Qmp> {
+        use std::io::BufRead;
+        let s = std::os::unix::net::UnixStream::connect(socket)?;
+        s.set_read_timeout(Some(QMP_TIMEOUT))?;
+        s.set_write_timeout(Some(QMP_TIMEOUT))?;
+        let mut q = Qmp {
+            reader: std::io::BufReader::new(s.try_clone()?),
+            writer: s,
+        };
+        // The greeting, then capabilities negotiation.
+        let mut line = String::new();
+        q.reader.read_line(&mut line)?;
+        if !line.contains("QMP") {
+            return Err(std::io::Error::other(format!(
+                "not a QMP greeting: {}",
+                line.trim()
+            )));
+        }
+        q.execute("qmp_capabilities", serde_json::json!({}))
+            .map_err(std::io::Error::other)?;
+        Ok(q)
+    }
+
+    /// Runs one command; its `return` value, or QEMU's error description.
+    fn execute(
+        &mut self,
+        command: &str,
+        arguments: serde_json::Value,
+    ) -> Result<serde_json::Value, String> {
+        use std::io::{BufRead, Write};
+        let msg = serde_json::json!({"execute": command, "arguments": arguments});
+        self.writer
+            .write_all(format!("{msg}\n").as_bytes())
+            .map_err(|e| format!("monitor: {e}"))?;
+        // Events may come first; a bounded number of lines is read.
+        for _ in 0..1000 {
+            let mut line = String::new();
+            let n = self
+                .reader
+                .read_line(&mut line)
+                .map_err(|e| format!("monitor: {e}"))?;
+            if n == 0 {
+                return Err("the monitor closed".into());
+            }
+            let v: serde_json::Value = serde_json::from_str(&line)
+                .map_err(|e| format!("monitor sent {:?}: {e}", line.trim()))?;
+            if let Some(r) = v.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = v.get("error") {
+                return Err(e
+                    .get("desc")
+                    .and_then(|d| d.as_str())
+                    .unwrap_or("error")
+                    .to_string());
+            }
+        }
+        Err("no answer from the monitor".into())
+    }
+}
+
+/// How long a QMP command may take.
+const QMP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a daemon managing bitmaps may take to stop cleanly when
+/// dropped before it is killed.
+const DROP_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The name of the one export the daemon serves.
 const EXPORT_NAME: &str = "disk";
@@ -224,7 +363,8 @@ impl Export {
         let stderr = dir.path().join("stderr");
         let abs = std::path::absolute(path)
             .map_err(|e| daemon_err(format!("cannot resolve the path: {e}")))?;
-        let ro = !opts.writable;
+        let ro = !opts.writable && !opts.manage_bitmaps;
+        let qmp_socket = dir.path().join("qmp.sock");
         let blockdev = serde_json::json!({
             "driver": format,
             "node-name": "disk",
@@ -255,10 +395,18 @@ impl Export {
             .arg("--blockdev")
             .arg(blockdev.to_string())
             .arg("--nbd-server")
-            .arg(server.to_string())
-            .arg("--export")
-            .arg(export.to_string())
-            .stdin(Stdio::null())
+            .arg(server.to_string());
+        if opts.manage_bitmaps {
+            cmd.arg("--chardev")
+                .arg(format!(
+                    "socket,id=qmp,path={},server=on,wait=off",
+                    qmp_socket.display()
+                ))
+                .args(["--monitor", "chardev=qmp"]);
+        } else {
+            cmd.arg("--export").arg(export.to_string());
+        }
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(err_file)
             .process_group(0);
@@ -273,13 +421,20 @@ impl Export {
                 export: EXPORT_NAME.into(),
             },
             path: path.to_path_buf(),
+            qmp: None,
         };
         let started = Instant::now();
         loop {
             // Listening once a connection is accepted (the socket file
             // appears at bind, just before listen); the probe connection
-            // is closed at once.
+            // is closed at once. The monitor is set up before the NBD
+            // server, so it listens by then.
             if socket.exists() && std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+                if opts.manage_bitmaps {
+                    let q = Qmp::connect(&qmp_socket)
+                        .map_err(|err| daemon_err(format!("its QMP monitor: {err}")))?;
+                    e.qmp = Some(q);
+                }
                 return Ok(e);
             }
             let c = e.child.as_mut().expect("running");
@@ -312,6 +467,90 @@ impl Export {
         }
     }
 
+    fn qmp(
+        &mut self,
+        command: &'static str,
+        arguments: serde_json::Value,
+    ) -> Result<serde_json::Value, QemuError> {
+        let path = self.path.clone();
+        let Some(q) = self.qmp.as_mut() else {
+            return Err(QemuError::Qmp {
+                path,
+                command,
+                why: "the daemon was started without a monitor".into(),
+            });
+        };
+        q.execute(command, arguments)
+            .map_err(|why| QemuError::Qmp { path, command, why })
+    }
+
+    /// A daemon started with `manage_bitmaps`: adds the read-only export,
+    /// offering a frozen copy of persistent bitmap `bitmap` as the NBD
+    /// metadata context `qemu:dirty-bitmap:`[`EXPORTED_BITMAP`] when one
+    /// is given. Fails if QEMU refuses the bitmap (an inconsistent one: the
+    /// caller may export without it).
+    pub fn export(&mut self, bitmap: Option<&str>) -> Result<(), QemuError> {
+        let node = "disk";
+        let mut bitmaps = vec![];
+        if let Some(b) = bitmap {
+            // Nothing writes the image meanwhile (the daemon holds its
+            // lock and exports it read-only), so the copy is the bitmap.
+            let have = self.qmp("query-named-block-nodes", serde_json::json!({"flat": true}))?;
+            let exists = |name: &str| {
+                have.as_array().into_iter().flatten().any(|n| {
+                    n["node-name"] == node
+                        && n["dirty-bitmaps"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .any(|d| d["name"] == name)
+                })
+            };
+            if !exists(EXPORTED_BITMAP) {
+                self.qmp(
+                    "block-dirty-bitmap-add",
+                    serde_json::json!({"node": node, "name": EXPORTED_BITMAP,
+                        "persistent": false, "disabled": true}),
+                )?;
+            }
+            self.qmp(
+                "block-dirty-bitmap-clear",
+                serde_json::json!({"node": node, "name": EXPORTED_BITMAP}),
+            )?;
+            self.qmp(
+                "block-dirty-bitmap-merge",
+                serde_json::json!({"node": node, "target": EXPORTED_BITMAP, "bitmaps": [b]}),
+            )?;
+            bitmaps.push(EXPORTED_BITMAP);
+        }
+        self.qmp(
+            "block-export-add",
+            serde_json::json!({"type": "nbd", "id": "export", "node-name": node,
+                "name": EXPORT_NAME, "writable": false, "bitmaps": bitmaps}),
+        )?;
+        Ok(())
+    }
+
+    /// Adds an enabled persistent bitmap `name` to the image (written into
+    /// the qcow2 file when the daemon stops cleanly).
+    pub fn add_bitmap(&mut self, name: &str) -> Result<(), QemuError> {
+        self.qmp(
+            "block-dirty-bitmap-add",
+            serde_json::json!({"node": "disk", "name": name, "persistent": true}),
+        )?;
+        Ok(())
+    }
+
+    /// Removes bitmap `name` from the image (from the file too, when the
+    /// daemon stops cleanly). Works on an inconsistent bitmap.
+    pub fn remove_bitmap(&mut self, name: &str) -> Result<(), QemuError> {
+        self.qmp(
+            "block-dirty-bitmap-remove",
+            serde_json::json!({"node": "disk", "name": name}),
+        )?;
+        Ok(())
+    }
+
     /// Where the export is.
     pub fn uri(&self) -> &Uri {
         &self.uri
@@ -335,6 +574,12 @@ impl Export {
     /// image) and checks that it ended well; what a writer calls after its
     /// last flush.
     pub fn stop(mut self) -> Result<(), QemuError> {
+        self.stop_within(STOP_TIMEOUT)
+    }
+
+    fn stop_within(&mut self, timeout: Duration) -> Result<(), QemuError> {
+        // The monitor goes first: the daemon does not wait for it.
+        self.qmp = None;
         let Some(mut c) = self.child.take() else {
             return Ok(());
         };
@@ -344,7 +589,7 @@ impl Export {
         let status = loop {
             match c.try_wait() {
                 Ok(Some(s)) => break s,
-                Ok(None) if started.elapsed() < STOP_TIMEOUT => {
+                Ok(None) if started.elapsed() < timeout => {
                     std::thread::sleep(Duration::from_millis(10))
                 }
                 _ => {
@@ -352,10 +597,7 @@ impl Export {
                     let _ = c.wait();
                     return Err(QemuError::Daemon {
                         path: self.path.clone(),
-                        why: format!(
-                            "did not stop within {} s and was killed",
-                            STOP_TIMEOUT.as_secs()
-                        ),
+                        why: format!("did not stop within {} s and was killed", timeout.as_secs()),
                     });
                 }
             }
@@ -372,6 +614,11 @@ impl Export {
 
 impl Drop for Export {
     fn drop(&mut self) {
+        if self.qmp.is_some() {
+            // Managing bitmaps: a clean stop writes them back consistent,
+            // so a failed backup leaves the image's bitmap usable.
+            let _ = self.stop_within(DROP_STOP_TIMEOUT);
+        }
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();

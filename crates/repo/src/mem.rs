@@ -703,6 +703,7 @@ mod tests {
             region_size: 1 << 23,
             pages: vec![],
             stats: SnapshotStats::default(),
+            bitmap: None,
         };
         let (_, stored) = repo
             .codec()

@@ -45,6 +45,7 @@ fn snapshot(pages: &[Page], size: u64, t: i64) -> Snapshot {
         region_size: 8 << 20,
         pages: pages.iter().map(|p| Id::hash(&p.encode())).collect(),
         stats: SnapshotStats::default(),
+        bitmap: None,
     }
 }
 

@@ -76,6 +76,7 @@ fn snap(regions: &[Id], t: i64) -> (Snapshot, Vec<Page>) {
         region_size: 8 << 20,
         pages: vec![Id::hash(&page.encode())],
         stats: SnapshotStats::default(),
+        bitmap: None,
     };
     (s, vec![page])
 }
