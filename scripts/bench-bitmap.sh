@@ -15,6 +15,8 @@
 #   - bitmap: `--bitmap bench` (only the dirty extents read; the rest
 #            from the parent).
 # Both backups must give the same digest. Prints each run and the medians.
+# COLD=1 drops the page cache before each timed step (needs root): a
+# nightly job finds the image on disk, not in memory.
 # Footprint: about 4 GiB image + 4.5 GiB repository; WORK_DIR is removed
 # at the end.
 set -euo pipefail
@@ -27,6 +29,7 @@ rm -rf "$WORK"; mkdir -p "$WORK"
 trap 'rm -rf "$WORK"' EXIT
 IMG=$WORK/vm.qcow2; REPO=$WORK/repo; RAW=$WORK/seed.raw
 now() { date +%s.%N; }
+cold() { if [ "${COLD:-0}" = 1 ]; then sync; echo 3 > /proc/sys/vm/drop_caches; fi; }
 json() { python3 -c "import json,sys; print(json.load(sys.stdin)$1)"; }
 
 echo "making a 20 GiB qcow2 with 4 GiB of random data ..."
@@ -53,17 +56,17 @@ for r in $(seq 1 "$RUNS"); do
   done
   qemu-io -f qcow2 "${CMDS[@]}" "$IMG" >/dev/null; rm -f "$PIECE".*
   prev=$("$BIN" -r "$REPO" snapshots --name vm --json | json "[-1]['id']")
-  t0=$(now)
+  cold; t0=$(now)
   full=$("$BIN" -q -r "$REPO" backup "$IMG" --name reread --parent "$prev" --json)
-  t1=$(now)
+  t1=$(now); cold; s1=$(now)
   qemu-io -f qcow2 -r "${READS[@]}" "$IMG" >/dev/null
-  t2=$(now)
+  t2=$(now); cold; s2=$(now)
   inc=$("$BIN" -q -r "$REPO" backup "$IMG" --name vm --bitmap bench --json)
   t3=$(now)
   [ "$(echo "$full" | json "['digest']")" = "$(echo "$inc" | json "['digest']")" ] \
     || { echo "digests differ"; exit 1; }
   [ "$(echo "$inc" | json "['bitmap']['read']")" != None ] || { echo "not incremental"; exit 1; }
-  f=$(echo "$t1 - $t0" | bc); d=$(echo "$t2 - $t1" | bc); b=$(echo "$t3 - $t2" | bc)
+  f=$(echo "$t1 - $t0" | bc); d=$(echo "$t2 - $s1" | bc); b=$(echo "$t3 - $s2" | bc)
   FULLS+=("$f"); DIRTYS+=("$d"); BITS+=("$b")
   printf '%-4s %10.2f %10.2f %10.2f %12.3f %12.2f   (read: full %s, bitmap %s bytes)\n' "$r" "$f" "$d" "$b" \
     "$(echo "$b / $f" | bc -l)" "$(echo "$b / $d" | bc -l)" \
