@@ -46,7 +46,10 @@ pub const DEFAULT_PORT: u16 = 10809;
 impl Uri {
     /// Whether `s` looks like an NBD URI (so a path is never mistaken for one).
     pub fn is_uri(s: &str) -> bool {
-        s.starts_with("nbd://") || s.starts_with("nbd+unix://")
+        s.starts_with("nbd://")
+            || s.starts_with("nbd+unix://")
+            || s.starts_with("nbds://")
+            || s.starts_with("nbds+unix://")
     }
 
     /// Parses `nbd://HOST[:PORT]/EXPORT` or `nbd+unix:///EXPORT?socket=PATH`.
@@ -55,6 +58,11 @@ impl Uri {
             uri: s.to_string(),
             why: why.to_string(),
         };
+        if s.starts_with("nbds://") || s.starts_with("nbds+unix://") {
+            return Err(bad(
+                "NBD over TLS is not supported: use a Unix socket on the VM's host (nbd+unix://), or nbd:// only on loopback or a trusted link",
+            ));
+        }
         if let Some(rest) = s.strip_prefix("nbd+unix://") {
             let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
             if !path.is_empty() && !path.starts_with('/') {
@@ -884,6 +892,11 @@ mod tests {
         assert_eq!(u.address, Address::Unix("/run/a,b.sock".into()));
         assert_eq!(u.export, "disk");
         assert!(Uri::parse("nbd+unix:///disk").is_err());
+        for tls in ["nbds://host/x", "nbds+unix:///x?socket=/s"] {
+            assert!(Uri::is_uri(tls), "{tls} is taken for a path");
+            let e = Uri::parse(tls).unwrap_err().to_string();
+            assert!(e.contains("TLS is not supported"), "{e}");
+        }
         assert!(Uri::parse("nbd://host:99999/x").is_err());
         assert!(Uri::parse("nbd:///x").is_err());
         assert!(Uri::parse("nbds://host/x").is_err());
