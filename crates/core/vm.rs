@@ -314,22 +314,33 @@ pub fn vm_format(path: &Path, format: Option<&str>) -> anyhow::Result<Option<Str
     Ok((info.format != "raw").then_some(info.format))
 }
 
-/// Starts a private daemon exporting the image at `path` (in `format`)
-/// read-only and opens it as a source.
-pub fn open_vm_image(path: &Path, format: &str) -> anyhow::Result<VmSource> {
+/// Starts a private daemon exporting `image` (in `format`), read-only
+/// or `writable`, and connects to it as `label`.
+fn private_disk(
+    image: &Path,
+    format: &str,
+    writable: bool,
+    label: &str,
+) -> anyhow::Result<(imgstore_qemu::Export, NbdDisk)> {
     let mut daemon = imgstore_qemu::Export::start(
-        path,
+        image,
         format,
         &imgstore_qemu::ExportOptions {
-            writable: false,
+            writable,
             ..Default::default()
         },
     )?;
-    let label = path.display().to_string();
-    let reader = NbdDisk::connect(daemon.uri(), &label)?;
+    let disk = NbdDisk::connect(daemon.uri(), label)?;
     // Connected: the socket goes, so nothing else reaches the export and
     // nothing is left behind.
     daemon.seal();
+    Ok((daemon, disk))
+}
+
+/// Starts a private daemon exporting the image at `path` (in `format`)
+/// read-only and opens it as a source.
+pub fn open_vm_image(path: &Path, format: &str) -> anyhow::Result<VmSource> {
+    let (daemon, reader) = private_disk(path, format, false, &path.display().to_string())?;
     Ok(VmSource {
         source: Source::from_block_reader(path, Box::new(reader)),
         daemon,
@@ -377,17 +388,8 @@ pub fn restore_into_image(
     }
     let mut temp = Temp(&tmp, false);
     imgstore_qemu::create(&tmp, format, snap.size)?;
-    let mut daemon = imgstore_qemu::Export::start(
-        &tmp,
-        format,
-        &imgstore_qemu::ExportOptions {
-            writable: true,
-            ..Default::default()
-        },
-    )?;
     let label = path.display().to_string();
-    let disk = NbdDisk::connect(daemon.uri(), &label)?;
-    daemon.seal();
+    let (daemon, disk) = private_disk(&tmp, format, true, &label)?;
     let report = imgstore_engine::restore(
         store,
         id,
@@ -421,17 +423,8 @@ pub fn restore_delta_into_image(
     format: &str,
     progress: &dyn imgstore_engine::Progress,
 ) -> anyhow::Result<imgstore_engine::DeltaReport> {
-    let mut daemon = imgstore_qemu::Export::start(
-        path,
-        format,
-        &imgstore_qemu::ExportOptions {
-            writable: true,
-            ..Default::default()
-        },
-    )?;
     let label = path.display().to_string();
-    let disk = NbdDisk::connect(daemon.uri(), &label)?;
-    daemon.seal();
+    let (daemon, disk) = private_disk(path, format, true, &label)?;
     let report = imgstore_engine::restore_delta_disk(store, id, snap, &label, &disk, progress)?;
     drop(disk);
     daemon.stop()?;

@@ -353,47 +353,35 @@ impl Positional<'_> {
                     .map_err(|e| self.read_err(offset, e))?;
             }
         }
-        let Backend::File { file, direct, .. } = &self.from else {
-            if read > 0 {
-                buf[filled..].fill(0);
-            }
-            return Ok(Some((
-                RegionBuf {
-                    index,
-                    offset,
-                    data: buf,
-                    all_hole: read == 0,
-                },
-                read,
-            )));
-        };
-        for (data, hole) in extents {
-            let (a, b) = ((data - offset) as usize, (hole - offset) as usize);
-            buf[filled..a].fill(0);
-            let mut done = false;
-            if let Some(d) = direct.usable(&buf) {
-                // Region offsets are aligned; round the extent out to whole
-                // blocks (what lies around it is hole, or image bytes read
-                // again).
-                let (a0, b0) = (align_down(a), align_up(b));
-                match read_direct(d, buf.io_mut(a0, b0), offset + a0 as u64) {
-                    Ok(n) if a0 + n >= b => done = true,
-                    Ok(n) => return Err(self.changed(offset + (a0 + n) as u64)),
-                    Err(e) if direct.refuses(&e) => {}
-                    Err(e) => return Err(self.read_err(data, e)),
-                }
-            }
-            if !done {
-                file.read_exact_at(&mut buf[a..b], data).map_err(|e| {
-                    if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                        self.changed(data)
-                    } else {
-                        self.read_err(data, e)
+        if let Backend::File { file, direct, .. } = &self.from {
+            for (data, hole) in extents {
+                let (a, b) = ((data - offset) as usize, (hole - offset) as usize);
+                buf[filled..a].fill(0);
+                let mut done = false;
+                if let Some(d) = direct.usable(&buf) {
+                    // Region offsets are aligned; round the extent out to whole
+                    // blocks (what lies around it is hole, or image bytes read
+                    // again).
+                    let (a0, b0) = (align_down(a), align_up(b));
+                    match read_direct(d, buf.io_mut(a0, b0), offset + a0 as u64) {
+                        Ok(n) if a0 + n >= b => done = true,
+                        Ok(n) => return Err(self.changed(offset + (a0 + n) as u64)),
+                        Err(e) if direct.refuses(&e) => {}
+                        Err(e) => return Err(self.read_err(data, e)),
                     }
-                })?;
+                }
+                if !done {
+                    file.read_exact_at(&mut buf[a..b], data).map_err(|e| {
+                        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                            self.changed(data)
+                        } else {
+                            self.read_err(data, e)
+                        }
+                    })?;
+                }
+                filled = b;
+                read += hole - data;
             }
-            filled = b;
-            read += hole - data;
         }
         // An all-hole region's bytes are known to be zeros and nobody reads
         // them (see `RegionBuf::all_hole`): zero-filling 8 MiB per hole was

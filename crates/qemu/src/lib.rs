@@ -156,15 +156,7 @@ pub fn info(path: &Path, format: Option<&str>) -> Result<ImageInfo, QemuError> {
     if let Some(f) = format {
         c.args(["-f", f]);
     }
-    let out = c
-        .arg("--")
-        .arg(path)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| QemuError::Image {
-            path: path.to_path_buf(),
-            why: format!("cannot run qemu-img: {e}"),
-        })?;
+    let out = qemu_img_on(path, c.arg("--").arg(path))?;
     if !out.status.success() {
         let msg = qemu_message(&out.stderr);
         let why = format!("QEMU cannot open it as a disk image: {msg}");
@@ -197,18 +189,26 @@ pub fn info(path: &Path, format: Option<&str>) -> Result<ImageInfo, QemuError> {
     })
 }
 
-/// Creates a new, empty (thin) image of `size` bytes in `format`.
-pub fn create(path: &Path, format: &str, size: u64) -> Result<(), QemuError> {
-    let out = program("qemu-img")?
-        .args(["create", "-q", "-f", format, "--"])
-        .arg(path)
-        .arg(size.to_string())
-        .stdin(Stdio::null())
+/// Runs `cmd` (a `qemu-img` command about the image at `path`) to its end,
+/// without input; a failure to start it names the image.
+fn qemu_img_on(path: &Path, cmd: &mut Command) -> Result<std::process::Output, QemuError> {
+    cmd.stdin(Stdio::null())
         .output()
         .map_err(|e| QemuError::Image {
             path: path.to_path_buf(),
             why: format!("cannot run qemu-img: {e}"),
-        })?;
+        })
+}
+
+/// Creates a new, empty (thin) image of `size` bytes in `format`.
+pub fn create(path: &Path, format: &str, size: u64) -> Result<(), QemuError> {
+    let out = qemu_img_on(
+        path,
+        program("qemu-img")?
+            .args(["create", "-q", "-f", format, "--"])
+            .arg(path)
+            .arg(size.to_string()),
+    )?;
     if !out.status.success() {
         return Err(QemuError::Image {
             path: path.to_path_buf(),
