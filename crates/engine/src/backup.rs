@@ -1167,18 +1167,32 @@ pub fn backup_changed(
         let offset = i * rs;
         let len = len_of(i, size) as usize;
         let mut buf = AlignedBuf::default();
+        let start = ranges.partition_point(|r| r.1 <= offset);
+        // The ranges are merged (`normalize`), so one range holds the whole
+        // region or the region keeps some of the base's bytes.
+        let whole = ranges
+            .get(start)
+            .is_some_and(|r| r.0 <= offset && r.1 >= offset + len as u64);
         if i < base_n {
-            let (c, z) = base_ctx.region_bytes(i as usize, &mut buf)?;
+            // A region the source rewrites whole needs only its base's
+            // counts (the recipe), not its bytes.
+            let (c, z) = if whole {
+                base_ctx.tally(&[i as usize])?
+            } else {
+                base_ctx.region_bytes(i as usize, &mut buf)?
+            };
             base_chunks.fetch_add(c, Relaxed);
             base_zeros.fetch_add(z, Relaxed);
         }
-        if buf.len() != len {
+        if whole {
+            // Every byte is read from the source below.
+            buf.reset(len);
+        } else if buf.len() != len {
             // The base's last region was shorter, or there was none.
             let mut v = buf[..buf.len().min(len)].to_vec();
             v.resize(len, 0);
             buf = AlignedBuf::from_vec(v);
         }
-        let start = ranges.partition_point(|r| r.1 <= offset);
         for &(o, e) in ranges[start..]
             .iter()
             .take_while(|r| r.0 < offset + len as u64)

@@ -345,6 +345,50 @@ fn changed_block_backup_equals_full_backup() {
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
 
+/// A region the change list covers whole is read from the source alone
+/// (only its base's recipe is counted): the snapshot, and its counts, are
+/// those of a full backup, whether the covering ranges come whole or in
+/// adjacent pieces.
+#[test]
+fn a_region_rewritten_whole_gives_a_full_backups_snapshot_and_counts() {
+    let repo = repo();
+    let region = repo.config().region_size as usize;
+    let gen1 = image(2 * region + 2 * MIB, 31);
+    let r1 = back_up(&repo, &gen1, None);
+    let mut gen2 = gen1.clone();
+    gen2[region..2 * region + MIB].copy_from_slice(&image(region + MIB, 32));
+    gen2[..MIB].fill(0);
+    let path = temp_file("whole", &gen2);
+    let src = Source::open(&path).unwrap();
+    let half = region as u64 / 2;
+    let changed = ChangedBlocks {
+        base_id: r1.id,
+        base: r1.snapshot.clone(),
+        // Region 1 in two adjacent pieces, part of region 2, and zeros in
+        // part of region 0.
+        ranges: vec![
+            (region as u64, half),
+            (region as u64 + half, half + MIB as u64),
+            (0, MIB as u64),
+        ],
+        verify_unchanged: 0.0,
+    };
+    let opts = BackupOptions {
+        name: "vm".into(),
+        hostname: "test".into(),
+        ..Default::default()
+    };
+    let r2 = backup_changed(&repo, &src, &changed, &opts, &NoProgress).unwrap();
+    assert_eq!(r2.snapshot.digest, *blake3::hash(&gen2).as_bytes());
+    let full = back_up(&repo, &gen2, None);
+    assert_eq!(r2.snapshot.pages, full.snapshot.pages);
+    assert_eq!(r2.snapshot.stats.chunks, full.snapshot.stats.chunks);
+    assert_eq!(r2.snapshot.stats.zero_bytes, full.snapshot.stats.zero_bytes);
+    assert_eq!(r2.bytes_read, 2 * MIB as u64 + region as u64);
+    assert_eq!(restore_to_vec(&repo, &r2.id, &r2.snapshot).unwrap(), gen2);
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
 #[test]
 fn forget_plan_then_gc_frees_only_what_is_unreferenced() {
     let repo = repo();
