@@ -150,7 +150,7 @@ fn mounted_snapshot_files_match_and_the_ext4_inside_mounts() {
     );
     drop(open);
     let status = exit_within(&mut m3, 30);
-    assert!(status.success(), "{status:?}");
+    assert!(status.success(), "{status:?}: {}", log_of(&m3));
     assert!(log_of(&m3).contains("unmounted"), "{}", log_of(&m3));
 }
 

@@ -481,6 +481,124 @@ fn nbd_exports_over_a_unix_socket_and_loopback_tcp_back_up_exactly_without_readi
     );
 }
 
+/// Certificates in QEMU's x509 layout, from a fresh CA: `server/`
+/// (ca-cert.pem, server-cert.pem, server-key.pem for 127.0.0.1) and
+/// `client/` (ca-cert.pem, client-cert.pem, client-key.pem).
+fn x509_dirs(env: &Env, name: &str) -> (PathBuf, PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca.self_signed(&ca_key).unwrap();
+    let leaf = |sans: Vec<String>| {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(sans)
+            .unwrap()
+            .signed_by(&key, &ca, &ca_key)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server, client) = (
+        env.path(&format!("{name}-server")),
+        env.path(&format!("{name}-client")),
+    );
+    for (dir, role, sans) in [
+        (&server, "server", vec!["127.0.0.1".to_string()]),
+        (&client, "client", vec!["imgstore-client".to_string()]),
+    ] {
+        fs::create_dir_all(dir).unwrap();
+        let (cert, key) = leaf(sans);
+        fs::write(dir.join("ca-cert.pem"), ca.pem()).unwrap();
+        fs::write(dir.join(format!("{role}-cert.pem")), cert).unwrap();
+        fs::write(dir.join(format!("{role}-key.pem")), key).unwrap();
+    }
+    (server, client)
+}
+
+/// A QEMU export that requires TLS and a client certificate (QEMU's
+/// `verify-peer=on`) is read over `nbds://` exactly; a plain `nbd://`
+/// connection, or one trusting another CA, fails in one line.
+#[test]
+fn an_nbd_export_over_tls_backs_up_exactly_and_plain_or_untrusted_connections_fail() {
+    if !qemu() {
+        return;
+    }
+    let env = Env::new();
+    env.init();
+    let raw = ext4(&env);
+    let (server, client) = x509_dirs(&env, "ours");
+    let (_, stranger) = x509_dirs(&env, "theirs");
+    let port = free_port();
+    let daemon = start(
+        Command::new("qemu-storage-daemon").args([
+            "--object",
+            &format!(
+                r#"{{"qom-type":"tls-creds-x509","id":"tls0","dir":"{}","endpoint":"server","verify-peer":true}}"#,
+                server.display()
+            ),
+            "--blockdev",
+            &format!(
+                r#"{{"driver":"raw","node-name":"d","read-only":true,"file":{{"driver":"file","filename":"{}","read-only":true}}}}"#,
+                raw.display()
+            ),
+            "--nbd-server",
+            &format!(
+                r#"{{"addr":{{"type":"inet","host":"127.0.0.1","port":"{port}"}},"tls-creds":"tls0"}}"#
+            ),
+            "--export",
+            r#"{"type":"nbd","id":"e","node-name":"d","name":"disk"}"#,
+        ]),
+        || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+    );
+    let uri = format!(
+        "nbds://127.0.0.1:{port}/disk?tls-certificates={}",
+        client.display()
+    );
+    let r = env.backup(Path::new(&uri), &["--name", "vm-tls"]);
+    assert_eq!(r["digest"].as_str().unwrap(), b3(&raw));
+    assert!(
+        r["bytes_read"].as_u64().unwrap() < fs::metadata(&raw).unwrap().len() / 2,
+        "holes read: {r}"
+    );
+    env.fails(
+        &[
+            "backup",
+            &format!("nbd://127.0.0.1:{port}/disk"),
+            "--name",
+            "vm-plain",
+        ],
+        "requires TLS",
+    );
+    env.fails(
+        &[
+            "backup",
+            &format!(
+                "nbds://127.0.0.1:{port}/disk?tls-certificates={}",
+                stranger.display()
+            ),
+            "--name",
+            "vm-stranger",
+        ],
+        "handshake with the server failed",
+    );
+    // A directory without the CA: named.
+    env.fails(
+        &[
+            "backup",
+            &format!(
+                "nbds://127.0.0.1:{port}/disk?tls-certificates={}",
+                env.path("nowhere").display()
+            ),
+            "--name",
+            "vm-nowhere",
+        ],
+        "ca-cert.pem",
+    );
+    stop(daemon);
+    let list: serde_json::Value = serde_json::from_str(&env.ok(&["snapshots", "--json"])).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+}
+
 #[test]
 fn an_nbd_server_that_goes_away_mid_backup_fails_the_backup_and_leaves_no_snapshot() {
     if !qemu() {

@@ -660,7 +660,7 @@ pub struct RecoverArgs {
 
 #[derive(Args, Debug)]
 pub struct BackupArgs {
-    /// Image file (raw, or a VM format: qcow2, vmdk, vhdx, vdi, vpc, qed), block device, NBD URI (nbd://HOST:PORT/EXPORT, port 10809 when omitted; nbd+unix:///EXPORT?socket=PATH), or - for stdin (omit with --from-export or --stdin-from-command).
+    /// Image file (raw, or a VM format: qcow2, vmdk, vhdx, vdi, vpc, qed), block device, NBD URI (nbd://HOST:PORT/EXPORT, port 10809 when omitted; nbd+unix:///EXPORT?socket=PATH; over TLS nbds://HOST:PORT/EXPORT?tls-certificates=DIR), or - for stdin (omit with --from-export or --stdin-from-command).
     #[arg(required_unless_present_any = ["from_export", "stdin_from_command"])]
     pub source: Option<String>,
     /// The image's format instead of QEMU's probe (qcow2, vmdk, vhdx, vdi, vpc, qed, raw); `raw` reads the file as it is.

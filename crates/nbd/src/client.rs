@@ -30,6 +30,21 @@ pub struct Uri {
     pub address: Address,
     /// The export name ("" = the server's default export).
     pub export: String,
+    /// `nbds://` and `nbds+unix://`: TLS after `NBD_OPT_STARTTLS`.
+    pub tls: Option<Tls>,
+}
+
+/// How an `nbds://` connection trusts its server, in libnbd's URI terms:
+/// `?tls-certificates=DIR` names a directory laid out as QEMU's x509
+/// credentials are (`ca-cert.pem`, and `client-cert.pem` with
+/// `client-key.pem` when the server asks for a client certificate, as
+/// QEMU's `verify-peer=on` does); `&tls-hostname=NAME` is the name the
+/// server's certificate must carry (the host, or `localhost` for a Unix
+/// socket, by default).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tls {
+    pub certificates: PathBuf,
+    pub hostname: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,17 +67,69 @@ impl Uri {
             || s.starts_with("nbds+unix://")
     }
 
-    /// Parses `nbd://HOST[:PORT]/EXPORT` or `nbd+unix:///EXPORT?socket=PATH`.
+    /// Parses `nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`,
+    /// and their TLS forms `nbds://…?tls-certificates=DIR` and
+    /// `nbds+unix://…&tls-certificates=DIR` (see [`Tls`]).
     pub fn parse(s: &str) -> Result<Uri, ClientError> {
         let bad = |why: &str| ClientError::BadUri {
             uri: s.to_string(),
             why: why.to_string(),
         };
-        if s.starts_with("nbds://") || s.starts_with("nbds+unix://") {
+        let (plain, tls) = match (s.strip_prefix("nbds://"), s.strip_prefix("nbds+unix://")) {
+            (Some(rest), _) => (format!("nbd://{rest}"), true),
+            (_, Some(rest)) => (format!("nbd+unix://{rest}"), true),
+            _ => (s.to_string(), false),
+        };
+        // The TLS parameters leave the query; what is left parses as the
+        // plain form does.
+        let (head, query) = plain.split_once('?').unwrap_or((&plain, ""));
+        let mut certificates = None;
+        let mut hostname = None;
+        let mut rest = Vec::new();
+        for kv in query.split('&').filter(|kv| !kv.is_empty()) {
+            match kv.split_once('=') {
+                Some(("tls-certificates", v)) => certificates = Some(v),
+                Some(("tls-hostname", v)) => hostname = Some(v),
+                _ => rest.push(kv),
+            }
+        }
+        if !tls && (certificates.is_some() || hostname.is_some()) {
             return Err(bad(
-                "NBD over TLS is not supported: use a Unix socket on the VM's host (nbd+unix://), or nbd:// only on loopback or a trusted link",
+                "TLS parameters need the nbds:// or nbds+unix:// scheme",
             ));
         }
+        let plain = if rest.is_empty() {
+            head.to_string()
+        } else {
+            format!("{head}?{}", rest.join("&"))
+        };
+        let mut uri = Uri::parse_plain(&plain, s)?;
+        if tls {
+            let dir = certificates.ok_or_else(|| {
+                bad("nbds:// needs ?tls-certificates=DIR, a directory holding the server's CA as ca-cert.pem")
+            })?;
+            let dir = percent_decode(dir).ok_or_else(|| bad("bad %-escape in tls-certificates"))?;
+            let hostname = match (hostname, &uri.address) {
+                (Some(h), _) => {
+                    percent_decode(h).ok_or_else(|| bad("bad %-escape in tls-hostname"))?
+                }
+                (None, Address::Tcp { host, .. }) => host.clone(),
+                (None, Address::Unix(_)) => "localhost".to_string(),
+            };
+            uri.tls = Some(Tls {
+                certificates: PathBuf::from(dir),
+                hostname,
+            });
+        }
+        Ok(uri)
+    }
+
+    /// [`Uri::parse`] of a plain form; errors name `given`.
+    fn parse_plain(s: &str, given: &str) -> Result<Uri, ClientError> {
+        let bad = |why: &str| ClientError::BadUri {
+            uri: given.to_string(),
+            why: why.to_string(),
+        };
         if let Some(rest) = s.strip_prefix("nbd+unix://") {
             let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
             if !path.is_empty() && !path.starts_with('/') {
@@ -84,6 +151,7 @@ impl Uri {
             return Ok(Uri {
                 address: Address::Unix(PathBuf::from(socket)),
                 export,
+                tls: None,
             });
         }
         let Some(rest) = s.strip_prefix("nbd://") else {
@@ -92,7 +160,9 @@ impl Uri {
             ));
         };
         if rest.contains('?') {
-            return Err(bad("TLS and other query options are not supported"));
+            return Err(bad(
+                "query options other than tls-certificates and tls-hostname are not supported",
+            ));
         }
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i + 1..]),
@@ -125,18 +195,20 @@ impl Uri {
                 port,
             },
             export,
+            tls: None,
         })
     }
 }
 
 impl std::fmt::Display for Uri {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = if self.tls.is_some() { "s" } else { "" };
         match &self.address {
             Address::Tcp { host, port } if host.contains(':') => {
-                write!(f, "nbd://[{host}]:{port}/{}", self.export)
+                write!(f, "nbd{s}://[{host}]:{port}/{}", self.export)
             }
-            Address::Tcp { host, port } => write!(f, "nbd://{host}:{port}/{}", self.export),
-            Address::Unix(p) => write!(f, "nbd+unix:///{}?socket={}", self.export, p.display()),
+            Address::Tcp { host, port } => write!(f, "nbd{s}://{host}:{port}/{}", self.export),
+            Address::Unix(p) => write!(f, "nbd{s}+unix:///{}?socket={}", self.export, p.display()),
         }
     }
 }
@@ -158,6 +230,16 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// The server's message with an error reply, or its number.
+fn refusal(kind: u32, data: &[u8]) -> String {
+    let msg = String::from_utf8_lossy(data).into_owned();
+    if msg.is_empty() {
+        format!("error {}", kind.wrapping_sub(1 << 31))
+    } else {
+        msg
+    }
+}
+
 /// What can go wrong talking to a server.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -169,6 +251,9 @@ pub enum ClientError {
     Io(#[from] io::Error),
     #[error("the server broke the protocol: {0}")]
     Protocol(String),
+    /// TLS (`nbds://`) could not be set up or its handshake failed.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The server refused an option during the handshake.
     #[error("the server refused {what}: {msg}")]
     Refused { what: String, msg: String },
@@ -196,6 +281,8 @@ impl ClientError {
 enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
+    /// TLS over one of the others, after `NBD_OPT_STARTTLS`.
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, Stream>>),
 }
 
 impl Read for Stream {
@@ -203,6 +290,7 @@ impl Read for Stream {
         match self {
             Stream::Tcp(s) => s.read(buf),
             Stream::Unix(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
         }
     }
 }
@@ -212,10 +300,20 @@ impl Write for Stream {
         match self {
             Stream::Tcp(s) => s.write(buf),
             Stream::Unix(s) => s.write(buf),
+            // Every write leaves as records at once: requests are read and
+            // answered while the next are being written.
+            Stream::Tls(s) => {
+                let n = s.write(buf)?;
+                s.flush()?;
+                Ok(n)
+            }
         }
     }
     fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+        match self {
+            Stream::Tls(s) => s.flush(),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -230,8 +328,45 @@ impl Stream {
                 s.set_read_timeout(t)?;
                 s.set_write_timeout(t)
             }
+            Stream::Tls(s) => s.sock.set_timeout(t),
         }
     }
+}
+
+/// The rustls configuration for `tls`: the CA of its directory, and its
+/// client certificate when it holds one. An error says which file.
+fn tls_config(tls: &Tls) -> Result<rustls::ClientConfig, ClientError> {
+    let dir = &tls.certificates;
+    let bad =
+        |file: &str, why: String| ClientError::Tls(format!("{}: {why}", dir.join(file).display()));
+    let pem = |file: &str| std::fs::read(dir.join(file)).map_err(|e| bad(file, e.to_string()));
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut &pem("ca-cert.pem")?[..]) {
+        let cert = cert.map_err(|e| bad("ca-cert.pem", e.to_string()))?;
+        roots
+            .add(cert)
+            .map_err(|e| bad("ca-cert.pem", e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(bad("ca-cert.pem", "holds no PEM certificate".into()));
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ClientError::Tls(format!("TLS setup: {e}")))?
+        .with_root_certificates(roots);
+    if !dir.join("client-cert.pem").exists() {
+        return Ok(builder.with_no_client_auth());
+    }
+    let certs = rustls_pemfile::certs(&mut &pem("client-cert.pem")?[..])
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad("client-cert.pem", e.to_string()))?;
+    let key = rustls_pemfile::private_key(&mut &pem("client-key.pem")?[..])
+        .map_err(|e| bad("client-key.pem", e.to_string()))?
+        .ok_or_else(|| bad("client-key.pem", "holds no PEM private key".into()))?;
+    builder
+        .with_client_auth_cert(certs, key)
+        .map_err(|e| bad("client-cert.pem", e.to_string()))
 }
 
 /// The flag of a `qemu:dirty-bitmap:NAME` extent that was written since
@@ -308,8 +443,54 @@ impl Client {
             contexts: HashMap::new(),
             cookie: 0,
         };
+        c.hello()?;
+        if let Some(tls) = &uri.tls {
+            c = c.start_tls(tls)?;
+        }
         c.handshake(&uri.export, contexts)?;
         Ok(c)
+    }
+
+    /// `NBD_OPT_STARTTLS`, then the TLS handshake: everything after it,
+    /// the export's name included, goes encrypted.
+    fn start_tls(mut self, tls: &Tls) -> Result<Client, ClientError> {
+        let config = tls_config(tls)?;
+        self.option(OPT_STARTTLS, &[])?;
+        let (kind, data) = self.option_reply(OPT_STARTTLS)?;
+        if kind != REP_ACK {
+            return Err(ClientError::Refused {
+                what: "TLS (NBD_OPT_STARTTLS)".into(),
+                msg: refusal(kind, &data),
+            });
+        }
+        let name = rustls::pki_types::ServerName::try_from(tls.hostname.clone())
+            .map_err(|e| ClientError::Tls(format!("tls-hostname {:?}: {e}", tls.hostname)))?;
+        let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name)
+            .map_err(|e| ClientError::Tls(e.to_string()))?;
+        let Client {
+            s,
+            size,
+            flags,
+            contexts,
+            cookie,
+        } = self;
+        let mut s = Stream::Tls(Box::new(rustls::StreamOwned::new(conn, s)));
+        // Complete the handshake now, so a certificate the client refuses
+        // (or the server refuses) is reported as such.
+        if let Stream::Tls(t) = &mut s {
+            while t.conn.is_handshaking() {
+                t.conn.complete_io(&mut t.sock).map_err(|e| {
+                    ClientError::Tls(format!("handshake with the server failed: {e}"))
+                })?;
+            }
+        }
+        Ok(Client {
+            s,
+            size,
+            flags,
+            contexts,
+            cookie,
+        })
     }
 
     /// The export's size in bytes.
@@ -367,7 +548,8 @@ impl Client {
         Ok((kind, data))
     }
 
-    fn handshake(&mut self, export: &str, contexts: &[&str]) -> Result<(), ClientError> {
+    /// The server's greeting and the client's flags.
+    fn hello(&mut self) -> Result<(), ClientError> {
         let mut hello = [0u8; 18];
         self.s.read_exact(&mut hello)?;
         if u64::from_be_bytes(hello[..8].try_into().expect("8")) != NBDMAGIC {
@@ -389,10 +571,22 @@ impl Client {
             cf |= CLIENT_NO_ZEROES;
         }
         self.s.write_all(&cf.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// Option haggling after [`Client::hello`] (and TLS): structured
+    /// replies, metadata contexts, the export.
+    fn handshake(&mut self, export: &str, contexts: &[&str]) -> Result<(), ClientError> {
         // Structured replies: holes come back as hole chunks, and block
         // status needs them.
         self.option(OPT_STRUCTURED_REPLY, &[])?;
         let (kind, data) = self.option_reply(OPT_STRUCTURED_REPLY)?;
+        if kind == REP_ERR_TLS_REQD {
+            return Err(ClientError::Refused {
+                what: "a connection without TLS".into(),
+                msg: "it requires TLS: use nbds://HOST[:PORT]/EXPORT?tls-certificates=DIR".into(),
+            });
+        }
         let structured = kind == REP_ACK;
         if !structured && kind < (1 << 31) {
             return Err(ClientError::Protocol(format!(
@@ -446,15 +640,9 @@ impl Client {
                     ))
                 }
                 k if k >= (1 << 31) => {
-                    let msg = String::from_utf8_lossy(&data).into_owned();
-                    let msg = if msg.is_empty() {
-                        format!("error {}", k - (1 << 31))
-                    } else {
-                        msg
-                    };
                     return Err(ClientError::Refused {
                         what: format!("export {export:?}"),
-                        msg,
+                        msg: refusal(k, &data),
                     });
                 }
                 _ => {}
@@ -895,8 +1083,31 @@ mod tests {
         for tls in ["nbds://host/x", "nbds+unix:///x?socket=/s"] {
             assert!(Uri::is_uri(tls), "{tls} is taken for a path");
             let e = Uri::parse(tls).unwrap_err().to_string();
-            assert!(e.contains("TLS is not supported"), "{e}");
+            assert!(e.contains("needs ?tls-certificates=DIR"), "{e}");
         }
+        let u = Uri::parse("nbds://10.0.0.5:10810/vm?tls-certificates=/etc/pki/qemu").unwrap();
+        assert_eq!(
+            u.tls,
+            Some(Tls {
+                certificates: PathBuf::from("/etc/pki/qemu"),
+                hostname: "10.0.0.5".into()
+            })
+        );
+        assert_eq!(u.export, "vm");
+        assert_eq!(u.to_string(), "nbds://10.0.0.5:10810/vm");
+        let u = Uri::parse(
+            "nbds+unix:///vm?socket=/run/a.sock&tls-certificates=/c&tls-hostname=vmhost",
+        )
+        .unwrap();
+        assert_eq!(u.address, Address::Unix(PathBuf::from("/run/a.sock")));
+        assert_eq!(u.tls.as_ref().unwrap().hostname, "vmhost");
+        let u = Uri::parse("nbds+unix:///vm?tls-certificates=/c&socket=/run/a.sock").unwrap();
+        assert_eq!(u.tls.as_ref().unwrap().hostname, "localhost");
+        let e = Uri::parse("nbd://h/x?tls-certificates=/c")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("need the nbds://"), "{e}");
+        assert!(Uri::parse("nbd://h/x").unwrap().tls.is_none());
         assert!(Uri::parse("nbd://host:99999/x").is_err());
         assert!(Uri::parse("nbd:///x").is_err());
         assert!(Uri::parse("nbds://host/x").is_err());

@@ -419,6 +419,7 @@ impl Export {
             uri: Uri {
                 address: Address::Unix(socket.clone()),
                 export: EXPORT_NAME.into(),
+                tls: None,
             },
             path: path.to_path_buf(),
             qmp: None,
