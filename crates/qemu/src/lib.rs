@@ -391,11 +391,10 @@ impl Export {
         // daemon's disappearance. (The signal follows the thread that
         // spawned the daemon: start it from the thread that outlives it.)
         use std::os::unix::process::CommandExt;
-        cmd.args(["--pdeathsig", "KILL", "--", "qemu-storage-daemon"])
-            .arg("--blockdev")
-            .arg(blockdev.to_string())
-            .arg("--nbd-server")
-            .arg(server.to_string());
+        // The daemon sets its options up in command-line order: the
+        // monitor comes before the NBD server, so it listens by the time
+        // the NBD socket does (the loop below still waits for both).
+        cmd.args(["--pdeathsig", "KILL", "--", "qemu-storage-daemon"]);
         if opts.manage_bitmaps {
             cmd.arg("--chardev")
                 .arg(format!(
@@ -403,7 +402,12 @@ impl Export {
                     qmp_socket.display()
                 ))
                 .args(["--monitor", "chardev=qmp"]);
-        } else {
+        }
+        cmd.arg("--blockdev")
+            .arg(blockdev.to_string())
+            .arg("--nbd-server")
+            .arg(server.to_string());
+        if !opts.manage_bitmaps {
             cmd.arg("--export").arg(export.to_string());
         }
         cmd.stdin(Stdio::null())
@@ -428,15 +432,23 @@ impl Export {
         loop {
             // Listening once a connection is accepted (the socket file
             // appears at bind, just before listen); the probe connection
-            // is closed at once. The monitor is set up before the NBD
-            // server, so it listens by then.
+            // is closed at once. With a monitor, it must accept too.
             if socket.exists() && std::os::unix::net::UnixStream::connect(&socket).is_ok() {
-                if opts.manage_bitmaps {
-                    let q = Qmp::connect(&qmp_socket)
-                        .map_err(|err| daemon_err(format!("its QMP monitor: {err}")))?;
-                    e.qmp = Some(q);
+                if !opts.manage_bitmaps {
+                    return Ok(e);
                 }
-                return Ok(e);
+                if qmp_socket.exists() {
+                    match Qmp::connect(&qmp_socket) {
+                        Ok(q) => {
+                            e.qmp = Some(q);
+                            return Ok(e);
+                        }
+                        Err(err) if started.elapsed() > START_TIMEOUT => {
+                            return Err(daemon_err(format!("its QMP monitor: {err}")));
+                        }
+                        Err(_) => {}
+                    }
+                }
             }
             let c = e.child.as_mut().expect("running");
             if let Ok(Some(status)) = c.try_wait() {
