@@ -1010,9 +1010,10 @@ fn a_running_vm_backs_up_incrementally_from_its_dirty_bitmap_over_nbd() {
     assert_same(&out, &view);
 }
 
-/// A bitmap the NBD export does not offer: one line naming it and what to
-/// do, a non-zero exit, no snapshot; nothing left running once the
-/// server is stopped.
+/// A bitmap the NBD export does not offer: one line naming it, the
+/// bitmaps the export does offer (libvirt's default backup-vda where a
+/// checkpoint's name was expected) and what to do, a non-zero exit, no
+/// snapshot; nothing left running once the server is stopped.
 #[test]
 fn a_bitmap_the_nbd_export_does_not_offer_fails_in_one_line_without_a_snapshot() {
     if !qemu() {
@@ -1021,27 +1022,44 @@ fn a_bitmap_the_nbd_export_does_not_offer_fails_in_one_line_without_a_snapshot()
     let env = Env::new();
     env.init();
     let raw = ext4(&env);
+    let qcow = env.path("vm.qcow2");
+    qemu_img(&["convert", "-O", "qcow2", s(&raw), s(&qcow)]);
+    qemu_img(&["bitmap", "--add", "--disable", s(&qcow), "backup-vda"]);
     let sock = env.path("nbd.sock");
     let daemon = start(
         Command::new("qemu-storage-daemon").args([
             "--blockdev",
             &format!(
-                r#"{{"driver":"raw","node-name":"d","read-only":true,"file":{{"driver":"file","filename":"{}","read-only":true}}}}"#,
-                raw.display()
+                r#"{{"driver":"qcow2","node-name":"d","read-only":true,"file":{{"driver":"file","filename":"{}","read-only":true}}}}"#,
+                qcow.display()
             ),
             "--nbd-server",
             &format!(r#"{{"addr":{{"type":"unix","path":"{}"}}}}"#, sock.display()),
             "--export",
-            r#"{"type":"nbd","id":"e","node-name":"d","name":"vm"}"#,
+            r#"{"type":"nbd","id":"e","node-name":"d","name":"vm","bitmaps":["backup-vda"]}"#,
+            "--export",
+            r#"{"type":"nbd","id":"p","node-name":"d","name":"plain"}"#,
         ]),
         || sock.exists(),
     );
     let uri = format!("nbd+unix:///vm?socket={}", sock.display());
     let err = env.fails(
-        &["backup", &uri, "--bitmap", "nightly"],
+        &["backup", &uri, "--bitmap", "ckpt-1"],
+        "does not offer bitmap \"ckpt-1\"",
+    );
+    assert!(
+        err.contains("it offers \"backup-vda\"")
+            && err.contains("exportbitmap='ckpt-1'")
+            && err.contains("or back up without --bitmap")
+            && err.lines().count() == 1,
+        "{err}"
+    );
+    let plain = format!("nbd+unix:///plain?socket={}", sock.display());
+    let err = env.fails(
+        &["backup", &plain, "--bitmap", "nightly"],
         "does not offer bitmap \"nightly\"",
     );
-    assert!(err.contains("or back up without --bitmap"), "{err}");
+    assert!(err.contains("it offers none"), "{err}");
     // Bad inputs of the flags themselves.
     env.fails(&["backup", &uri, "--bitmap", ""], "a bitmap name is");
     env.fails(

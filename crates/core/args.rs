@@ -155,7 +155,7 @@ pub enum Command {
         after_help = "Examples:\n  imgstore backup disk.img\n  imgstore backup /dev/vg0/vm-root --name vm-root --tag daily\n  dd if=/dev/sdb bs=4M | imgstore backup - --name sdb\n  imgstore backup disk.img --json\n  \
 imgstore backup /dev/vg0/vm --base latest --changed dirty-ranges.txt --verify-unchanged 1%\n  \
 imgstore backup /var/lib/libvirt/images/web01.qcow2 --bitmap imgstore   # stopped VM: only what changed\n  \
-imgstore backup 'nbd+unix:///vda?socket=/run/bk.sock' --name web01 --bitmap ckpt-1 --checkpoint ckpt-2"
+imgstore backup 'nbd+unix:///vda?socket=/var/lib/libvirt/qemu/web01-backup.sock' --name web01 --bitmap ckpt-1 --checkpoint ckpt-2"
     )]
     Backup(BackupArgs),
     /// List snapshots.

@@ -453,10 +453,22 @@ pub fn open_nbd_bitmap(uri: &str, bitmap: &str) -> anyhow::Result<(Source, Vec<(
     let context = bitmap_context(bitmap);
     let reader = NbdDisk::connect_with(&parsed, uri, Some(&context))?;
     if !reader.has_context(&context) {
+        drop(reader);
+        let prefix = bitmap_context("");
+        let offered: Vec<String> = Client::list_contexts(&parsed, &prefix, TIMEOUT)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|c| c.strip_prefix(&prefix).map(|b| format!("{b:?}")))
+            .collect();
+        let offered = if offered.is_empty() {
+            "it offers none".to_string()
+        } else {
+            format!("it offers {}", offered.join(", "))
+        };
         return Err(exit::Coded {
             code: exit::FAILURE,
             msg: format!(
-                "NBD source {uri} does not offer bitmap {bitmap:?} (metadata context {context}): export it with the disk (QMP block-export-add \"bitmaps\", or the checkpoint of virsh backup-begin), or back up without --bitmap"
+                "NBD source {uri} does not offer bitmap {bitmap:?} (metadata context {context}; {offered}): export it with the disk (QMP block-export-add \"bitmaps\"; virsh backup-begin: exportbitmap='{bitmap}' on the backup XML's <disk>), or back up without --bitmap"
             ),
         }
         .into());

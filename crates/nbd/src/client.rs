@@ -411,6 +411,49 @@ impl Client {
     /// [`Client::context`]) and the export. `timeout` bounds every wait for
     /// the server.
     pub fn connect(uri: &Uri, contexts: &[&str], timeout: Duration) -> Result<Client, ClientError> {
+        let mut c = Client::open(uri, timeout)?;
+        c.handshake(&uri.export, contexts)?;
+        Ok(c)
+    }
+
+    /// The metadata contexts the server offers on `uri`'s export for
+    /// `query` (`NBD_OPT_LIST_META_CONTEXT`; `qemu:dirty-bitmap:` lists
+    /// QEMU's exported bitmaps), on a connection of its own that is then
+    /// given up (`NBD_OPT_ABORT`). A server that cannot list gives none.
+    pub fn list_contexts(
+        uri: &Uri,
+        query: &str,
+        timeout: Duration,
+    ) -> Result<Vec<String>, ClientError> {
+        let mut c = Client::open(uri, timeout)?;
+        let export = uri.export.as_bytes();
+        let mut b = (export.len() as u32).to_be_bytes().to_vec();
+        b.extend_from_slice(export);
+        b.extend_from_slice(&1u32.to_be_bytes());
+        b.extend_from_slice(&(query.len() as u32).to_be_bytes());
+        b.extend_from_slice(query.as_bytes());
+        c.option(OPT_LIST_META_CONTEXT, &b)?;
+        let mut names = Vec::new();
+        // One reply per context, then ACK (or an error): 4096 is far more
+        // than any export has bitmaps.
+        for _ in 0..4096 {
+            let (kind, data) = c.option_reply(OPT_LIST_META_CONTEXT)?;
+            match kind {
+                REP_META_CONTEXT if data.len() >= 4 => {
+                    names.push(String::from_utf8_lossy(&data[4..]).into_owned());
+                }
+                REP_ACK => break,
+                k if k >= (1 << 31) => break,
+                _ => return Err(ClientError::Protocol("bad meta context reply".into())),
+            }
+        }
+        let _ = c.option(OPT_ABORT, &[]);
+        Ok(names)
+    }
+
+    /// A connection to `uri`'s server after the greeting (and TLS), before
+    /// any option about the export.
+    fn open(uri: &Uri, timeout: Duration) -> Result<Client, ClientError> {
         let s = match &uri.address {
             Address::Tcp { host, port } => {
                 use std::net::ToSocketAddrs;
@@ -447,7 +490,6 @@ impl Client {
         if let Some(tls) = &uri.tls {
             c = c.start_tls(tls)?;
         }
-        c.handshake(&uri.export, contexts)?;
         Ok(c)
     }
 
@@ -1183,10 +1225,17 @@ mod tests {
             std::thread::scope(|s| {
                 let mem = &mem;
                 s.spawn(move || {
-                    let (c, _) = listener.accept().unwrap();
-                    let _ = serve_connection(c, &One(mem));
+                    for _ in 0..2 {
+                        let (c, _) = listener.accept().unwrap();
+                        let _ = serve_connection(c, &One(mem));
+                    }
                 });
                 let uri = Uri::parse(&format!("nbd+unix:///d?socket={}", sock.display())).unwrap();
+                // Listing the contexts takes a connection of its own.
+                assert_eq!(
+                    Client::list_contexts(&uri, "base:", TIMEOUT).unwrap(),
+                    ["base:allocation"]
+                );
                 let mut c = Client::connect(&uri, &["base:allocation"], TIMEOUT).unwrap();
                 assert_eq!(c.size(), 9 << 20);
                 assert_eq!(c.read_only(), !writable);
