@@ -208,6 +208,9 @@ fn connect(env: &Env, served: &Served, token: &str, sealed: bool) -> RemoteRepo 
         ca_file: None,
         retry_for: Duration::from_secs(10),
         limits: Default::default(),
+        // The subjects' handles are long-lived: a reader opened before
+        // other writers commit must list what they committed.
+        prefetch_listing: false,
     })
     .unwrap()
     .with_codec(codec(sealed))
@@ -1403,6 +1406,41 @@ fn a_reader_opened_before_gc_reports_collected_chunks() {
             s.label()
         );
         assert_eq!(read(r, &[0, 1]), ["missing", "intact"]);
+    }
+}
+
+/// A listing fetched with the hello stands in for the first listing, but
+/// never for one after this handle committed.
+#[test]
+fn remote_listing_fetched_with_the_hello_is_dropped_by_a_commit() {
+    for sealed in [false, true] {
+        let s = Subject::new(Kind::Remote, sealed, None);
+        let Backend::Remote { served, .. } = &s.backend else {
+            unreachable!()
+        };
+        let token = fs::read_to_string(s.env.path("admin.token")).unwrap();
+        let r = RemoteRepo::connect(RemoteOptions {
+            url: served.url(),
+            token,
+            fingerprint: Some(served.fp.clone()),
+            ca_file: None,
+            retry_for: Duration::from_secs(10),
+            limits: Default::default(),
+            prefetch_listing: true,
+        })
+        .unwrap()
+        .with_codec(codec(sealed));
+        r.begin_session("vm").unwrap();
+        let (r0, _) = put(&r, &[0]);
+        let s0 = snap(&r, "vm", 1, &[r0], 1);
+        commit(&r, &s0, None);
+        assert_eq!(snapshot_ids(&r), BTreeSet::from([s0.id]), "{}", s.label());
+        // The session ended with the commit; another commit goes on in a
+        // new one.
+        let (r1, _) = put(&r, &[1]);
+        let s1 = snap(&r, "vm", 2, &[r1], 2);
+        commit(&r, &s1, None);
+        assert_eq!(snapshot_ids(&r), BTreeSet::from([s0.id, s1.id]));
     }
 }
 

@@ -81,7 +81,7 @@ fn restores_exact(c: &Client, env: &Env, name: &str, want: &Path) {
 }
 
 /// A counter of the server's `/metrics` (admin token), read with curl.
-fn metric(env: &Env, s: &Served, name: &str) -> u64 {
+pub(crate) fn metric(env: &Env, s: &Served, name: &str) -> u64 {
     let token = fs::read_to_string(env.path("admin.token")).unwrap();
     let o = std::process::Command::new("curl")
         .args(["-sk", "--max-time", "30", "-H"])

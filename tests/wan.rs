@@ -64,6 +64,17 @@ fn backups_and_restores_through_a_50ms_link_are_exact() {
         "the backups went through the link: {} bytes",
         link.bytes(Dir::Up)
     );
+    // Fixed round trips per command: a commit ends its session on the
+    // server, so no backup closes one, and none is left open.
+    let log = fs::read_to_string(&s.log).unwrap();
+    let requests: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["message"] == "request")
+        .collect();
+    let closes = requests.iter().filter(|v| v["method"] == "DELETE").count();
+    assert_eq!(closes, 0, "sessions closed after their commit");
+    assert_eq!(crate::faults::metric(&env, &s, "sessions_active"), 0);
     let direct = Client::new(&env, &s, "admin");
     direct.ok(&["check", "--read-data"]);
     s.assert_no_panic();

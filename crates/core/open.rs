@@ -152,6 +152,8 @@ pub(crate) fn connect_with(url: &str, c: &Credentials) -> anyhow::Result<RemoteR
         ca_file: c.ca_file.clone(),
         retry_for: settings().retry_for,
         limits: settings().limits.clone(),
+        // Nearly every command lists the snapshots first.
+        prefetch_listing: true,
     })?;
     // Only the hello has been exchanged: the repository's config is what
     // the server *says*. Nothing is read or sent before it is checked

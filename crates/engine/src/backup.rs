@@ -457,13 +457,21 @@ fn upload_stopped() -> EngineError {
 /// compress the next regions while the link carries the last ones, and
 /// wait when it is behind. Memory: each uploader and each place holds one
 /// region's frames. Without uploaders (a local store), `work` alone.
-fn with_uploads(
+///
+/// `after` runs once `work` has succeeded, while the last uploads drain
+/// (what the commit will look up: over a link, its round trip then
+/// overlaps theirs instead of following it). Its result is `None` when
+/// `work` failed.
+fn with_uploads<T>(
     ctx: &Ctx<'_>,
     work: impl FnOnce() -> (Result<(), EngineError>, u64),
-) -> (Result<(), EngineError>, u64) {
+    after: impl FnOnce() -> T,
+) -> (Result<(), EngineError>, u64, Option<T>) {
     let n = ctx.repo.uploads_in_flight();
     if n == 0 {
-        return work();
+        let (r, read) = work();
+        let then = r.is_ok().then(after);
+        return (r, read, then);
     }
     // Two places: enough that a worker rarely waits for an uploader to
     // come back for the next region, few enough that queued frames stay
@@ -471,7 +479,7 @@ fn with_uploads(
     // at 150 ms RTT, for no speed).
     let (tx, rx) = crossbeam_channel::bounded::<Upload>(2);
     *ctx.uploads.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
-    let (result, read) = std::thread::scope(|s| {
+    let (result, read, then) = std::thread::scope(|s| {
         for _ in 0..n {
             let rx = rx.clone();
             s.spawn(move || {
@@ -498,7 +506,8 @@ fn with_uploads(
         }
         // Closing the channel lets the uploaders finish what is queued.
         *ctx.uploads.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        r
+        let then = r.0.is_ok().then(after);
+        (r.0, r.1, then)
     });
     match ctx
         .upload_error
@@ -506,8 +515,8 @@ fn with_uploads(
         .unwrap_or_else(|p| p.into_inner())
         .take()
     {
-        Some(e) => (Err(e), read),
-        None => (result, read),
+        Some(e) => (Err(e), read, None),
+        None => (result, read, then),
     }
 }
 
@@ -563,11 +572,45 @@ pub fn backup(
     progress.start(source.size());
     let initial_size = source.size();
 
-    let (work, bytes_read) = with_uploads(&ctx, || match source.positional() {
-        Some(pos) => read_parallel(&ctx, &pos, region_size),
-        None => read_sequential(&ctx, &mut source, region_size),
-    });
+    let (work, bytes_read, early) = with_uploads(
+        &ctx,
+        || match source.positional() {
+            Some(pos) => read_parallel(&ctx, &pos, region_size),
+            None => read_sequential(&ctx, &mut source, region_size),
+        },
+        || {
+            // Everything read: the commit's lookups and the new zero
+            // chaining values go while the last uploads drain.
+            let new_zero_cvs =
+                std::mem::take(&mut *ctx.new_zero_cvs.lock().unwrap_or_else(|p| p.into_inner()));
+            let results = ctx
+                .results
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            let share = ctx.parent.as_ref().map(|p| {
+                let reused = &ctx.reused;
+                move || reused_share(p, reused)
+            });
+            std::thread::scope(|s| {
+                let zeros = s.spawn(|| repo.put_zero_cvs(region_size as u32, &new_zero_cvs));
+                let early = look_ahead(repo, results, share);
+                (
+                    zeros.join().expect("zero chaining values thread panicked"),
+                    early,
+                )
+            })
+        },
+    );
     work?;
+    let early = match early {
+        Some((zeros, early)) => {
+            zeros?;
+            // A failed lookup is done again at the commit.
+            early.ok()
+        }
+        None => None,
+    };
     let size = ctx.counters.image_bytes.load(Relaxed);
     if let Some(before) = initial_size {
         let now = source.current_size().unwrap_or(before);
@@ -586,11 +629,6 @@ pub fn backup(
             path: source.path().to_path_buf(),
         });
     }
-    let new_zero_cvs = ctx
-        .new_zero_cvs
-        .into_inner()
-        .unwrap_or_else(|p| p.into_inner());
-    repo.put_zero_cvs(region_size as u32, &new_zero_cvs)?;
     let results = ctx.results.into_inner().unwrap_or_else(|p| p.into_inner());
     let stats = ctx.counters.stats();
     let meta = Meta {
@@ -628,7 +666,8 @@ pub fn backup(
     let parent = ctx.parent.as_ref();
     let reused = &ctx.reused;
     let share = parent.map(|p| move || reused_share(p, reused));
-    let (id, snapshot) = commit_resending(repo, results, None, stats, meta, reread, redo, share)?;
+    let (id, snapshot) =
+        commit_resending(repo, results, None, stats, meta, reread, redo, share, early)?;
     progress.finish();
     Ok(BackupReport {
         id,
@@ -841,6 +880,8 @@ pub(crate) type Reread<'a> = dyn Fn(u64) -> Result<RegionBuf, EngineError> + Syn
 /// A commit that finds a region gone (lost after the check) goes round
 /// again, a bounded number of times. `more` is as for `commit_snapshot`,
 /// run at each attempt.
+/// `early` is what [`look_ahead`] found before the commit (used if the
+/// regions are still the ones it saw).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn commit_resending<F>(
     repo: &dyn Repository,
@@ -851,6 +892,7 @@ pub(crate) fn commit_resending<F>(
     reread: Option<&Reread<'_>>,
     mut redo: Vec<u64>,
     more: Option<F>,
+    mut early: Option<Early>,
 ) -> Result<(Id, Snapshot), EngineError>
 where
     F: Fn() -> Result<(u64, u64), EngineError> + Sync,
@@ -916,7 +958,15 @@ where
             continue;
         }
         let more = more.as_ref().map(|f| || f());
-        match commit_snapshot(repo, &mut results, digest, stats, meta.clone(), more) {
+        match commit_snapshot(
+            repo,
+            &mut results,
+            digest,
+            stats,
+            meta.clone(),
+            more,
+            early.take(),
+        ) {
             Err(EngineError::Repo(RepoError::Missing {
                 kind: ObjectKind::Region,
                 id,
@@ -951,6 +1001,7 @@ pub(crate) fn commit_snapshot<F>(
     mut stats: SnapshotStats,
     meta: Meta<'_>,
     more: Option<F>,
+    early: Option<Early>,
 ) -> Result<(Id, Snapshot), EngineError>
 where
     F: FnOnce() -> Result<(u64, u64), EngineError> + Send,
@@ -965,36 +1016,13 @@ where
             image_digest(&hashes, region_size as u64, meta.size)
         }
     };
-    let pages: Vec<Page> = results
-        .chunks(PAGE_REGIONS)
-        .map(|c| Page {
-            regions: c.iter().map(|r| r.1).collect(),
-            cvs: c.iter().map(|r| r.2.cv()).collect(),
-        })
-        .collect();
-    let codec = repo.codec();
-    let (page_ids, stored_pages): (Vec<Id>, Vec<Vec<u8>>) = pages
-        .iter()
-        .map(|p| {
-            let regions: Vec<Id> = p
-                .regions
-                .iter()
-                .copied()
-                .filter(|r| *r != Id::ZERO)
-                .collect();
-            codec.store_record(RecordKind::Page, p.encode(), &regions)
-        })
-        .unzip();
+    let (page_ids, stored_pages) = index_pages(repo, results);
     let mut page_bytes = 0u64;
     let mut seen = std::collections::HashSet::new();
-    let (known, more) = std::thread::scope(|s| {
-        let more = more.map(|f| s.spawn(f));
-        let known = repo.ref_counts(ObjectKind::Page, &page_ids);
-        (
-            known,
-            more.map(|h| h.join().expect("counting thread panicked")),
-        )
-    });
+    let (known, more) = match early.filter(|e| e.page_ids == page_ids) {
+        Some(e) => (Ok(e.known), e.more),
+        None => lookups(repo, &page_ids, more),
+    };
     if let Some(m) = more {
         let (chunks, zeros) = m?;
         stats.chunks += chunks;
@@ -1021,9 +1049,95 @@ where
         stats,
         bitmap: meta.opts.bitmap.clone(),
     };
+    let codec = repo.codec();
     let (_, record) = codec.store_record(RecordKind::Snapshot, snapshot.encode(), &snapshot.pages);
     let (id, _) = repo.commit(&record, &stored_pages, meta.parent.as_ref())?;
     Ok((id, snapshot))
+}
+
+/// The index pages of `results` (sorted by region, complete): their ids
+/// and their records as stored.
+fn index_pages(
+    repo: &dyn Repository,
+    results: &[(u64, Id, RegionHash)],
+) -> (Vec<Id>, Vec<Vec<u8>>) {
+    let codec = repo.codec();
+    results
+        .chunks(PAGE_REGIONS)
+        .map(|c| {
+            let page = Page {
+                regions: c.iter().map(|r| r.1).collect(),
+                cvs: c.iter().map(|r| r.2.cv()).collect(),
+            };
+            let regions: Vec<Id> = page
+                .regions
+                .iter()
+                .copied()
+                .filter(|r| *r != Id::ZERO)
+                .collect();
+            codec.store_record(RecordKind::Page, page.encode(), &regions)
+        })
+        .unzip()
+}
+
+/// What a commit looks up before it is sent: which of its pages the
+/// repository holds (their bytes are not new), and `more` (the counts of
+/// regions taken from the parent), at once.
+#[allow(clippy::type_complexity)]
+fn lookups<F>(
+    repo: &dyn Repository,
+    page_ids: &[Id],
+    more: Option<F>,
+) -> (
+    Result<Vec<Option<imgstore_format::RefCount>>, RepoError>,
+    Option<Result<(u64, u64), EngineError>>,
+)
+where
+    F: FnOnce() -> Result<(u64, u64), EngineError> + Send,
+{
+    std::thread::scope(|s| {
+        let more = more.map(|f| s.spawn(f));
+        let known = repo.ref_counts(ObjectKind::Page, page_ids);
+        (
+            known,
+            more.map(|h| h.join().expect("counting thread panicked")),
+        )
+    })
+}
+
+/// A commit's lookups done ahead of it ([`look_ahead`]).
+pub(crate) struct Early {
+    page_ids: Vec<Id>,
+    known: Vec<Option<imgstore_format::RefCount>>,
+    more: Option<Result<(u64, u64), EngineError>>,
+}
+
+/// The lookups [`commit_snapshot`] makes for `results` (every region of
+/// the image, in any order), made now: a backup runs them while its last
+/// uploads drain, so over a link their round trip overlaps the uploads'
+/// instead of following it. The commit uses them only if its pages are
+/// these (a region sent again after a loss may change them).
+pub(crate) fn look_ahead<F>(
+    repo: &dyn Repository,
+    mut results: Vec<(u64, Id, RegionHash)>,
+    more: Option<F>,
+) -> Result<Early, EngineError>
+where
+    F: FnOnce() -> Result<(u64, u64), EngineError> + Send,
+{
+    results.sort_by_key(|r| r.0);
+    if !results.iter().enumerate().all(|(i, r)| r.0 == i as u64) {
+        return Err(EngineError::Repo(RepoError::Invalid(
+            "the regions read are not the whole image".into(),
+        )));
+    }
+    let (page_ids, _) = index_pages(repo, &results);
+    let (known, more) = lookups(repo, &page_ids, more);
+    Ok(Early {
+        page_ids,
+        known: known?,
+        more,
+    })
 }
 
 /// A changed-block backup: which bytes may differ from a base snapshot.
@@ -1209,14 +1323,18 @@ pub fn backup_changed(
         })
     };
     let pool = threads(workers(repo, 2))?;
-    let (work, _) = with_uploads(&ctx, || {
-        let r = pool.install(|| {
-            touched_ix
-                .par_iter()
-                .try_for_each(|&i| ctx.process(&build(i)?))
-        });
-        (r, 0)
-    });
+    let (work, _, _) = with_uploads(
+        &ctx,
+        || {
+            let r = pool.install(|| {
+                touched_ix
+                    .par_iter()
+                    .try_for_each(|&i| ctx.process(&build(i)?))
+            });
+            (r, 0)
+        },
+        || (),
+    );
     work?;
     bytes_read += read.load(Relaxed);
     let mut results = ctx.results.into_inner().unwrap_or_else(|p| p.into_inner());
@@ -1254,6 +1372,7 @@ pub fn backup_changed(
         Some(&build),
         redo,
         None::<Counted>,
+        None,
     )?;
     progress.finish();
     Ok(BackupReport {

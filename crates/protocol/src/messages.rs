@@ -506,6 +506,11 @@ pub struct Hello {
     /// default share).
     #[serde(default)]
     pub uploads: Option<u32>,
+    /// A successful commit ends its session: the client sends no
+    /// `DELETE` after it. False from servers before it was added, whose
+    /// sessions a client still closes.
+    #[serde(default)]
+    pub commit_ends_session: bool,
 }
 
 /// `POST /v1/sessions`: a write session for a backup of `image`.

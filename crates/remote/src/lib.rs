@@ -72,6 +72,11 @@ pub struct RemoteOptions {
     pub retry_for: Duration,
     /// Upload and download rate limits (`--limit-upload`/`--limit-download`).
     pub limits: Limits,
+    /// Ask for the snapshot listing together with the hello: a command
+    /// that will list (a backup looks for its parent, a restore for its
+    /// snapshot) saves a round trip. The answer is only decoded after the
+    /// hello has been checked, and dropped by any change to the listing.
+    pub prefetch_listing: bool,
 }
 
 /// Is `location` a server URL (rather than a local path)?
@@ -141,6 +146,20 @@ pub struct RemoteRepo {
     /// it and starving the uploads being read.
     uploads: Slots,
 }
+
+/// Raw answers to `GET /v1/snapshots` and `GET /v1/witnesses`, and
+/// when they came.
+#[derive(Default)]
+struct Prefetched {
+    snapshots: Option<Vec<u8>>,
+    witnesses: Option<Vec<u8>>,
+    at: Option<Instant>,
+}
+
+/// How long a listing fetched with the hello stands in for a new one: a
+/// command lists within milliseconds of connecting; a handle kept open
+/// longer lists afresh, as if it had not fetched ahead.
+const PREFETCH_FRESH: Duration = Duration::from_secs(2);
 
 /// A counting semaphore: at most `max` holders at once.
 struct Slots {
@@ -224,6 +243,10 @@ pub struct Conn {
     /// The quickest small request seen: the link's round-trip time.
     rtt: Mutex<Option<Duration>>,
     limits: Limits,
+    /// The listing asked for with the hello
+    /// ([`RemoteOptions::prefetch_listing`]), each part taken by its first
+    /// use, both dropped by a commit, a replacement or a forget.
+    prefetched: Mutex<Prefetched>,
 }
 
 /// The backup session calls are made in.
@@ -232,6 +255,8 @@ struct Session {
     id: String,
     image: String,
     namespace: Option<String>,
+    /// Its commit ended it on the server ([`proto::Hello::commit_ends_session`]).
+    ended: bool,
 }
 
 /// How often an HTTP/2 connection with nothing received lately is pinged.
@@ -336,10 +361,33 @@ impl RemoteRepo {
             retry_for: opts.retry_for,
             rtt: Mutex::new(None),
             limits: opts.limits.clone(),
+            prefetched: Mutex::new(Prefetched::default()),
         };
         // Retried like any read: a server that is not up yet is waited for.
-        let body = conn.call(reqwest::Method::GET, proto::paths::HELLO, Body::None, true)?;
-        let hello: proto::Hello = conn.json(&body)?;
+        // The listing goes at the same time when asked for (it sends
+        // nothing but the token, which the hello sends too); its answers
+        // are kept undecoded until the hello has been checked.
+        let get = |path| conn.call(reqwest::Method::GET, path, Body::None, true);
+        let (body, prefetched) = std::thread::scope(|s| {
+            let listing = opts.prefetch_listing.then(|| {
+                (
+                    s.spawn(|| get(proto::paths::SNAPSHOTS).ok()),
+                    s.spawn(|| get(proto::paths::WITNESSES).ok()),
+                )
+            });
+            let hello = get(proto::paths::HELLO);
+            let prefetched = match listing {
+                Some((snapshots, witnesses)) => Prefetched {
+                    snapshots: snapshots.join().expect("listing thread panicked"),
+                    witnesses: witnesses.join().expect("listing thread panicked"),
+                    at: Some(Instant::now()),
+                },
+                None => Prefetched::default(),
+            };
+            (hello, prefetched)
+        });
+        let hello: proto::Hello = conn.json(&body?)?;
+        *conn.prefetched.lock().unwrap_or_else(|p| p.into_inner()) = prefetched;
         if hello.protocol != proto::VERSION {
             return Err(RepoError::Remote {
                 url: conn.location.clone(),
@@ -408,13 +456,30 @@ impl RemoteRepo {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        if let Some(s) = s {
+        // A commit that ended it on the server left nothing to close.
+        if let Some(s) = s.filter(|s| !s.ended) {
             let _ = self.call(
                 reqwest::Method::DELETE,
                 &proto::paths::session(&s.id),
                 Body::None,
                 false,
             );
+        }
+    }
+
+    /// The session's commit succeeded: a server that ends the session
+    /// with it needs no `DELETE`.
+    /// (A later call in it finds it gone and goes on in a new one.)
+    fn committed(&self) {
+        if self.hello.commit_ends_session {
+            if let Some(s) = self
+                .session
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_mut()
+            {
+                s.ended = true;
+            }
         }
     }
 
@@ -480,19 +545,22 @@ impl Conn {
 
     /// Opens a session for a backup of `image` (not yet the current one).
     fn open_session(&self, image: &str) -> Result<Session> {
-        let body = self.call(
-            reqwest::Method::POST,
-            proto::paths::SESSIONS,
-            Body::Json(
-                serde_json::to_value(proto::SessionRequest {
-                    image: image.into(),
-                })
-                .expect("json"),
-            ),
-            true,
-        )?;
+        let body = self.timed(|| {
+            self.call(
+                reqwest::Method::POST,
+                proto::paths::SESSIONS,
+                Body::Json(
+                    serde_json::to_value(proto::SessionRequest {
+                        image: image.into(),
+                    })
+                    .expect("json"),
+                ),
+                true,
+            )
+        })?;
         let reply: proto::SessionReply = self.json(&body)?;
         Ok(Session {
+            ended: false,
             id: reply.session,
             image: image.into(),
             namespace: reply.namespace,
@@ -735,8 +803,12 @@ impl Conn {
             ObjectKind::Page => proto::paths::PAGES,
             _ => proto::paths::REGIONS,
         };
-        self.get_many(path, ids, 256, |body, n| {
-            proto::decode_records(body, n).map_err(|e| self.malformed(e))
+        // Small calls (an index page is 16 KiB): one gives the round trip
+        // when the listing came with the hello.
+        self.timed(|| {
+            self.get_many(path, ids, 256, |body, n| {
+                proto::decode_records(body, n).map_err(|e| self.malformed(e))
+            })
         })
     }
 
@@ -768,15 +840,32 @@ impl Conn {
     }
 
     fn snapshot_list(&self) -> Result<Vec<(Id, Vec<u8>)>> {
-        let body = self.timed(|| {
-            self.call(
-                reqwest::Method::GET,
-                proto::paths::SNAPSHOTS,
-                Body::None,
-                true,
-            )
-        })?;
+        let early = self.prefetch().snapshots.take();
+        let body = match early {
+            Some(b) => b,
+            None => self.timed(|| {
+                self.call(
+                    reqwest::Method::GET,
+                    proto::paths::SNAPSHOTS,
+                    Body::None,
+                    true,
+                )
+            })?,
+        };
         proto::decode_snapshots(&body).map_err(|e| self.malformed(e))
+    }
+
+    fn prefetch(&self) -> std::sync::MutexGuard<'_, Prefetched> {
+        let mut p = self.prefetched.lock().unwrap_or_else(|p| p.into_inner());
+        if p.at.is_some_and(|t| t.elapsed() > PREFETCH_FRESH) {
+            *p = Prefetched::default();
+        }
+        p
+    }
+
+    /// The listing changes: what was fetched ahead is stale.
+    fn listing_changes(&self) {
+        *self.prefetch() = Prefetched::default();
     }
 }
 
@@ -993,6 +1082,7 @@ impl Repository for RemoteRepo {
     }
 
     fn commit(&self, record: &[u8], pages: &[Vec<u8>], parent: Option<&Id>) -> Result<(Id, u64)> {
+        self.listing_changes();
         let id = Id::hash(record);
         let body = bytes::Bytes::from(proto::encode_commit(record, parent, pages));
         match self.upload(
@@ -1002,6 +1092,7 @@ impl Repository for RemoteRepo {
             false,
         ) {
             Ok(reply) => {
+                self.committed();
                 let c: proto::Committed = self.json(&reply)?;
                 Ok((id, c.added_bytes))
             }
@@ -1014,6 +1105,7 @@ impl Repository for RemoteRepo {
                     Body::Bytes(body),
                     true,
                 )?;
+                self.committed();
                 let c: proto::Committed = self.json(&reply)?;
                 Ok((id, c.added_bytes))
             }
@@ -1093,6 +1185,7 @@ impl Repository for RemoteRepo {
     }
 
     fn replace_snapshot(&self, old: &Id, new: &[u8]) -> Result<Id> {
+        self.listing_changes();
         let body = self.call(
             reqwest::Method::POST,
             &proto::paths::replace(old),
@@ -1104,6 +1197,7 @@ impl Repository for RemoteRepo {
     }
 
     fn forget(&self, ids: &[Id]) -> Result<ForgetOutcome> {
+        self.listing_changes();
         let body = self.call(
             reqwest::Method::POST,
             proto::paths::FORGET,
@@ -1191,12 +1285,16 @@ impl Repository for RemoteRepo {
     // The records this token may see (all of them for an admin, damaged
     // ones included): what `check` and `copy` read.
     fn witnesses(&self) -> Result<std::collections::HashMap<Id, imgstore_repo::Witness>> {
-        let body = self.call(
-            reqwest::Method::GET,
-            proto::paths::WITNESSES,
-            Body::None,
-            true,
-        )?;
+        let early = self.prefetch().witnesses.take();
+        let body = match early {
+            Some(b) => b,
+            None => self.call(
+                reqwest::Method::GET,
+                proto::paths::WITNESSES,
+                Body::None,
+                true,
+            )?,
+        };
         Ok(proto::decode_witnesses(&body)
             .map_err(|e| self.malformed(e))?
             .into_iter()
@@ -1295,6 +1393,7 @@ mod tests {
             ca_file: None,
             retry_for: Duration::ZERO,
             limits: Limits::default(),
+            prefetch_listing: true,
         });
         assert!(matches!(r, Err(RepoError::Unreachable { .. })));
     }

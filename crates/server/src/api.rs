@@ -334,6 +334,7 @@ async fn hello(State(app): State<Shared>, headers: HeaderMap) -> ApiResult {
         config: app.store.config().clone(),
         role: c.role,
         uploads: Some(app.upload_share() as u32),
+        commit_ends_session: true,
         token: c.token,
         namespaces: c.namespaces,
     })
@@ -786,6 +787,13 @@ async fn commit(State(app): State<Shared>, headers: HeaderMap, body: Bytes) -> A
             app.store
                 .commit_in(Some(&scope), record, &pages, parent.as_ref(), Some(&attest))?;
         let added = private_added.unwrap_or(added);
+        // The commit ends the session: the snapshot now holds what it
+        // pinned. A commit sent again after a lost answer finds the
+        // session gone, and the client repeats it in a new one (a no-op).
+        app.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&scope.session);
         app.store.end_session(scope.session);
         Metrics::add(&app.metrics.commits, 1);
         tracing::info!(token = %c.token, image = %image, snapshot = %id, "snapshot committed");
