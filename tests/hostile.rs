@@ -768,6 +768,67 @@ fn sessions_per_token_are_bounded() {
     s.assert_no_panic();
 }
 
+/// A session may pin, as it opens, the regions of index pages its token
+/// can see, and no others (a page of another namespace is skipped with the
+/// same answer, so pinning is no oracle); the count is bounded before
+/// anything is read.
+#[test]
+fn sessions_pin_only_pages_their_token_sees() {
+    if !need_curl() {
+        return;
+    }
+    let env = Env::new();
+    let s = setup(&env);
+    let raw = Raw::new(&env, &s);
+    let (dbfile, _, _) = one_chunk_file(&env, "db.img", 31);
+    Client::new(&env, &s, "db-backup").backup(&dbfile, &["--name", "db-1"]);
+    let (webfile, _, _) = one_chunk_file(&env, "web.img", 32);
+    Client::new(&env, &s, "web-backup").backup(&webfile, &["--name", "web-1"]);
+    let admin = token(&env, "admin");
+    let (code, body) = raw.call("GET", "/v1/snapshots", Some(&admin), None, &[]);
+    assert_eq!(code, 200);
+    let page_of = |name: &str| -> Id {
+        proto::decode_snapshots(&body)
+            .unwrap()
+            .into_iter()
+            .map(|(_, rec)| Snapshot::decode(&rec).unwrap())
+            .find(|s| s.name == name)
+            .unwrap()
+            .pages[0]
+    };
+    let (db_page, web_page) = (page_of("db-1"), page_of("web-1"));
+    let web = token(&env, "web-backup");
+    let open = |pages: &[String]| {
+        let body = serde_json::json!({"image": "web-2", "pin_pages": pages}).to_string();
+        raw.call(
+            "POST",
+            "/v1/sessions",
+            Some(&web),
+            Some(body.as_bytes()),
+            &[],
+        )
+    };
+    let pinned = || crate::faults::metric(&env, &s, "pinned_objects");
+    assert_eq!(pinned(), 0);
+    let (code, b) = open(&[db_page.to_hex()]);
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(pinned(), 0, "another namespace's page pinned");
+    let (code, b) = open(&[web_page.to_hex()]);
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(pinned(), 1, "the region of its own parent's page");
+    // Bounded, and checked, before anything is read or opened.
+    let many: Vec<String> = (0..1025u32)
+        .map(|i| Id::hash(&i.to_le_bytes()).to_hex())
+        .collect();
+    let (code, b) = open(&many);
+    assert_eq!(code, 400);
+    assert!(String::from_utf8_lossy(&b).contains("at most 1024"));
+    let (code, _) = open(&["not hex".to_string()]);
+    assert_eq!(code, 400);
+    assert_eq!(crate::faults::metric(&env, &s, "sessions_active"), 2);
+    s.assert_no_panic();
+}
+
 /// The protocol fuzz test: every endpoint fed random and mutated bodies by
 /// every role (bounded: a fixed number per endpoint). The server answers
 /// each with a 4xx (never a 5xx but 503 or 507), stays up, never panics,

@@ -190,19 +190,10 @@ pub fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> 
     };
     imgstore_engine::check_name(&name)
         .context("the image name defaults to the source's file name: pass --name NAME")?;
-    // Listed once, as the backup's server session opens (both at once:
-    // one round trip over a slow link, not two; the parent's pages are
-    // read within the session): an unreadable record is never a parent or
-    // a base, and is warned about once they are chosen.
-    let (begun, listed) = std::thread::scope(|s| {
-        let listed = s.spawn(|| store.list_snapshots());
-        (
-            store.begin_backup(&name),
-            listed.join().expect("listing thread panicked"),
-        )
-    });
-    begun?;
-    let listed = listed?;
+    // Listed once (from a server, the listing came with the hello): an
+    // unreadable record is never a parent or a base, and is warned about
+    // once they are chosen.
+    let listed = store.list_snapshots()?;
     let status = a.json_status.then(crate::progress::JsonStatus::new);
     let bar = Bar::new(progress && status.is_none());
     // The parent: regions equal to it at the same offset are not chunked.
@@ -254,7 +245,6 @@ pub fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> 
         allow_empty: a.allow_empty,
         bitmap,
     };
-    let damaged = store.damage_pending();
     let changed = match (&a.base, &a.changed) {
         _ if from_overlay.is_some() => from_overlay,
         _ if bitmap_changed.is_some() => bitmap_changed,
@@ -272,6 +262,16 @@ pub fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> 
         _ => None,
     };
     warn_unreadable(&listed.unreadable);
+    // The server's session opens while the engine reads the parent's (or
+    // base's) index, which the server pins for it as it opens: over a
+    // link, one round trip instead of two.
+    let pins = match (&changed, &opts.parent) {
+        (Some(c), _) => c.base.pages.clone(),
+        (None, Some((_, p))) => p.pages.clone(),
+        (None, None) => Vec::new(),
+    };
+    store.begin_backup_ahead(&opts.name, &pins);
+    let damaged = store.damage_pending();
     let progress: &dyn imgstore_engine::Progress = match &status {
         Some(s) => s,
         None => &bar,

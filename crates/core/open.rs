@@ -88,6 +88,16 @@ impl Repo {
         }
         Ok(())
     }
+
+    /// [`Repo::begin_backup`] in the background, the server pinning the
+    /// regions of `pin_pages` (the parent's) as the session opens; the
+    /// engine waits for it before its first region
+    /// (`Repository::ready`).
+    pub fn begin_backup_ahead(&self, image: &str, pin_pages: &[imgstore_format::Id]) {
+        if let Repo::Remote(r) = self {
+            r.begin_session_ahead(image, pin_pages);
+        }
+    }
 }
 
 /// Opens a repository to read from (the source of `copy`): a server with

@@ -559,6 +559,9 @@ pub fn backup(
             zeros.map(|h| h.join().expect("zero chaining values thread panicked")),
         )
     });
+    // A session opened meanwhile (a server's) is open, or the backup
+    // fails here, before reading anything.
+    repo.ready()?;
     if let Some(p) = parent? {
         ctx.reused = (0..p.region_count())
             .map(|_| AtomicBool::new(false))
@@ -1205,6 +1208,7 @@ pub fn backup_changed(
         });
     }
     let base_ctx = SnapshotReader::open(repo, &changed.base_id, base)?;
+    repo.ready()?;
     let mut ranges = changed.ranges.clone();
     if size > base.size {
         ranges.push((base.size, size - base.size));

@@ -174,6 +174,10 @@ pub mod limits {
     pub const ZERO_CVS: usize = 1 << 20;
     /// Any JSON body.
     pub const JSON_BYTES: usize = 1 << 20;
+    /// Pages a session may pin as it opens (`SessionRequest::pin_pages`):
+    /// a parent of up to 2 TiB at the default region size. A larger
+    /// parent's pages are read within the session instead.
+    pub const PIN_PAGES: usize = 1024;
 }
 
 /// A body or answer that breaks the protocol.

@@ -517,6 +517,14 @@ pub struct Hello {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SessionRequest {
     pub image: String,
+    /// Index pages (hex ids, at most [`crate::limits::PIN_PAGES`]) whose
+    /// regions the backup will name without sending: its parent's. The
+    /// server pins them for the session as it opens, so the client may
+    /// read those pages at the same time, outside the session, instead of
+    /// one round trip later within it. Pages the token cannot see, or that
+    /// are gone, are skipped without a word.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pin_pages: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

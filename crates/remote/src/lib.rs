@@ -133,11 +133,10 @@ pub fn canonical_url(location: &str) -> std::result::Result<String, String> {
 
 /// A repository on an `imgstore server`.
 pub struct RemoteRepo {
-    conn: Conn,
+    conn: Arc<Conn>,
     hello: proto::Hello,
     codec: imgstore_repo::Codec,
     /// The codec of the current backup session's namespace, if it tags.
-    ns_codec: std::sync::RwLock<Option<imgstore_repo::Codec>>,
     /// Region uploads in flight: at most twice the token's upload share
     /// ([`proto::Hello::uploads`]), so that while the server reads one
     /// share the next is on its way. The others wait at the server's gate
@@ -247,6 +246,13 @@ pub struct Conn {
     /// ([`RemoteOptions::prefetch_listing`]), each part taken by its first
     /// use, both dropped by a commit, a replacement or a forget.
     prefetched: Mutex<Prefetched>,
+    /// The codec of the current backup session's namespace, if it tags.
+    ns_codec: std::sync::RwLock<Option<imgstore_repo::Codec>>,
+    /// A session being opened in the background
+    /// ([`RemoteRepo::begin_session_ahead`]): the calls that need it wait.
+    opening: Mutex<Option<std::thread::JoinHandle<Result<()>>>>,
+    /// Why the last session opened in the background could not be.
+    open_failed: Mutex<Option<String>>,
 }
 
 /// The backup session calls are made in.
@@ -362,6 +368,9 @@ impl RemoteRepo {
             rtt: Mutex::new(None),
             limits: opts.limits.clone(),
             prefetched: Mutex::new(Prefetched::default()),
+            ns_codec: Default::default(),
+            opening: Mutex::new(None),
+            open_failed: Mutex::new(None),
         };
         // Retried like any read: a server that is not up yet is waited for.
         // The listing goes at the same time when asked for (it sends
@@ -400,10 +409,9 @@ impl RemoteRepo {
         }
         let uploads = Slots::new(2 * hello.uploads.unwrap_or(4) as usize);
         Ok(RemoteRepo {
-            conn,
+            conn: Arc::new(conn),
             hello,
             codec: imgstore_repo::Codec::Plain,
-            ns_codec: Default::default(),
             uploads,
         })
     }
@@ -436,21 +444,59 @@ impl RemoteRepo {
     /// what the backup relies on until it commits.
     pub fn begin_session(&self, image: &str) -> Result<()> {
         self.end_session();
-        let session = self.open_session(image)?;
-        // In a namespace of an encrypted repository the backup's chunk ids
-        // carry the namespace's tag: the server accepts no others from it.
-        *self.ns_codec.write().unwrap_or_else(|p| p.into_inner()) = session
-            .namespace
-            .as_deref()
-            .filter(|_| self.codec.is_sealed())
-            .map(|ns| self.codec.in_namespace(ns));
-        self.checked.store(self.renewals.load(SeqCst), SeqCst);
-        *self.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(session);
+        let session = self.open_session(image, &[])?;
+        self.conn.install(session, &self.codec);
         Ok(())
+    }
+
+    /// Opens the session as [`RemoteRepo::begin_session`] does, in the
+    /// background, the server pinning the regions of `pin_pages` (the
+    /// parent's index pages) for it as it opens; and opens the upload
+    /// connection meanwhile. Over a link that is a round trip saved: the
+    /// backup reads its parent's pages (outside the session: they are
+    /// pinned already) while the session opens. The calls that need the
+    /// session wait for it, and [`Repository::ready`] reports a session
+    /// that could not be opened.
+    pub fn begin_session_ahead(&self, image: &str, pin_pages: &[Id]) {
+        self.end_session();
+        let pins: Vec<Id> = if pin_pages.len() <= limits::PIN_PAGES {
+            pin_pages.to_vec()
+        } else {
+            // Too many to pin at the opening: read within the session.
+            Vec::new()
+        };
+        let (conn, codec, image) = (self.conn.clone(), self.codec.clone(), image.to_string());
+        let wait = pins.len() < pin_pages.len();
+        let handle = std::thread::spawn(move || {
+            let session = conn.open_session(&image, &pins)?;
+            conn.install(session, &codec);
+            Ok(())
+        });
+        *self
+            .conn
+            .open_failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
+        *self.conn.opening.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+        // The upload connection's TLS handshake and HTTP/2 windows, before
+        // the first region needs them (its answer is not waited for).
+        let (client, url) = (
+            self.conn.upload_client.clone(),
+            format!("{}{}", self.conn.base, proto::paths::HEALTH),
+        );
+        std::thread::spawn(move || {
+            if let Ok(r) = client.get(url).send() {
+                let _ = read_bounded(r, None);
+            }
+        });
+        if wait {
+            let _ = self.conn.settle();
+        }
     }
 
     /// Ends the session (its uncommitted uploads become garbage for gc).
     pub fn end_session(&self) {
+        let _ = self.conn.settle();
         let s = self
             .session
             .lock()
@@ -490,6 +536,42 @@ impl RemoteRepo {
 }
 
 impl Conn {
+    /// Makes `session` the current one.
+    fn install(&self, session: Session, codec: &imgstore_repo::Codec) {
+        // In a namespace of an encrypted repository the backup's chunk ids
+        // carry the namespace's tag: the server accepts no others from it.
+        *self.ns_codec.write().unwrap_or_else(|p| p.into_inner()) = session
+            .namespace
+            .as_deref()
+            .filter(|_| codec.is_sealed())
+            .map(|ns| codec.in_namespace(ns));
+        self.checked.store(self.renewals.load(SeqCst), SeqCst);
+        *self.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(session);
+    }
+
+    /// Waits for a session being opened in the background; its error, if
+    /// it could not be opened (to every caller after, too).
+    fn settle(&self) -> Result<()> {
+        let handle = self
+            .opening
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(h) = handle {
+            let out = h.join().unwrap_or_else(|_| {
+                Err(self.broken("the thread opening the session panicked".into()))
+            });
+            if let Err(e) = &out {
+                *self.open_failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+            }
+            return out;
+        }
+        match &*self.open_failed.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(why) => Err(self.broken(why.clone())),
+            None => Ok(()),
+        }
+    }
+
     fn json<T: serde::de::DeserializeOwned>(&self, body: &[u8]) -> Result<T> {
         serde_json::from_slice(body).map_err(|e| self.broken(format!("unexpected answer: {e}")))
     }
@@ -544,7 +626,7 @@ impl Conn {
     }
 
     /// Opens a session for a backup of `image` (not yet the current one).
-    fn open_session(&self, image: &str) -> Result<Session> {
+    fn open_session(&self, image: &str, pin_pages: &[Id]) -> Result<Session> {
         let body = self.timed(|| {
             self.call(
                 reqwest::Method::POST,
@@ -552,6 +634,7 @@ impl Conn {
                 Body::Json(
                     serde_json::to_value(proto::SessionRequest {
                         image: image.into(),
+                        pin_pages: pin_pages.iter().map(Id::to_hex).collect(),
                     })
                     .expect("json"),
                 ),
@@ -577,7 +660,7 @@ impl Conn {
             // again with whatever is current.
             _ => return Ok(()),
         };
-        let new = self.open_session(&old.image)?;
+        let new = self.open_session(&old.image, &[])?;
         if new.namespace != old.namespace {
             // The chunk ids sent so far carry the old namespace's tag.
             return Err(self.broken(format!(
@@ -624,6 +707,15 @@ impl Conn {
         body: Body,
         idempotent: bool,
     ) -> Result<Vec<u8>> {
+        // A call the server answers only within a session waits for one
+        // being opened in the background.
+        let in_session = path == proto::paths::CHUNKS_KNOWN
+            || path == proto::paths::REGIONS_KNOWN
+            || path == proto::paths::COMMIT
+            || (method == reqwest::Method::PUT && path.starts_with(proto::paths::REGION_PREFIX));
+        if in_session {
+            self.settle()?;
+        }
         let started = Instant::now();
         let mut delay = Duration::from_millis(100);
         let mut attempt = 0u32;
@@ -966,6 +1058,16 @@ impl Repository for RemoteRepo {
     }
 
     fn chunk_id(&self, plaintext: &[u8]) -> Id {
+        // The namespace's tag is known once the session is (the engine
+        // asks `ready` before its first chunk; this is the backstop).
+        if self
+            .opening
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+        {
+            let _ = self.settle();
+        }
         match &*self.ns_codec.read().unwrap_or_else(|p| p.into_inner()) {
             Some(c) => c.chunk_id(plaintext),
             None => self.codec.chunk_id(plaintext),
@@ -996,6 +1098,10 @@ impl Repository for RemoteRepo {
 
     fn in_flight(&self) -> usize {
         in_flight_for(self.rtt())
+    }
+
+    fn ready(&self) -> Result<()> {
+        self.settle()
     }
 
     fn uploads_in_flight(&self) -> usize {

@@ -266,6 +266,16 @@ pub trait Repository: Send + Sync {
         0
     }
 
+    /// Waits until the repository can take a backup's writes: a server's
+    /// session opened in the background ([`imgstore_remote`'s
+    /// `begin_session_ahead`]) is open, or the reason it could not be. A
+    /// backup asks once it has read its parent's index, before its first
+    /// region, so that a refused session fails it at once. Nothing to wait
+    /// for elsewhere.
+    fn ready(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// How many [`Repository::put_region`] calls a backup should keep in
     /// flight on their own threads while its workers go on to the next
     /// regions: 0 (the default) where a worker stores its own region (a

@@ -1276,32 +1276,62 @@ async fn open_session(
             if c.namespaces.is_empty() { "none".to_string() } else { c.namespaces.join(", ") }
         )));
     }
+    if req.pin_pages.len() > limits::PIN_PAGES {
+        return Err(ApiError::bad(format!(
+            "{} pages to pin: at most {} (read the others within the session)",
+            req.pin_pages.len(),
+            limits::PIN_PAGES
+        )));
+    }
+    let pin_pages = req
+        .pin_pages
+        .iter()
+        .map(|h| Id::from_hex(h).map_err(|_| ApiError::bad("pin_pages: not a page id")))
+        .collect::<ApiResult<Vec<Id>>>()?;
     let mut raw = [0u8; 8];
     getrandom::fill(&mut raw).map_err(|e| ApiError::internal(format!("no randomness: {e}")))?;
     let id = u64::from_le_bytes(raw);
-    let mut sessions = app.sessions.lock().unwrap_or_else(|p| p.into_inner());
-    let mine = sessions.values().filter(|s| s.token == c.token).count();
-    if mine >= app.limits.sessions_per_token || sessions.len() >= app.limits.sessions {
-        tracing::warn!(token = %c.token, open = mine, "session refused: too many open");
-        return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too_many_sessions",
-            format!(
-                "token {:?} has {mine} backup sessions open (limit {}, {} in all): finish or close some, or wait for them to expire",
-                c.token, app.limits.sessions_per_token, app.limits.sessions
-            ),
-        ));
+    {
+        let mut sessions = app.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = sessions.values().filter(|s| s.token == c.token).count();
+        if mine >= app.limits.sessions_per_token || sessions.len() >= app.limits.sessions {
+            tracing::warn!(token = %c.token, open = mine, "session refused: too many open");
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_sessions",
+                format!(
+                    "token {:?} has {mine} backup sessions open (limit {}, {} in all): finish or close some, or wait for them to expire",
+                    c.token, app.limits.sessions_per_token, app.limits.sessions
+                ),
+            ));
+        }
+        sessions.insert(
+            id,
+            Session {
+                token: c.token.clone(),
+                image: req.image.clone(),
+                namespace: namespace.clone(),
+                last: Instant::now(),
+            },
+        );
     }
-    sessions.insert(
-        id,
-        Session {
-            token: c.token.clone(),
-            image: req.image.clone(),
-            namespace: namespace.clone(),
-            last: Instant::now(),
-        },
-    );
-    drop(sessions);
+    if !pin_pages.is_empty() {
+        let (a, caller) = (app.clone(), c.clone());
+        let pinned = blocking(move || {
+            pin_regions_of(&a, &caller, id, &pin_pages)?;
+            Ok(StatusCode::NO_CONTENT.into_response())
+        })
+        .await;
+        if let Err(e) = pinned {
+            // No session is left behind a failed opening.
+            app.sessions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+            app.store.end_session(id);
+            return Err(e);
+        }
+    }
     tracing::info!(token = %c.token, image = %req.image, session = %format!("{id:016x}"), "session opened");
     Ok(Json(proto::SessionReply {
         session: format!("{id:016x}"),
@@ -1309,6 +1339,48 @@ async fn open_session(
         idle_timeout_secs: app.idle.as_secs(),
     })
     .into_response())
+}
+
+/// Pins, for `session`, the regions named by those of `pages` the caller
+/// can see and the store holds (a parent forgotten meanwhile is skipped:
+/// the backup's commit then finds what is missing, as it would have).
+fn pin_regions_of(app: &App, c: &Caller, session: u64, pages: &[Id]) -> ApiResult<()> {
+    let keys: Vec<[u8; 33]> = pages.iter().map(|id| ObjectKind::Page.key(id)).collect();
+    let shown: Vec<Id> = pages
+        .iter()
+        .zip(visible(app, c, &keys)?)
+        .filter(|(_, v)| *v)
+        .map(|(id, _)| *id)
+        .collect();
+    let mut pins = Vec::new();
+    for batch in shown.chunks(64) {
+        let recs = match app.store.raw_records(ObjectKind::Page, batch) {
+            Ok(recs) => recs,
+            // One is gone: the others, one by one.
+            Err(imgstore_store::StoreError::Missing { .. }) => {
+                let mut recs = Vec::new();
+                for id in batch {
+                    match app
+                        .store
+                        .raw_records(ObjectKind::Page, std::slice::from_ref(id))
+                    {
+                        Ok(r) => recs.extend(r),
+                        Err(imgstore_store::StoreError::Missing { .. }) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                recs
+            }
+            Err(e) => return Err(e.into()),
+        };
+        for rec in &recs {
+            if let Ok(regions) = record_children(RecordKind::Page, rec) {
+                pins.extend(regions.iter().map(|r| ObjectKind::Region.key(r)));
+            }
+        }
+    }
+    app.store.pin(session, pins);
+    Ok(())
 }
 
 async fn close_session(
