@@ -332,6 +332,10 @@ impl RemoteRepo {
                 .tcp_keepalive_retries(3)
                 .tcp_user_timeout(TCP_USER_TIMEOUT);
             reqwest::blocking::ClientBuilder::from(alive)
+                // One connection for every request (the server speaks
+                // HTTP/2): the hello and the listing sent together share
+                // it, instead of opening one each.
+                .http2_prior_knowledge()
                 .connect_timeout(Duration::from_secs(10))
                 .timeout(Duration::from_secs(600))
                 .pool_idle_timeout(Duration::from_secs(60))

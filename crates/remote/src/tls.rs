@@ -146,7 +146,10 @@ pub fn client_config(opts: &RemoteOptions) -> Result<rustls::ClientConfig, Strin
             )
         }
     };
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // HTTP/2 only (the client is built with prior knowledge): requests
+    // made before the connection is up then wait for that one connection
+    // instead of each opening its own.
+    config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)
 }
 
