@@ -200,6 +200,19 @@ fn next_prefix() -> String {
 }
 
 fn connect(env: &Env, served: &Served, token: &str, sealed: bool) -> RemoteRepo {
+    // The subjects' handles are long-lived: a reader opened before other
+    // writers commit must list what they committed.
+    connect_prefetching(env, served, token, sealed, false)
+}
+
+/// [`connect`], asking for the listing with the hello when `prefetch`.
+fn connect_prefetching(
+    env: &Env,
+    served: &Served,
+    token: &str,
+    sealed: bool,
+    prefetch: bool,
+) -> RemoteRepo {
     let token = fs::read_to_string(env.path(&format!("{token}.token"))).unwrap();
     RemoteRepo::connect(RemoteOptions {
         url: served.url(),
@@ -208,9 +221,7 @@ fn connect(env: &Env, served: &Served, token: &str, sealed: bool) -> RemoteRepo 
         ca_file: None,
         retry_for: Duration::from_secs(10),
         limits: Default::default(),
-        // The subjects' handles are long-lived: a reader opened before
-        // other writers commit must list what they committed.
-        prefetch_listing: false,
+        prefetch_listing: prefetch,
     })
     .unwrap()
     .with_codec(codec(sealed))
@@ -1418,18 +1429,7 @@ fn remote_listing_fetched_with_the_hello_is_dropped_by_a_commit() {
         let Backend::Remote { served, .. } = &s.backend else {
             unreachable!()
         };
-        let token = fs::read_to_string(s.env.path("admin.token")).unwrap();
-        let r = RemoteRepo::connect(RemoteOptions {
-            url: served.url(),
-            token,
-            fingerprint: Some(served.fp.clone()),
-            ca_file: None,
-            retry_for: Duration::from_secs(10),
-            limits: Default::default(),
-            prefetch_listing: true,
-        })
-        .unwrap()
-        .with_codec(codec(sealed));
+        let r = connect_prefetching(&s.env, served, "admin", sealed, true);
         r.begin_session("vm").unwrap();
         let (r0, _) = put(&r, &[0]);
         let s0 = snap(&r, "vm", 1, &[r0], 1);
