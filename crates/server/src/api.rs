@@ -1288,6 +1288,12 @@ async fn open_session(
         .iter()
         .map(|h| Id::from_hex(h).map_err(|_| ApiError::bad("pin_pages: not a page id")))
         .collect::<ApiResult<Vec<Id>>>()?;
+    // Reading the pages to pin is a bulk read like `/v1/pages`: it takes
+    // a read slot, before the session exists (a busy answer leaves none).
+    let _read = match pin_pages.is_empty() {
+        true => None,
+        false => Some(read_slot(&app).await?),
+    };
     let mut raw = [0u8; 8];
     getrandom::fill(&mut raw).map_err(|e| ApiError::internal(format!("no randomness: {e}")))?;
     let id = u64::from_le_bytes(raw);
