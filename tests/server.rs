@@ -334,6 +334,15 @@ fn roles_and_namespaces_bound_what_a_token_can_do_and_learn() {
     let r = web.backup(&img, &[]);
     let id = id_of(&r);
 
+    // A restore token cannot back up, even an unchanged image with a
+    // parent it sees (its session, opened while the parent's index is
+    // read, is refused, and the backup stops with that reason).
+    web_ro.fails(
+        &["backup", img.to_str().unwrap()],
+        7,
+        "may not write backups",
+    );
+    assert_eq!(admin.snapshots().len(), 1);
     // Append-only: no forget, gc, protect, retag, and nothing changes.
     web.fails(&["forget", &id], 7, "may not forget");
     web.fails(&["gc"], 7, "may not collect garbage");

@@ -91,8 +91,8 @@ impl Repo {
 
     /// [`Repo::begin_backup`] in the background, the server pinning the
     /// regions of `pin_pages` (the parent's) as the session opens; the
-    /// engine waits for it before its first region
-    /// (`Repository::ready`).
+    /// engine's first calls that need it wait for it, and a refused one
+    /// stops the backup (`Repository::ready`).
     pub fn begin_backup_ahead(&self, image: &str, pin_pages: &[imgstore_format::Id]) {
         if let Repo::Remote(r) = self {
             r.begin_session_ahead(image, pin_pages);

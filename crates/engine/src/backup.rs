@@ -322,6 +322,9 @@ impl<'a> Ctx<'a> {
     }
 
     fn process(&self, rb: &RegionBuf) -> Result<(), EngineError> {
+        if self.upload_failed.load(Relaxed) {
+            return Err(upload_stopped());
+        }
         let data = &rb.data[..];
         let mut hasher = region_hasher(rb.offset);
         let mut extents = Vec::new();
@@ -480,6 +483,19 @@ fn with_uploads<T>(
     let (tx, rx) = crossbeam_channel::bounded::<Upload>(2);
     *ctx.uploads.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
     let (result, read, then) = std::thread::scope(|s| {
+        // A session opening in the background (a server's) is waited for
+        // here, while the workers read and chunk their first regions (the
+        // calls that need it wait for it too); if it cannot be opened, the
+        // workers stop and the backup fails with its reason.
+        s.spawn(|| {
+            if let Err(e) = ctx.repo.ready() {
+                let mut first = ctx.upload_error.lock().unwrap_or_else(|p| p.into_inner());
+                if first.is_none() {
+                    *first = Some(e.into());
+                }
+                ctx.upload_failed.store(true, Relaxed);
+            }
+        });
         for _ in 0..n {
             let rx = rx.clone();
             s.spawn(move || {
@@ -559,9 +575,6 @@ pub fn backup(
             zeros.map(|h| h.join().expect("zero chaining values thread panicked")),
         )
     });
-    // A session opened meanwhile (a server's) is open, or the backup
-    // fails here, before reading anything.
-    repo.ready()?;
     if let Some(p) = parent? {
         ctx.reused = (0..p.region_count())
             .map(|_| AtomicBool::new(false))
@@ -1208,7 +1221,6 @@ pub fn backup_changed(
         });
     }
     let base_ctx = SnapshotReader::open(repo, &changed.base_id, base)?;
-    repo.ready()?;
     let mut ranges = changed.ranges.clone();
     if size > base.size {
         ranges.push((base.size, size - base.size));

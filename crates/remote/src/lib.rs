@@ -252,7 +252,7 @@ pub struct Conn {
     /// ([`RemoteRepo::begin_session_ahead`]): the calls that need it wait.
     opening: Mutex<Option<std::thread::JoinHandle<Result<()>>>>,
     /// Why the last session opened in the background could not be.
-    open_failed: Mutex<Option<String>>,
+    open_failed: Mutex<Option<RepoError>>,
 }
 
 /// The backup session calls are made in.
@@ -556,22 +556,21 @@ impl Conn {
     /// Waits for a session being opened in the background; its error, if
     /// it could not be opened (to every caller after, too).
     fn settle(&self) -> Result<()> {
-        let handle = self
-            .opening
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(h) = handle {
+        // Held until the session is installed: a caller that comes while
+        // another waits must wait too, not find nothing pending and go on
+        // without the session.
+        let mut opening = self.opening.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = opening.take() {
             let out = h.join().unwrap_or_else(|_| {
                 Err(self.broken("the thread opening the session panicked".into()))
             });
             if let Err(e) = &out {
-                *self.open_failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                *self.open_failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(copy_of(e));
             }
             return out;
         }
         match &*self.open_failed.lock().unwrap_or_else(|p| p.into_inner()) {
-            Some(why) => Err(self.broken(why.clone())),
+            Some(e) => Err(copy_of(e)),
             None => Ok(()),
         }
     }
@@ -965,6 +964,28 @@ impl Conn {
     }
 }
 
+/// The same error again, for each caller that waited on a session that
+/// could not be opened (the kinds a request fails with keep their kind,
+/// and so their exit status).
+fn copy_of(e: &RepoError) -> RepoError {
+    match e {
+        RepoError::Unreachable { url, detail } => RepoError::Unreachable {
+            url: url.clone(),
+            detail: detail.clone(),
+        },
+        RepoError::Denied { url, detail } => RepoError::Denied {
+            url: url.clone(),
+            detail: detail.clone(),
+        },
+        RepoError::Remote { url, detail } => RepoError::Remote {
+            url: url.clone(),
+            detail: detail.clone(),
+        },
+        RepoError::Invalid(why) => RepoError::Invalid(why.clone()),
+        other => RepoError::Storage(other.to_string()),
+    }
+}
+
 /// Largest answer the client accepts: a server (or whatever answers in
 /// its place) cannot make it allocate more.
 const ANSWER_LIMIT: u64 = limits::FRAMES_REPLY_BYTES as u64 + (1 << 20);
@@ -1062,8 +1083,8 @@ impl Repository for RemoteRepo {
     }
 
     fn chunk_id(&self, plaintext: &[u8]) -> Id {
-        // The namespace's tag is known once the session is (the engine
-        // asks `ready` before its first chunk; this is the backstop).
+        // The namespace's tag is known once the session is: the first
+        // chunks wait for it.
         if self
             .opening
             .lock()

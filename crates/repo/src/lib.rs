@@ -269,9 +269,8 @@ pub trait Repository: Send + Sync {
     /// Waits until the repository can take a backup's writes: a server's
     /// session opened in the background ([`imgstore_remote`'s
     /// `begin_session_ahead`]) is open, or the reason it could not be. A
-    /// backup asks once it has read its parent's index, before its first
-    /// region, so that a refused session fails it at once. Nothing to wait
-    /// for elsewhere.
+    /// backup asks as its workers start on the first regions, and stops
+    /// them if the session was refused. Nothing to wait for elsewhere.
     fn ready(&self) -> Result<()> {
         Ok(())
     }
