@@ -376,11 +376,7 @@ async fn records(app: Shared, headers: HeaderMap, body: Bytes, kind: ObjectKind)
         }
         if let Some(s) = scope {
             let mut pins = Vec::new();
-            for r in &recs {
-                if let Ok(regions) = record_children(RecordKind::Page, r) {
-                    pins.extend(regions.iter().map(|r| ObjectKind::Region.key(r)));
-                }
-            }
+            page_regions(&recs, &mut pins);
             app.store.pin(s.session, pins);
         }
         Ok(binary(proto::encode_records(&recs)))
@@ -1379,14 +1375,21 @@ fn pin_regions_of(app: &App, c: &Caller, session: u64, pages: &[Id]) -> ApiResul
             }
             Err(e) => return Err(e.into()),
         };
-        for rec in &recs {
-            if let Ok(regions) = record_children(RecordKind::Page, rec) {
-                pins.extend(regions.iter().map(|r| ObjectKind::Region.key(r)));
-            }
-        }
+        page_regions(&recs, &mut pins);
     }
     app.store.pin(session, pins);
     Ok(())
+}
+
+/// The keys of the regions the index page records `recs` name (a backup
+/// that read them will name those regions without sending them), added
+/// to `pins`.
+fn page_regions(recs: &[Vec<u8>], pins: &mut Vec<[u8; 33]>) {
+    for rec in recs {
+        if let Ok(regions) = record_children(RecordKind::Page, rec) {
+            pins.extend(regions.iter().map(|r| ObjectKind::Region.key(r)));
+        }
+    }
 }
 
 async fn close_session(
