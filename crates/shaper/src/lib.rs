@@ -117,7 +117,8 @@ impl Link {
 }
 
 /// Bytes forwarded in one direction: `(time since the shaper started,
-/// bytes written)`, one entry per write, in time order.
+/// bytes released)`, one entry per piece as it is released to the
+/// receiving socket, in time order.
 #[derive(Clone, Debug, Default)]
 pub struct Traffic(pub Vec<(Duration, u64)>);
 
@@ -515,10 +516,16 @@ impl Shared {
             };
             match item {
                 Item::Data(at, data) => {
-                    if !self.wait_for(c, at) || !self.write_all(c, &mut to, &data) {
+                    if !self.wait_for(c, at) {
                         break;
                     }
+                    // Logged as the bytes are released, before the write:
+                    // whoever has seen them at the far end must find them
+                    // counted (an echo could otherwise answer first).
                     lock(&self.logs[dir.index()]).push((self.epoch.elapsed(), data.len() as u64));
+                    if !self.write_all(c, &mut to, &data) {
+                        break;
+                    }
                 }
                 Item::Eof(at) => {
                     if self.wait_for(c, at) {
