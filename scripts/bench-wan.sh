@@ -36,6 +36,10 @@ TARGET=${TARGET:-server}
 GARAGE=${GARAGE_BIN:-/var/tmp/garage/bin/garage}
 mkdir -p "$WORK"
 . scripts/bench-lib.sh
+# Each fresh repository gets a fresh known-repositories record: a port
+# reused by a later server would otherwise look like a replaced repository
+# (exit 8).
+export XDG_STATE_HOME="$WORK/state"
 
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; }
@@ -87,7 +91,7 @@ for link in $LINKS; do
     rtt=${link%%@*}
     rate=; [ "$link" != "$rtt" ] && rate=${link#*@}
     tag=$name-${link//@/-}
-    R="$WORK/repo"; rm -rf "$R" "$WORK/shaper.tsv" "$WORK/out.img" "$WORK/admin.token"
+    R="$WORK/repo"; rm -rf "$R" "$WORK/shaper.tsv" "$WORK/out.img" "$WORK/admin.token" "$XDG_STATE_HOME"
     shaper_args=(--rtt "$rtt" --stats "$WORK/shaper.tsv")
     [ -n "$rate" ] && shaper_args+=(--rate "$rate")
     if [ "$TARGET" = server ]; then

@@ -19,7 +19,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use imgstore_chunker::{Chunker, Extent, Kind, Params};
@@ -128,22 +128,39 @@ impl Counters {
     }
 }
 
-struct Ctx<'a> {
-    repo: &'a dyn Repository,
+/// What a backup asks the repository for before it can take a region from
+/// the parent. A backup over a link loads it while its workers read and
+/// hash their first regions.
+#[derive(Default)]
+struct Known<'a> {
     /// The parent's region index, when regions may be reused from it.
     parent: Option<SnapshotReader<'a>>,
-    chunker: Chunker,
+    /// Which of the parent's regions were taken unchanged, by index.
+    reused: Vec<AtomicBool>,
+}
+
+struct Ctx<'a> {
+    repo: &'a dyn Repository,
+    /// Set once loaded; `None` inside when loading failed (the error is the
+    /// loader's to report). A worker that needs it waits for it.
+    known: Gate<Option<Known<'a>>>,
+    /// Cached chaining values of all-zero regions, by index (see
+    /// `Repository::zero_cvs`), once loaded and checked; empty when not
+    /// loaded. Only holes wait for it.
+    zero_cvs: Gate<Vec<Option<[u8; 32]>>>,
+    /// A parent was given: a region with data waits for [`Known`] to be
+    /// compared with it. Without one, only holes wait (for the cache).
+    may_reuse: bool,
+    /// Made on first use: an encrypted repository's seed comes with the
+    /// key, and a server's namespace codec with the session, which a
+    /// region that needs no chunking does not wait for.
+    chunker: OnceLock<Chunker>,
     level: i32,
     counters: Counters,
     results: Mutex<Vec<(u64, Id, RegionHash)>>,
     progress: &'a dyn Progress,
-    /// Cached chaining values of all-zero regions, by index (see
-    /// `Repository::zero_cvs`); empty when not loaded.
-    zero_cvs: Vec<Option<[u8; 32]>>,
     /// Values this backup computed that the cache lacked.
     new_zero_cvs: Mutex<Vec<(u64, [u8; 32])>>,
-    /// Which of the parent's regions were taken unchanged, by index.
-    reused: Vec<AtomicBool>,
     /// While uploader threads run ([`with_uploads`]): where the workers
     /// hand them their regions.
     uploads: Mutex<Option<crossbeam_channel::Sender<Upload>>>,
@@ -166,23 +183,59 @@ struct Upload {
 }
 
 impl<'a> Ctx<'a> {
+    /// A context with nothing to reuse: no parent, no cached holes.
     fn new(repo: &'a dyn Repository, progress: &'a dyn Progress) -> Result<Ctx<'a>, EngineError> {
+        let ctx = Ctx::loading(repo, progress)?;
+        ctx.known.set(Some(Known::default()));
+        ctx.zero_cvs.set(Vec::new());
+        Ok(ctx)
+    }
+
+    /// A context whose [`Known`] is still to be set.
+    fn loading(
+        repo: &'a dyn Repository,
+        progress: &'a dyn Progress,
+    ) -> Result<Ctx<'a>, EngineError> {
         Ok(Ctx {
             repo,
-            parent: None,
-            chunker: chunker_for(repo)?,
+            known: Gate::default(),
+            zero_cvs: Gate::default(),
+            may_reuse: false,
+            chunker: OnceLock::new(),
             level: repo.config().compression.zstd_level,
             counters: Counters::default(),
             results: Mutex::new(Vec::new()),
             progress,
-            zero_cvs: Vec::new(),
             new_zero_cvs: Mutex::new(Vec::new()),
-            reused: Vec::new(),
             uploads: Mutex::new(None),
             upload_failed: AtomicBool::new(false),
             upload_error: Mutex::new(None),
             redo: Mutex::new(Vec::new()),
         })
+    }
+
+    /// What was loaded, once it is: a worker waits here. An error when
+    /// loading failed (the backup reports the loader's own).
+    fn known(&self) -> Result<&Known<'a>, EngineError> {
+        self.known.wait().as_ref().ok_or_else(upload_stopped)
+    }
+
+    /// The cached zero chaining values, once loaded: a hole waits here.
+    fn zero_cvs(&self) -> &[Option<[u8; 32]>] {
+        self.zero_cvs.wait()
+    }
+
+    fn chunker(&self) -> Result<&Chunker, EngineError> {
+        if let Some(c) = self.chunker.get() {
+            return Ok(c);
+        }
+        let c = chunker_for(self.repo)?;
+        Ok(self.chunker.get_or_init(|| c))
+    }
+
+    /// What was loaded, when it was (after the workers, always).
+    fn known_now(&self) -> Option<&Known<'a>> {
+        self.known.get().and_then(Option::as_ref)
     }
 
     /// Takes region `index` (`len` bytes, hashed into `hasher`) from the
@@ -208,7 +261,9 @@ impl<'a> Ctx<'a> {
         }
         // Its chunks and zero bytes are counted at the end, from the
         // parent's totals (see `reused_share`): no call per region.
-        self.reused[i].store(true, Relaxed);
+        if let Some(k) = self.known_now() {
+            k.reused[i].store(true, Relaxed);
+        }
         self.counters.reused_bytes.fetch_add(len as u64, Relaxed);
         // The value just compared is the region's share of the digest; only
         // the first region keeps its hasher (it may be the root).
@@ -239,7 +294,7 @@ impl<'a> Ctx<'a> {
     /// zeros cost as much BLAKE3 as 8 MiB of data). The first region keeps
     /// its hasher (it may be the root).
     fn parent_zero_cv(&self, index: u64, len: usize) -> Option<[u8; 32]> {
-        let p = self.parent.as_ref()?;
+        let p = self.known_now()?.parent.as_ref()?;
         let i = index as usize;
         (i > 0
             && i < p.region_count()
@@ -254,7 +309,7 @@ impl<'a> Ctx<'a> {
     fn note_zero_cv(&self, index: u64, len: usize, hasher: &blake3::Hasher) {
         use blake3::hazmat::HasherExt;
         let full = len as u64 == self.repo.config().region_size as u64;
-        let missing = matches!(self.zero_cvs.get(index as usize), Some(None));
+        let missing = matches!(self.zero_cvs().get(index as usize), Some(None));
         if index > 0 && full && missing {
             self.new_zero_cvs
                 .lock()
@@ -271,7 +326,7 @@ impl<'a> Ctx<'a> {
         if index == 0 || !full {
             return None;
         }
-        *self.zero_cvs.get(index as usize)?
+        *self.zero_cvs().get(index as usize)?
     }
 
     /// Stores a region: hands it to the uploader threads when they run,
@@ -328,6 +383,11 @@ impl<'a> Ctx<'a> {
         let data = &rb.data[..];
         let mut hasher = region_hasher(rb.offset);
         let mut extents = Vec::new();
+        // A hole's value may be known from the parent; a region with data is
+        // hashed first, while the parent's index may still be on its way.
+        if rb.all_hole && self.may_reuse {
+            self.known()?;
+        }
         if rb.all_hole {
             let known = self.parent_zero_cv(rb.index, data.len()).or_else(|| {
                 let cv = self.cached_zero_cv(rb.index, data.len())?;
@@ -350,9 +410,9 @@ impl<'a> Ctx<'a> {
                 len: data.len(),
                 kind: Kind::Zero,
             });
-        } else if let Some(cv) = self
-            .cached_zero_cv(rb.index, data.len())
-            .filter(|_| imgstore_chunker::is_zero(data))
+        } else if let Some(cv) = imgstore_chunker::is_zero(data)
+            .then(|| self.cached_zero_cv(rb.index, data.len()))
+            .flatten()
         {
             // Zeros read from a device (which reports no holes): the same
             // value, and no hashing. Where the parent has the same zero
@@ -363,7 +423,10 @@ impl<'a> Ctx<'a> {
             self.counters
                 .zero_cached_bytes
                 .fetch_add(data.len() as u64, Relaxed);
-            if self.parent_zero_cv(rb.index, data.len()) == Some(cv) {
+            if self.may_reuse
+                && self.known().is_ok()
+                && self.parent_zero_cv(rb.index, data.len()) == Some(cv)
+            {
                 self.counters
                     .reused_bytes
                     .fetch_add(data.len() as u64, Relaxed);
@@ -372,12 +435,14 @@ impl<'a> Ctx<'a> {
             return Ok(());
         } else {
             hasher.update(data);
-            if let Some(p) = &self.parent {
-                if self.reuse(p, rb.index, data.len(), &hasher) {
-                    return Ok(());
+            if self.may_reuse {
+                if let Some(p) = &self.known()?.parent {
+                    if self.reuse(p, rb.index, data.len(), &hasher) {
+                        return Ok(());
+                    }
                 }
             }
-            self.chunker.split(data, &mut extents);
+            self.chunker()?.split(data, &mut extents);
         }
         let mut entries = Vec::with_capacity(extents.len());
         let mut data_ids = Vec::new();
@@ -442,6 +507,70 @@ impl<'a> Ctx<'a> {
             RegionHash::from_hasher(rb.index, hasher),
         );
         Ok(())
+    }
+}
+
+/// A key for picking samples that whoever supplied the values sampled
+/// cannot predict: from the system's random source, or (should that fail)
+/// the clock's nanoseconds.
+fn sample_key() -> [u8; 32] {
+    let mut key = [0u8; 32];
+    if getrandom::fill(&mut key).is_err() {
+        key = *blake3::hash(&now_ns().to_le_bytes()).as_bytes();
+    }
+    key
+}
+
+/// A value set once that threads may wait for (`OnceLock::wait` needs a
+/// newer Rust than the workspace's minimum).
+struct Gate<T> {
+    cell: OnceLock<T>,
+    lock: Mutex<()>,
+    set: Condvar,
+}
+
+impl<T> Default for Gate<T> {
+    fn default() -> Self {
+        Gate {
+            cell: OnceLock::new(),
+            lock: Mutex::new(()),
+            set: Condvar::new(),
+        }
+    }
+}
+
+impl<T> Gate<T> {
+    /// Sets the value unless it is set already, and wakes the waiters.
+    fn set(&self, v: T) {
+        let _ = self.cell.set(v);
+        let _held = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.set.notify_all();
+    }
+
+    fn get(&self) -> Option<&T> {
+        self.cell.get()
+    }
+
+    /// The value, once set.
+    fn wait(&self) -> &T {
+        loop {
+            if let Some(v) = self.cell.get() {
+                return v;
+            }
+            let held = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+            if self.cell.get().is_none() {
+                drop(self.set.wait(held).unwrap_or_else(|p| p.into_inner()));
+            }
+        }
+    }
+}
+
+/// Runs its closure when dropped, however the scope it guards ends.
+struct Unblock<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for Unblock<F> {
+    fn drop(&mut self) {
+        (self.0)()
     }
 }
 
@@ -548,76 +677,109 @@ pub fn backup(
 ) -> Result<BackupReport, EngineError> {
     let (started, time_ns) = (Instant::now(), now_ns());
     let region_size = repo.config().region_size as usize;
-    let mut ctx = Ctx::new(repo, progress)?;
+    let mut ctx = Ctx::loading(repo, progress)?;
+    ctx.may_reuse = opts.parent.is_some();
     // Damaged objects are rewritten by backing the same data up again, so
     // while any are marked every region is processed in full. Holes of a
     // file or device take their chaining values from the cache (4 MiB of
-    // them per TiB of image). The parent's index and the cache are asked
-    // for at once: over a link, one round trip instead of two.
+    // them per TiB of image).
     let holes = match (source.size(), source.kind()) {
         (Some(size), SourceKind::File | SourceKind::BlockDevice | SourceKind::Reader) => Some(size),
         _ => None,
     };
-    let (parent, zero_cvs) = std::thread::scope(|s| {
-        let zeros = holes.map(|size| {
-            s.spawn(move || repo.zero_cvs(region_size as u32, size.div_ceil(region_size as u64)))
-        });
-        let parent = match &opts.parent {
-            Some((pid, parent))
-                if parent.region_size as usize == region_size && repo.damage_pending() == 0 =>
-            {
-                Some(SnapshotReader::open(repo, pid, parent))
+    // The parent's index and the cache are asked for at once (over a link,
+    // one round trip instead of two), while the workers read and hash their
+    // first regions: they wait for them only to compare.
+    let load = || -> Result<Known<'_>, EngineError> {
+        let mut known = Known::default();
+        if let Some((pid, parent)) = &opts.parent {
+            if parent.region_size as usize == region_size && repo.damage_pending() == 0 {
+                let p = SnapshotReader::open(repo, pid, parent)?;
+                known.reused = (0..p.region_count())
+                    .map(|_| AtomicBool::new(false))
+                    .collect();
+                known.parent = Some(p);
             }
-            _ => None,
+        }
+        Ok(known)
+    };
+    let load_zeros = || -> Result<Vec<Option<[u8; 32]>>, EngineError> {
+        let Some(size) = holes else {
+            return Ok(Vec::new());
         };
-        (
-            parent.transpose(),
-            zeros.map(|h| h.join().expect("zero chaining values thread panicked")),
-        )
-    });
-    if let Some(p) = parent? {
-        ctx.reused = (0..p.region_count())
-            .map(|_| AtomicBool::new(false))
-            .collect();
-        ctx.parent = Some(p);
-    }
-    if let Some(cvs) = zero_cvs {
-        ctx.zero_cvs = cvs?;
-        distrust_unless_sample_holds(&mut ctx.zero_cvs, region_size as u64);
-    }
+        let mut cvs = repo.zero_cvs(region_size as u32, size.div_ceil(region_size as u64))?;
+        distrust_unless_sample_holds(&mut cvs, region_size as u64);
+        Ok(cvs)
+    };
     progress.start(source.size());
     let initial_size = source.size();
 
-    let (work, bytes_read, early) = with_uploads(
-        &ctx,
-        || match source.positional() {
-            Some(pos) => read_parallel(&ctx, &pos, region_size),
-            None => read_sequential(&ctx, &mut source, region_size),
-        },
-        || {
-            // Everything read: the commit's lookups and the new zero
-            // chaining values go while the last uploads drain.
-            let new_zero_cvs =
-                std::mem::take(&mut *ctx.new_zero_cvs.lock().unwrap_or_else(|p| p.into_inner()));
-            let results = ctx
-                .results
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
-            let share = ctx.parent.as_ref().map(|p| {
-                let reused = &ctx.reused;
-                move || reused_share(p, reused)
+    let load_error = Mutex::new(None);
+    let failed = |e: EngineError| {
+        let mut first = load_error.lock().unwrap_or_else(|p| p.into_inner());
+        if first.is_none() {
+            *first = Some(e);
+        }
+    };
+    let (work, bytes_read, early) = std::thread::scope(|s| {
+        s.spawn(|| {
+            // Set whatever happens, so no worker waits for ever.
+            let _unblock = Unblock(|| {
+                ctx.known.set(None);
             });
-            std::thread::scope(|s| {
-                let zeros = s.spawn(|| repo.put_zero_cvs(region_size as u32, &new_zero_cvs));
-                let early = look_ahead(repo, results, share);
-                (
-                    zeros.join().expect("zero chaining values thread panicked"),
-                    early,
-                )
-            })
-        },
-    );
+            match load() {
+                Ok(known) => {
+                    ctx.known.set(Some(known));
+                }
+                Err(e) => failed(e),
+            }
+        });
+        s.spawn(|| {
+            let _unblock = Unblock(|| {
+                ctx.zero_cvs.set(Vec::new());
+            });
+            match load_zeros() {
+                Ok(cvs) => {
+                    ctx.zero_cvs.set(cvs);
+                }
+                Err(e) => failed(e),
+            }
+        });
+        with_uploads(
+            &ctx,
+            || match source.positional() {
+                Some(pos) => read_parallel(&ctx, &pos, region_size),
+                None => read_sequential(&ctx, &mut source, region_size),
+            },
+            || {
+                // Everything read: the commit's lookups and the new zero
+                // chaining values go while the last uploads drain.
+                let new_zero_cvs = std::mem::take(
+                    &mut *ctx.new_zero_cvs.lock().unwrap_or_else(|p| p.into_inner()),
+                );
+                let results = ctx
+                    .results
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                let share = ctx.known_now().and_then(|k| {
+                    let reused = &k.reused;
+                    k.parent.as_ref().map(|p| move || reused_share(p, reused))
+                });
+                std::thread::scope(|s| {
+                    let zeros = s.spawn(|| repo.put_zero_cvs(region_size as u32, &new_zero_cvs));
+                    let early = look_ahead(repo, results, share);
+                    (
+                        zeros.join().expect("zero chaining values thread panicked"),
+                        early,
+                    )
+                })
+            },
+        )
+    });
+    if let Some(e) = load_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
     work?;
     let early = match early {
         Some((zeros, early)) => {
@@ -679,9 +841,10 @@ pub fn backup(
     let redo = std::mem::take(&mut *ctx.redo.lock().unwrap_or_else(|p| p.into_inner()));
     // The chunks and zeros of the regions taken from the parent are
     // counted while the new pages are looked up: one round trip, not two.
-    let parent = ctx.parent.as_ref();
-    let reused = &ctx.reused;
-    let share = parent.map(|p| move || reused_share(p, reused));
+    let share = ctx.known.get().and_then(Option::as_ref).and_then(|k| {
+        let reused = &k.reused;
+        k.parent.as_ref().map(|p| move || reused_share(p, reused))
+    });
     let (id, snapshot) =
         commit_resending(repo, results, None, stats, meta, reread, redo, share, early)?;
     progress.finish();
@@ -717,19 +880,28 @@ fn reused_share(p: &SnapshotReader<'_>, reused: &[AtomicBool]) -> Result<(u64, u
     ))
 }
 
-/// Recomputes up to 64 cached zero chaining values spread over the table
-/// (about 2 ms each) before any is used; if one is wrong the whole table is
+/// Recomputes up to 64 cached zero chaining values picked at random (about
+/// 2 ms each) before any is used; if one is wrong the whole table is
 /// dropped, so every value is computed again and the cache rewritten. A
 /// wrong value would otherwise give the snapshot a digest that no restore
-/// can match.
+/// can match. The pick is random (see [`sample_key`]), so whoever serves
+/// the table cannot know which entries will be checked.
 fn distrust_unless_sample_holds(table: &mut [Option<[u8; 32]>], region_size: u64) {
     use blake3::hazmat::HasherExt;
     let cached: Vec<usize> = (0..table.len()).filter(|&i| table[i].is_some()).collect();
     if cached.is_empty() {
         return;
     }
-    let step = cached.len().div_ceil(64);
-    let sample: Vec<usize> = cached.iter().step_by(step).copied().collect();
+    let key = sample_key();
+    let mut sample: Vec<usize> = (0..64u64.min(cached.len() as u64))
+        .map(|k| {
+            let h = blake3::keyed_hash(&key, &k.to_le_bytes());
+            let r = u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes"));
+            cached[(r % cached.len() as u64) as usize]
+        })
+        .collect();
+    sample.sort_unstable();
+    sample.dedup();
     let holds = sample.par_iter().all(|&i| {
         let mut h = region_hasher(i as u64 * region_size);
         update_zeros(&mut h, region_size);
@@ -777,23 +949,84 @@ fn read_parallel(
     let next = AtomicU64::new(0);
     let read = AtomicU64::new(0);
     let stop = AtomicBool::new(false);
+    // Regions hashed before the parent's index arrived (over a link, the
+    // round trip for its pages): compared once it is here, and read again
+    // only if they differ (their bytes are in the page cache by then).
+    let aside: Mutex<Vec<(u64, Option<blake3::Hasher>)>> = Mutex::new(Vec::new());
+    let take_aside = || aside.lock().unwrap_or_else(|p| p.into_inner()).pop();
+    let settle = |index: u64, hasher: Option<blake3::Hasher>, buf: AlignedBuf| {
+        let known = ctx.known()?;
+        if let (Some(h), Some(p)) = (&hasher, &known.parent) {
+            let len = (pos.size() - index * region_size as u64).min(region_size as u64);
+            if ctx.reuse(p, index, len as usize, h) {
+                return Ok(buf);
+            }
+        }
+        match pos.read_region(index, region_size, buf)? {
+            Some((rb, _)) => ctx.process(&rb).map(|()| rb.data),
+            None => Err(EngineError::SourceChanged {
+                path: pos.path().to_path_buf(),
+                before: pos.size(),
+                after: index * region_size as u64,
+                at: index * region_size as u64,
+            }),
+        }
+    };
     let result = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|_| {
                 s.spawn(|| -> Result<(), EngineError> {
                     let mut buf = AlignedBuf::default();
+                    let fail = |e| {
+                        stop.store(true, Relaxed);
+                        Err(e)
+                    };
                     while !stop.load(Relaxed) {
+                        if ctx.known.get().is_some() {
+                            if let Some((index, hasher)) = take_aside() {
+                                buf = match settle(index, hasher, buf) {
+                                    Ok(b) => b,
+                                    Err(e) => return fail(e),
+                                };
+                                continue;
+                            }
+                        }
                         let index = next.fetch_add(1, Relaxed);
                         pos.prefetch(index + ahead, region_size);
                         let Some((rb, n)) = pos.read_region(index, region_size, buf)? else {
+                            buf = AlignedBuf::default();
                             break;
                         };
                         read.fetch_add(n, Relaxed);
+                        if ctx.may_reuse && ctx.known.get().is_none() {
+                            let hasher = (!rb.all_hole).then(|| {
+                                let mut h = region_hasher(rb.offset);
+                                h.update(&rb.data);
+                                h
+                            });
+                            if ctx.known.get().is_none() {
+                                aside
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .push((index, hasher));
+                                buf = rb.data;
+                                continue;
+                            }
+                        }
                         if let Err(e) = ctx.process(&rb) {
-                            stop.store(true, Relaxed);
-                            return Err(e);
+                            return fail(e);
                         }
                         buf = rb.data;
+                    }
+                    // What is still aside, once the index is here.
+                    while !stop.load(Relaxed) {
+                        let Some((index, hasher)) = take_aside() else {
+                            break;
+                        };
+                        buf = match settle(index, hasher, buf) {
+                            Ok(b) => b,
+                            Err(e) => return fail(e),
+                        };
                     }
                     Ok(())
                 })
@@ -1247,13 +1480,13 @@ pub fn backup_changed(
     let mut bytes_read = 0u64;
     if changed.verify_unchanged > 0.0 {
         let threshold = (changed.verify_unchanged.clamp(0.0, 1.0) * u64::MAX as f64) as u64;
-        let seed = blake3::hash(&time_ns.to_le_bytes());
+        let seed = sample_key();
         let untouched: Vec<u64> = (0..n).filter(|&i| !touched[i as usize]).collect();
         let mut sample: Vec<u64> = untouched
             .iter()
             .copied()
             .filter(|i| {
-                let h = blake3::keyed_hash(seed.as_bytes(), &i.to_le_bytes());
+                let h = blake3::keyed_hash(&seed, &i.to_le_bytes());
                 u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes")) < threshold
             })
             .collect();

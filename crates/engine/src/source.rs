@@ -311,6 +311,16 @@ impl Positional<'_> {
         }
     }
 
+    /// The source's size when opened.
+    pub(crate) fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The source's path, for errors.
+    pub(crate) fn path(&self) -> &Path {
+        self.path
+    }
+
     fn read_err(&self, at: u64, source: std::io::Error) -> EngineError {
         EngineError::SourceRead {
             path: self.path.to_path_buf(),

@@ -851,3 +851,64 @@ fn one_unreadable_snapshot_record_is_skipped_never_fatal() {
     assert!(check(&repo, ReadData::All, &NoProgress).unwrap().is_clean());
     assert_eq!(restore_to_vec(&repo, &r2.id, &r2.snapshot).unwrap(), g1);
 }
+
+/// Over a link the parent's index arrives after the workers have started:
+/// the regions they hash meanwhile are put aside and compared once it is
+/// here; those that differ are read again and stored. The snapshot must be
+/// the one a backup with the index at hand gives.
+#[test]
+fn regions_hashed_before_the_parents_index_arrives_are_compared_when_it_does() {
+    let repo = repo();
+    let rs = repo.config().region_size as usize;
+    let regions = 12;
+    let mut bytes = image(regions * rs, 21);
+    let path = temp_file("aside", &bytes);
+    let opts = |parent: Option<&BackupReport>| BackupOptions {
+        name: "vm".into(),
+        parent: parent.map(|p| (p.id, p.snapshot.clone())),
+        ..Default::default()
+    };
+    let first = backup(
+        &repo,
+        Source::open(&path).unwrap(),
+        &opts(None),
+        &NoProgress,
+    )
+    .unwrap();
+    // The first region (which may hold the root), one in the middle and
+    // the last change; the rest stays.
+    for r in [0, 5, regions - 1] {
+        let at = r * rs + 4096 * (r + 1);
+        for b in &mut bytes[at..at + 12_345] {
+            *b = b.wrapping_add(101);
+        }
+    }
+    std::fs::write(&path, &bytes).unwrap();
+    // Long enough for every region to be read and hashed first.
+    repo.delay_pages(std::time::Duration::from_millis(400));
+    let second = backup(
+        &repo,
+        Source::open(&path).unwrap(),
+        &opts(Some(&first)),
+        &NoProgress,
+    )
+    .unwrap();
+    repo.delay_pages(std::time::Duration::ZERO);
+    assert_eq!(second.snapshot.digest, *blake3::hash(&bytes).as_bytes());
+    assert_eq!(second.bytes_reused, ((regions - 3) * rs) as u64);
+    assert_eq!(
+        second.bytes_read,
+        bytes.len() as u64,
+        "each byte counted once"
+    );
+    assert_eq!(
+        second.snapshot.stats.chunks,
+        back_up(&repo, &bytes, None).snapshot.stats.chunks,
+        "the chunks of a full backup of the same bytes"
+    );
+    assert_eq!(
+        restore_to_vec(&repo, &second.id, &second.snapshot).unwrap(),
+        bytes
+    );
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}

@@ -40,6 +40,8 @@ struct State {
     /// Chunks whose reads say a gc collected them under this reader
     /// (injected).
     collected: BTreeSet<Id>,
+    /// How long reading index pages takes (injected: a link's latency).
+    pages_delay: std::time::Duration,
 }
 
 /// An in-memory [`Repository`].
@@ -111,6 +113,12 @@ impl MemRepo {
         self.state().collected.insert(*id);
     }
 
+    /// Makes every read of index pages take `d` first, as a round trip to
+    /// a distant server would.
+    pub fn delay_pages(&self, d: std::time::Duration) {
+        self.state().pages_delay = d;
+    }
+
     /// Undoes [`MemRepo::make_unreadable`] and
     /// [`MemRepo::collect_under_reader`] for every chunk.
     pub fn clear_injected(&self) {
@@ -153,6 +161,7 @@ impl MemRepo {
                 pending: s.damaged.keys().copied().collect(),
                 unreadable: s.unreadable.clone(),
                 collected: s.collected.clone(),
+                pages_delay: s.pages_delay,
             }),
         }
     }
@@ -234,6 +243,12 @@ impl State {
 impl Repository for MemRepo {
     fn config(&self) -> &RepoConfig {
         &self.config
+    }
+
+    fn pages(&self, ids: &[Id]) -> Result<Vec<imgstore_format::Page>> {
+        let delay = self.state().pages_delay;
+        std::thread::sleep(delay);
+        crate::open_records(self, ObjectKind::Page, ids, imgstore_format::Page::decode)
     }
 
     fn location(&self) -> String {
