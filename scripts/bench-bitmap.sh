@@ -13,7 +13,11 @@
 #            are not chunked, but every byte is read and hashed),
 #   - dirty: the dirty extents alone read by qemu-io (the floor),
 #   - bitmap: `--bitmap bench` (only the dirty extents read; the rest
-#            from the parent).
+#            from the parent),
+#   - store: the new bytes alone (the extents' data as one raw file),
+#            backed up into a fresh repository: what storing them costs
+#            whatever reads them, so store/full is the lowest ratio any
+#            incremental backup of this change could reach.
 # Both backups must give the same digest. Prints each run and the medians.
 # COLD=1 drops the page cache before each timed step (needs root): a
 # nightly job finds the image on disk, not in memory.
@@ -44,8 +48,8 @@ t0=$(now); "$BIN" -q -r "$REPO" backup "$IMG" --name vm --bitmap bench >/dev/nul
 printf 'first backup (full read, bitmap added): %.2f s\n' "$(echo "$t1 - $t0" | bc)"
 
 PIECE=$WORK/piece
-printf '%-4s %10s %10s %10s %12s %12s\n' run full_s dirty_s bitmap_s bitmap/full bitmap/dirty
-FULLS=(); DIRTYS=(); BITS=()
+printf '%-4s %10s %10s %10s %10s %12s %12s %12s\n' run full_s dirty_s bitmap_s store_s bitmap/full bitmap/dirty store/full
+FULLS=(); DIRTYS=(); BITS=(); STORES=()
 for r in $(seq 1 "$RUNS"); do
   # 41 extents of 10 MiB of fresh random data inside the data extents.
   CMDS=(); READS=()
@@ -54,7 +58,8 @@ for r in $(seq 1 "$RUNS"); do
     openssl rand -out "$PIECE.$j" $((10 * MIB))
     CMDS+=(-c "write -s $PIECE.$j $off 10M"); READS+=(-c "read -q $off 10M")
   done
-  qemu-io -f qcow2 "${CMDS[@]}" "$IMG" >/dev/null; rm -f "$PIECE".*
+  qemu-io -f qcow2 "${CMDS[@]}" "$IMG" >/dev/null
+  for j in $(seq 0 $((EXTENTS - 1))); do cat "$PIECE.$j"; done > "$WORK/new.raw"; rm -f "$PIECE".*
   prev=$("$BIN" -r "$REPO" snapshots --name vm --json | json "[-1]['id']")
   cold; t0=$(now)
   full=$("$BIN" -q -r "$REPO" backup "$IMG" --name reread --parent "$prev" --json)
@@ -63,15 +68,18 @@ for r in $(seq 1 "$RUNS"); do
   t2=$(now); cold; s2=$(now)
   inc=$("$BIN" -q -r "$REPO" backup "$IMG" --name vm --bitmap bench --json)
   t3=$(now)
+  rm -rf "$WORK/floor"; "$BIN" -q -r "$WORK/floor" init; cold; s3=$(now)
+  "$BIN" -q -r "$WORK/floor" backup "$WORK/new.raw" --name new >/dev/null
+  t4=$(now); rm -rf "$WORK/floor" "$WORK/new.raw"
   [ "$(echo "$full" | json "['digest']")" = "$(echo "$inc" | json "['digest']")" ] \
     || { echo "digests differ"; exit 1; }
   [ "$(echo "$inc" | json "['bitmap']['read']")" != None ] || { echo "not incremental"; exit 1; }
-  f=$(echo "$t1 - $t0" | bc); d=$(echo "$t2 - $s1" | bc); b=$(echo "$t3 - $s2" | bc)
-  FULLS+=("$f"); DIRTYS+=("$d"); BITS+=("$b")
-  printf '%-4s %10.2f %10.2f %10.2f %12.3f %12.2f   (read: full %s, bitmap %s bytes)\n' "$r" "$f" "$d" "$b" \
-    "$(echo "$b / $f" | bc -l)" "$(echo "$b / $d" | bc -l)" \
+  f=$(echo "$t1 - $t0" | bc); d=$(echo "$t2 - $s1" | bc); b=$(echo "$t3 - $s2" | bc); st=$(echo "$t4 - $s3" | bc)
+  FULLS+=("$f"); DIRTYS+=("$d"); BITS+=("$b"); STORES+=("$st")
+  printf '%-4s %10.2f %10.2f %10.2f %10.2f %12.3f %12.2f %12.3f   (read: full %s, bitmap %s bytes)\n' "$r" "$f" "$d" "$b" "$st" \
+    "$(echo "$b / $f" | bc -l)" "$(echo "$b / $d" | bc -l)" "$(echo "$st / $f" | bc -l)" \
     "$(echo "$full" | json "['bytes_read']")" "$(echo "$inc" | json "['bytes_read']")"
 done
 med() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-f=$(med "${FULLS[@]}"); d=$(med "${DIRTYS[@]}"); b=$(med "${BITS[@]}")
-printf 'median %8.2f %10.2f %10.2f %12.3f %12.2f\n' "$f" "$d" "$b" "$(echo "$b / $f" | bc -l)" "$(echo "$b / $d" | bc -l)"
+f=$(med "${FULLS[@]}"); d=$(med "${DIRTYS[@]}"); b=$(med "${BITS[@]}"); st=$(med "${STORES[@]}")
+printf 'median %8.2f %10.2f %10.2f %10.2f %12.3f %12.2f %12.3f\n' "$f" "$d" "$b" "$st" "$(echo "$b / $f" | bc -l)" "$(echo "$b / $d" | bc -l)" "$(echo "$st / $f" | bc -l)"

@@ -78,6 +78,10 @@ pub fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> 
     let mut managed = None;
     // --bitmap on an NBD export: its dirty extents.
     let mut nbd_dirty = None;
+    // A file or device backed up to a server: its regions hashed while the
+    // server is reached (`imgstore_engine::PreHash`), for the comparison
+    // with the parent.
+    let mut prehash = None;
     let (source, default_name) = match (&overlay, a.source.as_deref()) {
         (Some(o), _) => (Some(Source::open(&o.data)?), None),
         _ if a.stdin_from_command => {
@@ -137,7 +141,21 @@ pub fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> 
                     vm_daemon = Some(vm.daemon);
                     (Some(vm.source), name)
                 }
-                None => (Some(source.with_direct_io(a.direct_io)), name),
+                None => {
+                    let source = source.with_direct_io(a.direct_io);
+                    if crate::open::remote_url(repo).is_some()
+                        && !a.direct_io
+                        && !a.no_parent
+                        && a.changed.is_none()
+                    {
+                        prehash = imgstore_engine::PreHash::start(
+                            &source,
+                            imgstore_engine::PreHash::LIKELY_REGION_SIZE,
+                        )
+                        .map(std::sync::Arc::new);
+                    }
+                    (Some(source), name)
+                }
             }
             }
         }
@@ -244,6 +262,7 @@ pub fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> 
         parent,
         allow_empty: a.allow_empty,
         bitmap,
+        prehash,
     };
     let changed = match (&a.base, &a.changed) {
         _ if from_overlay.is_some() => from_overlay,

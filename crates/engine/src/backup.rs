@@ -54,6 +54,9 @@ pub struct BackupOptions {
     /// The changed-block bitmap the backup is taken with, recorded in the
     /// snapshot (see [`crate::parent_bitmap`]).
     pub bitmap: Option<SnapshotBitmap>,
+    /// Regions of the same source hashed while the repository was being
+    /// reached ([`crate::PreHash`]); stopped and used by [`backup`].
+    pub prehash: Option<std::sync::Arc<crate::PreHash>>,
 }
 
 /// The result of a backup.
@@ -251,12 +254,25 @@ impl<'a> Ctx<'a> {
         hasher: &blake3::Hasher,
     ) -> bool {
         use blake3::hazmat::HasherExt;
+        self.reuse_cv(p, index, len, hasher.finalize_non_root(), Some(hasher))
+    }
+
+    /// [`Ctx::reuse`] with the region's chaining value `cv` computed
+    /// already; `hasher`, when at hand, is kept for the first region (it
+    /// may be the root), which is never taken without it.
+    fn reuse_cv(
+        &self,
+        p: &SnapshotReader<'_>,
+        index: u64,
+        len: usize,
+        cv: [u8; 32],
+        hasher: Option<&blake3::Hasher>,
+    ) -> bool {
         let i = index as usize;
         if i >= p.region_count() || p.region_len(i) != len as u64 {
             return false;
         }
-        let cv = hasher.finalize_non_root();
-        if cv != p.region_cv(i) {
+        if cv != p.region_cv(i) || (index == 0 && hasher.is_none()) {
             return false;
         }
         // Its chunks and zero bytes are counted at the end, from the
@@ -267,8 +283,8 @@ impl<'a> Ctx<'a> {
         self.counters.reused_bytes.fetch_add(len as u64, Relaxed);
         // The value just compared is the region's share of the digest; only
         // the first region keeps its hasher (it may be the root).
-        let hash = if index == 0 {
-            RegionHash::First(Box::new(hasher.clone()))
+        let hash = if let (0, Some(h)) = (index, hasher) {
+            RegionHash::First(Box::new(h.clone()))
         } else {
             RegionHash::Cv(cv)
         };
@@ -711,6 +727,12 @@ pub fn backup(
         distrust_unless_sample_holds(&mut cvs, region_size as u64);
         Ok(cvs)
     };
+    // Regions hashed while the repository was being reached.
+    let pre = opts
+        .prehash
+        .as_ref()
+        .map(|p| p.finish(region_size))
+        .unwrap_or_default();
     progress.start(source.size());
     let initial_size = source.size();
 
@@ -748,7 +770,7 @@ pub fn backup(
         with_uploads(
             &ctx,
             || match source.positional() {
-                Some(pos) => read_parallel(&ctx, &pos, region_size),
+                Some(pos) => read_parallel(&ctx, &pos, region_size, &pre),
                 None => read_sequential(&ctx, &mut source, region_size),
             },
             || {
@@ -924,6 +946,7 @@ fn read_parallel(
     ctx: &Ctx<'_>,
     pos: &crate::source::Positional<'_>,
     region_size: usize,
+    pre: &crate::prehash::Table,
 ) -> (Result<(), EngineError>, u64) {
     // One thread per core. A third thread (on 2 cores) kept a core busy
     // while another waited for its read — first backup of the workload's
@@ -952,13 +975,26 @@ fn read_parallel(
     // Regions hashed before the parent's index arrived (over a link, the
     // round trip for its pages): compared once it is here, and read again
     // only if they differ (their bytes are in the page cache by then).
-    let aside: Mutex<Vec<(u64, Option<blake3::Hasher>)>> = Mutex::new(Vec::new());
+    // So are the regions hashed before the backup started (`pre`), which
+    // are not read at all unless they differ.
+    let aside: Mutex<Vec<(u64, Hashed)>> = Mutex::new(Vec::new());
     let take_aside = || aside.lock().unwrap_or_else(|p| p.into_inner()).pop();
-    let settle = |index: u64, hasher: Option<blake3::Hasher>, buf: AlignedBuf| {
+    let put_aside = |index: u64, h: Hashed| {
+        aside
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((index, h))
+    };
+    let settle = |index: u64, hashed: Hashed, buf: AlignedBuf| {
         let known = ctx.known()?;
-        if let (Some(h), Some(p)) = (&hasher, &known.parent) {
-            let len = (pos.size() - index * region_size as u64).min(region_size as u64);
-            if ctx.reuse(p, index, len as usize, h) {
+        if let Some(p) = &known.parent {
+            let len = (pos.size() - index * region_size as u64).min(region_size as u64) as usize;
+            let taken = match &hashed {
+                Hashed::Hasher(h) => ctx.reuse(p, index, len, h),
+                Hashed::Cv(cv) => ctx.reuse_cv(p, index, len, *cv, None),
+                Hashed::Hole => false,
+            };
+            if taken {
                 return Ok(buf);
             }
         }
@@ -983,8 +1019,8 @@ fn read_parallel(
                     };
                     while !stop.load(Relaxed) {
                         if ctx.known.get().is_some() {
-                            if let Some((index, hasher)) = take_aside() {
-                                buf = match settle(index, hasher, buf) {
+                            if let Some((index, hashed)) = take_aside() {
+                                buf = match settle(index, hashed, buf) {
                                     Ok(b) => b,
                                     Err(e) => return fail(e),
                                 };
@@ -993,22 +1029,36 @@ fn read_parallel(
                         }
                         let index = next.fetch_add(1, Relaxed);
                         pos.prefetch(index + ahead, region_size);
+                        if let Some(&Some((cv, n))) = pre.get(index as usize) {
+                            if ctx.may_reuse {
+                                // Read once already, for its value.
+                                read.fetch_add(n, Relaxed);
+                                if ctx.known.get().is_none() {
+                                    put_aside(index, Hashed::Cv(cv));
+                                    continue;
+                                }
+                                buf = match settle(index, Hashed::Cv(cv), buf) {
+                                    Ok(b) => b,
+                                    Err(e) => return fail(e),
+                                };
+                                continue;
+                            }
+                        }
                         let Some((rb, n)) = pos.read_region(index, region_size, buf)? else {
                             buf = AlignedBuf::default();
                             break;
                         };
                         read.fetch_add(n, Relaxed);
                         if ctx.may_reuse && ctx.known.get().is_none() {
-                            let hasher = (!rb.all_hole).then(|| {
+                            let hashed = if rb.all_hole {
+                                Hashed::Hole
+                            } else {
                                 let mut h = region_hasher(rb.offset);
                                 h.update(&rb.data);
-                                h
-                            });
+                                Hashed::Hasher(Box::new(h))
+                            };
                             if ctx.known.get().is_none() {
-                                aside
-                                    .lock()
-                                    .unwrap_or_else(|p| p.into_inner())
-                                    .push((index, hasher));
+                                put_aside(index, hashed);
                                 buf = rb.data;
                                 continue;
                             }
@@ -1020,10 +1070,10 @@ fn read_parallel(
                     }
                     // What is still aside, once the index is here.
                     while !stop.load(Relaxed) {
-                        let Some((index, hasher)) = take_aside() else {
+                        let Some((index, hashed)) = take_aside() else {
                             break;
                         };
-                        buf = match settle(index, hasher, buf) {
+                        buf = match settle(index, hashed, buf) {
                             Ok(b) => b,
                             Err(e) => return fail(e),
                         };
@@ -1045,6 +1095,16 @@ fn read_parallel(
         result
     });
     (result, read.into_inner())
+}
+
+/// A region hashed before it could be compared with the parent's.
+enum Hashed {
+    /// Read and hashed by the backup's own workers.
+    Hasher(Box<blake3::Hasher>),
+    /// Its chaining value, from a [`crate::PreHash`].
+    Cv([u8; 32]),
+    /// All hole: nothing to compare until the parent's index is here.
+    Hole,
 }
 
 /// Reads a stream region by region on one thread while rayon's workers

@@ -50,6 +50,7 @@ mod live;
 mod names;
 mod overlay;
 pub mod policy;
+mod prehash;
 mod read;
 mod restore;
 mod select;
@@ -71,6 +72,7 @@ pub use live::{
 };
 pub use names::{check_name, check_tag, NAME_MAX};
 pub use overlay::{lock_overlay, overlay_info, Overlay, OverlayInfo, OverlayLock, OVERLAY_BLOCK};
+pub use prehash::PreHash;
 pub use restore::{
     remove_stale_temps, restore, restore_delta, restore_delta_disk, temp_path, BlockWriter,
     DeltaDisk, DeltaReport, RestoreReport, Target,

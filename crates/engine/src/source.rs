@@ -120,6 +120,20 @@ impl Source {
         })
     }
 
+    /// A second handle on the same open file or device (buffered reads),
+    /// for hashing ahead ([`crate::PreHash`]); `None` for anything else.
+    pub(crate) fn same_file(&self) -> Option<Source> {
+        match &self.inner {
+            Inner::Positional(file, _) => Some(Source {
+                kind: self.kind,
+                path: self.path.clone(),
+                size: self.size,
+                inner: Inner::Positional(file.try_clone().ok()?, Direct::default()),
+            }),
+            _ => None,
+        }
+    }
+
     /// Reads regions with direct I/O (`O_DIRECT`) instead of through the
     /// page cache: less CPU on machines where page-cache copies are
     /// expensive, and a backup of many disks does not evict what the host

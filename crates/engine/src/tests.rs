@@ -60,6 +60,7 @@ fn back_up(repo: &dyn Repository, data: &[u8], parent: Option<&BackupReport>) ->
         parent: parent.map(|p| (p.id, p.snapshot.clone())),
         allow_empty: false,
         bitmap: None,
+        prehash: None,
     };
     backup(repo, src, &opts, &NoProgress).unwrap()
 }
@@ -910,5 +911,76 @@ fn regions_hashed_before_the_parents_index_arrives_are_compared_when_it_does() {
         restore_to_vec(&repo, &second.id, &second.snapshot).unwrap(),
         bytes
     );
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
+/// Regions hashed before the backup starts (`PreHash`, while a command
+/// reaches its server) are taken from the parent without being read when
+/// equal, and read and stored when not: the snapshot is the one a plain
+/// backup gives. With another region size the values are not used.
+#[test]
+fn regions_hashed_ahead_of_the_backup_are_compared_with_the_parent() {
+    let repo = repo();
+    let rs = repo.config().region_size as usize;
+    let regions = 10;
+    let mut bytes = image(regions * rs + 12_345, 33);
+    let path = temp_file("prehash", &bytes);
+    let opts = |parent: Option<&BackupReport>, pre: Option<crate::PreHash>| BackupOptions {
+        name: "vm".into(),
+        parent: parent.map(|p| (p.id, p.snapshot.clone())),
+        prehash: pre.map(Arc::new),
+        ..Default::default()
+    };
+    let first = backup(
+        &repo,
+        Source::open(&path).unwrap(),
+        &opts(None, None),
+        &NoProgress,
+    )
+    .unwrap();
+    // Change region 3 and the short last one.
+    for at in [3 * rs + 777, regions * rs + 100] {
+        for b in &mut bytes[at..at + 5_000] {
+            *b ^= 0x3c;
+        }
+    }
+    std::fs::write(&path, &bytes).unwrap();
+    for (region_size, used) in [(rs, true), (rs * 2, false)] {
+        let source = Source::open(&path).unwrap();
+        let pre = crate::PreHash::start(&source, region_size).unwrap();
+        // Every region after the first: region 0 is the backup's own, and
+        // the all-zero region 1 of `image` is a hole only in a sparse file.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while pre.hashed() < regions.div_ceil(region_size / rs)
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        // Region 5 changes after it was hashed ahead: a region taken from
+        // the values is taken as it was when hashed (equal to the parent),
+        // which shows the values were used; without them it is read now.
+        let mut late = bytes.clone();
+        late[5 * rs + 10] ^= 0xff;
+        std::fs::write(&path, &late).unwrap();
+        let r = backup(&repo, source, &opts(Some(&first), Some(pre)), &NoProgress).unwrap();
+        let (want, reused) = if used {
+            (&bytes, regions - 1)
+        } else {
+            (&late, regions - 2)
+        };
+        assert_eq!(
+            r.snapshot.digest,
+            *blake3::hash(want).as_bytes(),
+            "used: {used}"
+        );
+        assert_eq!(r.bytes_reused, (reused * rs) as u64, "used: {used}");
+        assert_eq!(r.bytes_read, bytes.len() as u64, "each byte counted once");
+        assert_eq!(
+            &restore_to_vec(&repo, &r.id, &r.snapshot).unwrap(),
+            want,
+            "used: {used}"
+        );
+        std::fs::write(&path, &bytes).unwrap();
+    }
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
