@@ -526,6 +526,20 @@ impl<'a> Ctx<'a> {
     }
 }
 
+/// `k` distinct items of `from` (all of them when there are fewer), picked
+/// by a partial Fisher-Yates shuffle driven by `key`.
+fn pick_distinct(mut from: Vec<usize>, k: usize, key: &[u8; 32]) -> Vec<usize> {
+    let k = from.len().min(k);
+    for j in 0..k {
+        let h = blake3::keyed_hash(key, &(j as u64).to_le_bytes());
+        let r = u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes"));
+        let pick = j + (r % (from.len() - j) as u64) as usize;
+        from.swap(j, pick);
+    }
+    from.truncate(k);
+    from
+}
+
 /// A key for picking samples that whoever supplied the values sampled
 /// cannot predict: from the system's random source, or (should that fail)
 /// the clock's nanoseconds.
@@ -902,9 +916,9 @@ fn reused_share(p: &SnapshotReader<'_>, reused: &[AtomicBool]) -> Result<(u64, u
     ))
 }
 
-/// Recomputes up to 64 cached zero chaining values picked at random (about
-/// 2 ms each) before any is used; if one is wrong the whole table is
-/// dropped, so every value is computed again and the cache rewritten. A
+/// Recomputes 64 distinct cached zero chaining values picked at random, or
+/// all of them when there are fewer (about 2 ms each), before any is used;
+/// if one is wrong the whole table is dropped, so every value is computed again and the cache rewritten. A
 /// wrong value would otherwise give the snapshot a digest that no restore
 /// can match. The pick is random (see [`sample_key`]), so whoever serves
 /// the table cannot know which entries will be checked.
@@ -914,16 +928,7 @@ fn distrust_unless_sample_holds(table: &mut [Option<[u8; 32]>], region_size: u64
     if cached.is_empty() {
         return;
     }
-    let key = sample_key();
-    let mut sample: Vec<usize> = (0..64u64.min(cached.len() as u64))
-        .map(|k| {
-            let h = blake3::keyed_hash(&key, &k.to_le_bytes());
-            let r = u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes"));
-            cached[(r % cached.len() as u64) as usize]
-        })
-        .collect();
-    sample.sort_unstable();
-    sample.dedup();
+    let sample = pick_distinct(cached, 64, &sample_key());
     let holds = sample.par_iter().all(|&i| {
         let mut h = region_hasher(i as u64 * region_size);
         update_zeros(&mut h, region_size);
@@ -1691,4 +1696,29 @@ pub fn backup_changed(
         bytes_reused,
         zero_bytes_cached: 0,
     })
+}
+
+#[cfg(test)]
+mod sample_tests {
+    use super::pick_distinct;
+
+    #[test]
+    fn samples_are_distinct_members_and_depend_on_the_key() {
+        let from: Vec<usize> = (0..1000).map(|i| i * 3).collect();
+        let a = pick_distinct(from.clone(), 64, &[1; 32]);
+        let b = pick_distinct(from.clone(), 64, &[2; 32]);
+        for s in [&a, &b] {
+            let mut d = s.clone();
+            d.sort_unstable();
+            d.dedup();
+            assert_eq!(d.len(), 64, "distinct");
+            assert!(s.iter().all(|i| i % 3 == 0 && *i < 3000), "members");
+        }
+        assert_ne!(a, b, "another key, another sample");
+        assert_eq!(a, pick_distinct(from, 64, &[1; 32]), "the key decides");
+        // Fewer than asked: every one.
+        let mut all = pick_distinct(vec![5, 9, 2], 64, &[7; 32]);
+        all.sort_unstable();
+        assert_eq!(all, vec![2, 5, 9]);
+    }
 }
