@@ -134,7 +134,13 @@ pub fn mount(repo: &Path, a: MountArgs) -> anyhow::Result<()> {
                 }
             }
         }
-        mounted.wait().with_context(|| format!("serving {mountpoint} failed"))?;
+        match mounted.wait() {
+            // Once unmounted, the kernel may end the connection as aborted
+            // rather than gone (seen after SIGTERM with a file open): the
+            // end asked for, not a failure.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionAborted => {}
+            r => r.with_context(|| format!("serving {mountpoint} failed"))?,
+        }
         note(&format!("unmounted {mountpoint} ({why})"));
         Ok(())
     })
