@@ -882,6 +882,44 @@ fn an_altered_or_missing_pack_is_found_and_never_served() {
     restores_exact(&env, &repo, &ep, &["latest", "--name", "d"], &img);
 }
 
+/// A bucket that answers a small object (the owner object every writer
+/// reads first) with more bytes than it may hold — announced, or sent
+/// without a length — is refused with one line naming the object, before
+/// the answer is buffered: nothing a bucket sends makes the client
+/// allocate without bound.
+#[test]
+fn an_oversized_bucket_answer_is_refused_before_it_is_read() {
+    let env = Env::new();
+    let (_garage, proxy) = garage_behind_proxy(&env);
+    let (ep, repo) = (proxy.endpoint(), env.repo());
+    init_in(&env, &repo, &ep, "oversized", SMALL_PACKS);
+    let img = env.path("d.img");
+    fs::write(&img, seeded(2 << 20, 5)).unwrap();
+    backup(&env, &repo, &ep, &img, "d");
+    for mode in [MODE_HUGE, MODE_ENDLESS] {
+        proxy.mode.store(mode, SeqCst);
+        let o = run(
+            &mut s3_command(&env, &repo, &ep),
+            &["backup", img.to_str().unwrap(), "--name", "e"],
+        );
+        let err = String::from_utf8_lossy(&o.stderr);
+        eprintln!("mode {mode}: {err}");
+        assert!(!o.status.success(), "mode {mode}: the backup went on");
+        assert_eq!(err.trim_end().lines().count(), 1, "mode {mode}: {err}");
+        assert!(err.contains("owner"), "mode {mode}: {err}");
+        if mode == MODE_HUGE {
+            assert!(
+                err.contains("5368709120 bytes, more than the 1048576 expected"),
+                "mode {mode}: {err}"
+            );
+        }
+        assert!(!err.contains("panicked"), "mode {mode}: {err}");
+    }
+    proxy.mode.store(MODE_FAULTS, SeqCst);
+    backup(&env, &repo, &ep, &img, "e");
+    assert_eq!(ids(&env, &repo, &ep).len(), 2);
+}
+
 /// A fault-injecting HTTP proxy in front of Garage: answers some requests
 /// itself with 503 SlowDown or 500, stalls some, cuts some connections
 /// before or in the middle of the answer, and forwards the rest.
@@ -939,6 +977,11 @@ const MODE_FAULTS: u64 = 0;
 const MODE_FLIP: u64 = 1;
 /// Every GET of a pack answered 404 NoSuchKey.
 const MODE_GONE: u64 = 2;
+/// Every GET of the owner object answered as 5 GiB long.
+const MODE_HUGE: u64 = 3;
+/// Every GET of the owner object answered with a chunked body of 4 MiB
+/// (no length announced).
+const MODE_ENDLESS: u64 = 4;
 
 /// One request on one connection (the proxy answers `Connection: close`).
 fn serve_one(
@@ -973,6 +1016,22 @@ fn serve_one(
     let path = text.split_whitespace().nth(1).unwrap_or("");
     let pack_get =
         text.starts_with("GET ") && path.split('?').next().unwrap_or("").contains("/packs/");
+    let owner_get =
+        text.starts_with("GET ") && path.split('?').next().unwrap_or("").ends_with("/owner");
+    if mode == MODE_HUGE && owner_get {
+        c.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: 5368709120\r\nConnection: close\r\n\r\n")?;
+        return c.write_all(&[7u8; 64 << 10]);
+    }
+    if mode == MODE_ENDLESS && owner_get {
+        c.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")?;
+        let piece = [7u8; 64 << 10];
+        for _ in 0..64 {
+            c.write_all(format!("{:x}\r\n", piece.len()).as_bytes())?;
+            c.write_all(&piece)?;
+            c.write_all(b"\r\n")?;
+        }
+        return c.write_all(b"0\r\n\r\n");
+    }
     if mode == MODE_GONE && pack_get {
         let b = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>NoSuchKey</Code><Message>gone</Message></Error>";
         let a = format!(

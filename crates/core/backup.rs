@@ -78,9 +78,9 @@ pub fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> 
     let mut managed = None;
     // --bitmap on an NBD export: its dirty extents.
     let mut nbd_dirty = None;
-    // A file or device backed up to a server: its regions hashed while the
-    // server is reached (`imgstore_engine::PreHash`), for the comparison
-    // with the parent.
+    // A file or device backed up to a server or a bucket: its regions
+    // hashed while it is reached (`imgstore_engine::PreHash`), for the
+    // comparison with the parent.
     let mut prehash = None;
     let (source, default_name) = match (&overlay, a.source.as_deref()) {
         (Some(o), _) => (Some(Source::open(&o.data)?), None),
@@ -143,7 +143,7 @@ pub fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> 
                 }
                 None => {
                     let source = source.with_direct_io(a.direct_io);
-                    if crate::open::remote_url(repo).is_some()
+                    if crate::open::over_a_link(repo)
                         && !a.direct_io
                         && !a.no_parent
                         && a.changed.is_none()

@@ -114,6 +114,17 @@ pub(crate) fn remote_url(repo: &Path) -> Option<&str> {
     repo.to_str().filter(|s| imgstore_remote::is_remote(s))
 }
 
+/// Whether `repo` is reached over a link: a server, or a local index whose
+/// data lives in a bucket (its config names the bucket; anything that
+/// cannot be read here counts as local, and opening it reports why).
+pub(crate) fn over_a_link(repo: &Path) -> bool {
+    remote_url(repo).is_some()
+        || std::fs::read(repo.join(imgstore_format::CONFIG_FILE))
+            .ok()
+            .and_then(|b| imgstore_format::RepoConfig::from_json(&b).ok())
+            .is_some_and(|c| c.storage.is_some())
+}
+
 fn connect(url: &str) -> anyhow::Result<RemoteRepo> {
     let s = settings();
     connect_with(

@@ -47,6 +47,8 @@ pub fn set_limits(limits: Limits) {
 /// most 256 MiB and one entry): a multipart upload costs two more requests and buys parallelism
 /// a backup already has (several packs in flight).
 pub const SINGLE_PUT_MAX: u64 = 512 << 20;
+/// Largest answer whose time still samples the round trip.
+const SMALL_ANSWER: u64 = 64 << 10;
 /// Part size of a multipart upload.
 pub const PART_SIZE: u64 = 16 << 20;
 
@@ -191,8 +193,9 @@ pub struct Bucket {
     url: String,
     tuning: Tuning,
     stats: Arc<Stats>,
-    /// The round-trip time, measured once when first asked.
-    rtt: std::sync::OnceLock<Duration>,
+    /// Small requests timed so far, and the quickest of them: the
+    /// round-trip time ([`Bucket::rtt`]).
+    samples: std::sync::Mutex<(u32, Option<Duration>)>,
 }
 
 impl Bucket {
@@ -259,7 +262,7 @@ impl Bucket {
             url,
             tuning,
             stats: Arc::default(),
-            rtt: std::sync::OnceLock::new(),
+            samples: std::sync::Mutex::new((0, None)),
         })
     }
 
@@ -268,20 +271,30 @@ impl Bucket {
         &self.url
     }
 
-    /// The round-trip time to the bucket: the quicker of two HEAD requests
-    /// (of an object that need not exist), measured the first time this is
-    /// asked, for sizing how many requests to keep in flight.
+    /// The round-trip time to the bucket, for sizing how many requests to
+    /// keep in flight: the quickest of the small requests made so far
+    /// (the owner object every writer reads, the config), once there are
+    /// two — the first may have paid for the connection — with HEAD
+    /// requests (of an object that need not exist) only to make up the
+    /// two.
     pub fn rtt(&self) -> Duration {
-        *self.rtt.get_or_init(|| {
-            (0..2)
-                .map(|_| {
-                    let t = std::time::Instant::now();
-                    let _ = self.rt.block_on(self.op.stat("config"));
-                    t.elapsed()
-                })
-                .min()
-                .unwrap_or_default()
-        })
+        loop {
+            let (n, min) = *self.samples.lock().unwrap_or_else(|p| p.into_inner());
+            match min {
+                Some(m) if n >= 2 => return m,
+                _ => {}
+            }
+            let t = std::time::Instant::now();
+            let out = self.rt.block_on(self.op.stat("config"));
+            let took = t.elapsed();
+            match out {
+                Ok(_) => self.sampled(took, 0),
+                Err(e) if e.kind() == ErrorKind::NotFound => self.sampled(took, 0),
+                // Unreachable: as long as the request took (retries
+                // included), as before.
+                Err(_) => return took,
+            }
+        }
     }
 
     /// Request and byte counts so far.
@@ -349,33 +362,76 @@ impl Bucket {
         Ok(())
     }
 
-    /// Reads a whole object of at most `max` bytes (larger is an error,
-    /// found by a HEAD before anything is buffered).
+    /// Reads a whole object of at most `max` bytes (larger is an error).
+    /// One request: a GET whose answer's length is checked before its body
+    /// is read (and the body is cut off at `max` bytes whatever the header
+    /// said), so nothing larger is ever buffered and no HEAD is spent first
+    /// (a round trip each time a command opens a bucket over a slow link).
     pub fn get(&self, path: &str, max: u64) -> Result<Vec<u8>, BucketError> {
-        let len = self.size(path)?.ok_or_else(|| BucketError::NotFound {
+        self.stats.gets.fetch_add(1, Ordering::Relaxed);
+        let t = std::time::Instant::now();
+        let too_large = |len| BucketError::TooLarge {
             url: self.url.clone(),
             path: path.into(),
-        })?;
-        if len > max {
-            return Err(BucketError::TooLarge {
-                url: self.url.clone(),
-                path: path.into(),
-                len,
-                max,
-            });
-        }
-        self.get_ranges(&[(path.to_string(), 0..len)])
-            .pop()
-            .expect("one answer")
+            len,
+            max,
+        };
+        let got = self.rt.block_on(async {
+            let mut stream = self.op.reader(path).await?.into_bytes_stream(..).await?;
+            let len = stream.metadata().await?.content_length();
+            if len > max {
+                return Ok(Err(len));
+            }
+            let mut out = Vec::with_capacity(len as usize);
+            while let Some(piece) = stream.next().await {
+                let piece = piece.map_err(|e| {
+                    opendal::Error::new(ErrorKind::Unexpected, e.to_string()).set_temporary()
+                })?;
+                if (out.len() + piece.len()) as u64 > max {
+                    return Ok(Err((out.len() + piece.len()) as u64));
+                }
+                out.extend_from_slice(&piece);
+            }
+            Ok::<_, opendal::Error>(Ok(out))
+        });
+        let out = match got {
+            Ok(Ok(out)) => out,
+            Ok(Err(len)) => return Err(too_large(len)),
+            Err(e) => return Err(self.fail("GET", path, e)),
+        };
+        let len = out.len() as u64;
+        self.sampled(t.elapsed(), len);
+        self.stats.bytes_down.fetch_add(len, Ordering::Relaxed);
+        Ok(out)
     }
 
     /// The size of an object, None when absent.
     pub fn size(&self, path: &str) -> Result<Option<u64>, BucketError> {
         self.stats.gets.fetch_add(1, Ordering::Relaxed);
+        let t = std::time::Instant::now();
         match self.rt.block_on(self.op.stat(path)) {
-            Ok(m) => Ok(Some(m.content_length())),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Ok(m) => {
+                self.sampled(t.elapsed(), 0);
+                Ok(Some(m.content_length()))
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                self.sampled(t.elapsed(), 0);
+                Ok(None)
+            }
             Err(e) => Err(self.fail("HEAD", path, e)),
+        }
+    }
+
+    /// Keeps the time a small request took (`len` bytes answered) as a
+    /// sample of the round-trip time.
+    fn sampled(&self, took: Duration, len: u64) {
+        if len > SMALL_ANSWER {
+            return;
+        }
+        let mut s = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        s.0 += 1;
+        if s.1.is_none_or(|m| took < m) {
+            s.1 = Some(took);
         }
     }
 
