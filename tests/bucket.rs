@@ -882,6 +882,27 @@ fn an_altered_or_missing_pack_is_found_and_never_served() {
     restores_exact(&env, &repo, &ep, &["latest", "--name", "d"], &img);
 }
 
+/// A pack is not held back for its commit when the link is idle: the
+/// first 8 MiB region of a 12 MiB backup (pack target 32 MiB, no upload
+/// yet to measure the link by) goes to the bucket as soon as it is stored,
+/// so the backup ends with two packs where it waited for one before —
+/// and restores exact.
+#[test]
+fn new_data_crosses_to_the_bucket_before_the_commit() {
+    let env = Env::new();
+    let node = garage(&env);
+    let (ep, repo) = (node.endpoint(), env.repo());
+    init_in(&env, &repo, &ep, "early", &["--cache-size", "0"]);
+    let before = bucket_objects(&node);
+    let img = env.path("d.img");
+    fs::write(&img, seeded(12 << 20, 21)).unwrap();
+    backup(&env, &repo, &ep, &img, "d");
+    // The packs, and one snapshot object.
+    let added = bucket_objects(&node) - before;
+    assert!(added >= 3, "{added} objects: the data waited for the commit");
+    restores_exact(&env, &repo, &ep, &["latest", "--name", "d"], &img);
+}
+
 /// A bucket that answers a small object (the owner object every writer
 /// reads first) with more bytes than it may hold — announced, or sent
 /// without a length — is refused with one line naming the object, before

@@ -957,13 +957,14 @@ fn read_parallel(
     // while another waited for its read — first backup of the workload's
     // disk-0 2.80–2.84 s instead of 3.07–3.15 s — but its region and heap
     // raised peak RSS over 128 MiB (8 GiB image: 141 MiB).
-    // A repository behind a network link asks for more (`in_flight`):
-    // the extra threads wait on round trips, not on the CPU. A backup
-    // worker waits one (`chunks/known`) per changed region, its upload
-    // going on behind it, so half of them keep two cores busy: at 150 ms
-    // RTT, 7 more workers instead of 15 (peak RSS of disk-0's first backup
-    // 400 MiB instead of 590 MiB, for the same time).
-    let threads = read::cores() + ctx.repo.in_flight() / 2;
+    // A repository behind a network link asks for more
+    // (`backup_in_flight`): the extra threads wait on round trips, not on
+    // the CPU. A backup worker waits one (`chunks/known`) per changed
+    // region, its upload going on behind it, so half of `in_flight` keep
+    // two cores busy: at 150 ms RTT, 7 more workers instead of 15 (peak
+    // RSS of disk-0's first backup 400 MiB instead of 590 MiB, for the
+    // same time).
+    let threads = read::cores() + ctx.repo.backup_in_flight();
     // Regions advised to the kernel ahead of the one being read (see
     // `Positional::prefetch`), 128 MiB of them: the page cache holds them,
     // not the heap. On the workload (cold cache) a window of 16 × 8 MiB

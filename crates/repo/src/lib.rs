@@ -266,6 +266,17 @@ pub trait Repository: Send + Sync {
         0
     }
 
+    /// How many backup workers the engine runs beyond one per core: those
+    /// that wait a round trip for [`Repository::chunks_known`] on each
+    /// changed region. Half of [`Repository::in_flight`] by default (a
+    /// worker's upload goes on behind it, so half of them keep the cores
+    /// busy); 0 where the lookups are local even though reads cross a link
+    /// (a bucket-backed store, whose index is on this machine — and whose
+    /// round trip is then not measured before a backup needs it).
+    fn backup_in_flight(&self) -> usize {
+        self.in_flight() / 2
+    }
+
     /// Waits until the repository can take a backup's writes: a server's
     /// session opened in the background ([`imgstore_remote`'s
     /// `begin_session_ahead`]) is open, or the reason it could not be. A

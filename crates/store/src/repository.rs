@@ -37,6 +37,11 @@ impl Repository for Store {
         self.frames.in_flight()
     }
 
+    /// Every lookup a backup makes is in the local index.
+    fn backup_in_flight(&self) -> usize {
+        0
+    }
+
     fn uploads_in_flight(&self) -> usize {
         self.frames.uploads_in_flight()
     }

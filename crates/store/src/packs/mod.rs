@@ -42,6 +42,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use imgstore_bucket::{Bucket, BucketError, BucketSpec, Counts, Tuning};
 use imgstore_format::pack::{
@@ -67,6 +68,18 @@ pub const REPACK_GARBAGE: f64 = 0.25;
 
 /// Default target size of a pack object.
 pub const DEFAULT_PACK_SIZE: u32 = 32 << 20;
+
+/// A pack is sealed before its target size when it holds at least
+/// `1 / EARLY_SEAL_SHARE` of it, no pack is on its way to the bucket, and
+/// sending what it holds would take the link at least [`EARLY_SEAL_WORTH`]
+/// (at the rate of the last upload; always, before the first): new data
+/// that trickles in over a slow link (an incremental backup finds a few
+/// MB among GBs it hashes) then crosses it while the backup goes on,
+/// instead of all at the commit. Over a fast link the pack waits for its
+/// target size as before (the commit's last pack costs little there), so
+/// the PUTs do not multiply.
+const EARLY_SEAL_SHARE: usize = 8;
+const EARLY_SEAL_WORTH: Duration = Duration::from_millis(100);
 
 /// Largest config object accepted from a bucket.
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
@@ -114,6 +127,9 @@ struct Buffers {
     inflight: usize,
     /// The first upload failure since the last commit: commits refuse.
     failed: Option<String>,
+    /// Bytes per second of the last pack upload (its round trip
+    /// included): what the link takes, for [`Packs::append`]'s early seal.
+    rate: Option<f64>,
 }
 
 /// The bucket side of a store.
@@ -261,6 +277,14 @@ impl Packs {
                 sealed.push(Self::seal(&mut b));
             }
         }
+        let open = b.open.data.len();
+        if b.inflight == 0
+            && open >= self.storage.pack_size as usize / EARLY_SEAL_SHARE
+            && b.rate
+                .is_none_or(|r| open as f64 >= r * EARLY_SEAL_WORTH.as_secs_f64())
+        {
+            sealed.push(Self::seal(&mut b));
+        }
         sealed
     }
 
@@ -393,10 +417,15 @@ impl Packs {
     pub(crate) fn ship(&self, ix: &Index, mut sealed: Sealed) -> Result<Vec<([u8; 33], Location)>> {
         self.finish(&mut sealed);
         let path = pack_path(&sealed.name);
+        let started = Instant::now();
         if let Err(e) = self.bucket.put(&path, sealed.bytes.to_vec()) {
             let e = bucket_err(e);
             self.retire(&sealed, Some(e.to_string()));
             return Err(e);
+        }
+        let took = started.elapsed().as_secs_f64();
+        if took > 0.0 {
+            self.lock().rate = Some(sealed.bytes.len() as f64 / took);
         }
         self.cache.insert(&sealed.name, &sealed.bytes);
         let out = {
