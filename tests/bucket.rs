@@ -899,7 +899,10 @@ fn new_data_crosses_to_the_bucket_before_the_commit() {
     backup(&env, &repo, &ep, &img, "d");
     // The packs, and one snapshot object.
     let added = bucket_objects(&node) - before;
-    assert!(added >= 3, "{added} objects: the data waited for the commit");
+    assert!(
+        added >= 3,
+        "{added} objects: the data waited for the commit"
+    );
     restores_exact(&env, &repo, &ep, &["latest", "--name", "d"], &img);
 }
 

@@ -32,6 +32,7 @@ use imgstore_repo::{RepoError, Repository};
 use rayon::prelude::*;
 
 use crate::aligned::AlignedBuf;
+use crate::claims::Claims;
 use crate::digest::{image_digest, region_hasher, update_zeros, RegionHash};
 use crate::read::{self, io_pool, threads, workers};
 use crate::snapshot::SnapshotReader;
@@ -175,6 +176,11 @@ struct Ctx<'a> {
     /// stored but lost since (see [`Ctx::stored`]): read and sent again
     /// before the commit.
     redo: Mutex<Vec<u64>>,
+    /// The chunks the uploads carry, where the repository does not see
+    /// them until each upload is answered
+    /// (`Repository::dedups_uploads_in_flight`): a chunk two regions in
+    /// flight both miss is sent once.
+    claims: Option<Claims>,
 }
 
 /// A region to store: its id, its stored recipe and its new frames.
@@ -214,6 +220,8 @@ impl<'a> Ctx<'a> {
             upload_failed: AtomicBool::new(false),
             upload_error: Mutex::new(None),
             redo: Mutex::new(Vec::new()),
+            claims: (repo.uploads_in_flight() > 0 && !repo.dedups_uploads_in_flight())
+                .then(Claims::default),
         })
     }
 
@@ -658,11 +666,15 @@ fn with_uploads<T>(
         for _ in 0..n {
             let rx = rx.clone();
             s.spawn(move || {
-                for up in rx {
+                for mut up in rx {
                     if ctx.upload_failed.load(Relaxed) {
                         continue;
                     }
+                    let claim = ctx.claims.as_ref().map(|c| c.take(&mut up.frames));
                     let out = ctx.repo.put_region(&up.rid, &up.stored, &up.frames);
+                    if let (Some(c), Some((mine, ids))) = (&ctx.claims, claim) {
+                        c.settle(mine, ids, out.is_ok());
+                    }
                     if let Err(e) = ctx.stored(&up, out) {
                         let mut first = ctx.upload_error.lock().unwrap_or_else(|p| p.into_inner());
                         if first.is_none() {

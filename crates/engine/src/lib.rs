@@ -40,6 +40,7 @@ mod aligned;
 mod backup;
 mod bitmap;
 mod check;
+mod claims;
 mod copy;
 mod diff;
 pub mod digest;

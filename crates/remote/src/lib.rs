@@ -1133,6 +1133,11 @@ impl Repository for RemoteRepo {
         self.uploads.max
     }
 
+    /// Each upload's frames cross the link.
+    fn dedups_uploads_in_flight(&self) -> bool {
+        false
+    }
+
     // The witnesses and the records at once: one round trip, not two.
     fn list_snapshots(&self) -> Result<imgstore_repo::SnapshotList> {
         let (witnesses, records) = std::thread::scope(|s| {

@@ -297,6 +297,18 @@ pub trait Repository: Send + Sync {
         0
     }
 
+    /// Whether two [`Repository::put_region`] calls in flight together
+    /// that carry the same new chunk cost it once without help: true where
+    /// the store knows what it is storing (a local store, whose
+    /// `chunks_known` answers yes for a chunk still on its way to a
+    /// bucket, and which appends a pending chunk only once); false for a
+    /// server's client, where each call's frames cross the link. The
+    /// engine then sends each chunk with one upload, the others that need
+    /// it waiting for that one's answer.
+    fn dedups_uploads_in_flight(&self) -> bool {
+        true
+    }
+
     /// Reference entries of objects of one kind (None when absent).
     fn ref_counts(&self, kind: ObjectKind, ids: &[Id]) -> Result<Vec<Option<RefCount>>>;
 
