@@ -85,12 +85,15 @@ TOML
 fi
 
 printf 'binary\ttarget\tlink\tbackup_s\tup_bytes\tbackup_floor_s\tbackup/floor\trestore_s\tdown_bytes\trestore_floor_s\trestore/floor\tfirst_s\tfirst_up_bytes\tfirst/floor\n'
+round=0
 for link in $LINKS; do
   for BIN in "${BINS[@]}"; do
+    # A link may be listed twice (a second run): each run its own prefix.
+    round=$((round + 1))
     name=$(basename "$BIN")
     rtt=${link%%@*}
     rate=; [ "$link" != "$rtt" ] && rate=${link#*@}
-    tag=$name-${link//@/-}
+    tag=$name-${link//@/-}-$round
     R="$WORK/repo"; rm -rf "$R" "$WORK/shaper.tsv" "$WORK/out.img" "$WORK/admin.token" "$XDG_STATE_HOME"
     shaper_args=(--rtt "$rtt" --stats "$WORK/shaper.tsv")
     [ -n "$rate" ] && shaper_args+=(--rate "$rate")
