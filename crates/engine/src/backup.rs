@@ -672,8 +672,8 @@ fn with_uploads<T>(
                     }
                     let claim = ctx.claims.as_ref().map(|c| c.take(&mut up.frames));
                     let out = ctx.repo.put_region(&up.rid, &up.stored, &up.frames);
-                    if let (Some(c), Some((mine, ids))) = (&ctx.claims, claim) {
-                        c.settle(mine, ids, out.is_ok());
+                    if let Some(c) = claim {
+                        c.settle(out.is_ok());
                     }
                     if let Err(e) = ctx.stored(&up, out) {
                         let mut first = ctx.upload_error.lock().unwrap_or_else(|p| p.into_inner());

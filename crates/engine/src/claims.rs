@@ -78,9 +78,9 @@ impl Claims {
     /// Takes out of `frames` the chunks another upload carries: claims the
     /// others for this upload, waits for the other claimers, and puts back
     /// the frames whose claimer failed to store them. Returns this upload's
-    /// claim, to [`Claims::settle`] once its upload has been answered, and
-    /// the chunks it claimed.
-    pub(crate) fn take(&self, frames: &mut Frames) -> (Arc<Claim>, Vec<Id>) {
+    /// claim, to [`Held::settle`] once its upload has been answered (one
+    /// dropped unsettled counts as failed, so nobody waits for ever).
+    pub(crate) fn take(&self, frames: &mut Frames) -> Held<'_> {
         let mine = Arc::new(Claim::default());
         let mut claimed = Vec::new();
         let mut others = Vec::new();
@@ -109,12 +109,17 @@ impl Claims {
                 }
             }
         }
-        (mine, claimed)
+        Held {
+            claims: self,
+            mine,
+            claimed,
+            settled: false,
+        }
     }
 
-    /// Records how this upload ended. A failed upload's chunks are
+    /// Records how an upload ended. A failed upload's chunks are
     /// released: the next upload that needs one sends it.
-    pub(crate) fn settle(&self, mine: Arc<Claim>, claimed: Vec<Id>, stored: bool) {
+    fn settle(&self, mine: &Arc<Claim>, claimed: Vec<Id>, stored: bool) {
         {
             let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
             if stored {
@@ -129,7 +134,7 @@ impl Claims {
                 }
             } else {
                 for id in &claimed {
-                    if t.by_chunk.get(id).is_some_and(|c| Arc::ptr_eq(c, &mine)) {
+                    if t.by_chunk.get(id).is_some_and(|c| Arc::ptr_eq(c, mine)) {
                         t.by_chunk.remove(id);
                     }
                 }
@@ -137,6 +142,38 @@ impl Claims {
         }
         *mine.stored.lock().unwrap_or_else(|p| p.into_inner()) = Some(stored);
         mine.settled.notify_all();
+    }
+}
+
+/// An upload's claim until its answer is recorded.
+pub(crate) struct Held<'a> {
+    claims: &'a Claims,
+    mine: Arc<Claim>,
+    claimed: Vec<Id>,
+    settled: bool,
+}
+
+impl Held<'_> {
+    /// The chunks this upload claimed.
+    #[cfg(test)]
+    fn claimed(&self) -> usize {
+        self.claimed.len()
+    }
+
+    /// Records whether the upload stored its frames.
+    pub(crate) fn settle(mut self, stored: bool) {
+        self.settled = true;
+        self.claims
+            .settle(&self.mine, std::mem::take(&mut self.claimed), stored);
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.claims
+                .settle(&self.mine, std::mem::take(&mut self.claimed), false);
+        }
     }
 }
 
@@ -156,48 +193,71 @@ mod tests {
             .collect()
     }
 
+    /// Waits until `t` has run 50 ms without finishing.
+    fn still_waiting<T>(t: &std::thread::ScopedJoinHandle<'_, T>) -> bool {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        !t.is_finished()
+    }
+
     #[test]
     fn a_chunk_is_sent_by_its_first_claimer_or_again_if_it_failed() {
         let c = Claims::default();
-        let mut a = frames(&[1, 2, 3]);
-        let (ca, ia) = c.take(&mut a);
-        assert_eq!(a.len(), 3);
-        assert_eq!(ia.len(), 3);
-        // B shares 2 and 3 with A, which is still in flight: B waits.
-        let c = Arc::new(c);
-        let c2 = c.clone();
-        let b = std::thread::spawn(move || {
-            let mut b = frames(&[2, 3, 4]);
-            let (cb, ib) = c2.take(&mut b);
-            c2.settle(cb, ib, true);
-            b
+        std::thread::scope(|s| {
+            let mut a = frames(&[1, 2, 3]);
+            let ha = c.take(&mut a);
+            assert_eq!((a.len(), ha.claimed()), (3, 3));
+            // B shares 2 and 3 with A, which is still in flight: B waits.
+            let b = s.spawn(|| {
+                let mut b = frames(&[2, 3, 4]);
+                let hb = c.take(&mut b);
+                hb.settle(true);
+                b
+            });
+            assert!(still_waiting(&b), "B went on before A was answered");
+            ha.settle(true);
+            let b = b.join().unwrap();
+            assert_eq!(b.keys().copied().collect::<Vec<_>>(), vec![Id::hash(&[4])]);
         });
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        assert!(!b.is_finished(), "B went on before A was answered");
-        c.settle(ca, ia, true);
-        let b = b.join().unwrap();
-        let mut left: Vec<Id> = b.keys().copied().collect();
-        left.sort();
-        assert_eq!(left, vec![Id::hash(&[4])]);
-        // D's claimer failed: D sends the chunk itself, and claims it.
-        let mut d0 = frames(&[9]);
-        let (cd0, id0) = c.take(&mut d0);
-        let c3 = c.clone();
-        let d = std::thread::spawn(move || {
-            let mut d = frames(&[9]);
-            let (cd, idd) = c3.take(&mut d);
-            (d, cd, idd)
+        std::thread::scope(|s| {
+            // D's claimer failed: D sends the chunk itself.
+            let mut d0 = frames(&[9]);
+            let h0 = c.take(&mut d0);
+            let d = s.spawn(|| {
+                let mut d = frames(&[9]);
+                let hd = c.take(&mut d);
+                let claimed = hd.claimed();
+                hd.settle(true);
+                (d, claimed)
+            });
+            assert!(still_waiting(&d));
+            h0.settle(false);
+            let (d, claimed) = d.join().unwrap();
+            assert_eq!(d.len(), 1, "the failed claimer's chunk was left out");
+            assert_eq!(claimed, 0, "claimed by the failed upload when D looked");
         });
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        c.settle(cd0, id0, false);
-        let (d, cd, idd) = d.join().unwrap();
-        assert_eq!(d.len(), 1, "the failed claimer's chunk was left out");
-        assert!(idd.is_empty(), "claimed by the failed upload when D looked");
-        c.settle(cd, idd, true);
         // A chunk nobody holds now is claimed afresh.
         let mut e = frames(&[9]);
-        let (_, ie) = c.take(&mut e);
-        assert_eq!((e.len(), ie.len()), (1, 1));
+        let he = c.take(&mut e);
+        assert_eq!((e.len(), he.claimed()), (1, 1));
+    }
+
+    #[test]
+    fn a_claim_dropped_unanswered_counts_as_failed() {
+        let c = Claims::default();
+        std::thread::scope(|s| {
+            let mut a = frames(&[5]);
+            let ha = c.take(&mut a);
+            let b = s.spawn(|| {
+                let mut b = frames(&[5]);
+                let _hb = c.take(&mut b);
+                b
+            });
+            assert!(still_waiting(&b));
+            // The upload that claimed it ended without an answer (a
+            // panic unwinding, say): the waiter sends the chunk itself.
+            drop(ha);
+            assert_eq!(b.join().unwrap().len(), 1);
+        });
     }
 
     #[test]
@@ -205,11 +265,11 @@ mod tests {
         let c = Claims::default();
         let small = |b: u8| -> Frames { [(Id::hash(&[b]), (vec![b; 4096], 4096))].into() };
         let mut a = small(1);
-        let (_ca, _) = c.take(&mut a);
+        let _ha = c.take(&mut a);
         // A is still in flight: B does not wait, and keeps the frame.
         let mut b = small(1);
-        let (_, ib) = c.take(&mut b);
-        assert_eq!((b.len(), ib.len()), (1, 0));
+        let hb = c.take(&mut b);
+        assert_eq!((b.len(), hb.claimed()), (1, 0));
     }
 
     #[test]
@@ -217,16 +277,17 @@ mod tests {
         let c = Claims::default();
         for i in 0..=KEEP_FINISHED as u8 {
             let mut f = frames(&[i]);
-            let (m, ids) = c.take(&mut f);
-            c.settle(m, ids, true);
+            c.take(&mut f).settle(true);
         }
         // The first upload's chunk was forgotten, the last one's is known.
         let mut first = frames(&[0]);
-        c.take(&mut first);
+        let h = c.take(&mut first);
         assert_eq!(first.len(), 1);
+        h.settle(true);
         let mut last = frames(&[KEEP_FINISHED as u8]);
-        c.take(&mut last);
+        let h = c.take(&mut last);
         assert!(last.is_empty());
+        drop(h);
         let t = c.table.lock().unwrap();
         assert!(
             t.by_chunk.len() <= KEEP_FINISHED + 2,
