@@ -281,6 +281,24 @@ fn garage_behind_proxy(env: &Env) -> (Node, FaultProxy) {
     (node, proxy)
 }
 
+/// Garage behind the proxy, a repository with small packs under `prefix`,
+/// and one backup (named "d") of `len` seeded bytes: the node, the proxy,
+/// its endpoint, the repository and the image.
+fn proxied_with_a_backup(
+    env: &Env,
+    prefix: &str,
+    len: usize,
+    seed: u64,
+) -> (Node, FaultProxy, String, PathBuf, PathBuf) {
+    let (node, proxy) = garage_behind_proxy(env);
+    let (ep, repo) = (proxy.endpoint(), env.repo());
+    init_in(env, &repo, &ep, prefix, SMALL_PACKS);
+    let img = env.path("d.img");
+    fs::write(&img, seeded(len, seed)).unwrap();
+    backup(env, &repo, &ep, &img, "d");
+    (node, proxy, ep, repo, img)
+}
+
 /// Restores the snapshot `selector` names into a scratch file and asserts
 /// it equals `expect`, byte for byte.
 fn restores_exact(env: &Env, repo: &Path, ep: &str, selector: &[&str], expect: &Path) {
@@ -808,12 +826,7 @@ fn an_export_outlives_a_gc_that_repacks_what_it_reads() {
 #[test]
 fn an_altered_or_missing_pack_is_found_and_never_served() {
     let env = Env::new();
-    let (_garage, proxy) = garage_behind_proxy(&env);
-    let (ep, repo) = (proxy.endpoint(), env.repo());
-    init_in(&env, &repo, &ep, "tamper", SMALL_PACKS);
-    let img = env.path("d.img");
-    fs::write(&img, seeded(6 << 20, 9)).unwrap();
-    backup(&env, &repo, &ep, &img, "d");
+    let (_garage, proxy, ep, repo, img) = proxied_with_a_backup(&env, "tamper", 6 << 20, 9);
     ok(&env, &repo, &ep, &["check", "--read-data"]);
     // The keyless pass (what a host without the key runs) reads every
     // pack against its name and each entry against its trailer hash.
@@ -914,12 +927,7 @@ fn new_data_crosses_to_the_bucket_before_the_commit() {
 #[test]
 fn an_oversized_bucket_answer_is_refused_before_it_is_read() {
     let env = Env::new();
-    let (_garage, proxy) = garage_behind_proxy(&env);
-    let (ep, repo) = (proxy.endpoint(), env.repo());
-    init_in(&env, &repo, &ep, "oversized", SMALL_PACKS);
-    let img = env.path("d.img");
-    fs::write(&img, seeded(2 << 20, 5)).unwrap();
-    backup(&env, &repo, &ep, &img, "d");
+    let (_garage, proxy, ep, repo, img) = proxied_with_a_backup(&env, "oversized", 2 << 20, 5);
     for mode in [MODE_HUGE, MODE_ENDLESS] {
         proxy.mode.store(mode, SeqCst);
         let o = run(
