@@ -303,8 +303,9 @@ pub trait Repository: Send + Sync {
     /// `chunks_known` answers yes for a chunk still on its way to a
     /// bucket, and which appends a pending chunk only once); false for a
     /// server's client, where each call's frames cross the link. The
-    /// engine then sends each chunk with one upload, the others that need
-    /// it waiting for that one's answer.
+    /// engine then sends a shared chunk with one upload, the others that
+    /// need it waiting for that one's answer when that saves enough bytes
+    /// to be worth a round trip (the engine's `claims`).
     fn dedups_uploads_in_flight(&self) -> bool {
         true
     }
