@@ -113,7 +113,7 @@ impl Claims {
             claims: self,
             mine,
             claimed,
-            settled: false,
+            stored: false,
         }
     }
 
@@ -150,7 +150,9 @@ pub(crate) struct Held<'a> {
     claims: &'a Claims,
     mine: Arc<Claim>,
     claimed: Vec<Id>,
-    settled: bool,
+    /// What the answer said; false until [`Held::settle`], so a claim
+    /// dropped unanswered counts as failed.
+    stored: bool,
 }
 
 impl Held<'_> {
@@ -160,20 +162,16 @@ impl Held<'_> {
         self.claimed.len()
     }
 
-    /// Records whether the upload stored its frames.
+    /// Records whether the upload stored its frames (when dropped).
     pub(crate) fn settle(mut self, stored: bool) {
-        self.settled = true;
-        self.claims
-            .settle(&self.mine, std::mem::take(&mut self.claimed), stored);
+        self.stored = stored;
     }
 }
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
-        if !self.settled {
-            self.claims
-                .settle(&self.mine, std::mem::take(&mut self.claimed), false);
-        }
+        self.claims
+            .settle(&self.mine, std::mem::take(&mut self.claimed), self.stored);
     }
 }
 
