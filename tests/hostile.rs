@@ -442,6 +442,31 @@ fn damage_marks_cannot_make_the_server_replace_intact_data() {
     );
     assert_eq!(code, 204, "{}", String::from_utf8_lossy(&b));
     assert!(raw.damage_marks(&admin).is_empty(), "forged marks recorded");
+    // One intact chunk named 2000 times is checked once, not 2000 times
+    // (each check reads, decompresses and hashes it).
+    let refused = |s: &Served| {
+        fs::read_to_string(&s.log)
+            .unwrap()
+            .matches("damage mark refused")
+            .count()
+    };
+    let before = refused(&s);
+    let many: Vec<_> = (0..2000)
+        .map(|_| serde_json::json!({"kind": "C", "id": w.to_hex(), "why": "forged"}))
+        .collect();
+    let (code, b) = raw.call(
+        "POST",
+        "/v1/damage",
+        Some(&web_r),
+        Some(serde_json::Value::from(many).to_string().as_bytes()),
+        &[],
+    );
+    assert_eq!(code, 204, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(
+        refused(&s) - before,
+        1,
+        "one chunk named 2000 times was checked more than once"
+    );
     // After a restart (marks pending), an upload of other bytes under the
     // ids changes nothing.
     s.kill9();
@@ -739,6 +764,123 @@ fn bulk_answers_are_bounded_before_they_are_built() {
         "peak memory grew by {grown} bytes for an answer of {asked} refused"
     );
     assert_eq!(raw.health(), 200);
+    s.assert_no_panic();
+}
+
+/// An answer the client does not read (its HTTP/2 window kept shut) used
+/// to give back its read slot once built and stay in memory for as long
+/// as the client liked: a read token held 255 MiB per 43 KB request. It
+/// now keeps its read slot until it is sent, so unread answers are
+/// bounded by `max_reads`, and the connection is dropped after
+/// `body_idle_timeout` without progress, giving the slot back.
+#[test]
+fn an_answer_left_unread_holds_its_read_slot_and_is_cut_off() {
+    if !need_curl() || !have("python3") {
+        return;
+    }
+    let env = Env::new();
+    let s = setup_with(&env, "max_reads = 1\nbody_idle_timeout = \"2s\"");
+    let raw = Raw::new(&env, &s);
+    let img = env.path("web.img");
+    fs::write(&img, seeded(4 << 20, 62)).unwrap();
+    Client::new(&env, &s, "web-backup").backup(&img, &["--name", "web-1"]);
+    let web_r = token(&env, "web-restore");
+    let (_, rec) = raw.snapshots(&web_r).into_iter().next().unwrap();
+    let pages = Snapshot::decode(&rec).unwrap().pages;
+    let (_, b) = raw.call(
+        "POST",
+        "/v1/pages",
+        Some(&web_r),
+        Some(&proto::encode_ids(&pages)),
+        &[],
+    );
+    let page = Page::decode(&proto::decode_records(&b, 1).unwrap()[0]).unwrap();
+    let regions: Vec<Id> = page
+        .regions
+        .iter()
+        .copied()
+        .filter(|r| *r != Id::ZERO)
+        .collect();
+    let (_, b) = raw.call(
+        "POST",
+        "/v1/regions",
+        Some(&web_r),
+        Some(&proto::encode_ids(&regions)),
+        &[],
+    );
+    let largest = proto::decode_records(&b, regions.len())
+        .unwrap()
+        .iter()
+        .flat_map(|r| Region::decode(r).unwrap().entries)
+        .filter(|e| e.chunk.is_some())
+        .max_by_key(|e| e.len)
+        .unwrap();
+    // Four answers of about 40 MiB each, on one connection.
+    let k = ((40usize << 20) / largest.len as usize).max(1);
+    let answer = k as u64 * largest.len as u64;
+    let ask = env.path("ask.bin");
+    fs::write(&ask, proto::encode_ids(&vec![largest.chunk.unwrap(); k])).unwrap();
+    let before = vm_hwm(&s);
+    // Raw HTTP/2: the preface with SETTINGS_INITIAL_WINDOW_SIZE = 0, four
+    // POSTs (HPACK literals), then no WINDOW_UPDATE, ever. Reports when
+    // the server closed the connection (at most 30 s).
+    let script = r#"
+import struct
+def frame(t, f, sid, p): return struct.pack(">I", len(p))[1:] + bytes([t, f]) + struct.pack(">I", sid) + p
+def n7(n):
+    if n < 127: return bytes([n])
+    out = [127]; n -= 127
+    while n >= 128: out.append((n & 127) | 128); n >>= 7
+    return bytes(out + [n])
+def lit(k, v): k = k.encode(); v = v.encode(); return b"\x00" + n7(len(k)) + k + n7(len(v)) + v
+body = open(sys.argv[3], "rb").read(); token = sys.argv[4]
+s = tls(30, alpn="h2")
+s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0, struct.pack(">HI", 4, 0)))
+for i in range(4):
+    sid = 1 + 2 * i
+    h = lit(":method", "POST") + lit(":scheme", "https") + lit(":path", "/v1/chunks/get") + lit(":authority", "x")
+    h += lit("authorization", "Bearer " + token) + lit("content-length", str(len(body)))
+    s.sendall(frame(1, 4, sid, h))
+    for off in range(0, len(body), 16384):
+        s.sendall(frame(0, 1 if off + 16384 >= len(body) else 0, sid, body[off:off + 16384]))
+print("sent", flush=True)
+t0 = time.time()
+closed = False
+while time.time() - t0 < 30:
+    try:
+        if s.recv(65536) == b"": closed = True; break
+    except (ConnectionError, ssl.SSLError): closed = True; break
+    except socket.timeout: pass
+print("closed" if closed else "open", flush=True)
+"#;
+    let mut holder = python_tls(script, &s, &[ask.to_str().unwrap(), &web_r])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    use std::io::BufRead;
+    let mut lines = std::io::BufReader::new(holder.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "sent");
+    let end = lines.next().unwrap().unwrap();
+    let _ = holder.wait();
+    assert_eq!(
+        end, "closed",
+        "a connection with an unread answer was kept open"
+    );
+    let grown = vm_hwm(&s).saturating_sub(before);
+    assert!(
+        grown < 2 * answer,
+        "peak memory grew by {grown} bytes with four unread answers of {answer} bytes"
+    );
+    // The read slot is back: an ordinary read is answered.
+    let (code, _) = raw.call(
+        "POST",
+        "/v1/chunks/get",
+        Some(&web_r),
+        Some(&proto::encode_ids(&[largest.chunk.unwrap()])),
+        &[],
+    );
+    assert_eq!(code, 200);
     s.assert_no_panic();
 }
 

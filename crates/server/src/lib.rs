@@ -371,6 +371,7 @@ pub async fn serve(
         let acceptor = acceptor.clone();
         let router = router.clone();
         let idle = app.limits.idle_connection;
+        let stall = app.limits.body_idle;
         let (conn_window, stream_window) =
             (app.limits.h2_connection_window, app.limits.h2_stream_window);
         tokio::spawn(async move {
@@ -387,7 +388,7 @@ pub async fn serve(
                         // Busy until the answer's body is sent (or dropped):
                         // a client reading a large answer slowly is not idle.
                         let resp = router.oneshot(req).await;
-                        resp.map(|r| r.map(|inner| Tracked { inner, _busy: busy }))
+                        resp.map(|r| r.map(|inner| Tracked::new(inner, busy)))
                     }
                 })
             };
@@ -425,14 +426,21 @@ pub async fn serve(
             // Served until it ends, or until it has had no request in
             // flight for `idle`: then shut down gracefully (HTTP/2 GOAWAY,
             // or the HTTP/1 connection closed), and dropped if that takes
-            // over 10 s.
+            // over 10 s. A connection with an answer the client has taken
+            // nothing of for `stall` (`body_idle_timeout`: its flow-control
+            // window kept shut) is dropped at once, with what it holds:
+            // the answer's memory and its read slot.
             let conn = builder.serve_connection(TokioIo::new(io), service);
             tokio::pin!(conn);
             let tick = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
             let result = loop {
                 tokio::select! {
                     r = conn.as_mut() => break r,
-                    _ = tokio::time::sleep(tick) => {
+                    _ = tokio::time::sleep(tick.min(stall / 2)) => {
+                        if activity.stalled_for() >= stall {
+                            tracing::warn!(%peer, "connection dropped: an answer was not read for body_idle_timeout");
+                            break Ok(());
+                        }
                         if activity.idle_for() >= idle {
                             tracing::debug!(%peer, "idle connection closed");
                             conn.as_mut().graceful_shutdown();
@@ -450,10 +458,13 @@ pub async fn serve(
     }
 }
 
-/// Requests in flight on one connection, and when the last one ended.
+/// Requests in flight on one connection, and when the last one ended;
+/// the answers being sent, and when each last moved.
 struct Activity {
     inflight: std::sync::atomic::AtomicUsize,
     last: Mutex<Instant>,
+    answers: Mutex<HashMap<u64, Instant>>,
+    next_answer: std::sync::atomic::AtomicU64,
 }
 
 impl Activity {
@@ -461,7 +472,23 @@ impl Activity {
         Activity {
             inflight: 0.into(),
             last: Mutex::new(Instant::now()),
+            answers: Mutex::default(),
+            next_answer: 0.into(),
         }
+    }
+
+    fn answers(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Instant>> {
+        self.answers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How long the answer that has waited longest for the client to take
+    /// its next piece has waited (zero with none).
+    fn stalled_for(&self) -> Duration {
+        self.answers()
+            .values()
+            .map(|t| t.elapsed())
+            .max()
+            .unwrap_or(Duration::ZERO)
     }
 
     /// How long the connection has had nothing in flight (zero while busy).
@@ -496,10 +523,29 @@ impl Drop for Busy {
     }
 }
 
-/// An answer's body that keeps its connection busy while it lives.
+/// An answer's body that keeps its connection busy while it lives, and
+/// tells the connection when the client last took a piece of it.
 struct Tracked<B> {
     inner: B,
-    _busy: Busy,
+    id: u64,
+    busy: Busy,
+}
+
+impl<B> Tracked<B> {
+    fn new(inner: B, busy: Busy) -> Tracked<B> {
+        let id = busy
+            .0
+            .next_answer
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        busy.0.answers().insert(id, Instant::now());
+        Tracked { inner, id, busy }
+    }
+}
+
+impl<B> Drop for Tracked<B> {
+    fn drop(&mut self) {
+        self.busy.0.answers().remove(&self.id);
+    }
 }
 
 impl<B: http_body::Body + Unpin> http_body::Body for Tracked<B> {
@@ -510,7 +556,16 @@ impl<B: http_body::Body + Unpin> http_body::Body for Tracked<B> {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+        let out = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if out.is_ready() {
+            // HTTP/2 asks for a piece only when the client's window has
+            // room for it: the client is reading.
+            let id = self.id;
+            if let Some(t) = self.busy.0.answers().get_mut(&id) {
+                *t = Instant::now();
+            }
+        }
+        out
     }
 
     fn is_end_stream(&self) -> bool {
