@@ -518,6 +518,13 @@ fn snapshot_records_are_checked_for_time_and_name() {
     // A sealed-shaped record in a plain repository.
     let (code, msg) = raw.commit(&web, &sess, &fake_sealed(b'S', &snap.pages), &[]);
     assert_eq!(code, 400, "{msg}");
+    // A record swollen with tags (every tenant's listing reads every
+    // record): 14 MiB used to be taken.
+    let mut swollen = snap.clone();
+    swollen.tags = vec!["t".repeat(65_000); 20];
+    let (code, msg) = raw.commit(&web, &sess, &swollen.encode(), &[]);
+    assert_eq!(code, 400, "{msg}");
+    assert!(msg.contains("over the limit"), "{msg}");
     let mut retag = snap.clone();
     retag.tags = vec!["again".into()];
     let (code, msg) = raw.commit(&web, &sess, &retag.encode(), &[]);

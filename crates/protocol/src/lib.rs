@@ -163,7 +163,12 @@ pub mod limits {
     pub const PAGES_PER_COMMIT: usize = 1 << 20;
     /// One stored record (page, region recipe, snapshot record).
     pub const RECORD_BYTES: usize = 16 << 20;
-    /// Answer of a `chunks/get`.
+    /// One snapshot record, as committed: every listing reads them all
+    /// (to filter them per caller), so one that a token could make as
+    /// large as any record (`RECORD_BYTES`) cost every tenant's listing.
+    /// 1 MiB holds the pages of a 64 TiB image at the default region size.
+    pub const SNAPSHOT_RECORD_BYTES: usize = 1 << 20;
+    /// Answer of a `chunks/get`, `pages`, `regions` or a listing.
     pub const FRAMES_REPLY_BYTES: usize = 256 << 20;
     /// Snapshots listed in one answer.
     pub const SNAPSHOTS: usize = 1_000_000;

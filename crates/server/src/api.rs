@@ -394,7 +394,8 @@ async fn hello(State(app): State<Shared>, headers: HeaderMap) -> ApiResult {
 
 async fn snapshots(State(app): State<Shared>, headers: HeaderMap) -> ApiResult {
     let c = caller(&app, &headers)?;
-    blocking(move || Ok(binary(proto::encode_snapshots(&seen(&app, &c)?)))).await
+    let slot = read_slot(&app).await?;
+    blocking(move || Ok(bulk(proto::encode_snapshots(&seen(&app, &c)?), slot))).await
 }
 
 async fn records(app: Shared, headers: HeaderMap, body: Bytes, kind: ObjectKind) -> ApiResult {
@@ -860,6 +861,18 @@ fn now_ns() -> i64 {
         .unwrap_or(0)
 }
 
+/// A snapshot record within [`limits::SNAPSHOT_RECORD_BYTES`].
+fn check_record_size(record: &[u8]) -> ApiResult<()> {
+    if record.len() > limits::SNAPSHOT_RECORD_BYTES {
+        return Err(ApiError::bad(format!(
+            "the snapshot record is {} bytes, over the limit of {} (long tags or names?)",
+            record.len(),
+            limits::SNAPSHOT_RECORD_BYTES
+        )));
+    }
+    Ok(())
+}
+
 /// The records of a commit have the repository's shape, and a plain
 /// snapshot record names the session's image and a time not in the
 /// future of the server's clock (a future-dated snapshot would outlive
@@ -873,6 +886,7 @@ fn check_commit(
     pages: &[&[u8]],
     encrypted: bool,
 ) -> ApiResult<()> {
+    check_record_size(record)?;
     if encrypted {
         if !is_sealed_record(record) || pages.iter().any(|p| !is_sealed_record(p)) {
             return Err(ApiError::bad(
@@ -1010,21 +1024,57 @@ async fn put_zero_cvs(State(app): State<Shared>, headers: HeaderMap, body: Bytes
 
 /// Ids of the snapshots this caller sees.
 fn seen_ids(app: &App, c: &Caller) -> ApiResult<HashSet<Id>> {
-    Ok(seen(app, c)?.into_iter().map(|(id, _)| id).collect())
+    let mut out = HashSet::new();
+    each_seen(app, c, |id, _| {
+        out.insert(id);
+        Ok(())
+    })?;
+    Ok(out)
 }
 
-/// The snapshot records this caller may see: plain ones by their image
-/// name, sealed ones (whose names the server cannot read) by the namespace
-/// their session committed them under.
+/// The snapshot records this caller may see, with an answer bounded as
+/// any bulk answer.
 fn seen(app: &App, c: &Caller) -> ApiResult<Vec<(Id, Vec<u8>)>> {
     let mut out = Vec::new();
-    for (k, v) in app.store.snapshot_records()? {
-        let Some(id) = Id::from_slice(&k) else {
-            continue;
+    let mut total = 0usize;
+    each_seen(app, c, |id, v| {
+        total += v.len() + 36;
+        if total > limits::FRAMES_REPLY_BYTES {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!(
+                    "the snapshots this token sees pass the answer limit ({} MiB): forget old ones",
+                    limits::FRAMES_REPLY_BYTES >> 20
+                ),
+            ));
+        }
+        out.push((id, v.to_vec()));
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Calls `f` for each snapshot record this caller may see, one record in
+/// memory at a time: plain ones by their image name, sealed ones (whose
+/// names the server cannot read) by the namespace their session committed
+/// them under.
+fn each_seen(
+    app: &App,
+    c: &Caller,
+    mut f: impl FnMut(Id, &[u8]) -> ApiResult<()>,
+) -> ApiResult<()> {
+    let mut failed: Option<ApiError> = None;
+    app.store.each_snapshot_record(|k, v| {
+        if failed.is_some() {
+            return Ok(());
+        }
+        let Some(id) = Id::from_slice(k) else {
+            return Ok(());
         };
         let shown = if c.is_admin() {
             true
-        } else if is_sealed_record(&v) {
+        } else if is_sealed_record(v) {
             let key = imgstore_store::snapshot_ns_key(&id);
             let mut any = false;
             for ns in &c.namespaces {
@@ -1032,18 +1082,23 @@ fn seen(app: &App, c: &Caller) -> ApiResult<Vec<(Id, Vec<u8>)>> {
             }
             any
         } else {
-            Snapshot::decode(&v).is_ok_and(|s| c.sees(&app.config, &s.name))
+            Snapshot::decode(v).is_ok_and(|s| c.sees(&app.config, &s.name))
         };
         if shown {
-            out.push((id, v));
+            if let Err(e) = f(id, v) {
+                failed = Some(e);
+            }
         }
-    }
-    Ok(out)
+        Ok(())
+    })?;
+    failed.map_or(Ok(()), Err)
 }
 
 /// The server's commit witnesses of the snapshots this caller sees.
 async fn witnesses(State(app): State<Shared>, headers: HeaderMap) -> ApiResult {
     let c = caller(&app, &headers)?;
+    // Reads every snapshot record: a bulk read.
+    let _read = read_slot(&app).await?;
     blocking(move || {
         let seen = seen_ids(&app, &c)?;
         let list: Vec<proto::Witness> = app
@@ -1064,6 +1119,8 @@ async fn witnesses(State(app): State<Shared>, headers: HeaderMap) -> ApiResult {
 
 async fn parents(State(app): State<Shared>, headers: HeaderMap) -> ApiResult {
     let c = caller(&app, &headers)?;
+    // Reads every snapshot record: a bulk read.
+    let _read = read_slot(&app).await?;
     blocking(move || {
         let seen = seen_ids(&app, &c)?;
         let pairs: Vec<(Id, Id)> = app
@@ -1086,6 +1143,7 @@ async fn replace(
     let c = caller(&app, &headers)?;
     require(&c, &[Role::Admin], "change snapshots")?;
     let old = proto::parse_id(&id)?;
+    check_record_size(&body)?;
     blocking(move || {
         let new = app.store.replace_snapshot(&old, &body)?;
         Ok(Json(proto::Committed {
@@ -1126,6 +1184,8 @@ async fn protect(
 
 async fn protected(State(app): State<Shared>, headers: HeaderMap) -> ApiResult {
     let c = caller(&app, &headers)?;
+    // Reads every snapshot record: a bulk read.
+    let _read = read_slot(&app).await?;
     blocking(move || {
         let seen = seen_ids(&app, &c)?;
         let ids: Vec<Id> = app

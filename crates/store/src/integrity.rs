@@ -132,6 +132,21 @@ impl Store {
         self.ix.snapshot_records()
     }
 
+    /// Calls `f(key, record)` for each snapshot record in key order,
+    /// holding one at a time (a server filters them per caller).
+    pub fn each_snapshot_record(
+        &self,
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let mut out = Ok(());
+        self.ix.scan(cf::SNAPSHOTS, "scan snapshots", &mut |k, v| {
+            if out.is_ok() {
+                out = f(k, v);
+            }
+        })?;
+        out
+    }
+
     /// One page of a scan of column family `what` (`snapshots`, `recipes`,
     /// `refs` or `orphans`): entries after key `after`, until `max_entries`
     /// or `max_bytes`. Returns the entries and whether more follow — how a
