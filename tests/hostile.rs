@@ -774,6 +774,89 @@ fn bulk_answers_are_bounded_before_they_are_built() {
     s.assert_no_panic();
 }
 
+/// Raw HTTP/2 for `python_tls` scripts, by hand (no h2 package): frames,
+/// HPACK literals, `h2_open(window)` (TLS with ALPN h2, the preface and
+/// SETTINGS_INITIAL_WINDOW_SIZE = `window`) and `h2_post(s, sid, path,
+/// token, length)` (a POST's HEADERS declaring `length` body bytes).
+const H2: &str = r#"
+import struct
+def frame(t, f, sid, p): return struct.pack(">I", len(p))[1:] + bytes([t, f]) + struct.pack(">I", sid) + p
+def n7(n):
+    if n < 127: return bytes([n])
+    out = [127]; n -= 127
+    while n >= 128: out.append((n & 127) | 128); n >>= 7
+    return bytes(out + [n])
+def lit(k, v): k = k.encode(); v = v.encode(); return b"\x00" + n7(len(k)) + k + n7(len(v)) + v
+def h2_open(window):
+    s = tls(30, alpn="h2")
+    s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0, struct.pack(">HI", 4, window)))
+    return s
+def h2_post(s, sid, path, token, length):
+    h = lit(":method", "POST") + lit(":scheme", "https") + lit(":path", path) + lit(":authority", "x")
+    h += lit("authorization", "Bearer " + token) + lit("content-length", str(length))
+    s.sendall(frame(1, 4, sid, h))
+"#;
+
+/// Two tokens opened 2 × 256 streams, each declaring a 1 MiB body
+/// and sending a byte every few seconds: the server took the declared megabyte
+/// for each before reading, so the two held all body memory and every
+/// other client's POST waited 30 s for a 503. A body now takes memory as
+/// its bytes arrive: the same streams hold a KiB each, and a backup
+/// opens its session at once.
+#[test]
+fn bodies_that_declare_much_and_send_little_hold_little() {
+    if !need_curl() || !have("python3") {
+        return;
+    }
+    let env = Env::new();
+    let s = setup_with(&env, "max_body_memory_mib = 16");
+    let raw = Raw::new(&env, &s);
+    // Per token 64 streams of 1 MiB declared: four times its share (8 MiB).
+    let script = format!(
+        "{H2}{}",
+        r#"
+conns = []
+for token in sys.argv[3:5]:
+    s = h2_open(window=65535)
+    for i in range(64):
+        h2_post(s, 1 + 2 * i, "/v1/chunks/get", token, 1 << 20)
+        s.sendall(frame(0, 0, 1 + 2 * i, b"x"))
+    conns.append(s)
+print("held", flush=True)
+# A byte per stream every 5 s: under body_idle_timeout, for at most 60 s.
+for _ in range(12):
+    time.sleep(5)
+    for s in conns:
+        for i in range(64):
+            s.sendall(frame(0, 0, 1 + 2 * i, b"x"))
+"#
+    );
+    let web_r = token(&env, "web-restore");
+    let db_b = token(&env, "db-backup");
+    let mut holder = python_tls(&script, &s, &[&web_r, &db_b])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    use std::io::BufRead;
+    let mut lines = std::io::BufReader::new(holder.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "held");
+    std::thread::sleep(Duration::from_millis(500));
+    let web = token(&env, "web-backup");
+    // Before, 503 "busy" after the 30 s queue wait.
+    let (code, b) = raw.call(
+        "POST",
+        "/v1/sessions",
+        Some(&web),
+        Some(br#"{"image":"web-1"}"#),
+        &[],
+    );
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&b));
+    s.assert_no_panic();
+}
+
 /// An answer the client does not read (its HTTP/2 window kept shut) used
 /// to give back its read slot once built and stay in memory for as long
 /// as the client liked: a read token held 255 MiB per 43 KB request. It
@@ -831,23 +914,14 @@ fn an_answer_left_unread_holds_its_read_slot_and_is_cut_off() {
     // Raw HTTP/2: the preface with SETTINGS_INITIAL_WINDOW_SIZE = 0, four
     // POSTs (HPACK literals), then no WINDOW_UPDATE, ever. Reports when
     // the server closed the connection (at most 30 s).
-    let script = r#"
-import struct
-def frame(t, f, sid, p): return struct.pack(">I", len(p))[1:] + bytes([t, f]) + struct.pack(">I", sid) + p
-def n7(n):
-    if n < 127: return bytes([n])
-    out = [127]; n -= 127
-    while n >= 128: out.append((n & 127) | 128); n >>= 7
-    return bytes(out + [n])
-def lit(k, v): k = k.encode(); v = v.encode(); return b"\x00" + n7(len(k)) + k + n7(len(v)) + v
+    let script = format!(
+        "{H2}{}",
+        r#"
 body = open(sys.argv[3], "rb").read(); token = sys.argv[4]
-s = tls(30, alpn="h2")
-s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0, struct.pack(">HI", 4, 0)))
+s = h2_open(window=0)
 for i in range(4):
     sid = 1 + 2 * i
-    h = lit(":method", "POST") + lit(":scheme", "https") + lit(":path", "/v1/chunks/get") + lit(":authority", "x")
-    h += lit("authorization", "Bearer " + token) + lit("content-length", str(len(body)))
-    s.sendall(frame(1, 4, sid, h))
+    h2_post(s, sid, "/v1/chunks/get", token, len(body))
     for off in range(0, len(body), 16384):
         s.sendall(frame(0, 1 if off + 16384 >= len(body) else 0, sid, body[off:off + 16384]))
 print("sent", flush=True)
@@ -859,8 +933,9 @@ while time.time() - t0 < 30:
     except (ConnectionError, ssl.SSLError): closed = True; break
     except socket.timeout: pass
 print("closed" if closed else "open", flush=True)
-"#;
-    let mut holder = python_tls(script, &s, &[ask.to_str().unwrap(), &web_r])
+"#
+    );
+    let mut holder = python_tls(&script, &s, &[ask.to_str().unwrap(), &web_r])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()

@@ -122,7 +122,7 @@ pub(crate) async fn guard(State(app): State<Arc<App>>, req: Request, next: Next)
             // the answer rather than a reset connection; a large one is not.
             if declared.is_some_and(|n| n <= DRAIN_MAX as u64) {
                 let (_, body) = req.into_parts();
-                let _ = read_body(body, DRAIN_MAX, 0, &app.limits).await;
+                let _ = read_body(body, DRAIN_MAX, None, &app.limits).await;
             }
             return close(e.into_response());
         }
@@ -137,36 +137,72 @@ pub(crate) async fn guard(State(app): State<Arc<App>>, req: Request, next: Next)
     } else {
         None
     };
-    // A body's share of memory: what it declares (and then at most that is
-    // read), else the route's limit; one token holds at most its share.
+    // A body's share of memory; one token holds at most its share. An
+    // upload (which holds an upload slot, in a session of its own) takes
+    // what it declares before it is read, else the route's limit. Any
+    // other body takes memory as its bytes arrive: a declared length costs
+    // nothing until it is sent (streams that declared 1 MiB each and sent
+    // a byte every 20 s used to hold the whole budget with two tokens).
     let need = declared.map_or(limit, |n| n as usize);
-    let kib = need.div_ceil(1024).min(app.limits.body_memory_kib / 2);
-    let _memory = if kib > 0 {
-        let mine = app.token_share(&who.token, Share::Memory);
-        let wait = async {
-            let own = mine.acquire_many_owned(kib as u32).await.ok()?;
-            let all = app
-                .body_budget
-                .clone()
-                .acquire_many_owned(kib as u32)
-                .await
-                .ok()?;
-            Some((own, all))
-        };
-        match tokio::time::timeout(QUEUE_WAIT, wait).await {
-            Ok(Some(p)) => Some(p),
-            _ => return close(busy("request memory (max_body_memory_mib)")),
-        }
-    } else {
-        None
+    let mut memory = Memory {
+        share: app.token_share(&who.token, Share::Memory),
+        budget: app.body_budget.clone(),
+        cap: app.limits.body_memory_kib / 2,
+        held: Vec::new(),
+        kib: 0,
     };
+    let upload = _upload.is_some();
+    if upload {
+        if let Err(r) = memory.grow(need).await {
+            return close(r);
+        }
+    }
     let (parts, body) = req.into_parts();
-    let bytes = match read_body(body, need, need, &app.limits).await {
+    let grown = (!upload).then_some(&mut memory);
+    let bytes = match read_body(body, need, grown, &app.limits).await {
         Ok(b) => b,
         Err(r) => return close(r),
     };
     next.run(Request::from_parts(parts, Body::from(bytes)))
         .await
+}
+
+/// Body memory held by one request: permits of its token's share and of
+/// the server's budget, in KiB, given back when dropped.
+struct Memory {
+    share: Arc<tokio::sync::Semaphore>,
+    budget: Arc<tokio::sync::Semaphore>,
+    /// The most one request may hold (a token's share).
+    cap: usize,
+    held: Vec<(
+        tokio::sync::OwnedSemaphorePermit,
+        tokio::sync::OwnedSemaphorePermit,
+    )>,
+    kib: usize,
+}
+
+impl Memory {
+    /// Holds enough for `bytes` (waiting at most [`QUEUE_WAIT`]).
+    async fn grow(&mut self, bytes: usize) -> Result<(), Response> {
+        let want = bytes.div_ceil(1024).min(self.cap);
+        if want <= self.kib {
+            return Ok(());
+        }
+        let more = (want - self.kib) as u32;
+        let wait = async {
+            let own = self.share.clone().acquire_many_owned(more).await.ok()?;
+            let all = self.budget.clone().acquire_many_owned(more).await.ok()?;
+            Some((own, all))
+        };
+        match tokio::time::timeout(QUEUE_WAIT, wait).await {
+            Ok(Some(p)) => {
+                self.held.push(p);
+                self.kib = want;
+                Ok(())
+            }
+            _ => Err(busy("request memory (max_body_memory_mib)")),
+        }
+    }
 }
 
 fn too_large(limit: usize) -> Response {
@@ -190,14 +226,17 @@ fn close(mut r: Response) -> Response {
 
 /// Reads at most `limit` bytes, failing when nothing arrives for the idle
 /// timeout or the whole takes longer than the body timeout.
+/// Memory for what is read is taken from `memory` as it arrives; without
+/// one, `limit` was taken before (an upload) or is small (a refused body
+/// read to be dropped).
 async fn read_body(
     mut body: Body,
     limit: usize,
-    expect: usize,
+    mut memory: Option<&mut Memory>,
     limits: &crate::Limits,
 ) -> Result<Bytes, Response> {
     let deadline = Instant::now() + limits.body_total;
-    let mut buf: Vec<u8> = Vec::with_capacity(expect.min(limit));
+    let mut buf: Vec<u8> = Vec::with_capacity(if memory.is_none() { limit } else { 0 });
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let frame = match tokio::time::timeout(left.min(limits.body_idle), body.frame()).await {
@@ -220,6 +259,12 @@ async fn read_body(
         if let Ok(data) = frame.into_data() {
             if buf.len() + data.len() > limit {
                 return Err(too_large(limit));
+            }
+            if let Some(m) = memory.as_deref_mut() {
+                // Doubling as it grows: hold what the buffer will take.
+                let cap = (buf.len() + data.len()).next_power_of_two().min(limit);
+                m.grow(cap.max(buf.capacity())).await?;
+                buf.reserve_exact(cap.saturating_sub(buf.len()));
             }
             buf.extend_from_slice(&data);
         }
