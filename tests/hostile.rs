@@ -797,6 +797,45 @@ def h2_post(s, sid, path, token, length):
     s.sendall(frame(1, 4, sid, h))
 "#;
 
+/// Without any token, 4 source addresses × 128 connections that finished
+/// TLS and the HTTP/2 preface held every connection slot for the idle
+/// minute. A connection now has 10 s for its first request, and one whose
+/// request has no valid token is closed after the answer.
+#[test]
+fn connections_without_a_valid_token_are_let_go_soon() {
+    if !have("python3") {
+        return;
+    }
+    let env = Env::new();
+    // The idle timeout is the default minute: the first-request limit and
+    // the refusal are what close these connections.
+    let s = setup(&env);
+    let script = format!(
+        "{H2}{}",
+        r#"
+silent = h2_open(window=65535)
+forged = h2_open(window=65535)
+h2_post(forged, 1, "/v1/sessions", "forged-token", 2)
+forged.sendall(frame(0, 1, 1, b"{}"))
+t0 = time.time()
+for name, s in (("forged", forged), ("silent", silent)):
+    closed = False
+    while time.time() - t0 < 25:
+        s.settimeout(max(0.1, 25 - (time.time() - t0)))
+        try:
+            if s.recv(65536) == b"": closed = True; break
+        except (ConnectionError, ssl.SSLError): closed = True; break
+        except socket.timeout: break
+    print(name, "closed" if closed else "open", flush=True)
+"#
+    );
+    let out = python_tls(&script, &s, &[]).output().unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(out.contains("forged closed"), "{out}");
+    assert!(out.contains("silent closed"), "{out}");
+    s.assert_no_panic();
+}
+
 /// Two tokens opened 2 × 256 streams, each declaring a 1 MiB body
 /// and sending a byte every few seconds: the server took the declared megabyte
 /// for each before reading, so the two held all body memory and every

@@ -362,7 +362,8 @@ pub async fn serve(
             drop(tcp);
             continue;
         };
-        let Some(ip_slot) = IpSlot::take(&per_ip, peer.ip(), app.limits.connections_per_ip) else {
+        let Some(ip_slot) = IpSlot::take(&per_ip, source(peer.ip()), app.limits.connections_per_ip)
+        else {
             tracing::warn!(%peer, "connection refused: max_connections_per_ip reached");
             drop(tcp);
             continue;
@@ -388,6 +389,14 @@ pub async fn serve(
                         // Busy until the answer's body is sent (or dropped):
                         // a client reading a large answer slowly is not idle.
                         let resp = router.oneshot(req).await;
+                        if resp
+                            .as_ref()
+                            .is_ok_and(|r| r.status() == hyper::StatusCode::UNAUTHORIZED)
+                        {
+                            // No valid token: the connection ends after
+                            // this answer (HTTP/2 GOAWAY).
+                            busy.0.refused.notify_one();
+                        }
                         resp.map(|r| r.map(|inner| Tracked::new(inner, busy)))
                     }
                 })
@@ -436,9 +445,24 @@ pub async fn serve(
             let result = loop {
                 tokio::select! {
                     r = conn.as_mut() => break r,
-                    _ = tokio::time::sleep(tick.min(stall / 2)) => {
+                    _ = activity.refused.notified() => {
+                        // A second for the answer to leave, not the ten a
+                        // client is given to finish its streams.
+                        tracing::debug!(%peer, "connection closed: a request without a valid token");
+                        conn.as_mut().graceful_shutdown();
+                        break tokio::time::timeout(Duration::from_secs(1), conn.as_mut())
+                            .await
+                            .unwrap_or(Ok(()));
+                    }
+                    _ = tokio::time::sleep(tick.min(stall / 2).min(FIRST_REQUEST / 4)) => {
                         if activity.stalled_for() >= stall {
                             tracing::warn!(%peer, "connection dropped: an answer was not read for body_idle_timeout");
+                            break Ok(());
+                        }
+                        let silent = activity.requests.load(std::sync::atomic::Ordering::SeqCst) == 0;
+                        if silent && activity.idle_for() >= idle.min(FIRST_REQUEST) {
+                            // Nothing was ever asked: nothing to finish.
+                            tracing::debug!(%peer, "connection closed: no request");
                             break Ok(());
                         }
                         if activity.idle_for() >= idle {
@@ -465,6 +489,10 @@ struct Activity {
     last: Mutex<Instant>,
     answers: Mutex<HashMap<u64, Instant>>,
     next_answer: std::sync::atomic::AtomicU64,
+    /// Requests so far.
+    requests: std::sync::atomic::AtomicU64,
+    /// Told when a request came without a valid token.
+    refused: tokio::sync::Notify,
 }
 
 impl Activity {
@@ -474,6 +502,8 @@ impl Activity {
             last: Mutex::new(Instant::now()),
             answers: Mutex::default(),
             next_answer: 0.into(),
+            requests: 0.into(),
+            refused: tokio::sync::Notify::new(),
         }
     }
 
@@ -509,6 +539,7 @@ struct Busy(Arc<Activity>);
 
 impl Busy {
     fn start(a: &Arc<Activity>) -> Busy {
+        a.requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         a.inflight.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Busy(a.clone())
     }
@@ -577,6 +608,27 @@ impl<B: http_body::Body + Unpin> http_body::Body for Tracked<B> {
     }
 }
 
+/// Whose connection slots a peer's take: its IPv4 address, or its IPv6
+/// /64 (a host is given a /64; counting its addresses one by one would let
+/// it take every slot).
+fn source(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => std::net::IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                std::net::IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+        v4 => v4,
+    }
+}
+
+/// Until its first request, a connection may stay silent this long (then
+/// `idle_connection_timeout`): one that never authenticates holds a slot
+/// for seconds, not a minute.
+const FIRST_REQUEST: Duration = Duration::from_secs(10);
+
 /// A connection slot of one IP address, given back when dropped.
 struct IpSlot {
     map: Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
@@ -617,3 +669,30 @@ impl Drop for IpSlot {
 /// A connection's byte stream: TLS or, on loopback only, plain TCP.
 trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+#[cfg(test)]
+mod source_tests {
+    use super::source;
+    use std::net::IpAddr;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn an_ipv6_host_counts_as_its_64() {
+        assert_eq!(source(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
+        assert_eq!(
+            source(ip("2001:db8:1:2:ffff:1:2:3")),
+            source(ip("2001:db8:1:2::9"))
+        );
+        assert_ne!(source(ip("2001:db8:1:3::1")), source(ip("2001:db8:1:2::1")));
+    }
+
+    #[test]
+    fn ipv4_addresses_count_one_by_one_mapped_or_not() {
+        assert_eq!(source(ip("192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(source(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
+        assert_ne!(source(ip("192.0.2.7")), source(ip("192.0.2.8")));
+    }
+}
