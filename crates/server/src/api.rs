@@ -122,7 +122,7 @@ fn binary(body: Vec<u8>) -> Response {
 /// answer and one slot (`max_reads` bounds them), not an answer that
 /// grows the server's memory past its bound; the connection watchdog ends
 /// it after `body_idle_timeout` without progress.
-fn bulk(body: Vec<u8>, slot: tokio::sync::OwnedSemaphorePermit) -> Response {
+fn bulk(body: Vec<u8>, slot: ReadSlot) -> Response {
     (
         [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
         axum::body::Body::new(Pieces {
@@ -138,7 +138,7 @@ const PIECE: usize = 64 << 10;
 
 struct Pieces {
     data: Bytes,
-    _slot: tokio::sync::OwnedSemaphorePermit,
+    _slot: ReadSlot,
 }
 
 impl http_body::Body for Pieces {
@@ -394,7 +394,7 @@ async fn hello(State(app): State<Shared>, headers: HeaderMap) -> ApiResult {
 
 async fn snapshots(State(app): State<Shared>, headers: HeaderMap) -> ApiResult {
     let c = caller(&app, &headers)?;
-    let slot = read_slot(&app).await?;
+    let slot = read_slot(&app, &c).await?;
     blocking(move || Ok(bulk(proto::encode_snapshots(&seen(&app, &c)?), slot))).await
 }
 
@@ -409,7 +409,7 @@ async fn records(app: Shared, headers: HeaderMap, body: Bytes, kind: ObjectKind)
         }
         _ => None,
     };
-    let read = read_slot(&app).await?;
+    let read = read_slot(&app, &c).await?;
     blocking(move || {
         let keys: Vec<[u8; 33]> = ids.iter().map(|id| kind.key(id)).collect();
         if let Some(i) = visible(&app, &c, &keys)?.iter().position(|v| !v) {
@@ -447,7 +447,7 @@ async fn regions(State(app): State<Shared>, headers: HeaderMap, body: Bytes) -> 
 async fn chunks_get(State(app): State<Shared>, headers: HeaderMap, body: Bytes) -> ApiResult {
     let c = caller(&app, &headers)?;
     let ids = ids_body(&body)?;
-    let slot = read_slot(&app).await?;
+    let slot = read_slot(&app, &c).await?;
     blocking(move || {
         let keys: Vec<[u8; 33]> = ids.iter().map(|id| ObjectKind::Chunk.key(id)).collect();
         let vis = visible(&app, &c, &keys)?;
@@ -492,22 +492,36 @@ async fn chunks_get(State(app): State<Shared>, headers: HeaderMap, body: Bytes) 
     .await
 }
 
-/// A slot among the bulk answers built at once (`max_reads`).
-async fn read_slot(app: &Shared) -> ApiResult<tokio::sync::OwnedSemaphorePermit> {
-    tokio::time::timeout(
-        std::time::Duration::from_secs(30),
-        app.reads.clone().acquire_owned(),
-    )
-    .await
-    .ok()
-    .and_then(Result::ok)
-    .ok_or_else(|| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "busy",
-            "the server is at its limit of bulk reads (max_reads): retry later",
-        )
-    })
+/// A slot among the bulk answers built or being sent at once
+/// (`max_reads`), of which one token holds all but one (at least one): a
+/// client on a slow link, whose answers hold their slots while they cross
+/// it, leaves the others a slot to read with.
+pub(crate) struct ReadSlot {
+    _own: tokio::sync::OwnedSemaphorePermit,
+    _all: tokio::sync::OwnedSemaphorePermit,
+}
+
+async fn read_slot(app: &Shared, c: &Caller) -> ApiResult<ReadSlot> {
+    let mine = app.token_share(&c.token, crate::Share::Reads);
+    let wait = async {
+        let own = mine.acquire_owned().await.ok()?;
+        let all = app.reads.clone().acquire_owned().await.ok()?;
+        Some(ReadSlot {
+            _own: own,
+            _all: all,
+        })
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(30), wait)
+        .await
+        .ok()
+        .flatten()
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                "the server is at its limit of bulk reads (max_reads, of which one token may hold all but one): retry later",
+            )
+        })
 }
 
 async fn chunks_known(State(app): State<Shared>, headers: HeaderMap, body: Bytes) -> ApiResult {
@@ -968,7 +982,7 @@ async fn zero_cvs(
     headers: HeaderMap,
     Json(ask): Json<ZeroAsk>,
 ) -> ApiResult {
-    caller(&app, &headers)?;
+    let c = caller(&app, &headers)?;
     if ask.count as usize > limits::ZERO_CVS {
         return Err(ApiError::bad(format!(
             "{} values asked, the limit is {}",
@@ -995,7 +1009,7 @@ async fn zero_cvs(
             ask.start, ask.count
         )));
     }
-    let read = read_slot(&app).await?;
+    let read = read_slot(&app, &c).await?;
     blocking(move || {
         let cvs = app
             .store
@@ -1098,7 +1112,7 @@ fn each_seen(
 async fn witnesses(State(app): State<Shared>, headers: HeaderMap) -> ApiResult {
     let c = caller(&app, &headers)?;
     // Reads every snapshot record: a bulk read.
-    let _read = read_slot(&app).await?;
+    let _read = read_slot(&app, &c).await?;
     blocking(move || {
         let seen = seen_ids(&app, &c)?;
         let list: Vec<proto::Witness> = app
@@ -1120,7 +1134,7 @@ async fn witnesses(State(app): State<Shared>, headers: HeaderMap) -> ApiResult {
 async fn parents(State(app): State<Shared>, headers: HeaderMap) -> ApiResult {
     let c = caller(&app, &headers)?;
     // Reads every snapshot record: a bulk read.
-    let _read = read_slot(&app).await?;
+    let _read = read_slot(&app, &c).await?;
     blocking(move || {
         let seen = seen_ids(&app, &c)?;
         let pairs: Vec<(Id, Id)> = app
@@ -1185,7 +1199,7 @@ async fn protect(
 async fn protected(State(app): State<Shared>, headers: HeaderMap) -> ApiResult {
     let c = caller(&app, &headers)?;
     // Reads every snapshot record: a bulk read.
-    let _read = read_slot(&app).await?;
+    let _read = read_slot(&app, &c).await?;
     blocking(move || {
         let seen = seen_ids(&app, &c)?;
         let ids: Vec<Id> = app
@@ -1240,7 +1254,7 @@ async fn mark_damage(
     // times cost a second of CPU), as a bulk read: in a read slot.
     marks.sort_by_key(|m| m.kind.key(&m.id));
     marks.dedup_by_key(|m| m.kind.key(&m.id));
-    let _read = read_slot(&app).await?;
+    let _read = read_slot(&app, &c).await?;
     blocking(move || {
         let marks = only_visible(&app, &c, marks, |m| m.kind.key(&m.id))?;
         // A mark lets the next upload of the object replace it: the server
@@ -1404,7 +1418,7 @@ async fn open_session(
     // a read slot, before the session exists (a busy answer leaves none).
     let _read = match pin_pages.is_empty() {
         true => None,
-        false => Some(read_slot(&app).await?),
+        false => Some(read_slot(&app, &c).await?),
     };
     let mut raw = [0u8; 8];
     getrandom::fill(&mut raw).map_err(|e| ApiError::internal(format!("no randomness: {e}")))?;

@@ -96,6 +96,8 @@ pub(crate) enum Share {
     Uploads,
     /// Half the body memory.
     Memory,
+    /// All read slots but one (at least one).
+    Reads,
 }
 
 /// The configured bounds, parsed once.
@@ -252,6 +254,7 @@ impl App {
                 Arc::new(tokio::sync::Semaphore::new(match what {
                     Share::Uploads => self.upload_share(),
                     Share::Memory => self.limits.body_memory_kib / 2,
+                    Share::Reads => self.config.max_reads.unwrap_or(4).saturating_sub(1).max(1),
                 }))
             })
             .clone()
