@@ -488,6 +488,17 @@ fn damage_marks_cannot_make_the_server_replace_intact_data() {
         1,
         "one chunk named 2000 times was checked more than once"
     );
+    // A reason is bounded (marks are kept and listed to every reader).
+    let long = serde_json::json!([{"kind": "C", "id": w.to_hex(), "why": "x".repeat(2000)}]);
+    let (code, b) = raw.call(
+        "POST",
+        "/v1/damage",
+        Some(&web_r),
+        Some(long.to_string().as_bytes()),
+        &[],
+    );
+    assert_eq!(code, 400, "{}", String::from_utf8_lossy(&b));
+    assert!(String::from_utf8_lossy(&b).contains("over the limit"));
     // After a restart (marks pending), an upload of other bytes under the
     // ids changes nothing.
     s.kill9();
@@ -797,8 +808,9 @@ fn bulk_answers_are_bounded_before_they_are_built() {
 
 /// Raw HTTP/2 for `python_tls` scripts, by hand (no h2 package): frames,
 /// HPACK literals, `h2_open(window)` (TLS with ALPN h2, the preface and
-/// SETTINGS_INITIAL_WINDOW_SIZE = `window`) and `h2_post(s, sid, path,
-/// token, length)` (a POST's HEADERS declaring `length` body bytes).
+/// SETTINGS_INITIAL_WINDOW_SIZE = `window`), `h2_get(s, sid, path)` (a
+/// GET without a token) and `h2_post(s, sid, path, token, length)` (a
+/// POST's HEADERS declaring `length` body bytes).
 const H2: &str = r#"
 import struct
 def frame(t, f, sid, p): return struct.pack(">I", len(p))[1:] + bytes([t, f]) + struct.pack(">I", sid) + p
@@ -812,6 +824,9 @@ def h2_open(window):
     s = tls(30, alpn="h2")
     s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0, struct.pack(">HI", 4, window)))
     return s
+def h2_get(s, sid, path):
+    h = lit(":method", "GET") + lit(":scheme", "https") + lit(":path", path) + lit(":authority", "x")
+    s.sendall(frame(1, 5, sid, h))
 def h2_post(s, sid, path, token, length):
     h = lit(":method", "POST") + lit(":scheme", "https") + lit(":path", path) + lit(":authority", "x")
     h += lit("authorization", "Bearer " + token) + lit("content-length", str(length))
@@ -820,8 +835,9 @@ def h2_post(s, sid, path, token, length):
 
 /// Without any token, 4 source addresses × 128 connections that finished
 /// TLS and the HTTP/2 preface held every connection slot for the idle
-/// minute. A connection now has 10 s for its first request, and one whose
-/// request has no valid token is closed after the answer.
+/// minute. A connection now has 10 s for its first request (a health
+/// check, which needs no token, is none), and one whose request has no
+/// valid token is closed after the answer.
 #[test]
 fn connections_without_a_valid_token_are_let_go_soon() {
     if !have("python3") {
@@ -834,26 +850,34 @@ fn connections_without_a_valid_token_are_let_go_soon() {
     let script = format!(
         "{H2}{}",
         r#"
-silent = h2_open(window=65535)
-forged = h2_open(window=65535)
-h2_post(forged, 1, "/v1/sessions", "forged-token", 2)
-forged.sendall(frame(0, 1, 1, b"{}"))
+conns = {"silent": h2_open(window=65535), "forged": h2_open(window=65535), "pinger": h2_open(window=65535)}
+h2_post(conns["forged"], 1, "/v1/sessions", "forged-token", 2)
+conns["forged"].sendall(frame(0, 1, 1, b"{}"))
+for c in conns.values(): c.settimeout(0.2)
+closed = set()
 t0 = time.time()
-for name, s in (("forged", forged), ("silent", silent)):
-    closed = False
-    while time.time() - t0 < 25:
-        s.settimeout(max(0.1, 25 - (time.time() - t0)))
+sid = 1
+next_ping = 0
+# A health check every 3 s on "pinger"; at most 25 s in all.
+while time.time() - t0 < 25 and len(closed) < len(conns):
+    if time.time() >= next_ping and "pinger" not in closed:
+        try: h2_get(conns["pinger"], sid, "/v1/health")
+        except (ConnectionError, ssl.SSLError): closed.add("pinger")
+        sid += 2; next_ping = time.time() + 3
+    for name, c in conns.items():
+        if name in closed: continue
         try:
-            if s.recv(65536) == b"": closed = True; break
-        except (ConnectionError, ssl.SSLError): closed = True; break
-        except socket.timeout: break
-    print(name, "closed" if closed else "open", flush=True)
+            if c.recv(65536) == b"": closed.add(name)
+        except (ConnectionError, ssl.SSLError): closed.add(name)
+        except socket.timeout: pass
+for name in conns: print(name, "closed" if name in closed else "open", flush=True)
 "#
     );
     let out = python_tls(&script, &s, &[]).output().unwrap();
     let out = String::from_utf8_lossy(&out.stdout);
     assert!(out.contains("forged closed"), "{out}");
     assert!(out.contains("silent closed"), "{out}");
+    assert!(out.contains("pinger closed"), "{out}");
     s.assert_no_panic();
 }
 
@@ -917,25 +941,14 @@ for _ in range(12):
     s.assert_no_panic();
 }
 
-/// An answer the client does not read (its HTTP/2 window kept shut) used
-/// to give back its read slot once built and stay in memory for as long
-/// as the client liked: a read token held 255 MiB per 43 KB request. It
-/// now keeps its read slot until it is sent, so unread answers are
-/// bounded by `max_reads`, and the connection is dropped after
-/// `body_idle_timeout` without progress, giving the slot back. One token
-/// holds all read slots but one, so another token reads meanwhile.
-#[test]
-fn an_answer_left_unread_holds_its_read_slot_and_is_cut_off() {
-    if !need_curl() || !have("python3") {
-        return;
-    }
-    let env = Env::new();
-    let s = setup_with(&env, "max_reads = 2\nbody_idle_timeout = \"12s\"");
-    let raw = Raw::new(&env, &s);
+/// Backs up 4 MiB of web's data and writes a `chunks/get` body naming its
+/// largest chunk often enough for an answer of about `bytes`; returns the
+/// body's file, the chunk and the answer's size.
+fn large_ask(env: &Env, s: &Served, raw: &Raw, bytes: usize) -> (PathBuf, Id, u64) {
     let img = env.path("web.img");
     fs::write(&img, seeded(4 << 20, 62)).unwrap();
-    Client::new(&env, &s, "web-backup").backup(&img, &["--name", "web-1"]);
-    let web_r = token(&env, "web-restore");
+    Client::new(env, s, "web-backup").backup(&img, &["--name", "web-1"]);
+    let web_r = token(env, "web-restore");
     let (_, rec) = raw.snapshots(&web_r).into_iter().next().unwrap();
     let pages = Snapshot::decode(&rec).unwrap().pages;
     let (_, b) = raw.call(
@@ -966,11 +979,82 @@ fn an_answer_left_unread_holds_its_read_slot_and_is_cut_off() {
         .filter(|e| e.chunk.is_some())
         .max_by_key(|e| e.len)
         .unwrap();
-    // Four answers of about 40 MiB each, on one connection.
-    let k = ((40usize << 20) / largest.len as usize).max(1);
-    let answer = k as u64 * largest.len as u64;
+    let k = (bytes / largest.len as usize).max(1);
     let ask = env.path("ask.bin");
     fs::write(&ask, proto::encode_ids(&vec![largest.chunk.unwrap(); k])).unwrap();
+    (ask, largest.chunk.unwrap(), k as u64 * largest.len as u64)
+}
+
+/// A client that opens its window a piece at a time, under
+/// `body_idle_timeout`, made one answer last a day (a 256 MiB answer at
+/// 3 KiB/s), holding its read slot. An answer now has `body_timeout` in
+/// all, as a request body has.
+#[test]
+fn an_answer_read_a_trickle_at_a_time_is_cut_off_at_the_body_timeout() {
+    if !need_curl() || !have("python3") {
+        return;
+    }
+    let env = Env::new();
+    let s = setup_with(&env, "body_idle_timeout = \"20s\"\nbody_timeout = \"3s\"");
+    let raw = Raw::new(&env, &s);
+    let (ask, _, _) = large_ask(&env, &s, &raw, 8 << 20);
+    let script = format!(
+        "{H2}{}",
+        r#"
+body = open(sys.argv[3], "rb").read(); token = sys.argv[4]
+s = h2_open(window=0)
+h2_post(s, 1, "/v1/chunks/get", token, len(body))
+for off in range(0, len(body), 16384):
+    s.sendall(frame(0, 1 if off + 16384 >= len(body) else 0, 1, body[off:off + 16384]))
+t0 = time.time()
+closed = False
+s.settimeout(0.5)
+next_update = 0
+while time.time() - t0 < 25:
+    if time.time() >= next_update:
+        # 16 KiB more for the stream each second: progress, slowly.
+        try:
+            s.sendall(frame(8, 0, 0, struct.pack(">I", 16384)) + frame(8, 0, 1, struct.pack(">I", 16384)))
+        except (ConnectionError, ssl.SSLError): closed = True; break
+        next_update = time.time() + 1
+    try:
+        if s.recv(65536) == b"": closed = True; break
+    except (ConnectionError, ssl.SSLError): closed = True; break
+    except socket.timeout: pass
+print("closed" if closed else "open", flush=True)
+"#
+    );
+    let web_r = token(&env, "web-restore");
+    let out = python_tls(&script, &s, &[ask.to_str().unwrap(), &web_r])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.trim(),
+        "closed",
+        "an answer read a trickle at a time outlived body_timeout"
+    );
+    s.assert_no_panic();
+}
+
+/// An answer the client does not read (its HTTP/2 window kept shut) used
+/// to give back its read slot once built and stay in memory for as long
+/// as the client liked: a read token held 255 MiB per 43 KB request. It
+/// now keeps its read slot until it is sent, so unread answers are
+/// bounded by `max_reads`, and the connection is dropped after
+/// `body_idle_timeout` without progress, giving the slot back. One token
+/// holds all read slots but one, so another token reads meanwhile.
+#[test]
+fn an_answer_left_unread_holds_its_read_slot_and_is_cut_off() {
+    if !need_curl() || !have("python3") {
+        return;
+    }
+    let env = Env::new();
+    let s = setup_with(&env, "max_reads = 2\nbody_idle_timeout = \"12s\"");
+    let raw = Raw::new(&env, &s);
+    let web_r = token(&env, "web-restore");
+    // Four answers of about 40 MiB each, on one connection.
+    let (ask, chunk, answer) = large_ask(&env, &s, &raw, 40 << 20);
     let before = vm_hwm(&s);
     // Raw HTTP/2: the preface with SETTINGS_INITIAL_WINDOW_SIZE = 0, four
     // POSTs (HPACK literals), then no WINDOW_UPDATE, ever. Reports when
@@ -1013,7 +1097,7 @@ print("closed" if closed else "open", flush=True)
         "POST",
         "/v1/chunks/get",
         Some(&admin),
-        Some(&proto::encode_ids(&[largest.chunk.unwrap()])),
+        Some(&proto::encode_ids(&[chunk])),
         &[],
     );
     assert_eq!(code, 200, "another token found no read slot free");
@@ -1033,7 +1117,7 @@ print("closed" if closed else "open", flush=True)
         "POST",
         "/v1/chunks/get",
         Some(&web_r),
-        Some(&proto::encode_ids(&[largest.chunk.unwrap()])),
+        Some(&proto::encode_ids(&[chunk])),
         &[],
     );
     assert_eq!(code, 200);

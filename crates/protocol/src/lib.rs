@@ -179,6 +179,10 @@ pub mod limits {
     pub const ZERO_CVS: usize = 1 << 20;
     /// Any JSON body.
     pub const JSON_BYTES: usize = 1 << 20;
+    /// A damage mark's reason: every mark is kept and listed to every
+    /// reader of its object (a restore token filled the list with 1 MB
+    /// reasons).
+    pub const DAMAGE_WHY_BYTES: usize = 1024;
     /// Pages a session may pin as it opens (`SessionRequest::pin_pages`):
     /// a parent of up to 2 TiB at the default region size. A larger
     /// parent's pages are read within the session instead.

@@ -579,17 +579,34 @@ pub struct WireMark {
 }
 
 impl From<&DamageMark> for WireMark {
+    /// The reason is cut to [`crate::limits::DAMAGE_WHY_BYTES`] (at a
+    /// character boundary): what a client sends passes, and marks recorded
+    /// before the bound are listed cut.
     fn from(m: &DamageMark) -> Self {
+        let mut end = m.why.len().min(crate::limits::DAMAGE_WHY_BYTES);
+        while !m.why.is_char_boundary(end) {
+            end -= 1;
+        }
         WireMark {
             kind: kind_letter(m.kind).to_string(),
             id: m.id.to_hex(),
-            why: m.why.clone(),
+            why: m.why[..end].to_string(),
         }
     }
 }
 
 impl WireMark {
     pub fn parse(&self) -> Result<DamageMark, Malformed> {
+        if self.why.len() > crate::limits::DAMAGE_WHY_BYTES {
+            return Err(Malformed {
+                what: "damage mark",
+                why: format!(
+                    "its reason is {} bytes, over the limit of {}",
+                    self.why.len(),
+                    crate::limits::DAMAGE_WHY_BYTES
+                ),
+            });
+        }
         Ok(DamageMark {
             kind: parse_kind(&self.kind)?,
             id: parse_id(&self.id)?,
@@ -825,5 +842,28 @@ mod tests {
             let _ = decode_put_zero_cvs(&body);
             let _ = decode_scan(&body);
         }
+    }
+}
+
+#[cfg(test)]
+mod damage_reason_tests {
+    use super::*;
+
+    #[test]
+    fn a_long_reason_is_cut_when_sent_and_refused_when_received() {
+        let m = DamageMark {
+            kind: ObjectKind::Chunk,
+            id: Id::hash(b"x"),
+            why: "é".repeat(crate::limits::DAMAGE_WHY_BYTES),
+        };
+        let w = WireMark::from(&m);
+        assert!(w.why.len() <= crate::limits::DAMAGE_WHY_BYTES);
+        assert!(w.why.len() >= crate::limits::DAMAGE_WHY_BYTES - 1);
+        assert!(w.parse().is_ok());
+        let long = WireMark {
+            why: "x".repeat(crate::limits::DAMAGE_WHY_BYTES + 1),
+            ..w
+        };
+        assert!(long.parse().is_err());
     }
 }

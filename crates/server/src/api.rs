@@ -1231,10 +1231,28 @@ async fn gc(
 
 async fn damage(State(app): State<Shared>, headers: HeaderMap) -> ApiResult {
     let c = caller(&app, &headers)?;
+    // Every mark is read: a bulk read, bounded as one.
+    let slot = read_slot(&app, &c).await?;
     blocking(move || {
         let marks = only_visible(&app, &c, app.store.damage_marks()?, |m| m.kind.key(&m.id))?;
-        let out: Vec<proto::WireMark> = marks.iter().map(proto::WireMark::from).collect();
-        Ok(Json(out).into_response())
+        let mut total = 0usize;
+        let mut out: Vec<proto::WireMark> = Vec::with_capacity(marks.len());
+        for m in &marks {
+            let w = proto::WireMark::from(m);
+            total += w.why.len() + w.id.len() + 32;
+            if total > limits::FRAMES_REPLY_BYTES {
+                return Err(ApiError::answer_too_large("damage marks"));
+            }
+            out.push(w);
+        }
+        let body = serde_json::to_vec(&out)
+            .map_err(|e| ApiError::internal(format!("damage marks: {e}")))?;
+        let mut r = bulk(body, slot);
+        r.headers_mut().insert(
+            axum::http::header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_static("application/json"),
+        );
+        Ok(r)
     })
     .await
 }

@@ -375,7 +375,7 @@ pub async fn serve(
         let acceptor = acceptor.clone();
         let router = router.clone();
         let idle = app.limits.idle_connection;
-        let stall = app.limits.body_idle;
+        let (stall, answer_max) = (app.limits.body_idle, app.limits.body_total);
         let (conn_window, stream_window) =
             (app.limits.h2_connection_window, app.limits.h2_stream_window);
         tokio::spawn(async move {
@@ -386,7 +386,10 @@ pub async fn serve(
                 let activity = activity.clone();
                 tower::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     use tower::ServiceExt;
-                    let busy = Busy::start(&activity);
+                    // A health check (no token) is no request here: it
+                    // neither gives a connection the idle minute nor keeps it.
+                    let counts = req.uri().path() != imgstore_protocol::paths::HEALTH;
+                    let busy = Busy::start(&activity, counts);
                     let router = router.clone();
                     async move {
                         // Busy until the answer's body is sent (or dropped):
@@ -458,13 +461,15 @@ pub async fn serve(
                             .unwrap_or(Ok(()));
                     }
                     _ = tokio::time::sleep(tick.min(stall / 2).min(FIRST_REQUEST / 4)) => {
-                        if activity.stalled_for() >= stall {
-                            tracing::warn!(%peer, "connection dropped: an answer was not read for body_idle_timeout");
+                        let (stalled, oldest) = activity.answers_waiting();
+                        if stalled >= stall || oldest >= answer_max {
+                            tracing::warn!(%peer, "connection dropped: an answer was not read for body_idle_timeout, or not in body_timeout");
                             break Ok(());
                         }
                         let silent = activity.requests.load(std::sync::atomic::Ordering::SeqCst) == 0;
-                        if silent && activity.idle_for() >= idle.min(FIRST_REQUEST) {
-                            // Nothing was ever asked: nothing to finish.
+                        if silent && activity.opened.elapsed() >= idle.min(FIRST_REQUEST) {
+                            // Nothing was ever asked (health checks aside):
+                            // nothing to finish.
                             tracing::debug!(%peer, "connection closed: no request");
                             break Ok(());
                         }
@@ -490,9 +495,11 @@ pub async fn serve(
 struct Activity {
     inflight: std::sync::atomic::AtomicUsize,
     last: Mutex<Instant>,
-    answers: Mutex<HashMap<u64, Instant>>,
+    /// Answers being sent: when each began, and when it last moved.
+    answers: Mutex<HashMap<u64, (Instant, Instant)>>,
     next_answer: std::sync::atomic::AtomicU64,
-    /// Requests so far.
+    opened: Instant,
+    /// Requests so far (health checks aside).
     requests: std::sync::atomic::AtomicU64,
     /// Told when a request came without a valid token.
     refused: tokio::sync::Notify,
@@ -505,23 +512,26 @@ impl Activity {
             last: Mutex::new(Instant::now()),
             answers: Mutex::default(),
             next_answer: 0.into(),
+            opened: Instant::now(),
             requests: 0.into(),
             refused: tokio::sync::Notify::new(),
         }
     }
 
-    fn answers(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Instant>> {
+    fn answers(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (Instant, Instant)>> {
         self.answers.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// How long the answer that has waited longest for the client to take
-    /// its next piece has waited (zero with none).
-    fn stalled_for(&self) -> Duration {
+    /// The longest any answer has waited for the client to take its next
+    /// piece, and the age of the oldest answer being sent (zeros with
+    /// none): a client that takes a piece now and then still has
+    /// `body_timeout` for the whole answer, as for a request body.
+    fn answers_waiting(&self) -> (Duration, Duration) {
         self.answers()
             .values()
-            .map(|t| t.elapsed())
-            .max()
-            .unwrap_or(Duration::ZERO)
+            .fold((Duration::ZERO, Duration::ZERO), |(s, o), (began, last)| {
+                (s.max(last.elapsed()), o.max(began.elapsed()))
+            })
     }
 
     /// How long the connection has had nothing in flight (zero while busy).
@@ -541,8 +551,10 @@ impl Activity {
 struct Busy(Arc<Activity>);
 
 impl Busy {
-    fn start(a: &Arc<Activity>) -> Busy {
-        a.requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    fn start(a: &Arc<Activity>, counts: bool) -> Busy {
+        if counts {
+            a.requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
         a.inflight.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Busy(a.clone())
     }
@@ -571,7 +583,8 @@ impl<B> Tracked<B> {
             .0
             .next_answer
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        busy.0.answers().insert(id, Instant::now());
+        let now = Instant::now();
+        busy.0.answers().insert(id, (now, now));
         Tracked { inner, id, busy }
     }
 }
@@ -595,8 +608,8 @@ impl<B: http_body::Body + Unpin> http_body::Body for Tracked<B> {
             // HTTP/2 asks for a piece only when the client's window has
             // room for it: the client is reading.
             let id = self.id;
-            if let Some(t) = self.busy.0.answers().get_mut(&id) {
-                *t = Instant::now();
+            if let Some((_, last)) = self.busy.0.answers().get_mut(&id) {
+                *last = Instant::now();
             }
         }
         out
