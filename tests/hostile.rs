@@ -561,7 +561,26 @@ fn snapshot_records_are_checked_for_time_and_name() {
     retag.tags = vec!["again".into()];
     let (code, msg) = raw.commit(&web, &sess, &retag.encode(), &[]);
     assert_eq!(code, 200, "{msg}");
-    assert_eq!(raw.snapshots(&web).len(), 2);
+    let all = raw.snapshots(&web);
+    assert_eq!(all.len(), 2);
+    // The listing in pages (how a client reads one past an answer's
+    // limit): from the start, then after a given snapshot.
+    let page = |after: &str| {
+        let (code, b) = raw.call(
+            "GET",
+            &format!("/v1/snapshots?after={after}"),
+            Some(&web),
+            None,
+            &[],
+        );
+        assert_eq!(code, 200, "{}", String::from_utf8_lossy(&b));
+        proto::decode_snapshot_page(&b).unwrap()
+    };
+    assert_eq!(page(""), (false, all.clone()));
+    assert_eq!(page(&all[0].0.to_hex()), (false, all[1..].to_vec()));
+    assert_eq!(page(&all[1].0.to_hex()), (false, vec![]));
+    let (code, _) = raw.call("GET", "/v1/snapshots?before=x", Some(&web), None, &[]);
+    assert_eq!(code, 400);
     s.assert_no_panic();
 }
 

@@ -168,6 +168,8 @@ pub mod limits {
     /// large as any record (`RECORD_BYTES`) cost every tenant's listing.
     /// 1 MiB holds the pages of a 64 TiB image at the default region size.
     pub const SNAPSHOT_RECORD_BYTES: usize = 1 << 20;
+    /// One page of the snapshot listing (at least one record).
+    pub const SNAPSHOT_PAGE_BYTES: usize = 32 << 20;
     /// Answer of a `chunks/get`, `pages`, `regions` or a listing.
     pub const FRAMES_REPLY_BYTES: usize = 256 << 20;
     /// Snapshots listed in one answer.

@@ -246,6 +246,8 @@ pub struct Conn {
     /// ([`RemoteOptions::prefetch_listing`]), each part taken by its first
     /// use, both dropped by a commit, a replacement or a forget.
     prefetched: Mutex<Prefetched>,
+    /// The server lists snapshots in pages (its hello says so).
+    paged_listing: std::sync::atomic::AtomicBool,
     /// The codec of the current backup session's namespace, if it tags.
     ns_codec: std::sync::RwLock<Option<imgstore_repo::Codec>>,
     /// A session being opened in the background
@@ -372,6 +374,7 @@ impl RemoteRepo {
             rtt: Mutex::new(None),
             limits: opts.limits.clone(),
             prefetched: Mutex::new(Prefetched::default()),
+            paged_listing: false.into(),
             ns_codec: Default::default(),
             opening: Mutex::new(None),
             open_failed: Mutex::new(None),
@@ -401,6 +404,7 @@ impl RemoteRepo {
         });
         let hello: proto::Hello = conn.json(&body?)?;
         *conn.prefetched.lock().unwrap_or_else(|p| p.into_inner()) = prefetched;
+        conn.paged_listing.store(hello.paged_snapshots, SeqCst);
         if hello.protocol != proto::VERSION {
             return Err(RepoError::Remote {
                 url: conn.location.clone(),
@@ -936,18 +940,38 @@ impl Conn {
 
     fn snapshot_list(&self) -> Result<Vec<(Id, Vec<u8>)>> {
         let early = self.prefetch().snapshots.take();
-        let body = match early {
-            Some(b) => b,
-            None => self.timed(|| {
+        if let Some(b) = early {
+            return proto::decode_snapshots(&b).map_err(|e| self.malformed(e));
+        }
+        if !self.paged_listing.load(SeqCst) {
+            let body = self.timed(|| {
                 self.call(
                     reqwest::Method::GET,
                     proto::paths::SNAPSHOTS,
                     Body::None,
                     true,
                 )
-            })?,
-        };
-        proto::decode_snapshots(&body).map_err(|e| self.malformed(e))
+            })?;
+            return proto::decode_snapshots(&body).map_err(|e| self.malformed(e));
+        }
+        // In pages: a listing past one answer's limit (a host that
+        // committed hundreds of 1 MiB records) is still read whole.
+        let mut out: Vec<(Id, Vec<u8>)> = Vec::new();
+        loop {
+            let after = out.last().map(|(id, _)| id.to_hex()).unwrap_or_default();
+            let path = format!("{}?after={after}", proto::paths::SNAPSHOTS);
+            let body = self.timed(|| self.call(reqwest::Method::GET, &path, Body::None, true))?;
+            let (more, page) = proto::decode_snapshot_page(&body).map_err(|e| self.malformed(e))?;
+            if more && page.is_empty() {
+                return Err(
+                    self.broken("an empty page of the snapshot listing said more follow".into())
+                );
+            }
+            out.extend(page);
+            if !more {
+                return Ok(out);
+            }
+        }
     }
 
     fn prefetch(&self) -> std::sync::MutexGuard<'_, Prefetched> {

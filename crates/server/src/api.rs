@@ -386,16 +386,39 @@ async fn hello(State(app): State<Shared>, headers: HeaderMap) -> ApiResult {
         role: c.role,
         uploads: Some(app.upload_share() as u32),
         commit_ends_session: true,
+        paged_snapshots: true,
         token: c.token,
         namespaces: c.namespaces,
     })
     .into_response())
 }
 
-async fn snapshots(State(app): State<Shared>, headers: HeaderMap) -> ApiResult {
+/// The whole listing, or with `?after=[HEX]` one page of it (the records
+/// after snapshot id HEX, from the first without one).
+async fn snapshots(
+    State(app): State<Shared>,
+    headers: HeaderMap,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> ApiResult {
     let c = caller(&app, &headers)?;
+    let after = match query.as_deref().map(|q| q.strip_prefix("after=")) {
+        None => None,
+        Some(Some("")) => Some(None),
+        Some(Some(hex)) => Some(Some(proto::parse_id(hex)?)),
+        Some(None) => return Err(ApiError::bad("the only query is after=[snapshot id]")),
+    };
     let slot = read_slot(&app, &c).await?;
-    blocking(move || Ok(bulk(proto::encode_snapshots(&seen(&app, &c)?), slot))).await
+    blocking(move || {
+        let body = match after {
+            None => proto::encode_snapshots(&seen(&app, &c)?),
+            Some(after) => {
+                let (more, page) = seen_page(&app, &c, after)?;
+                proto::encode_snapshot_page(more, &page)
+            }
+        };
+        Ok(bulk(body, slot))
+    })
+    .await
 }
 
 async fn records(app: Shared, headers: HeaderMap, body: Bytes, kind: ObjectKind) -> ApiResult {
@@ -1039,11 +1062,29 @@ async fn put_zero_cvs(State(app): State<Shared>, headers: HeaderMap, body: Bytes
 /// Ids of the snapshots this caller sees.
 fn seen_ids(app: &App, c: &Caller) -> ApiResult<HashSet<Id>> {
     let mut out = HashSet::new();
-    each_seen(app, c, |id, _| {
+    each_seen(app, c, None, |id, _| {
         out.insert(id);
-        Ok(())
+        Ok(true)
     })?;
     Ok(out)
+}
+
+/// The snapshot records this caller may see after `after`, up to a page's
+/// bytes (at least one); and whether more follow.
+fn seen_page(app: &App, c: &Caller, after: Option<Id>) -> ApiResult<(bool, proto::Listed)> {
+    let mut out = Vec::new();
+    let mut total = 0usize;
+    let mut more = false;
+    each_seen(app, c, after.as_ref(), |id, v| {
+        if !out.is_empty() && total + v.len() + 36 > limits::SNAPSHOT_PAGE_BYTES {
+            more = true;
+            return Ok(false);
+        }
+        total += v.len() + 36;
+        out.push((id, v.to_vec()));
+        Ok(true)
+    })?;
+    Ok((more, out))
 }
 
 /// The snapshot records this caller may see, with an answer bounded as
@@ -1051,20 +1092,20 @@ fn seen_ids(app: &App, c: &Caller) -> ApiResult<HashSet<Id>> {
 fn seen(app: &App, c: &Caller) -> ApiResult<Vec<(Id, Vec<u8>)>> {
     let mut out = Vec::new();
     let mut total = 0usize;
-    each_seen(app, c, |id, v| {
+    each_seen(app, c, None, |id, v| {
         total += v.len() + 36;
         if total > limits::FRAMES_REPLY_BYTES {
             return Err(ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "too_large",
                 format!(
-                    "the snapshots this token sees pass the answer limit ({} MiB): forget old ones",
+                    "the snapshots this token sees pass the answer limit ({} MiB): ask for them in pages (?after=)",
                     limits::FRAMES_REPLY_BYTES >> 20
                 ),
             ));
         }
         out.push((id, v.to_vec()));
-        Ok(())
+        Ok(true)
     })?;
     Ok(out)
 }
@@ -1076,15 +1117,14 @@ fn seen(app: &App, c: &Caller) -> ApiResult<Vec<(Id, Vec<u8>)>> {
 fn each_seen(
     app: &App,
     c: &Caller,
-    mut f: impl FnMut(Id, &[u8]) -> ApiResult<()>,
+    after: Option<&Id>,
+    mut f: impl FnMut(Id, &[u8]) -> ApiResult<bool>,
 ) -> ApiResult<()> {
     let mut failed: Option<ApiError> = None;
-    app.store.each_snapshot_record(|k, v| {
-        if failed.is_some() {
-            return Ok(());
-        }
+    let after = after.map(|a| a.as_bytes().as_slice());
+    app.store.each_snapshot_record(after, |k, v| {
         let Some(id) = Id::from_slice(k) else {
-            return Ok(());
+            return Ok(true);
         };
         let shown = if c.is_admin() {
             true
@@ -1098,12 +1138,16 @@ fn each_seen(
         } else {
             Snapshot::decode(v).is_ok_and(|s| c.sees(&app.config, &s.name))
         };
-        if shown {
-            if let Err(e) = f(id, v) {
+        if !shown {
+            return Ok(true);
+        }
+        match f(id, v) {
+            Ok(go_on) => Ok(go_on),
+            Err(e) => {
                 failed = Some(e);
+                Ok(false)
             }
         }
-        Ok(())
     })?;
     failed.map_or(Ok(()), Err)
 }

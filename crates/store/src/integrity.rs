@@ -132,19 +132,28 @@ impl Store {
         self.ix.snapshot_records()
     }
 
-    /// Calls `f(key, record)` for each snapshot record in key order,
-    /// holding one at a time (a server filters them per caller).
+    /// Calls `f(key, record)` for each snapshot record in key order after
+    /// key `after` (from the first without), holding one at a time (a
+    /// server filters them per caller), until `f` answers false.
     pub fn each_snapshot_record(
         &self,
-        mut f: impl FnMut(&[u8], &[u8]) -> Result<()>,
+        after: Option<&[u8]>,
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<bool>,
     ) -> Result<()> {
-        let mut out = Ok(());
-        self.ix.scan(cf::SNAPSHOTS, "scan snapshots", &mut |k, v| {
-            if out.is_ok() {
-                out = f(k, v);
+        let mode = match after {
+            None => rocksdb::IteratorMode::Start,
+            Some(k) => rocksdb::IteratorMode::From(k, rocksdb::Direction::Forward),
+        };
+        for item in self.ix.db.iterator_cf(self.ix.cf(cf::SNAPSHOTS), mode) {
+            let (k, v) = item.map_err(|e| self.ix.db_err("scan snapshots", e))?;
+            if after.is_some_and(|a| &*k <= a) {
+                continue;
             }
-        })?;
-        out
+            if !f(&k, &v)? {
+                break;
+            }
+        }
+        Ok(())
     }
 
     /// One page of a scan of column family `what` (`snapshots`, `recipes`,
