@@ -766,48 +766,15 @@ fn bulk_answers_are_bounded_before_they_are_built() {
     let env = Env::new();
     let s = setup(&env);
     let raw = Raw::new(&env, &s);
-    let img = env.path("web.img");
-    fs::write(&img, seeded(4 << 20, 61)).unwrap();
-    Client::new(&env, &s, "web-backup").backup(&img, &["--name", "web-1"]);
+    let (chunk, len) = largest_web_chunk(&env, &s, &raw, 61);
     let web_r = token(&env, "web-restore");
-    let (_, rec) = raw.snapshots(&web_r).into_iter().next().unwrap();
-    let pages = Snapshot::decode(&rec).unwrap().pages;
-    let (_, b) = raw.call(
-        "POST",
-        "/v1/pages",
-        Some(&web_r),
-        Some(&proto::encode_ids(&pages)),
-        &[],
-    );
-    let page = Page::decode(&proto::decode_records(&b, 1).unwrap()[0]).unwrap();
-    let regions: Vec<Id> = page
-        .regions
-        .iter()
-        .copied()
-        .filter(|r| *r != Id::ZERO)
-        .collect();
-    let (_, b) = raw.call(
-        "POST",
-        "/v1/regions",
-        Some(&web_r),
-        Some(&proto::encode_ids(&regions)),
-        &[],
-    );
-    let largest = proto::decode_records(&b, regions.len())
-        .unwrap()
-        .iter()
-        .flat_map(|r| Region::decode(r).unwrap().entries)
-        .filter(|e| e.chunk.is_some())
-        .max_by_key(|e| e.len)
-        .unwrap();
-    let asked = largest.len as u64 * 4096;
+    let asked = u64::from(len) * 4096;
     assert!(
         asked > 512 << 20,
-        "largest chunk {} too small for the test",
-        largest.len
+        "largest chunk {len} too small for the test"
     );
     let before = vm_hwm(&s);
-    let ids = vec![largest.chunk.unwrap(); 4096];
+    let ids = vec![chunk; 4096];
     let (code, _) = raw.call(
         "POST",
         "/v1/chunks/get",
@@ -964,8 +931,18 @@ for _ in range(12):
 /// largest chunk often enough for an answer of about `bytes`; returns the
 /// body's file, the chunk and the answer's size.
 fn large_ask(env: &Env, s: &Served, raw: &Raw, bytes: usize) -> (PathBuf, Id, u64) {
+    let (chunk, len) = largest_web_chunk(env, s, raw, 62);
+    let k = (bytes / len as usize).max(1);
+    let ask = env.path("ask.bin");
+    fs::write(&ask, proto::encode_ids(&vec![chunk; k])).unwrap();
+    (ask, chunk, k as u64 * u64::from(len))
+}
+
+/// Backs up 4 MiB of web's data (from `seed`) and finds its largest chunk
+/// through raw requests: the chunk and its length.
+fn largest_web_chunk(env: &Env, s: &Served, raw: &Raw, seed: u64) -> (Id, u32) {
     let img = env.path("web.img");
-    fs::write(&img, seeded(4 << 20, 62)).unwrap();
+    fs::write(&img, seeded(4 << 20, seed)).unwrap();
     Client::new(env, s, "web-backup").backup(&img, &["--name", "web-1"]);
     let web_r = token(env, "web-restore");
     let (_, rec) = raw.snapshots(&web_r).into_iter().next().unwrap();
@@ -998,10 +975,7 @@ fn large_ask(env: &Env, s: &Served, raw: &Raw, bytes: usize) -> (PathBuf, Id, u6
         .filter(|e| e.chunk.is_some())
         .max_by_key(|e| e.len)
         .unwrap();
-    let k = (bytes / largest.len as usize).max(1);
-    let ask = env.path("ask.bin");
-    fs::write(&ask, proto::encode_ids(&vec![largest.chunk.unwrap(); k])).unwrap();
-    (ask, largest.chunk.unwrap(), k as u64 * largest.len as u64)
+    (largest.chunk.unwrap(), largest.len)
 }
 
 /// A client that opens its window a piece at a time, under
