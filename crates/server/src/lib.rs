@@ -21,7 +21,10 @@
 //! here only as a hash; a token's role and namespaces bound what it can
 //! read, write and learn (`docs/SECURITY.md`). Every body is size-limited
 //! before it is read, every count inside it before allocation
-//! (`imgstore-protocol`), and bulk requests are limited in number.
+//! (`imgstore-protocol`), and bulk requests are limited in number — their
+//! answers hold their slot until sent, so a client that stops reading
+//! holds one slot, not a growing heap (the connection loop below drops
+//! it after `body_idle_timeout`).
 //!
 //! The library never prints: it logs through `tracing` (the binary chooses
 //! the format) and returns typed errors.
