@@ -487,13 +487,16 @@ impl RemoteRepo {
             .unwrap_or_else(|p| p.into_inner()) = None;
         *self.conn.opening.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
         // The upload connection's TLS handshake and HTTP/2 windows, before
-        // the first region needs them (its answer is not waited for).
-        let (client, url) = (
+        // the first region needs them (its answer is not waited for). A
+        // hello, not a health check: the server gives a connection that
+        // never showed a token 10 s, and the first region may come later.
+        let (client, url, token) = (
             self.conn.upload_client.clone(),
-            format!("{}{}", self.conn.base, proto::paths::HEALTH),
+            format!("{}{}", self.conn.base, proto::paths::HELLO),
+            self.conn.token.clone(),
         );
         std::thread::spawn(move || {
-            if let Ok(r) = client.get(url).send() {
+            if let Ok(r) = client.get(url).bearer_auth(&token).send() {
                 let _ = read_bounded(r, None);
             }
         });

@@ -110,7 +110,7 @@ pub(crate) async fn guard(State(app): State<Arc<App>>, req: Request, next: Next)
     if declared.is_some_and(|n| n > limit as u64) {
         return close(too_large(limit));
     }
-    let _upload = if is_upload(&method, &path) {
+    let upload_slots = if is_upload(&method, &path) {
         // Only a writer in a live session of its own may wait for a slot,
         // and one token holds at most its share of them: a restore token,
         // or one compromised host trickling bodies, cannot stall everyone's
@@ -151,7 +151,7 @@ pub(crate) async fn guard(State(app): State<Arc<App>>, req: Request, next: Next)
         held: Vec::new(),
         kib: 0,
     };
-    let upload = _upload.is_some();
+    let upload = upload_slots.is_some();
     if upload {
         if let Err(r) = memory.grow(need).await {
             return close(r);
