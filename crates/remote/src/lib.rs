@@ -960,6 +960,7 @@ impl Conn {
         // In pages: a listing past one answer's limit (a host that
         // committed hundreds of 1 MiB records) is still read whole.
         let mut out: Vec<(Id, Vec<u8>)> = Vec::new();
+        let mut bytes = 0u64;
         loop {
             let after = out.last().map(|(id, _)| id.to_hex()).unwrap_or_default();
             let path = format!("{}?after={after}", proto::paths::SNAPSHOTS);
@@ -970,7 +971,7 @@ impl Conn {
                     self.broken("an empty page of the snapshot listing said more follow".into())
                 );
             }
-            out.extend(page);
+            add_page(&mut out, &mut bytes, page).map_err(|e| self.broken(e))?;
             if !more {
                 return Ok(out);
             }
@@ -1044,6 +1045,39 @@ fn read_bounded(
     }
     Ok(out)
 }
+
+/// Appends one page of the snapshot listing to `out`: pages move forward
+/// through the ids, and the whole listing is bounded as answers are, so a
+/// server cannot keep the client reading pages for ever.
+fn add_page(
+    out: &mut proto::Listed,
+    bytes: &mut u64,
+    page: proto::Listed,
+) -> std::result::Result<(), String> {
+    let mut last = out.last().map(|(id, _)| *id);
+    for (id, _) in &page {
+        if last.is_some_and(|l| *id <= l) {
+            return Err(format!(
+                "the snapshot listing went back to {id}: its pages must follow each other"
+            ));
+        }
+        last = Some(*id);
+    }
+    *bytes += page.iter().map(|(_, r)| r.len() as u64 + 36).sum::<u64>();
+    if out.len() + page.len() > limits::SNAPSHOTS || *bytes > LISTING_LIMIT {
+        return Err(format!(
+            "the snapshot listing passes {} snapshots or {} GiB",
+            limits::SNAPSHOTS,
+            LISTING_LIMIT >> 30
+        ));
+    }
+    out.extend(page);
+    Ok(())
+}
+
+/// The most a paged snapshot listing may hold in all: four whole-listing
+/// answers (a server past it is refused, not read into memory for ever).
+const LISTING_LIMIT: u64 = 4 * ANSWER_LIMIT;
 
 /// How many times one call may find its session lost and replace it.
 const MAX_RENEWALS: u32 = 4;
@@ -1559,5 +1593,42 @@ mod tests {
             prefetch_listing: true,
         });
         assert!(matches!(r, Err(RepoError::Unreachable { .. })));
+    }
+}
+
+#[cfg(test)]
+mod listing_pages {
+    use super::*;
+
+    fn page(ids: &[u8], len: usize) -> proto::Listed {
+        ids.iter()
+            .map(|b| (Id::from_slice(&[*b; 32]).unwrap(), vec![0; len]))
+            .collect()
+    }
+
+    #[test]
+    fn pages_must_move_forward() {
+        let (mut out, mut bytes) = (Vec::new(), 0);
+        add_page(&mut out, &mut bytes, page(&[1, 2], 1)).unwrap();
+        add_page(&mut out, &mut bytes, page(&[3], 1)).unwrap();
+        assert_eq!(out.len(), 3);
+        assert!(add_page(&mut out, &mut bytes, page(&[3], 1)).is_err());
+        assert!(add_page(&mut out, &mut bytes, page(&[5, 4], 1)).is_err());
+    }
+
+    #[test]
+    fn a_listing_that_never_ends_is_refused() {
+        let (mut out, mut bytes) = (Vec::new(), 0);
+        let big = (LISTING_LIMIT / 4) as usize;
+        let mut refused = false;
+        for i in 0..8u8 {
+            if add_page(&mut out, &mut bytes, page(&[i], big)).is_err() {
+                refused = true;
+                break;
+            }
+            // What was taken is dropped: the test holds one page at a time.
+            out.last_mut().unwrap().1 = Vec::new();
+        }
+        assert!(refused, "{} GiB of pages taken", bytes >> 30);
     }
 }
