@@ -1376,6 +1376,30 @@ fn encrypted_setup(env: &Env) -> Served {
 
 const PASS: &str = "shared by every host";
 
+/// A sealed index page had only the 16 MiB record limit: one naming half a
+/// million regions, then a session pinning it 1,024 times, took the server
+/// to gigabytes (each copy read and its regions collected). A sealed page
+/// names at most as many regions as a plain one may, and a page named
+/// twice is pinned once.
+#[test]
+fn a_sealed_page_names_no_more_regions_than_a_plain_one() {
+    if !need_curl() {
+        return;
+    }
+    let env = Env::new();
+    let s = encrypted_setup(&env);
+    let raw = Raw::new(&env, &s);
+    let web = token(&env, "web-backup");
+    let sess = raw.session(&web, "web-1");
+    let region = Id::hash(b"any region");
+    let page = fake_sealed(b'P', &vec![region; imgstore_format::PAGE_REGIONS + 1]);
+    let record = fake_sealed(b'S', &[Id::hash(&page)]);
+    let (code, msg) = raw.commit(&web, &sess, &record, &[page]);
+    assert_eq!(code, 400, "{msg}");
+    assert!(msg.contains("regions (1024 allowed)"), "{msg}");
+    s.assert_no_panic();
+}
+
 /// The repository's keys, as a host holding the passphrase has them.
 fn keys(env: &Env) -> imgstore_crypto::Keys {
     let cfg = imgstore_format::RepoConfig::from_json(

@@ -450,7 +450,7 @@ async fn records(app: Shared, headers: HeaderMap, body: Bytes, kind: ObjectKind)
             }
         }
         if let Some(s) = scope {
-            let mut pins = Vec::new();
+            let mut pins = HashSet::new();
             page_regions(&recs, &mut pins);
             app.store.pin(s.session, pins);
         }
@@ -933,8 +933,17 @@ fn check_commit(
         record_children(RecordKind::Snapshot, record)
             .map_err(|e| ApiError::bad(format!("snapshot record: {e}")))?;
         for p in pages {
-            record_children(RecordKind::Page, p)
+            let regions = record_children(RecordKind::Page, p)
                 .map_err(|e| ApiError::bad(format!("index page: {e}")))?;
+            // A plain page's decoder allows no more; a sealed one named
+            // half a million regions in 16 MiB, which pinning multiplied.
+            if regions.len() > imgstore_format::PAGE_REGIONS {
+                return Err(ApiError::bad(format!(
+                    "index page: {} regions ({} allowed)",
+                    regions.len(),
+                    imgstore_format::PAGE_REGIONS
+                )));
+            }
         }
         return Ok(());
     }
@@ -1539,6 +1548,11 @@ async fn open_session(
 /// can see and the store holds (a parent forgotten meanwhile is skipped:
 /// the backup's commit then finds what is missing, as it would have).
 fn pin_regions_of(app: &App, c: &Caller, session: u64, pages: &[Id]) -> ApiResult<()> {
+    // Each page once: a page named 1,024 times was read, and its regions
+    // collected, 1,024 times.
+    let mut pages = pages.to_vec();
+    pages.sort_unstable();
+    pages.dedup();
     let keys: Vec<[u8; 33]> = pages.iter().map(|id| ObjectKind::Page.key(id)).collect();
     let shown: Vec<Id> = pages
         .iter()
@@ -1546,7 +1560,7 @@ fn pin_regions_of(app: &App, c: &Caller, session: u64, pages: &[Id]) -> ApiResul
         .filter(|(_, v)| *v)
         .map(|(id, _)| *id)
         .collect();
-    let mut pins = Vec::new();
+    let mut pins = HashSet::new();
     for batch in shown.chunks(64) {
         let recs = match app.store.raw_records(ObjectKind::Page, batch) {
             Ok(recs) => recs,
@@ -1575,8 +1589,8 @@ fn pin_regions_of(app: &App, c: &Caller, session: u64, pages: &[Id]) -> ApiResul
 
 /// The keys of the regions the index page records `recs` name (a backup
 /// that read them will name those regions without sending them), added
-/// to `pins`.
-fn page_regions(recs: &[Vec<u8>], pins: &mut Vec<[u8; 33]>) {
+/// to `pins` (each once, however many pages name it).
+fn page_regions(recs: &[Vec<u8>], pins: &mut HashSet<[u8; 33]>) {
     for rec in recs {
         if let Ok(regions) = record_children(RecordKind::Page, rec) {
             pins.extend(regions.iter().map(|r| ObjectKind::Region.key(r)));
