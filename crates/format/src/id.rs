@@ -51,7 +51,8 @@ impl Id {
     /// Parses a full 64-character hex id.
     pub fn from_hex(s: &str) -> Result<Id, IdParseError> {
         let err = || IdParseError(s.to_string());
-        if s.len() != 64 {
+        // Hex digits only: `from_str_radix` alone takes "+0" for a byte.
+        if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(err());
         }
         let mut out = [0u8; 32];
@@ -100,5 +101,14 @@ mod tests {
         assert!(Id::check_prefix("12ab").is_ok());
         assert!(Id::check_prefix("12ag").is_err());
         assert!(Id::check_prefix("").is_err());
+    }
+
+    #[test]
+    fn only_hex_digits_make_an_id() {
+        let hex = Id::hash(b"abc").to_hex();
+        assert!(Id::from_hex(&hex.to_uppercase()).is_ok());
+        let signed = format!("+0{}", &hex[2..]);
+        assert_eq!(signed.len(), 64);
+        assert!(Id::from_hex(&signed).is_err());
     }
 }
