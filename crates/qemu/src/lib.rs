@@ -394,7 +394,19 @@ impl Export {
         // The daemon sets its options up in command-line order: the
         // monitor comes before the NBD server, so it listens by the time
         // the NBD socket does (the loop below still waits for both).
-        cmd.args(["--pdeathsig", "KILL", "--", "qemu-storage-daemon"]);
+        //
+        // Between the fork and setpriv's prctl this process may already
+        // be gone (killed the moment it started the daemon): the signal is
+        // then set too late to fire, and the daemon would outlive it. So a
+        // shell, with the signal set, checks that its parent is still this
+        // process before it execs the daemon ($PPID names the parent it
+        // started under; reparented, the daemon never starts).
+        cmd.args(["--pdeathsig", "KILL", "--", "sh", "-c"])
+            .arg(format!(
+                "[ \"$PPID\" = {} ] && exec qemu-storage-daemon \"$@\"",
+                std::process::id()
+            ))
+            .arg("qemu-storage-daemon");
         if opts.manage_bitmaps {
             cmd.arg("--chardev")
                 .arg(format!(
