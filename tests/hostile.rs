@@ -584,6 +584,73 @@ fn snapshot_records_are_checked_for_time_and_name() {
     s.assert_no_panic();
 }
 
+/// A namespaced commit of pages naming a million regions it does not own
+/// used to collect and look up every region key at once: 2.3 GiB of
+/// server memory for one 255 MiB commit. They are looked up a few pages at
+/// a time; the commit is refused as before.
+#[test]
+fn a_commit_naming_a_million_regions_is_checked_a_few_pages_at_a_time() {
+    if !need_curl() {
+        return;
+    }
+    let env = Env::new();
+    let s = setup(&env);
+    let raw = Raw::new(&env, &s);
+    let (wfile, _, _) = one_chunk_file(&env, "web.img", 71);
+    Client::new(&env, &s, "web-backup").backup(&wfile, &["--name", "web-1"]);
+    let web = token(&env, "web-backup");
+    let (_, rec) = raw.snapshots(&web).into_iter().next().unwrap();
+    let mut snap = Snapshot::decode(&rec).unwrap();
+    // 1,000 pages of 1,024 regions no one stored: a 64 MiB commit.
+    let pages: Vec<Vec<u8>> = (0..1000u32)
+        .map(|p| {
+            let regions: Vec<Id> = (0..1024u32)
+                .map(|r| Id::hash(&[p.to_le_bytes(), r.to_le_bytes()].concat()))
+                .collect();
+            Page {
+                cvs: vec![[0; 32]; regions.len()],
+                regions,
+            }
+            .encode()
+        })
+        .collect();
+    let body: u64 = pages.iter().map(|p| p.len() as u64).sum();
+    snap.pages = pages.iter().map(|p| Id::hash(p)).collect();
+    snap.size = 1000 * 1024 * u64::from(snap.region_size);
+    let sess = raw.session(&web, "web-1");
+    let before = vm_hwm(&s);
+    let (code, msg) = raw.commit(&web, &sess, &snap.encode(), &pages);
+    assert_eq!(code, 404, "{msg}");
+    let grown = vm_hwm(&s).saturating_sub(before);
+    assert!(
+        grown < 4 * body,
+        "peak memory grew by {grown} bytes for a commit of {body}"
+    );
+    s.assert_no_panic();
+}
+
+/// A recipe naming 453,438 tiny stored chunks held the store's write lock
+/// for 14 s while their references were counted. A recipe names at most as
+/// many chunks as a region holds at the smallest chunk size.
+#[test]
+fn a_recipe_names_no_more_chunks_than_a_region_can_hold() {
+    if !need_curl() {
+        return;
+    }
+    let env = Env::new();
+    let s = setup(&env);
+    let raw = Raw::new(&env, &s);
+    let web = token(&env, "web-backup");
+    let sess = raw.session(&web, "web-1");
+    let many: Vec<(Id, u32)> = (0..=proto::limits::FRAMES_PER_REGION as u32)
+        .map(|i| (Id::hash(&i.to_le_bytes()), 1))
+        .collect();
+    let (code, msg) = raw.put_region(&web, &sess, &recipe(&many), &[]);
+    assert_eq!(code, 400, "{msg}");
+    assert!(msg.contains("65537 chunks (65536 allowed)"), "{msg}");
+    s.assert_no_panic();
+}
+
 /// Item 7: one request used to abort the server (an allocation of
 /// start + count values).
 #[test]
