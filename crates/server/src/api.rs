@@ -123,8 +123,13 @@ fn binary(body: Vec<u8>) -> Response {
 /// grows the server's memory past its bound; the connection watchdog ends
 /// it after `body_idle_timeout` without progress.
 fn bulk(body: Vec<u8>, slot: ReadSlot) -> Response {
+    bulk_as("application/octet-stream", body, slot)
+}
+
+/// [`bulk`], of media type `content_type`.
+fn bulk_as(content_type: &'static str, body: Vec<u8>, slot: ReadSlot) -> Response {
     (
-        [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+        [(axum::http::header::CONTENT_TYPE, content_type)],
         axum::body::Body::new(Pieces {
             data: Bytes::from(body),
             _slot: slot,
@@ -1334,12 +1339,7 @@ async fn damage(State(app): State<Shared>, headers: HeaderMap) -> ApiResult {
         }
         let body = serde_json::to_vec(&out)
             .map_err(|e| ApiError::internal(format!("damage marks: {e}")))?;
-        let mut r = bulk(body, slot);
-        r.headers_mut().insert(
-            axum::http::header::CONTENT_TYPE,
-            axum::http::HeaderValue::from_static("application/json"),
-        );
-        Ok(r)
+        Ok(bulk_as("application/json", body, slot))
     })
     .await
 }
