@@ -221,6 +221,7 @@ fn connect_prefetching(
         ca_file: None,
         retry_for: Duration::from_secs(10),
         limits: Default::default(),
+        session_for: None,
         prefetch_listing: prefetch,
     })
     .unwrap()

@@ -79,6 +79,7 @@ fn client(url: &str, fp: Option<&str>, token: &Path, state: &Path) -> Command {
         .arg("--token-file")
         .arg(token)
         .env("IMGSTORE_STATE_DIR", state)
+        .env("IMGSTORE_CACHE_DIR", state.join("cache"))
         .env_remove("IMGSTORE_TOKEN")
         .env_remove("IMGSTORE_REPO")
         .env_remove("IMGSTORE_PASSWORD")

@@ -198,6 +198,7 @@ fn one_junk_snapshot_record_is_reported_and_skipped_never_fatal() {
         let o = Command::new(BIN)
             .args(&all)
             .env("IMGSTORE_STATE_DIR", env.state_dir())
+            .env("IMGSTORE_CACHE_DIR", env.path("cache"))
             .env("IMGSTORE_PASSWORD", PASS)
             .env("IMGSTORE_SERVER_FINGERPRINT", &fp)
             .env_remove("IMGSTORE_TOKEN")

@@ -154,6 +154,11 @@ impl Client {
                 "IMGSTORE_STATE_DIR",
                 self.token.parent().unwrap().join("state"),
             )
+            // And its own client cache.
+            .env(
+                "IMGSTORE_CACHE_DIR",
+                self.token.parent().unwrap().join("cache"),
+            )
             .env_remove("IMGSTORE_TOKEN")
             .env_remove("IMGSTORE_REPO");
         c
@@ -999,4 +1004,114 @@ fn an_encrypted_repository_through_the_server_holds_no_plaintext() {
     }
     s.kill9();
     scan(&env.repo(), marker);
+}
+
+/// A backup to a server starts from the client's cache of it (the hello,
+/// the last snapshot it committed of the image and that snapshot's index
+/// pages) instead of waiting for the server's answers; it commits only
+/// once the server's answers agree, and starts again from them when they
+/// do not: another host backed the image up since, or the cached pages do
+/// not open under their ids.
+#[test]
+fn a_backup_starts_from_the_client_cache_and_again_when_the_server_disagrees() {
+    if !have("mkfs.ext4") {
+        eprintln!("SKIP: needs e2fsprogs");
+        return;
+    }
+    let env = Env::new();
+    let s = setup(&env);
+    let host_a = Client::new(&env, &s, "web-backup");
+    let gens = ext4_generations(&env);
+    let name = ["--name", "web-disk"];
+    // No cache yet: from the server's answers.
+    let r0 = host_a.backup(&gens[0], &name);
+    assert_eq!(r0["started_from_cache"], false, "{r0}");
+    // From the cache: its parent is the snapshot the cache kept.
+    let r1 = host_a.backup(&gens[1], &name);
+    assert_eq!(r1["started_from_cache"], true, "{r1}");
+    assert_eq!(r1["parent"], r0["id"]);
+
+    // Another host (a cache of its own) backs the same image up.
+    let host_b = |args: &[&str]| -> serde_json::Value {
+        let o = host_a
+            .command()
+            .env("IMGSTORE_CACHE_DIR", env.path("cache-b"))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let rb = host_b(&[
+        "backup",
+        gens[2].to_str().unwrap(),
+        "--json",
+        "--name",
+        "web-disk",
+    ]);
+    assert_eq!(rb["parent"], r1["id"]);
+    // Host A's cache says r1 is the latest: the server's listing says rb.
+    // Nothing is committed from the cache; the backup starts again.
+    let o = host_a.run(&[
+        "-v",
+        "backup",
+        gens[1].to_str().unwrap(),
+        "--json",
+        "--name",
+        "web-disk",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r2: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r2["started_from_cache"], false, "{r2}");
+    assert_eq!(r2["parent"], rb["id"], "{r2}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("out of date"), "{err}");
+    assert_eq!(
+        host_a.snapshots().len(),
+        4,
+        "one snapshot per backup, none from the outdated start"
+    );
+
+    // Damaged cached pages are not used: read from the server instead.
+    let cache = env.path("cache").join("servers");
+    let dir = fs::read_dir(&cache)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let entry = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("image-")
+        })
+        .expect("a cached snapshot");
+    let mut bytes = fs::read(&entry).unwrap();
+    let n = bytes.len();
+    for b in &mut bytes[n - 64..] {
+        *b ^= 0x5a;
+    }
+    fs::write(&entry, &bytes).unwrap();
+    let r3 = host_a.backup(&gens[2], &name);
+    assert_eq!(r3["started_from_cache"], true, "{r3}");
+    assert_eq!(r3["parent"], r2["id"]);
+
+    for (r, g) in [
+        (&r0, &gens[0]),
+        (&r1, &gens[1]),
+        (&r2, &gens[1]),
+        (&r3, &gens[2]),
+    ] {
+        let out = env.path("out.img");
+        let _ = fs::remove_file(&out);
+        host_a.ok(&["restore", r["id"].as_str().unwrap(), out.to_str().unwrap()]);
+        assert_same(&out, g);
+    }
+    Client::new(&env, &s, "admin").ok(&["check", "--read-data"]);
+    s.assert_no_panic();
 }

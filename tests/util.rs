@@ -35,7 +35,8 @@ impl Env {
         let mut c = Command::new(BIN);
         c.arg("-r")
             .arg(self.repo())
-            .env("IMGSTORE_STATE_DIR", self.state_dir());
+            .env("IMGSTORE_STATE_DIR", self.state_dir())
+            .env("IMGSTORE_CACHE_DIR", self.path("cache"));
         c
     }
     /// Where clients of this test record the server repositories they

@@ -658,7 +658,7 @@ pub struct RecoverArgs {
     pub json: bool,
 }
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 pub struct BackupArgs {
     /// Image file (raw, or a VM format: qcow2, vmdk, vhdx, vdi, vpc, qed), block device, NBD URI (nbd://HOST:PORT/EXPORT, port 10809 when omitted; nbd+unix:///EXPORT?socket=PATH; over TLS nbds://HOST:PORT/EXPORT?tls-certificates=DIR), or - for stdin (omit with --from-export or --stdin-from-command).
     #[arg(required_unless_present_any = ["from_export", "stdin_from_command"])]
@@ -715,6 +715,9 @@ pub struct BackupArgs {
     /// Read the source with O_DIRECT: less CPU and no page-cache eviction, no readahead.
     #[arg(long)]
     pub direct_io: bool,
+    /// To a server: neither start from nor keep the client's cache of it (the server's hello, this image's last snapshot and its index), in IMGSTORE_CACHE_DIR, else $XDG_CACHE_HOME/imgstore, else ~/.cache/imgstore.
+    #[arg(long)]
+    pub no_cache: bool,
 }
 
 #[derive(Args, Debug)]

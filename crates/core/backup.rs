@@ -22,6 +22,52 @@ fn hostname() -> String {
 }
 
 pub fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> {
+    match backup_once(repo, a.clone(), progress, true)? {
+        Outcome::Done => Ok(()),
+        // Started from the client's cache, and the server's answers
+        // differed: nothing was committed. Again from the server's.
+        Outcome::Outdated(why) => {
+            detail(&format!(
+                "the client's cache of the repository is out of date ({why}): backing up from the server's answers"
+            ));
+            match backup_once(repo, a, progress, false)? {
+                Outcome::Done => Ok(()),
+                Outcome::Outdated(why) => Err(anyhow::anyhow!(
+                    "the backup's view of the repository went out of date twice ({why}): back up again"
+                )),
+            }
+        }
+    }
+}
+
+/// How one attempt at a backup ended, when it did not fail.
+enum Outcome {
+    Done,
+    /// It started from the client's cache of the server, which the
+    /// server's answers showed out of date (why); nothing was committed.
+    Outdated(String),
+}
+
+/// The parent a backup started from the client's cache takes: the last
+/// snapshot this client committed of `name`, when its record opens under
+/// its id and names that image.
+fn cached_parent(
+    repo: &dyn imgstore_repo::Repository,
+    name: &str,
+    c: &imgstore_format::cache::CachedSnapshot,
+) -> Option<(imgstore_format::Id, imgstore_format::Snapshot)> {
+    if imgstore_format::Id::hash(&c.record) != c.id {
+        return None;
+    }
+    let rk = imgstore_format::sealed::RecordKind::Snapshot;
+    let plain = repo.codec().open_record(rk, &c.id, &c.record).ok()?;
+    let snap = imgstore_format::Snapshot::decode(&plain).ok()?;
+    (snap.name == name).then_some((c.id, snap))
+}
+
+/// One attempt at a backup; `ahead`: it may start from the client's cache
+/// of a server (`Outcome::Outdated` when the server disagrees).
+fn backup_once(repo: &Path, a: BackupArgs, progress: bool, ahead: bool) -> anyhow::Result<Outcome> {
     check_name(a.name.as_deref())?;
     if let Some(b) = &a.bitmap {
         crate::bitmap::check_bitmap_name(b, "--bitmap")?;
@@ -165,10 +211,25 @@ pub fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> 
             ))
         }
     };
-    let store = match early_store {
-        Some(s) => s,
-        None => open_writer(repo, "backup")?,
+    // A file or device backed up to a server, taking the latest of its
+    // name as parent: it may start from the client's cache of the server
+    // (`imgstore_remote::RemoteRepo::connect_ahead`) instead of waiting a
+    // round trip for the hello and the listing and another for the
+    // parent's index.
+    let ahead = ahead && prehash.is_some() && a.parent.is_none();
+    let (store, cache) = match early_store {
+        Some(s) => (s, None),
+        None => crate::open::backup_writer(
+            repo,
+            a.no_cache,
+            ahead,
+            a.name
+                .as_deref()
+                .or(default_name.as_deref())
+                .filter(|_| ahead),
+        )?,
     };
+    let ahead = store.remote().filter(|r| r.started_ahead());
     // An overlay's view is a changed-block backup of its base: only the
     // blocks written through the export are read.
     let from_overlay = match &overlay {
@@ -210,8 +271,12 @@ pub fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> 
         .context("the image name defaults to the source's file name: pass --name NAME")?;
     // Listed once (from a server, the listing came with the hello): an
     // unreadable record is never a parent or a base, and is warned about
-    // once they are chosen.
-    let listed = store.list_snapshots()?;
+    // once they are chosen. Started from the cache, the listing is checked
+    // while the backup runs (below).
+    let listed = match ahead {
+        Some(_) => imgstore_repo::SnapshotList::default(),
+        None => store.list_snapshots()?,
+    };
     let status = a.json_status.then(crate::progress::JsonStatus::new);
     let bar = Bar::new(progress && status.is_none());
     // The parent: regions equal to it at the same offset are not chunked.
@@ -220,7 +285,19 @@ pub fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> 
         (Some(p), false) => ParentChoice::Named(p.clone()),
         (None, false) => ParentChoice::Latest,
     };
-    let parent = imgstore_engine::parent_for(&listed.snapshots, &name, &choice)?;
+    let parent = match ahead {
+        Some(r) => {
+            let cached = cache.as_ref().and_then(|c| c.snapshot(&name));
+            let parent = cached
+                .as_ref()
+                .and_then(|c| cached_parent(&*store, &name, c));
+            if let (Some(c), Some(_)) = (cached, &parent) {
+                r.use_cached_pages(c.pages);
+            }
+            parent
+        }
+        None => imgstore_engine::parent_for(&listed.snapshots, &name, &choice)?,
+    };
     if let Some((id, p)) = &parent {
         detail(&format!(
             "parent: {} ({}, {})",
@@ -280,7 +357,9 @@ pub fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> 
         }
         _ => None,
     };
-    warn_unreadable(&listed.unreadable);
+    if ahead.is_none() {
+        warn_unreadable(&listed.unreadable);
+    }
     // The server's session opens while the engine reads the parent's (or
     // base's) index, which the server pins for it as it opens: over a
     // link, one round trip instead of two.
@@ -295,14 +374,52 @@ pub fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> 
         Some(s) => s,
         None => &bar,
     };
-    let result = match &changed {
-        Some(c) => {
-            let r = imgstore_engine::backup_changed(&*store, &source, c, &opts, progress);
-            drop(source);
-            r
+    let cached_id = opts.parent.as_ref().map(|p| p.0);
+    let result = std::thread::scope(|s| {
+        // Started from the cache: the server's listing, when it comes,
+        // must pick the parent the cache did; the commit waits for this.
+        if let Some(r) = ahead {
+            let name = &opts.name;
+            let store = &store;
+            s.spawn(move || {
+                let listed = match store.list_snapshots() {
+                    Ok(l) => l,
+                    Err(e) => return r.refuse_ahead(&e.to_string()),
+                };
+                let latest = imgstore_engine::parent_for(&listed.snapshots, name, &choice)
+                    .ok()
+                    .flatten()
+                    .map(|p| p.0);
+                if latest == cached_id {
+                    warn_unreadable(&listed.unreadable);
+                    r.confirm_ahead();
+                } else {
+                    let short = |i: Option<imgstore_format::Id>| {
+                        i.map_or("none".to_string(), |i| i.short().to_string())
+                    };
+                    r.refuse_ahead(&format!(
+                        "the latest snapshot of {name} is {}, the cache's {}",
+                        short(latest),
+                        short(cached_id)
+                    ));
+                }
+            });
         }
-        None => imgstore_engine::backup(&*store, source, &opts, progress),
-    };
+        match &changed {
+            Some(c) => {
+                let r = imgstore_engine::backup_changed(&*store, &source, c, &opts, progress);
+                drop(source);
+                r
+            }
+            None => imgstore_engine::backup(&*store, source, &opts, progress),
+        }
+    });
+    if let (Err(_), Some(why)) = (&result, ahead.and_then(|r| r.outdated())) {
+        if let Some(r) = ahead {
+            r.end_session();
+        }
+        return Ok(Outcome::Outdated(why));
+    }
     // The command's exit status was checked at end of stream; a backup
     // that stopped early does not leave it running.
     drop(child);
@@ -312,6 +429,30 @@ pub fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> 
     let r = result?;
     if let Some(m) = managed {
         m.finish();
+    }
+    // What the next backup of this image may start from.
+    if let (Some(c), Some(remote)) = (&cache, store.remote()) {
+        let kept = remote.hello_to_cache().map(|h| c.save_hello(&h));
+        let snap = remote
+            .take_last_commit()
+            .filter(|(id, _, pages)| *id == r.id && pages.len() == r.snapshot.pages.len())
+            .map(
+                |(id, record, pages)| imgstore_format::cache::CachedSnapshot {
+                    id,
+                    record,
+                    pages: r.snapshot.pages.iter().copied().zip(pages).collect(),
+                },
+            );
+        let saved = match snap {
+            Some(snap) => c.save_snapshot(&r.snapshot.name, &snap),
+            None => c.forget_snapshot(&r.snapshot.name),
+        };
+        if let Err(e) = kept.unwrap_or(Ok(())).and(saved) {
+            detail(&format!(
+                "the client's cache in {} was not updated: {e}",
+                c.dir().display()
+            ));
+        }
     }
     drop(bar);
     let repaired = damaged - store.damage_pending();
@@ -334,7 +475,9 @@ pub fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> 
         if let Some(b) = store.bucket_report() {
             v["bucket"] = bucket_json(&b);
         }
-        emit(&format!("{v}\n"))
+        v["started_from_cache"] = json!(ahead.is_some());
+        emit(&format!("{v}\n"))?;
+        Ok(Outcome::Done)
     } else {
         note(&format!(
             "backed up {} ({}) in {:.2} s ({}/s): {} chunks, {} new, {} added; {} zeros, {} read, {} unchanged from the parent",
@@ -356,7 +499,8 @@ pub fn backup(repo: &Path, a: BackupArgs, progress: bool) -> anyhow::Result<()> 
                 store.damage_pending()
             ));
         }
-        emit(&format!("{}\n", r.id))
+        emit(&format!("{}\n", r.id))?;
+        Ok(Outcome::Done)
     }
 }
 

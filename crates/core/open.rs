@@ -6,6 +6,7 @@
 use std::path::Path;
 
 use anyhow::Context;
+use imgstore_remote::cache::ClientCache;
 use imgstore_remote::known::{KnownRepos, Seen, Trust, TrustError};
 use imgstore_remote::{RemoteOptions, RemoteRepo};
 use imgstore_repo::Repository;
@@ -61,6 +62,14 @@ impl Repo {
         match self {
             Repo::Local(s) => s.bucket_report(),
             Repo::Remote(_) => None,
+        }
+    }
+
+    /// The server, when the repository is one.
+    pub fn remote(&self) -> Option<&RemoteRepo> {
+        match self {
+            Repo::Local(_) => None,
+            Repo::Remote(r) => Some(r),
         }
     }
 
@@ -153,7 +162,13 @@ pub(crate) struct Credentials {
 }
 
 pub(crate) fn connect_with(url: &str, c: &Credentials) -> anyhow::Result<RemoteRepo> {
-    let token = match (&c.token_file, std::env::var(c.token_env)) {
+    let token = read_token(url, c)?;
+    connect_token(url, c, token, None, None)
+}
+
+/// The token `c` names.
+fn read_token(url: &str, c: &Credentials) -> anyhow::Result<String> {
+    Ok(match (&c.token_file, std::env::var(c.token_env)) {
         (Some(f), _) => std::fs::read_to_string(f)
             .with_context(|| format!("cannot read the token file {}", f.display()))?
             .trim()
@@ -165,8 +180,21 @@ pub(crate) fn connect_with(url: &str, c: &Credentials) -> anyhow::Result<RemoteR
                 c.token_env
             )))
         }
-    };
-    let repo = RemoteRepo::connect(RemoteOptions {
+    })
+}
+
+/// Connects with `token`; from the client's cache when `cached` is given
+/// (`RemoteRepo::connect_ahead`): the cached hello is checked here as the
+/// server's would be, and the server's must match it before anything
+/// commits.
+fn connect_token(
+    url: &str,
+    c: &Credentials,
+    token: String,
+    cached: Option<&imgstore_format::cache::CachedHello>,
+    session_for: Option<&str>,
+) -> anyhow::Result<RemoteRepo> {
+    let opts = RemoteOptions {
         url: url.to_string(),
         token,
         fingerprint: c.fingerprint.clone(),
@@ -175,7 +203,12 @@ pub(crate) fn connect_with(url: &str, c: &Credentials) -> anyhow::Result<RemoteR
         limits: settings().limits.clone(),
         // Nearly every command lists the snapshots first.
         prefetch_listing: true,
-    })?;
+        session_for: session_for.map(str::to_string),
+    };
+    let repo = match cached {
+        Some(h) => RemoteRepo::connect_ahead(opts, h)?,
+        None => RemoteRepo::connect(opts)?,
+    };
     // Only the hello has been exchanged: the repository's config is what
     // the server *says*. Nothing is read or sent before it is checked
     // against what this client knows (docs/SECURITY.md, "The client never
@@ -221,6 +254,65 @@ pub(crate) fn connect_with(url: &str, c: &Credentials) -> anyhow::Result<RemoteR
         }
     }
     Ok(repo.with_codec(codec))
+}
+
+/// A backup's writer: as [`open_writer`], and for a server the client's
+/// cache of it (none with `no_cache`). With `ahead` and a hello in the
+/// cache, the connection starts from it (`RemoteRepo::connect_ahead`).
+pub(crate) fn backup_writer(
+    repo: &Path,
+    no_cache: bool,
+    ahead: bool,
+    image: Option<&str>,
+) -> anyhow::Result<(Repo, Option<ClientCache>)> {
+    let Some(url) = remote_url(repo) else {
+        return Ok((open_writer(repo, "backup")?, None));
+    };
+    let s = settings();
+    let c = Credentials {
+        token_file: s.token_file.clone(),
+        token_env: "IMGSTORE_TOKEN",
+        fingerprint: s.server_fingerprint.clone(),
+        ca_file: s.server_ca.clone(),
+        secret_means_encrypted: true,
+    };
+    let token = read_token(url, &c)?;
+    let canonical = imgstore_remote::canonical_url(url).map_err(crate::exit::usage)?;
+    let cache = if no_cache {
+        None
+    } else {
+        cache_dir().map(|d| ClientCache::new(&d, &canonical, &token))
+    };
+    let hello = cache.as_ref().filter(|_| ahead).and_then(|c| c.hello());
+    // A cached hello that does not open here (a key now missing, a record
+    // changed) is as good as none: the server's answers decide, as they
+    // would without a cache. Without the cache's hello, the session opens
+    // with the hello.
+    let ahead = hello.and_then(|h| connect_token(url, &c, token.clone(), Some(&h), None).ok());
+    let r = match ahead {
+        Some(r) => r,
+        None => connect_token(url, &c, token, None, image)?,
+    };
+    Ok((Repo::Remote(r), cache))
+}
+
+/// The client's cache directory: `IMGSTORE_CACHE_DIR`, else
+/// `$XDG_CACHE_HOME/imgstore`, else `~/.cache/imgstore`; none without a
+/// home (the cache is then not used).
+fn cache_dir() -> Option<std::path::PathBuf> {
+    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+    if let Some(dir) = var("IMGSTORE_CACHE_DIR") {
+        return Some(dir.into());
+    }
+    let xdg = var("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .filter(|p| p.is_absolute());
+    if let Some(dir) = xdg {
+        return Some(dir.join("imgstore"));
+    }
+    #[allow(deprecated)]
+    let home = std::env::home_dir().filter(|p| p.is_absolute());
+    home.map(|h| h.join(".cache/imgstore"))
 }
 
 /// The known-repositories record, in [`state_dir`].

@@ -180,7 +180,7 @@ struct Ctx<'a> {
     /// them until each upload is answered
     /// (`Repository::dedups_uploads_in_flight`): a chunk two regions in
     /// flight both miss is sent once.
-    claims: Option<Claims>,
+    claims: Option<std::sync::Arc<Claims>>,
 }
 
 /// A region to store: its id, its stored recipe and its new frames.
@@ -221,7 +221,7 @@ impl<'a> Ctx<'a> {
             upload_error: Mutex::new(None),
             redo: Mutex::new(Vec::new()),
             claims: (repo.uploads_in_flight() > 0 && !repo.dedups_uploads_in_flight())
-                .then(Claims::default),
+                .then(|| std::sync::Arc::new(Claims::default())),
         })
     }
 
@@ -671,10 +671,16 @@ fn with_uploads<T>(
                         continue;
                     }
                     let claim = ctx.claims.as_ref().map(|c| c.take(&mut up.frames));
-                    let out = ctx.repo.put_region(&up.rid, &up.stored, &up.frames);
-                    if let Some(c) = claim {
-                        c.settle(out.is_ok());
-                    }
+                    let out = ctx.repo.put_region_settled(
+                        &up.rid,
+                        &up.stored,
+                        &up.frames,
+                        Box::new(move |stored| {
+                            if let Some(c) = claim {
+                                c.settle(stored);
+                            }
+                        }),
+                    );
                     if let Err(e) = ctx.stored(&up, out) {
                         let mut first = ctx.upload_error.lock().unwrap_or_else(|p| p.into_inner());
                         if first.is_none() {

@@ -80,7 +80,7 @@ impl Claims {
     /// the frames whose claimer failed to store them. Returns this upload's
     /// claim, to [`Held::settle`] once its upload has been answered (one
     /// dropped unsettled counts as failed, so nobody waits for ever).
-    pub(crate) fn take(&self, frames: &mut Frames) -> Held<'_> {
+    pub(crate) fn take(self: &Arc<Self>, frames: &mut Frames) -> Held {
         let mine = Arc::new(Claim::default());
         let mut claimed = Vec::new();
         let mut others = Vec::new();
@@ -110,7 +110,7 @@ impl Claims {
             }
         }
         Held {
-            claims: self,
+            claims: self.clone(),
             mine,
             claimed,
             stored: false,
@@ -146,8 +146,8 @@ impl Claims {
 }
 
 /// An upload's claim until its answer is recorded.
-pub(crate) struct Held<'a> {
-    claims: &'a Claims,
+pub(crate) struct Held {
+    claims: Arc<Claims>,
     mine: Arc<Claim>,
     claimed: Vec<Id>,
     /// What the answer said; false until [`Held::settle`], so a claim
@@ -155,7 +155,7 @@ pub(crate) struct Held<'a> {
     stored: bool,
 }
 
-impl Held<'_> {
+impl Held {
     /// The chunks this upload claimed.
     #[cfg(test)]
     fn claimed(&self) -> usize {
@@ -168,7 +168,7 @@ impl Held<'_> {
     }
 }
 
-impl Drop for Held<'_> {
+impl Drop for Held {
     fn drop(&mut self) {
         self.claims
             .settle(&self.mine, std::mem::take(&mut self.claimed), self.stored);
@@ -199,7 +199,7 @@ mod tests {
 
     #[test]
     fn a_chunk_is_sent_by_its_first_claimer_or_again_if_it_failed() {
-        let c = Claims::default();
+        let c = Arc::new(Claims::default());
         std::thread::scope(|s| {
             let mut a = frames(&[1, 2, 3]);
             let ha = c.take(&mut a);
@@ -241,7 +241,7 @@ mod tests {
 
     #[test]
     fn a_claim_dropped_unanswered_counts_as_failed() {
-        let c = Claims::default();
+        let c = Arc::new(Claims::default());
         std::thread::scope(|s| {
             let mut a = frames(&[5]);
             let ha = c.take(&mut a);
@@ -260,7 +260,7 @@ mod tests {
 
     #[test]
     fn a_small_shared_frame_is_sent_again_rather_than_waited_for() {
-        let c = Claims::default();
+        let c = Arc::new(Claims::default());
         let small = |b: u8| -> Frames { [(Id::hash(&[b]), (vec![b; 4096], 4096))].into() };
         let mut a = small(1);
         let _ha = c.take(&mut a);
@@ -272,7 +272,7 @@ mod tests {
 
     #[test]
     fn finished_claims_are_kept_for_the_last_uploads_only() {
-        let c = Claims::default();
+        let c = Arc::new(Claims::default());
         for i in 0..=KEEP_FINISHED as u8 {
             let mut f = frames(&[i]);
             c.take(&mut f).settle(true);

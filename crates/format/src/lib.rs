@@ -14,6 +14,7 @@
 //! bytes actually present before allocating, so a corrupt or hostile length
 //! field yields an error, never a huge allocation or a panic.
 
+pub mod cache;
 mod codec;
 mod config;
 mod frame;

@@ -145,6 +145,13 @@ pub const DEFAULT_PORT: u16 = 8420;
 /// Header naming the write session a request belongs to.
 pub const SESSION_HEADER: &str = "imgstore-session";
 
+/// Header of a commit sent before the answers to its session's region
+/// uploads: how many successful uploads the session should have when it
+/// is taken. The server waits (bounded) until it has that many before it
+/// checks the commit, so the client saves the round trip of waiting for
+/// the last upload's answer (docs/PROTOCOL.md, "Sessions").
+pub const AWAITS_HEADER: &str = "imgstore-awaits";
+
 /// Limits: a request or answer past one is refused before allocation.
 pub mod limits {
     /// Ids in one `chunks/known`, `chunks/get`, `pages`, `regions` or `refs` call.

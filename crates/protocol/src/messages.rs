@@ -544,6 +544,11 @@ pub struct Hello {
     /// servers before it was added.
     #[serde(default)]
     pub paged_snapshots: bool,
+    /// A commit may come before the answers to its session's uploads,
+    /// saying how many it awaits ([`crate::AWAITS_HEADER`]). False from
+    /// servers before it was added: a client then waits for every answer.
+    #[serde(default)]
+    pub awaits_uploads: bool,
 }
 
 /// `POST /v1/sessions`: a write session for a backup of `image`.

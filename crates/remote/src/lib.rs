@@ -37,6 +37,7 @@
 //!   commit, [`Repository::regions_to_resend`] asks which regions uploaded
 //!   in the lost session are still there (`docs/GC.md`).
 
+pub mod cache;
 pub mod known;
 mod tls;
 
@@ -77,6 +78,11 @@ pub struct RemoteOptions {
     /// snapshot) saves a round trip. The answer is only decoded after the
     /// hello has been checked, and dropped by any change to the listing.
     pub prefetch_listing: bool,
+    /// Open a backup session for this image together with the hello: the
+    /// backup's first `chunks/known` need not wait a round trip for it
+    /// ([`RemoteRepo::begin_session_ahead`] takes it; its parent's pages,
+    /// read within it, are pinned as they are read).
+    pub session_for: Option<String>,
 }
 
 /// Is `location` a server URL (rather than a local path)?
@@ -135,6 +141,12 @@ pub fn canonical_url(location: &str) -> std::result::Result<String, String> {
 pub struct RemoteRepo {
     conn: Arc<Conn>,
     hello: proto::Hello,
+    /// The hello as the server sent it (or, started from the client's
+    /// cache, as the cache kept it: the server's is checked against it).
+    hello_bytes: Vec<u8>,
+    /// What the last successful commit stored: the snapshot's id, its
+    /// record and its pages, for the client's cache.
+    last_commit: Mutex<Option<(Id, Vec<u8>, Vec<Vec<u8>>)>>,
     codec: imgstore_repo::Codec,
     /// The codec of the current backup session's namespace, if it tags.
     /// Region uploads in flight: at most twice the token's upload share
@@ -143,7 +155,10 @@ pub struct RemoteRepo {
     /// with their bodies in the connection's window; the server's stream
     /// window (an eighth of its connection window) keeps them from filling
     /// it and starving the uploads being read.
-    uploads: Slots,
+    uploads: Arc<Slots>,
+    /// Region uploads sent whose answers have not been read yet (a server
+    /// that takes commits ahead of them: [`proto::Hello::awaits_uploads`]).
+    pending: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 /// Raw answers to `GET /v1/snapshots` and `GET /v1/witnesses`, and
@@ -188,6 +203,22 @@ impl Slots {
 }
 
 struct SlotGuard<'a>(&'a Slots);
+
+/// A slot held by a thread of its own.
+struct OwnedSlot(Arc<Slots>);
+
+impl OwnedSlot {
+    fn take(slots: &Arc<Slots>) -> OwnedSlot {
+        std::mem::forget(slots.take());
+        OwnedSlot(slots.clone())
+    }
+}
+
+impl Drop for OwnedSlot {
+    fn drop(&mut self) {
+        drop(SlotGuard(&self.0));
+    }
+}
 
 impl Drop for SlotGuard<'_> {
     fn drop(&mut self) {
@@ -255,6 +286,44 @@ pub struct Conn {
     opening: Mutex<Option<std::thread::JoinHandle<Result<()>>>>,
     /// Why the last session opened in the background could not be.
     open_failed: Mutex<Option<RepoError>>,
+    /// A connection started from the client's cache
+    /// ([`RemoteRepo::connect_ahead`]): where its check stands.
+    ahead: Mutex<Ahead>,
+    ahead_changed: std::sync::Condvar,
+    /// The round-trip time the cache kept, until one is measured.
+    rtt_hint: Option<Duration>,
+    /// A session opened with the hello ([`RemoteOptions::session_for`]),
+    /// not yet taken by a backup.
+    early_session: Mutex<Option<Session>>,
+    /// Index pages from the client's cache, by id: used when they open
+    /// under their ids, instead of asking the server.
+    page_cache: Mutex<std::collections::HashMap<Id, Vec<u8>>>,
+    /// Region uploads sent in the current session.
+    session_uploads: AtomicU64,
+    /// The first failure of an upload whose answer came after its call
+    /// returned: the next upload, or the commit, reports it.
+    upload_failed: Mutex<Option<RepoError>>,
+    /// Regions whose upload, answered after its call returned, named a
+    /// chunk the server no longer had (after a restart): the commit fails
+    /// `missing`, and [`Repository::regions_to_resend`] names them.
+    lost_uploads: Mutex<Vec<Id>>,
+}
+
+/// Where a connection started from the client's cache stands. The backup
+/// runs meanwhile; nothing commits until it is [`Ahead::Confirmed`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Ahead {
+    /// Not started from the cache: nothing to check.
+    Off,
+    /// The server's hello and listing are on their way.
+    Fetching,
+    /// The server sent the same hello; its listing awaits the caller's
+    /// check ([`RemoteRepo::confirm_ahead`]).
+    Fetched,
+    Confirmed,
+    /// The server's answers differ from the cache (why): every later
+    /// call fails with [`RepoError::Outdated`].
+    Stale(String),
 }
 
 /// The backup session calls are made in.
@@ -289,11 +358,46 @@ enum Body {
     /// Bytes (cloned per attempt without copying).
     Bytes(bytes::Bytes),
     Json(serde_json::Value),
+    /// A commit sent ahead of the answers to `awaits` uploads of session
+    /// `session` (the header goes only with that session: sent again in a
+    /// new one, it awaits nothing).
+    Ahead {
+        bytes: bytes::Bytes,
+        session: String,
+        awaits: u64,
+    },
 }
 
 impl RemoteRepo {
     /// Connects, checks the protocol version and the token.
     pub fn connect(opts: RemoteOptions) -> Result<RemoteRepo> {
+        RemoteRepo::open(opts, None)
+    }
+
+    /// Connects from the client's cache: the repository is the one `cached`
+    /// describes, at once, while the real hello (and the listing, when
+    /// asked for) are fetched in the background. Over a link that is the
+    /// first round trip saved: a backup starts reading, hashing and asking
+    /// before the server has answered anything.
+    ///
+    /// The server's hello must be byte for byte the cached one, and the
+    /// caller checks the listing (for a backup: that it picks the same
+    /// parent) and says so with [`RemoteRepo::confirm_ahead`] or
+    /// [`RemoteRepo::refuse_ahead`]. Until it is confirmed nothing commits
+    /// (a commit waits); once either differs, every call that writes fails
+    /// with [`RepoError::Outdated`], and the caller starts again with
+    /// [`RemoteRepo::connect`].
+    pub fn connect_ahead(
+        opts: RemoteOptions,
+        cached: &imgstore_format::cache::CachedHello,
+    ) -> Result<RemoteRepo> {
+        RemoteRepo::open(opts, Some(cached))
+    }
+
+    fn open(
+        opts: RemoteOptions,
+        cached: Option<&imgstore_format::cache::CachedHello>,
+    ) -> Result<RemoteRepo> {
         let (base, use_tls) = base_url(&opts.url).map_err(RepoError::Invalid)?;
         // The TLS config is always given, with its provider (ring): reqwest
         // built without one would look for a process-wide default, and
@@ -378,13 +482,40 @@ impl RemoteRepo {
             ns_codec: Default::default(),
             opening: Mutex::new(None),
             open_failed: Mutex::new(None),
+            ahead: Mutex::new(if cached.is_some() {
+                Ahead::Fetching
+            } else {
+                Ahead::Off
+            }),
+            ahead_changed: std::sync::Condvar::new(),
+            rtt_hint: cached.map(|c| Duration::from_micros(c.rtt_us)),
+            page_cache: Default::default(),
+            early_session: Mutex::new(None),
+            session_uploads: AtomicU64::new(0),
+            upload_failed: Mutex::new(None),
+            lost_uploads: Mutex::new(Vec::new()),
         };
+        if let Some(cached) = cached {
+            let conn = Arc::new(conn);
+            let hello = RemoteRepo::from_hello(&conn, cached.hello.clone())?;
+            let (c, want, listing) = (conn.clone(), cached.hello.clone(), opts.prefetch_listing);
+            std::thread::spawn(move || c.fetch_ahead(&want, listing));
+            return Ok(hello);
+        }
         // Retried like any read: a server that is not up yet is waited for.
         // The listing goes at the same time when asked for (it sends
         // nothing but the token, which the hello sends too); its answers
         // are kept undecoded until the hello has been checked.
         let get = |path| conn.call(reqwest::Method::GET, path, Body::None, true);
         let (body, prefetched) = std::thread::scope(|s| {
+            if let Some(image) = &opts.session_for {
+                s.spawn(|| {
+                    if let Ok(session) = conn.open_session(image, &[]) {
+                        *conn.early_session.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Some(session);
+                    }
+                });
+            }
             let listing = opts.prefetch_listing.then(|| {
                 (
                     s.spawn(|| get(proto::paths::SNAPSHOTS).ok()),
@@ -402,8 +533,14 @@ impl RemoteRepo {
             };
             (hello, prefetched)
         });
-        let hello: proto::Hello = conn.json(&body?)?;
+        let body = body?;
         *conn.prefetched.lock().unwrap_or_else(|p| p.into_inner()) = prefetched;
+        RemoteRepo::from_hello(&Arc::new(conn), body)
+    }
+
+    /// The repository the hello `body` describes, on `conn`.
+    fn from_hello(conn: &Arc<Conn>, body: Vec<u8>) -> Result<RemoteRepo> {
+        let hello: proto::Hello = conn.json(&body)?;
         conn.paged_listing.store(hello.paged_snapshots, SeqCst);
         if hello.protocol != proto::VERSION {
             return Err(RepoError::Remote {
@@ -415,12 +552,15 @@ impl RemoteRepo {
                 ),
             });
         }
-        let uploads = Slots::new(2 * hello.uploads.unwrap_or(4) as usize);
+        let uploads = Arc::new(Slots::new(2 * hello.uploads.unwrap_or(4) as usize));
         Ok(RemoteRepo {
-            conn: Arc::new(conn),
+            conn: conn.clone(),
             hello,
+            hello_bytes: body,
+            last_commit: Mutex::new(None),
             codec: imgstore_repo::Codec::Plain,
             uploads,
+            pending: Mutex::new(Vec::new()),
         })
     }
 
@@ -429,7 +569,7 @@ impl RemoteRepo {
     /// or one `/v1/health` request when there was none yet.
     pub fn rtt(&self) -> Duration {
         let seen = *self.conn.rtt.lock().unwrap_or_else(|p| p.into_inner());
-        seen.unwrap_or_else(|| {
+        seen.or(self.conn.rtt_hint).unwrap_or_else(|| {
             let t = Instant::now();
             self.conn.timed(|| self.conn.ping());
             t.elapsed()
@@ -446,6 +586,77 @@ impl RemoteRepo {
     /// The role and namespaces of this client's token.
     pub fn role(&self) -> (Role, &[String]) {
         (self.hello.role, &self.hello.namespaces)
+    }
+
+    /// Started from the cache: the caller found the server's listing to
+    /// agree with it (for a backup: the same parent). Commits may go on.
+    pub fn confirm_ahead(&self) {
+        self.conn
+            .set_ahead(|a| (*a == Ahead::Fetched).then_some(Ahead::Confirmed));
+    }
+
+    /// Started from the cache: the caller found the server's listing to
+    /// differ from it (`why`). Every later write fails.
+    pub fn refuse_ahead(&self, why: &str) {
+        self.conn.set_ahead(|a| match a {
+            Ahead::Off | Ahead::Stale(_) => None,
+            _ => Some(Ahead::Stale(why.to_string())),
+        });
+    }
+
+    /// Why the cache this connection started from is out of date, once
+    /// found so.
+    pub fn outdated(&self) -> Option<String> {
+        match &*self.conn.ahead.lock().unwrap_or_else(|p| p.into_inner()) {
+            Ahead::Stale(why) => Some(why.clone()),
+            _ => None,
+        }
+    }
+
+    /// Whether this connection started from the client's cache.
+    pub fn started_ahead(&self) -> bool {
+        *self.conn.ahead.lock().unwrap_or_else(|p| p.into_inner()) != Ahead::Off
+    }
+
+    /// The hello to keep in the client's cache, with the round-trip time
+    /// measured (or the one kept), once the server's hello is known to be
+    /// this one.
+    pub fn hello_to_cache(&self) -> Option<imgstore_format::cache::CachedHello> {
+        let ahead = self
+            .conn
+            .ahead
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if !matches!(ahead, Ahead::Off | Ahead::Fetched | Ahead::Confirmed) {
+            return None;
+        }
+        let rtt =
+            (*self.conn.rtt.lock().unwrap_or_else(|p| p.into_inner())).or(self.conn.rtt_hint)?;
+        Some(imgstore_format::cache::CachedHello {
+            rtt_us: rtt.as_micros() as u64,
+            hello: self.hello_bytes.clone(),
+        })
+    }
+
+    /// Index pages from the client's cache: read from here instead of the
+    /// server when they open under their ids (the server is asked for any
+    /// that does not).
+    pub fn use_cached_pages(&self, pages: Vec<(Id, Vec<u8>)>) {
+        self.conn
+            .page_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(pages);
+    }
+
+    /// What the last successful commit stored: the snapshot's id, its
+    /// record and its pages as stored (in the record's order).
+    pub fn take_last_commit(&self) -> Option<(Id, Vec<u8>, Vec<Vec<u8>>)> {
+        self.last_commit
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     /// Opens the write session a backup of `image` runs in: the server pins
@@ -467,6 +678,26 @@ impl RemoteRepo {
     /// that could not be opened.
     pub fn begin_session_ahead(&self, image: &str, pin_pages: &[Id]) {
         self.end_session();
+        // Opened with the hello: the parent's pages, read within it, are
+        // pinned as they are read.
+        let early = self
+            .conn
+            .early_session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(s) = early {
+            if s.image == image {
+                self.conn.install(s, &self.codec);
+                self.warm_uploads();
+                return;
+            }
+            self.conn
+                .early_session
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .replace(s);
+        }
         let pins: Vec<Id> = if pin_pages.len() <= limits::PIN_PAGES {
             pin_pages.to_vec()
         } else {
@@ -486,10 +717,17 @@ impl RemoteRepo {
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = None;
         *self.conn.opening.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
-        // The upload connection's TLS handshake and HTTP/2 windows, before
-        // the first region needs them (its answer is not waited for). A
-        // hello, not a health check: the server gives a connection that
-        // never showed a token 10 s, and the first region may come later.
+        self.warm_uploads();
+        if wait {
+            let _ = self.conn.settle();
+        }
+    }
+
+    /// The upload connection's TLS handshake and HTTP/2 windows, before
+    /// the first region needs them (its answer is not waited for). A
+    /// hello, not a health check: the server gives a connection that never
+    /// showed a token 10 s, and the first region may come later.
+    fn warm_uploads(&self) {
         let (client, url, token) = (
             self.conn.upload_client.clone(),
             format!("{}{}", self.conn.base, proto::paths::HELLO),
@@ -500,9 +738,6 @@ impl RemoteRepo {
                 let _ = read_bounded(r, None);
             }
         });
-        if wait {
-            let _ = self.conn.settle();
-        }
     }
 
     /// Ends the session (its uncommitted uploads become garbage for gc).
@@ -540,6 +775,101 @@ impl RemoteRepo {
         }
     }
 
+    /// A region upload; with `later`, answered on a thread of its own
+    /// (see [`Repository::put_region_settled`]).
+    fn put_region_as(
+        &self,
+        id: &Id,
+        encoded: &[u8],
+        frames: &Frames,
+        settled: Box<dyn FnOnce(bool) + Send>,
+        later: bool,
+    ) -> Result<PutOutcome> {
+        let body = proto::encode_put_region(
+            encoded,
+            frames.iter().map(|(cid, (frame, raw))| proto::NewFrame {
+                id: *cid,
+                raw_len: *raw,
+                frame,
+            }),
+        );
+        let refused = self.check_ahead(false).err().or_else(|| {
+            self.upload_failed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .map(copy_of)
+        });
+        if let Some(e) = refused {
+            settled(false);
+            return Err(e);
+        }
+        if !later {
+            let _slot = self.uploads.take();
+            let out = self
+                .upload(
+                    reqwest::Method::PUT,
+                    &proto::paths::region(id),
+                    Body::Bytes(body.into()),
+                    true,
+                )
+                .and_then(|reply| self.json::<PutOutcome>(&reply));
+            settled(out.is_ok());
+            return out;
+        }
+        // The server takes a commit ahead of its uploads' answers: this
+        // call returns once the upload is on its way (a slot bounds how
+        // many are), and its answer is read on a thread of its own. What
+        // it reports is what was sent (the server's own counts differ
+        // only when another backup stored the same chunks meanwhile).
+        let predicted = PutOutcome {
+            region_new: true,
+            new_chunks: frames.len() as u64,
+            new_bytes: frames.values().map(|(f, _)| f.len() as u64).sum::<u64>()
+                + encoded.len() as u64,
+        };
+        let slot = OwnedSlot::take(&self.uploads);
+        self.session_uploads.fetch_add(1, SeqCst);
+        let (conn, path, body, region) = (
+            self.conn.clone(),
+            proto::paths::region(id),
+            bytes::Bytes::from(body),
+            *id,
+        );
+        let handle = std::thread::spawn(move || {
+            let out = conn
+                .upload(reqwest::Method::PUT, &path, Body::Bytes(body), true)
+                .and_then(|reply| conn.json::<PutOutcome>(&reply));
+            drop(slot);
+            settled(out.is_ok());
+            if let Err(RepoError::Missing {
+                kind: ObjectKind::Chunk,
+                ..
+            }) = out
+            {
+                let mut lost = conn.lost_uploads.lock().unwrap_or_else(|p| p.into_inner());
+                lost.push(region);
+            } else if let Err(e) = out {
+                let mut first = conn.upload_failed.lock().unwrap_or_else(|p| p.into_inner());
+                if first.is_none() {
+                    *first = Some(e);
+                }
+            }
+        });
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        pending.retain(|h| !h.is_finished());
+        pending.push(handle);
+        Ok(predicted)
+    }
+
+    /// Waits for the answers of the uploads still on their way.
+    fn join_uploads(&self) {
+        let handles = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+        for h in handles {
+            let _ = h.join();
+        }
+    }
+
     /// Sessions opened so far to replace ones the server lost.
     pub fn sessions_renewed(&self) -> u64 {
         self.renewals.load(SeqCst)
@@ -557,6 +887,7 @@ impl Conn {
             .filter(|_| codec.is_sealed())
             .map(|ns| codec.in_namespace(ns));
         self.checked.store(self.renewals.load(SeqCst), SeqCst);
+        self.session_uploads.store(0, SeqCst);
         *self.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(session);
     }
 
@@ -679,6 +1010,7 @@ impl Conn {
             )));
         }
         *self.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(new);
+        self.session_uploads.store(0, SeqCst);
         self.renewals.fetch_add(1, SeqCst);
         Ok(())
     }
@@ -759,6 +1091,19 @@ impl Conn {
                 Body::Json(v) => req
                     .header("content-type", "application/json")
                     .body(self.outgoing(serde_json::to_vec(v).expect("json").into())),
+                Body::Ahead {
+                    bytes,
+                    session,
+                    awaits,
+                } => {
+                    let req = if sent.as_deref() == Some(session.as_str()) {
+                        req.header(proto::AWAITS_HEADER, awaits.to_string())
+                    } else {
+                        req
+                    };
+                    req.header("content-type", "application/octet-stream")
+                        .body(self.outgoing(bytes.clone()))
+                }
             };
             // A 503 `busy` comes from the server's gate, before the body is
             // read: nothing was done, so even a commit may be sent again.
@@ -979,11 +1324,91 @@ impl Conn {
     }
 
     fn prefetch(&self) -> std::sync::MutexGuard<'_, Prefetched> {
+        // Started from the cache: the listing is on its way.
+        {
+            let mut a = self.ahead.lock().unwrap_or_else(|p| p.into_inner());
+            while *a == Ahead::Fetching {
+                a = self
+                    .ahead_changed
+                    .wait(a)
+                    .unwrap_or_else(|p| p.into_inner());
+            }
+        }
         let mut p = self.prefetched.lock().unwrap_or_else(|p| p.into_inner());
         if p.at.is_some_and(|t| t.elapsed() > PREFETCH_FRESH) {
             *p = Prefetched::default();
         }
         p
+    }
+
+    /// Started from the cache ([`RemoteRepo::connect_ahead`]): fetches the
+    /// server's hello (and listing) and compares the hello with `want`.
+    fn fetch_ahead(&self, want: &[u8], listing: bool) {
+        let get = |path| self.call(reqwest::Method::GET, path, Body::None, true);
+        let (hello, prefetched) = std::thread::scope(|s| {
+            let l = listing.then(|| {
+                (
+                    s.spawn(|| get(proto::paths::SNAPSHOTS).ok()),
+                    s.spawn(|| get(proto::paths::WITNESSES).ok()),
+                )
+            });
+            let hello = get(proto::paths::HELLO);
+            let prefetched = match l {
+                Some((snapshots, witnesses)) => Prefetched {
+                    snapshots: snapshots.join().unwrap_or(None),
+                    witnesses: witnesses.join().unwrap_or(None),
+                    at: Some(Instant::now()),
+                },
+                None => Prefetched::default(),
+            };
+            (hello, prefetched)
+        });
+        let next = match hello {
+            Ok(body) if body == want => {
+                *self.prefetched.lock().unwrap_or_else(|p| p.into_inner()) = prefetched;
+                Ahead::Fetched
+            }
+            Ok(_) => Ahead::Stale("the server's hello is not the one cached".into()),
+            Err(e) => Ahead::Stale(format!("its hello failed: {e}")),
+        };
+        self.set_ahead(|a| (*a == Ahead::Fetching).then_some(next));
+    }
+
+    /// Moves the check on to what `f` says (nothing when it says `None`).
+    fn set_ahead(&self, f: impl FnOnce(&Ahead) -> Option<Ahead>) {
+        let mut a = self.ahead.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(next) = f(&a) {
+            *a = next;
+            self.ahead_changed.notify_all();
+        }
+    }
+
+    /// Fails with [`RepoError::Outdated`] once the cache this connection
+    /// started from was found out of date; with `until_confirmed`, first
+    /// waits until it is confirmed or found so (bounded: a check that
+    /// never comes counts as a failed one).
+    fn check_ahead(&self, until_confirmed: bool) -> Result<()> {
+        let deadline = Instant::now() + self.retry_for + Duration::from_secs(120);
+        let mut a = self.ahead.lock().unwrap_or_else(|p| p.into_inner());
+        while until_confirmed && matches!(*a, Ahead::Fetching | Ahead::Fetched) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                *a = Ahead::Stale("the cached parent was never checked".into());
+                break;
+            }
+            a = self
+                .ahead_changed
+                .wait_timeout(a, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        match &*a {
+            Ahead::Stale(why) => Err(RepoError::Outdated {
+                url: self.location.clone(),
+                detail: why.clone(),
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// The listing changes: what was fetched ahead is stale.
@@ -1010,6 +1435,10 @@ fn copy_of(e: &RepoError) -> RepoError {
             detail: detail.clone(),
         },
         RepoError::Invalid(why) => RepoError::Invalid(why.clone()),
+        RepoError::Outdated { url, detail } => RepoError::Outdated {
+            url: url.clone(),
+            detail: detail.clone(),
+        },
         other => RepoError::Storage(other.to_string()),
     }
 }
@@ -1127,6 +1556,22 @@ fn chain(e: &dyn std::error::Error) -> String {
 impl Drop for RemoteRepo {
     fn drop(&mut self) {
         self.end_session();
+        // A session opened with the hello that no backup took counts
+        // against the token's sessions until it idles out: closed too.
+        let early = self
+            .conn
+            .early_session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(s) = early {
+            let _ = self.call(
+                reqwest::Method::DELETE,
+                &proto::paths::session(&s.id),
+                Body::None,
+                false,
+            );
+        }
     }
 }
 
@@ -1145,12 +1590,14 @@ impl Repository for RemoteRepo {
 
     fn chunk_id(&self, plaintext: &[u8]) -> Id {
         // The namespace's tag is known once the session is: the first
-        // chunks wait for it.
-        if self
-            .opening
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
+        // chunks of an encrypted repository wait for it (a plain one's ids
+        // carry no tag).
+        if self.codec.is_sealed()
+            && self
+                .opening
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some()
         {
             let _ = self.settle();
         }
@@ -1161,6 +1608,21 @@ impl Repository for RemoteRepo {
     }
 
     fn raw_records(&self, kind: ObjectKind, ids: &[Id]) -> Result<Vec<Vec<u8>>> {
+        if kind == ObjectKind::Page {
+            let cache = self.page_cache.lock().unwrap_or_else(|p| p.into_inner());
+            let rk = imgstore_format::sealed::RecordKind::Page;
+            let cached: Option<Vec<Vec<u8>>> = ids
+                .iter()
+                .map(|id| {
+                    let b = cache.get(id)?;
+                    self.codec.open_record(rk, id, b).ok()?;
+                    Some(b.clone())
+                })
+                .collect();
+            if let Some(pages) = cached {
+                return Ok(pages);
+            }
+        }
         self.records(kind, ids)
     }
 
@@ -1251,6 +1713,7 @@ impl Repository for RemoteRepo {
     }
 
     fn chunks_known(&self, ids: &[Id]) -> Result<Vec<bool>> {
+        self.check_ahead(false)?;
         self.get_many(
             proto::paths::CHUNKS_KNOWN,
             ids,
@@ -1259,29 +1722,107 @@ impl Repository for RemoteRepo {
         )
     }
 
+    // Answered before it returns: a caller may read the region next.
     fn put_region(&self, id: &Id, encoded: &[u8], frames: &Frames) -> Result<PutOutcome> {
-        let body = proto::encode_put_region(
-            encoded,
-            frames.iter().map(|(cid, (frame, raw))| proto::NewFrame {
-                id: *cid,
-                raw_len: *raw,
-                frame,
-            }),
-        );
-        let _slot = self.uploads.take();
-        let reply = self.upload(
-            reqwest::Method::PUT,
-            &proto::paths::region(id),
-            Body::Bytes(body.into()),
-            true,
-        )?;
-        self.json::<PutOutcome>(&reply)
+        self.put_region_as(id, encoded, frames, Box::new(|_| {}), false)
+    }
+
+    // A backup's uploads: answered later where the server takes the commit
+    // ahead of the answers.
+    fn put_region_settled(
+        &self,
+        id: &Id,
+        encoded: &[u8],
+        frames: &Frames,
+        settled: Box<dyn FnOnce(bool) + Send>,
+    ) -> Result<PutOutcome> {
+        self.put_region_as(id, encoded, frames, settled, self.hello.awaits_uploads)
     }
 
     fn commit(&self, record: &[u8], pages: &[Vec<u8>], parent: Option<&Id>) -> Result<(Id, u64)> {
+        // Started from the cache: only once the server agreed with it.
+        self.check_ahead(true)?;
         self.listing_changes();
         let id = Id::hash(record);
         let body = bytes::Bytes::from(proto::encode_commit(record, parent, pages));
+        let keep = || {
+            if pages.len() > imgstore_format::cache::MAX_PAGES {
+                return;
+            }
+            *self.last_commit.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some((id, record.to_vec(), pages.to_vec()));
+        };
+        // Uploads whose answers are still on their way: the commit goes
+        // now, saying how many the session should hold, unless the session
+        // was replaced meanwhile (then their answers are waited for first,
+        // and the engine asks what the server lost).
+        let ahead = self.hello.awaits_uploads
+            && self.checked.load(SeqCst) == self.renewals.load(SeqCst)
+            && !self
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_empty();
+        let session = self
+            .session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|s| s.id.clone());
+        if let (true, Some(session)) = (ahead, session) {
+            let sent = Body::Ahead {
+                bytes: body.clone(),
+                session,
+                awaits: self.session_uploads.load(SeqCst),
+            };
+            let out = std::thread::scope(|s| {
+                let commit = s.spawn(|| {
+                    self.upload(reqwest::Method::POST, proto::paths::COMMIT, sent, false)
+                });
+                self.join_uploads();
+                commit.join().unwrap_or_else(|_| {
+                    Err(self.broken("the thread sending the commit panicked".into()))
+                })
+            });
+            match out {
+                Ok(reply) => {
+                    self.committed();
+                    let c: proto::Committed = self.json(&reply)?;
+                    keep();
+                    return Ok((id, c.added_bytes));
+                }
+                // An upload failed: that is the error (a region it did not
+                // store is why the commit failed too).
+                Err(e) => {
+                    if let Some(u) = self
+                        .upload_failed
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .take()
+                    {
+                        if !matches!(u, RepoError::Missing { .. }) {
+                            return Err(u);
+                        }
+                    }
+                    if !matches!(e, RepoError::Unreachable { .. }) {
+                        return Err(e);
+                    }
+                    // The answer was lost: sent again below (a no-op if
+                    // it landed).
+                }
+            }
+        }
+        self.join_uploads();
+        if let Some(u) = self
+            .upload_failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            if !matches!(u, RepoError::Missing { .. }) {
+                return Err(u);
+            }
+        }
         match self.upload(
             reqwest::Method::POST,
             proto::paths::COMMIT,
@@ -1291,6 +1832,7 @@ impl Repository for RemoteRepo {
             Ok(reply) => {
                 self.committed();
                 let c: proto::Committed = self.json(&reply)?;
+                keep();
                 Ok((id, c.added_bytes))
             }
             Err(RepoError::Unreachable { .. }) => {
@@ -1304,6 +1846,7 @@ impl Repository for RemoteRepo {
                 )?;
                 self.committed();
                 let c: proto::Committed = self.json(&reply)?;
+                keep();
                 Ok((id, c.added_bytes))
             }
             Err(e) => Err(e),
@@ -1315,10 +1858,20 @@ impl Repository for RemoteRepo {
     // pinned them has not restarted. A renewal during the lookup makes its
     // earlier answers (and pins) stale: asked again, a bounded few times.
     fn regions_to_resend(&self, ids: &[Id]) -> Result<Vec<Id>> {
+        // The uploads still on their way are in by the time this asks.
+        if self.checked.load(SeqCst) != self.renewals.load(SeqCst) {
+            self.join_uploads();
+        }
+        // Uploads answered after their calls returned that named a chunk
+        // the server no longer had: sent again, as the engine does with
+        // one answered at once.
+        let lost: Vec<Id> =
+            std::mem::take(&mut *self.lost_uploads.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut lost: Vec<Id> = lost.into_iter().filter(|id| ids.contains(id)).collect();
         for _ in 0..MAX_RENEWALS {
             let epoch = self.renewals.load(SeqCst);
             if self.checked.load(SeqCst) == epoch {
-                return Ok(Vec::new());
+                return Ok(lost);
             }
             let known = self.get_many(
                 proto::paths::REGIONS_KNOWN,
@@ -1328,12 +1881,10 @@ impl Repository for RemoteRepo {
             )?;
             if self.renewals.load(SeqCst) == epoch {
                 self.checked.store(epoch, SeqCst);
-                return Ok(ids
-                    .iter()
-                    .zip(known)
-                    .filter(|(_, k)| !k)
-                    .map(|(id, _)| *id)
-                    .collect());
+                lost.extend(ids.iter().zip(known).filter(|(_, k)| !k).map(|(id, _)| *id));
+                lost.sort_unstable();
+                lost.dedup();
+                return Ok(lost);
             }
         }
         Err(self.broken(format!(
@@ -1591,6 +2142,7 @@ mod tests {
             retry_for: Duration::ZERO,
             limits: Limits::default(),
             prefetch_listing: true,
+            session_for: None,
         });
         assert!(matches!(r, Err(RepoError::Unreachable { .. })));
     }

@@ -88,4 +88,10 @@ pub enum RepoError {
     /// protocol.
     #[error("{url}: {detail}")]
     Remote { url: String, detail: String },
+    /// A backup started from the client's cache of the server (its hello,
+    /// the parent it picked last time) found the server's answers
+    /// different: nothing was committed, and the backup starts again from
+    /// the server's answers.
+    #[error("{url}: the cached view of the repository is out of date ({detail}): back up again")]
+    Outdated { url: String, detail: String },
 }

@@ -330,6 +330,26 @@ pub trait Repository: Send + Sync {
     /// region is an orphan.
     fn put_region(&self, id: &Id, stored: &[u8], frames: &Frames) -> Result<PutOutcome>;
 
+    /// [`Repository::put_region`], calling `settled` with whether the
+    /// region was stored once that is known. A repository that takes a
+    /// commit ahead of its uploads' answers (a server that says so) returns
+    /// before then, with what it sent, and reads the answer on a thread of
+    /// its own; an upload that fails then is reported by a later upload or
+    /// by the commit, which waits for them all. A backup's uploads that
+    /// leave out a chunk another upload carries wait for that one to be
+    /// settled (`claims`), not returned.
+    fn put_region_settled(
+        &self,
+        id: &Id,
+        stored: &[u8],
+        frames: &Frames,
+        settled: Box<dyn FnOnce(bool) + Send>,
+    ) -> Result<PutOutcome> {
+        let out = self.put_region(id, stored, frames);
+        settled(out.is_ok());
+        out
+    }
+
     /// Makes a snapshot visible (`snapshot` is its stored record) with its
     /// index pages (stored bytes, each page it names at least once) and,
     /// when given, the id of its parent (recorded for display; it holds no

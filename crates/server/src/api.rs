@@ -392,6 +392,7 @@ async fn hello(State(app): State<Shared>, headers: HeaderMap) -> ApiResult {
         uploads: Some(app.upload_share() as u32),
         commit_ends_session: true,
         paged_snapshots: true,
+        awaits_uploads: true,
         token: c.token,
         namespaces: c.namespaces,
     })
@@ -740,6 +741,7 @@ async fn put_region(
         Metrics::add(&app.metrics.chunks_new, stored.new_chunks);
         Metrics::add(&app.metrics.chunk_bytes_new, stored.new_bytes);
         Metrics::add(&app.metrics.regions_put, 1);
+        app.upload_stored(scope.session);
         Ok(Json(out).into_response())
     })
     .await
@@ -1549,6 +1551,7 @@ async fn open_session(
                 image: req.image.clone(),
                 namespace: namespace.clone(),
                 last: Instant::now(),
+                uploads_ok: 0,
             },
         );
     }

@@ -126,6 +126,18 @@ pub(crate) async fn guard(State(app): State<Arc<App>>, req: Request, next: Next)
             }
             return close(e.into_response());
         }
+        // A commit sent ahead of its uploads' answers waits for them
+        // first, holding no slot: the uploads it awaits need theirs.
+        if path == paths::COMMIT {
+            let awaited = req
+                .headers()
+                .get(imgstore_protocol::AWAITS_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            if let (Some(n), Ok(scope)) = (awaited, session(&app, &who, req.headers())) {
+                app.await_uploads(scope.session, n, QUEUE_WAIT).await;
+            }
+        }
         let mine = app.token_share(&who.token, Share::Uploads);
         let Ok(Ok(own)) = tokio::time::timeout(QUEUE_WAIT, mine.acquire_owned()).await else {
             return close(busy("concurrent uploads of one token"));

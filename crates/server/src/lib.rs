@@ -71,6 +71,9 @@ pub(crate) struct Session {
     pub image: String,
     pub namespace: Option<String>,
     pub last: Instant,
+    /// Region uploads stored in it: what a commit sent ahead of their
+    /// answers waits for (`imgstore-awaits`).
+    pub uploads_ok: u64,
 }
 
 /// Everything a request handler needs.
@@ -80,6 +83,8 @@ pub struct App {
     tokens_path: PathBuf,
     tokens: RwLock<(Option<SystemTime>, HashMap<String, TokenEntry>)>,
     pub(crate) sessions: Mutex<HashMap<u64, Session>>,
+    /// Woken whenever a session stores a region upload.
+    uploads_done: tokio::sync::Notify,
     pub(crate) idle: Duration,
     pub(crate) uploads: Arc<tokio::sync::Semaphore>,
     /// Bulk answers (chunks/get, pages, regions) being built.
@@ -203,6 +208,7 @@ impl App {
             tokens_path,
             tokens: RwLock::new((None, HashMap::new())),
             sessions: Mutex::new(HashMap::new()),
+            uploads_done: tokio::sync::Notify::new(),
             idle,
             uploads: Arc::new(tokio::sync::Semaphore::new(uploads)),
             reads: Arc::new(tokio::sync::Semaphore::new(reads)),
@@ -294,6 +300,44 @@ impl App {
             role: t.role,
             namespaces: t.namespaces.clone(),
         })
+    }
+
+    /// Counts a region upload stored in `session`.
+    pub(crate) fn upload_stored(&self, session: u64) {
+        if let Some(s) = self
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&session)
+        {
+            s.uploads_ok += 1;
+        }
+        self.uploads_done.notify_waiters();
+    }
+
+    /// Waits until `session` has stored `n` region uploads, it is gone, or
+    /// `limit` has passed: a commit sent ahead of its uploads' answers is
+    /// checked once they are in (or, past the limit, as it is: a region
+    /// still missing then fails it, and nothing is stored).
+    pub(crate) async fn await_uploads(&self, session: u64, n: u64, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let woken = self.uploads_done.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            let have = self
+                .sessions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&session)
+                .map(|s| s.uploads_ok);
+            if have.is_none_or(|have| have >= n) {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, woken).await.is_err() {
+                return;
+            }
+        }
     }
 
     /// Drops sessions idle for longer than the timeout, with their pins.
