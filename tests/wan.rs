@@ -15,6 +15,24 @@ use imgstore_shaper::{Dir, Link, Shaper};
 use crate::server::{setup, url_via, Client};
 use crate::util::*;
 
+/// Seconds since the epoch of a log line's `2026-12-05T01:55:32.375725Z`.
+fn log_secs(ts: &str) -> f64 {
+    let (date, time) = ts.trim_end_matches('Z').split_once('T').unwrap();
+    let d: Vec<i64> = date.split('-').map(|x| x.parse().unwrap()).collect();
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let (y, m) = if d[1] <= 2 {
+        (d[0] - 1, d[1] + 9)
+    } else {
+        (d[0], d[1] - 3)
+    };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * m + 2) / 5 + d[2] - 1;
+    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
+    let t: Vec<f64> = time.split(':').map(|x| x.parse().unwrap()).collect();
+    days as f64 * 86_400.0 + t[0] * 3600.0 + t[1] * 60.0 + t[2]
+}
+
 /// An image of `mib` MiB: incompressible data, zeros, text.
 fn image(mib: usize, seed: u64) -> Vec<u8> {
     let q = (mib << 20) / 4;
@@ -74,6 +92,34 @@ fn backups_and_restores_through_a_50ms_link_are_exact() {
         .collect();
     let closes = requests.iter().filter(|v| v["method"] == "DELETE").count();
     assert_eq!(closes, 0, "sessions closed after their commit");
+    // The first backup's commit went with its last uploads, not a round
+    // trip after their answers: it reached the server before the last
+    // upload had been answered plus half the round trip (one sent after
+    // the answers comes a whole round trip later), and the server took it
+    // once the uploads were in (the backup restores exact, above).
+    let first_commit = requests
+        .iter()
+        .position(|v| v["path"] == "/v1/commit")
+        .expect("a commit");
+    let span = |v: &serde_json::Value| {
+        let end = log_secs(v["timestamp"].as_str().unwrap());
+        (end - v["ms"].as_f64().unwrap() / 1000.0, end)
+    };
+    let last_upload_end = requests[..first_commit]
+        .iter()
+        .filter(|v| v["method"] == "PUT")
+        .map(|v| span(v).1)
+        .fold(f64::MIN, f64::max);
+    let (commit_start, commit_end) = span(&requests[first_commit]);
+    assert!(
+        commit_start < last_upload_end + 0.025,
+        "the commit came {:.3} s after the last upload's answer",
+        commit_start - last_upload_end
+    );
+    assert!(
+        commit_end >= last_upload_end,
+        "the commit was taken before its uploads"
+    );
     assert_eq!(crate::faults::metric(&env, &s, "sessions_active"), 0);
     let direct = Client::new(&env, &s, "admin");
     direct.ok(&["check", "--read-data"]);
