@@ -146,7 +146,7 @@ pub struct RemoteRepo {
     hello_bytes: Vec<u8>,
     /// What the last successful commit stored: the snapshot's id, its
     /// record and its pages, for the client's cache.
-    last_commit: Mutex<Option<(Id, Vec<u8>, Vec<Vec<u8>>)>>,
+    last_commit: Mutex<Option<Committed>>,
     codec: imgstore_repo::Codec,
     /// The codec of the current backup session's namespace, if it tags.
     /// Region uploads in flight: at most twice the token's upload share
@@ -160,6 +160,10 @@ pub struct RemoteRepo {
     /// that takes commits ahead of them: [`proto::Hello::awaits_uploads`]).
     pending: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
+
+/// What a commit stored: the snapshot's id, its record, its pages (as
+/// stored, in the record's order).
+pub type Committed = (Id, Vec<u8>, Vec<Vec<u8>>);
 
 /// Raw answers to `GET /v1/snapshots` and `GET /v1/witnesses`, and
 /// when they came.
@@ -652,7 +656,7 @@ impl RemoteRepo {
 
     /// What the last successful commit stored: the snapshot's id, its
     /// record and its pages as stored (in the record's order).
-    pub fn take_last_commit(&self) -> Option<(Id, Vec<u8>, Vec<Vec<u8>>)> {
+    pub fn take_last_commit(&self) -> Option<Committed> {
         self.last_commit
             .lock()
             .unwrap_or_else(|p| p.into_inner())
