@@ -40,6 +40,9 @@ mkdir -p "$WORK"
 # reused by a later server would otherwise look like a replaced repository
 # (exit 8).
 export XDG_STATE_HOME="$WORK/state"
+# And a fresh client cache (a server on a reused port is another
+# repository; the cache would only be found out of date).
+export XDG_CACHE_HOME="$WORK/cache"
 
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; }
@@ -94,7 +97,7 @@ for link in $LINKS; do
     rtt=${link%%@*}
     rate=; [ "$link" != "$rtt" ] && rate=${link#*@}
     tag=$name-${link//@/-}-$round
-    R="$WORK/repo"; rm -rf "$R" "$WORK/shaper.tsv" "$WORK/out.img" "$WORK/admin.token" "$XDG_STATE_HOME"
+    R="$WORK/repo"; rm -rf "$R" "$WORK/shaper.tsv" "$WORK/out.img" "$WORK/admin.token" "$XDG_STATE_HOME" "$XDG_CACHE_HOME"
     shaper_args=(--rtt "$rtt" --stats "$WORK/shaper.tsv")
     [ -n "$rate" ] && shaper_args+=(--rate "$rate")
     if [ "$TARGET" = server ]; then
