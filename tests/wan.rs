@@ -120,6 +120,27 @@ fn backups_and_restores_through_a_50ms_link_are_exact() {
         commit_end >= last_upload_end,
         "the commit was taken before its uploads"
     );
+    // The second backup started from the client's cache, its session id
+    // chosen by the client: its first `chunks/known` went with the
+    // session's opening, not a round trip after its answer.
+    assert_eq!(b2["started_from_cache"], true, "{b2}");
+    let opened = requests
+        .iter()
+        .filter(|v| v["path"] == "/v1/sessions")
+        .map(span)
+        .nth(1)
+        .expect("the second backup's session");
+    let first_known = requests
+        .iter()
+        .filter(|v| v["path"] == "/v1/chunks/known")
+        .map(|v| span(v).0)
+        .filter(|t| *t > commit_end)
+        .fold(f64::MAX, f64::min);
+    assert!(
+        first_known < opened.0 + 0.025,
+        "the second backup's first chunks/known came {:.3} s after its session's opening",
+        first_known - opened.0
+    );
     assert_eq!(crate::faults::metric(&env, &s, "sessions_active"), 0);
     let direct = Client::new(&env, &s, "admin");
     direct.ok(&["check", "--read-data"]);

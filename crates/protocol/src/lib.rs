@@ -152,6 +152,13 @@ pub const SESSION_HEADER: &str = "imgstore-session";
 /// the last upload's answer (docs/PROTOCOL.md, "Sessions").
 pub const AWAITS_HEADER: &str = "imgstore-awaits";
 
+/// Header of a call in a session whose id the client chose
+/// ([`SessionRequest::id`]) and whose opening it has not seen answered:
+/// the image the session is for. A server that does not know the session
+/// opens it for that image (as `POST /v1/sessions` would) instead of
+/// answering 410.
+pub const IMAGE_HEADER: &str = "imgstore-image";
+
 /// Limits: a request or answer past one is refused before allocation.
 pub mod limits {
     /// Ids in one `chunks/known`, `chunks/get`, `pages`, `regions` or `refs` call.

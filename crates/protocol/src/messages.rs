@@ -549,6 +549,11 @@ pub struct Hello {
     /// servers before it was added: a client then waits for every answer.
     #[serde(default)]
     pub awaits_uploads: bool,
+    /// Sessions may have client-chosen ids, and calls naming one with
+    /// [`crate::IMAGE_HEADER`] open it if it is not open yet. False from
+    /// servers before it was added.
+    #[serde(default)]
+    pub client_session_ids: bool,
 }
 
 /// `POST /v1/sessions`: a write session for a backup of `image`.
@@ -563,6 +568,13 @@ pub struct SessionRequest {
     /// are gone, are skipped without a word.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pin_pages: Vec<String>,
+    /// The session's id, chosen by the client (16 hex digits, from a good
+    /// random source), so that its first calls need not wait for this
+    /// answer: they name it with the image ([`crate::IMAGE_HEADER`]), and
+    /// whichever comes first opens the session, the others join it.
+    /// Absent: the server chooses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -338,6 +338,10 @@ struct Session {
     namespace: Option<String>,
     /// Its commit ended it on the server ([`proto::Hello::commit_ends_session`]).
     ended: bool,
+    /// Its id was chosen here and its opening not answered yet: calls in
+    /// it name the image too (`imgstore-image`, the server opens it for
+    /// the first that comes) and do not wait for the opening.
+    provisional: bool,
 }
 
 /// How often an HTTP/2 connection with nothing received lately is pinged.
@@ -710,9 +714,34 @@ impl RemoteRepo {
         };
         let (conn, codec, image) = (self.conn.clone(), self.codec.clone(), image.to_string());
         let wait = pins.len() < pin_pages.len();
+        // A server that takes client-chosen ids: the session is named now,
+        // and the first `chunks/known` goes without waiting for the opening
+        // (a plain repository's: an encrypted namespace's chunk ids wait for
+        // its tag, which the opening's answer says).
+        let chosen = (self.hello.client_session_ids
+            && !self.codec.is_sealed()
+            && image.bytes().all(|b| b.is_ascii_graphic()))
+        .then(|| {
+            let mut raw = [0u8; 8];
+            getrandom::fill(&mut raw).ok()?;
+            Some(format!("{:016x}", u64::from_le_bytes(raw).max(1)))
+        })
+        .flatten();
+        if let Some(id) = &chosen {
+            self.conn.install(
+                Session {
+                    id: id.clone(),
+                    image: image.clone(),
+                    namespace: None,
+                    ended: false,
+                    provisional: true,
+                },
+                &self.codec,
+            );
+        }
         let handle = std::thread::spawn(move || {
-            let session = conn.open_session(&image, &pins)?;
-            conn.install(session, &codec);
+            let session = conn.open_session_as(&image, &pins, chosen.as_deref())?;
+            conn.confirm(session, &codec);
             Ok(())
         });
         *self
@@ -866,6 +895,21 @@ impl RemoteRepo {
         Ok(predicted)
     }
 
+    /// The failure of an upload answered after its call returned, once
+    /// (a lost chunk is not one: [`Repository::regions_to_resend`] names
+    /// its region).
+    fn upload_failure(&self) -> Result<()> {
+        match self
+            .upload_failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
     /// Waits for the answers of the uploads still on their way.
     fn join_uploads(&self) {
         let handles = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
@@ -881,6 +925,24 @@ impl RemoteRepo {
 }
 
 impl Conn {
+    /// The opening of the current session was answered: `session` is what
+    /// it says (the same id when the client chose it: the calls made in
+    /// it meanwhile count).
+    fn confirm(&self, session: Session, codec: &imgstore_repo::Codec) {
+        {
+            let mut current = self.session.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(c) = current
+                .as_mut()
+                .filter(|c| c.provisional && c.id == session.id)
+            {
+                c.namespace = session.namespace;
+                c.provisional = false;
+                return;
+            }
+        }
+        self.install(session, codec);
+    }
+
     /// Makes `session` the current one.
     fn install(&self, session: Session, codec: &imgstore_repo::Codec) {
         // In a namespace of an encrypted repository the backup's chunk ids
@@ -972,6 +1034,16 @@ impl Conn {
 
     /// Opens a session for a backup of `image` (not yet the current one).
     fn open_session(&self, image: &str, pin_pages: &[Id]) -> Result<Session> {
+        self.open_session_as(image, pin_pages, None)
+    }
+
+    /// [`Conn::open_session`] with the id `chosen` by this client.
+    fn open_session_as(
+        &self,
+        image: &str,
+        pin_pages: &[Id],
+        chosen: Option<&str>,
+    ) -> Result<Session> {
         let body = self.timed(|| {
             self.call(
                 reqwest::Method::POST,
@@ -980,6 +1052,7 @@ impl Conn {
                     serde_json::to_value(proto::SessionRequest {
                         image: image.into(),
                         pin_pages: pin_pages.iter().map(Id::to_hex).collect(),
+                        id: chosen.map(str::to_string),
                     })
                     .expect("json"),
                 ),
@@ -992,6 +1065,7 @@ impl Conn {
             id: reply.session,
             image: image.into(),
             namespace: reply.namespace,
+            provisional: false,
         })
     }
 
@@ -1059,7 +1133,14 @@ impl Conn {
             || path == proto::paths::REGIONS_KNOWN
             || path == proto::paths::COMMIT
             || (method == reqwest::Method::PUT && path.starts_with(proto::paths::REGION_PREFIX));
-        if in_session {
+        // A session whose id this client chose need not be waited for.
+        let provisional = self
+            .session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|s| s.provisional);
+        if in_session && !provisional {
             self.settle()?;
         }
         let started = Instant::now();
@@ -1075,17 +1156,22 @@ impl Conn {
                 .request(method.clone(), format!("{}{path}", self.base))
                 .bearer_auth(&self.token);
             // Opening a session is the one call that never runs in one.
-            let sent = match path {
-                proto::paths::SESSIONS => None,
+            let (sent, image) = match path {
+                proto::paths::SESSIONS => (None, None),
                 _ => self
                     .session
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .as_ref()
-                    .map(|s| s.id.clone()),
+                    .map_or((None, None), |s| {
+                        (Some(s.id.clone()), s.provisional.then(|| s.image.clone()))
+                    }),
             };
             if let Some(s) = &sent {
                 req = req.header(proto::SESSION_HEADER, s.as_str());
+            }
+            if let Some(image) = &image {
+                req = req.header(proto::IMAGE_HEADER, image.as_str());
             }
             req = match &body {
                 Body::None => req,
@@ -1798,16 +1884,7 @@ impl Repository for RemoteRepo {
                 // An upload failed: that is the error (a region it did not
                 // store is why the commit failed too).
                 Err(e) => {
-                    if let Some(u) = self
-                        .upload_failed
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .take()
-                    {
-                        if !matches!(u, RepoError::Missing { .. }) {
-                            return Err(u);
-                        }
-                    }
+                    self.upload_failure()?;
                     if !matches!(e, RepoError::Unreachable { .. }) {
                         return Err(e);
                     }
@@ -1817,16 +1894,7 @@ impl Repository for RemoteRepo {
             }
         }
         self.join_uploads();
-        if let Some(u) = self
-            .upload_failed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
-            if !matches!(u, RepoError::Missing { .. }) {
-                return Err(u);
-            }
-        }
+        self.upload_failure()?;
         match self.upload(
             reqwest::Method::POST,
             proto::paths::COMMIT,

@@ -249,6 +249,97 @@ fn only_visible<T>(
         .collect())
 }
 
+/// A session id as sent: 16 hex digits, not zero.
+fn session_id(hex: &str) -> Option<u64> {
+    (hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| u64::from_str_radix(hex, 16).ok())
+        .flatten()
+        .filter(|id| *id != 0)
+}
+
+/// Opens session `chosen` (a random one when `None`) for `c`'s backup of
+/// `image` in `namespace`, or joins it when that token already opened it
+/// for that image (a client's first calls and its `POST /v1/sessions`
+/// race: whichever comes first opens it). Bounded per token and in all.
+fn enter_session(
+    app: &App,
+    c: &Caller,
+    image: &str,
+    namespace: &Option<String>,
+    chosen: Option<u64>,
+) -> ApiResult<u64> {
+    let id = match chosen {
+        Some(id) => id,
+        None => {
+            let mut raw = [0u8; 8];
+            getrandom::fill(&mut raw)
+                .map_err(|e| ApiError::internal(format!("no randomness: {e}")))?;
+            u64::from_le_bytes(raw)
+        }
+    };
+    let mut sessions = app.sessions.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(s) = sessions.get_mut(&id) {
+        if s.token == c.token && s.image == image {
+            s.last = Instant::now();
+            return Ok(id);
+        }
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "session_taken",
+            format!("session {id:016x} is taken: choose another id"),
+        ));
+    }
+    let mine = sessions.values().filter(|s| s.token == c.token).count();
+    if mine >= app.limits.sessions_per_token || sessions.len() >= app.limits.sessions {
+        tracing::warn!(token = %c.token, open = mine, "session refused: too many open");
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_sessions",
+            format!(
+                "token {:?} has {mine} backup sessions open (limit {}, {} in all): finish or close some, or wait for them to expire",
+                c.token, app.limits.sessions_per_token, app.limits.sessions
+            ),
+        ));
+    }
+    sessions.insert(
+        id,
+        Session {
+            token: c.token.clone(),
+            image: image.to_string(),
+            namespace: namespace.clone(),
+            last: Instant::now(),
+            uploads_ok: 0,
+        },
+    );
+    Ok(id)
+}
+
+/// The namespace a backup of `image` by `c` goes to, when `c` may write
+/// it (the checks of `POST /v1/sessions`).
+fn image_namespace(app: &App, c: &Caller, image: &str) -> ApiResult<Option<String>> {
+    require(c, &[Role::Backup, Role::Admin], "write backups")?;
+    if !valid_image(image) {
+        return Err(ApiError::bad(format!(
+            "{image:?} is not a valid image name"
+        )));
+    }
+    let namespace = app.config.namespace_of(image).map(str::to_string);
+    if !c.is_admin()
+        && !namespace
+            .as_ref()
+            .is_some_and(|ns| c.namespaces.contains(ns))
+    {
+        tracing::warn!(token = %c.token, image = %image, "backup of an image outside the token's namespaces refused");
+        return Err(ApiError::forbidden(format!(
+            "image {:?} is not in the namespaces of token {:?} ({}): back up under a name they cover",
+            image,
+            c.token,
+            if c.namespaces.is_empty() { "none".to_string() } else { c.namespaces.join(", ") }
+        )));
+    }
+    Ok(namespace)
+}
+
 pub(crate) fn session(app: &App, c: &Caller, headers: &HeaderMap) -> ApiResult<Scope> {
     let id = headers
         .get(proto::SESSION_HEADER)
@@ -261,6 +352,22 @@ pub(crate) fn session(app: &App, c: &Caller, headers: &HeaderMap) -> ApiResult<S
                 "this call needs a backup session (POST /v1/sessions)",
             )
         })?;
+    // A client-chosen session its first calls open, if its opening has
+    // not come yet (`imgstore-image`).
+    let image = headers
+        .get(proto::IMAGE_HEADER)
+        .and_then(|v| v.to_str().ok());
+    let unknown = !app
+        .sessions
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .contains_key(&id);
+    if let (true, Some(image)) = (unknown, image) {
+        let ns = image_namespace(app, c, image)?;
+        let chosen =
+            session_id(&format!("{id:016x}")).ok_or_else(|| ApiError::bad("session id 0"))?;
+        enter_session(app, c, image, &ns, Some(chosen))?;
+    }
     let mut s = app.sessions.lock().unwrap_or_else(|p| p.into_inner());
     match s.get_mut(&id) {
         Some(sess) if sess.token == c.token => {
@@ -393,6 +500,7 @@ async fn hello(State(app): State<Shared>, headers: HeaderMap) -> ApiResult {
         commit_ends_session: true,
         paged_snapshots: true,
         awaits_uploads: true,
+        client_session_ids: true,
         token: c.token,
         namespaces: c.namespaces,
     })
@@ -1488,27 +1596,7 @@ async fn open_session(
     Json(req): Json<proto::SessionRequest>,
 ) -> ApiResult {
     let c = caller(&app, &headers)?;
-    require(&c, &[Role::Backup, Role::Admin], "write backups")?;
-    if !valid_image(&req.image) {
-        return Err(ApiError::bad(format!(
-            "{:?} is not a valid image name",
-            req.image
-        )));
-    }
-    let namespace = app.config.namespace_of(&req.image).map(str::to_string);
-    if !c.is_admin()
-        && !namespace
-            .as_ref()
-            .is_some_and(|ns| c.namespaces.contains(ns))
-    {
-        tracing::warn!(token = %c.token, image = %req.image, "backup of an image outside the token's namespaces refused");
-        return Err(ApiError::forbidden(format!(
-            "image {:?} is not in the namespaces of token {:?} ({}): back up under a name they cover",
-            req.image,
-            c.token,
-            if c.namespaces.is_empty() { "none".to_string() } else { c.namespaces.join(", ") }
-        )));
-    }
+    let namespace = image_namespace(&app, &c, &req.image)?;
     if req.pin_pages.len() > limits::PIN_PAGES {
         return Err(ApiError::bad(format!(
             "{} pages to pin: at most {} (read the others within the session)",
@@ -1527,34 +1615,11 @@ async fn open_session(
         true => None,
         false => Some(read_slot(&app, &c).await?),
     };
-    let mut raw = [0u8; 8];
-    getrandom::fill(&mut raw).map_err(|e| ApiError::internal(format!("no randomness: {e}")))?;
-    let id = u64::from_le_bytes(raw);
-    {
-        let mut sessions = app.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        let mine = sessions.values().filter(|s| s.token == c.token).count();
-        if mine >= app.limits.sessions_per_token || sessions.len() >= app.limits.sessions {
-            tracing::warn!(token = %c.token, open = mine, "session refused: too many open");
-            return Err(ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too_many_sessions",
-                format!(
-                    "token {:?} has {mine} backup sessions open (limit {}, {} in all): finish or close some, or wait for them to expire",
-                    c.token, app.limits.sessions_per_token, app.limits.sessions
-                ),
-            ));
-        }
-        sessions.insert(
-            id,
-            Session {
-                token: c.token.clone(),
-                image: req.image.clone(),
-                namespace: namespace.clone(),
-                last: Instant::now(),
-                uploads_ok: 0,
-            },
-        );
-    }
+    let chosen = match &req.id {
+        Some(h) => Some(session_id(h).ok_or_else(|| ApiError::bad("id: not 16 hex digits"))?),
+        None => None,
+    };
+    let id = enter_session(&app, &c, &req.image, &namespace, chosen)?;
     if !pin_pages.is_empty() {
         let (a, caller) = (app.clone(), c.clone());
         let pinned = blocking(move || {
