@@ -1155,9 +1155,14 @@ impl Conn {
             let mut req = client
                 .request(method.clone(), format!("{}{path}", self.base))
                 .bearer_auth(&self.token);
-            // Opening a session is the one call that never runs in one.
+            // Opening a session is the one call that never runs in one; a
+            // session whose opening is unanswered is named only by the
+            // calls that need it (others, such as the parent's pages,
+            // pinned by `pin_pages`, go without it: a token that may not
+            // write gets the opening's refusal, not theirs).
             let (sent, image) = match path {
                 proto::paths::SESSIONS => (None, None),
+                _ if !in_session && provisional => (None, None),
                 _ => self
                     .session
                     .lock()
