@@ -688,13 +688,7 @@ impl RemoteRepo {
         self.end_session();
         // Opened with the hello: the parent's pages, read within it, are
         // pinned as they are read.
-        let early = self
-            .conn
-            .early_session
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(s) = early {
+        if let Some(s) = self.take_early_session() {
             if s.image == image {
                 self.conn.install(s, &self.codec);
                 self.warm_uploads();
@@ -783,13 +777,28 @@ impl RemoteRepo {
             .take();
         // A commit that ended it on the server left nothing to close.
         if let Some(s) = s.filter(|s| !s.ended) {
-            let _ = self.call(
-                reqwest::Method::DELETE,
-                &proto::paths::session(&s.id),
-                Body::None,
-                false,
-            );
+            self.close_session(&s);
         }
+    }
+
+    /// `DELETE /v1/sessions/{id}`, its outcome ignored (an unclosed
+    /// session idles out).
+    fn close_session(&self, s: &Session) {
+        let _ = self.call(
+            reqwest::Method::DELETE,
+            &proto::paths::session(&s.id),
+            Body::None,
+            false,
+        );
+    }
+
+    /// The session opened with the hello, if no backup took it yet.
+    fn take_early_session(&self) -> Option<Session> {
+        self.conn
+            .early_session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     /// The session's commit succeeded: a server that ends the session
@@ -1653,19 +1662,8 @@ impl Drop for RemoteRepo {
         self.end_session();
         // A session opened with the hello that no backup took counts
         // against the token's sessions until it idles out: closed too.
-        let early = self
-            .conn
-            .early_session
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(s) = early {
-            let _ = self.call(
-                reqwest::Method::DELETE,
-                &proto::paths::session(&s.id),
-                Body::None,
-                false,
-            );
+        if let Some(s) = self.take_early_session() {
+            self.close_session(&s);
         }
     }
 }
