@@ -1210,6 +1210,90 @@ fn sessions_per_token_are_bounded() {
     s.assert_no_panic();
 }
 
+/// A session a call opens by naming it (a client-chosen id with
+/// `imgstore-image`) passes every check of `POST /v1/sessions` and counts
+/// against the same bound; another token cannot take it or its id.
+#[test]
+fn sessions_opened_by_their_first_call_are_checked_as_any() {
+    if !need_curl() {
+        return;
+    }
+    let env = Env::new();
+    let s = setup_with(&env, "max_sessions_per_token = 2");
+    let raw = Raw::new(&env, &s);
+    let (web, db) = (token(&env, "web-backup"), token(&env, "db-backup"));
+    let restore = token(&env, "web-restore");
+    let known = |tok: &str, id: &str, image: &str| {
+        raw.call(
+            "POST",
+            "/v1/chunks/known",
+            Some(tok),
+            Some(&[0u8; 4]),
+            &[
+                format!("imgstore-session: {id}"),
+                format!("imgstore-image: {image}"),
+            ],
+        )
+    };
+    // A restore token, and an image outside the token's namespaces, are
+    // refused as an opening would be.
+    let (code, b) = known(&restore, "00000000000000a1", "web-disk");
+    assert_eq!(code, 403, "{}", String::from_utf8_lossy(&b));
+    let (code, b) = known(&web, "00000000000000a2", "db-disk");
+    assert_eq!(code, 403, "{}", String::from_utf8_lossy(&b));
+    // Opened by its first call; the opening with the same id joins it.
+    let (code, b) = known(&web, "00000000000000a3", "web-disk");
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&b));
+    let (code, b) = raw.call(
+        "POST",
+        "/v1/sessions",
+        Some(&web),
+        Some(br#"{"image":"web-disk","id":"00000000000000a3"}"#),
+        &[],
+    );
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&b));
+    assert!(String::from_utf8_lossy(&b).contains("00000000000000a3"));
+    // Another token cannot take it: its calls find no session of its
+    // own (410, as for any other token's session), its opening is refused.
+    let (code, b) = known(&db, "00000000000000a3", "db-disk");
+    assert_eq!(code, 410, "{}", String::from_utf8_lossy(&b));
+    let (code, b) = raw.call(
+        "POST",
+        "/v1/sessions",
+        Some(&db),
+        Some(br#"{"image":"db-disk","id":"00000000000000a3"}"#),
+        &[],
+    );
+    assert_eq!(code, 409, "{}", String::from_utf8_lossy(&b));
+    // Nor the same token's opening for another image; a zero or
+    // malformed id is refused.
+    let (code, _) = raw.call(
+        "POST",
+        "/v1/sessions",
+        Some(&web),
+        Some(br#"{"image":"web-other","id":"00000000000000a3"}"#),
+        &[],
+    );
+    assert_eq!(code, 409);
+    for bad in ["0000000000000000", "xyz", "00000000000000a3ff"] {
+        let body = format!(r#"{{"image":"web-disk","id":"{bad}"}}"#);
+        let (code, b) = raw.call(
+            "POST",
+            "/v1/sessions",
+            Some(&web),
+            Some(body.as_bytes()),
+            &[],
+        );
+        assert_eq!(code, 400, "{bad}: {}", String::from_utf8_lossy(&b));
+    }
+    // The bound holds: one more opened by a call, then 429.
+    let (code, _) = known(&web, "00000000000000a4", "web-disk");
+    assert_eq!(code, 200);
+    let (code, b) = known(&web, "00000000000000a5", "web-disk");
+    assert_eq!(code, 429, "{}", String::from_utf8_lossy(&b));
+    s.assert_no_panic();
+}
+
 /// A session may pin, as it opens, the regions of index pages its token
 /// can see, and no others (a page of another namespace is skipped with the
 /// same answer, so pinning is no oracle); the count is bounded before
