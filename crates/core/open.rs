@@ -135,17 +135,20 @@ pub(crate) fn over_a_link(repo: &Path) -> bool {
 }
 
 fn connect(url: &str) -> anyhow::Result<RemoteRepo> {
+    connect_with(url, &own_credentials())
+}
+
+/// This command's credentials for its own repository (`-r`): the token
+/// and trust settings of the command line and environment.
+fn own_credentials() -> Credentials {
     let s = settings();
-    connect_with(
-        url,
-        &Credentials {
-            token_file: s.token_file.clone(),
-            token_env: "IMGSTORE_TOKEN",
-            fingerprint: s.server_fingerprint.clone(),
-            ca_file: s.server_ca.clone(),
-            secret_means_encrypted: true,
-        },
-    )
+    Credentials {
+        token_file: s.token_file.clone(),
+        token_env: "IMGSTORE_TOKEN",
+        fingerprint: s.server_fingerprint.clone(),
+        ca_file: s.server_ca.clone(),
+        secret_means_encrypted: true,
+    }
 }
 
 /// How to authenticate to a server and whom to trust.
@@ -268,14 +271,7 @@ pub(crate) fn backup_writer(
     let Some(url) = remote_url(repo) else {
         return Ok((open_writer(repo, "backup")?, None));
     };
-    let s = settings();
-    let c = Credentials {
-        token_file: s.token_file.clone(),
-        token_env: "IMGSTORE_TOKEN",
-        fingerprint: s.server_fingerprint.clone(),
-        ca_file: s.server_ca.clone(),
-        secret_means_encrypted: true,
-    };
+    let c = own_credentials();
     let token = read_token(url, &c)?;
     let canonical = imgstore_remote::canonical_url(url).map_err(crate::exit::usage)?;
     let cache = if no_cache {
@@ -300,19 +296,27 @@ pub(crate) fn backup_writer(
 /// `$XDG_CACHE_HOME/imgstore`, else `~/.cache/imgstore`; none without a
 /// home (the cache is then not used).
 fn cache_dir() -> Option<std::path::PathBuf> {
+    user_dir("IMGSTORE_CACHE_DIR", "XDG_CACHE_HOME", ".cache/imgstore")
+}
+
+/// One of imgstore's own directories: `$own`, else `$xdg/imgstore`, else
+/// `~/in_home`; none without a home.
+fn user_dir(own: &str, xdg: &str, in_home: &str) -> Option<std::path::PathBuf> {
     let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
-    if let Some(dir) = var("IMGSTORE_CACHE_DIR") {
+    if let Some(dir) = var(own) {
         return Some(dir.into());
     }
-    let xdg = var("XDG_CACHE_HOME")
+    // The XDG spec: a relative value is invalid and ignored.
+    let xdg = var(xdg)
         .map(std::path::PathBuf::from)
         .filter(|p| p.is_absolute());
     if let Some(dir) = xdg {
         return Some(dir.join("imgstore"));
     }
+    // HOME, else the account's home directory.
     #[allow(deprecated)]
     let home = std::env::home_dir().filter(|p| p.is_absolute());
-    home.map(|h| h.join(".cache/imgstore"))
+    home.map(|h| h.join(in_home))
 }
 
 /// The known-repositories record, in [`state_dir`].
@@ -326,26 +330,16 @@ fn known_repos() -> anyhow::Result<KnownRepos> {
 /// `$XDG_STATE_HOME/imgstore`, else `~/.local/state/imgstore`. `what` names
 /// what is kept there, for the error when there is none.
 pub(crate) fn state_dir(what: &str) -> anyhow::Result<std::path::PathBuf> {
-    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
-    if let Some(dir) = var("IMGSTORE_STATE_DIR") {
-        return Ok(dir.into());
-    }
-    // The XDG spec: a relative value is invalid and ignored.
-    let xdg = var("XDG_STATE_HOME")
-        .map(std::path::PathBuf::from)
-        .filter(|p| p.is_absolute());
-    if let Some(dir) = xdg {
-        return Ok(dir.join("imgstore"));
-    }
-    // HOME, else the account's home directory.
-    #[allow(deprecated)]
-    let home = std::env::home_dir().filter(|p| p.is_absolute());
-    match home {
-        Some(h) => Ok(h.join(".local/state/imgstore")),
-        None => Err(crate::exit::usage(format!(
+    user_dir(
+        "IMGSTORE_STATE_DIR",
+        "XDG_STATE_HOME",
+        ".local/state/imgstore",
+    )
+    .ok_or_else(|| {
+        crate::exit::usage(format!(
             "no directory for {what}: set IMGSTORE_STATE_DIR (or HOME)"
-        ))),
-    }
+        ))
+    })
 }
 
 fn now() -> i64 {

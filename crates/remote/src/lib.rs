@@ -510,11 +510,8 @@ impl RemoteRepo {
             std::thread::spawn(move || c.fetch_ahead(&want, listing));
             return Ok(hello);
         }
-        // Retried like any read: a server that is not up yet is waited for.
-        // The listing goes at the same time when asked for (it sends
-        // nothing but the token, which the hello sends too); its answers
-        // are kept undecoded until the hello has been checked.
-        let get = |path| conn.call(reqwest::Method::GET, path, Body::None, true);
+        // The hello and the listing (`Conn::hello_and_listing`), and the
+        // backup's session at the same time when asked for.
         let (body, prefetched) = std::thread::scope(|s| {
             if let Some(image) = &opts.session_for {
                 s.spawn(|| {
@@ -524,22 +521,7 @@ impl RemoteRepo {
                     }
                 });
             }
-            let listing = opts.prefetch_listing.then(|| {
-                (
-                    s.spawn(|| get(proto::paths::SNAPSHOTS).ok()),
-                    s.spawn(|| get(proto::paths::WITNESSES).ok()),
-                )
-            });
-            let hello = get(proto::paths::HELLO);
-            let prefetched = match listing {
-                Some((snapshots, witnesses)) => Prefetched {
-                    snapshots: snapshots.join().expect("listing thread panicked"),
-                    witnesses: witnesses.join().expect("listing thread panicked"),
-                    at: Some(Instant::now()),
-                },
-                None => Prefetched::default(),
-            };
-            (hello, prefetched)
+            conn.hello_and_listing(opts.prefetch_listing)
         });
         let body = body?;
         *conn.prefetched.lock().unwrap_or_else(|p| p.into_inner()) = prefetched;
@@ -848,14 +830,7 @@ impl RemoteRepo {
         }
         if !later {
             let _slot = self.uploads.take();
-            let out = self
-                .upload(
-                    reqwest::Method::PUT,
-                    &proto::paths::region(id),
-                    Body::Bytes(body.into()),
-                    true,
-                )
-                .and_then(|reply| self.json::<PutOutcome>(&reply));
+            let out = self.put_region_call(&proto::paths::region(id), body.into());
             settled(out.is_ok());
             return out;
         }
@@ -879,9 +854,7 @@ impl RemoteRepo {
             *id,
         );
         let handle = std::thread::spawn(move || {
-            let out = conn
-                .upload(reqwest::Method::PUT, &path, Body::Bytes(body), true)
-                .and_then(|reply| conn.json::<PutOutcome>(&reply));
+            let out = conn.put_region_call(&path, body);
             drop(slot);
             settled(out.is_ok());
             if let Err(RepoError::Missing {
@@ -1448,8 +1421,26 @@ impl Conn {
     /// Started from the cache ([`RemoteRepo::connect_ahead`]): fetches the
     /// server's hello (and listing) and compares the hello with `want`.
     fn fetch_ahead(&self, want: &[u8], listing: bool) {
+        let (hello, prefetched) = self.hello_and_listing(listing);
+        let next = match hello {
+            Ok(body) if body == want => {
+                *self.prefetched.lock().unwrap_or_else(|p| p.into_inner()) = prefetched;
+                Ahead::Fetched
+            }
+            Ok(_) => Ahead::Stale("the server's hello is not the one cached".into()),
+            Err(e) => Ahead::Stale(format!("its hello failed: {e}")),
+        };
+        self.set_ahead(|a| (*a == Ahead::Fetching).then_some(next));
+    }
+
+    /// `GET /v1/hello`, retried like any read (a server that is not up yet
+    /// is waited for), and with `listing` the snapshot listing and the
+    /// witnesses at the same time (they send nothing but the token, which
+    /// the hello sends too): their answers are kept undecoded until the
+    /// hello has been checked. A listing that failed is simply not there.
+    fn hello_and_listing(&self, listing: bool) -> (Result<Vec<u8>>, Prefetched) {
         let get = |path| self.call(reqwest::Method::GET, path, Body::None, true);
-        let (hello, prefetched) = std::thread::scope(|s| {
+        std::thread::scope(|s| {
             let l = listing.then(|| {
                 (
                     s.spawn(|| get(proto::paths::SNAPSHOTS).ok()),
@@ -1466,16 +1457,14 @@ impl Conn {
                 None => Prefetched::default(),
             };
             (hello, prefetched)
-        });
-        let next = match hello {
-            Ok(body) if body == want => {
-                *self.prefetched.lock().unwrap_or_else(|p| p.into_inner()) = prefetched;
-                Ahead::Fetched
-            }
-            Ok(_) => Ahead::Stale("the server's hello is not the one cached".into()),
-            Err(e) => Ahead::Stale(format!("its hello failed: {e}")),
-        };
-        self.set_ahead(|a| (*a == Ahead::Fetching).then_some(next));
+        })
+    }
+
+    /// `PUT /v1/regions/{id}` with `body` on the upload connection, and its
+    /// answer.
+    fn put_region_call(&self, path: &str, body: bytes::Bytes) -> Result<PutOutcome> {
+        self.upload(reqwest::Method::PUT, path, Body::Bytes(body), true)
+            .and_then(|reply| self.json::<PutOutcome>(&reply))
     }
 
     /// Moves the check on to what `f` says (nothing when it says `None`).

@@ -364,9 +364,10 @@ pub(crate) fn session(app: &App, c: &Caller, headers: &HeaderMap) -> ApiResult<S
         .contains_key(&id);
     if let (true, Some(image)) = (unknown, image) {
         let ns = image_namespace(app, c, image)?;
-        let chosen =
-            session_id(&format!("{id:016x}")).ok_or_else(|| ApiError::bad("session id 0"))?;
-        enter_session(app, c, image, &ns, Some(chosen))?;
+        if id == 0 {
+            return Err(ApiError::bad("session id 0"));
+        }
+        enter_session(app, c, image, &ns, Some(id))?;
     }
     let mut s = app.sessions.lock().unwrap_or_else(|p| p.into_inner());
     match s.get_mut(&id) {
