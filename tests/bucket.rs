@@ -501,6 +501,29 @@ fn a_bucket_backed_repository_round_trips_every_command() {
     assert_eq!(o.status.code(), Some(7), "{err}");
     assert!(err.contains("stale") && err.contains("recover"), "{err}");
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    // Nor back up. Its owner check goes while the image is read and is
+    // waited for before the first upload: refused all the same, and
+    // nothing of it reaches the bucket (6 MiB of new data: packs of 2 MiB
+    // fill, and would go, before the commit).
+    let fresh = env.path("fresh.img");
+    fs::write(&fresh, seeded(6 << 20, 27)).unwrap();
+    let objects = bucket_objects(&node);
+    let o = run(
+        &mut s3_command(&env, &repo, &ep),
+        &[
+            "--password-file",
+            &pwf,
+            "backup",
+            fresh.to_str().unwrap(),
+            "--name",
+            "stale",
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(7), "{err}");
+    assert!(err.contains("stale") && err.contains("recover"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert_eq!(bucket_objects(&node), objects, "a stale backup wrote");
     run_ok(&["snapshots"]);
 
     // No plaintext anywhere: neither in the local directory nor in
@@ -895,6 +918,69 @@ fn an_altered_or_missing_pack_is_found_and_never_served() {
     restores_exact(&env, &repo, &ep, &["latest", "--name", "d"], &img);
 }
 
+/// A commit sends its snapshot object with its last pack. When that pack
+/// fails, the object is taken back and no snapshot is made; when taking it
+/// back fails too (the process could as well have died), a rebuild from
+/// the bucket leaves it out (it names a commit pack that is not there, and
+/// data that is not either) and gc deletes it.
+#[test]
+fn a_snapshot_object_whose_commit_did_not_finish_is_taken_back_or_left_out() {
+    let env = Env::new();
+    let (node, proxy) = garage_behind_proxy(&env);
+    let (ep, repo) = (proxy.endpoint(), env.repo());
+    // Default pack size: 1 MiB of new data waits for the commit's pack.
+    init_in(&env, &repo, &ep, "unfinished", &[]);
+    let first = env.path("first.img");
+    fs::write(&first, seeded(1 << 20, 41)).unwrap();
+    backup(&env, &repo, &ep, &first, "d");
+    let objects = bucket_objects(&node);
+    let second = env.path("second.img");
+    fs::write(&second, seeded(1 << 20, 42)).unwrap();
+    let backup_fails = |mode: u64| {
+        proxy.mode.store(mode, SeqCst);
+        let o = run(
+            &mut s3_command(&env, &repo, &ep),
+            &["backup", second.to_str().unwrap(), "--name", "d"],
+        );
+        proxy.mode.store(MODE_FAULTS, SeqCst);
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(!o.status.success(), "mode {mode}: the backup succeeded");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert_eq!(ids(&env, &repo, &ep).len(), 1, "mode {mode}: {err}");
+    };
+    backup_fails(MODE_NO_PACKS);
+    assert_eq!(
+        bucket_objects(&node),
+        objects,
+        "the object was not taken back"
+    );
+    backup_fails(MODE_NO_PACKS_NO_DELETES);
+    assert_eq!(
+        bucket_objects(&node),
+        objects + 1,
+        "the object of the unfinished commit is not in the bucket"
+    );
+    // A rebuild from the bucket alone leaves it out and says so.
+    let elsewhere = env.path("elsewhere");
+    let v = json(&ok(
+        &env,
+        &elsewhere,
+        &ep,
+        &["recover", &format!("s3://{BUCKET}/unfinished"), "--json"],
+    ));
+    assert_eq!(v["unfinished"], 1, "{v}");
+    assert_eq!(v["snapshots"], 1, "{v}");
+    assert_eq!(v["missing"], 0, "{v}");
+    restores_exact(&env, &elsewhere, &ep, &["latest", "--name", "d"], &first);
+    // gc there deletes it.
+    ok(&env, &elsewhere, &ep, &["gc"]);
+    assert_eq!(bucket_objects(&node), objects, "gc left the stray object");
+    ok(&env, &elsewhere, &ep, &["check", "--read-data"]);
+    // And the backup goes through once the bucket takes packs again.
+    backup(&env, &elsewhere, &ep, &second, "d");
+    restores_exact(&env, &elsewhere, &ep, &["latest", "--name", "d"], &second);
+}
+
 /// A pack is not held back for its commit when the link is idle: the
 /// first 8 MiB region of a 12 MiB backup (pack target 32 MiB, no upload
 /// yet to measure the link by) goes to the bucket as soon as it is stored,
@@ -1014,6 +1100,10 @@ const MODE_HUGE: u64 = 3;
 /// Every GET of the owner object answered with a chunked body of 4 MiB
 /// (no length announced).
 const MODE_ENDLESS: u64 = 4;
+/// Every PUT of a pack refused (403 AccessDenied); other requests pass.
+const MODE_NO_PACKS: u64 = 5;
+/// As [`MODE_NO_PACKS`], and every delete refused too.
+const MODE_NO_PACKS_NO_DELETES: u64 = 6;
 
 /// One request on one connection (the proxy answers `Connection: close`).
 fn serve_one(
@@ -1063,6 +1153,24 @@ fn serve_one(
             c.write_all(b"\r\n")?;
         }
         return c.write_all(b"0\r\n\r\n");
+    }
+    let pack_put =
+        text.starts_with("PUT ") && path.split('?').next().unwrap_or("").contains("/packs/");
+    let delete = text.starts_with("DELETE ")
+        || (text.starts_with("POST ")
+            && path
+                .split('?')
+                .nth(1)
+                .is_some_and(|q| q.starts_with("delete")));
+    if (mode == MODE_NO_PACKS && pack_put)
+        || (mode == MODE_NO_PACKS_NO_DELETES && (pack_put || delete))
+    {
+        let b = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>AccessDenied</Code><Message>injected</Message></Error>";
+        let a = format!(
+            "HTTP/1.1 403 Forbidden\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{b}",
+            b.len()
+        );
+        return c.write_all(a.as_bytes());
     }
     if mode == MODE_GONE && pack_get {
         let b = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>NoSuchKey</Code><Message>gone</Message></Error>";

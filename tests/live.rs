@@ -438,6 +438,9 @@ fn kill_9_at_random_moments_then_resume_loses_no_flushed_write() {
     assert!(n > 0, "no write completed in any round");
     // The same command completes the restore.
     let live = Live::start(env.command(), env.dir.path(), &[&id, &t], 0);
+    // The socket exists a moment before the line saying what it serves
+    // (its end: a line may be written in pieces).
+    live.wait_for("the same command resumes", 30);
     assert!(live.log().contains("resumed"), "{}", live.log());
     live.wait_for("now holds the snapshot plus", 120);
     let (code, log, _) = live.stop();

@@ -98,6 +98,7 @@ pub fn recover(repo: &Path, a: RecoverArgs) -> anyhow::Result<()> {
             "snapshots": r.snapshots,
             "missing": r.missing,
             "rejected": r.rejected,
+            "unfinished": r.unfinished,
             "seconds": secs,
             "requests": bucket_json(&imgstore_store::BucketReport {
                 requests: r.requests,
@@ -110,12 +111,18 @@ pub fn recover(repo: &Path, a: RecoverArgs) -> anyhow::Result<()> {
         ))?;
     } else {
         note(&format!(
-            "recovered {} from {url} in {secs:.2} s: {} snapshots, {} chunks and {} records in {} packs",
+            "recovered {} from {url} in {secs:.2} s: {} snapshots, {} chunks and {} records in {} packs{}",
             repo.display(),
             r.snapshots,
             r.chunks,
             r.records,
-            r.packs
+            r.packs,
+            match r.unfinished {
+                0 => String::new(),
+                n => format!(
+                    " ({n} snapshot objects of commits that did not finish left out: gc deletes them)"
+                ),
+            }
         ));
     }
     if r.missing > 0 || r.rejected > 0 {

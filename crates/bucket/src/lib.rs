@@ -198,6 +198,45 @@ pub struct Bucket {
     samples: std::sync::Mutex<(u32, Option<Duration>)>,
 }
 
+/// A whole-object GET under way ([`Bucket::get_ahead`]).
+pub struct Ahead {
+    path: String,
+    max: u64,
+    #[allow(clippy::type_complexity)]
+    task: tokio::task::JoinHandle<(Result<Result<Vec<u8>, u64>, opendal::Error>, Duration)>,
+}
+
+impl std::fmt::Debug for Ahead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ahead").field("path", &self.path).finish()
+    }
+}
+
+/// Reads `path` whole, or `Err(len)` once it is known to pass `max` bytes
+/// (from its length header, or from what arrived: whatever the header said).
+async fn read_bounded(
+    op: &Operator,
+    path: &str,
+    max: u64,
+) -> Result<Result<Vec<u8>, u64>, opendal::Error> {
+    let mut stream = op.reader(path).await?.into_bytes_stream(..).await?;
+    let len = stream.metadata().await?.content_length();
+    if len > max {
+        return Ok(Err(len));
+    }
+    let mut out = Vec::with_capacity(len as usize);
+    while let Some(piece) = stream.next().await {
+        let piece = piece.map_err(|e| {
+            opendal::Error::new(ErrorKind::Unexpected, e.to_string()).set_temporary()
+        })?;
+        if (out.len() + piece.len()) as u64 > max {
+            return Ok(Err((out.len() + piece.len()) as u64));
+        }
+        out.extend_from_slice(&piece);
+    }
+    Ok(Ok(out))
+}
+
 impl Bucket {
     /// Connects (lazily: the first request reaches the service).
     /// Credentials: `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`
@@ -368,39 +407,54 @@ impl Bucket {
     /// said), so nothing larger is ever buffered and no HEAD is spent first
     /// (a round trip each time a command opens a bucket over a slow link).
     pub fn get(&self, path: &str, max: u64) -> Result<Vec<u8>, BucketError> {
+        let ahead = self.get_ahead(path, max);
+        self.wait(ahead)
+    }
+
+    /// Starts [`Bucket::get`] on the bucket's runtime and returns at once:
+    /// the caller goes on with its own work and takes the answer with
+    /// [`Bucket::wait`] when it needs it, so the round trip overlaps that
+    /// work instead of preceding it. Dropped unwaited, the request is
+    /// abandoned.
+    pub fn get_ahead(&self, path: &str, max: u64) -> Ahead {
         self.stats.gets.fetch_add(1, Ordering::Relaxed);
-        let t = std::time::Instant::now();
-        let too_large = |len| BucketError::TooLarge {
-            url: self.url.clone(),
-            path: path.into(),
-            len,
-            max,
-        };
-        let got = self.rt.block_on(async {
-            let mut stream = self.op.reader(path).await?.into_bytes_stream(..).await?;
-            let len = stream.metadata().await?.content_length();
-            if len > max {
-                return Ok(Err(len));
-            }
-            let mut out = Vec::with_capacity(len as usize);
-            while let Some(piece) = stream.next().await {
-                let piece = piece.map_err(|e| {
-                    opendal::Error::new(ErrorKind::Unexpected, e.to_string()).set_temporary()
-                })?;
-                if (out.len() + piece.len()) as u64 > max {
-                    return Ok(Err((out.len() + piece.len()) as u64));
-                }
-                out.extend_from_slice(&piece);
-            }
-            Ok::<_, opendal::Error>(Ok(out))
+        let op = self.op.clone();
+        let owned = path.to_string();
+        let task = self.rt.spawn(async move {
+            let t = std::time::Instant::now();
+            let got = read_bounded(&op, &owned, max).await;
+            (got, t.elapsed())
         });
+        Ahead {
+            path: path.to_string(),
+            max,
+            task,
+        }
+    }
+
+    /// The answer of a [`Bucket::get_ahead`], as [`Bucket::get`] gives it.
+    pub fn wait(&self, ahead: Ahead) -> Result<Vec<u8>, BucketError> {
+        let Ahead { path, max, task } = ahead;
+        let (got, took) = self.rt.block_on(task).map_err(|e| BucketError::Other {
+            url: self.url.clone(),
+            op: "GET",
+            path: path.clone(),
+            detail: format!("the request's task ended without an answer: {e}"),
+        })?;
         let out = match got {
             Ok(Ok(out)) => out,
-            Ok(Err(len)) => return Err(too_large(len)),
-            Err(e) => return Err(self.fail("GET", path, e)),
+            Ok(Err(len)) => {
+                return Err(BucketError::TooLarge {
+                    url: self.url.clone(),
+                    path,
+                    len,
+                    max,
+                })
+            }
+            Err(e) => return Err(self.fail("GET", &path, e)),
         };
         let len = out.len() as u64;
-        self.sampled(t.elapsed(), len);
+        self.sampled(took, len);
         self.stats.bytes_down.fetch_add(len, Ordering::Relaxed);
         Ok(out)
     }

@@ -387,17 +387,36 @@ pub const SNAPSHOT_OBJECT_MAGIC: &[u8; 8] = b"IMGSNAP1";
 pub struct SnapshotObject {
     pub protected: bool,
     pub parent: Option<Id>,
+    /// The packs its commit uploaded at the same time as this object (at
+    /// most [`MAX_COMMIT_PACKS`]): while any of them is missing from the
+    /// bucket, the object may be that of a commit that never finished, and
+    /// a rebuild takes it only if everything it names is there. Empty once
+    /// the object is rewritten (protection, gc): it was committed.
+    pub commit_packs: Vec<PackName>,
     /// The stored snapshot record (its BLAKE3 is the snapshot id).
     pub record: Vec<u8>,
 }
+
+/// Most packs a snapshot object names as its commit's (a commit uploads
+/// its open pack with its new pages: one pack, more only for pages past
+/// the pack size).
+pub const MAX_COMMIT_PACKS: usize = 255;
 
 impl SnapshotObject {
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer(Vec::with_capacity(self.record.len() + 48));
         w.bytes(SNAPSHOT_OBJECT_MAGIC);
-        w.u8(self.protected as u8 | (self.parent.is_some() as u8) << 1);
+        let packs = !self.commit_packs.is_empty();
+        w.u8(self.protected as u8 | (self.parent.is_some() as u8) << 1 | (packs as u8) << 2);
         if let Some(p) = &self.parent {
             w.bytes(p.as_bytes());
+        }
+        if packs {
+            debug_assert!(self.commit_packs.len() <= MAX_COMMIT_PACKS);
+            w.u8(self.commit_packs.len().min(MAX_COMMIT_PACKS) as u8);
+            for n in self.commit_packs.iter().take(MAX_COMMIT_PACKS) {
+                w.bytes(n.as_bytes());
+            }
         }
         w.bytes(&self.record);
         w.0
@@ -413,13 +432,26 @@ impl SnapshotObject {
             });
         }
         let flags = r.u8()?;
-        if flags & !3 != 0 {
+        if flags & !7 != 0 {
             return Err(FormatError::BadTag {
                 what: "snapshot object flags",
                 tag: flags,
             });
         }
         let parent = if flags & 2 != 0 { Some(r.id()?) } else { None };
+        let mut commit_packs = Vec::new();
+        if flags & 4 != 0 {
+            let n = r.u8()?;
+            if n == 0 {
+                return Err(FormatError::Invalid {
+                    what: "snapshot object",
+                    why: "it says it names its commit's packs and names none".into(),
+                });
+            }
+            for _ in 0..n {
+                commit_packs.push(r.id()?);
+            }
+        }
         let record = r.take(r.remaining())?.to_vec();
         if Id::hash(&record) != *id {
             return Err(FormatError::Invalid {
@@ -430,6 +462,7 @@ impl SnapshotObject {
         Ok(SnapshotObject {
             protected: flags & 1 != 0,
             parent,
+            commit_packs,
             record,
         })
     }
@@ -551,15 +584,51 @@ mod tests {
     fn snapshot_objects_round_trip_and_check_their_record() {
         let rec = b"record".to_vec();
         let id = Id::hash(&rec);
-        for (protected, parent) in [(false, None), (true, Some(Id::hash(b"p")))] {
+        let packs = vec![Id::hash(b"pack a"), Id::hash(b"pack b")];
+        for (protected, parent, commit_packs) in [
+            (false, None, vec![]),
+            (true, Some(Id::hash(b"p")), vec![]),
+            (false, Some(Id::hash(b"p")), packs.clone()),
+            (false, None, packs[..1].to_vec()),
+        ] {
             let o = SnapshotObject {
                 protected,
                 parent,
+                commit_packs,
                 record: rec.clone(),
             };
-            assert_eq!(SnapshotObject::decode(&o.encode(), &id).unwrap(), o);
-            assert!(SnapshotObject::decode(&o.encode(), &Id::hash(b"z")).is_err());
+            let b = o.encode();
+            assert_eq!(SnapshotObject::decode(&b, &id).unwrap(), o);
+            assert!(SnapshotObject::decode(&b, &Id::hash(b"z")).is_err());
+            // Every truncation before the record is refused.
+            for cut in 0..b.len() - rec.len() {
+                assert!(SnapshotObject::decode(&b[..cut], &id).is_err(), "{cut}");
+            }
         }
+        // Golden: the layout must never change silently.
+        let o = SnapshotObject {
+            protected: true,
+            parent: Some(Id::from_slice(&[1; 32]).unwrap()),
+            commit_packs: vec![Id::from_slice(&[2; 32]).unwrap()],
+            record: b"rec".to_vec(),
+        };
+        let mut want = b"IMGSNAP1".to_vec();
+        want.push(0b111);
+        want.extend([1u8; 32]);
+        want.push(1);
+        want.extend([2u8; 32]);
+        want.extend(b"rec");
+        assert_eq!(o.encode(), want);
+        // An object that says it names packs and names none is refused.
+        let mut none = b"IMGSNAP1".to_vec();
+        none.extend([4u8, 0]);
+        none.extend(b"rec");
+        assert!(SnapshotObject::decode(&none, &Id::hash(b"rec")).is_err());
+        // Unknown flags are refused.
+        let mut unknown = b"IMGSNAP1".to_vec();
+        unknown.push(8);
+        unknown.extend(b"rec");
+        assert!(SnapshotObject::decode(&unknown, &Id::hash(b"rec")).is_err());
     }
 
     #[test]

@@ -142,6 +142,24 @@ pub(crate) struct Packs {
     /// Snapshots whose object is written and whose local commit is not
     /// yet: gc must not take their objects for strays.
     committing: Mutex<HashSet<Id>>,
+    /// Whether this process may write the bucket (`check_owner`). A backup
+    /// or a copy starts the check as it opens and waits for it only at its
+    /// first bucket write, so over a slow link its round trip overlaps
+    /// reading the source instead of preceding it.
+    owner: Mutex<OwnerCheck>,
+}
+
+/// Where a writer's owner check stands ([`Packs::owned`]).
+enum OwnerCheck {
+    /// Nothing to wait for: not a writer, a writer that checked as it
+    /// opened, or one that is taking the bucket (`init`, `recover`).
+    Unneeded,
+    /// The owner object's GET is under way; the index's id as read when
+    /// the writer opened.
+    Ahead(imgstore_bucket::Ahead, Option<Vec<u8>>),
+    /// The check failed: it is made again (and fails again) before any
+    /// write.
+    Refused,
 }
 
 /// Request counts and cache figures of a bucket-backed store.
@@ -171,6 +189,10 @@ pub struct RecoverOutcome {
     pub missing: u64,
     /// Packs or objects that failed their checks and were left out.
     pub rejected: u64,
+    /// Snapshot objects of commits that did not finish, left out: a
+    /// commit pack they name is not in the bucket, and neither is
+    /// everything they name (gc deletes them).
+    pub unfinished: u64,
     /// Requests the rebuild made.
     pub requests: Counts,
 }
@@ -234,6 +256,7 @@ impl Packs {
             idle: Condvar::new(),
             cache: PackCache::open(dir.join("cache"), storage.cache_bytes),
             committing: Mutex::default(),
+            owner: Mutex::new(OwnerCheck::Unneeded),
         })
     }
 
@@ -338,7 +361,7 @@ impl Packs {
     }
 
     /// Forgets a sealed pack's pending objects (landed, or lost with a
-    /// failed upload) and wakes waiters when no upload is left.
+    /// failed upload) and wakes the waiters.
     fn retire(&self, sealed: &Sealed, failure: Option<String>) {
         let mut b = self.lock();
         b.sealed.remove(&sealed.seq);
@@ -352,9 +375,9 @@ impl Packs {
         if let Some(f) = failure {
             b.failed.get_or_insert(f);
         }
-        if b.inflight == 0 {
-            self.idle.notify_all();
-        }
+        // Waiters wait for all uploads (`drain`) or for all but their own
+        // (`wait_others`).
+        self.idle.notify_all();
     }
 
     /// Waits for every upload; returns the first failure since the last call.
@@ -415,7 +438,17 @@ impl Packs {
     /// Page entries are not landed (pages get their counts in the commit
     /// that names them): they are returned with their locations.
     pub(crate) fn ship(&self, ix: &Index, mut sealed: Sealed) -> Result<Vec<([u8; 33], Location)>> {
+        if let Err(e) = self.owned(ix) {
+            self.retire(&sealed, Some(e.to_string()));
+            return Err(e);
+        }
         self.finish(&mut sealed);
+        self.ship_named(ix, sealed)
+    }
+
+    /// [`Packs::ship`] of a pack already named ([`Packs::finish`]), by a
+    /// writer the bucket's owner check passed.
+    fn ship_named(&self, ix: &Index, sealed: Sealed) -> Result<Vec<([u8; 33], Location)>> {
         let path = pack_path(&sealed.name);
         let started = Instant::now();
         if let Err(e) = self.bucket.put(&path, sealed.bytes.to_vec()) {
@@ -491,10 +524,17 @@ impl Packs {
         Ok(pages)
     }
 
-    /// The bucket part of a commit, before its local batch: uploads the
-    /// open pack with the snapshot's pages that have no location, waits
-    /// for every upload, checks that everything the snapshot makes live
-    /// has landed, and writes the snapshot object. Returns the new pages'
+    /// The bucket part of a commit, before its local batch. Uploads the
+    /// open pack with the snapshot's pages that have no location, and at
+    /// the same time the snapshot object, which names those packs (its
+    /// *commit packs*): over a slow link the commit then costs one round
+    /// trip, not two. The object goes once every earlier upload has
+    /// landed; then everything must succeed, and every region the
+    /// snapshot makes live (and its chunks) must have landed, or the
+    /// object is deleted again and the commit fails. An object left by a
+    /// process that died meanwhile is deleted by gc (the index does not
+    /// hold its snapshot), and a rebuild takes it only if everything it
+    /// names is in the bucket (`recover`). Returns the new pages'
     /// locations, for the commit batch.
     pub(crate) fn bucket_commit(
         &self,
@@ -503,8 +543,9 @@ impl Packs {
         pages: &[Vec<u8>],
         parent: Option<&Id>,
     ) -> Result<Vec<([u8; 33], Location)>> {
+        self.owned(ix)?;
         let id = Id::hash(snapshot);
-        let sealed = {
+        let mut sealed = {
             let _guard = ix.lock();
             let keys: Vec<[u8; 33]> = pages
                 .iter()
@@ -521,40 +562,112 @@ impl Packs {
             sealed.extend(self.seal_open());
             sealed
         };
+        // Named before they go: the object names them.
+        for s in &mut sealed {
+            self.finish(s);
+        }
+        let own: HashSet<u64> = sealed.iter().map(|s| s.seq).collect();
+        let together = sealed.len() <= pack::MAX_COMMIT_PACKS;
+        let obj = SnapshotObject {
+            protected: false,
+            parent: parent.copied(),
+            commit_packs: if together {
+                sealed.iter().map(|s| s.name).collect()
+            } else {
+                Vec::new()
+            },
+            record: snapshot.to_vec(),
+        };
+        let path = pack::snapshot_path(&id);
+        let (shipped, put) = std::thread::scope(|sc| {
+            let ships: Vec<_> = sealed
+                .into_iter()
+                .map(|s| sc.spawn(move || self.ship_named(ix, s)))
+                .collect();
+            let mut put: Option<Result<()>> = None;
+            // Other packs may hold this snapshot's data too (earlier ones,
+            // or another backup's that this one's chunks were found in):
+            // the object goes only once they have landed, and not at all
+            // if one failed. Then only its commit packs can be missing.
+            if together && self.wait_others(&own).is_none() {
+                self.committing
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(id);
+                put = Some(self.bucket.put(&path, obj.encode()).map_err(bucket_err));
+            }
+            let shipped: Vec<Result<_>> = ships
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(StoreError::Storage(
+                            "the thread uploading a pack panicked".into(),
+                        ))
+                    })
+                })
+                .collect();
+            (shipped, put)
+        });
         let mut page_locs = Vec::new();
         let mut first_err = None;
-        for s in sealed {
-            match self.ship(ix, s) {
+        for r in shipped {
+            match r {
                 Ok(l) => page_locs.extend(l),
                 Err(e) => {
                     first_err.get_or_insert(e);
                 }
             }
         }
-        if let Some(f) = self.drain() {
-            return Err(first_err.unwrap_or(StoreError::Unreachable {
+        let failed = self.drain();
+        let landed = match (first_err, failed) {
+            (Some(e), _) => Err(e),
+            (None, Some(f)) => Err(StoreError::Unreachable {
                 url: self.bucket.url().to_string(),
                 detail: format!("an upload of this backup failed: {f}"),
-            }));
-        }
-        if let Some(e) = first_err {
+            }),
+            (None, None) => check_landed(ix, pages, &page_locs),
+        };
+        let put = match (landed, put) {
+            (Ok(()), Some(put)) => put,
+            (Ok(()), None) => {
+                // More commit packs than an object names: they are all in
+                // the bucket now, so the object goes after them.
+                self.committing
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(id);
+                let plain = SnapshotObject {
+                    commit_packs: Vec::new(),
+                    ..obj
+                };
+                self.bucket.put(&path, plain.encode()).map_err(bucket_err)
+            }
+            (Err(e), put) => {
+                if let Some(Ok(())) = put {
+                    // Taken back: this commit fails. If the delete fails
+                    // too, gc deletes it (no local snapshot holds it), and
+                    // a rebuild sees it name what is not there.
+                    let _ = self.bucket.delete(std::slice::from_ref(&path));
+                }
+                Err(e)
+            }
+        };
+        if let Err(e) = put {
+            self.end_commit(&id);
             return Err(e);
         }
-        check_landed(ix, pages, &page_locs)?;
-        let obj = SnapshotObject {
-            protected: false,
-            parent: parent.copied(),
-            record: snapshot.to_vec(),
-        };
-        self.committing
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id);
-        if let Err(e) = self.bucket.put(&pack::snapshot_path(&id), obj.encode()) {
-            self.end_commit(&id);
-            return Err(bucket_err(e));
-        }
         Ok(page_locs)
+    }
+
+    /// Waits until every sealed pack but `own` is retired (landed, or
+    /// failed); returns the first failure since the last [`Packs::drain`],
+    /// without taking it.
+    fn wait_others(&self, own: &HashSet<u64>) -> Option<String> {
+        let mut b = self.lock();
+        while b.sealed.keys().any(|s| !own.contains(s)) {
+            b = self.idle.wait(b).unwrap_or_else(|p| p.into_inner());
+        }
+        b.failed.clone()
     }
 
     /// The local part of a commit is done (or failed): its snapshot object
@@ -850,8 +963,10 @@ impl Packs {
 
     /// Writes (or rewrites) a snapshot's object from the local index.
     pub(crate) fn put_snapshot_object(&self, ix: &Index, id: &Id) -> Result<()> {
+        self.owned(ix)?;
         let record = ix.snapshot_record(id)?;
         let obj = SnapshotObject {
+            commit_packs: Vec::new(),
             protected: ix.protected()?.contains(id),
             parent: ix
                 .parents()?
@@ -1024,11 +1139,43 @@ impl Packs {
     /// `recover` elsewhere this directory is stale, and its gc would delete
     /// what the new index wrote.
     pub(crate) fn check_owner(&self, ix: &Index) -> Result<()> {
-        let mine = ix
-            .db
-            .get_cf(ix.cf(cf::META), pack::META_INDEX_KEY)
-            .map_err(|e| ix.db_err("read the index id", e))?;
-        let theirs = match self.bucket.get(pack::OWNER_OBJECT, MAX_CONFIG_BYTES) {
+        let mine = index_id(ix)?;
+        self.judge_owner(mine, self.bucket.get(pack::OWNER_OBJECT, MAX_CONFIG_BYTES))
+    }
+
+    /// Starts [`Packs::check_owner`] for a writer that will not write the
+    /// bucket at once; [`Packs::owned`] takes its answer.
+    fn check_owner_ahead(&self, ix: &Index) -> Result<()> {
+        let mine = index_id(ix)?;
+        let ahead = self.bucket.get_ahead(pack::OWNER_OBJECT, MAX_CONFIG_BYTES);
+        *self.owner.lock().unwrap_or_else(|e| e.into_inner()) = OwnerCheck::Ahead(ahead, mine);
+        Ok(())
+    }
+
+    /// Before a write to the bucket: the owner check started ahead has
+    /// passed (waiting for its answer if it has not come yet). A refused
+    /// check refuses every write after it.
+    fn owned(&self, ix: &Index) -> Result<()> {
+        let mut state = self.owner.lock().unwrap_or_else(|e| e.into_inner());
+        let out = match std::mem::replace(&mut *state, OwnerCheck::Refused) {
+            OwnerCheck::Unneeded => Ok(()),
+            OwnerCheck::Ahead(ahead, mine) => self.judge_owner(mine, self.bucket.wait(ahead)),
+            OwnerCheck::Refused => self.check_owner(ix),
+        };
+        if out.is_ok() {
+            *state = OwnerCheck::Unneeded;
+        }
+        out
+    }
+
+    /// Whether the bucket's owner object (`theirs`, as its GET answered)
+    /// names this index (`mine`).
+    fn judge_owner(
+        &self,
+        mine: Option<Vec<u8>>,
+        theirs: std::result::Result<Vec<u8>, BucketError>,
+    ) -> Result<()> {
+        let theirs = match theirs {
             Ok(b) => Some(
                 pack::Owner::decode(&b).map_err(|source| StoreError::Format {
                     path: PathBuf::from(format!("{}/{}", self.bucket.url(), pack::OWNER_OBJECT)),
@@ -1056,6 +1203,13 @@ impl Packs {
     }
 }
 
+/// This index's id, as the bucket's owner object must name it.
+fn index_id(ix: &Index) -> Result<Option<Vec<u8>>> {
+    ix.db
+        .get_cf(ix.cf(cf::META), pack::META_INDEX_KEY)
+        .map_err(|e| ix.db_err("read the index id", e))
+}
+
 /// The bucket as the frame store: what each step of the store does with
 /// packs (module docs: landing, commits, gc).
 impl FrameStore for Packs {
@@ -1069,10 +1223,15 @@ impl FrameStore for Packs {
 
     fn writer_opened(&self, ix: &Index, operation: &str) -> Result<()> {
         // `init` and `recover` are about to take the bucket.
-        if operation == "init" || operation == "recover" {
-            return Ok(());
+        match operation {
+            "init" | "recover" => Ok(()),
+            // Their first bucket write waits for it (`owned`); nothing
+            // else they do before it outlives a refusal: a backup's local
+            // region batches are orphans its own gc would take, and that
+            // gc checks again.
+            "backup" | "copy" => self.check_owner_ahead(ix),
+            _ => self.check_owner(ix),
         }
-        self.check_owner(ix)
     }
 
     /// Counted is not enough: the frame must be in the bucket (or on its

@@ -171,6 +171,19 @@ fn rebuild_index(ix: &Index, bucket: &Bucket) -> Result<RecoverOutcome> {
             Err(_) => out.rejected += 1,
         }
     }
+    // A commit sends its snapshot object with its last packs: an object
+    // naming a commit pack that is not here may be that of a commit that
+    // never finished. It is taken only if everything it names is here
+    // (a pack repacked since the commit), and left out otherwise, for gc.
+    snapshots.retain(|(_, o)| {
+        if o.commit_packs.iter().all(|p| sizes.contains_key(p))
+            || names_only_present(&o.record, &records, &chunk_at)
+        {
+            return true;
+        }
+        out.unfinished += 1;
+        false
+    });
     // Reference counts: one per stored parent naming the object, with
     // multiplicity (what every write batch keeps).
     let mut refs: HashMap<[u8; 33], u64> = HashMap::new();
@@ -270,4 +283,27 @@ fn rebuild_index(ix: &Index, bucket: &Bucket) -> Result<RecoverOutcome> {
     ix.write_synced(batch, "recover")?;
     ix.flush_all()?;
     Ok(out)
+}
+
+/// Whether every page a stored snapshot record names, every region those
+/// name and every chunk those name is among what the packs hold.
+fn names_only_present(
+    snapshot: &[u8],
+    records: &HashMap<[u8; 33], Vec<u8>>,
+    chunks: &HashMap<Id, (Location, u32)>,
+) -> bool {
+    let children = |kind: RecordKind, key: &[u8; 33]| -> Option<Vec<Id>> {
+        record_children(kind, records.get(key)?).ok()
+    };
+    let Ok(pages) = record_children(RecordKind::Snapshot, snapshot) else {
+        return false;
+    };
+    pages.iter().all(|p| {
+        children(RecordKind::Page, &ObjectKind::Page.key(p)).is_some_and(|regions| {
+            regions.iter().all(|r| {
+                children(RecordKind::Region, &ObjectKind::Region.key(r))
+                    .is_some_and(|cs| cs.iter().all(|c| chunks.contains_key(c)))
+            })
+        })
+    })
 }
