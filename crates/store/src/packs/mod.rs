@@ -24,10 +24,15 @@
 //!   says "unknown" and the next backup sends it again;
 //! * a pack in the bucket without a `pack:` entry was never landed: gc
 //!   deletes it;
-//! * a commit uploads the open pack with the snapshot's new pages, waits
-//!   for every upload, checks that every newly live region and its chunks
-//!   have landed, writes the snapshot object, and only then commits
-//!   locally. A snapshot never names data that is not in the bucket.
+//! * a commit uploads the open pack with the snapshot's new pages and, once
+//!   every other upload has landed, the snapshot object at the same time
+//!   (over a slow link: one round trip, not two); it names that last pack.
+//!   Then it checks that every newly live region and its chunks have
+//!   landed, and only then commits locally; a failure deletes the object
+//!   again. A committed snapshot never names data that is not in the
+//!   bucket; an object a crash left names a pack that is not there, so a
+//!   rebuild leaves it out (unless all it names is there) and gc deletes
+//!   it.
 //!
 //! # gc
 //!
