@@ -533,7 +533,7 @@ impl Packs {
     /// open pack with the snapshot's pages that have no location, and at
     /// the same time the snapshot object, which names those packs (its
     /// *commit packs*): over a slow link the commit then costs one round
-    /// trip, not two. The object goes once every earlier upload has
+    /// trip, not two. The object goes once every other pack in flight has
     /// landed; then everything must succeed, and every region the
     /// snapshot makes live (and its chunks) must have landed, or the
     /// object is deleted again and the commit fails. An object left by a
