@@ -1235,6 +1235,17 @@ fn sessions_opened_by_their_first_call_are_checked_as_any() {
             ],
         )
     };
+    // `POST /v1/sessions` for `image` with the id `id`.
+    let open = |tok: &str, image: &str, id: &str| {
+        let body = format!(r#"{{"image":"{image}","id":"{id}"}}"#);
+        raw.call(
+            "POST",
+            "/v1/sessions",
+            Some(tok),
+            Some(body.as_bytes()),
+            &[],
+        )
+    };
     // A restore token, and an image outside the token's namespaces, are
     // refused as an opening would be.
     let (code, b) = known(&restore, "00000000000000a1", "web-disk");
@@ -1244,46 +1255,21 @@ fn sessions_opened_by_their_first_call_are_checked_as_any() {
     // Opened by its first call; the opening with the same id joins it.
     let (code, b) = known(&web, "00000000000000a3", "web-disk");
     assert_eq!(code, 200, "{}", String::from_utf8_lossy(&b));
-    let (code, b) = raw.call(
-        "POST",
-        "/v1/sessions",
-        Some(&web),
-        Some(br#"{"image":"web-disk","id":"00000000000000a3"}"#),
-        &[],
-    );
+    let (code, b) = open(&web, "web-disk", "00000000000000a3");
     assert_eq!(code, 200, "{}", String::from_utf8_lossy(&b));
     assert!(String::from_utf8_lossy(&b).contains("00000000000000a3"));
     // Another token cannot take it: its calls find no session of its
     // own (410, as for any other token's session), its opening is refused.
     let (code, b) = known(&db, "00000000000000a3", "db-disk");
     assert_eq!(code, 410, "{}", String::from_utf8_lossy(&b));
-    let (code, b) = raw.call(
-        "POST",
-        "/v1/sessions",
-        Some(&db),
-        Some(br#"{"image":"db-disk","id":"00000000000000a3"}"#),
-        &[],
-    );
+    let (code, b) = open(&db, "db-disk", "00000000000000a3");
     assert_eq!(code, 409, "{}", String::from_utf8_lossy(&b));
     // Nor the same token's opening for another image; a zero or
     // malformed id is refused.
-    let (code, _) = raw.call(
-        "POST",
-        "/v1/sessions",
-        Some(&web),
-        Some(br#"{"image":"web-other","id":"00000000000000a3"}"#),
-        &[],
-    );
+    let (code, _) = open(&web, "web-other", "00000000000000a3");
     assert_eq!(code, 409);
     for bad in ["0000000000000000", "xyz", "00000000000000a3ff"] {
-        let body = format!(r#"{{"image":"web-disk","id":"{bad}"}}"#);
-        let (code, b) = raw.call(
-            "POST",
-            "/v1/sessions",
-            Some(&web),
-            Some(body.as_bytes()),
-            &[],
-        );
+        let (code, b) = open(&web, "web-disk", bad);
         assert_eq!(code, 400, "{bad}: {}", String::from_utf8_lossy(&b));
     }
     // The bound holds: one more opened by a call, then 429.
