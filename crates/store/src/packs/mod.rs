@@ -595,10 +595,7 @@ impl Packs {
             // the object goes only once they have landed, and not at all
             // if one failed. Then only its commit packs can be missing.
             if together && self.wait_others(&own).is_none() {
-                self.committing
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(id);
+                self.begin_commit(id);
                 put = Some(self.bucket.put(&path, obj.encode()).map_err(bucket_err));
             }
             let shipped: Vec<Result<_>> = ships
@@ -637,10 +634,7 @@ impl Packs {
             (Ok(()), None) => {
                 // More commit packs than an object names: they are all in
                 // the bucket now, so the object goes after them.
-                self.committing
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(id);
+                self.begin_commit(id);
                 let plain = SnapshotObject {
                     commit_packs: Vec::new(),
                     ..obj
@@ -673,6 +667,15 @@ impl Packs {
             b = self.idle.wait(b).unwrap_or_else(|p| p.into_inner());
         }
         b.failed.clone()
+    }
+
+    /// A commit is about to write its snapshot object: until
+    /// [`Packs::end_commit`], gc does not take it for a stray.
+    fn begin_commit(&self, id: Id) {
+        self.committing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id);
     }
 
     /// The local part of a commit is done (or failed): its snapshot object
