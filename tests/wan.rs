@@ -141,6 +141,50 @@ fn backups_and_restores_through_a_50ms_link_are_exact() {
         "the second backup's first chunks/known came {:.3} s after its session's opening",
         first_known - opened.0
     );
+    // Nor did its commit wait for a lookup: the parent's regions it did not
+    // take were counted while it read, and its index page names regions it
+    // stored new (so it is new: no `refs` call). The commit went with its
+    // last upload, as the first's did, a round trip earlier than after
+    // lookups sent once everything was read; its counts are exact (above).
+    let second_commit = requests
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| v["path"] == "/v1/commit")
+        .nth(1)
+        .map(|(i, _)| i)
+        .expect("the second backup's commit");
+    let between = &requests[first_commit + 1..second_commit];
+    let refs: Vec<&str> = between
+        .iter()
+        .filter_map(|v| v["path"].as_str())
+        .filter(|p| p.starts_with("/v1/refs"))
+        .collect();
+    assert!(
+        refs.is_empty(),
+        "the second backup looked its pages up: {refs:?}"
+    );
+    let last_upload_end = between
+        .iter()
+        .filter(|v| v["method"] == "PUT")
+        .map(|v| span(v).1)
+        .fold(f64::MIN, f64::max);
+    let (commit_start, _) = span(&requests[second_commit]);
+    assert!(
+        commit_start < last_upload_end + 0.025,
+        "the second backup's commit came {:.3} s after its last upload's answer: {}",
+        commit_start - last_upload_end,
+        requests[first_commit + 1..=second_commit]
+            .iter()
+            .map(|v| format!(
+                "{:.3}-{:.3} {} {}",
+                span(v).0 - commit_start,
+                span(v).1 - commit_start,
+                v["method"],
+                v["path"]
+            ))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     assert_eq!(crate::faults::metric(&env, &s, "sessions_active"), 0);
     let direct = Client::new(&env, &s, "admin");
     direct.ok(&["check", "--read-data"]);

@@ -17,7 +17,7 @@
 //! the channel's for streams), whatever the image size; per-region results
 //! kept until the commit are 32-byte ids and chaining values.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -141,6 +141,132 @@ struct Known<'a> {
     parent: Option<SnapshotReader<'a>>,
     /// Which of the parent's regions were taken unchanged, by index.
     reused: Vec<AtomicBool>,
+    /// Whether any was (see [`Tally`]).
+    any_reused: AtomicBool,
+    /// Which of the parent's regions not taken were handed to the
+    /// [`Tally`], by index (each is, once).
+    handed: Vec<AtomicBool>,
+}
+
+/// The parent's regions a backup does not take, counted while it runs.
+///
+/// A snapshot's record carries its totals of data chunks and zero bytes;
+/// for the regions taken from the parent they are the parent's totals less
+/// those of the parent's regions not taken ([`reused_share`]), which needs
+/// those regions' recipes. Over a link, asking for them all once every
+/// region is read cost the commit one round trip more than the last
+/// upload's (the record must be final before it is sent). So each region
+/// found changed is handed to a thread that asks for its parent's recipe
+/// in the background, a few calls at a time, while the image is still
+/// being read; at the end only what is still unasked is asked (usually
+/// nothing). Recipes are asked only once a region was taken from the
+/// parent: a backup that takes none counts nothing from the parent and
+/// asks for nothing, as before.
+struct Tally {
+    state: Mutex<TallyState>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct TallyState {
+    /// Parent regions found not taken, not yet asked for.
+    pending: Vec<usize>,
+    /// Parent regions counted, and their data chunks and zero bytes.
+    counted: Vec<usize>,
+    chunks: u64,
+    zeros: u64,
+    /// Calls in flight.
+    busy: usize,
+    /// Every region is read (or the backup failed): no more will come.
+    finished: bool,
+    /// The counting thread is gone (or was never started).
+    exited: bool,
+}
+
+/// Calls for parent recipes a [`Tally`] keeps in flight at once.
+const TALLY_CALLS: usize = 4;
+
+impl Tally {
+    /// `active`: a thread will count ([`Tally::run`]); otherwise everything
+    /// is counted at the end.
+    fn new(active: bool) -> Tally {
+        Tally {
+            state: Mutex::new(TallyState {
+                exited: !active,
+                ..TallyState::default()
+            }),
+            wake: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, TallyState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Parent region `index` was not taken.
+    fn not_taken(&self, index: usize) {
+        let mut st = self.lock();
+        if !st.exited {
+            st.pending.push(index);
+            self.wake.notify_all();
+        }
+    }
+
+    /// No more regions will come; returns once the counting thread is gone
+    /// (its calls in flight answered).
+    fn finish(&self) {
+        let mut st = self.lock();
+        st.finished = true;
+        self.wake.notify_all();
+        while !st.exited {
+            st = self.wake.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Counts what is handed over until [`Tally::finish`] (the counting
+    /// thread). A call that fails counts nothing: its regions are asked for
+    /// again at the end, where a failure is the commit's error.
+    fn run(&self, ctx: &Ctx<'_>) {
+        let _exit = Unblock(|| {
+            let mut st = self.lock();
+            st.exited = true;
+            self.wake.notify_all();
+        });
+        let Ok(known) = ctx.known() else {
+            return;
+        };
+        let Some(p) = &known.parent else {
+            return;
+        };
+        std::thread::scope(|s| {
+            let mut st = self.lock();
+            loop {
+                if !st.pending.is_empty() && st.busy < TALLY_CALLS && known.any_reused.load(Relaxed)
+                {
+                    let batch = std::mem::take(&mut st.pending);
+                    st.busy += 1;
+                    drop(st);
+                    s.spawn(move || {
+                        let r = p.tally(&batch);
+                        let mut st = self.lock();
+                        st.busy -= 1;
+                        if let Ok((chunks, zeros)) = r {
+                            st.chunks += chunks;
+                            st.zeros += zeros;
+                            st.counted.extend(batch);
+                        }
+                        self.wake.notify_all();
+                    });
+                    st = self.lock();
+                    continue;
+                }
+                if st.finished {
+                    break;
+                }
+                st = self.wake.wait(st).unwrap_or_else(|p| p.into_inner());
+            }
+        });
+    }
 }
 
 struct Ctx<'a> {
@@ -162,6 +288,11 @@ struct Ctx<'a> {
     level: i32,
     counters: Counters,
     results: Mutex<Vec<(u64, Id, RegionHash)>>,
+    /// Regions this backup stored with chunks the repository reported it
+    /// lacked: no stored index page can name them (see [`PageHints`]).
+    fresh: Mutex<HashSet<Id>>,
+    /// Where the parent regions not taken go to be counted.
+    tally: Option<&'a Tally>,
     progress: &'a dyn Progress,
     /// Values this backup computed that the cache lacked.
     new_zero_cvs: Mutex<Vec<(u64, [u8; 32])>>,
@@ -214,6 +345,8 @@ impl<'a> Ctx<'a> {
             level: repo.config().compression.zstd_level,
             counters: Counters::default(),
             results: Mutex::new(Vec::new()),
+            fresh: Mutex::new(HashSet::new()),
+            tally: None,
             progress,
             new_zero_cvs: Mutex::new(Vec::new()),
             uploads: Mutex::new(None),
@@ -287,6 +420,7 @@ impl<'a> Ctx<'a> {
         // parent's totals (see `reused_share`): no call per region.
         if let Some(k) = self.known_now() {
             k.reused[i].store(true, Relaxed);
+            k.any_reused.store(true, Relaxed);
         }
         self.counters.reused_bytes.fetch_add(len as u64, Relaxed);
         // The value just compared is the region's share of the digest; only
@@ -300,10 +434,23 @@ impl<'a> Ctx<'a> {
         true
     }
 
+    /// Hands parent region `index` to the [`Tally`] (once) unless it was
+    /// taken (`reuse_cv` marks a region taken before recording it).
+    fn not_taken(&self, index: u64) {
+        let (Some(t), Some(k)) = (self.tally, self.known_now()) else {
+            return;
+        };
+        let i = index as usize;
+        if i < k.reused.len() && !k.reused[i].load(Relaxed) && !k.handed[i].swap(true, Relaxed) {
+            t.not_taken(i);
+        }
+    }
+
     /// Records region `index` (`len` bytes of the image) as `rid` with its
     /// share of the digest.
     fn done(&self, index: u64, len: usize, rid: Id, hash: RegionHash) {
         self.counters.image_bytes.fetch_add(len as u64, Relaxed);
+        self.not_taken(index);
         self.results
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -464,6 +611,9 @@ impl<'a> Ctx<'a> {
                     if self.reuse(p, rb.index, data.len(), &hasher) {
                         return Ok(());
                     }
+                    // Its parent's recipe is asked for now, beside its own
+                    // `chunks/known`: answered before its upload goes.
+                    self.not_taken(rb.index);
                 }
             }
             self.chunker()?.split(data, &mut extents);
@@ -515,6 +665,12 @@ impl<'a> Ctx<'a> {
                     let frame = codec.store_chunk(id, compress(bytes, self.level))?;
                     frames.insert(*id, (frame, bytes.len() as u32));
                 }
+            }
+            if !frames.is_empty() {
+                self.fresh
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(rid);
             }
             self.store_region(Upload {
                 index: rb.index,
@@ -725,8 +881,13 @@ pub fn backup(
 ) -> Result<BackupReport, EngineError> {
     let (started, time_ns) = (Instant::now(), now_ns());
     let region_size = repo.config().region_size as usize;
+    // Over a link (uploads in flight), the parent's regions not taken are
+    // counted as they are found; a local store counts them at the end.
+    let counting = Tally::new(opts.parent.is_some() && repo.uploads_in_flight() > 0);
+    let tally = &counting;
     let mut ctx = Ctx::loading(repo, progress)?;
     ctx.may_reuse = opts.parent.is_some();
+    ctx.tally = Some(tally);
     // Damaged objects are rewritten by backing the same data up again, so
     // while any are marked every region is processed in full. Holes of a
     // file or device take their chaining values from the cache (4 MiB of
@@ -744,6 +905,9 @@ pub fn backup(
             if parent.region_size as usize == region_size && repo.damage_pending() == 0 {
                 let p = SnapshotReader::open(repo, pid, parent)?;
                 known.reused = (0..p.region_count())
+                    .map(|_| AtomicBool::new(false))
+                    .collect();
+                known.handed = (0..p.region_count())
                     .map(|_| AtomicBool::new(false))
                     .collect();
                 known.parent = Some(p);
@@ -776,6 +940,15 @@ pub fn backup(
         }
     };
     let (work, bytes_read, early) = std::thread::scope(|s| {
+        // Told to stop however the backup ends, so the scope can end.
+        let _stop_tally = Unblock(|| {
+            let mut st = tally.lock();
+            st.finished = true;
+            tally.wake.notify_all();
+        });
+        if !tally.lock().exited {
+            s.spawn(|| tally.run(&ctx));
+        }
         s.spawn(|| {
             // Set whatever happens, so no worker waits for ever.
             let _unblock = Unblock(|| {
@@ -807,7 +980,10 @@ pub fn backup(
             },
             || {
                 // Everything read: the commit's lookups and the new zero
-                // chaining values go while the last uploads drain.
+                // chaining values go while the last uploads drain (the
+                // parent's regions not taken are counted by then, or
+                // nearly: see `Tally`).
+                tally.finish();
                 let new_zero_cvs = std::mem::take(
                     &mut *ctx.new_zero_cvs.lock().unwrap_or_else(|p| p.into_inner()),
                 );
@@ -818,11 +994,23 @@ pub fn backup(
                     .clone();
                 let share = ctx.known_now().and_then(|k| {
                     let reused = &k.reused;
-                    k.parent.as_ref().map(|p| move || reused_share(p, reused))
+                    k.parent
+                        .as_ref()
+                        .map(|p| move || reused_share(p, reused, tally))
                 });
+                let hints = PageHints {
+                    parent: ctx
+                        .known_now()
+                        .and_then(|k| k.parent.as_ref())
+                        .map(|p| p.snapshot().pages.iter().copied().collect())
+                        .unwrap_or_default(),
+                    fresh: std::mem::take(
+                        &mut *ctx.fresh.lock().unwrap_or_else(|p| p.into_inner()),
+                    ),
+                };
                 std::thread::scope(|s| {
                     let zeros = s.spawn(|| repo.put_zero_cvs(region_size as u32, &new_zero_cvs));
-                    let early = look_ahead(repo, results, share);
+                    let early = look_ahead(repo, results, share, &hints);
                     (
                         zeros.join().expect("zero chaining values thread panicked"),
                         early,
@@ -897,7 +1085,9 @@ pub fn backup(
     // counted while the new pages are looked up: one round trip, not two.
     let share = ctx.known.get().and_then(Option::as_ref).and_then(|k| {
         let reused = &k.reused;
-        k.parent.as_ref().map(|p| move || reused_share(p, reused))
+        k.parent
+            .as_ref()
+            .map(|p| move || reused_share(p, reused, tally))
     });
     let (id, snapshot) =
         commit_resending(repo, results, None, stats, meta, reread, redo, share, early)?;
@@ -919,14 +1109,33 @@ pub fn backup(
 /// each to a server). A parent's totals are its regions' sums (every
 /// backup counts them so, and `backup_changed` relies on them the same
 /// way).
-fn reused_share(p: &SnapshotReader<'_>, reused: &[AtomicBool]) -> Result<(u64, u64), EngineError> {
-    let rest: Vec<usize> = (0..p.region_count())
+///
+/// What `tally` counted while the backup ran is not asked for again.
+fn reused_share(
+    p: &SnapshotReader<'_>,
+    reused: &[AtomicBool],
+    tally: &Tally,
+) -> Result<(u64, u64), EngineError> {
+    let mut rest: Vec<usize> = (0..p.region_count())
         .filter(|&i| !reused[i].load(Relaxed))
         .collect();
     if rest.len() == p.region_count() {
         return Ok((0, 0));
     }
-    let (chunks, zeros) = p.tally(&rest)?;
+    let (mut chunks, mut zeros) = (0, 0);
+    {
+        let st = tally.lock();
+        if !st.counted.is_empty() {
+            let counted: HashSet<usize> = st.counted.iter().copied().collect();
+            rest.retain(|i| !counted.contains(i));
+            (chunks, zeros) = (st.chunks, st.zeros);
+        }
+    }
+    if !rest.is_empty() {
+        let (c, z) = p.tally(&rest)?;
+        chunks += c;
+        zeros += z;
+    }
     let stats = &p.snapshot().stats;
     Ok((
         stats.chunks.saturating_sub(chunks),
@@ -1353,7 +1562,7 @@ where
     let mut page_bytes = 0u64;
     let mut seen = std::collections::HashSet::new();
     let (known, more) = match early.filter(|e| e.page_ids == page_ids) {
-        Some(e) => (Ok(e.known), e.more),
+        Some(e) => (Ok(e.stored), e.more),
         None => lookups(repo, &page_ids, more),
     };
     if let Some(m) = more {
@@ -1362,8 +1571,8 @@ where
         stats.zero_bytes += zeros;
     }
     let known = known?;
-    for ((pid, p), known) in page_ids.iter().zip(&stored_pages).zip(known) {
-        if seen.insert(*pid) && known.is_none() {
+    for ((pid, p), stored) in page_ids.iter().zip(&stored_pages).zip(known) {
+        if seen.insert(*pid) && !stored {
             page_bytes += p.len() as u64;
         }
     }
@@ -1415,14 +1624,14 @@ fn index_pages(
 
 /// What a commit looks up before it is sent: which of its pages the
 /// repository holds (their bytes are not new), and `more` (the counts of
-/// regions taken from the parent), at once.
+/// regions taken from the parent), at once. No call for no pages.
 #[allow(clippy::type_complexity)]
 fn lookups<F>(
     repo: &dyn Repository,
     page_ids: &[Id],
     more: Option<F>,
 ) -> (
-    Result<Vec<Option<imgstore_format::RefCount>>, RepoError>,
+    Result<Vec<bool>, RepoError>,
     Option<Result<(u64, u64), EngineError>>,
 )
 where
@@ -1430,7 +1639,12 @@ where
 {
     std::thread::scope(|s| {
         let more = more.map(|f| s.spawn(f));
-        let known = repo.ref_counts(ObjectKind::Page, page_ids);
+        let known = if page_ids.is_empty() {
+            Ok(Vec::new())
+        } else {
+            repo.ref_counts(ObjectKind::Page, page_ids)
+                .map(|v| v.iter().map(Option::is_some).collect())
+        };
         (
             known,
             more.map(|h| h.join().expect("counting thread panicked")),
@@ -1438,10 +1652,36 @@ where
     })
 }
 
+/// What a backup knows of its index pages without asking: a page its
+/// parent names is stored; a page naming a region the backup stored with
+/// chunks the repository reported it lacked is not (a stored page names
+/// only stored regions, and a stored region only stored chunks). Only the
+/// other pages are looked up, so the commit of an incremental backup over
+/// a link usually waits for no lookup at all.
+#[derive(Default)]
+pub(crate) struct PageHints {
+    pub parent: HashSet<Id>,
+    pub fresh: HashSet<Id>,
+}
+
+impl PageHints {
+    /// Whether page `id`, naming `regions`, is stored, when known here.
+    fn stored(&self, id: &Id, regions: &[(u64, Id, RegionHash)]) -> Option<bool> {
+        if self.parent.contains(id) {
+            Some(true)
+        } else if regions.iter().any(|r| self.fresh.contains(&r.1)) {
+            Some(false)
+        } else {
+            None
+        }
+    }
+}
+
 /// A commit's lookups done ahead of it ([`look_ahead`]).
 pub(crate) struct Early {
     page_ids: Vec<Id>,
-    known: Vec<Option<imgstore_format::RefCount>>,
+    /// Whether each page is stored already.
+    stored: Vec<bool>,
     more: Option<Result<(u64, u64), EngineError>>,
 }
 
@@ -1454,6 +1694,7 @@ pub(crate) fn look_ahead<F>(
     repo: &dyn Repository,
     mut results: Vec<(u64, Id, RegionHash)>,
     more: Option<F>,
+    hints: &PageHints,
 ) -> Result<Early, EngineError>
 where
     F: FnOnce() -> Result<(u64, u64), EngineError> + Send,
@@ -1465,10 +1706,26 @@ where
         )));
     }
     let (page_ids, _) = index_pages(repo, &results);
-    let (known, more) = lookups(repo, &page_ids, more);
+    let decided: Vec<Option<bool>> = page_ids
+        .iter()
+        .zip(results.chunks(PAGE_REGIONS))
+        .map(|(id, regions)| hints.stored(id, regions))
+        .collect();
+    let ask: Vec<Id> = page_ids
+        .iter()
+        .zip(&decided)
+        .filter(|(_, d)| d.is_none())
+        .map(|(id, _)| *id)
+        .collect();
+    let (known, more) = lookups(repo, &ask, more);
+    let mut asked = known?.into_iter();
+    let stored = decided
+        .into_iter()
+        .map(|d| d.or_else(|| asked.next()).unwrap_or(false))
+        .collect();
     Ok(Early {
         page_ids,
-        known: known?,
+        stored,
         more,
     })
 }

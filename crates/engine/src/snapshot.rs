@@ -239,6 +239,9 @@ impl<'a> SnapshotReader<'a> {
                     rid => ids.push(rid),
                 }
             }
+            if ids.is_empty() {
+                continue;
+            }
             let mut unique = ids.clone();
             unique.sort();
             unique.dedup();
