@@ -307,6 +307,69 @@ fn a_rate_without_a_unit_or_below_the_minimum_is_refused() {
 /// link: a backup and a restore with the pack cache off (every read goes
 /// to the bucket) are exact, and `--limit-upload` holds at the link there
 /// too (the paced transport: a pack PUT is handed over a piece at a time).
+/// Over a slow link a bucket backup's early packs follow each other: while
+/// the first waits for its answer (a round trip after its last byte), the
+/// next region's data leaves in a second one instead of waiting in the
+/// open pack. Three 8 MiB regions that do not compress (pack target 32
+/// MiB) through a 600 ms link: the second region's pack crosses within the
+/// same round trip as the first's. One early pack at a time held it back
+/// until the first was answered, 600 ms later.
+#[test]
+fn a_bucket_backup_sends_its_next_early_pack_while_the_first_awaits_its_answer() {
+    use crate::bucket::{garage, ok, BUCKET};
+    let env = Env::new();
+    let node = garage(&env);
+    let rtt = Duration::from_millis(600);
+    let link = Shaper::start(("127.0.0.1", node.s3), Link::rtt(rtt)).unwrap();
+    let ep = format!("http://{}", link.addr());
+    let repo = env.repo();
+    let url = format!("s3://{BUCKET}/early-packs");
+    ok(
+        &env,
+        &repo,
+        &ep,
+        &["init", "--storage", &url, "--cache-size", "0"],
+    );
+    let img = env.path("early.img");
+    fs::write(&img, seeded(24 << 20, 91)).unwrap();
+    let before = link.elapsed();
+    ok(
+        &env,
+        &repo,
+        &ep,
+        &["backup", img.to_str().unwrap(), "--name", "e", "-q"],
+    );
+    let up = link.traffic(Dir::Up).since(before);
+    // From the first pack's start: the first MiB of upload past the small
+    // requests that open the backup.
+    let mut sum = 0;
+    let start =
+        up.0.iter()
+            .find(|e| {
+                sum += e.1;
+                sum > 1 << 20
+            })
+            .map(|e| e.0)
+            .expect("the backup uploaded");
+    let within: u64 =
+        up.0.iter()
+            .filter(|e| e.0 >= start && e.0 < start + rtt / 2)
+            .map(|e| e.1)
+            .sum();
+    assert!(
+        within > 15 << 20,
+        "{within} bytes crossed in the half round trip after the first pack began: the second pack waited for the first's answer"
+    );
+    let out = env.path("early-out.img");
+    ok(
+        &env,
+        &repo,
+        &ep,
+        &["restore", "latest", "--name", "e", out.to_str().unwrap()],
+    );
+    assert_same(&out, &img);
+}
+
 #[test]
 fn a_bucket_behind_a_slow_link_is_exact_and_its_upload_limit_holds() {
     use crate::bucket::{garage, ok, BUCKET};

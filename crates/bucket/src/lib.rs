@@ -336,6 +336,12 @@ impl Bucket {
         }
     }
 
+    /// The quickest small request seen so far, if any: [`Bucket::rtt`]
+    /// without a request of its own.
+    pub fn rtt_seen(&self) -> Option<Duration> {
+        self.samples.lock().unwrap_or_else(|p| p.into_inner()).1
+    }
+
     /// Request and byte counts so far.
     pub fn counts(&self) -> Counts {
         let s = &self.stats;
