@@ -105,21 +105,24 @@ fn backups_and_restores_through_a_50ms_link_are_exact() {
         let end = log_secs(v["timestamp"].as_str().unwrap());
         (end - v["ms"].as_f64().unwrap() / 1000.0, end)
     };
-    let last_upload_end = requests[..first_commit]
-        .iter()
-        .filter(|v| v["method"] == "PUT")
-        .map(|v| span(v).1)
-        .fold(f64::MIN, f64::max);
-    let (commit_start, commit_end) = span(&requests[first_commit]);
+    // When a commit reached the server, and when it was taken, after the
+    // last of `uploads` was answered.
+    let after_uploads = |uploads: &[serde_json::Value], commit: &serde_json::Value| {
+        let last = uploads
+            .iter()
+            .filter(|v| v["method"] == "PUT")
+            .map(|v| span(v).1)
+            .fold(f64::MIN, f64::max);
+        let (start, end) = span(commit);
+        (start - last, end - last)
+    };
+    let (came, taken) = after_uploads(&requests[..first_commit], &requests[first_commit]);
     assert!(
-        commit_start < last_upload_end + 0.025,
-        "the commit came {:.3} s after the last upload's answer",
-        commit_start - last_upload_end
+        came < 0.025,
+        "the commit came {came:.3} s after the last upload's answer"
     );
-    assert!(
-        commit_end >= last_upload_end,
-        "the commit was taken before its uploads"
-    );
+    assert!(taken >= 0.0, "the commit was taken before its uploads");
+    let commit_end = span(&requests[first_commit]).1;
     // The second backup started from the client's cache, its session id
     // chosen by the client: its first `chunks/known` went with the
     // session's opening, not a round trip after its answer.
@@ -163,16 +166,11 @@ fn backups_and_restores_through_a_50ms_link_are_exact() {
         refs.is_empty(),
         "the second backup looked its pages up: {refs:?}"
     );
-    let last_upload_end = between
-        .iter()
-        .filter(|v| v["method"] == "PUT")
-        .map(|v| span(v).1)
-        .fold(f64::MIN, f64::max);
-    let (commit_start, _) = span(&requests[second_commit]);
+    let (came, _) = after_uploads(between, &requests[second_commit]);
+    let commit_start = span(&requests[second_commit]).0;
     assert!(
-        commit_start < last_upload_end + 0.025,
-        "the second backup's commit came {:.3} s after its last upload's answer: {}",
-        commit_start - last_upload_end,
+        came < 0.025,
+        "the second backup's commit came {came:.3} s after its last upload's answer: {}",
         requests[first_commit + 1..=second_commit]
             .iter()
             .map(|v| format!(
