@@ -212,12 +212,17 @@ impl Tally {
         }
     }
 
-    /// No more regions will come; returns once the counting thread is gone
-    /// (its calls in flight answered).
-    fn finish(&self) {
-        let mut st = self.lock();
-        st.finished = true;
+    /// No more regions will come.
+    fn stop(&self) {
+        self.lock().finished = true;
         self.wake.notify_all();
+    }
+
+    /// [`Tally::stop`], then waits until the counting thread is gone (its
+    /// calls in flight answered).
+    fn finish(&self) {
+        self.stop();
+        let mut st = self.lock();
         while !st.exited {
             st = self.wake.wait(st).unwrap_or_else(|p| p.into_inner());
         }
@@ -941,11 +946,7 @@ pub fn backup(
     };
     let (work, bytes_read, early) = std::thread::scope(|s| {
         // Told to stop however the backup ends, so the scope can end.
-        let _stop_tally = Unblock(|| {
-            let mut st = tally.lock();
-            st.finished = true;
-            tally.wake.notify_all();
-        });
+        let _stop_tally = Unblock(|| tally.stop());
         if !tally.lock().exited {
             s.spawn(|| tally.run(&ctx));
         }
