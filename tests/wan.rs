@@ -305,6 +305,27 @@ fn a_rate_without_a_unit_or_below_the_minimum_is_refused() {
 /// link: a backup and a restore with the pack cache off (every read goes
 /// to the bucket) are exact, and `--limit-upload` holds at the link there
 /// too (the paced transport: a pack PUT is handed over a piece at a time).
+/// A repository in a fresh Garage bucket (under `prefix`, its pack cache
+/// off, `init_args` added) reached through a link of `rtt`: the Garage
+/// node (kept alive), the link, its endpoint and the repository's path.
+fn bucket_behind(
+    env: &Env,
+    rtt: Duration,
+    prefix: &str,
+    init_args: &[&str],
+) -> (crate::bucket::Node, Shaper, String, std::path::PathBuf) {
+    use crate::bucket::{garage, ok, BUCKET};
+    let node = garage(env);
+    let link = Shaper::start(("127.0.0.1", node.s3), Link::rtt(rtt)).unwrap();
+    let ep = format!("http://{}", link.addr());
+    let repo = env.repo();
+    let url = format!("s3://{BUCKET}/{prefix}");
+    let mut args = vec!["init", "--storage", &url, "--cache-size", "0"];
+    args.extend_from_slice(init_args);
+    ok(env, &repo, &ep, &args);
+    (node, link, ep, repo)
+}
+
 /// Over a slow link a bucket backup's early packs follow each other: while
 /// the first waits for its answer (a round trip after its last byte), the
 /// next region's data leaves in a second one instead of waiting in the
@@ -314,20 +335,10 @@ fn a_rate_without_a_unit_or_below_the_minimum_is_refused() {
 /// until the first was answered, 600 ms later.
 #[test]
 fn a_bucket_backup_sends_its_next_early_pack_while_the_first_awaits_its_answer() {
-    use crate::bucket::{garage, ok, BUCKET};
+    use crate::bucket::ok;
     let env = Env::new();
-    let node = garage(&env);
     let rtt = Duration::from_millis(600);
-    let link = Shaper::start(("127.0.0.1", node.s3), Link::rtt(rtt)).unwrap();
-    let ep = format!("http://{}", link.addr());
-    let repo = env.repo();
-    let url = format!("s3://{BUCKET}/early-packs");
-    ok(
-        &env,
-        &repo,
-        &ep,
-        &["init", "--storage", &url, "--cache-size", "0"],
-    );
+    let (_node, link, ep, repo) = bucket_behind(&env, rtt, "early-packs", &[]);
     let img = env.path("early.img");
     fs::write(&img, seeded(24 << 20, 91)).unwrap();
     let before = link.elapsed();
@@ -370,26 +381,13 @@ fn a_bucket_backup_sends_its_next_early_pack_while_the_first_awaits_its_answer()
 
 #[test]
 fn a_bucket_behind_a_slow_link_is_exact_and_its_upload_limit_holds() {
-    use crate::bucket::{garage, ok, BUCKET};
+    use crate::bucket::ok;
     let env = Env::new();
-    let node = garage(&env);
-    let link = Shaper::start(("127.0.0.1", node.s3), Link::rtt(Duration::from_millis(30))).unwrap();
-    let ep = format!("http://{}", link.addr());
-    let repo = env.repo();
-    let url = format!("s3://{BUCKET}/wan");
-    ok(
+    let (_node, link, ep, repo) = bucket_behind(
         &env,
-        &repo,
-        &ep,
-        &[
-            "init",
-            "--storage",
-            &url,
-            "--pack-size",
-            "2M",
-            "--cache-size",
-            "0",
-        ],
+        Duration::from_millis(30),
+        "wan",
+        &["--pack-size", "2M"],
     );
     let img = env.path("bucket-wan.img");
     let data = image(12, 81);

@@ -1625,7 +1625,7 @@ fn index_pages(
 
 /// What a commit looks up before it is sent: which of its pages the
 /// repository holds (their bytes are not new), and `more` (the counts of
-/// regions taken from the parent), at once. No call for no pages.
+/// regions taken from the parent), at once.
 #[allow(clippy::type_complexity)]
 fn lookups<F>(
     repo: &dyn Repository,
@@ -1640,12 +1640,9 @@ where
 {
     std::thread::scope(|s| {
         let more = more.map(|f| s.spawn(f));
-        let known = if page_ids.is_empty() {
-            Ok(Vec::new())
-        } else {
-            repo.ref_counts(ObjectKind::Page, page_ids)
-                .map(|v| v.iter().map(Option::is_some).collect())
-        };
+        let known = repo
+            .ref_counts(ObjectKind::Page, page_ids)
+            .map(|v| v.iter().map(Option::is_some).collect());
         (
             known,
             more.map(|h| h.join().expect("counting thread panicked")),

@@ -239,9 +239,6 @@ impl<'a> SnapshotReader<'a> {
                     rid => ids.push(rid),
                 }
             }
-            if ids.is_empty() {
-                continue;
-            }
             let mut unique = ids.clone();
             unique.sort();
             unique.dedup();
