@@ -369,6 +369,21 @@ fn a_bucket_backup_sends_its_next_early_pack_while_the_first_awaits_its_answer()
         within > 15 << 20,
         "{within} bytes crossed in the half round trip after the first pack began: the second pack waited for the first's answer"
     );
+    // And the commit (its own pack and the snapshot object naming the
+    // packs still in flight) went with them, not a round trip after their
+    // answers: from the first pack on, the upload never pauses for half a
+    // round trip.
+    let mut at: Vec<Duration> = up.0.iter().map(|e| e.0).filter(|t| *t >= start).collect();
+    at.sort();
+    let pauses: Vec<(Duration, Duration)> = at
+        .windows(2)
+        .filter(|w| w[1] - w[0] > rtt / 2)
+        .map(|w| (w[0] - start, w[1] - w[0]))
+        .collect();
+    assert!(
+        pauses.is_empty(),
+        "the upload paused (after, for) {pauses:?}: the commit waited for the early packs' answers"
+    );
     let out = env.path("early-out.img");
     ok(
         &env,

@@ -26,7 +26,7 @@
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::sync::MutexGuard;
+use std::sync::{Arc, MutexGuard};
 
 use imgstore_format::pack::Location;
 use imgstore_format::{cf, Id, ObjectKind, RepoConfig};
@@ -46,10 +46,10 @@ pub(crate) fn blob_files(config: &RepoConfig) -> bool {
 
 /// The frame store a repository's config names: the one place that
 /// chooses.
-pub(crate) fn for_config(dir: &Path, config: &RepoConfig) -> Result<Box<dyn FrameStore>> {
+pub(crate) fn for_config(dir: &Path, config: &RepoConfig) -> Result<Arc<dyn FrameStore>> {
     Ok(match &config.storage {
-        Some(storage) => Box::new(Packs::new(dir, storage)?),
-        None => Box::new(BlobFiles),
+        Some(storage) => Packs::new(dir, storage)?,
+        None => Arc::new(BlobFiles),
     })
 }
 
@@ -100,8 +100,13 @@ pub(crate) trait FrameStore: Send + Sync {
     ) -> Result<()>;
 
     /// The store's batch is written; `guard` is the index's write mutex,
-    /// which this releases (before any slow I/O). Stores `out`.
-    fn written(&self, ix: &Index, guard: MutexGuard<'_, ()>, out: Vec<Item<'_>>) -> Result<()>;
+    /// which this releases (before any slow I/O). Stores `out` (a bucket:
+    /// the packs it fills go on other threads, which need the index).
+    fn written(&self, ix: &Arc<Index>, guard: MutexGuard<'_, ()>, out: Vec<Item<'_>>)
+        -> Result<()>;
+
+    /// The store is closing: wait for what is still on its way.
+    fn close(&self) {}
 
     /// Frames of `ids` through view `db` of the index, and the positions of
     /// those whose file or object was deleted after the view was opened.
@@ -223,7 +228,7 @@ impl FrameStore for BlobFiles {
         Ok(())
     }
 
-    fn written(&self, _: &Index, guard: MutexGuard<'_, ()>, _: Vec<Item<'_>>) -> Result<()> {
+    fn written(&self, _: &Arc<Index>, guard: MutexGuard<'_, ()>, _: Vec<Item<'_>>) -> Result<()> {
         drop(guard);
         Ok(())
     }

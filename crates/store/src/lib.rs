@@ -96,8 +96,9 @@ pub enum Mode {
 /// An open repository: the index, and the frame store its chunk frames
 /// live in (see `frames.rs`).
 pub struct Store {
-    ix: Index,
-    frames: Box<dyn FrameStore>,
+    /// Shared with the threads a bucket's packs are uploaded on.
+    ix: std::sync::Arc<Index>,
+    frames: std::sync::Arc<dyn FrameStore>,
     config: RepoConfig,
     /// Damage marks this writer repairs when it produces the same objects.
     heal: Mutex<integrity::Healing>,
@@ -110,6 +111,15 @@ pub struct Store {
     codec: imgstore_repo::Codec,
     /// Released last, after the database is closed.
     _lock: Option<Lock>,
+}
+
+/// Packs still on their way to a bucket go before the index closes (and
+/// the lock is released): an upload that lands after a write returned is
+/// not lost with the process that is ending normally.
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.frames.close();
+    }
 }
 
 fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
@@ -290,7 +300,7 @@ impl Store {
         };
         let db_path = dir.join(DB_DIR);
         let frames = frames::for_config(dir, &config)?;
-        let ix = Index::open(dir, mode, frames.blob_files())?;
+        let ix = std::sync::Arc::new(Index::open(dir, mode, frames.blob_files())?);
         let store = Store {
             ix,
             frames,

@@ -13,8 +13,9 @@
 //! # Landing: a location is written only after its pack is in the bucket
 //!
 //! `put_region` writes counts and recipes as before, and appends the new
-//! frames (and the recipe) to the open pack. A full pack is uploaded by the
-//! thread that filled it, outside the write lock, and then *lands*: the
+//! frames (and the recipe) to the open pack. A full pack is named by the
+//! thread that filled it, outside the write lock, and uploaded on a thread
+//! of its own ([`Packs::send_off`]); then it *lands*: the
 //! objects it holds get their locations (`chunks` values, `loc:` entries)
 //! and the pack its `pack:` accounting. Until then the objects are
 //! *pending*: known to this process, readable from memory. So:
@@ -24,10 +25,10 @@
 //!   says "unknown" and the next backup sends it again;
 //! * a pack in the bucket without a `pack:` entry was never landed: gc
 //!   deletes it;
-//! * a commit uploads the open pack with the snapshot's new pages and, once
-//!   every other upload has landed, the snapshot object at the same time
-//!   (over a slow link: one round trip, not two); it names that last pack.
-//!   Then it checks that every newly live region and its chunks have
+//! * a commit uploads the open pack with the snapshot's new pages and, at
+//!   the same time, the snapshot object (over a slow link: one round trip,
+//!   not two); it names that last pack and the packs still on their way.
+//!   Once all have landed it checks that every newly live region and its chunks have
 //!   landed, and only then commits locally; a failure deletes the object
 //!   again. A committed snapshot never names data that is not in the
 //!   bucket; an object a crash left names a pack that is not there, so a
@@ -46,7 +47,8 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use imgstore_bucket::{Bucket, BucketError, BucketSpec, Counts, Tuning};
@@ -148,16 +150,28 @@ struct Buffers {
     /// When the link will have taken every pack handed to it, as far as
     /// `rate` says (`None`: not known).
     link_free: Option<Instant>,
-    /// The first upload failure since the last commit: commits refuse.
-    failed: Option<String>,
+    /// The first upload failure since the last commit: commits refuse, and
+    /// so do writes (the packs they fill would not be committed).
+    failed: Option<StoreError>,
+    /// Packs handed to upload threads ([`Packs::send_off`]) and not landed.
+    shipping: usize,
     /// Bytes per second the link took the last pack upload at (its round
     /// trip left out where one is known): for [`Packs::append`]'s early
     /// seal.
     rate: Option<f64>,
 }
 
+/// Packs a store's writes upload at once: each on its own thread, so a
+/// write that fills a pack returns while it crosses the link (see
+/// [`Packs::send_off`]); a write that fills a third waits for a slot.
+const UPLOADS: usize = 2;
+
 /// The bucket side of a store.
 pub(crate) struct Packs {
+    /// This, for the upload threads it starts.
+    me: Weak<Packs>,
+    /// Those threads, joined when the store closes.
+    uploaders: Mutex<Vec<JoinHandle<()>>>,
     bucket: Bucket,
     storage: Storage,
     buf: Mutex<Buffers>,
@@ -221,6 +235,26 @@ pub struct RecoverOutcome {
     pub requests: Counts,
 }
 
+/// A failure kept for later ([`Buffers::failed`]), given again to each
+/// caller it fails: its kind (and so the exit code) stays.
+fn again(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Denied { url, detail } => StoreError::Denied {
+            url: url.clone(),
+            detail: detail.clone(),
+        },
+        StoreError::Unreachable { url, detail } => StoreError::Unreachable {
+            url: url.clone(),
+            detail: detail.clone(),
+        },
+        StoreError::NoSpace { path, detail } => StoreError::NoSpace {
+            path: path.clone(),
+            detail: detail.clone(),
+        },
+        e => StoreError::Storage(e.to_string()),
+    }
+}
+
 fn bucket_err(e: BucketError) -> StoreError {
     match e {
         BucketError::Denied { url, path, detail } => StoreError::Denied {
@@ -272,16 +306,19 @@ fn tuning() -> Tuning {
 }
 
 impl Packs {
-    pub(crate) fn new(dir: &Path, storage: &Storage) -> Result<Packs> {
-        Ok(Packs {
-            bucket: connect(storage)?,
+    pub(crate) fn new(dir: &Path, storage: &Storage) -> Result<Arc<Packs>> {
+        let bucket = connect(storage)?;
+        Ok(Arc::new_cyclic(|me| Packs {
+            me: me.clone(),
+            uploaders: Mutex::default(),
+            bucket,
             storage: storage.clone(),
             buf: Mutex::new(Buffers::default()),
             idle: Condvar::new(),
             cache: PackCache::open(dir.join("cache"), storage.cache_bytes),
             committing: Mutex::default(),
             owner: Mutex::new(OwnerCheck::Unneeded),
-        })
+        }))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Buffers> {
@@ -397,11 +434,13 @@ impl Packs {
         Arc::make_mut(&mut s.bytes).extend_from_slice(&tail);
         b.sealed.insert(s.seq, (Some(name), s.bytes.clone()));
         s.name = name;
+        // A commit waits for the names of the packs in flight.
+        self.idle.notify_all();
     }
 
     /// Forgets a sealed pack's pending objects (landed, or lost with a
     /// failed upload) and wakes the waiters.
-    fn retire(&self, sealed: &Sealed, failure: Option<String>) {
+    fn retire(&self, sealed: &Sealed, failure: Option<&StoreError>) {
         let mut b = self.lock();
         b.sealed.remove(&sealed.seq);
         for e in &sealed.entries {
@@ -413,16 +452,16 @@ impl Packs {
         b.inflight -= 1;
         let sent: usize = sealed.entries.iter().map(|e| e.len as usize).sum();
         b.inflight_bytes = b.inflight_bytes.saturating_sub(sent);
-        if let Some(f) = failure {
-            b.failed.get_or_insert(f);
+        if let (Some(f), None) = (failure, &b.failed) {
+            b.failed = Some(again(f));
         }
-        // Waiters wait for all uploads (`drain`) or for all but their own
-        // (`wait_others`).
+        // Waiters wait for all uploads (`drain`) or for a slot
+        // (`send_off`).
         self.idle.notify_all();
     }
 
     /// Waits for every upload; returns the first failure since the last call.
-    fn drain(&self) -> Option<String> {
+    fn drain(&self) -> Option<StoreError> {
         let mut b = self.lock();
         while b.inflight > 0 {
             b = self.idle.wait(b).unwrap_or_else(|p| p.into_inner());
@@ -463,38 +502,86 @@ impl Packs {
             .collect())
     }
 
-    /// Uploads and lands packs sealed under the write lock (after it is
-    /// released); the first failure is the result.
-    pub(crate) fn ship_all(&self, ix: &Index, sealed: Vec<Sealed>) -> Result<()> {
-        let mut first = None;
-        for s in sealed {
-            if let Err(e) = self.ship(ix, s) {
-                first.get_or_insert(e);
+    /// Names packs sealed under the write lock (after it is released) and
+    /// hands each to a thread that uploads and lands it, at most
+    /// [`UPLOADS`] at once: the write returns without waiting for the
+    /// bucket's answer. So the last pack an incremental backup fills
+    /// before its commit is still crossing the link when the commit
+    /// starts, instead of delaying it by a round trip and its transfer
+    /// (the snapshot object names it: [`Packs::bucket_commit`]). Its
+    /// objects stay pending (readable, and known to `chunks_known`) until
+    /// it lands. A failed upload fails the writes after it and the next
+    /// commit.
+    fn send_off(&self, ix: &Arc<Index>, sealed: Vec<Sealed>) -> Result<()> {
+        let mut sealed = sealed.into_iter();
+        while let Some(mut s) = sealed.next() {
+            if let Err(e) = self.owned(ix) {
+                self.retire(&s, Some(&e));
+                for rest in sealed {
+                    self.retire(&rest, None);
+                }
+                return Err(e);
+            }
+            self.finish(&mut s);
+            {
+                let mut b = self.lock();
+                while b.shipping >= UPLOADS {
+                    b = self.idle.wait(b).unwrap_or_else(|p| p.into_inner());
+                }
+                b.shipping += 1;
+            }
+            let Some(me) = self.me.upgrade() else {
+                // Not while `self` is alive (it lives in that `Arc`).
+                self.lock().shipping -= 1;
+                let _ = self.ship_named(ix, s);
+                continue;
+            };
+            // Taken by the thread; taken back, and uploaded here, if the
+            // thread cannot start.
+            let slot = Arc::new(Mutex::new(Some(s)));
+            let (theirs, ix2) = (slot.clone(), ix.clone());
+            let started = std::thread::Builder::new()
+                .name("imgstore-pack-upload".into())
+                .spawn(move || {
+                    let s = theirs.lock().unwrap_or_else(|p| p.into_inner()).take();
+                    if let Some(s) = s {
+                        // A failure is kept in `failed` (by `retire`).
+                        let _ = me.ship_named(&ix2, s);
+                    }
+                    me.lock().shipping -= 1;
+                    me.idle.notify_all();
+                });
+            match started {
+                Ok(t) => {
+                    let mut threads = self.uploaders.lock().unwrap_or_else(|p| p.into_inner());
+                    threads.retain(|t| !t.is_finished());
+                    threads.push(t);
+                }
+                Err(_) => {
+                    self.lock().shipping -= 1;
+                    let s = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+                    if let Some(s) = s {
+                        let _ = self.ship_named(ix, s);
+                    }
+                }
             }
         }
-        first.map_or(Ok(()), Err)
+        match &self.lock().failed {
+            Some(e) => Err(again(e)),
+            None => Ok(()),
+        }
     }
 
-    /// Uploads a sealed pack and lands it (takes the write lock to land).
+    /// Uploads a named pack ([`Packs::finish`]) and lands it (takes the
+    /// write lock to land), for a writer the bucket's owner check passed.
     /// Page entries are not landed (pages get their counts in the commit
     /// that names them): they are returned with their locations.
-    pub(crate) fn ship(&self, ix: &Index, mut sealed: Sealed) -> Result<Vec<([u8; 33], Location)>> {
-        if let Err(e) = self.owned(ix) {
-            self.retire(&sealed, Some(e.to_string()));
-            return Err(e);
-        }
-        self.finish(&mut sealed);
-        self.ship_named(ix, sealed)
-    }
-
-    /// [`Packs::ship`] of a pack already named ([`Packs::finish`]), by a
-    /// writer the bucket's owner check passed.
     fn ship_named(&self, ix: &Index, sealed: Sealed) -> Result<Vec<([u8; 33], Location)>> {
         let path = pack_path(&sealed.name);
         let started = Instant::now();
         if let Err(e) = self.bucket.put(&path, sealed.bytes.to_vec()) {
             let e = bucket_err(e);
-            self.retire(&sealed, Some(e.to_string()));
+            self.retire(&sealed, Some(&e));
             return Err(e);
         }
         // The rate the link took it at: the upload's time less the round
@@ -511,7 +598,7 @@ impl Packs {
             let _guard = ix.lock();
             self.land(ix, &sealed, &HashSet::new())
         };
-        self.retire(&sealed, out.as_ref().err().map(|e| e.to_string()));
+        self.retire(&sealed, out.as_ref().err());
         out
     }
 
@@ -572,10 +659,10 @@ impl Packs {
 
     /// The bucket part of a commit, before its local batch. Uploads the
     /// open pack with the snapshot's pages that have no location, and at
-    /// the same time the snapshot object, which names those packs (its
-    /// *commit packs*): over a slow link the commit then costs one round
-    /// trip, not two. The object goes once every other pack in flight has
-    /// landed; then everything must succeed, and every region the
+    /// the same time the snapshot object, which names those packs and
+    /// every other pack still in flight (its *commit packs*): over a slow
+    /// link the commit then costs one round trip, not two. Then every
+    /// upload must succeed, and every region the
     /// snapshot makes live (and its chunks) must have landed, or the
     /// object is deleted again and the commit fails. An object left by a
     /// process that died meanwhile is deleted by gc (the index does not
@@ -613,15 +700,17 @@ impl Packs {
             self.finish(s);
         }
         let own: HashSet<u64> = sealed.iter().map(|s| s.seq).collect();
-        let together = sealed.len() <= pack::MAX_COMMIT_PACKS;
+        // So are the packs still on their way (this backup's last ones,
+        // sent off by its writes, or another's that this one's chunks
+        // were found pending in), instead of the object waiting for them
+        // to land: over a slow link, a round trip and their transfer.
+        let mut commit_packs: Vec<PackName> = sealed.iter().map(|s| s.name).collect();
+        commit_packs.extend(self.names_in_flight(&own));
+        let together = commit_packs.len() <= pack::MAX_COMMIT_PACKS;
         let obj = SnapshotObject {
             protected: false,
             parent: parent.copied(),
-            commit_packs: if together {
-                sealed.iter().map(|s| s.name).collect()
-            } else {
-                Vec::new()
-            },
+            commit_packs: if together { commit_packs } else { Vec::new() },
             record: snapshot.to_vec(),
         };
         let path = pack::snapshot_path(&id);
@@ -631,11 +720,10 @@ impl Packs {
                 .map(|s| sc.spawn(move || self.ship_named(ix, s)))
                 .collect();
             let mut put: Option<Result<()>> = None;
-            // Other packs may hold this snapshot's data too (earlier ones,
-            // or another backup's that this one's chunks were found in):
-            // the object goes only once they have landed, and not at all
-            // if one failed. Then only its commit packs can be missing.
-            if together && self.wait_others(&own).is_none() {
+            // Not at all if an upload failed already: the commit fails.
+            // Otherwise only its commit packs can be missing (earlier
+            // packs have landed).
+            if together && self.lock().failed.is_none() {
                 self.begin_commit(id);
                 put = Some(self.bucket.put(&path, obj.encode()).map_err(bucket_err));
             }
@@ -664,10 +752,7 @@ impl Packs {
         let failed = self.drain();
         let landed = match (first_err, failed) {
             (Some(e), _) => Err(e),
-            (None, Some(f)) => Err(StoreError::Unreachable {
-                url: self.bucket.url().to_string(),
-                detail: format!("an upload of this backup failed: {f}"),
-            }),
+            (None, Some(f)) => Err(f),
             (None, None) => check_landed(ix, pages, &page_locs),
         };
         let put = match (landed, put) {
@@ -699,15 +784,22 @@ impl Packs {
         Ok(page_locs)
     }
 
-    /// Waits until every sealed pack but `own` is retired (landed, or
-    /// failed); returns the first failure since the last [`Packs::drain`],
-    /// without taking it.
-    fn wait_others(&self, own: &HashSet<u64>) -> Option<String> {
+    /// Names of the packs on their way to the bucket but `own`, once each
+    /// is named (a pack is named by the thread that sealed it, just after).
+    fn names_in_flight(&self, own: &HashSet<u64>) -> Vec<PackName> {
         let mut b = self.lock();
-        while b.sealed.keys().any(|s| !own.contains(s)) {
+        loop {
+            let names: Option<Vec<PackName>> = b
+                .sealed
+                .iter()
+                .filter(|(s, _)| !own.contains(s))
+                .map(|(_, (n, _))| *n)
+                .collect();
+            if let Some(n) = names {
+                return n;
+            }
             b = self.idle.wait(b).unwrap_or_else(|p| p.into_inner());
         }
-        b.failed.clone()
     }
 
     /// A commit is about to write its snapshot object: until
@@ -975,14 +1067,14 @@ impl Packs {
             self.finish(&mut s);
             if let Err(e) = self.bucket.put(&pack_path(&s.name), s.bytes.to_vec()) {
                 let e = bucket_err(e);
-                self.retire(&s, Some(e.to_string()));
+                self.retire(&s, Some(&e));
                 failed = Some(e);
                 continue;
             }
             self.cache.insert(&s.name, &s.bytes);
             let _guard = ix.lock();
             let r = self.land(ix, &s, &retiring);
-            self.retire(&s, r.as_ref().err().map(|e| e.to_string()));
+            self.retire(&s, r.as_ref().err());
             if let Err(e) = r {
                 failed = Some(e);
             }
@@ -1322,16 +1414,25 @@ impl FrameStore for Packs {
     }
 
     /// Appends to the open pack under the lock; a pack that filled up is
-    /// uploaded and landed after it is released.
+    /// sent off after it is released ([`Packs::send_off`]).
     fn written(
         &self,
-        ix: &Index,
+        ix: &Arc<Index>,
         guard: std::sync::MutexGuard<'_, ()>,
         out: Vec<Item<'_>>,
     ) -> Result<()> {
         let sealed = self.append(&out);
         drop(guard);
-        self.ship_all(ix, sealed)
+        self.send_off(ix, sealed)
+    }
+
+    /// Joins the upload threads: their packs land before the index closes.
+    fn close(&self) {
+        let threads =
+            std::mem::take(&mut *self.uploaders.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in threads {
+            let _ = t.join();
+        }
     }
 
     fn read(
@@ -1425,10 +1526,10 @@ impl FrameStore for Packs {
         ((rtt.as_micros() + 5_000) / 10_000).min(32) as usize
     }
 
-    /// Two: a `put_region` that fills a pack uploads it (32 MiB by
-    /// default) before it returns, so the backup's workers hand their
-    /// regions to two uploader threads and go on chunking while a pack
-    /// crosses the link (and the next fills meanwhile).
+    /// Two: a `put_region` that fills a pack (32 MiB by default) waits
+    /// for an upload slot when both are taken ([`UPLOADS`]), so the
+    /// backup's workers hand their regions to two uploader threads and go
+    /// on chunking meanwhile.
     fn uploads_in_flight(&self) -> usize {
         2
     }
