@@ -4,26 +4,9 @@ mod common;
 
 use std::collections::HashMap;
 
-use imgstore_format::{
-    ChunkingConfig, Id, ObjectKind, Page, RecipeEntry, Region, RepoConfig, Snapshot, SnapshotStats,
-};
+use imgstore_format::{Id, ObjectKind, Page, RecipeEntry, Region, Snapshot, SnapshotStats};
 use imgstore_repo::Repository;
 use imgstore_store::{Mode, Store, StoreError};
-
-fn config() -> RepoConfig {
-    RepoConfig::new(
-        "ab".repeat(16),
-        0,
-        ChunkingConfig {
-            algorithm: "fastcdc-2020".into(),
-            min: 16384,
-            avg: 65536,
-            max: 262144,
-            zero_min: 16384,
-        },
-        3,
-    )
-}
 
 fn frame(data: &[u8]) -> (Vec<u8>, u32) {
     let mut c = zstd::bulk::Compressor::new(3).unwrap();
@@ -53,7 +36,7 @@ fn snapshot(pages: &[Page], size: u64, t: i64) -> Snapshot {
 fn counts_follow_parents_and_orphans_are_listed() {
     let dir = tempfile::tempdir().unwrap();
     let repo = dir.path().join("repo");
-    let store = Store::init(&repo, config()).unwrap();
+    let store = Store::init(&repo, common::config()).unwrap();
     let (d1, d2) = (vec![1u8; 70_000], vec![2u8; 50_000]);
     let (c1, c2) = (Id::hash(&d1), Id::hash(&d2));
     let region = Region {

@@ -6,26 +6,13 @@ mod common;
 use std::collections::HashMap;
 
 use imgstore_format::{
-    ChunkingConfig, FrameCodec, Id, ObjectKind, Page, RecipeEntry, Region, RepoConfig, Snapshot,
-    SnapshotStats,
+    FrameCodec, Id, ObjectKind, Page, RecipeEntry, Region, Snapshot, SnapshotStats,
 };
 use imgstore_repo::{RepoError, Repository};
 use imgstore_store::{Mode, Scope, Store};
 
 fn store(dir: &std::path::Path) -> Store {
-    let c = RepoConfig::new(
-        "ab".repeat(16),
-        0,
-        ChunkingConfig {
-            algorithm: "fastcdc-2020".into(),
-            min: 16384,
-            avg: 65536,
-            max: 262144,
-            zero_min: 16384,
-        },
-        3,
-    );
-    drop(Store::init(dir, c).unwrap());
+    drop(Store::init(dir, common::config()).unwrap());
     Store::open(dir, Mode::Write { operation: "test" }).unwrap()
 }
 

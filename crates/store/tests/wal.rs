@@ -5,7 +5,7 @@ mod common;
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 
-use imgstore_format::{ChunkingConfig, Id, Page, RecipeEntry, Region, RepoConfig, Snapshot};
+use imgstore_format::{Id, Page, RecipeEntry, Region, Snapshot};
 use imgstore_store::Store;
 
 /// Each flush (every commit) closes the WAL file and opens the next, which
@@ -18,19 +18,7 @@ use imgstore_store::Store;
 fn a_commit_leaves_a_wal_file_of_at_most_one_mib() {
     let dir = tempfile::tempdir().unwrap();
     let repo = dir.path().join("repo");
-    let config = RepoConfig::new(
-        "cd".repeat(16),
-        0,
-        ChunkingConfig {
-            algorithm: "fastcdc-2020".into(),
-            min: 16384,
-            avg: 65536,
-            max: 262144,
-            zero_min: 16384,
-        },
-        3,
-    );
-    let store = Store::init(&repo, config).unwrap();
+    let store = Store::init(&repo, common::config()).unwrap();
     let data = vec![7u8; 70_000];
     let cid = Id::hash(&data);
     let mut c = zstd::bulk::Compressor::new(3).unwrap();
