@@ -28,9 +28,9 @@
 //! * a commit uploads the open pack with the snapshot's new pages and, at
 //!   the same time, the snapshot object (over a slow link: one round trip,
 //!   not two); it names that last pack and the packs still on their way.
-//!   Once all have landed it checks that every newly live region and its chunks have
-//!   landed, and only then commits locally; a failure deletes the object
-//!   again. A committed snapshot never names data that is not in the
+//!   Once all have landed it checks that every newly live region and its
+//!   chunks have landed, and only then commits locally; a failure deletes
+//!   the object again. A committed snapshot never names data that is not in the
 //!   bucket; an object a crash left names a pack that is not there, so a
 //!   rebuild leaves it out (unless all it names is there) and gc deletes
 //!   it.
