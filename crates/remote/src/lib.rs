@@ -822,7 +822,7 @@ impl RemoteRepo {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .as_ref()
-                .map(copy_of)
+                .map(RepoError::again)
         });
         if let Some(e) = refused {
             settled(false);
@@ -951,12 +951,12 @@ impl Conn {
                 Err(self.broken("the thread opening the session panicked".into()))
             });
             if let Err(e) = &out {
-                *self.open_failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(copy_of(e));
+                *self.open_failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.again());
             }
             return out;
         }
         match &*self.open_failed.lock().unwrap_or_else(|p| p.into_inner()) {
-            Some(e) => Err(copy_of(e)),
+            Some(e) => Err(e.again()),
             None => Ok(()),
         }
     }
@@ -1513,32 +1513,6 @@ impl Conn {
     /// The listing changes: what was fetched ahead is stale.
     fn listing_changes(&self) {
         *self.prefetch() = Prefetched::default();
-    }
-}
-
-/// The same error again, for each caller that waited on a session that
-/// could not be opened (the kinds a request fails with keep their kind,
-/// and so their exit status).
-fn copy_of(e: &RepoError) -> RepoError {
-    match e {
-        RepoError::Unreachable { url, detail } => RepoError::Unreachable {
-            url: url.clone(),
-            detail: detail.clone(),
-        },
-        RepoError::Denied { url, detail } => RepoError::Denied {
-            url: url.clone(),
-            detail: detail.clone(),
-        },
-        RepoError::Remote { url, detail } => RepoError::Remote {
-            url: url.clone(),
-            detail: detail.clone(),
-        },
-        RepoError::Invalid(why) => RepoError::Invalid(why.clone()),
-        RepoError::Outdated { url, detail } => RepoError::Outdated {
-            url: url.clone(),
-            detail: detail.clone(),
-        },
-        other => RepoError::Storage(other.to_string()),
     }
 }
 

@@ -95,3 +95,37 @@ pub enum RepoError {
     #[error("{url}: the cached view of the repository is out of date ({detail}): back up again")]
     Outdated { url: String, detail: String },
 }
+
+impl RepoError {
+    /// The same error again, for each further caller a kept failure fails
+    /// (a remote session that could not be opened, a bucket upload that
+    /// failed on its own thread): the kinds a request or an upload fails
+    /// with keep their kind, and so their exit status; others keep their
+    /// words.
+    pub fn again(&self) -> RepoError {
+        match self {
+            RepoError::Unreachable { url, detail } => RepoError::Unreachable {
+                url: url.clone(),
+                detail: detail.clone(),
+            },
+            RepoError::Denied { url, detail } => RepoError::Denied {
+                url: url.clone(),
+                detail: detail.clone(),
+            },
+            RepoError::Remote { url, detail } => RepoError::Remote {
+                url: url.clone(),
+                detail: detail.clone(),
+            },
+            RepoError::Invalid(why) => RepoError::Invalid(why.clone()),
+            RepoError::Outdated { url, detail } => RepoError::Outdated {
+                url: url.clone(),
+                detail: detail.clone(),
+            },
+            RepoError::NoSpace { path, detail } => RepoError::NoSpace {
+                path: path.clone(),
+                detail: detail.clone(),
+            },
+            other => RepoError::Storage(other.to_string()),
+        }
+    }
+}

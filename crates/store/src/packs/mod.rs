@@ -235,26 +235,6 @@ pub struct RecoverOutcome {
     pub requests: Counts,
 }
 
-/// A failure kept for later ([`Buffers::failed`]), given again to each
-/// caller it fails: its kind (and so the exit code) stays.
-fn again(e: &StoreError) -> StoreError {
-    match e {
-        StoreError::Denied { url, detail } => StoreError::Denied {
-            url: url.clone(),
-            detail: detail.clone(),
-        },
-        StoreError::Unreachable { url, detail } => StoreError::Unreachable {
-            url: url.clone(),
-            detail: detail.clone(),
-        },
-        StoreError::NoSpace { path, detail } => StoreError::NoSpace {
-            path: path.clone(),
-            detail: detail.clone(),
-        },
-        e => StoreError::Storage(e.to_string()),
-    }
-}
-
 fn bucket_err(e: BucketError) -> StoreError {
     match e {
         BucketError::Denied { url, path, detail } => StoreError::Denied {
@@ -453,7 +433,7 @@ impl Packs {
         let sent: usize = sealed.entries.iter().map(|e| e.len as usize).sum();
         b.inflight_bytes = b.inflight_bytes.saturating_sub(sent);
         if let (Some(f), None) = (failure, &b.failed) {
-            b.failed = Some(again(f));
+            b.failed = Some(f.again());
         }
         // Waiters wait for all uploads (`drain`) or for a slot
         // (`send_off`).
@@ -567,7 +547,7 @@ impl Packs {
             }
         }
         match &self.lock().failed {
-            Some(e) => Err(again(e)),
+            Some(e) => Err(e.again()),
             None => Ok(()),
         }
     }
